@@ -1,0 +1,696 @@
+//! Avro Object Container File *framing*, for streams as well as files.
+//!
+//! A stream is one or more OCF files back to back: `Obj\x01`, a metadata map,
+//! a 16-byte sync marker, then blocks of (count, size, data, sync). Over TCP
+//! the module streams one file for as long as the connection lives; in Kafka
+//! every message is one whole file; `kcat` output is many files concatenated.
+//! A block's count can never start with the byte `O` (it would be negative),
+//! so a new header after a block is unambiguous.
+//!
+//! [`StreamDecoder`] is a sans-I/O state machine: it takes bytes in chunks of
+//! any size and yields blocks of records, or "need more bytes". It never
+//! blocks, never panics, and bounds every allocation by [`Limits`].
+
+use bytes::{Buf, BytesMut};
+
+use crate::codec::Codec;
+use crate::datum::{self, MIN_METRIC_LIST_LEN};
+use crate::error::{DecodeError, DecodeErrorKind};
+use crate::model::MetricList;
+use crate::resolve::{HEADER_SCHEMA_JSON, ReaderPlan};
+
+/// The four bytes every OCF file starts with.
+pub const MAGIC: [u8; 4] = *b"Obj\x01";
+
+/// The mesos module's fixed sync marker (ASCII, marked TODO/TEMP in its source).
+pub const MODULE_SYNC: [u8; 16] = *b"FEFEFEFEFEFEFEFE";
+
+/// Bounds on what a stream may make the decoder buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest header (magic, metadata, sync) accepted. The module's is 601 bytes.
+    pub max_header_bytes: usize,
+    /// Largest block, as declared on the wire (compressed size).
+    pub max_block_bytes: usize,
+    /// Largest block after decompression.
+    pub max_decompressed_block_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 * 1024,
+            max_block_bytes: 8 * 1024 * 1024,
+            max_decompressed_block_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+/// A parsed OCF header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// The block codec.
+    pub codec: Codec,
+    /// The sync marker every block must end with.
+    pub sync: [u8; 16],
+    /// The writer schema, as sent.
+    pub schema_json: String,
+    /// Every metadata entry, in wire order (including `avro.*`).
+    pub metadata: Vec<(String, Vec<u8>)>,
+    /// Length of the header on the wire.
+    pub len: usize,
+}
+
+/// One decoded block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Block {
+    /// The records, converted to the current schema.
+    pub records: Vec<MetricList>,
+    /// Stream offset of the block's first byte.
+    pub offset: u64,
+    /// Bytes the block took on the wire.
+    pub wire_len: usize,
+}
+
+impl Block {
+    /// Total datapoints across the block's records.
+    pub fn datapoints(&self) -> usize {
+        self.records.iter().map(|r| r.datapoints.len()).sum()
+    }
+}
+
+/// Reads a varint at `pos`: `Ok(None)` if the input ends first.
+fn varint(input: &[u8], pos: usize) -> Result<Option<(i64, usize)>, ()> {
+    let mut value: u64 = 0;
+    for (i, &byte) in input
+        .get(pos..)
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .take(10)
+    {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok(Some((
+                ((value >> 1) as i64) ^ -((value & 1) as i64),
+                pos + i + 1,
+            )));
+        }
+    }
+    if input.len().saturating_sub(pos) >= 10 {
+        Err(())
+    } else {
+        Ok(None)
+    }
+}
+
+type HeaderResult = Result<Option<Header>, (usize, DecodeErrorKind)>;
+
+/// Parses a header at the start of `input`. `Ok(None)` means more bytes are
+/// needed; errors carry the offset relative to `input`.
+pub fn parse_header(input: &[u8], limits: &Limits) -> HeaderResult {
+    let magic_len = input.len().min(4);
+    if input[..magic_len] != MAGIC[..magic_len] {
+        return Err((
+            0,
+            DecodeErrorKind::BadMagic {
+                found: input[..magic_len].to_vec(),
+            },
+        ));
+    }
+    let too_large = || {
+        (
+            0,
+            DecodeErrorKind::HeaderTooLarge {
+                limit: limits.max_header_bytes,
+            },
+        )
+    };
+    let parsed = parse_header_body(input, limits)?;
+    match parsed {
+        None if input.len() >= limits.max_header_bytes => Err(too_large()),
+        Some(header) if header.len > limits.max_header_bytes => Err(too_large()),
+        other => Ok(other),
+    }
+}
+
+fn parse_header_body(input: &[u8], limits: &Limits) -> HeaderResult {
+    if input.len() < 4 {
+        return Ok(None);
+    }
+    let bad = |pos: usize, what: &str| (pos, DecodeErrorKind::BadHeader(what.to_owned()));
+    let mut pos = 4;
+    let mut metadata = Vec::new();
+    macro_rules! long {
+        () => {
+            match varint(input, pos) {
+                Ok(Some((value, next))) => {
+                    pos = next;
+                    value
+                }
+                Ok(None) => return Ok(None),
+                Err(()) => return Err(bad(pos, "malformed varint in metadata")),
+            }
+        };
+    }
+    macro_rules! bytes {
+        () => {{
+            let at = pos;
+            let len = long!();
+            let Ok(len) = usize::try_from(len) else {
+                return Err(bad(at, "negative length in metadata"));
+            };
+            if len > limits.max_header_bytes {
+                return Err((
+                    at,
+                    DecodeErrorKind::HeaderTooLarge {
+                        limit: limits.max_header_bytes,
+                    },
+                ));
+            }
+            let Some(bytes) = input.get(pos..pos + len) else {
+                return Ok(None);
+            };
+            pos += len;
+            bytes
+        }};
+    }
+    loop {
+        let at = pos;
+        let mut count = long!();
+        if count == 0 {
+            break;
+        }
+        if count < 0 {
+            count = count
+                .checked_neg()
+                .ok_or_else(|| bad(at, "bad metadata count"))?;
+            let _block_bytes = long!();
+        }
+        for _ in 0..count {
+            let at = pos;
+            let key = bytes!();
+            let key = std::str::from_utf8(key).map_err(|_| bad(at, "metadata key is not UTF-8"))?;
+            let value = bytes!();
+            metadata.push((key.to_owned(), value.to_vec()));
+        }
+    }
+    let Some(sync) = input.get(pos..pos + 16) else {
+        return Ok(None);
+    };
+    let len = pos + 16;
+    let mut codec = Codec::Null;
+    let mut schema_json = None;
+    for (key, value) in &metadata {
+        match key.as_str() {
+            "avro.codec" => {
+                codec = Codec::from_name(value).ok_or_else(|| {
+                    (
+                        0,
+                        DecodeErrorKind::UnknownCodec(String::from_utf8_lossy(value).into_owned()),
+                    )
+                })?;
+            }
+            "avro.schema" => {
+                let json =
+                    std::str::from_utf8(value).map_err(|_| bad(0, "avro.schema is not UTF-8"))?;
+                schema_json = Some(json.to_owned());
+            }
+            _ => {}
+        }
+    }
+    let schema_json = schema_json.ok_or((0, DecodeErrorKind::MissingSchema))?;
+    let mut sync_marker = [0u8; 16];
+    sync_marker.copy_from_slice(sync);
+    Ok(Some(Header {
+        codec,
+        sync: sync_marker,
+        schema_json,
+        metadata,
+        len,
+    }))
+}
+
+struct Stream {
+    header: Header,
+    plan: ReaderPlan,
+}
+
+enum Step {
+    NeedMore,
+    Header(usize),
+    Block(usize, Block),
+}
+
+/// Incremental decoder of a stream of one or more OCF files.
+pub struct StreamDecoder {
+    limits: Limits,
+    stream: Option<Stream>,
+    /// Stream offset of the first byte not yet consumed.
+    offset: u64,
+    scratch: Vec<u8>,
+    failed: Option<DecodeError>,
+    files: u64,
+}
+
+impl StreamDecoder {
+    /// A decoder expecting a header first.
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            stream: None,
+            offset: 0,
+            scratch: Vec::new(),
+            failed: None,
+            files: 0,
+        }
+    }
+
+    /// The header of the file being read, once it has arrived.
+    pub fn header(&self) -> Option<&Header> {
+        self.stream.as_ref().map(|s| &s.header)
+    }
+
+    /// The reader plan of the file being read.
+    pub fn plan(&self) -> Option<&ReaderPlan> {
+        self.stream.as_ref().map(|s| &s.plan)
+    }
+
+    /// Stream offset of the next byte to be consumed.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// How many OCF headers have been read.
+    pub fn files(&self) -> u64 {
+        self.files
+    }
+
+    /// Decodes from the front of `input`. Returns how many bytes were consumed
+    /// and the next complete block, if there is one. `(n, None)` means the
+    /// rest of `input` is an incomplete header or block: call again with more.
+    pub fn decode_slice(&mut self, input: &[u8]) -> Result<(usize, Option<Block>), DecodeError> {
+        if let Some(error) = &self.failed {
+            return Err(error.clone());
+        }
+        let mut used = 0;
+        loop {
+            let at = self.offset;
+            match self.step(&input[used..]) {
+                Ok(Step::NeedMore) => return Ok((used, None)),
+                Ok(Step::Header(n)) => {
+                    used += n;
+                    self.offset += n as u64;
+                }
+                Ok(Step::Block(n, block)) => {
+                    self.offset += n as u64;
+                    return Ok((used + n, Some(block)));
+                }
+                Err((relative, kind)) => {
+                    let error = DecodeError {
+                        offset: at + relative as u64,
+                        kind,
+                    };
+                    self.failed = Some(error.clone());
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    /// Decodes from `buf`, consuming what was used.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Block>, DecodeError> {
+        let (used, block) = self.decode_slice(buf)?;
+        buf.advance(used);
+        Ok(block)
+    }
+
+    /// Call at end of input with whatever bytes are left over: anything but
+    /// nothing is a truncated header or block.
+    pub fn finish(&mut self, leftover: &[u8]) -> Result<(), DecodeError> {
+        if let Some(error) = &self.failed {
+            return Err(error.clone());
+        }
+        if leftover.is_empty() && self.files > 0 {
+            return Ok(());
+        }
+        let inside = if self.stream.is_none() || leftover.first() == Some(&MAGIC[0]) {
+            "header"
+        } else {
+            "block"
+        };
+        let error = DecodeError {
+            offset: self.offset,
+            kind: DecodeErrorKind::Truncated {
+                inside,
+                buffered: leftover.len(),
+            },
+        };
+        self.failed = Some(error.clone());
+        Err(error)
+    }
+
+    fn step(&mut self, input: &[u8]) -> Result<Step, (usize, DecodeErrorKind)> {
+        if input.is_empty() {
+            return Ok(Step::NeedMore);
+        }
+        if self.stream.is_none() || input[0] == MAGIC[0] {
+            return self.step_header(input);
+        }
+        let stream = self.stream.as_ref().expect("checked above");
+        let (count, after_count) = match varint(input, 0) {
+            Ok(Some(v)) => v,
+            Ok(None) => return Ok(Step::NeedMore),
+            Err(()) => return Err((0, DecodeErrorKind::BadVarint)),
+        };
+        let (size, data_start) = match varint(input, after_count) {
+            Ok(Some(v)) => v,
+            Ok(None) => return Ok(Step::NeedMore),
+            Err(()) => return Err((0, DecodeErrorKind::BadVarint)),
+        };
+        let bad_count = || (0, DecodeErrorKind::BadBlockCount { count, size });
+        let (Ok(count), Ok(size)) = (u64::try_from(count), usize::try_from(size)) else {
+            return Err(bad_count());
+        };
+        if size > self.limits.max_block_bytes {
+            return Err((
+                0,
+                DecodeErrorKind::BlockTooLarge {
+                    size: size as u64,
+                    limit: self.limits.max_block_bytes,
+                },
+            ));
+        }
+        let max_data = match stream.header.codec {
+            Codec::Null => size,
+            _ => self.limits.max_decompressed_block_bytes,
+        };
+        if count > (max_data / MIN_METRIC_LIST_LEN) as u64 {
+            return Err(bad_count());
+        }
+        let sync_start = data_start + size;
+        let total = sync_start + 16;
+        if input.len() < total {
+            return Ok(Step::NeedMore);
+        }
+        if input[sync_start..total] != stream.header.sync {
+            let mut found = [0u8; 16];
+            found.copy_from_slice(&input[sync_start..total]);
+            return Err((
+                sync_start,
+                DecodeErrorKind::SyncMismatch {
+                    expected: stream.header.sync,
+                    found,
+                },
+            ));
+        }
+        let data = stream
+            .header
+            .codec
+            .decompress(
+                &input[data_start..sync_start],
+                self.limits.max_decompressed_block_bytes,
+                &mut self.scratch,
+            )
+            .map_err(|e| (0, e.into()))?;
+        let mut records =
+            Vec::with_capacity((count as usize).min(data.len() / MIN_METRIC_LIST_LEN));
+        let read = stream
+            .plan
+            .read_records(data, count, &mut records)
+            .map_err(|e| {
+                (
+                    0,
+                    DecodeErrorKind::UndecodableRecord {
+                        index: e.index,
+                        reason: e.reason,
+                    },
+                )
+            })?;
+        if read != data.len() {
+            return Err((0, DecodeErrorKind::TrailingBytes(data.len() - read)));
+        }
+        Ok(Step::Block(
+            total,
+            Block {
+                records,
+                offset: self.offset,
+                wire_len: total,
+            },
+        ))
+    }
+
+    fn step_header(&mut self, input: &[u8]) -> Result<Step, (usize, DecodeErrorKind)> {
+        let Some(header) = parse_header(input, &self.limits)? else {
+            return Ok(Step::NeedMore);
+        };
+        let plan = match &self.stream {
+            // Concatenated files usually repeat the same schema: skip re-parsing it.
+            Some(previous) if previous.header.schema_json == header.schema_json => {
+                previous.plan.clone()
+            }
+            _ if header.schema_json == HEADER_SCHEMA_JSON => ReaderPlan::current(),
+            _ => ReaderPlan::for_writer_schema(&header.schema_json).map_err(|e| (0, e.into()))?,
+        };
+        let len = header.len;
+        self.stream = Some(Stream { header, plan });
+        self.files += 1;
+        Ok(Step::Header(len))
+    }
+}
+
+/// Decodes a complete input (one or more whole OCF files) at once.
+pub fn decode_all(input: &[u8], limits: Limits) -> Result<Vec<MetricList>, DecodeError> {
+    let mut decoder = StreamDecoder::new(limits);
+    let mut records = Vec::new();
+    let mut rest = input;
+    loop {
+        let (used, block) = decoder.decode_slice(rest)?;
+        rest = &rest[used..];
+        match block {
+            Some(block) => records.extend(block.records),
+            None => {
+                decoder.finish(rest)?;
+                return Ok(records);
+            }
+        }
+    }
+}
+
+/// Writes OCF headers and blocks of MetricLists in the current schema.
+#[derive(Debug, Clone)]
+pub struct OcfEncoder {
+    codec: Codec,
+    sync: [u8; 16],
+    data: Vec<u8>,
+}
+
+impl OcfEncoder {
+    /// An encoder with a random sync marker.
+    pub fn new(codec: Codec) -> Self {
+        Self::with_sync(codec, rand::random())
+    }
+
+    /// An encoder with a fixed sync marker, such as [`MODULE_SYNC`].
+    pub fn with_sync(codec: Codec, sync: [u8; 16]) -> Self {
+        Self {
+            codec,
+            sync,
+            data: Vec::new(),
+        }
+    }
+
+    /// The block codec.
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// The sync marker.
+    pub fn sync(&self) -> [u8; 16] {
+        self.sync
+    }
+
+    /// Appends the header: magic, `{avro.codec, avro.schema}`, sync. With the
+    /// null codec and [`MODULE_SYNC`] this is the module's exact 601 bytes.
+    pub fn write_header(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&MAGIC);
+        datum::write_long(out, 2);
+        datum::write_bytes(out, b"avro.codec");
+        datum::write_bytes(out, self.codec.name().as_bytes());
+        datum::write_bytes(out, b"avro.schema");
+        datum::write_bytes(out, HEADER_SCHEMA_JSON.as_bytes());
+        datum::write_long(out, 0);
+        out.extend_from_slice(&self.sync);
+    }
+
+    /// Appends one block holding `records`.
+    pub fn write_block(&mut self, records: &[MetricList], out: &mut Vec<u8>) {
+        let mut data = std::mem::take(&mut self.data);
+        data.clear();
+        for record in records {
+            datum::write_metric_list(&mut data, record);
+        }
+        self.write_encoded_block(records.len(), &data, out);
+        self.data = data;
+    }
+
+    /// Appends one block of `count` records already encoded back to back in
+    /// `encoded` (see [`datum::write_metric_list`]).
+    pub fn write_encoded_block(&self, count: usize, encoded: &[u8], out: &mut Vec<u8>) {
+        datum::write_long(out, count as i64);
+        match self.codec {
+            Codec::Null => {
+                datum::write_bytes(out, encoded);
+            }
+            codec => {
+                let mut packed = Vec::with_capacity(encoded.len() / 2 + 16);
+                codec.compress(encoded, &mut packed);
+                datum::write_bytes(out, &packed);
+            }
+        }
+        out.extend_from_slice(&self.sync);
+    }
+
+    /// A whole OCF file holding `records` in one block: one Kafka message.
+    pub fn file(&mut self, records: &[MetricList]) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(640 + records.iter().map(datum::encoded_len).sum::<usize>());
+        self.write_header(&mut out);
+        self.write_block(records, &mut out);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Datapoint, Tag};
+
+    fn sample() -> Vec<MetricList> {
+        vec![
+            MetricList {
+                topic: "fw-1".into(),
+                tags: vec![Tag::new("framework_id", "fw-1")],
+                datapoints: vec![
+                    Datapoint::new("cpu", 1000, 0.5),
+                    Datapoint::new("mem", 1001, f64::NAN),
+                ],
+            },
+            MetricList::default(),
+        ]
+    }
+
+    #[test]
+    fn module_header_is_601_bytes() {
+        let mut out = Vec::new();
+        OcfEncoder::with_sync(Codec::Null, MODULE_SYNC).write_header(&mut out);
+        assert_eq!(out.len(), 601);
+    }
+
+    #[test]
+    fn byte_at_a_time_gives_the_same_records() {
+        let mut encoder = OcfEncoder::new(Codec::Snappy);
+        let mut stream = Vec::new();
+        encoder.write_header(&mut stream);
+        encoder.write_block(&sample(), &mut stream);
+        encoder.write_block(&sample()[..1], &mut stream);
+
+        let mut decoder = StreamDecoder::new(Limits::default());
+        let mut buf = BytesMut::new();
+        let mut records = Vec::new();
+        for byte in &stream {
+            buf.extend_from_slice(&[*byte]);
+            while let Some(block) = decoder.decode(&mut buf).unwrap() {
+                records.extend(block.records);
+            }
+        }
+        decoder.finish(&buf).unwrap();
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[0].datapoints[0], sample()[0].datapoints[0]);
+        assert!(records[0].datapoints[1].value.is_nan());
+    }
+
+    #[test]
+    fn errors_carry_the_offset() {
+        let mut encoder = OcfEncoder::with_sync(Codec::Null, MODULE_SYNC);
+        let mut stream = encoder.file(&sample());
+        let last = stream.len() - 1;
+        stream[last] = b'X';
+        let err = decode_all(&stream, Limits::default()).unwrap_err();
+        assert!(
+            matches!(err.kind, DecodeErrorKind::SyncMismatch { .. }),
+            "{err}"
+        );
+        assert_eq!(err.offset, (stream.len() - 16) as u64);
+    }
+
+    #[test]
+    fn huge_declared_block_is_refused_before_buffering() {
+        let mut stream = Vec::new();
+        OcfEncoder::new(Codec::Null).write_header(&mut stream);
+        let header_len = stream.len();
+        datum::write_long(&mut stream, 1);
+        datum::write_long(&mut stream, 1 << 40);
+        let err = StreamDecoder::new(Limits::default())
+            .decode_slice(&stream)
+            .unwrap_err();
+        assert!(
+            matches!(err.kind, DecodeErrorKind::BlockTooLarge { .. }),
+            "{err}"
+        );
+        assert_eq!(err.offset, header_len as u64);
+    }
+
+    #[test]
+    fn bad_magic_is_reported_at_offset_zero() {
+        let err = decode_all(b"GET / HTTP/1.1\r\n", Limits::default()).unwrap_err();
+        assert!(
+            matches!(err.kind, DecodeErrorKind::BadMagic { .. }),
+            "{err}"
+        );
+        assert_eq!(err.offset, 0);
+    }
+
+    #[test]
+    fn truncation_is_an_error_at_end_of_input_only() {
+        let stream = OcfEncoder::new(Codec::Deflate).file(&sample());
+        let cut = &stream[..stream.len() - 3];
+        let mut decoder = StreamDecoder::new(Limits::default());
+        let (used, block) = decoder.decode_slice(cut).unwrap();
+        assert!(block.is_none());
+        let err = decoder.finish(&cut[used..]).unwrap_err();
+        assert!(
+            matches!(
+                err.kind,
+                DecodeErrorKind::Truncated {
+                    inside: "block",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn concatenated_files_decode_in_order() {
+        let mut a = OcfEncoder::new(Codec::Null).file(&sample()[..1]);
+        a.extend(OcfEncoder::new(Codec::Snappy).file(&sample()));
+        let records = decode_all(&a, Limits::default()).unwrap();
+        assert_eq!(records.len(), 3);
+    }
+
+    #[test]
+    fn oversized_header_is_refused() {
+        let limits = Limits {
+            max_header_bytes: 100,
+            ..Limits::default()
+        };
+        let stream = OcfEncoder::new(Codec::Null).file(&sample());
+        let err = decode_all(&stream, limits).unwrap_err();
+        assert!(
+            matches!(err.kind, DecodeErrorKind::HeaderTooLarge { limit: 100 }),
+            "{err}"
+        );
+    }
+}

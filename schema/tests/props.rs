@@ -1,0 +1,170 @@
+//! Property tests for the codec: round trips, chunking invariance, totality,
+//! codec equivalence, and agreement with apache-avro as an oracle.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
+use apache_avro::types::Value;
+use proptest::prelude::*;
+use schema::arbitrary::{any_metric_lists, same_records};
+use schema::datum::{self, Cursor};
+use schema::{Codec, Limits, MetricList, OcfEncoder, StreamDecoder, decode_all};
+
+fn any_codec() -> impl Strategy<Value = Codec> {
+    prop::sample::select(Codec::ALL.to_vec())
+}
+
+/// A stream of one header and one block per group.
+fn stream(codec: Codec, groups: &[Vec<MetricList>]) -> Vec<u8> {
+    let mut encoder = OcfEncoder::new(codec);
+    let mut out = Vec::new();
+    encoder.write_header(&mut out);
+    for group in groups {
+        encoder.write_block(group, &mut out);
+    }
+    out
+}
+
+fn decode_in_pieces(bytes: &[u8], cuts: &[usize]) -> Result<Vec<MetricList>, schema::DecodeError> {
+    let mut decoder = StreamDecoder::new(Limits::default());
+    let mut buf = bytes::BytesMut::new();
+    let mut records = Vec::new();
+    let mut start = 0;
+    let mut points: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+    points.sort_unstable();
+    points.push(bytes.len());
+    for end in points {
+        buf.extend_from_slice(&bytes[start..end.max(start)]);
+        start = end.max(start);
+        while let Some(block) = decoder.decode(&mut buf)? {
+            records.extend(block.records);
+        }
+    }
+    decoder.finish(&buf)?;
+    Ok(records)
+}
+
+fn to_value(list: &MetricList) -> Value {
+    Value::Record(vec![
+        ("topic".into(), Value::String(list.topic.clone())),
+        (
+            "tags".into(),
+            Value::Array(
+                list.tags
+                    .iter()
+                    .map(|t| {
+                        Value::Record(vec![
+                            ("key".into(), Value::String(t.key.clone())),
+                            ("value".into(), Value::String(t.value.clone())),
+                        ])
+                    })
+                    .collect(),
+            ),
+        ),
+        (
+            "datapoints".into(),
+            Value::Array(
+                list.datapoints
+                    .iter()
+                    .map(|d| {
+                        Value::Record(vec![
+                            ("name".into(), Value::String(d.name.clone())),
+                            ("time_ms".into(), Value::Long(d.time_ms)),
+                            ("value".into(), Value::Double(d.value)),
+                        ])
+                    })
+                    .collect(),
+            ),
+        ),
+    ])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn records_round_trip(groups in prop::collection::vec(any_metric_lists(6), 0..4), codec in any_codec()) {
+        let bytes = stream(codec, &groups);
+        let got = decode_all(&bytes, Limits::default()).unwrap();
+        let want: Vec<MetricList> = groups.concat();
+        prop_assert!(same_records(&got, &want));
+    }
+
+    #[test]
+    fn every_codec_gives_the_same_records(records in any_metric_lists(8)) {
+        let decoded: Vec<Vec<MetricList>> = Codec::ALL
+            .iter()
+            .map(|codec| decode_all(&OcfEncoder::new(*codec).file(&records), Limits::default()).unwrap())
+            .collect();
+        prop_assert!(same_records(&decoded[0], &records));
+        prop_assert!(same_records(&decoded[1], &records));
+        prop_assert!(same_records(&decoded[2], &records));
+    }
+
+    #[test]
+    fn cutting_a_valid_stream_anywhere_changes_nothing(
+        groups in prop::collection::vec(any_metric_lists(4), 1..4),
+        codec in any_codec(),
+        cuts in prop::collection::vec(any::<usize>(), 0..12),
+    ) {
+        let bytes = stream(codec, &groups);
+        let got = decode_in_pieces(&bytes, &cuts).unwrap();
+        prop_assert!(same_records(&got, &groups.concat()));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048), cuts in prop::collection::vec(any::<usize>(), 0..6)) {
+        let _ = decode_in_pieces(&bytes, &cuts);
+        let mut with_magic = b"Obj\x01".to_vec();
+        with_magic.extend(&bytes);
+        let _ = decode_in_pieces(&with_magic, &cuts);
+    }
+
+    #[test]
+    fn corrupting_a_valid_stream_never_panics(
+        records in any_metric_lists(6),
+        codec in any_codec(),
+        flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+        truncate in any::<usize>(),
+    ) {
+        let mut bytes = OcfEncoder::new(codec).file(&records);
+        for (at, byte) in flips {
+            let at = at % bytes.len();
+            bytes[at] = byte;
+        }
+        let _ = decode_all(&bytes, Limits::default());
+        bytes.truncate(truncate % (bytes.len() + 1));
+        let _ = decode_in_pieces(&bytes, &[truncate / 3]);
+    }
+
+    #[test]
+    fn fast_reader_and_apache_avro_agree(records in any_metric_lists(6)) {
+        let schema = schema::resolve::metrics_schema();
+        // apache-avro writes, we read.
+        let mut writer = apache_avro::Writer::new(schema, Vec::new()).unwrap();
+        for record in &records {
+            writer.append_value(to_value(record)).unwrap();
+        }
+        let theirs = writer.into_inner().unwrap();
+        prop_assert!(same_records(&decode_all(&theirs, Limits::default()).unwrap(), &records));
+        // We write, apache-avro reads.
+        let ours = OcfEncoder::new(Codec::Null).file(&records);
+        let read: Vec<MetricList> = apache_avro::Reader::new(&ours[..])
+            .unwrap()
+            .map(|v| apache_avro::from_value::<MetricList>(&v.unwrap()).unwrap())
+            .collect();
+        prop_assert!(same_records(&read, &records));
+    }
+
+    #[test]
+    fn encoded_len_is_exact(records in any_metric_lists(4)) {
+        for record in &records {
+            let mut out = Vec::new();
+            datum::write_metric_list(&mut out, record);
+            prop_assert_eq!(out.len(), datum::encoded_len(record));
+            let mut cursor = Cursor::new(&out);
+            let back = datum::read_metric_list(&mut cursor).unwrap();
+            prop_assert_eq!(cursor.position(), out.len());
+            prop_assert!(same_records(&[back], std::slice::from_ref(record)));
+        }
+    }
+}
