@@ -21,7 +21,9 @@ fn decode_blocks(bytes: &[u8]) -> usize {
     let mut rest = bytes;
     let mut datapoints = 0;
     loop {
-        let (used, block) = decoder.decode_slice(rest).expect("the bench stream is valid");
+        let (used, block) = decoder
+            .decode_slice(rest)
+            .expect("the bench stream is valid");
         rest = &rest[used..];
         match block {
             Some(block) => datapoints += black_box(block).datapoints(),
