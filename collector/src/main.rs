@@ -6,21 +6,41 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use collector::config::ConfigArgs;
 use collector::decode::{DecodeFailure, decode_to};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Per-node metrics agent for Mesos / DC/OS: Avro over TCP in, Kafka out.
+/// sysexits(3) EX_USAGE: the configuration is wrong.
+const EX_USAGE: u8 = 64;
+
+/// Per-node metrics agent for Mesos / DC/OS: Avro OCF over TCP in, Kafka out.
+///
+/// With no subcommand it runs the daemon. Every option is also an env var
+/// (upper case, `_` for `-`) and a key in the `--config` TOML file.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon (the default).
+    Run {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Check the configuration (flags, env and file) and exit: 0 if valid,
+    /// 64 with the field in error if not.
+    Validate {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// Decode OCF files or streams (for example `kcat -C -t TOPIC -e -f '%s'`
     /// output) and print one JSON object per MetricList, one per line.
     Decode {
@@ -32,13 +52,62 @@ enum Command {
     },
 }
 
+fn legacy_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Decode {
+        None => run(cli.config),
+        Some(Command::Run { config }) => run(config),
+        Some(Command::Validate { config }) => match config.load(legacy_env) {
+            Ok(config) => {
+                println!("configuration is valid");
+                println!("{}", toml::to_string(&config).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("collector: {error}");
+                ExitCode::from(EX_USAGE)
+            }
+        },
+        Some(Command::Decode {
             files,
             max_block_bytes,
-        } => decode(files, max_block_bytes),
+        }) => decode(files, max_block_bytes),
+    }
+}
+
+fn run(args: ConfigArgs) -> ExitCode {
+    let config = match args.load(legacy_env) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("collector: {error}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    collector::telemetry::init(&config.log_level, config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("collector: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(collector::run(
+        config,
+        collector::telemetry::shutdown_signal(),
+    )) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "Collector failed to start.");
+            eprintln!("collector: {error}");
+            ExitCode::from(EX_USAGE)
+        }
     }
 }
 

@@ -1,1 +1,11 @@
-//! placeholder
+//! Fakes of every system around the collector, for tests, `simulator up`
+//! and benchmarks. Each fake is a builder that returns a handle.
+//!
+//! # Layout
+//!
+//! - [`producer`]: TCP producers that emulate the mesos-agent module (its
+//!   exact header, fixed sync, null codec) and "other processes" (random
+//!   sync, deflate or snappy), plus malformed modes. Every MetricList carries
+//!   a producer id and a sequence number so a verifier can account for it.
+
+pub mod producer;

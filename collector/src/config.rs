@@ -1,0 +1,592 @@
+//! Configuration: every option is a CLI flag, an env var, and a key in an
+//! optional TOML file. Flags beat env, env beats the file, the file beats the
+//! defaults. Flag `--kafka-brokers` is env `KAFKA_BROKERS` and file key
+//! `kafka_brokers`, as in the original, whose env names work unchanged
+//! (including its misspelt `LISTEN_ENDPONT`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::{ArgAction, Args};
+use serde::{Deserialize, Serialize};
+
+/// What to do when the buffer between the inputs and Kafka is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum FullPolicy {
+    /// Stop reading the TCP inputs until there is room: senders see TCP
+    /// backpressure, nothing is dropped here.
+    Block,
+    /// Drop the oldest buffered records to make room, counted as
+    /// `buffer_full` drops.
+    DropOldest,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The collector's whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// TCP input address. Loopback by default, as in the original.
+    pub listen_endpoint: SocketAddr,
+    /// Most TCP input connections open at once; more are refused.
+    pub max_connections: usize,
+    /// Close an input connection that sends nothing for this long (0: never).
+    pub idle_timeout_secs: u64,
+    /// Per-connection input limit in KB per `input_limit_period` (0: none).
+    /// Records over the limit are read and dropped, counted as `rate_limited`.
+    pub input_limit_amount_kbytes: u64,
+    /// Period of the per-connection limit, in seconds.
+    pub input_limit_period: u64,
+    /// Limit over all connections together, in KB per period (0: none).
+    pub global_limit_amount_kbytes: u64,
+    /// Period of the global limit, in seconds.
+    pub global_limit_period: u64,
+    /// Largest OCF block accepted on an input, in bytes.
+    pub max_block_bytes: usize,
+
+    /// Kafka topic = this prefix + the record's `topic`.
+    pub kafka_topic_prefix: String,
+    /// When set, every record goes to this one topic instead.
+    pub kafka_single_topic: Option<String>,
+    /// Tags added to every record that lacks them.
+    pub static_tags: BTreeMap<String, String>,
+
+    /// Send to Kafka. When false, records are counted and discarded (a null
+    /// sink, for benchmarks and dry runs).
+    pub kafka: bool,
+    /// Static broker list; wins over framework discovery.
+    pub kafka_brokers: Vec<String>,
+    /// Kafka framework to discover brokers from, via Mesos-DNS SRV
+    /// `_NAME._tcp.marathon.mesos` and the scheduler's `/v1/connection`.
+    pub kafka_framework: String,
+    /// Use this scheduler URL instead of the DNS lookup.
+    pub kafka_scheduler_url: Option<String>,
+    /// DNS server to ask for the SRV and A records (default: the system's).
+    pub dns_server: Option<SocketAddr>,
+    /// Rediscover brokers this often, in seconds (and whenever all are down).
+    pub kafka_rediscover_secs: u64,
+    /// Flush a topic's batch at this many records.
+    pub kafka_produce_count: usize,
+    /// Flush a topic's batch at this many KB.
+    pub kafka_produce_kbytes: usize,
+    /// Flush a topic's batch when its oldest record is this old, in ms.
+    pub kafka_produce_period_ms: u64,
+    /// Snappy compression of Kafka messages (the original's default).
+    pub kafka_compress_snappy: bool,
+    /// acks=all with idempotence (default); false means acks=1.
+    pub kafka_require_all_acks: bool,
+    /// Partition by the value of this tag (default: no key, as the original).
+    pub kafka_partition_key_tag: Option<String>,
+    /// Largest Kafka message value; batches are split below it.
+    pub kafka_max_message_bytes: usize,
+    /// Partitions for topics the collector creates.
+    pub kafka_topic_partitions: i32,
+    /// Replication factor for topics the collector creates.
+    pub kafka_topic_replication: i32,
+    /// Bound on librdkafka's own queue, in KB.
+    pub kafka_queue_max_kbytes: usize,
+    /// Any other librdkafka option, passed through last.
+    pub librdkafka: BTreeMap<String, String>,
+
+    /// Bound on the buffer between the inputs and the sink, in bytes.
+    pub buffer_max_bytes: usize,
+    /// What a full buffer does.
+    pub buffer_full_policy: FullPolicy,
+    /// How long shutdown may take to deliver what is queued, in seconds.
+    pub shutdown_grace_secs: u64,
+
+    /// Log filter, e.g. `info` or `collector=debug`.
+    pub log_level: String,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen_endpoint: SocketAddr::from(([127, 0, 0, 1], 8124)),
+            max_connections: 1024,
+            idle_timeout_secs: 300,
+            input_limit_amount_kbytes: 20480,
+            input_limit_period: 60,
+            global_limit_amount_kbytes: 40960,
+            global_limit_period: 60,
+            max_block_bytes: schema::Limits::default().max_block_bytes,
+            kafka_topic_prefix: "metrics-".into(),
+            kafka_single_topic: None,
+            static_tags: BTreeMap::new(),
+            kafka: true,
+            kafka_brokers: Vec::new(),
+            kafka_framework: "kafka".into(),
+            kafka_scheduler_url: None,
+            dns_server: None,
+            kafka_rediscover_secs: 60,
+            kafka_produce_count: 1024,
+            kafka_produce_kbytes: 512,
+            kafka_produce_period_ms: 1000,
+            kafka_compress_snappy: true,
+            kafka_require_all_acks: true,
+            kafka_partition_key_tag: None,
+            kafka_max_message_bytes: 1_000_000,
+            kafka_topic_partitions: 1,
+            kafka_topic_replication: 1,
+            kafka_queue_max_kbytes: 32 * 1024,
+            librdkafka: BTreeMap::new(),
+            buffer_max_bytes: 64 * 1024 * 1024,
+            buffer_full_policy: FullPolicy::Block,
+            shutdown_grace_secs: 30,
+            log_level: "info".into(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// A configuration value that is wrong, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {field}: {message}")]
+pub struct ConfigError {
+    /// The option's file key (its flag is the same with dashes).
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(field: &str, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Whether `name` is a topic name Kafka accepts.
+pub fn is_valid_topic(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+impl Config {
+    /// Checks the configuration as a whole.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = |field: &str, value: u64| {
+            if value == 0 {
+                Err(ConfigError::new(field, "must be greater than 0"))
+            } else {
+                Ok(())
+            }
+        };
+        if self.max_connections == 0 {
+            return Err(ConfigError::new(
+                "max_connections",
+                "must be greater than 0",
+            ));
+        }
+        if self.input_limit_amount_kbytes > 0 {
+            positive("input_limit_period", self.input_limit_period)?;
+        }
+        if self.global_limit_amount_kbytes > 0 {
+            positive("global_limit_period", self.global_limit_period)?;
+        }
+        if self.max_block_bytes < 1024 {
+            return Err(ConfigError::new("max_block_bytes", "must be at least 1024"));
+        }
+        let prefix_ok = self.kafka_topic_prefix.len() < 200
+            && self
+                .kafka_topic_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !prefix_ok {
+            return Err(ConfigError::new(
+                "kafka_topic_prefix",
+                "may only hold [A-Za-z0-9._-] and be under 200 characters",
+            ));
+        }
+        if let Some(topic) = &self.kafka_single_topic
+            && !is_valid_topic(topic)
+        {
+            return Err(ConfigError::new(
+                "kafka_single_topic",
+                format!(
+                    "{topic:?} is not a valid Kafka topic ([A-Za-z0-9._-], 1 to 249 characters)"
+                ),
+            ));
+        }
+        if self.kafka && self.kafka_brokers.is_empty() && self.kafka_framework.is_empty() {
+            return Err(ConfigError::new(
+                "kafka_brokers",
+                "either kafka_brokers or kafka_framework must be set",
+            ));
+        }
+        if let Some(url) = &self.kafka_scheduler_url
+            && reqwest::Url::parse(url).is_err()
+        {
+            return Err(ConfigError::new(
+                "kafka_scheduler_url",
+                format!("{url:?} is not a URL"),
+            ));
+        }
+        positive("kafka_produce_count", self.kafka_produce_count as u64)?;
+        positive("kafka_produce_kbytes", self.kafka_produce_kbytes as u64)?;
+        positive("kafka_produce_period_ms", self.kafka_produce_period_ms)?;
+        positive("kafka_rediscover_secs", self.kafka_rediscover_secs)?;
+        if self.kafka_max_message_bytes < 4096 {
+            return Err(ConfigError::new(
+                "kafka_max_message_bytes",
+                "must be at least 4096",
+            ));
+        }
+        if self.kafka_topic_partitions < 1 {
+            return Err(ConfigError::new(
+                "kafka_topic_partitions",
+                "must be at least 1",
+            ));
+        }
+        if self.kafka_topic_replication < 1 {
+            return Err(ConfigError::new(
+                "kafka_topic_replication",
+                "must be at least 1",
+            ));
+        }
+        if self.buffer_max_bytes < self.kafka_max_message_bytes {
+            return Err(ConfigError::new(
+                "buffer_max_bytes",
+                "must be at least kafka_max_message_bytes",
+            ));
+        }
+        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return Err(ConfigError::new("log_level", error.to_string()));
+        }
+        for key in self.static_tags.keys() {
+            if key.is_empty() {
+                return Err(ConfigError::new("static_tags", "tag keys may not be empty"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("config", format!("{}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| {
+            let field = e
+                .span()
+                .map(|s| text[s].trim().to_owned())
+                .unwrap_or_else(|| "config".into());
+            ConfigError::new(&field, format!("{}: {}", path.display(), e.message()))
+        })
+    }
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+/// The command-line (and env) form of [`Config`]. Every field is optional so
+/// that what was not given falls through to the file and the defaults.
+#[derive(Debug, Default, Clone, Args)]
+pub struct ConfigArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "COLLECTOR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// TCP input address [default: 127.0.0.1:8124] (also env LISTEN_ENDPONT).
+    #[arg(long, env = "LISTEN_ENDPOINT")]
+    pub listen_endpoint: Option<SocketAddr>,
+    /// Most input connections at once [default: 1024].
+    #[arg(long, env = "MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Idle input connection timeout, seconds, 0 for none [default: 300].
+    #[arg(long, env = "IDLE_TIMEOUT_SECS")]
+    pub idle_timeout_secs: Option<u64>,
+    /// Per-connection input limit, KB per period, 0 for none [default: 20480].
+    #[arg(long, env = "INPUT_LIMIT_AMOUNT_KBYTES")]
+    pub input_limit_amount_kbytes: Option<u64>,
+    /// Per-connection limit period, seconds [default: 60].
+    #[arg(long, env = "INPUT_LIMIT_PERIOD")]
+    pub input_limit_period: Option<u64>,
+    /// Global input limit, KB per period, 0 for none [default: 40960].
+    #[arg(long, env = "GLOBAL_LIMIT_AMOUNT_KBYTES")]
+    pub global_limit_amount_kbytes: Option<u64>,
+    /// Global limit period, seconds [default: 60].
+    #[arg(long, env = "GLOBAL_LIMIT_PERIOD")]
+    pub global_limit_period: Option<u64>,
+    /// Largest input OCF block, bytes [default: 8 MiB].
+    #[arg(long, env = "MAX_BLOCK_BYTES")]
+    pub max_block_bytes: Option<usize>,
+    /// Kafka topic prefix [default: metrics-].
+    #[arg(long, env = "KAFKA_TOPIC_PREFIX")]
+    pub kafka_topic_prefix: Option<String>,
+    /// Send every record to this one topic.
+    #[arg(long, env = "KAFKA_SINGLE_TOPIC")]
+    pub kafka_single_topic: Option<String>,
+    /// Static tag KEY=VALUE added to records that lack it (repeatable; env: comma list).
+    #[arg(long = "static-tag", env = "STATIC_TAGS", value_delimiter = ',', value_parser = parse_pair)]
+    pub static_tags: Option<Vec<(String, String)>>,
+    /// Send to Kafka; false discards (null sink) [default: true].
+    #[arg(long, env = "KAFKA", action = ArgAction::Set)]
+    pub kafka: Option<bool>,
+    /// Static comma-separated broker list; wins over discovery.
+    #[arg(long, env = "KAFKA_BROKERS", value_delimiter = ',')]
+    pub kafka_brokers: Option<Vec<String>>,
+    /// Kafka framework name to discover brokers from [default: kafka].
+    #[arg(long, env = "KAFKA_FRAMEWORK")]
+    pub kafka_framework: Option<String>,
+    /// Kafka scheduler base URL, instead of the DNS lookup.
+    #[arg(long, env = "KAFKA_SCHEDULER_URL")]
+    pub kafka_scheduler_url: Option<String>,
+    /// DNS server (IP:PORT) for the SRV and A lookups.
+    #[arg(long, env = "DNS_SERVER")]
+    pub dns_server: Option<SocketAddr>,
+    /// Broker rediscovery period, seconds [default: 60].
+    #[arg(long, env = "KAFKA_REDISCOVER_SECS")]
+    pub kafka_rediscover_secs: Option<u64>,
+    /// Flush a topic batch at this many records [default: 1024].
+    #[arg(long, env = "KAFKA_PRODUCE_COUNT")]
+    pub kafka_produce_count: Option<usize>,
+    /// Flush a topic batch at this many KB [default: 512].
+    #[arg(long, env = "KAFKA_PRODUCE_KBYTES")]
+    pub kafka_produce_kbytes: Option<usize>,
+    /// Flush a topic batch at this age, ms [default: 1000].
+    #[arg(long, env = "KAFKA_PRODUCE_PERIOD_MS")]
+    pub kafka_produce_period_ms: Option<u64>,
+    /// Snappy-compress Kafka messages [default: true].
+    #[arg(long, env = "KAFKA_COMPRESS_SNAPPY", action = ArgAction::Set)]
+    pub kafka_compress_snappy: Option<bool>,
+    /// acks=all with idempotence [default: true].
+    #[arg(long, env = "KAFKA_REQUIRE_ALL_ACKS", action = ArgAction::Set)]
+    pub kafka_require_all_acks: Option<bool>,
+    /// Partition key: the value of this tag.
+    #[arg(long, env = "KAFKA_PARTITION_KEY_TAG")]
+    pub kafka_partition_key_tag: Option<String>,
+    /// Largest Kafka message value, bytes [default: 1000000].
+    #[arg(long, env = "KAFKA_MAX_MESSAGE_BYTES")]
+    pub kafka_max_message_bytes: Option<usize>,
+    /// Partitions of topics the collector creates [default: 1].
+    #[arg(long, env = "KAFKA_TOPIC_PARTITIONS")]
+    pub kafka_topic_partitions: Option<i32>,
+    /// Replication of topics the collector creates [default: 1].
+    #[arg(long, env = "KAFKA_TOPIC_REPLICATION")]
+    pub kafka_topic_replication: Option<i32>,
+    /// Bound on librdkafka's queue, KB [default: 32768].
+    #[arg(long, env = "KAFKA_QUEUE_MAX_KBYTES")]
+    pub kafka_queue_max_kbytes: Option<usize>,
+    /// librdkafka option KEY=VALUE (repeatable; env: comma list).
+    #[arg(long = "librdkafka", env = "LIBRDKAFKA", value_delimiter = ',', value_parser = parse_pair)]
+    pub librdkafka: Option<Vec<(String, String)>>,
+    /// Buffer bound, bytes [default: 64 MiB].
+    #[arg(long, env = "BUFFER_MAX_BYTES")]
+    pub buffer_max_bytes: Option<usize>,
+    /// Full-buffer policy [default: block].
+    #[arg(long, env = "BUFFER_FULL_POLICY")]
+    pub buffer_full_policy: Option<FullPolicy>,
+    /// Shutdown grace, seconds [default: 30].
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<u64>,
+    /// Log filter [default: info].
+    #[arg(long, env = "LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Log format [default: text].
+    #[arg(long, env = "LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+macro_rules! overlay {
+    ($config:ident, $args:ident, $($field:ident),* $(,)?) => {
+        $( if let Some(value) = $args.$field { $config.$field = value; } )*
+    };
+}
+
+impl ConfigArgs {
+    /// Builds the effective configuration: defaults, then the file, then env
+    /// and flags (clap has already let flags beat env). `legacy_env` looks up
+    /// the original's env names that clap can't attach (`LISTEN_ENDPONT`).
+    pub fn load(self, legacy_env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        let mut args = self;
+        if args.listen_endpoint.is_none()
+            && let Some(value) = legacy_env("LISTEN_ENDPONT")
+        {
+            args.listen_endpoint = Some(value.parse().map_err(|e| {
+                ConfigError::new("listen_endpoint", format!("LISTEN_ENDPONT={value:?}: {e}"))
+            })?);
+        }
+        if let Some(tags) = args.static_tags.take() {
+            config.static_tags = tags.into_iter().collect();
+        }
+        if let Some(options) = args.librdkafka.take() {
+            config.librdkafka = options.into_iter().collect();
+        }
+        if let Some(topic) = args.kafka_single_topic.take() {
+            config.kafka_single_topic = (!topic.is_empty()).then_some(topic);
+        }
+        if let Some(url) = args.kafka_scheduler_url.take() {
+            config.kafka_scheduler_url = (!url.is_empty()).then_some(url);
+        }
+        if let Some(tag) = args.kafka_partition_key_tag.take() {
+            config.kafka_partition_key_tag = (!tag.is_empty()).then_some(tag);
+        }
+        if let Some(server) = args.dns_server.take() {
+            config.dns_server = Some(server);
+        }
+        if let Some(brokers) = args.kafka_brokers.take() {
+            config.kafka_brokers = brokers
+                .into_iter()
+                .map(|b| b.trim().to_owned())
+                .filter(|b| !b.is_empty())
+                .collect();
+        }
+        overlay!(
+            config,
+            args,
+            listen_endpoint,
+            max_connections,
+            idle_timeout_secs,
+            input_limit_amount_kbytes,
+            input_limit_period,
+            global_limit_amount_kbytes,
+            global_limit_period,
+            max_block_bytes,
+            kafka_topic_prefix,
+            kafka,
+            kafka_framework,
+            kafka_rediscover_secs,
+            kafka_produce_count,
+            kafka_produce_kbytes,
+            kafka_produce_period_ms,
+            kafka_compress_snappy,
+            kafka_require_all_acks,
+            kafka_max_message_bytes,
+            kafka_topic_partitions,
+            kafka_topic_replication,
+            kafka_queue_max_kbytes,
+            buffer_max_bytes,
+            buffer_full_policy,
+            shutdown_grace_secs,
+            log_level,
+            log_format,
+        );
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ConfigArgs,
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let dir = std::env::temp_dir().join(format!("collector-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "kafka_topic_prefix = \"file-\"\nkafka_produce_count = 7\n",
+        )
+        .unwrap();
+        let cli = Cli::parse_from([
+            "x",
+            "--config",
+            file.to_str().unwrap(),
+            "--kafka-produce-count",
+            "9",
+        ]);
+        let config = cli.args.load(no_env).unwrap();
+        assert_eq!(config.kafka_topic_prefix, "file-");
+        assert_eq!(config.kafka_produce_count, 9);
+        assert_eq!(config.kafka_produce_kbytes, 512);
+    }
+
+    #[test]
+    fn unknown_file_keys_name_the_field() {
+        let dir = std::env::temp_dir().join(format!("collector-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "kafka_topic_prefixx = \"a\"\n").unwrap();
+        let err = Config::from_file(&file).unwrap_err();
+        assert_eq!(err.field, "kafka_topic_prefixx", "{err}");
+    }
+
+    #[test]
+    fn the_original_misspelt_env_name_works() {
+        let cli = Cli::parse_from(["x"]);
+        let config = cli
+            .args
+            .load(|k| (k == "LISTEN_ENDPONT").then(|| "127.0.0.1:9999".into()))
+            .unwrap();
+        assert_eq!(config.listen_endpoint.port(), 9999);
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let cli = Cli::parse_from(["x", "--kafka-single-topic", "bad topic!"]);
+        assert_eq!(
+            cli.args.load(no_env).unwrap_err().field,
+            "kafka_single_topic"
+        );
+        let cli = Cli::parse_from(["x", "--kafka-produce-count", "0"]);
+        assert_eq!(
+            cli.args.load(no_env).unwrap_err().field,
+            "kafka_produce_count"
+        );
+    }
+
+    #[test]
+    fn repeated_pairs_parse() {
+        let cli = Cli::parse_from([
+            "x",
+            "--static-tag",
+            "dc=eu,rack=r1",
+            "--librdkafka",
+            "linger.ms=7",
+        ]);
+        let config = cli.args.load(no_env).unwrap();
+        assert_eq!(
+            config.static_tags.get("rack").map(String::as_str),
+            Some("r1")
+        );
+        assert_eq!(
+            config.librdkafka.get("linger.ms").map(String::as_str),
+            Some("7")
+        );
+    }
+}

@@ -1,0 +1,345 @@
+//! Kafka broker discovery, as the original did it, without its panics:
+//!
+//! 1. a static `kafka_brokers` list wins;
+//! 2. otherwise the DNS SRV record `_NAME._tcp.marathon.mesos` gives the
+//!    scheduler's port (Mesos-DNS);
+//! 3. `GET http://NAME.mesos:PORT/v1/connection` (or `kafka_scheduler_url`);
+//! 4. use `dns`, falling back to `address` and then `vip` when a key is
+//!    missing or empty.
+//!
+//! Every failure is a typed error with the name or URL it concerns; callers
+//! retry with capped exponential backoff and jitter ([`Backoff`]).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::RData;
+use serde::Serialize;
+
+/// Where brokers come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerSource {
+    /// A fixed list.
+    Static(Vec<String>),
+    /// Ask the Kafka framework's scheduler.
+    Framework {
+        /// Framework name, e.g. `kafka`.
+        name: String,
+        /// Scheduler base URL, skipping the DNS lookups.
+        scheduler_url: Option<String>,
+        /// DNS server to ask instead of the system's.
+        dns_server: Option<SocketAddr>,
+    },
+}
+
+/// A broker list and how it was found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Discovered {
+    /// `host:port` bootstrap servers.
+    pub brokers: Vec<String>,
+    /// How they were found, for logs and the API.
+    pub method: String,
+}
+
+/// Why discovery failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// The resolver could not be built.
+    #[error("DNS resolver setup failed: {0}")]
+    Resolver(String),
+    /// The SRV lookup failed or found nothing.
+    #[error("DNS SRV lookup of {name} failed: {reason}")]
+    Srv {
+        /// The SRV name.
+        name: String,
+        /// What the resolver said.
+        reason: String,
+    },
+    /// The scheduler's host name did not resolve.
+    #[error("DNS lookup of {name} failed: {reason}")]
+    Host {
+        /// The host name.
+        name: String,
+        /// What the resolver said.
+        reason: String,
+    },
+    /// The scheduler could not be reached.
+    #[error("Kafka scheduler {url} unreachable: {reason}")]
+    Unreachable {
+        /// The URL asked.
+        url: String,
+        /// The transport error.
+        reason: String,
+    },
+    /// The scheduler answered with an error status.
+    #[error("Kafka scheduler {url} answered HTTP {status}")]
+    Status {
+        /// The URL asked.
+        url: String,
+        /// The status code.
+        status: u16,
+    },
+    /// The scheduler's answer has no usable broker list.
+    #[error("Kafka scheduler {url} answered without brokers: {reason}")]
+    NoBrokers {
+        /// The URL asked.
+        url: String,
+        /// What was wrong with the body.
+        reason: String,
+    },
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// Starts at `base`, never waits longer than `cap`.
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        Self {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    /// The next delay: uniformly random in [ceiling/2, ceiling], where the
+    /// ceiling doubles per attempt up to the cap.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.cap);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = ceiling / 2;
+        half + half.mul_f64(rand::random::<f64>())
+    }
+
+    /// Back to the first delay, after a success.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+fn resolver(dns_server: Option<SocketAddr>) -> Result<TokioResolver, DiscoveryError> {
+    let provider = TokioRuntimeProvider::default();
+    let builder = match dns_server {
+        Some(server) => {
+            let mut name_server = NameServerConfig::udp_and_tcp(server.ip());
+            for connection in &mut name_server.connections {
+                connection.port = server.port();
+            }
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_name_servers(vec![name_server]),
+                provider,
+            )
+        }
+        None => {
+            TokioResolver::builder(provider).map_err(|e| DiscoveryError::Resolver(e.to_string()))?
+        }
+    };
+    let mut builder = builder;
+    builder.options_mut().timeout = Duration::from_secs(2);
+    builder.options_mut().attempts = 2;
+    builder
+        .build()
+        .map_err(|e| DiscoveryError::Resolver(e.to_string()))
+}
+
+/// Finds the brokers. `http` is reused across calls.
+pub async fn discover(
+    source: &BrokerSource,
+    http: &reqwest::Client,
+) -> Result<Discovered, DiscoveryError> {
+    let (name, scheduler_url, dns_server) = match source {
+        BrokerSource::Static(brokers) => {
+            return Ok(Discovered {
+                brokers: brokers.clone(),
+                method: "static kafka_brokers".into(),
+            });
+        }
+        BrokerSource::Framework {
+            name,
+            scheduler_url,
+            dns_server,
+        } => (name, scheduler_url, *dns_server),
+    };
+    let (url, host_header) =
+        match scheduler_url {
+            Some(base) => (
+                format!("{}/v1/connection", base.trim_end_matches('/')),
+                None,
+            ),
+            None => {
+                let resolver = resolver(dns_server)?;
+                let srv_name = format!("_{name}._tcp.marathon.mesos.");
+                let srv = resolver.srv_lookup(srv_name.as_str()).await.map_err(|e| {
+                    DiscoveryError::Srv {
+                        name: srv_name.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                let port = srv
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::SRV(srv) => Some((srv.priority, srv.port)),
+                        _ => None,
+                    })
+                    .min()
+                    .map(|(_, port)| port)
+                    .ok_or_else(|| DiscoveryError::Srv {
+                        name: srv_name.clone(),
+                        reason: "no SRV records".into(),
+                    })?;
+                let host = format!("{name}.mesos");
+                let ip = resolve_host(&resolver, &host).await?;
+                (
+                    format!("http://{}/v1/connection", SocketAddr::new(ip, port)),
+                    Some(format!("{host}:{port}")),
+                )
+            }
+        };
+    let mut request = http.get(&url).timeout(Duration::from_secs(5));
+    if let Some(host) = &host_header {
+        request = request.header(reqwest::header::HOST, host);
+    }
+    let unreachable = |e: reqwest::Error| DiscoveryError::Unreachable {
+        url: url.clone(),
+        reason: e.to_string(),
+    };
+    let response = request.send().await.map_err(unreachable)?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(DiscoveryError::Status {
+            url,
+            status: status.as_u16(),
+        });
+    }
+    let body: serde_json::Value = response
+        .json()
+        .await
+        .map_err(|e| DiscoveryError::NoBrokers {
+            url: url.clone(),
+            reason: format!("not JSON: {e}"),
+        })?;
+    let (key, mut brokers) =
+        brokers_from_connection(&body).map_err(|reason| DiscoveryError::NoBrokers {
+            url: url.clone(),
+            reason,
+        })?;
+    if let Some(server) = dns_server {
+        // librdkafka resolves with the system resolver; when a DNS server is
+        // configured, hand it addresses that server gave us.
+        let resolver = resolver(Some(server))?;
+        for broker in &mut brokers {
+            if let Some((host, port)) = broker.rsplit_once(':')
+                && host.parse::<IpAddr>().is_err()
+                && let Ok(ip) = resolve_host(&resolver, host).await
+            {
+                *broker = SocketAddr::new(ip, port.parse().unwrap_or(9092)).to_string();
+            }
+        }
+    }
+    Ok(Discovered {
+        brokers,
+        method: format!("scheduler {url} key \"{key}\""),
+    })
+}
+
+async fn resolve_host(resolver: &TokioResolver, host: &str) -> Result<IpAddr, DiscoveryError> {
+    let fqdn = format!("{}.", host.trim_end_matches('.'));
+    let lookup = resolver
+        .lookup_ip(fqdn.as_str())
+        .await
+        .map_err(|e| DiscoveryError::Host {
+            name: host.to_owned(),
+            reason: e.to_string(),
+        })?;
+    lookup.iter().next().ok_or_else(|| DiscoveryError::Host {
+        name: host.to_owned(),
+        reason: "no addresses".into(),
+    })
+}
+
+/// Picks the broker list out of a `/v1/connection` body: `dns`, else
+/// `address`, else `vip`. Returns the key used.
+pub fn brokers_from_connection(
+    body: &serde_json::Value,
+) -> Result<(&'static str, Vec<String>), String> {
+    for key in ["dns", "address"] {
+        if let Some(list) = body.get(key).and_then(|v| v.as_array()) {
+            let brokers: Vec<String> = list
+                .iter()
+                .filter_map(|v| v.as_str())
+                .map(str::to_owned)
+                .collect();
+            if !brokers.is_empty() {
+                return Ok((key, brokers));
+            }
+        }
+    }
+    if let Some(vip) = body.get("vip").and_then(|v| v.as_str())
+        && !vip.is_empty()
+    {
+        return Ok(("vip", vec![vip.to_owned()]));
+    }
+    Err("none of \"dns\", \"address\" or \"vip\" holds a broker".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn dns_then_address_then_vip() {
+        let full = json!({"dns": ["broker-0.kafka.mesos:9843"], "address": ["10.0.0.1:9843"], "vip": "v:9092"});
+        assert_eq!(brokers_from_connection(&full).unwrap().0, "dns");
+        let no_dns = json!({"address": ["10.0.0.1:9843"], "vip": "v:9092"});
+        assert_eq!(
+            brokers_from_connection(&no_dns).unwrap(),
+            ("address", vec!["10.0.0.1:9843".to_owned()])
+        );
+        let only_vip = json!({"dns": [], "vip": "v:9092"});
+        assert_eq!(brokers_from_connection(&only_vip).unwrap().0, "vip");
+        assert!(brokers_from_connection(&json!({"zookeeper": "zk"})).is_err());
+        assert!(brokers_from_connection(&json!([1, 2])).is_err());
+    }
+
+    #[test]
+    fn reference_responses_parse() {
+        for (file, key) in [
+            ("kafka-scheduler-v1-connection-response.json", "dns"),
+            (
+                "kafka-scheduler-v1-connection-response-with-vip.json",
+                "dns",
+            ),
+        ] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../fixtures/kafka")
+                .join(file);
+            let body: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+            assert_eq!(brokers_from_connection(&body).unwrap().0, key);
+        }
+    }
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let delays: Vec<Duration> = (0..10).map(|_| backoff.next_delay()).collect();
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
+        assert!(delays[9] >= Duration::from_secs(1));
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+}

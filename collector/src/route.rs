@@ -1,0 +1,212 @@
+//! Routing: which Kafka topic (and key) a record goes to, and the tags added
+//! on the way. Pure functions over records; the settings can change at
+//! runtime, so callers fetch the current [`Routing`] for every block.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use schema::{MetricList, Tag};
+
+use crate::config::{Config, is_valid_topic};
+
+/// The routing settings in force.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    /// Prefix before `record.topic`.
+    pub prefix: String,
+    /// One topic for everything, when set.
+    pub single_topic: Option<String>,
+    /// Tags added to records that lack them.
+    pub static_tags: Vec<Tag>,
+    /// Tag whose value is the partition key.
+    pub key_tag: Option<String>,
+}
+
+impl Routing {
+    /// The routing part of a configuration.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            prefix: config.kafka_topic_prefix.clone(),
+            single_topic: config.kafka_single_topic.clone(),
+            static_tags: config
+                .static_tags
+                .iter()
+                .map(|(k, v)| Tag::new(k, v))
+                .collect(),
+            key_tag: config.kafka_partition_key_tag.clone(),
+        }
+    }
+}
+
+/// One record, routed and encoded: the unit that crosses the buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routed {
+    /// Kafka topic.
+    pub topic: Arc<str>,
+    /// Partition key, if keyed by a tag.
+    pub key: Option<Arc<str>>,
+    /// The record in Avro binary (see `schema::datum::write_metric_list`).
+    pub data: Vec<u8>,
+    /// Datapoints in the record.
+    pub datapoints: u32,
+}
+
+/// A valid Kafka topic for `name`: characters outside `[A-Za-z0-9._-]`
+/// become `_`, and it is cut to 249 bytes. Returns whether it changed.
+pub fn sanitize_topic(name: &str) -> (String, bool) {
+    if is_valid_topic(name) {
+        return (name.to_owned(), false);
+    }
+    let mut out: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    out.truncate(249);
+    if out.is_empty() || out == "." || out == ".." {
+        out = "UNKNOWN_TOPIC_VAL".into();
+    }
+    (out, true)
+}
+
+/// Routes records for one input connection, caching topic names.
+#[derive(Debug, Default)]
+pub struct Router {
+    topics: HashMap<String, (Arc<str>, bool)>,
+    keys: HashMap<String, Arc<str>>,
+    for_routing: Option<Routing>,
+}
+
+impl Router {
+    /// Adds the static tags and `extra` tags the record lacks, picks its topic
+    /// and key, and encodes it. Returns the routed record and whether its
+    /// topic had to be sanitized.
+    pub fn route(
+        &mut self,
+        routing: &Routing,
+        extra: &[Tag],
+        mut record: MetricList,
+    ) -> (Routed, bool) {
+        if self.for_routing.as_ref() != Some(routing) {
+            // The settings changed: cached topic names are stale.
+            self.topics.clear();
+            self.for_routing = Some(routing.clone());
+        }
+        for tag in routing.static_tags.iter().chain(extra) {
+            record.add_tag_if_absent(&tag.key, &tag.value);
+        }
+        let (topic, sanitized) = match &routing.single_topic {
+            Some(single) => self.topic(single, ""),
+            None => self.topic(&routing.prefix, &record.topic),
+        };
+        let key = routing
+            .key_tag
+            .as_deref()
+            .and_then(|tag| record.tag(tag))
+            .map(|value| {
+                if let Some(key) = self.keys.get(value) {
+                    key.clone()
+                } else {
+                    let key: Arc<str> = Arc::from(value);
+                    if self.keys.len() < 10_000 {
+                        self.keys.insert(value.to_owned(), key.clone());
+                    }
+                    key
+                }
+            });
+        let mut data = Vec::with_capacity(schema::datum::encoded_len(&record));
+        schema::datum::write_metric_list(&mut data, &record);
+        (
+            Routed {
+                topic,
+                key,
+                data,
+                datapoints: record.datapoints.len() as u32,
+            },
+            sanitized,
+        )
+    }
+
+    fn topic(&mut self, prefix: &str, name: &str) -> (Arc<str>, bool) {
+        if let Some((topic, sanitized)) = self.topics.get(name) {
+            return (topic.clone(), *sanitized);
+        }
+        let (full, sanitized) = sanitize_topic(&format!("{prefix}{name}"));
+        let topic: Arc<str> = Arc::from(full);
+        // Bound the cache: a sender inventing topics can't grow it forever.
+        if self.topics.len() < 10_000 {
+            self.topics
+                .insert(name.to_owned(), (topic.clone(), sanitized));
+        }
+        (topic, sanitized)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schema::Datapoint;
+
+    fn routing() -> Routing {
+        Routing {
+            prefix: "metrics-".into(),
+            single_topic: None,
+            static_tags: vec![Tag::new("dc", "eu"), Tag::new("framework_id", "static")],
+            key_tag: Some("framework_id".into()),
+        }
+    }
+
+    fn record(topic: &str) -> MetricList {
+        MetricList {
+            topic: topic.into(),
+            tags: vec![Tag::new("framework_id", "fw-1")],
+            datapoints: vec![Datapoint::new("d", 1, 2.0)],
+        }
+    }
+
+    #[test]
+    fn prefix_static_tags_and_key() {
+        let (routed, sanitized) = Router::default().route(&routing(), &[], record("fw-1"));
+        assert!(!sanitized);
+        assert_eq!(&*routed.topic, "metrics-fw-1");
+        assert_eq!(routed.key.as_deref(), Some("fw-1"));
+        let back =
+            schema::datum::read_metric_list(&mut schema::datum::Cursor::new(&routed.data)).unwrap();
+        // The record's own framework_id wins over the static one.
+        assert_eq!(
+            back.tags,
+            vec![Tag::new("framework_id", "fw-1"), Tag::new("dc", "eu")]
+        );
+        assert_eq!(
+            back.topic, "fw-1",
+            "the record's topic field is kept as sent"
+        );
+    }
+
+    #[test]
+    fn single_topic_wins() {
+        let routing = Routing {
+            single_topic: Some("all".into()),
+            ..routing()
+        };
+        assert_eq!(
+            &*Router::default().route(&routing, &[], record("x")).0.topic,
+            "all"
+        );
+    }
+
+    #[test]
+    fn bad_topics_are_sanitized_not_dropped() {
+        let (routed, sanitized) = Router::default().route(&routing(), &[], record("a b/ü"));
+        assert!(sanitized);
+        assert_eq!(&*routed.topic, "metrics-a_b__");
+        let long = "x".repeat(400);
+        assert_eq!(sanitize_topic(&long).0.len(), 249);
+        assert_eq!(sanitize_topic("..").0, "UNKNOWN_TOPIC_VAL");
+    }
+}

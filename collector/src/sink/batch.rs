@@ -1,0 +1,304 @@
+//! Per-topic batching. Each flushed batch becomes one Kafka message: a whole
+//! OCF file (header, one block, sync), as in the original. Batches are cut so
+//! that no message is larger than the Kafka message limit; a record that
+//! can't fit alone is refused, to be dropped and counted by the caller.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use schema::{Codec, OcfEncoder};
+use tokio::time::Instant;
+
+use crate::route::Routed;
+
+/// One Kafka message ready to produce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Topic.
+    pub topic: Arc<str>,
+    /// Partition key.
+    pub key: Option<Arc<str>>,
+    /// The OCF file.
+    pub payload: Vec<u8>,
+    /// Records in it.
+    pub records: u32,
+    /// Datapoints in it.
+    pub datapoints: u64,
+    /// When its oldest record was batched.
+    pub created: Instant,
+    /// How many times it has been produced before.
+    pub attempts: u32,
+}
+
+/// A record that can't fit in any message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a record of {size} bytes for topic {topic} can't fit in a {limit}-byte Kafka message")]
+pub struct TooLarge {
+    /// Topic.
+    pub topic: Arc<str>,
+    /// The record's encoded size.
+    pub size: usize,
+    /// The message limit.
+    pub limit: usize,
+    /// Datapoints in the record.
+    pub datapoints: u32,
+}
+
+/// Flush thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    /// Flush at this many records.
+    pub max_records: usize,
+    /// Flush at this many bytes of records.
+    pub max_bytes: usize,
+    /// Flush when the oldest record is this old.
+    pub max_age: Duration,
+    /// No message may be larger than this.
+    pub max_message_bytes: usize,
+}
+
+#[derive(Debug)]
+struct Pending {
+    data: Vec<u8>,
+    records: u32,
+    datapoints: u64,
+    since: Instant,
+}
+
+type BatchKey = (Arc<str>, Option<Arc<str>>);
+
+/// Batches routed records per (topic, key).
+#[derive(Debug)]
+pub struct Batcher {
+    thresholds: Thresholds,
+    encoder: OcfEncoder,
+    overhead: usize,
+    pending: HashMap<BatchKey, Pending>,
+}
+
+impl Batcher {
+    /// A batcher writing null-codec OCF files with one random sync marker.
+    pub fn new(thresholds: Thresholds) -> Self {
+        let encoder = OcfEncoder::new(Codec::Null);
+        let mut header = Vec::new();
+        encoder.write_header(&mut header);
+        // Header + block count and size varints (10 bytes each at most) + sync.
+        let overhead = header.len() + 20 + 16;
+        Self {
+            thresholds,
+            encoder,
+            overhead,
+            pending: HashMap::new(),
+        }
+    }
+
+    /// Changes the thresholds (a runtime setting); takes effect from the next record.
+    pub fn set_thresholds(&mut self, thresholds: Thresholds) {
+        self.thresholds = thresholds;
+    }
+
+    /// Bytes a message adds around its records.
+    pub fn overhead(&self) -> usize {
+        self.overhead
+    }
+
+    /// Adds a record; full batches are appended to `out`.
+    pub fn add(
+        &mut self,
+        item: Routed,
+        now: Instant,
+        out: &mut Vec<Message>,
+    ) -> Result<(), TooLarge> {
+        let limit = self.thresholds.max_message_bytes;
+        if item.data.len() + self.overhead > limit {
+            return Err(TooLarge {
+                topic: item.topic,
+                size: item.data.len(),
+                limit,
+                datapoints: item.datapoints,
+            });
+        }
+        let key = (item.topic, item.key);
+        if let Some(pending) = self.pending.get(&key)
+            && pending.data.len() + item.data.len() + self.overhead > limit
+        {
+            let pending = self.pending.remove(&key).expect("just looked it up");
+            out.push(self.message(key.clone(), pending));
+        }
+        let pending = self.pending.entry(key.clone()).or_insert_with(|| Pending {
+            data: Vec::with_capacity(item.data.len() * 4),
+            records: 0,
+            datapoints: 0,
+            since: now,
+        });
+        pending.data.extend_from_slice(&item.data);
+        pending.records += 1;
+        pending.datapoints += u64::from(item.datapoints);
+        if pending.records as usize >= self.thresholds.max_records
+            || pending.data.len() >= self.thresholds.max_bytes
+        {
+            let pending = self.pending.remove(&key).expect("just inserted");
+            out.push(self.message(key, pending));
+        }
+        Ok(())
+    }
+
+    /// Flushes the batches whose oldest record is at least `max_age` old.
+    pub fn flush_due(&mut self, now: Instant, out: &mut Vec<Message>) {
+        let max_age = self.thresholds.max_age;
+        let due: Vec<BatchKey> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.since) >= max_age)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            if let Some(pending) = self.pending.remove(&key) {
+                out.push(self.message(key, pending));
+            }
+        }
+    }
+
+    /// Flushes everything.
+    pub fn flush_all(&mut self, out: &mut Vec<Message>) {
+        for (key, pending) in std::mem::take(&mut self.pending) {
+            out.push(self.message(key, pending));
+        }
+    }
+
+    /// When the next batch falls due.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending
+            .values()
+            .map(|p| p.since + self.thresholds.max_age)
+            .min()
+    }
+
+    /// Records and datapoints waiting in batches.
+    pub fn pending(&self) -> (u64, u64) {
+        self.pending.values().fold((0, 0), |(r, d), p| {
+            (r + u64::from(p.records), d + p.datapoints)
+        })
+    }
+
+    /// Whether nothing is batched.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    fn message(&self, (topic, key): BatchKey, pending: Pending) -> Message {
+        let mut payload = Vec::with_capacity(pending.data.len() + self.overhead);
+        self.encoder.write_header(&mut payload);
+        self.encoder
+            .write_encoded_block(pending.records as usize, &pending.data, &mut payload);
+        Message {
+            topic,
+            key,
+            payload,
+            records: pending.records,
+            datapoints: pending.datapoints,
+            created: pending.since,
+            attempts: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schema::{Datapoint, MetricList};
+
+    fn routed(topic: &str, points: usize) -> Routed {
+        let record = MetricList {
+            topic: topic.into(),
+            tags: vec![],
+            datapoints: (0..points)
+                .map(|i| Datapoint::new("d", i as i64, 1.0))
+                .collect(),
+        };
+        let mut data = Vec::new();
+        schema::datum::write_metric_list(&mut data, &record);
+        Routed {
+            topic: topic.into(),
+            key: None,
+            data,
+            datapoints: points as u32,
+        }
+    }
+
+    fn thresholds() -> Thresholds {
+        Thresholds {
+            max_records: 3,
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(1),
+            max_message_bytes: 4096,
+        }
+    }
+
+    #[test]
+    fn flushes_at_the_record_count_as_one_ocf_file() {
+        let mut batcher = Batcher::new(thresholds());
+        let mut out = Vec::new();
+        let now = Instant::now();
+        for _ in 0..4 {
+            batcher.add(routed("a", 2), now, &mut out).unwrap();
+        }
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].records, 3);
+        assert_eq!(out[0].datapoints, 6);
+        let records = schema::decode_all(&out[0].payload, schema::Limits::default()).unwrap();
+        assert_eq!(records.len(), 3);
+        assert_eq!(batcher.pending(), (1, 2));
+    }
+
+    #[test]
+    fn messages_never_exceed_the_limit() {
+        let mut batcher = Batcher::new(Thresholds {
+            max_records: 1000,
+            ..thresholds()
+        });
+        let mut out = Vec::new();
+        let now = Instant::now();
+        for _ in 0..100 {
+            batcher.add(routed("a", 10), now, &mut out).unwrap();
+        }
+        batcher.flush_all(&mut out);
+        assert!(out.len() > 1);
+        assert!(
+            out.iter().all(|m| m.payload.len() <= 4096),
+            "{:?}",
+            out.iter().map(|m| m.payload.len()).collect::<Vec<_>>()
+        );
+        assert_eq!(out.iter().map(|m| m.records).sum::<u32>(), 100);
+    }
+
+    #[test]
+    fn a_record_too_large_alone_is_refused() {
+        let mut batcher = Batcher::new(thresholds());
+        let err = batcher
+            .add(routed("big", 400), Instant::now(), &mut Vec::new())
+            .unwrap_err();
+        assert_eq!(&*err.topic, "big");
+        assert_eq!(err.datapoints, 400);
+        assert!(batcher.is_empty());
+    }
+
+    #[test]
+    fn age_and_topics() {
+        let mut batcher = Batcher::new(thresholds());
+        let mut out = Vec::new();
+        let start = Instant::now();
+        batcher.add(routed("a", 1), start, &mut out).unwrap();
+        batcher
+            .add(routed("b", 1), start + Duration::from_millis(500), &mut out)
+            .unwrap();
+        assert_eq!(
+            batcher.next_deadline(),
+            Some(start + Duration::from_secs(1))
+        );
+        batcher.flush_due(start + Duration::from_secs(1), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(&*out[0].topic, "a");
+    }
+}

@@ -1,0 +1,626 @@
+//! The Kafka sink (rdkafka). Each message is one OCF file. Delivery reports,
+//! not `send` returning, decide what is delivered.
+//!
+//! - `QueueFull`: the sink stops taking from the buffer until librdkafka has
+//!   room, so the buffer fills and its full policy applies.
+//! - Permanent errors (message too large, invalid topic, authorization) drop
+//!   the message, counted as `kafka_rejected`, with its topic and size logged.
+//!   They are never retried.
+//! - Purged or timed-out messages (a producer switch, or the rare transient
+//!   failure) are produced again.
+//! - Brokers are rediscovered periodically and when all brokers are down; a
+//!   changed set gets a new producer, and the old one's queue is moved over.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use super::batch::{Batcher, Message, Thresholds};
+use crate::buffer::Buffer;
+use crate::discovery::{Backoff, BrokerSource, Discovered, discover};
+use crate::stats::{DropReason, Stats};
+
+/// The producer settings (the Kafka part of the configuration).
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// Where brokers come from.
+    pub source: BrokerSource,
+    /// Rediscovery period.
+    pub rediscover: Duration,
+    /// Batch thresholds.
+    pub thresholds: Thresholds,
+    /// Snappy compression.
+    pub compress_snappy: bool,
+    /// acks=all with idempotence.
+    pub require_all_acks: bool,
+    /// librdkafka queue bound, KB.
+    pub queue_max_kbytes: usize,
+    /// Partitions of created topics.
+    pub topic_partitions: i32,
+    /// Replication of created topics.
+    pub topic_replication: i32,
+    /// Passthrough options, applied last.
+    pub librdkafka: Vec<(String, String)>,
+    /// How long shutdown may spend delivering.
+    pub shutdown_grace: Duration,
+}
+
+/// The sink's view of the broker state, for the API and `/health`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BrokerState {
+    /// The brokers in use, and how they were found.
+    pub current: Option<Discovered>,
+    /// The last discovery error, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// Whether librdkafka reports every broker down.
+    pub all_brokers_down: bool,
+}
+
+/// Per-message bookkeeping carried through librdkafka.
+struct Meta {
+    topic: Arc<str>,
+    key: Option<Arc<str>>,
+    records: u32,
+    datapoints: u64,
+    created: Instant,
+    attempts: u32,
+}
+
+struct Context {
+    stats: Arc<Stats>,
+    retry: mpsc::UnboundedSender<Message>,
+    room: Arc<Notify>,
+    brokers_down: Arc<Notify>,
+    state: Arc<Mutex<BrokerState>>,
+    /// Set at the end of shutdown: purged messages are then counted as
+    /// dropped instead of being retried.
+    final_purge: AtomicBool,
+}
+
+/// Errors that will fail the same way however often they are retried.
+fn is_permanent(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidMessage
+            | C::MessageBatchTooLarge
+            | C::InvalidTopic
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::InvalidRecord
+            | C::InvalidRequiredAcks
+            | C::PolicyViolation
+            | C::UnsupportedForMessageFormat
+            | C::UnsupportedVersion
+    )
+}
+
+const MAX_ATTEMPTS: u32 = 50;
+
+impl ClientContext for Context {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                error!(target: "librdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Warning => warn!(target: "librdkafka", facility = fac, "{message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                info!(target: "librdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Debug => debug!(target: "librdkafka", facility = fac, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .all_brokers_down = true;
+            self.brokers_down.notify_one();
+            warn!(%error, reason, "All Kafka brokers are down; data is buffered until they return or are rediscovered.");
+        } else {
+            warn!(%error, reason, "Kafka client error.");
+        }
+    }
+}
+
+impl ProducerContext for Context {
+    type DeliveryOpaque = Box<Meta>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, meta: Box<Meta>) {
+        match result {
+            Ok(_) => {
+                self.stats
+                    .delivered
+                    .add(u64::from(meta.records), meta.datapoints);
+                self.stats.messages_delivered.fetch_add(1, Relaxed);
+                let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                state.all_brokers_down = false;
+            }
+            Err((error, message)) => {
+                let code = error
+                    .rdkafka_error_code()
+                    .unwrap_or(RDKafkaErrorCode::Unknown);
+                let size = message.payload_len();
+                if self.final_purge.load(Relaxed) {
+                    self.stats.count_drop(
+                        DropReason::Shutdown,
+                        u64::from(meta.records),
+                        meta.datapoints,
+                    );
+                } else if is_permanent(code) || meta.attempts + 1 >= MAX_ATTEMPTS {
+                    self.stats.count_drop(
+                        DropReason::KafkaRejected,
+                        u64::from(meta.records),
+                        meta.datapoints,
+                    );
+                    error!(topic = %meta.topic, bytes = size, datapoints = meta.datapoints, attempts = meta.attempts + 1, %error,
+                        "Kafka rejected a message; its datapoints are dropped.");
+                } else {
+                    debug!(topic = %meta.topic, %error, "Kafka message failed; producing it again.");
+                    self.stats.messages_retried.fetch_add(1, Relaxed);
+                    let retry = Message {
+                        topic: meta.topic,
+                        key: meta.key,
+                        payload: message.payload().unwrap_or_default().to_vec(),
+                        records: meta.records,
+                        datapoints: meta.datapoints,
+                        created: meta.created,
+                        attempts: meta.attempts + 1,
+                    };
+                    if let Err(mpsc::error::SendError(lost)) = self.retry.send(retry) {
+                        // The sink is gone (only after shutdown): count it.
+                        self.stats.count_drop(
+                            DropReason::Shutdown,
+                            u64::from(lost.records),
+                            lost.datapoints,
+                        );
+                    }
+                }
+            }
+        }
+        self.room.notify_one();
+    }
+}
+
+type KafkaProducer = ThreadedProducer<Context>;
+
+/// The Kafka sink task's state.
+pub struct KafkaSink {
+    settings: KafkaSettings,
+    stats: Arc<Stats>,
+    buffer: Arc<Buffer>,
+    batcher: Batcher,
+    outbox: VecDeque<Message>,
+    producer: Option<(Arc<KafkaProducer>, Discovered)>,
+    retry_tx: mpsc::UnboundedSender<Message>,
+    retry_rx: mpsc::UnboundedReceiver<Message>,
+    room: Arc<Notify>,
+    brokers_down: Arc<Notify>,
+    state: Arc<Mutex<BrokerState>>,
+    topics: HashMap<Arc<str>, TopicState>,
+    http: reqwest::Client,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum TopicState {
+    Ready,
+    RetryAt(Instant),
+}
+
+impl KafkaSink {
+    /// A sink reading from `buffer`.
+    pub fn new(
+        settings: KafkaSettings,
+        stats: Arc<Stats>,
+        buffer: Arc<Buffer>,
+        state: Arc<Mutex<BrokerState>>,
+    ) -> Self {
+        let (retry_tx, retry_rx) = mpsc::unbounded_channel();
+        Self {
+            batcher: Batcher::new(settings.thresholds),
+            settings,
+            stats,
+            buffer,
+            outbox: VecDeque::new(),
+            producer: None,
+            retry_tx,
+            retry_rx,
+            room: Arc::new(Notify::new()),
+            brokers_down: Arc::new(Notify::new()),
+            state,
+            topics: HashMap::new(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn client_config(&self, brokers: &[String]) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", brokers.join(","))
+            .set("client.id", "metrics-collector")
+            .set(
+                "compression.codec",
+                if self.settings.compress_snappy {
+                    "snappy"
+                } else {
+                    "none"
+                },
+            )
+            .set(
+                "message.max.bytes",
+                (self.settings.thresholds.max_message_bytes + 4096).to_string(),
+            )
+            .set(
+                "queue.buffering.max.kbytes",
+                self.settings.queue_max_kbytes.max(1).to_string(),
+            )
+            .set("queue.buffering.max.messages", "1000000")
+            .set("linger.ms", "5")
+            // Never time a message out: an outage is held by the bounded
+            // queues and the buffer's full policy, not turned into loss.
+            .set("message.timeout.ms", "0")
+            .set("reconnect.backoff.max.ms", "2000");
+        if self.settings.require_all_acks {
+            config.set("acks", "all").set("enable.idempotence", "true");
+        } else {
+            config.set("acks", "1").set("enable.idempotence", "false");
+        }
+        for (key, value) in &self.settings.librdkafka {
+            config.set(key, value);
+        }
+        config
+    }
+
+    fn create_producer(&self, discovered: &Discovered) -> Result<KafkaProducer, KafkaError> {
+        let context = Context {
+            stats: self.stats.clone(),
+            retry: self.retry_tx.clone(),
+            room: self.room.clone(),
+            brokers_down: self.brokers_down.clone(),
+            state: self.state.clone(),
+            final_purge: AtomicBool::new(false),
+        };
+        self.client_config(&discovered.brokers)
+            .create_with_context(context)
+    }
+
+    fn set_state(&self, update: impl FnOnce(&mut BrokerState)) {
+        update(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Discovers brokers and (re)creates the producer when the set changed.
+    /// Returns whether a producer is in place.
+    async fn refresh_producer(&mut self) -> bool {
+        let discovered = match discover(&self.settings.source, &self.http).await {
+            Ok(discovered) => discovered,
+            Err(error) => {
+                self.stats.discovery_failures.fetch_add(1, Relaxed);
+                warn!(%error, "Kafka broker discovery failed; retrying with backoff.");
+                self.set_state(|s| s.last_error = Some(error.to_string()));
+                return self.producer.is_some();
+            }
+        };
+        self.stats.discoveries.fetch_add(1, Relaxed);
+        self.set_state(|s| s.last_error = None);
+        if let Some((_, current)) = &self.producer
+            && current.brokers == discovered.brokers
+        {
+            return true;
+        }
+        let producer = match self.create_producer(&discovered) {
+            Ok(producer) => Arc::new(producer),
+            Err(error) => {
+                error!(%error, brokers = ?discovered.brokers, "Could not create the Kafka producer; check the librdkafka options.");
+                self.set_state(|s| s.last_error = Some(error.to_string()));
+                return self.producer.is_some();
+            }
+        };
+        info!(brokers = ?discovered.brokers, method = %discovered.method, "Using Kafka brokers.");
+        self.set_state(|s| {
+            s.current = Some(discovered.clone());
+            s.all_brokers_down = false;
+        });
+        self.topics.clear();
+        if let Some((old, old_brokers)) = self.producer.replace((producer, discovered)) {
+            self.stats.producer_switches.fetch_add(1, Relaxed);
+            info!(old = ?old_brokers.brokers, "Kafka brokers changed: moving queued messages to the new brokers.");
+            // Give the old brokers a moment, then purge what is left; the
+            // purged messages come back as retries for the new producer.
+            tokio::task::spawn_blocking(move || {
+                let _ = old.flush(Duration::from_secs(2));
+                old.purge(PurgeConfig::default().queue().inflight());
+                let _ = old.flush(Duration::from_secs(1));
+            });
+        }
+        true
+    }
+
+    /// Makes sure `topic` exists, creating it through the admin API where
+    /// the broker does not auto-create. Returns false to try again later.
+    async fn ensure_topic(&mut self, topic: &Arc<str>) -> bool {
+        match self.topics.get(topic) {
+            Some(TopicState::Ready) => return true,
+            Some(TopicState::RetryAt(at)) if Instant::now() < *at => return false,
+            _ => {}
+        }
+        let Some((producer, discovered)) = &self.producer else {
+            return false;
+        };
+        let producer = producer.clone();
+        let name = topic.to_string();
+        let lookup = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&name), Duration::from_secs(5))
+                .map(|metadata| {
+                    metadata.topics().iter().any(|t| {
+                        t.name() == name && t.error().is_none() && !t.partitions().is_empty()
+                    })
+                })
+        })
+        .await;
+        let exists = match lookup {
+            Ok(Ok(exists)) => exists,
+            Ok(Err(error)) => {
+                warn!(%topic, %error, "Could not read Kafka metadata for a topic; will retry.");
+                self.topics.insert(
+                    topic.clone(),
+                    TopicState::RetryAt(Instant::now() + Duration::from_secs(2)),
+                );
+                return false;
+            }
+            Err(_) => false,
+        };
+        if exists {
+            self.topics.insert(topic.clone(), TopicState::Ready);
+            return true;
+        }
+        let admin: Result<AdminClient<DefaultClientContext>, _> =
+            self.client_config(&discovered.brokers).create();
+        let created = match admin {
+            Ok(admin) => {
+                let new_topic = NewTopic::new(
+                    topic,
+                    self.settings.topic_partitions,
+                    TopicReplication::Fixed(self.settings.topic_replication),
+                );
+                let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+                match admin.create_topics(&[new_topic], &options).await {
+                    Ok(results) => match results.into_iter().next() {
+                        Some(Ok(_)) | Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => {
+                            Ok(())
+                        }
+                        Some(Err((_, code))) => Err(code.to_string()),
+                        None => Err("no result".into()),
+                    },
+                    Err(error) => Err(error.to_string()),
+                }
+            }
+            Err(error) => Err(error.to_string()),
+        };
+        match created {
+            Ok(()) => {
+                info!(%topic, partitions = self.settings.topic_partitions, replication = self.settings.topic_replication,
+                    "Created Kafka topic.");
+                self.topics.insert(topic.clone(), TopicState::Ready);
+                true
+            }
+            Err(error) => {
+                error!(%topic, %error, "Kafka topic does not exist and could not be created; its data is held and creation retried.");
+                self.topics.insert(
+                    topic.clone(),
+                    TopicState::RetryAt(Instant::now() + Duration::from_secs(5)),
+                );
+                false
+            }
+        }
+    }
+
+    /// Produces from the outbox until it is empty or librdkafka is full.
+    /// Returns false when it stopped on a full queue or a missing topic.
+    async fn produce_outbox(&mut self) -> bool {
+        while let Some(message) = self.outbox.pop_front() {
+            if !self.ensure_topic(&message.topic).await {
+                self.outbox.push_front(message);
+                return false;
+            }
+            let Some((producer, _)) = &self.producer else {
+                self.outbox.push_front(message);
+                return false;
+            };
+            let meta = Box::new(Meta {
+                topic: message.topic.clone(),
+                key: message.key.clone(),
+                records: message.records,
+                datapoints: message.datapoints,
+                created: message.created,
+                attempts: message.attempts,
+            });
+            let mut record =
+                BaseRecord::with_opaque_to(&message.topic, meta).payload(&message.payload);
+            if let Some(key) = &message.key {
+                record = record.key(key.as_bytes());
+            }
+            match producer.send(record) {
+                Ok(()) => {
+                    self.stats.messages_produced.fetch_add(1, Relaxed);
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    self.stats.kafka_queue_full_waits.fetch_add(1, Relaxed);
+                    self.outbox.push_front(message);
+                    return false;
+                }
+                Err((error, _)) => {
+                    let code = error
+                        .rdkafka_error_code()
+                        .unwrap_or(RDKafkaErrorCode::Unknown);
+                    if is_permanent(code) {
+                        self.stats.count_drop(
+                            DropReason::KafkaRejected,
+                            u64::from(message.records),
+                            message.datapoints,
+                        );
+                        error!(topic = %message.topic, bytes = message.payload.len(), %error,
+                            "Kafka refused a message; its datapoints are dropped.");
+                    } else {
+                        warn!(topic = %message.topic, %error, "Could not produce a Kafka message; will retry.");
+                        self.topics.remove(&message.topic);
+                        self.outbox.push_front(message);
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    fn batch(&mut self, chunk: crate::buffer::Chunk) {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for item in chunk.items {
+            if let Err(too_large) = self.batcher.add(item, now, &mut out) {
+                self.stats
+                    .count_drop(DropReason::TooLarge, 1, u64::from(too_large.datapoints));
+                error!(topic = %too_large.topic, bytes = too_large.size, limit = too_large.limit,
+                    "Dropped a record too large for a Kafka message.");
+            }
+        }
+        self.outbox.extend(out);
+    }
+
+    /// Runs until the buffer is closed and drained, then delivers what it
+    /// can within the shutdown grace and counts the rest as dropped.
+    pub async fn run(mut self) {
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        let mut rediscover = tokio::time::interval(self.settings.rediscover);
+        rediscover.tick().await;
+        let mut next_discovery = Instant::now();
+        let mut last_down_rediscovery = Instant::now() - Duration::from_secs(60);
+        let mut input_done = false;
+        let mut deadline: Option<Instant> = None;
+        loop {
+            if self.producer.is_none() && Instant::now() >= next_discovery {
+                if self.refresh_producer().await {
+                    backoff.reset();
+                } else {
+                    next_discovery = Instant::now() + backoff.next_delay();
+                }
+            }
+            while let Ok(message) = self.retry_rx.try_recv() {
+                self.outbox.push_front(message);
+            }
+            let flowing = self.producer.is_some() && self.produce_outbox().await;
+            if input_done && flowing && self.outbox.is_empty() {
+                break;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+            let batch_deadline = self.batcher.next_deadline();
+            let wait_for_room = !self.outbox.is_empty();
+            tokio::select! {
+                chunk = self.buffer.pop(), if !wait_for_room && !input_done => match chunk {
+                    Some(chunk) => self.batch(chunk),
+                    None => {
+                        input_done = true;
+                        deadline = Some(Instant::now() + self.settings.shutdown_grace);
+                        let mut out = Vec::new();
+                        self.batcher.flush_all(&mut out);
+                        self.outbox.extend(out);
+                    }
+                },
+                _ = tokio::time::sleep_until(batch_deadline.unwrap_or_else(Instant::now)), if batch_deadline.is_some() => {
+                    let mut out = Vec::new();
+                    self.batcher.flush_due(Instant::now(), &mut out);
+                    self.outbox.extend(out);
+                }
+                Some(message) = self.retry_rx.recv() => self.outbox.push_back(message),
+                _ = self.room.notified(), if wait_for_room => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)), if wait_for_room => {}
+                _ = tokio::time::sleep_until(next_discovery), if self.producer.is_none() => {}
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
+                _ = rediscover.tick(), if !matches!(self.settings.source, BrokerSource::Static(_)) => {
+                    self.refresh_producer().await;
+                }
+                _ = self.brokers_down.notified() => {
+                    let now = Instant::now();
+                    if !matches!(self.settings.source, BrokerSource::Static(_))
+                        && now.duration_since(last_down_rediscovery) >= Duration::from_secs(5)
+                    {
+                        last_down_rediscovery = now;
+                        self.refresh_producer().await;
+                    }
+                }
+            }
+        }
+        let deadline = deadline.unwrap_or_else(|| Instant::now() + self.settings.shutdown_grace);
+        self.finish(deadline).await;
+    }
+
+    /// Flushes the producer until `deadline`, then counts whatever is left
+    /// anywhere as dropped for shutdown, so the identity holds exactly.
+    async fn finish(mut self, deadline: Instant) {
+        if let Some((producer, _)) = self.producer.take() {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let flushed = tokio::task::spawn_blocking(move || {
+                let result = producer.flush(remaining);
+                if result.is_err() {
+                    producer.context().final_purge.store(true, Relaxed);
+                    producer.purge(PurgeConfig::default().queue().inflight());
+                    let _ = producer.flush(Duration::from_secs(2));
+                }
+                drop(producer);
+                result
+            })
+            .await;
+            if !matches!(flushed, Ok(Ok(()))) {
+                warn!(
+                    "Shutdown grace ran out with Kafka messages undelivered; they are counted as dropped."
+                );
+            }
+        }
+        // Whatever a delivery callback sent back, and whatever never got out.
+        self.retry_rx.close();
+        while let Ok(message) = self.retry_rx.try_recv() {
+            self.outbox.push_back(message);
+        }
+        let mut out = Vec::new();
+        self.batcher.flush_all(&mut out);
+        self.outbox.extend(out);
+        for message in self.outbox.drain(..) {
+            self.stats.count_drop(
+                DropReason::Shutdown,
+                u64::from(message.records),
+                message.datapoints,
+            );
+        }
+        while let Some(chunk) = self.buffer.try_pop() {
+            self.stats.count_drop(
+                DropReason::Shutdown,
+                chunk.items.len() as u64,
+                chunk.datapoints(),
+            );
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Every counter the collector keeps, named after the event it counts.
+//!
+//! The accounting identity, exact once the queues are drained and after
+//! shutdown, in datapoints and in records alike:
+//!
+//! ```text
+//! received = delivered + Σ dropped[reason] + in_flight
+//! ```
+//!
+//! where `in_flight` is what sits in the buffer, in topic batches, or in the
+//! producer's queue, and is 0 after shutdown.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+
+/// Why datapoints were dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    /// Over the per-connection or global input rate limit.
+    RateLimited,
+    /// Evicted by the `drop_oldest` policy of a full buffer.
+    BufferFull,
+    /// A single record larger than a Kafka message may be.
+    TooLarge,
+    /// Kafka refused the message with a permanent error.
+    KafkaRejected,
+    /// Still queued when the shutdown grace ran out.
+    Shutdown,
+}
+
+impl DropReason {
+    /// Every reason, in a fixed order.
+    pub const ALL: [DropReason; 5] = [
+        DropReason::RateLimited,
+        DropReason::BufferFull,
+        DropReason::TooLarge,
+        DropReason::KafkaRejected,
+        DropReason::Shutdown,
+    ];
+
+    /// The label used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::RateLimited => "rate_limited",
+            DropReason::BufferFull => "buffer_full",
+            DropReason::TooLarge => "too_large",
+            DropReason::KafkaRejected => "kafka_rejected",
+            DropReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// A records-and-datapoints pair of counters.
+#[derive(Debug, Default)]
+pub struct Amount {
+    /// MetricLists.
+    pub records: AtomicU64,
+    /// Datapoints across them.
+    pub datapoints: AtomicU64,
+}
+
+impl Amount {
+    /// Adds to both.
+    pub fn add(&self, records: u64, datapoints: u64) {
+        self.records.fetch_add(records, Relaxed);
+        self.datapoints.fetch_add(datapoints, Relaxed);
+    }
+
+    fn get(&self) -> Counts {
+        Counts {
+            records: self.records.load(Relaxed),
+            datapoints: self.datapoints.load(Relaxed),
+        }
+    }
+}
+
+/// Every counter. Shared as `Arc<Stats>`; all updates are relaxed atomics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Input connections accepted.
+    pub connections_accepted: AtomicU64,
+    /// Input connections refused at the connection limit.
+    pub connections_refused: AtomicU64,
+    /// Input connections open now.
+    pub connections_open: AtomicI64,
+    /// Input connections closed for a malformed stream.
+    pub connections_malformed: AtomicU64,
+    /// Input connections closed after the idle timeout.
+    pub connections_idle_closed: AtomicU64,
+    /// Bytes read from input connections.
+    pub bytes_received: AtomicU64,
+    /// OCF blocks decoded.
+    pub blocks_received: AtomicU64,
+    /// Decoded input, before any drop.
+    pub received: Amount,
+    /// Acknowledged by Kafka (or taken by the null sink).
+    pub delivered: Amount,
+    /// Dropped, by reason (indexed like [`DropReason::ALL`]).
+    pub dropped: [Amount; 5],
+    /// Records whose topic had to be sanitized.
+    pub topics_sanitized: AtomicU64,
+    /// Bytes in the buffer now.
+    pub buffer_bytes: AtomicI64,
+    /// Highest `buffer_bytes` seen.
+    pub buffer_bytes_max: AtomicI64,
+    /// Times an input waited for room in a full buffer (`block` policy).
+    pub buffer_full_waits: AtomicU64,
+    /// Kafka messages produced (each one OCF file).
+    pub messages_produced: AtomicU64,
+    /// Kafka messages acknowledged.
+    pub messages_delivered: AtomicU64,
+    /// Kafka messages re-sent after a timeout, purge or broker switch.
+    pub messages_retried: AtomicU64,
+    /// Times the sink waited on a full librdkafka queue.
+    pub kafka_queue_full_waits: AtomicU64,
+    /// Broker discoveries that succeeded.
+    pub discoveries: AtomicU64,
+    /// Broker discoveries that failed.
+    pub discovery_failures: AtomicU64,
+    /// Times the producer was switched to a new broker set.
+    pub producer_switches: AtomicU64,
+}
+
+/// A read-out of a records-and-datapoints pair.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// MetricLists.
+    pub records: u64,
+    /// Datapoints.
+    pub datapoints: u64,
+}
+
+/// A consistent-enough read-out of the accounting counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Accounting {
+    /// Decoded input.
+    pub received: Counts,
+    /// Delivered.
+    pub delivered: Counts,
+    /// Dropped, by reason.
+    pub dropped: Vec<(DropReason, Counts)>,
+}
+
+impl Accounting {
+    /// Total dropped over every reason.
+    pub fn dropped_total(&self) -> Counts {
+        self.dropped
+            .iter()
+            .fold(Counts::default(), |a, (_, c)| Counts {
+                records: a.records + c.records,
+                datapoints: a.datapoints + c.datapoints,
+            })
+    }
+
+    /// Dropped for one reason.
+    pub fn dropped_for(&self, reason: DropReason) -> Counts {
+        self.dropped
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map(|(_, c)| *c)
+            .unwrap_or_default()
+    }
+
+    /// received − delivered − dropped: what is still queued.
+    pub fn in_flight(&self) -> Counts {
+        let dropped = self.dropped_total();
+        Counts {
+            records: self
+                .received
+                .records
+                .saturating_sub(self.delivered.records + dropped.records),
+            datapoints: self
+                .received
+                .datapoints
+                .saturating_sub(self.delivered.datapoints + dropped.datapoints),
+        }
+    }
+
+    /// Whether everything received is delivered or counted as dropped.
+    pub fn balanced(&self) -> bool {
+        let dropped = self.dropped_total();
+        self.received.records == self.delivered.records + dropped.records
+            && self.received.datapoints == self.delivered.datapoints + dropped.datapoints
+    }
+}
+
+impl Stats {
+    /// Counts a drop.
+    pub fn count_drop(&self, reason: DropReason, records: u64, datapoints: u64) {
+        self.dropped[reason as usize].add(records, datapoints);
+    }
+
+    /// Reads the accounting counters.
+    pub fn accounting(&self) -> Accounting {
+        Accounting {
+            received: self.received.get(),
+            delivered: self.delivered.get(),
+            dropped: DropReason::ALL
+                .iter()
+                .map(|r| (*r, self.dropped[*r as usize].get()))
+                .collect(),
+        }
+    }
+
+    /// Adjusts the buffer gauge and its high-water mark.
+    pub fn buffer_bytes_add(&self, delta: i64) {
+        let now = self.buffer_bytes.fetch_add(delta, Relaxed) + delta;
+        self.buffer_bytes_max.fetch_max(now, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_reasons_index_their_counters() {
+        for (i, reason) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i);
+        }
+        let stats = Stats::default();
+        stats.received.add(3, 30);
+        stats.delivered.add(1, 10);
+        stats.count_drop(DropReason::TooLarge, 1, 10);
+        let acc = stats.accounting();
+        assert!(!acc.balanced());
+        assert_eq!(
+            acc.in_flight(),
+            Counts {
+                records: 1,
+                datapoints: 10
+            }
+        );
+        stats.count_drop(DropReason::Shutdown, 1, 10);
+        assert!(stats.accounting().balanced());
+        assert_eq!(
+            stats
+                .accounting()
+                .dropped_for(DropReason::Shutdown)
+                .datapoints,
+            10
+        );
+    }
+}

@@ -1,0 +1,185 @@
+//! Broker discovery through the Kafka scheduler (wiremock): faults, and a
+//! broker set that moves.
+
+use std::time::Duration;
+
+use e2e::{assert_balanced, assert_eventually, consume_all, spawn_collector, test_config};
+use rdkafka::mocking::MockCluster;
+use serde_json::json;
+use simulator::producer::producer;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+fn framework_config(scheduler: &str) -> collector::config::Config {
+    let mut config = test_config("unused");
+    config.kafka_brokers = Vec::new();
+    config.kafka_framework = "kafka".into();
+    config.kafka_scheduler_url = Some(scheduler.into());
+    config
+}
+
+/// The scheduler fails (500), then answers without `dns` (the original
+/// panicked there), and the collector uses `address`, with data held and
+/// then delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduler_faults_then_address_fallback() {
+    let kafka = MockCluster::new(3).unwrap();
+    let scheduler = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/v1/connection"))
+        .respond_with(ResponseTemplate::new(500))
+        .up_to_n_times(2)
+        .expect(2)
+        .mount(&scheduler)
+        .await;
+    let brokers: Vec<String> = kafka
+        .bootstrap_servers()
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    Mock::given(method("GET"))
+        .and(path("/v1/connection"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"address": brokers, "zookeeper": "zk:2181/kafka"})),
+        )
+        .mount(&scheduler)
+        .await;
+    let collector = spawn_collector(framework_config(&scheduler.uri())).await;
+    let report = producer(collector.addr, "p")
+        .blocks(20)
+        .run()
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == report.datapoints,
+        "delivered after discovery"
+    );
+    {
+        let state = collector.brokers.lock().unwrap();
+        let current = state.current.as_ref().unwrap();
+        assert!(current.method.contains("\"address\""), "{}", current.method);
+    }
+    assert!(
+        collector
+            .stats
+            .discovery_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+    assert_balanced(&collector.shutdown().await);
+}
+
+/// An unreachable scheduler: nothing is lost while it is down; data waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_scheduler_holds_data_and_counts_it_at_shutdown() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let mut config = framework_config(&url);
+    config.shutdown_grace_secs = 1;
+    let collector = spawn_collector(config).await;
+    let report = producer(collector.addr, "p").blocks(5).run().await.unwrap();
+    assert_eventually!(
+        collector.accounting().received.datapoints == report.datapoints,
+        "read"
+    );
+    assert_eventually!(
+        collector
+            .brokers
+            .lock()
+            .unwrap()
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("unreachable")),
+        "the failure is visible"
+    );
+    let accounting = collector.shutdown().await;
+    assert_balanced(&accounting);
+    assert_eq!(
+        accounting
+            .dropped_for(collector::stats::DropReason::Shutdown)
+            .datapoints,
+        report.datapoints
+    );
+}
+
+/// The scheduler moves the brokers to another cluster: the collector
+/// rediscovers, switches producers, and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_set_change_is_followed_without_loss() {
+    let old = MockCluster::new(1).unwrap();
+    let new = MockCluster::new(1).unwrap();
+    let scheduler = MockServer::start().await;
+    let answer = |cluster: &MockCluster<'_, _>| {
+        let dns: Vec<String> = cluster
+            .bootstrap_servers()
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        ResponseTemplate::new(200).set_body_json(json!({"dns": dns}))
+    };
+    Mock::given(method("GET"))
+        .and(path("/v1/connection"))
+        .respond_with(answer(&old))
+        .mount(&scheduler)
+        .await;
+    let collector = spawn_collector(framework_config(&scheduler.uri())).await;
+    let first = producer(collector.addr, "before")
+        .blocks(20)
+        .run()
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == first.datapoints,
+        "delivered to the old brokers"
+    );
+
+    scheduler.reset().await;
+    Mock::given(method("GET"))
+        .and(path("/v1/connection"))
+        .respond_with(answer(&new))
+        .mount(&scheduler)
+        .await;
+    let new_bootstrap = new.bootstrap_servers();
+    assert_eventually!(
+        collector
+            .brokers
+            .lock()
+            .unwrap()
+            .current
+            .as_ref()
+            .is_some_and(|c| c.brokers.join(",") == new_bootstrap),
+        "switched to the new brokers"
+    );
+    let second = producer(collector.addr, "after")
+        .blocks(20)
+        .interval(Duration::from_millis(1))
+        .run()
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == first.datapoints + second.datapoints,
+        "all delivered: {:?}",
+        collector.accounting()
+    );
+    assert_balanced(&collector.shutdown().await);
+    let (old_bootstrap, new_bootstrap) = (old.bootstrap_servers(), new.bootstrap_servers());
+    let (on_old, on_new) = tokio::task::spawn_blocking(move || {
+        (
+            consume_all(&old_bootstrap, "metrics-"),
+            consume_all(&new_bootstrap, "metrics-"),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        on_old.datapoints() + on_new.datapoints(),
+        first.datapoints + second.datapoints
+    );
+    assert_eq!(
+        on_new.sequences().0["after"].len(),
+        100,
+        "data after the switch lands on the new brokers"
+    );
+}

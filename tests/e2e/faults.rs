@@ -1,0 +1,408 @@
+//! Faults: malformed inputs, broker outages, request errors, latency,
+//! oversized records, and shutdown with brokers down.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use collector::config::FullPolicy;
+use collector::stats::DropReason;
+use e2e::{assert_balanced, assert_eventually, consume_all, spawn_collector, test_config};
+use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use simulator::producer::{Malformed, producer};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_connections_do_not_disturb_good_ones() {
+    let kafka = MockCluster::new(3).unwrap();
+    let collector = spawn_collector(test_config(&kafka.bootstrap_servers())).await;
+    let mut good = Vec::new();
+    for i in 0..3 {
+        good.push(tokio::spawn(
+            producer(collector.addr, format!("good{i}"))
+                .blocks(30)
+                .interval(Duration::from_millis(2))
+                .run(),
+        ));
+    }
+    for (i, mode) in [
+        Malformed::Garbage,
+        Malformed::TruncatedBlock,
+        Malformed::BadSync,
+        Malformed::HugeBlock,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        producer(collector.addr, format!("bad{i}"))
+            .malformed(mode)
+            .run()
+            .await
+            .unwrap();
+    }
+    let mut sent = 0;
+    for task in good {
+        sent += task.await.unwrap().unwrap().datapoints;
+    }
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == sent,
+        "good data delivered: {:?}",
+        collector.accounting()
+    );
+    assert_eventually!(
+        collector.stats.connections_malformed.load(Relaxed) == 4,
+        "4 malformed connections counted"
+    );
+    let accounting = collector.shutdown().await;
+    assert_balanced(&accounting);
+    // The one bad connection with a valid first block (BadSync) delivered nothing.
+    assert_eq!(accounting.received.datapoints, sent);
+    let bootstrap = kafka.bootstrap_servers();
+    let collected = tokio::task::spawn_blocking(move || consume_all(&bootstrap, "metrics-"))
+        .await
+        .unwrap();
+    let (sequences, duplicates) = collected.sequences();
+    assert_eq!(duplicates, 0);
+    assert_eq!(
+        sequences.keys().cloned().collect::<Vec<_>>(),
+        vec!["good0", "good1", "good2"]
+    );
+    assert!(sequences.values().all(|s| s.len() == 150));
+}
+
+/// All brokers down; the `block` policy holds the buffer bound and stops
+/// reading inputs; brokers back up: every datapoint arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brokers_down_then_up_block_policy_loses_nothing() {
+    let kafka = MockCluster::new(3).unwrap();
+    let mut config = test_config(&kafka.bootstrap_servers());
+    config.buffer_max_bytes = 1024 * 1024;
+    config.kafka_max_message_bytes = 64 * 1024;
+    config.kafka_queue_max_kbytes = 256;
+    config.buffer_full_policy = FullPolicy::Block;
+    let collector = spawn_collector(config).await;
+    // Warm up so that topics exist and the producer is connected.
+    let warm = producer(collector.addr, "warm")
+        .blocks(2)
+        .run()
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == warm.datapoints,
+        "warm-up delivered"
+    );
+
+    for broker in 1..=3 {
+        kafka.broker_down(broker).unwrap();
+    }
+    let load = tokio::spawn(
+        producer(collector.addr, "load")
+            .blocks(600)
+            .shape(10, 20)
+            .run(),
+    );
+    assert_eventually!(
+        collector.stats.buffer_full_waits.load(Relaxed) > 0,
+        "inputs blocked on a full buffer"
+    );
+    assert!(
+        !load.is_finished(),
+        "the producer is held back by TCP backpressure"
+    );
+    let bound = 1024 * 1024 + 64 * 1024;
+    assert!(
+        collector.stats.buffer_bytes_max.load(Relaxed) as usize <= bound,
+        "buffer bound holds"
+    );
+    for broker in 1..=3 {
+        kafka.broker_up(broker).unwrap();
+    }
+    let sent = load.await.unwrap().unwrap().datapoints + warm.datapoints;
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == sent,
+        "all delivered: {:?}",
+        collector.accounting()
+    );
+    assert!(
+        collector.stats.buffer_bytes_max.load(Relaxed) as usize <= bound,
+        "buffer bound held throughout"
+    );
+    let accounting = collector.shutdown().await;
+    assert_balanced(&accounting);
+    assert_eq!(accounting.dropped_total().datapoints, 0);
+    let bootstrap = kafka.bootstrap_servers();
+    let collected = tokio::task::spawn_blocking(move || consume_all(&bootstrap, "metrics-"))
+        .await
+        .unwrap();
+    let (sequences, duplicates) = collected.sequences();
+    assert_eq!(duplicates, 0, "idempotent producer: no duplicates");
+    assert_eq!(sequences["load"].len(), 6000);
+}
+
+/// The `drop_oldest` policy never blocks inputs, and counts what it evicts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brokers_down_drop_oldest_counts_every_drop() {
+    let kafka = MockCluster::new(3).unwrap();
+    let mut config = test_config(&kafka.bootstrap_servers());
+    config.buffer_max_bytes = 256 * 1024;
+    config.kafka_max_message_bytes = 64 * 1024;
+    config.kafka_queue_max_kbytes = 128;
+    config.buffer_full_policy = FullPolicy::DropOldest;
+    let collector = spawn_collector(config).await;
+    let warm = producer(collector.addr, "warm")
+        .blocks(2)
+        .run()
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == warm.datapoints,
+        "warm-up delivered"
+    );
+    for broker in 1..=3 {
+        kafka.broker_down(broker).unwrap();
+    }
+    let load = producer(collector.addr, "load")
+        .blocks(400)
+        .shape(10, 20)
+        .run()
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector.accounting().received.datapoints == warm.datapoints + load.datapoints,
+        "the producer was never blocked and everything was read"
+    );
+    assert_eq!(collector.stats.buffer_full_waits.load(Relaxed), 0);
+    for broker in 1..=3 {
+        kafka.broker_up(broker).unwrap();
+    }
+    assert_eventually!(
+        collector.accounting().in_flight().datapoints == 0,
+        "drained: {:?}",
+        collector.accounting()
+    );
+    let accounting = collector.shutdown().await;
+    assert_balanced(&accounting);
+    let dropped = accounting.dropped_for(DropReason::BufferFull).datapoints;
+    assert!(dropped > 0, "the outage overflowed the buffer");
+    let bootstrap = kafka.bootstrap_servers();
+    let collected = tokio::task::spawn_blocking(move || consume_all(&bootstrap, "metrics-"))
+        .await
+        .unwrap();
+    assert_eq!(collected.datapoints(), accounting.delivered.datapoints);
+    assert_eq!(
+        collected.datapoints() + dropped,
+        warm.datapoints + load.datapoints
+    );
+    let (_, duplicates) = collected.sequences();
+    assert_eq!(duplicates, 0);
+}
+
+/// One broker of three goes down under load with acks=all and idempotence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_broker_down_under_load_no_loss_no_duplicates() {
+    let kafka = MockCluster::new(3).unwrap();
+    let collector = spawn_collector(test_config(&kafka.bootstrap_servers())).await;
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        tasks.push(tokio::spawn(
+            producer(collector.addr, format!("p{i}"))
+                .blocks(300)
+                .shape(5, 10)
+                .interval(Duration::from_millis(3))
+                .run(),
+        ));
+    }
+    assert_eventually!(
+        collector.accounting().delivered.datapoints > 2_000,
+        "load is flowing"
+    );
+    kafka.broker_down(2).unwrap();
+    assert_eventually!(
+        collector.accounting().delivered.datapoints > 20_000,
+        "load flows with a broker down"
+    );
+    kafka.broker_up(2).unwrap();
+    let mut sent = 0;
+    for task in tasks {
+        sent += task.await.unwrap().unwrap().datapoints;
+    }
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == sent,
+        "all delivered: {:?}",
+        collector.accounting()
+    );
+    assert_balanced(&collector.shutdown().await);
+    let bootstrap = kafka.bootstrap_servers();
+    let collected = tokio::task::spawn_blocking(move || consume_all(&bootstrap, "metrics-"))
+        .await
+        .unwrap();
+    let (sequences, duplicates) = collected.sequences();
+    assert_eq!(duplicates, 0);
+    assert!(
+        sequences.values().all(|s| s.len() == 1500),
+        "{:?}",
+        sequences.values().map(|s| s.len()).collect::<Vec<_>>()
+    );
+}
+
+/// Retriable produce errors and added broker latency, injected in the mock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_errors_and_latency_lose_nothing() {
+    let kafka = MockCluster::new(3).unwrap();
+    for broker in 1..=3 {
+        kafka
+            .broker_round_trip_time(broker, Duration::from_millis(50))
+            .unwrap();
+    }
+    let collector = spawn_collector(test_config(&kafka.bootstrap_servers())).await;
+    let warm = producer(collector.addr, "warm")
+        .blocks(1)
+        .run()
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == warm.datapoints,
+        "warm-up delivered"
+    );
+    kafka.request_errors(
+        RDKafkaApiKey::Produce,
+        &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+        ],
+    );
+    let report = producer(collector.addr, "load")
+        .blocks(100)
+        .interval(Duration::from_millis(2))
+        .run()
+        .await
+        .unwrap();
+    let sent = report.datapoints + warm.datapoints;
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == sent,
+        "all delivered: {:?}",
+        collector.accounting()
+    );
+    assert_balanced(&collector.shutdown().await);
+    let bootstrap = kafka.bootstrap_servers();
+    let collected = tokio::task::spawn_blocking(move || consume_all(&bootstrap, "metrics-"))
+        .await
+        .unwrap();
+    let (sequences, duplicates) = collected.sequences();
+    assert_eq!(duplicates, 0);
+    assert_eq!(sequences["load"].len(), 500);
+}
+
+/// A record too large for any Kafka message is dropped and counted, never
+/// retried; the others flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_too_large_is_dropped_and_counted() {
+    let kafka = MockCluster::new(1).unwrap();
+    let mut config = test_config(&kafka.bootstrap_servers());
+    config.kafka_max_message_bytes = 8 * 1024;
+    let collector = spawn_collector(config).await;
+    let small = producer(collector.addr, "small")
+        .blocks(20)
+        .shape(5, 10)
+        .run()
+        .await
+        .unwrap();
+    let big = producer(collector.addr, "big")
+        .blocks(2)
+        .shape(1, 1000)
+        .run()
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector.accounting().in_flight().datapoints == 0
+            && collector.accounting().received.datapoints == small.datapoints + big.datapoints,
+        "drained: {:?}",
+        collector.accounting()
+    );
+    let accounting = collector.shutdown().await;
+    assert_balanced(&accounting);
+    assert_eq!(
+        accounting.dropped_for(DropReason::TooLarge),
+        collector::stats::Counts {
+            records: 2,
+            datapoints: 2000
+        }
+    );
+    assert_eq!(accounting.delivered.datapoints, small.datapoints);
+    let bootstrap = kafka.bootstrap_servers();
+    let collected = tokio::task::spawn_blocking(move || consume_all(&bootstrap, "metrics-"))
+        .await
+        .unwrap();
+    assert!(
+        collected
+            .messages
+            .iter()
+            .all(|(_, payload)| payload.len() <= 8 * 1024)
+    );
+    assert_eq!(collected.datapoints(), small.datapoints);
+}
+
+/// Shutdown with every broker down: the grace runs out and everything still
+/// queued is counted as dropped for shutdown. Nothing is silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_with_brokers_down_counts_the_rest() {
+    let kafka = MockCluster::new(1).unwrap();
+    let mut config = test_config(&kafka.bootstrap_servers());
+    config.shutdown_grace_secs = 1;
+    let collector = spawn_collector(config).await;
+    let warm = producer(collector.addr, "warm")
+        .blocks(1)
+        .run()
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == warm.datapoints,
+        "warm-up delivered"
+    );
+    kafka.broker_down(1).unwrap();
+    let load = producer(collector.addr, "load")
+        .blocks(50)
+        .run()
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector.accounting().received.datapoints == warm.datapoints + load.datapoints,
+        "everything read"
+    );
+    let accounting = collector.shutdown().await;
+    assert_balanced(&accounting);
+    assert_eq!(accounting.in_flight().datapoints, 0);
+    assert_eq!(
+        accounting.delivered.datapoints + accounting.dropped_for(DropReason::Shutdown).datapoints,
+        warm.datapoints + load.datapoints
+    );
+    assert!(accounting.dropped_for(DropReason::Shutdown).datapoints > 0);
+}
+
+/// Rate limits drop and count, as in the original.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_rate_limit_drops_and_counts() {
+    let kafka = MockCluster::new(1).unwrap();
+    let mut config = test_config(&kafka.bootstrap_servers());
+    config.input_limit_amount_kbytes = 16;
+    config.input_limit_period = 3600;
+    let collector = spawn_collector(config).await;
+    let report = producer(collector.addr, "p")
+        .blocks(50)
+        .run()
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector.accounting().received.datapoints == report.datapoints
+            && collector.accounting().in_flight().datapoints == 0,
+        "drained: {:?}",
+        collector.accounting()
+    );
+    let accounting = collector.shutdown().await;
+    assert_balanced(&accounting);
+    let limited = accounting.dropped_for(DropReason::RateLimited).datapoints;
+    assert!(limited > 0 && limited < report.datapoints, "{accounting:?}");
+    assert_eq!(accounting.delivered.datapoints + limited, report.datapoints);
+}

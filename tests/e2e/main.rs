@@ -1,0 +1,8 @@
+//! In-process end-to-end tests: the real collector against the simulator's
+//! producers and librdkafka's mock cluster (3 brokers). No Docker.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod discovery;
+mod faults;
+mod ingest_to_kafka;
