@@ -96,7 +96,7 @@ async fn brokers_down_then_up_block_policy_loses_nothing() {
     }
     let load = tokio::spawn(
         producer(collector.addr, "load")
-            .blocks(600)
+            .blocks(1200)
             .shape(10, 20)
             .run(),
     );
@@ -104,9 +104,25 @@ async fn brokers_down_then_up_block_policy_loses_nothing() {
         collector.stats.buffer_full_waits.load(Relaxed) > 0,
         "inputs blocked on a full buffer"
     );
+    // The input stops being read (TCP backpressure): the byte count stays
+    // put for half a second while the brokers are still down.
+    let mut last = (
+        collector.stats.bytes_received.load(Relaxed),
+        std::time::Instant::now(),
+    );
+    assert_eventually!(
+        {
+            let now = collector.stats.bytes_received.load(Relaxed);
+            if now != last.0 {
+                last = (now, std::time::Instant::now());
+            }
+            last.1.elapsed() >= Duration::from_millis(500)
+        },
+        "the collector stops reading its input while the buffer is full"
+    );
     assert!(
-        !load.is_finished(),
-        "the producer is held back by TCP backpressure"
+        collector.accounting().received.datapoints < warm.datapoints + 1200 * 200,
+        "not everything was read while the brokers were down"
     );
     let bound = 1024 * 1024 + 64 * 1024;
     assert!(
@@ -135,7 +151,7 @@ async fn brokers_down_then_up_block_policy_loses_nothing() {
         .unwrap();
     let (sequences, duplicates) = collected.sequences();
     assert_eq!(duplicates, 0, "idempotent producer: no duplicates");
-    assert_eq!(sequences["load"].len(), 6000);
+    assert_eq!(sequences["load"].len(), 12000);
 }
 
 /// The `drop_oldest` policy never blocks inputs, and counts what it evicts.
@@ -253,7 +269,17 @@ async fn request_errors_and_latency_lose_nothing() {
             .broker_round_trip_time(broker, Duration::from_millis(50))
             .unwrap();
     }
-    let collector = spawn_collector(test_config(&kafka.bootstrap_servers())).await;
+    // The mock checks idempotent sequence numbers only for transactional
+    // producers (rdkafka_mock.c, rd_kafka_mock_pid_check). With several
+    // requests in flight it acks request N+1 after failing request N, where a
+    // real broker answers OutOfOrderSequence; librdkafka then takes the ack of
+    // N+1 as proof that N was persisted and never resends it. One request in
+    // flight keeps this test about the collector, not the mock's gap.
+    let mut config = test_config(&kafka.bootstrap_servers());
+    config
+        .librdkafka
+        .insert("max.in.flight.requests.per.connection".into(), "1".into());
+    let collector = spawn_collector(config).await;
     let warm = producer(collector.addr, "warm")
         .blocks(1)
         .run()
@@ -269,7 +295,6 @@ async fn request_errors_and_latency_lose_nothing() {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS_AFTER_APPEND,
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
         ],
     );
@@ -280,6 +305,7 @@ async fn request_errors_and_latency_lose_nothing() {
         .await
         .unwrap();
     let sent = report.datapoints + warm.datapoints;
+    let stats = collector.stats.clone();
     assert_eventually!(
         collector.accounting().delivered.datapoints == sent,
         "all delivered: {:?}",
@@ -292,7 +318,15 @@ async fn request_errors_and_latency_lose_nothing() {
         .unwrap();
     let (sequences, duplicates) = collected.sequences();
     assert_eq!(duplicates, 0);
-    assert_eq!(sequences["load"].len(), 500);
+    let missing: Vec<u64> = (0..500)
+        .filter(|s| !sequences["load"].contains(s))
+        .collect();
+    assert!(missing.is_empty(), "missing sequence numbers: {missing:?}");
+    assert_eq!(
+        collected.messages.len() as u64,
+        stats.messages_delivered.load(Relaxed),
+        "Kafka holds exactly the messages delivery reports acknowledged"
+    );
 }
 
 /// A record too large for any Kafka message is dropped and counted, never
