@@ -287,9 +287,15 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::new("config", format!("{}: {e}", path.display())))?;
         toml::from_str(&text).map_err(|e| {
+            // Name the key on the offending line, whether the span covers the
+            // key (unknown key) or the value (bad value).
             let field = e
                 .span()
-                .map(|s| text[s].trim().to_owned())
+                .map(|span| {
+                    let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+                    let line = text[line_start..].lines().next().unwrap_or_default();
+                    line.split('=').next().unwrap_or(line).trim().to_owned()
+                })
                 .unwrap_or_else(|| "config".into());
             ConfigError::new(&field, format!("{}: {}", path.display(), e.message()))
         })
@@ -544,6 +550,13 @@ mod tests {
         std::fs::write(&file, "kafka_topic_prefixx = \"a\"\n").unwrap();
         let err = Config::from_file(&file).unwrap_err();
         assert_eq!(err.field, "kafka_topic_prefixx", "{err}");
+        std::fs::write(
+            &file,
+            "kafka_topic_prefix = \"ok\"\nbuffer_full_policy = \"sometimes\"\n",
+        )
+        .unwrap();
+        let err = Config::from_file(&file).unwrap_err();
+        assert_eq!(err.field, "buffer_full_policy", "{err}");
     }
 
     #[test]

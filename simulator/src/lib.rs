@@ -3,9 +3,11 @@
 //!
 //! # Layout
 //!
+//! - [`dns`]: Mesos-DNS (SRV and A records) on hickory's server crate.
 //! - [`producer`]: TCP producers that emulate the mesos-agent module (its
 //!   exact header, fixed sync, null codec) and "other processes" (random
 //!   sync, deflate or snappy), plus malformed modes. Every MetricList carries
 //!   a producer id and a sequence number so a verifier can account for it.
 
+pub mod dns;
 pub mod producer;

@@ -183,3 +183,83 @@ async fn broker_set_change_is_followed_without_loss() {
         "data after the switch lands on the new brokers"
     );
 }
+
+/// The original's whole lookup, against the simulator's Mesos-DNS: SRV
+/// `_kafka._tcp.marathon.mesos`, then `GET http://kafka.mesos:PORT/v1/connection`
+/// (resolved through the same DNS), then the `broker-N.kafka.mesos` names.
+/// The framework is missing from DNS at first: the collector retries until
+/// it appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_srv_then_scheduler_then_broker_names() {
+    use std::net::Ipv4Addr;
+    use wiremock::matchers::header;
+
+    let kafka = MockCluster::new(3).unwrap();
+    let ports: Vec<String> = kafka
+        .bootstrap_servers()
+        .split(',')
+        .map(|b| b.rsplit_once(':').unwrap().1.to_owned())
+        .collect();
+    let dns_names: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| format!("broker-{i}.kafka.mesos:{port}"))
+        .collect();
+    let scheduler = MockServer::start().await;
+    let scheduler_port = scheduler.address().port();
+    Mock::given(method("GET"))
+        .and(path("/v1/connection"))
+        .and(header(
+            "host",
+            format!("kafka.mesos:{scheduler_port}").as_str(),
+        ))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"dns": dns_names, "address": []})),
+        )
+        .mount(&scheduler)
+        .await;
+    let dns = simulator::dns::mesos_dns(Ipv4Addr::LOCALHOST)
+        .await
+        .unwrap();
+    dns.set_brokers("kafka", &[Ipv4Addr::LOCALHOST; 3]);
+
+    let mut config = test_config("unused");
+    config.kafka_brokers = Vec::new();
+    config.kafka_framework = "kafka".into();
+    config.dns_server = Some(dns.addr);
+    let collector = spawn_collector(config).await;
+    let report = producer(collector.addr, "p")
+        .blocks(10)
+        .run()
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector
+            .brokers
+            .lock()
+            .unwrap()
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("_kafka._tcp.marathon.mesos")),
+        "the missing SRV record is reported"
+    );
+    assert_eq!(collector.accounting().delivered.datapoints, 0);
+
+    dns.set_scheduler("kafka", Ipv4Addr::LOCALHOST, scheduler_port);
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == report.datapoints,
+        "delivered after the SRV record appears"
+    );
+    {
+        let state = collector.brokers.lock().unwrap();
+        let current = state.current.as_ref().unwrap();
+        assert!(current.method.contains("key \"dns\""), "{}", current.method);
+        let mut brokers = current.brokers.clone();
+        brokers.sort();
+        let mut expected: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        expected.sort();
+        assert_eq!(brokers, expected, "broker names resolved through Mesos-DNS");
+    }
+    assert_balanced(&collector.shutdown().await);
+    dns.stop();
+}

@@ -1,0 +1,185 @@
+//! The `collector` binary as an operator runs it.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn collector() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_collector"));
+    // Start from a clean environment so the host's variables can't leak in.
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    command
+}
+
+fn fixture(path: &str) -> Vec<u8> {
+    std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fixtures")
+            .join(path),
+    )
+    .unwrap()
+}
+
+#[test]
+fn validate_accepts_a_good_config_and_names_the_bad_field() {
+    let ok = collector()
+        .args(["validate", "--kafka-brokers", "b:9092"])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let bad = collector()
+        .args(["validate", "--kafka-produce-count", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("kafka_produce_count"));
+
+    // The original's env names, and its misspelt LISTEN_ENDPONT.
+    let env = collector()
+        .args(["validate"])
+        .env("KAFKA_SINGLE_TOPIC", "not a topic")
+        .output()
+        .unwrap();
+    assert_eq!(env.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&env.stderr).contains("kafka_single_topic"));
+    let typo = collector()
+        .args(["validate"])
+        .env("LISTEN_ENDPONT", "127.0.0.1:9001")
+        .output()
+        .unwrap();
+    assert!(typo.status.success());
+    assert!(String::from_utf8_lossy(&typo.stdout).contains("127.0.0.1:9001"));
+
+    let dir = std::env::temp_dir().join(format!("collector-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "buffer_full_policy = \"sometimes\"\n").unwrap();
+    let from_file = collector()
+        .args(["validate", "--config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(from_file.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&from_file.stderr).contains("buffer_full_policy"),
+        "{}",
+        String::from_utf8_lossy(&from_file.stderr)
+    );
+}
+
+#[test]
+fn decode_prints_json_lines_and_fails_with_the_offset() {
+    let out = collector()
+        .args(["decode", "../fixtures/wire/seed-snappy.avro"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let expected = String::from_utf8(fixture("wire/seed.expected.jsonl")).unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().lines().count(),
+        expected.lines().count()
+    );
+
+    let mut corrupt = fixture("wire/module-stream.avro");
+    let at = corrupt.len() - 20;
+    corrupt.truncate(at);
+    let mut child = collector()
+        .arg("decode")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&corrupt).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(65));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("at byte offset"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.stdout.is_empty(),
+        "what came before the corruption is printed"
+    );
+}
+
+#[test]
+fn sigterm_drains_and_logs_the_final_count() {
+    let mut child = collector()
+        .args([
+            "--listen-endpoint",
+            "127.0.0.1:0",
+            "--kafka",
+            "false",
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr = loop {
+        assert!(Instant::now() < deadline, "no start-up line");
+        let line = lines.next().unwrap().unwrap();
+        if line.contains("Collector started") {
+            let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+            break value["input"].as_str().unwrap().to_owned();
+        }
+    };
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream
+        .write_all(&fixture("wire/module-stream.avro"))
+        .unwrap();
+    drop(stream);
+    let expected: usize = String::from_utf8(fixture("wire/current.expected.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<schema::MetricList>(l)
+                .unwrap()
+                .datapoints
+                .len()
+        })
+        .sum();
+    // The collector has read the whole stream once it logs the close.
+    assert!(
+        lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.contains("Input connection closed"))
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let stopped = lines
+        .map_while(Result::ok)
+        .find(|l| l.contains("Collector stopped"))
+        .expect("a final line");
+    let value: serde_json::Value = serde_json::from_str(&stopped).unwrap();
+    assert_eq!(
+        value["received"].as_u64(),
+        Some(expected as u64),
+        "{stopped}"
+    );
+    assert_eq!(
+        value["delivered"].as_u64(),
+        Some(expected as u64),
+        "{stopped}"
+    );
+    assert_eq!(value["dropped"].as_u64(), Some(0));
+    assert!(child.wait().unwrap().success(), "exit 0 after SIGTERM");
+}
