@@ -25,6 +25,10 @@ use crate::buffer::{Buffer, Chunk};
 use crate::route::{Router, Routing};
 use crate::stats::{DropReason, Stats};
 
+/// Smallest and largest read per syscall on an input connection.
+const MIN_READ: usize = 4 * 1024;
+const MAX_READ: usize = 256 * 1024;
+
 /// Input rate limits, changeable at runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimits {
@@ -180,15 +184,17 @@ async fn connection(
     stats.connections_open.fetch_add(1, Relaxed);
     debug!(%peer, "Input connection opened.");
     let mut decoder = StreamDecoder::new(shared.decode_limits);
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    // Start small (a thousand idle module connections must stay cheap) and
+    // grow the read size only while reads keep filling it.
+    let mut buf = BytesMut::with_capacity(MIN_READ);
+    let mut read_size = MIN_READ;
     let mut router = Router::default();
     let mut window = Window::new();
     let mut drain_until: Option<Instant> = None;
     let mut throttled_logged = false;
     let end = loop {
-        if buf.capacity() - buf.len() < 16 * 1024 {
-            buf.reserve(64 * 1024);
-        }
+        buf.reserve(read_size);
+        let room = buf.capacity() - buf.len();
         let idle = async {
             match shared.idle_timeout {
                 Some(timeout) => tokio::time::sleep(timeout).await,
@@ -223,6 +229,11 @@ async fn connection(
             },
             Ok(n) => {
                 stats.bytes_received.fetch_add(n as u64, Relaxed);
+                read_size = if n >= room {
+                    (read_size * 2).min(MAX_READ)
+                } else {
+                    MIN_READ.max(read_size / 2)
+                };
             }
             Err(error) => break End::Io(error),
         }
@@ -247,6 +258,14 @@ async fn connection(
         }
         if malformed {
             break End::Malformed;
+        }
+        // A connection that has slowed down gives its big buffer back, so
+        // that a thousand module connections cost kilobytes each, not 256 KiB.
+        // (A saturated connection rarely drains to exactly empty, so this
+        // costs it nothing.)
+        if buf.is_empty() && buf.capacity() > 4 * MIN_READ {
+            buf = BytesMut::with_capacity(MIN_READ);
+            read_size = MIN_READ;
         }
         if drain_until.is_some() && buf.is_empty() {
             break End::Drained;

@@ -181,6 +181,7 @@ impl App {
             received = accounting.received.datapoints,
             delivered = accounting.delivered.datapoints,
             dropped = dropped.datapoints,
+            buffer_high_water_bytes = stats.buffer_bytes_max.load(std::sync::atomic::Ordering::Relaxed),
             dropped_by_reason = %accounting
                 .dropped
                 .iter()

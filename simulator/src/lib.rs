@@ -9,5 +9,7 @@
 //!   sync, deflate or snappy), plus malformed modes. Every MetricList carries
 //!   a producer id and a sequence number so a verifier can account for it.
 
+pub mod bench;
 pub mod dns;
+pub mod process;
 pub mod producer;
