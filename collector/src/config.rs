@@ -107,6 +107,25 @@ pub struct Config {
     /// How long shutdown may take to deliver what is queued, in seconds.
     pub shutdown_grace_secs: u64,
 
+    /// Poll the Mesos agent for enrichment and its own metrics (the
+    /// original's `-agent-polling`).
+    pub agent_polling: bool,
+    /// The agent's base URL; when unset, `agent_ip_command` finds its IP.
+    pub agent_url: Option<String>,
+    /// Command printing the agent's IP (the original's `-agent-ip-command`).
+    pub agent_ip_command: String,
+    /// Agent port, with `agent_ip_command`.
+    pub agent_port: u16,
+    /// Agent poll period, seconds.
+    pub agent_poll_period: u64,
+    /// Agent request timeout, seconds.
+    pub agent_timeout_secs: u64,
+    /// Topic of the agent's `/metrics/snapshot` data.
+    pub agent_metrics_topic: String,
+    /// Sent to the agent as `Authorization: token=<x>`. Secret: redacted in
+    /// every output.
+    pub auth_credential: Option<String>,
+
     /// Log filter, e.g. `info` or `collector=debug`.
     pub log_level: String,
     /// Log format.
@@ -147,6 +166,14 @@ impl Default for Config {
             buffer_max_bytes: 64 * 1024 * 1024,
             buffer_full_policy: FullPolicy::Block,
             shutdown_grace_secs: 30,
+            agent_polling: true,
+            agent_url: None,
+            agent_ip_command: "/opt/mesosphere/bin/detect_ip".into(),
+            agent_port: 5051,
+            agent_poll_period: 15,
+            agent_timeout_secs: 5,
+            agent_metrics_topic: "agent".into(),
+            auth_credential: None,
             log_level: "info".into(),
             log_format: LogFormat::Text,
         }
@@ -271,6 +298,18 @@ impl Config {
                 "must be at least kafka_max_message_bytes",
             ));
         }
+        if self.agent_polling {
+            positive("agent_poll_period", self.agent_poll_period)?;
+            positive("agent_timeout_secs", self.agent_timeout_secs)?;
+            if let Some(url) = &self.agent_url
+                && reqwest::Url::parse(url).is_err()
+            {
+                return Err(ConfigError::new(
+                    "agent_url",
+                    format!("{url:?} is not a URL"),
+                ));
+            }
+        }
         if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return Err(ConfigError::new("log_level", error.to_string()));
         }
@@ -280,6 +319,21 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The configuration with every secret replaced by `<redacted>`, for
+    /// output.
+    pub fn redacted(&self) -> Self {
+        let mut config = self.clone();
+        if config.auth_credential.is_some() {
+            config.auth_credential = Some("<redacted>".into());
+        }
+        for (key, value) in &mut config.librdkafka {
+            if key.contains("password") || key.contains("secret") || key.contains("token") {
+                *value = "<redacted>".into();
+            }
+        }
+        config
     }
 
     /// Reads a TOML file.
@@ -408,6 +462,30 @@ pub struct ConfigArgs {
     /// Shutdown grace, seconds [default: 30].
     #[arg(long, env = "SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
+    /// Poll the Mesos agent [default: true].
+    #[arg(long, env = "AGENT_POLLING", action = ArgAction::Set)]
+    pub agent_polling: Option<bool>,
+    /// Agent base URL (instead of agent_ip_command + agent_port).
+    #[arg(long, env = "AGENT_URL")]
+    pub agent_url: Option<String>,
+    /// Command printing the agent IP [default: /opt/mesosphere/bin/detect_ip].
+    #[arg(long, env = "AGENT_IP_COMMAND")]
+    pub agent_ip_command: Option<String>,
+    /// Agent port [default: 5051].
+    #[arg(long, env = "AGENT_PORT")]
+    pub agent_port: Option<u16>,
+    /// Agent poll period, seconds [default: 15].
+    #[arg(long, env = "AGENT_POLL_PERIOD")]
+    pub agent_poll_period: Option<u64>,
+    /// Agent request timeout, seconds [default: 5].
+    #[arg(long, env = "AGENT_TIMEOUT_SECS")]
+    pub agent_timeout_secs: Option<u64>,
+    /// Topic for the agent's /metrics/snapshot [default: agent].
+    #[arg(long, env = "AGENT_METRICS_TOPIC")]
+    pub agent_metrics_topic: Option<String>,
+    /// Agent credential, sent as `Authorization: token=<x>` (secret).
+    #[arg(long, env = "AUTH_CREDENTIAL", hide_env_values = true)]
+    pub auth_credential: Option<String>,
     /// Log filter [default: info].
     #[arg(long, env = "LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -454,6 +532,12 @@ impl ConfigArgs {
         if let Some(tag) = args.kafka_partition_key_tag.take() {
             config.kafka_partition_key_tag = (!tag.is_empty()).then_some(tag);
         }
+        if let Some(url) = args.agent_url.take() {
+            config.agent_url = (!url.is_empty()).then_some(url);
+        }
+        if let Some(credential) = args.auth_credential.take() {
+            config.auth_credential = (!credential.is_empty()).then_some(credential);
+        }
         if let Some(server) = args.dns_server.take() {
             config.dns_server = Some(server);
         }
@@ -491,6 +575,12 @@ impl ConfigArgs {
             buffer_max_bytes,
             buffer_full_policy,
             shutdown_grace_secs,
+            agent_polling,
+            agent_ip_command,
+            agent_port,
+            agent_poll_period,
+            agent_timeout_secs,
+            agent_metrics_topic,
             log_level,
             log_format,
         );
@@ -581,6 +671,24 @@ mod tests {
             cli.args.load(no_env).unwrap_err().field,
             "kafka_produce_count"
         );
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let cli = Cli::parse_from([
+            "x",
+            "--auth-credential",
+            "s3cret",
+            "--librdkafka",
+            "sasl.password=pw",
+        ]);
+        let config = cli.args.load(no_env).unwrap();
+        let shown = toml::to_string(&config.redacted()).unwrap();
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("pw\""),
+            "{shown}"
+        );
+        assert_eq!(config.auth_credential.as_deref(), Some("s3cret"));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use schema::{Block, StreamDecoder, Tag};
+use schema::{Block, StreamDecoder};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::buffer::{Buffer, Chunk};
+use crate::mesos::poller::Enrichment;
 use crate::route::{Router, Routing};
 use crate::stats::{DropReason, Stats};
 
@@ -80,8 +81,10 @@ pub struct Shared {
     pub buffer: Arc<Buffer>,
     /// Routing settings in force.
     pub routing: watch::Receiver<Arc<Routing>>,
-    /// Tags learnt from the agent (agent_id, ...), added when absent.
-    pub enrichment: watch::Receiver<Arc<Vec<Tag>>>,
+    /// What the agent's `/state` says, for tags added when absent.
+    pub enrichment: watch::Receiver<Arc<Enrichment>>,
+    /// Told when a record names a framework id `/state` doesn't know.
+    pub refresh: Arc<tokio::sync::Notify>,
     /// Rate limits in force.
     pub rate_limits: watch::Receiver<RateLimits>,
     /// Decoder limits.
@@ -101,7 +104,8 @@ impl Shared {
         stats: Arc<Stats>,
         buffer: Arc<Buffer>,
         routing: watch::Receiver<Arc<Routing>>,
-        enrichment: watch::Receiver<Arc<Vec<Tag>>>,
+        enrichment: watch::Receiver<Arc<Enrichment>>,
+        refresh: Arc<tokio::sync::Notify>,
         rate_limits: watch::Receiver<RateLimits>,
         decode_limits: schema::Limits,
         idle_timeout: Option<Duration>,
@@ -111,6 +115,7 @@ impl Shared {
             buffer,
             routing,
             enrichment,
+            refresh,
             rate_limits,
             decode_limits,
             idle_timeout,
@@ -323,9 +328,13 @@ async fn handle_block(
         return false;
     }
     let routing = shared.routing.borrow().clone();
-    let extra = shared.enrichment.borrow().clone();
+    let enrichment = shared.enrichment.borrow().clone();
     let mut items = Vec::with_capacity(block.records.len());
     for record in block.records {
+        let (extra, unknown_framework) = enrichment.tags_for(&record);
+        if unknown_framework {
+            shared.refresh.notify_one();
+        }
         let (routed, sanitized) = router.route(&routing, &extra, record);
         if sanitized {
             stats.topics_sanitized.fetch_add(1, Relaxed);

@@ -12,7 +12,10 @@
 //! - [`buffer`]: the bounded buffer between inputs and sink, with its full policy.
 //! - [`sink`]: the Kafka sink (batching, producing, delivery accounting) and the null sink.
 //! - [`discovery`]: broker discovery through Mesos-DNS and the Kafka scheduler.
+//! - [`mesos`]: the agent client, the JSON-to-MetricList mapping, and the
+//!   agent poller with its enrichment tags.
 //! - [`stats`]: every counter, and the accounting identity.
+//! - [`sample`]: the sample-producer (`sample-producer` binary).
 //! - [`decode`]: the `collector decode` tool.
 //!
 //! # Lifecycle
@@ -28,7 +31,9 @@ pub mod config;
 pub mod decode;
 pub mod discovery;
 pub mod ingest;
+pub mod mesos;
 pub mod route;
+pub mod sample;
 pub mod sink;
 pub mod stats;
 pub mod telemetry;
@@ -48,6 +53,7 @@ use crate::buffer::Buffer;
 use crate::config::Config;
 use crate::discovery::BrokerSource;
 use crate::ingest::RateLimits;
+use crate::mesos::poller::{AgentAddress, Enrichment, Poller, PollerSettings, PollerStats};
 use crate::route::Routing;
 use crate::sink::batch::Thresholds;
 use crate::sink::kafka::{BrokerState, KafkaSettings, KafkaSink};
@@ -77,7 +83,7 @@ pub struct App {
     ingest_addr: SocketAddr,
     broker_state: Arc<Mutex<BrokerState>>,
     routing: watch::Sender<Arc<Routing>>,
-    enrichment: watch::Sender<Arc<Vec<schema::Tag>>>,
+    enrichment: watch::Sender<Arc<Enrichment>>,
     rate_limits: watch::Sender<RateLimits>,
 }
 
@@ -102,7 +108,11 @@ impl App {
             ingest_addr,
             broker_state: Arc::default(),
             routing: watch::Sender::new(Arc::new(Routing::from_config(&config))),
-            enrichment: watch::Sender::new(Arc::new(Vec::new())),
+            enrichment: watch::Sender::new(Arc::new(if config.agent_polling {
+                Enrichment::pending()
+            } else {
+                Enrichment::default()
+            })),
             rate_limits: watch::Sender::new(rate_limits),
             config,
         })
@@ -133,11 +143,13 @@ impl App {
             config.buffer_full_policy,
             stats.clone(),
         ));
+        let refresh = Arc::new(tokio::sync::Notify::new());
         let shared = Arc::new(ingest::Shared::new(
             stats.clone(),
             buffer.clone(),
             self.routing.subscribe(),
             self.enrichment.subscribe(),
+            refresh.clone(),
             self.rate_limits.subscribe(),
             schema::Limits {
                 max_block_bytes: config.max_block_bytes,
@@ -154,6 +166,18 @@ impl App {
             stop_accepting.clone(),
             connections.clone(),
         ));
+        let poller = config.agent_polling.then(|| {
+            let poller = Poller {
+                settings: poller_settings(config),
+                stats: stats.clone(),
+                poller_stats: Arc::new(PollerStats::default()),
+                enrichment: self.enrichment.clone(),
+                refresh,
+                buffer: buffer.clone(),
+                routing: self.routing.subscribe(),
+            };
+            tokio::spawn(poller.run(stop_accepting.clone()))
+        });
         let sink = if config.kafka {
             let sink = KafkaSink::new(
                 kafka_settings(config),
@@ -171,6 +195,9 @@ impl App {
         info!("Shutting down: no longer accepting input.");
         stop_accepting.cancel();
         let _ = accept.await;
+        if let Some(poller) = poller {
+            let _ = poller.await;
+        }
         connections.close();
         connections.wait().await;
         buffer.close();
@@ -192,6 +219,23 @@ impl App {
             "Collector stopped: datapoints received, delivered and dropped."
         );
         accounting
+    }
+}
+
+fn poller_settings(config: &Config) -> PollerSettings {
+    PollerSettings {
+        agent: match &config.agent_url {
+            Some(url) => AgentAddress::Url(url.clone()),
+            None => AgentAddress::IpCommand {
+                command: config.agent_ip_command.clone(),
+                port: config.agent_port,
+            },
+        },
+        auth: config.auth_credential.clone(),
+        timeout: Duration::from_secs(config.agent_timeout_secs),
+        period: Duration::from_secs(config.agent_poll_period),
+        snapshot_topic: config.agent_metrics_topic.clone(),
+        metrics: true,
     }
 }
 

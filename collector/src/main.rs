@@ -64,7 +64,10 @@ fn main() -> ExitCode {
         Some(Command::Validate { config }) => match config.load(legacy_env) {
             Ok(config) => {
                 println!("configuration is valid");
-                println!("{}", toml::to_string(&config).unwrap_or_default());
+                println!(
+                    "{}",
+                    toml::to_string(&config.redacted()).unwrap_or_default()
+                );
                 ExitCode::SUCCESS
             }
             Err(error) => {

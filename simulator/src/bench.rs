@@ -269,7 +269,7 @@ fn sample_latency(bootstrap: String, topic: String, stop: Arc<AtomicBool>) -> La
             continue;
         };
         seen += 1;
-        if seen % 8 != 0 {
+        if !seen.is_multiple_of(8) {
             continue;
         }
         let now = now_ms();

@@ -9,7 +9,9 @@
 //!   sync, deflate or snappy), plus malformed modes. Every MetricList carries
 //!   a producer id and a sequence number so a verifier can account for it.
 
+pub mod agent;
 pub mod bench;
 pub mod dns;
 pub mod process;
 pub mod producer;
+pub mod scheduler;

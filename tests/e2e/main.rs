@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod agent;
 mod discovery;
 mod faults;
 mod ingest_to_kafka;

@@ -81,6 +81,7 @@ pub fn test_config(brokers: &str) -> Config {
         kafka_produce_period_ms: 50,
         shutdown_grace_secs: 10,
         kafka_rediscover_secs: 1,
+        agent_polling: false,
         ..Config::default()
     }
 }

@@ -205,6 +205,29 @@ impl ProducerContext for Context {
 
 type KafkaProducer = ThreadedProducer<Context>;
 
+/// Creates `topic` through the admin API; an existing topic is success.
+pub async fn create_topic(
+    config: &ClientConfig,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+) -> Result<(), String> {
+    let admin: AdminClient<DefaultClientContext> = config.create().map_err(|e| e.to_string())?;
+    let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    match admin
+        .create_topics(&[new_topic], &options)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .next()
+    {
+        Some(Ok(_)) | Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(()),
+        Some(Err((_, code))) => Err(code.to_string()),
+        None => Err("no result".into()),
+    }
+}
+
 /// The Kafka sink task's state.
 pub struct KafkaSink {
     settings: KafkaSettings,
@@ -396,29 +419,13 @@ impl KafkaSink {
             self.topics.insert(topic.clone(), TopicState::Ready);
             return true;
         }
-        let admin: Result<AdminClient<DefaultClientContext>, _> =
-            self.client_config(&discovered.brokers).create();
-        let created = match admin {
-            Ok(admin) => {
-                let new_topic = NewTopic::new(
-                    topic,
-                    self.settings.topic_partitions,
-                    TopicReplication::Fixed(self.settings.topic_replication),
-                );
-                let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-                match admin.create_topics(&[new_topic], &options).await {
-                    Ok(results) => match results.into_iter().next() {
-                        Some(Ok(_)) | Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => {
-                            Ok(())
-                        }
-                        Some(Err((_, code))) => Err(code.to_string()),
-                        None => Err("no result".into()),
-                    },
-                    Err(error) => Err(error.to_string()),
-                }
-            }
-            Err(error) => Err(error.to_string()),
-        };
+        let created = create_topic(
+            &self.client_config(&discovered.brokers),
+            topic,
+            self.settings.topic_partitions,
+            self.settings.topic_replication,
+        )
+        .await;
         match created {
             Ok(()) => {
                 info!(%topic, partitions = self.settings.topic_partitions, replication = self.settings.topic_replication,

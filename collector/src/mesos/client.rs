@@ -1,0 +1,254 @@
+//! HTTP client for the agent's endpoints on port 5051: `/monitor/statistics.json`
+//! (falling back to `/monitor/statistics`), `/containers`, `/state` and
+//! `/metrics/snapshot`. Bodies are parsed tolerantly: a bare `NaN` or
+//! `Infinity` (which some encoders write) doesn't fail the whole body.
+//! Every failure is a typed error naming the URL; nothing here panics.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Why an agent request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The agent URL is not a URL.
+    #[error("invalid agent URL {0:?}")]
+    BadUrl(String),
+    /// Connecting or reading failed.
+    #[error("agent {url} unreachable: {reason}")]
+    Unreachable {
+        /// The URL.
+        url: String,
+        /// The transport error.
+        reason: String,
+    },
+    /// No answer within the timeout.
+    #[error("agent {url} did not answer within {timeout:?}")]
+    Timeout {
+        /// The URL.
+        url: String,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// HTTP 401: the credential is missing or wrong.
+    #[error("agent {url} refused the request: 401 Unauthorized (check the auth credential)")]
+    Unauthorized {
+        /// The URL.
+        url: String,
+    },
+    /// Another error status.
+    #[error("agent {url} answered HTTP {status}")]
+    Status {
+        /// The URL.
+        url: String,
+        /// The status.
+        status: u16,
+    },
+    /// The body is not the JSON expected.
+    #[error("agent {url} answered malformed JSON: {reason}")]
+    Malformed {
+        /// The URL.
+        url: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+impl AgentError {
+    /// A short label for counters.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AgentError::BadUrl(_) => "bad_url",
+            AgentError::Unreachable { .. } => "unreachable",
+            AgentError::Timeout { .. } => "timeout",
+            AgentError::Unauthorized { .. } => "unauthorized",
+            AgentError::Status { .. } => "status",
+            AgentError::Malformed { .. } => "malformed",
+        }
+    }
+}
+
+/// The User-Agent of every request.
+pub const USER_AGENT: &str = concat!("metrics-collector/", env!("CARGO_PKG_VERSION"));
+
+/// A client for one agent.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    http: reqwest::Client,
+    base: String,
+    auth: Option<String>,
+    timeout: Duration,
+}
+
+/// Rewrites bare `NaN`, `Infinity` and `-Infinity` tokens (outside strings)
+/// as the strings `"NaN"`, `"Infinity"` and `"-Infinity"`, which the mapping
+/// reads back as doubles. Everything else is left as it is.
+pub fn tolerate_non_finite(body: &str) -> std::borrow::Cow<'_, str> {
+    if !body.contains("NaN") && !body.contains("Infinity") {
+        return std::borrow::Cow::Borrowed(body);
+    }
+    let mut out = String::with_capacity(body.len() + 16);
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = body;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        }
+        let token = ["-Infinity", "Infinity", "NaN"]
+            .into_iter()
+            .find(|t| rest.starts_with(t));
+        match token {
+            Some(token) => {
+                out.push('"');
+                out.push_str(token);
+                out.push('"');
+                rest = &rest[token.len()..];
+            }
+            None => {
+                out.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Parses an agent body tolerantly.
+pub fn parse_body(url: &str, body: &str) -> Result<Value, AgentError> {
+    serde_json::from_str(&tolerate_non_finite(body)).map_err(|e| AgentError::Malformed {
+        url: url.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+impl AgentClient {
+    /// A client for `base_url` (e.g. `http://10.0.0.5:5051`). `auth` is sent
+    /// as `Authorization: token=<auth>`, like the original's `-auth-credential`.
+    pub fn new(
+        base_url: &str,
+        auth: Option<String>,
+        timeout: Duration,
+    ) -> Result<Self, AgentError> {
+        let base = base_url.trim_end_matches('/').to_owned();
+        if reqwest::Url::parse(&base).is_err() {
+            return Err(AgentError::BadUrl(base_url.to_owned()));
+        }
+        let http = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .timeout(timeout)
+            .build()
+            .map_err(|e| AgentError::Unreachable {
+                url: base.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            http,
+            base,
+            auth,
+            timeout,
+        })
+    }
+
+    /// The agent's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn get(&self, path: &str) -> Result<(u16, String), AgentError> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.http.get(&url);
+        if let Some(token) = &self.auth {
+            request = request.header(reqwest::header::AUTHORIZATION, format!("token={token}"));
+        }
+        let failed = |e: reqwest::Error| {
+            if e.is_timeout() {
+                AgentError::Timeout {
+                    url: url.clone(),
+                    timeout: self.timeout,
+                }
+            } else {
+                AgentError::Unreachable {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                }
+            }
+        };
+        let response = request.send().await.map_err(failed)?;
+        let status = response.status().as_u16();
+        let body = response.text().await.map_err(failed)?;
+        Ok((status, body))
+    }
+
+    async fn get_json(&self, path: &str) -> Result<Value, AgentError> {
+        let url = format!("{}{path}", self.base);
+        let (status, body) = self.get(path).await?;
+        match status {
+            200 => parse_body(&url, &body),
+            401 => Err(AgentError::Unauthorized { url }),
+            status => Err(AgentError::Status { url, status }),
+        }
+    }
+
+    /// `/monitor/statistics.json`, falling back to `/monitor/statistics`
+    /// (the `.json` route is gone from Mesos 1.9).
+    pub async fn statistics(&self) -> Result<Value, AgentError> {
+        match self.get_json("/monitor/statistics.json").await {
+            Err(AgentError::Status { status: 404, .. }) => {
+                self.get_json("/monitor/statistics").await
+            }
+            other => other,
+        }
+    }
+
+    /// `/containers`.
+    pub async fn containers(&self) -> Result<Value, AgentError> {
+        self.get_json("/containers").await
+    }
+
+    /// `/state`.
+    pub async fn state(&self) -> Result<Value, AgentError> {
+        self.get_json("/state").await
+    }
+
+    /// `/metrics/snapshot`.
+    pub async fn snapshot(&self) -> Result<Value, AgentError> {
+        self.get_json("/metrics/snapshot").await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_non_finite_numbers_become_strings_outside_strings_only() {
+        let body =
+            r#"{"a": NaN, "b": [Infinity, -Infinity], "c": "NaN in a string", "d": "x\"NaN"}"#;
+        let value: Value = serde_json::from_str(&tolerate_non_finite(body)).unwrap();
+        assert_eq!(value["a"], "NaN");
+        assert_eq!(value["b"][1], "-Infinity");
+        assert_eq!(value["c"], "NaN in a string");
+        assert_eq!(value["d"], "x\"NaN");
+    }
+
+    #[test]
+    fn bad_urls_are_errors() {
+        assert!(matches!(
+            AgentClient::new("not a url", None, Duration::from_secs(1)),
+            Err(AgentError::BadUrl(_))
+        ));
+    }
+}

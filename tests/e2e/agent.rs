@@ -1,0 +1,251 @@
+//! The agent side against the simulator's agent and the mock cluster: the
+//! sample-producer, and the collector's poller and enrichment.
+
+use std::time::Duration;
+
+use collector::discovery::BrokerSource;
+use collector::mesos::poller::AgentAddress;
+use collector::sample::{SampleConfig, run};
+use e2e::{assert_balanced, assert_eventually, consume_all, spawn_collector, test_config};
+use rdkafka::mocking::MockCluster;
+use serde_json::Value;
+use simulator::agent::{AgentFault, mesos_agent, reference};
+use simulator::producer::producer;
+use tokio_util::sync::CancellationToken;
+
+fn sample_config(agent: String, bootstrap: &str) -> SampleConfig {
+    SampleConfig {
+        brokers: Some(BrokerSource::Static(
+            bootstrap.split(',').map(str::to_owned).collect(),
+        )),
+        topic: "sample_metrics".into(),
+        period: Duration::from_millis(200),
+        agent: AgentAddress::Url(agent),
+        auth: None,
+        agent_timeout: Duration::from_secs(2),
+        file_dir: None,
+        max_pending: 64,
+    }
+}
+
+/// Each poll is one Kafka message whose records are exactly the agent's JSON:
+/// one MetricList per executor, tags = its top-level strings sorted by key,
+/// one datapoint per statistic, at the statistics timestamp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sample_producer_messages_match_the_agent_json_exactly() {
+    let kafka = MockCluster::new(1).unwrap();
+    let agent = mesos_agent().replay(true).run().await.unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(
+        sample_config(agent.url(), &kafka.bootstrap_servers()),
+        shutdown.clone(),
+    ));
+    assert_eventually!(agent.requests() >= 3, "polled a few times");
+    shutdown.cancel();
+    let report = task.await.unwrap();
+    assert!(report.messages_delivered >= 2, "{report:?}");
+    assert_eq!(report.datapoints_dropped, 0);
+
+    let bootstrap = kafka.bootstrap_servers();
+    let collected = tokio::task::spawn_blocking(move || consume_all(&bootstrap, "sample_metrics"))
+        .await
+        .unwrap();
+    assert_eq!(
+        collected.messages.len() as u64,
+        report.messages_delivered,
+        "one message per poll"
+    );
+    let json: Value = serde_json::from_str(reference::STATISTICS).unwrap();
+    let entry = json[0].as_object().unwrap();
+    let statistics = entry["statistics"].as_object().unwrap();
+    for (_, record) in &collected.records {
+        assert_eq!(record.topic, "sample_metrics");
+        let mut expected_tags: Vec<(&str, &str)> = entry
+            .iter()
+            .filter_map(|(k, v)| v.as_str().map(|v| (k.as_str(), v)))
+            .collect();
+        expected_tags.sort();
+        let tags: Vec<(&str, &str)> = record
+            .tags
+            .iter()
+            .map(|t| (t.key.as_str(), t.value.as_str()))
+            .collect();
+        assert_eq!(tags, expected_tags);
+        assert_eq!(record.datapoints.len(), statistics.len() - 1);
+        let time_ms = (statistics["timestamp"].as_f64().unwrap() * 1000.0) as i64;
+        for point in &record.datapoints {
+            assert_eq!(
+                point.value,
+                statistics[&point.name].as_f64().unwrap(),
+                "{}",
+                point.name
+            );
+            assert_eq!(point.time_ms, time_ms);
+        }
+    }
+}
+
+/// No containers: it waits and retries. Brokers down: polls are kept. As
+/// soon as either changes, data flows, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sample_producer_never_gives_up() {
+    let kafka = MockCluster::new(1).unwrap();
+    let agent = mesos_agent().containers(3).run().await.unwrap();
+    agent.set_fault(AgentFault::NoContainers);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(
+        sample_config(agent.url(), &kafka.bootstrap_servers()),
+        shutdown.clone(),
+    ));
+    assert_eventually!(
+        agent.requests() >= 2,
+        "keeps polling an agent with no containers"
+    );
+    agent.set_fault(AgentFault::ServerError);
+    let before = agent.requests();
+    assert_eventually!(
+        agent.requests() >= before + 2,
+        "keeps polling an agent answering 500"
+    );
+    kafka.broker_down(1).unwrap();
+    agent.set_fault(AgentFault::None);
+    let before = agent.requests();
+    assert_eventually!(agent.requests() >= before + 3, "polls while Kafka is down");
+    kafka.broker_up(1).unwrap();
+    let bootstrap = kafka.bootstrap_servers();
+    assert_eventually!(
+        {
+            let bootstrap = bootstrap.clone();
+            tokio::task::spawn_blocking(move || consume_all(&bootstrap, "sample_metrics"))
+                .await
+                .unwrap()
+                .messages
+                .len()
+                >= 3
+        },
+        "the polls made while Kafka was down arrive once it is back"
+    );
+    shutdown.cancel();
+    let report = task.await.unwrap();
+    assert!(
+        report.empty_polls >= 2 && report.failed_polls >= 2,
+        "{report:?}"
+    );
+    let collected = tokio::task::spawn_blocking(move || consume_all(&bootstrap, "sample_metrics"))
+        .await
+        .unwrap();
+    assert_eq!(collected.datapoints(), report.datapoints_delivered);
+    assert!(
+        collected
+            .records
+            .iter()
+            .any(|(_, r)| r.datapoints.iter().any(|d| d.name.starts_with("perf."))),
+        "nested perf flattened"
+    );
+    assert!(collected.records.iter().any(|(_, r)| {
+        r.datapoints
+            .iter()
+            .any(|d| d.name.starts_with("blkio_statistics."))
+    }));
+}
+
+/// The collector polls `/state`, `/containers` and `/metrics/snapshot`: TCP
+/// records get agent_id, framework_name and application_name; container
+/// and agent metrics arrive on their topics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collector_poller_enriches_and_publishes_agent_metrics() {
+    let kafka = MockCluster::new(1).unwrap();
+    let agent = mesos_agent()
+        .containers(4)
+        .frameworks(2)
+        .agent_id("agent-7")
+        .run()
+        .await
+        .unwrap();
+    let mut config = test_config(&kafka.bootstrap_servers());
+    config.agent_polling = true;
+    config.agent_url = Some(agent.url());
+    config.agent_poll_period = 1;
+    let collector = spawn_collector(config).await;
+    // A module record for the first container, tagged as the module tags it.
+    let statistics = agent.statistics_json();
+    let first = &statistics[0];
+    let framework_id = first["framework_id"].as_str().unwrap().to_owned();
+    let executor_id = first["executor_id"].as_str().unwrap().to_owned();
+    assert_eventually!(agent.requests() >= 3, "the poller ran");
+    let mut records = producer(collector.addr, "m")
+        .topic(&framework_id)
+        .block_records(0);
+    for record in &mut records {
+        record
+            .tags
+            .push(schema::Tag::new("executor_id", &executor_id));
+    }
+    let mut bytes = Vec::new();
+    let mut encoder = schema::OcfEncoder::new(schema::Codec::Null);
+    encoder.write_header(&mut bytes);
+    encoder.write_block(&records, &mut bytes);
+    let mut stream = tokio::net::TcpStream::connect(collector.addr)
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, &bytes)
+        .await
+        .unwrap();
+    drop(stream);
+    assert_eventually!(
+        collector.accounting().delivered.datapoints > 0
+            && collector.accounting().in_flight().datapoints == 0,
+        "delivered"
+    );
+    let accounting = collector.shutdown().await;
+    assert_balanced(&accounting);
+
+    let bootstrap = kafka.bootstrap_servers();
+    let collected = tokio::task::spawn_blocking(move || consume_all(&bootstrap, "metrics-"))
+        .await
+        .unwrap();
+    let module: Vec<_> = collected
+        .records
+        .iter()
+        .filter(|(_, r)| r.tag("sim_producer") == Some("m"))
+        .collect();
+    assert_eq!(module.len(), records.len());
+    for (topic, record) in &module {
+        assert_eq!(topic, &format!("metrics-{framework_id}"));
+        assert_eq!(record.tag("agent_id"), Some("agent-7"));
+        assert_eq!(record.tag("framework_name"), Some("marathon"));
+        assert_eq!(record.tag("application_name"), Some("app-0"));
+    }
+    let containers: Vec<_> = collected
+        .records
+        .iter()
+        .filter(|(_, r)| r.tag("container_id").is_some())
+        .collect();
+    assert!(!containers.is_empty(), "/containers metrics arrive");
+    assert!(
+        containers
+            .iter()
+            .all(|(t, r)| t == &format!("metrics-{}", r.tag("framework_id").unwrap()))
+    );
+    assert!(containers.iter().all(|(_, r)| {
+        r.datapoints
+            .iter()
+            .all(|d| d.name.starts_with("dcos.metrics.container."))
+    }));
+    let snapshot: Vec<_> = collected
+        .records
+        .iter()
+        .filter(|(t, _)| t == "metrics-agent")
+        .collect();
+    assert!(
+        !snapshot.is_empty(),
+        "/metrics/snapshot arrives on topic agent"
+    );
+    assert!(
+        snapshot[0]
+            .1
+            .datapoints
+            .iter()
+            .any(|d| d.name == "dcos.metrics.agent.slave.tasks_running")
+    );
+}
