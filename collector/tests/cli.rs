@@ -183,3 +183,21 @@ fn sigterm_drains_and_logs_the_final_count() {
     assert_eq!(value["dropped"].as_u64(), Some(0));
     assert!(child.wait().unwrap().success(), "exit 0 after SIGTERM");
 }
+
+#[test]
+fn deploy_files_pin_one_instance_per_agent_on_port_8124() {
+    for app in ["collector.json", "sample-producer.json"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/marathon")
+            .join(app);
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(json["portDefinitions"][0]["port"], 8124, "{app}");
+        assert_eq!(json["requirePorts"], true, "{app}");
+        assert_eq!(
+            json["constraints"][0],
+            serde_json::json!(["hostname", "UNIQUE"]),
+            "{app}"
+        );
+    }
+}

@@ -15,3 +15,5 @@ pub mod dns;
 pub mod process;
 pub mod producer;
 pub mod scheduler;
+pub mod up;
+pub mod verify;

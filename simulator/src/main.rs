@@ -17,12 +17,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// A whole cluster in one process: DNS, agent, scheduler, broker,
+    /// module producers, collector, sample-producer and verifier.
+    Up(simulator::up::UpOptions),
     /// Load harness: drives the collector binary and measures it.
     Bench(simulator::bench::BenchOptions),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -35,6 +43,18 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Up(options) => {
+                let report = simulator::up::run(options, async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await?;
+                simulator::up::print_report(&report);
+                if report.passed() {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("verification failed"))
+                }
+            }
             Command::Bench(options) => simulator::bench::run(options).await.map(|_| ()),
         }
     });

@@ -6,6 +6,8 @@
 //! find every missing, duplicated or reordered record.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use schema::ocf::MODULE_SYNC;
@@ -59,6 +61,7 @@ pub struct ProducerBuilder {
     datapoints_per_record: usize,
     interval: Option<Duration>,
     malformed: Option<Malformed>,
+    stop: Option<Arc<AtomicBool>>,
 }
 
 /// A producer sending to `addr`.
@@ -75,6 +78,7 @@ pub fn producer(addr: SocketAddr, id: impl Into<String>) -> ProducerBuilder {
         datapoints_per_record: 20,
         interval: None,
         malformed: None,
+        stop: None,
     }
 }
 
@@ -123,6 +127,12 @@ impl ProducerBuilder {
     /// Wait this long between blocks (default: as fast as possible).
     pub fn interval(mut self, interval: Duration) -> Self {
         self.interval = Some(interval);
+        self
+    }
+
+    /// Keep sending (up to `blocks`) until `stop` is set.
+    pub fn until(mut self, stop: Arc<AtomicBool>) -> Self {
+        self.stop = Some(stop);
         self
     }
 
@@ -180,6 +190,13 @@ impl ProducerBuilder {
         }
         let mut seq = 0u64;
         for _ in 0..self.blocks {
+            if self
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Relaxed))
+            {
+                break;
+            }
             let records = self.block_records(seq);
             seq += records.len() as u64;
             encoder.write_block(&records, &mut out);

@@ -7,3 +7,4 @@ mod agent;
 mod discovery;
 mod faults;
 mod ingest_to_kafka;
+mod up;

@@ -1,0 +1,421 @@
+//! `simulator up`: a whole cluster in one process. Mesos-DNS, a Mesos agent,
+//! the Kafka scheduler, the embedded broker (librdkafka's mock cluster),
+//! module producers, the collector and the sample-producer (both as
+//! libraries), and the verifier. It shows live progress, and with a
+//! duration it ends with a verification report and an exit code.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use collector::config::Config;
+use collector::discovery::BrokerSource;
+use collector::mesos::poller::AgentAddress;
+use collector::sample::{SampleConfig, SampleReport};
+use collector::stats::Accounting;
+use rdkafka::mocking::MockCluster;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::mesos_agent;
+use crate::dns::mesos_dns;
+use crate::producer::producer;
+use crate::scheduler::kafka_scheduler;
+use crate::verify::{Percentiles, Seen, Verifier};
+
+/// A fault script to play during the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Every broker down for 20 s (or a third of the run), then back.
+    BrokerOutage,
+    /// The scheduler and Mesos-DNS move the brokers to a new cluster.
+    SchedulerMove,
+}
+
+/// Parses `20s`, `2m`, `500ms` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 20s, 2m or 500ms"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s or m)")),
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpOptions {
+    /// Stop after this long and verify (e.g. 20s); without it, run until Ctrl-C.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Module producers.
+    #[arg(long, default_value_t = 4)]
+    pub producers: usize,
+    /// Containers on the agent.
+    #[arg(long, default_value_t = 6)]
+    pub containers: usize,
+    /// Time between a producer's blocks.
+    #[arg(long, value_parser = parse_duration, default_value = "100ms")]
+    pub interval: Duration,
+    /// Brokers in the embedded cluster.
+    #[arg(long, default_value_t = 3)]
+    pub brokers: i32,
+    /// A fault script to play.
+    #[arg(long, value_enum)]
+    pub scenario: Option<Scenario>,
+    /// No live progress lines.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// The verification report.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpReport {
+    /// Seconds run.
+    pub seconds: f64,
+    /// Datapoints the module producers sent.
+    pub producers_sent: u64,
+    /// Datapoints of those the verifier found in Kafka (distinct records).
+    pub producers_verified: u64,
+    /// Records the verifier saw twice.
+    pub duplicates: u64,
+    /// The collector's final accounting.
+    pub collector: Accounting,
+    /// Times the collector switched to a new broker set.
+    pub producer_switches: u64,
+    /// Datapoints in Kafka's metrics topics (all sources, distinct).
+    pub kafka_metrics_datapoints: u64,
+    /// The sample-producer's report.
+    pub sample_producer: SampleReport,
+    /// Datapoints the verifier saw on the sample topic.
+    pub sample_verified: u64,
+    /// End-to-end latency of the producers' records.
+    pub latency_ms: Percentiles,
+    /// Every failed check, in words; empty when conservation holds.
+    pub failures: Vec<String>,
+}
+
+impl UpReport {
+    /// Whether every check passed.
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+fn addrs(cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>) -> Vec<SocketAddr> {
+    cluster
+        .bootstrap_servers()
+        .split(',')
+        .filter_map(|b| b.parse().ok())
+        .collect()
+}
+
+/// Runs the cluster. `interrupt` ends a run without a duration.
+pub async fn run(
+    options: UpOptions,
+    interrupt: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<UpReport> {
+    let started = Instant::now();
+    let kafka = MockCluster::new(options.brokers).context("starting the embedded broker")?;
+    let dns = mesos_dns(Ipv4Addr::LOCALHOST)
+        .await
+        .context("starting Mesos-DNS")?;
+    let scheduler = kafka_scheduler("kafka", SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
+    scheduler.set_brokers(&addrs(&kafka));
+    dns.set_scheduler("kafka", Ipv4Addr::LOCALHOST, scheduler.addr.port());
+    dns.set_brokers(
+        "kafka",
+        &vec![Ipv4Addr::LOCALHOST; options.brokers as usize],
+    );
+    let agent = mesos_agent()
+        .containers(options.containers)
+        .frameworks(2)
+        .run()
+        .await?;
+
+    let config = Config {
+        listen_endpoint: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        input_limit_amount_kbytes: 0,
+        global_limit_amount_kbytes: 0,
+        kafka_framework: "kafka".into(),
+        dns_server: Some(dns.addr),
+        kafka_rediscover_secs: 2,
+        kafka_produce_period_ms: 200,
+        agent_url: Some(agent.url()),
+        agent_poll_period: 2,
+        shutdown_grace_secs: 20,
+        ..Config::default()
+    };
+    let app = collector::App::bind(config).await?;
+    let (input, stats, brokers) = (app.ingest_addr(), app.stats(), app.broker_state());
+    let stop_collector = CancellationToken::new();
+    let collector_task = tokio::spawn(app.run(stop_collector.clone().cancelled_owned()));
+
+    let stop_sample = CancellationToken::new();
+    let sample_task = tokio::spawn(collector::sample::run(
+        SampleConfig {
+            brokers: Some(BrokerSource::Framework {
+                name: "kafka".into(),
+                scheduler_url: None,
+                dns_server: Some(dns.addr),
+            }),
+            topic: "sample_metrics".into(),
+            period: Duration::from_secs(1),
+            agent: AgentAddress::Url(agent.url()),
+            auth: None,
+            agent_timeout: Duration::from_secs(5),
+            file_dir: None,
+            max_pending: 64,
+        },
+        stop_sample.clone(),
+    ));
+
+    let stop_producers = Arc::new(AtomicBool::new(false));
+    let producer_tasks: Vec<_> = (0..options.producers)
+        .map(|i| {
+            let builder = producer(input, format!("module-{i}"))
+                .topic(format!("5349f49b-68b3-4638-aab2-fc4ec845f993-000{}", i % 2))
+                .blocks(u64::MAX)
+                .shape(5, 20)
+                .interval(options.interval)
+                .until(stop_producers.clone());
+            tokio::spawn(builder.run())
+        })
+        .collect();
+    let mut verifiers = vec![Verifier::start(
+        &kafka.bootstrap_servers(),
+        "metrics-",
+        "sample_metrics",
+    )?];
+    println!(
+        "simulator up: collector input {input}, Mesos-DNS {}, scheduler {}, agent {}, brokers {}",
+        dns.addr,
+        scheduler.url(),
+        agent.url(),
+        kafka.bootstrap_servers()
+    );
+
+    let mut moved: Option<MockCluster<'static, rdkafka::producer::DefaultProducerContext>> = None;
+    let scenario_at = options
+        .duration
+        .map(|d| d / 3)
+        .unwrap_or(Duration::from_secs(20));
+    let outage = options
+        .duration
+        .map(|d| (d / 3).min(Duration::from_secs(20)))
+        .unwrap_or(Duration::from_secs(20));
+    let mut scenario_state = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tokio::pin!(interrupt);
+    loop {
+        tokio::select! {
+            _ = &mut interrupt => break,
+            _ = tick.tick() => {}
+        }
+        let elapsed = started.elapsed();
+        if options.duration.is_some_and(|d| elapsed >= d) {
+            break;
+        }
+        match (options.scenario, scenario_state) {
+            (Some(Scenario::BrokerOutage), 0) if elapsed >= scenario_at => {
+                println!("scenario: every broker down for {outage:?}");
+                for broker in 1..=options.brokers {
+                    kafka.broker_down(broker)?;
+                }
+                scenario_state = 1;
+            }
+            (Some(Scenario::BrokerOutage), 1) if elapsed >= scenario_at + outage => {
+                println!("scenario: brokers back up");
+                for broker in 1..=options.brokers {
+                    kafka.broker_up(broker)?;
+                }
+                scenario_state = 2;
+            }
+            (Some(Scenario::SchedulerMove), 0) if elapsed >= scenario_at => {
+                let cluster = MockCluster::new(options.brokers)?;
+                println!(
+                    "scenario: the scheduler moves the brokers to {}",
+                    cluster.bootstrap_servers()
+                );
+                scheduler.set_brokers(&addrs(&cluster));
+                verifiers.push(Verifier::start(
+                    &cluster.bootstrap_servers(),
+                    "metrics-",
+                    "sample_metrics",
+                )?);
+                moved = Some(cluster);
+                scenario_state = 1;
+            }
+            _ => {}
+        }
+        if !options.quiet {
+            let accounting = stats.accounting();
+            let seen: u64 = verifiers
+                .iter()
+                .map(|v| v.seen().producer_datapoints())
+                .sum();
+            let latency = verifiers[verifiers.len() - 1].seen().latency();
+            let state = brokers.lock().map(|s| s.clone()).unwrap_or_default();
+            println!(
+                "[{:>4}s] received {:>9} dp | delivered {:>9} | in flight {:>7} | dropped {:>5} | verified {:>9} | latency p50 {} ms p99 {} ms | brokers: {}",
+                elapsed.as_secs(),
+                accounting.received.datapoints,
+                accounting.delivered.datapoints,
+                accounting.in_flight().datapoints,
+                accounting.dropped_total().datapoints,
+                seen,
+                latency.p50,
+                latency.p99,
+                match (&state.current, &state.last_error, state.all_brokers_down) {
+                    (_, _, true) => "ALL DOWN".to_owned(),
+                    (Some(current), _, _) =>
+                        format!("{} via {}", current.brokers.len(), current.method),
+                    (None, Some(error), _) => format!("not found: {error}"),
+                    (None, None, _) => "discovering".to_owned(),
+                }
+            );
+        }
+    }
+
+    // Stop the sources, then the collector (which drains), then the verifier.
+    stop_producers.store(true, Relaxed);
+    let mut producers_sent = 0;
+    for task in producer_tasks {
+        producers_sent += task.await?.context("a module producer failed")?.datapoints;
+    }
+    stop_sample.cancel();
+    let sample_report = sample_task.await?;
+    stop_collector.cancel();
+    let accounting = collector_task.await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let total = |verifiers: &[Verifier]| -> Seen {
+        let mut all = Seen::default();
+        for v in verifiers {
+            let seen = v.seen();
+            all.datapoints += seen.datapoints;
+            all.sample_datapoints += seen.sample_datapoints;
+            for (name, account) in seen.producers {
+                let entry = all.producers.entry(name).or_default();
+                entry.records += account.records;
+                entry.datapoints += account.datapoints;
+                entry.duplicates += account.duplicates;
+            }
+        }
+        all
+    };
+    while Instant::now() < deadline {
+        let seen = total(&verifiers);
+        if seen.datapoints - seen.sample_datapoints >= accounting.delivered.datapoints
+            && seen.sample_datapoints >= sample_report.datapoints_delivered
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let latency = verifiers[0].seen().latency();
+    let seen = total(&verifiers);
+    for verifier in verifiers {
+        verifier.stop();
+    }
+    drop(moved);
+
+    let producers_verified = seen.producer_datapoints();
+    let duplicates: u64 = seen.producers.values().map(|p| p.duplicates).sum();
+    let dropped = accounting.dropped_total().datapoints;
+    let mut failures = Vec::new();
+    if !accounting.balanced() {
+        failures.push(format!("collector identity broken: {accounting:?}"));
+    }
+    if producers_sent > producers_verified + dropped {
+        failures.push(format!(
+            "{} producer datapoints lost without a count: sent {producers_sent}, in Kafka {producers_verified}, counted drops {dropped}",
+            producers_sent - producers_verified - dropped
+        ));
+    }
+    if duplicates > 0 {
+        failures.push(format!("{duplicates} duplicated records in Kafka"));
+    }
+    let kafka_metrics = seen.datapoints - seen.sample_datapoints;
+    if kafka_metrics < accounting.delivered.datapoints {
+        failures.push(format!(
+            "Kafka holds {kafka_metrics} datapoints but the collector counted {} delivered",
+            accounting.delivered.datapoints
+        ));
+    }
+    if seen.sample_datapoints < sample_report.datapoints_delivered {
+        failures.push(format!(
+            "sample topic holds {} datapoints, the sample-producer delivered {}",
+            seen.sample_datapoints, sample_report.datapoints_delivered
+        ));
+    }
+    if producers_sent == 0 || accounting.delivered.datapoints == 0 {
+        failures.push("nothing flowed".into());
+    }
+    Ok(UpReport {
+        seconds: started.elapsed().as_secs_f64(),
+        producers_sent,
+        producers_verified,
+        duplicates,
+        collector: accounting,
+        producer_switches: stats.producer_switches.load(Relaxed),
+        kafka_metrics_datapoints: kafka_metrics,
+        sample_producer: sample_report,
+        sample_verified: seen.sample_datapoints,
+        latency_ms: latency,
+        failures,
+    })
+}
+
+/// Prints the report for a person.
+pub fn print_report(report: &UpReport) {
+    println!("\n=== verification report ({:.0} s) ===", report.seconds);
+    println!(
+        "module producers: sent {} datapoints, {} in Kafka, {} duplicated records",
+        report.producers_sent, report.producers_verified, report.duplicates
+    );
+    let c = &report.collector;
+    println!(
+        "collector: received {} = delivered {} + dropped {} ({})",
+        c.received.datapoints,
+        c.delivered.datapoints,
+        c.dropped_total().datapoints,
+        c.dropped
+            .iter()
+            .filter(|(_, n)| n.datapoints > 0)
+            .map(|(r, n)| format!("{}={}", r.as_str(), n.datapoints))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "kafka metrics topics: {} datapoints",
+        report.kafka_metrics_datapoints
+    );
+    println!(
+        "sample-producer: {} polls, {} datapoints delivered, {} on the sample topic",
+        report.sample_producer.polls,
+        report.sample_producer.datapoints_delivered,
+        report.sample_verified
+    );
+    println!(
+        "latency: p50 {} ms, p99 {} ms, max {} ms",
+        report.latency_ms.p50, report.latency_ms.p99, report.latency_ms.max
+    );
+    if report.passed() {
+        println!(
+            "conservation: OK (sent = delivered + counted drops; Kafka holds exactly what was delivered)"
+        );
+    } else {
+        for failure in &report.failures {
+            println!("FAILED: {failure}");
+        }
+    }
+}

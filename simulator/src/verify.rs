@@ -1,0 +1,234 @@
+//! The verifier: consumes the metrics topics (prefix `metrics-`) and the
+//! sample topic while they are written, decodes every message, and accounts
+//! per simulated producer for delivered, missing, duplicated and
+//! out-of-order records, and the latency from `time_ms` to consume time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message as _;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde::Serialize;
+
+use crate::producer::{PRODUCER_TAG, SEQ_TAG};
+
+/// One producer's account.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProducerAccount {
+    /// Distinct records seen.
+    pub records: u64,
+    /// Datapoints in distinct records.
+    pub datapoints: u64,
+    /// Records seen more than once.
+    pub duplicates: u64,
+    /// Records seen after a higher sequence number of the same producer.
+    pub out_of_order: u64,
+    /// Highest sequence number seen.
+    pub max_seq: Option<u64>,
+    #[serde(skip)]
+    seen: BTreeSet<u64>,
+}
+
+impl ProducerAccount {
+    /// Sequence numbers below `sent` never seen.
+    pub fn missing(&self, sent: u64) -> u64 {
+        sent.saturating_sub(self.seen.range(..sent).count() as u64)
+    }
+}
+
+/// Everything seen so far.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Seen {
+    /// Per simulated producer.
+    pub producers: BTreeMap<String, ProducerAccount>,
+    /// Messages consumed.
+    pub messages: u64,
+    /// Messages that were not one valid OCF file.
+    pub undecodable: u64,
+    /// Records per topic.
+    pub records_by_topic: BTreeMap<String, u64>,
+    /// Datapoints in all records (simulated or not).
+    pub datapoints: u64,
+    /// Datapoints in records of the sample topic.
+    pub sample_datapoints: u64,
+    #[serde(skip)]
+    latencies_ms: Vec<u64>,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Worst.
+    pub max: u64,
+}
+
+impl Seen {
+    /// Latency percentiles of simulated records.
+    pub fn latency(&self) -> Percentiles {
+        let mut sorted = self.latencies_ms.clone();
+        sorted.sort_unstable();
+        let pick = |q: f64| {
+            sorted
+                .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+                .unwrap_or(0)
+        };
+        Percentiles {
+            p50: pick(0.5),
+            p99: pick(0.99),
+            max: sorted.last().copied().unwrap_or(0),
+        }
+    }
+
+    /// Datapoints of simulated producers' distinct records.
+    pub fn producer_datapoints(&self) -> u64 {
+        self.producers.values().map(|p| p.datapoints).sum()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A verifier consuming in a background thread.
+pub struct Verifier {
+    seen: Arc<Mutex<Seen>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Verifier {
+    /// Starts consuming from `bootstrap`: topics starting with `prefix`, and `sample_topic`.
+    pub fn start(bootstrap: &str, prefix: &str, sample_topic: &str) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", "simulator-verifier")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "20")
+            .create()?;
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (prefix, sample_topic) = (prefix.to_owned(), sample_topic.to_owned());
+        let thread = {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            std::thread::spawn(move || consume(consumer, &prefix, &sample_topic, &seen, &stop))
+        };
+        Ok(Self {
+            seen,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// What has been seen so far.
+    pub fn seen(&self) -> Seen {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Stops consuming.
+    pub fn stop(mut self) -> Seen {
+        self.stop.store(true, Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.seen()
+    }
+}
+
+fn consume(
+    consumer: BaseConsumer,
+    prefix: &str,
+    sample_topic: &str,
+    seen: &Mutex<Seen>,
+    stop: &AtomicBool,
+) {
+    let mut assigned: BTreeSet<(String, i32)> = BTreeSet::new();
+    let mut last_refresh = Instant::now() - Duration::from_secs(10);
+    while !stop.load(Relaxed) {
+        // Topics appear as the collector creates them: re-read metadata.
+        if last_refresh.elapsed() >= Duration::from_millis(500) {
+            last_refresh = Instant::now();
+            if let Ok(metadata) = consumer.fetch_metadata(None, Duration::from_secs(2)) {
+                let mut added = false;
+                let mut list = consumer
+                    .assignment()
+                    .unwrap_or_else(|_| TopicPartitionList::new());
+                for topic in metadata
+                    .topics()
+                    .iter()
+                    .filter(|t| t.name().starts_with(prefix) || t.name() == sample_topic)
+                {
+                    for partition in topic.partitions() {
+                        if assigned.insert((topic.name().to_owned(), partition.id())) {
+                            let _ = list.add_partition_offset(
+                                topic.name(),
+                                partition.id(),
+                                Offset::Beginning,
+                            );
+                            added = true;
+                        }
+                    }
+                }
+                if added {
+                    let _ = consumer.assign(&list);
+                }
+            }
+        }
+        let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let consumed = now_ms();
+        let topic = message.topic().to_owned();
+        let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.messages += 1;
+        let records = match schema::decode_all(
+            message.payload().unwrap_or_default(),
+            schema::Limits::default(),
+        ) {
+            Ok(records) => records,
+            Err(_) => {
+                seen.undecodable += 1;
+                continue;
+            }
+        };
+        for record in records {
+            let datapoints = record.datapoints.len() as u64;
+            *seen.records_by_topic.entry(topic.clone()).or_default() += 1;
+            seen.datapoints += datapoints;
+            if topic == sample_topic {
+                seen.sample_datapoints += datapoints;
+            }
+            let (Some(producer), Some(seq)) = (
+                record.tag(PRODUCER_TAG),
+                record.tag(SEQ_TAG).and_then(|s| s.parse::<u64>().ok()),
+            ) else {
+                continue;
+            };
+            if let Some(point) = record.datapoints.first() {
+                let latency = (consumed - point.time_ms).max(0) as u64;
+                seen.latencies_ms.push(latency);
+            }
+            let account = seen.producers.entry(producer.to_owned()).or_default();
+            if !account.seen.insert(seq) {
+                account.duplicates += 1;
+                continue;
+            }
+            if account.max_seq.is_some_and(|max| seq < max) {
+                account.out_of_order += 1;
+            }
+            account.max_seq = Some(account.max_seq.map_or(seq, |m| m.max(seq)));
+            account.records += 1;
+            account.datapoints += datapoints;
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! `simulator up --duration 20s`, as the README runs it: the whole cluster
+//! in one process, ending with the verifier's conservation check.
+
+use std::time::Duration;
+
+use simulator::up::{Scenario, UpOptions, print_report, run};
+
+fn options(scenario: Option<Scenario>) -> UpOptions {
+    UpOptions {
+        duration: Some(Duration::from_secs(20)),
+        producers: 4,
+        containers: 6,
+        interval: Duration::from_millis(100),
+        brokers: 3,
+        scenario,
+        quiet: true,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_for_20s_conserves_every_datapoint() {
+    e2e::trace_init();
+    let report = run(options(None), std::future::pending()).await.unwrap();
+    print_report(&report);
+    assert!(report.passed(), "{:?}", report.failures);
+    assert_eq!(report.producers_verified, report.producers_sent);
+    assert!(report.sample_producer.datapoints_delivered > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_a_broker_outage_conserves_every_datapoint() {
+    let report = run(
+        options(Some(Scenario::BrokerOutage)),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    print_report(&report);
+    assert!(report.passed(), "{:?}", report.failures);
+    assert_eq!(
+        report.producers_verified, report.producers_sent,
+        "block policy: nothing lost"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_the_scheduler_moving_the_brokers() {
+    let report = run(
+        options(Some(Scenario::SchedulerMove)),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    print_report(&report);
+    assert!(report.passed(), "{:?}", report.failures);
+    assert_eq!(
+        report.producer_switches, 1,
+        "the collector followed the brokers to the new cluster"
+    );
+    assert_eq!(report.producers_verified, report.producers_sent);
+}
