@@ -126,6 +126,20 @@ pub struct Config {
     /// every output.
     pub auth_credential: Option<String>,
 
+    /// HTTP API address (loopback by default; port 0 allowed).
+    pub api_listen: SocketAddr,
+    /// Bearer token for mutating API requests; required when the API listens
+    /// beyond loopback. Secret: redacted in every output.
+    pub api_token: Option<String>,
+    /// Partner output address (loopback by default; port 0 allowed).
+    pub partner_listen: SocketAddr,
+    /// Bytes queued per partner before its oldest blocks are dropped, KB.
+    pub partner_buffer_kbytes: usize,
+    /// A partner that has lost more than this is disconnected, KB.
+    pub partner_disconnect_after_dropped_kbytes: usize,
+    /// `/health` answers 503 once Kafka has been unreachable this long, seconds.
+    pub health_kafka_unavailable_secs: u64,
+
     /// Log filter, e.g. `info` or `collector=debug`.
     pub log_level: String,
     /// Log format.
@@ -174,6 +188,12 @@ impl Default for Config {
             agent_timeout_secs: 5,
             agent_metrics_topic: "agent".into(),
             auth_credential: None,
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 8123)),
+            api_token: None,
+            partner_listen: SocketAddr::from(([127, 0, 0, 1], 8126)),
+            partner_buffer_kbytes: 4096,
+            partner_disconnect_after_dropped_kbytes: 65536,
+            health_kafka_unavailable_secs: 60,
             log_level: "info".into(),
             log_format: LogFormat::Text,
         }
@@ -310,6 +330,22 @@ impl Config {
                 ));
             }
         }
+        if !self.api_listen.ip().is_loopback()
+            && self.api_token.as_deref().is_none_or(str::is_empty)
+        {
+            return Err(ConfigError::new(
+                "api_token",
+                format!(
+                    "the API listens beyond loopback ({}): set api_token",
+                    self.api_listen
+                ),
+            ));
+        }
+        positive("partner_buffer_kbytes", self.partner_buffer_kbytes as u64)?;
+        positive(
+            "health_kafka_unavailable_secs",
+            self.health_kafka_unavailable_secs,
+        )?;
         if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return Err(ConfigError::new("log_level", error.to_string()));
         }
@@ -327,6 +363,9 @@ impl Config {
         let mut config = self.clone();
         if config.auth_credential.is_some() {
             config.auth_credential = Some("<redacted>".into());
+        }
+        if config.api_token.is_some() {
+            config.api_token = Some("<redacted>".into());
         }
         for (key, value) in &mut config.librdkafka {
             if key.contains("password") || key.contains("secret") || key.contains("token") {
@@ -486,6 +525,24 @@ pub struct ConfigArgs {
     /// Agent credential, sent as `Authorization: token=<x>` (secret).
     #[arg(long, env = "AUTH_CREDENTIAL", hide_env_values = true)]
     pub auth_credential: Option<String>,
+    /// HTTP API address [default: 127.0.0.1:8123].
+    #[arg(long, env = "API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
+    /// Bearer token for mutating API requests (secret).
+    #[arg(long, env = "API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Partner output address [default: 127.0.0.1:8126].
+    #[arg(long, env = "PARTNER_LISTEN")]
+    pub partner_listen: Option<SocketAddr>,
+    /// Per-partner queue, KB [default: 4096].
+    #[arg(long, env = "PARTNER_BUFFER_KBYTES")]
+    pub partner_buffer_kbytes: Option<usize>,
+    /// Disconnect a partner after it lost this much, KB [default: 65536].
+    #[arg(long, env = "PARTNER_DISCONNECT_AFTER_DROPPED_KBYTES")]
+    pub partner_disconnect_after_dropped_kbytes: Option<usize>,
+    /// /health turns 503 after Kafka is unreachable this long, s [default: 60].
+    #[arg(long, env = "HEALTH_KAFKA_UNAVAILABLE_SECS")]
+    pub health_kafka_unavailable_secs: Option<u64>,
     /// Log filter [default: info].
     #[arg(long, env = "LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -538,6 +595,9 @@ impl ConfigArgs {
         if let Some(credential) = args.auth_credential.take() {
             config.auth_credential = (!credential.is_empty()).then_some(credential);
         }
+        if let Some(token) = args.api_token.take() {
+            config.api_token = (!token.is_empty()).then_some(token);
+        }
         if let Some(server) = args.dns_server.take() {
             config.dns_server = Some(server);
         }
@@ -581,6 +641,11 @@ impl ConfigArgs {
             agent_poll_period,
             agent_timeout_secs,
             agent_metrics_topic,
+            api_listen,
+            partner_listen,
+            partner_buffer_kbytes,
+            partner_disconnect_after_dropped_kbytes,
+            health_kafka_unavailable_secs,
             log_level,
             log_format,
         );

@@ -309,7 +309,7 @@ async fn handle_block(
     let records = block.records.len() as u64;
     let datapoints = block.datapoints() as u64;
     stats.blocks_received.fetch_add(1, Relaxed);
-    stats.received.add(records, datapoints);
+    stats.count_received(crate::stats::Input::Tcp, records, datapoints);
     let limits = *shared.rate_limits.borrow();
     let wire = block.wire_len as u64;
     let mine = window.admit(
@@ -341,8 +341,28 @@ async fn handle_block(
         }
         items.push(routed);
     }
+    count_topics(stats, &items);
     shared.buffer.push(Chunk { items }).await;
     true
+}
+
+/// Per-topic received counts, one lock per block.
+pub fn count_topics(stats: &Stats, items: &[crate::route::Routed]) {
+    let mut run: Option<(&Arc<str>, u64)> = None;
+    for item in items {
+        match &mut run {
+            Some((topic, n)) if Arc::ptr_eq(topic, &item.topic) => *n += u64::from(item.datapoints),
+            _ => {
+                if let Some((topic, n)) = run.take() {
+                    stats.count_topic(topic, |c| c.received += n);
+                }
+                run = Some((&item.topic, u64::from(item.datapoints)));
+            }
+        }
+    }
+    if let Some((topic, n)) = run {
+        stats.count_topic(topic, |c| c.received += n);
+    }
 }
 
 #[cfg(test)]

@@ -90,7 +90,7 @@ fn run(args: ConfigArgs) -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    collector::telemetry::init(&config.log_level, config.log_format);
+    let log = collector::telemetry::init(&config.log_level, config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -101,10 +101,11 @@ fn run(args: ConfigArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(collector::run(
-        config,
-        collector::telemetry::shutdown_signal(),
-    )) {
+    let result = runtime.block_on(async {
+        let app = collector::App::bind(config).await?.with_log_control(log);
+        Ok::<_, collector::StartError>(app.run(collector::telemetry::shutdown_signal()).await)
+    });
+    match result {
         Ok(_) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "Collector failed to start.");

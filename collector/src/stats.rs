@@ -10,7 +10,9 @@
 //! where `in_flight` is what sits in the buffer, in topic batches, or in the
 //! producer's queue, and is 0 after shutdown.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
@@ -76,8 +78,69 @@ impl Amount {
     }
 }
 
+/// A histogram with fixed upper bounds, for Prometheus.
+#[derive(Debug)]
+pub struct Histogram {
+    /// Upper bounds, ascending; an implicit `+Inf` follows.
+    pub bounds: &'static [f64],
+    /// Non-cumulative counts per bucket, the last one for `+Inf`.
+    pub counts: Vec<AtomicU64>,
+    /// Sum of the observations.
+    pub sum: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, value: f64) {
+        let bucket = self
+            .bounds
+            .iter()
+            .position(|b| value <= *b)
+            .unwrap_or(self.bounds.len());
+        self.counts[bucket].fetch_add(1, Relaxed);
+        self.sum.fetch_add(value.max(0.0) as u64, Relaxed);
+    }
+}
+
+/// Milliseconds from batching to Kafka's acknowledgement.
+pub const LATENCY_BOUNDS_MS: &[f64] = &[
+    5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+];
+/// Records per Kafka message.
+pub const BATCH_BOUNDS: &[f64] = &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0];
+
+/// Inputs, for per-input counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    /// The TCP input.
+    Tcp,
+    /// The agent poller.
+    Agent,
+}
+
+/// Per-topic counts are kept for at most this many topics; the rest are
+/// summed under the topic label `_other`.
+pub const TOPIC_CARDINALITY_CAP: usize = 200;
+
+/// Datapoints per topic.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TopicCounts {
+    /// Received (routed to the topic).
+    pub received: u64,
+    /// Delivered.
+    pub delivered: u64,
+}
+
 /// Every counter. Shared as `Arc<Stats>`; all updates are relaxed atomics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     /// Input connections accepted.
     pub connections_accepted: AtomicU64,
@@ -121,6 +184,64 @@ pub struct Stats {
     pub discovery_failures: AtomicU64,
     /// Times the producer was switched to a new broker set.
     pub producer_switches: AtomicU64,
+    /// Received, by input.
+    pub received_tcp: Amount,
+    /// Received from the agent poller.
+    pub received_agent: Amount,
+    /// Per-topic datapoints, capped.
+    pub topics: Mutex<HashMap<Arc<str>, TopicCounts>>,
+    /// Delivery latency.
+    pub delivery_latency_ms: Histogram,
+    /// Records per Kafka message.
+    pub batch_records: Histogram,
+    /// Partners connected now.
+    pub partners_connected: AtomicI64,
+    /// Bytes written to partners.
+    pub partner_bytes_sent: AtomicU64,
+    /// Blocks dropped from slow partners' buffers.
+    pub partner_blocks_dropped: AtomicU64,
+    /// Partners disconnected for falling too far behind.
+    pub partners_disconnected_slow: AtomicU64,
+    /// Configuration changes applied through the API.
+    pub config_changes: AtomicU64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            connections_accepted: AtomicU64::default(),
+            connections_refused: AtomicU64::default(),
+            connections_open: AtomicI64::default(),
+            connections_malformed: AtomicU64::default(),
+            connections_idle_closed: AtomicU64::default(),
+            bytes_received: AtomicU64::default(),
+            blocks_received: AtomicU64::default(),
+            received: Amount::default(),
+            delivered: Amount::default(),
+            dropped: Default::default(),
+            topics_sanitized: AtomicU64::default(),
+            buffer_bytes: AtomicI64::default(),
+            buffer_bytes_max: AtomicI64::default(),
+            buffer_full_waits: AtomicU64::default(),
+            messages_produced: AtomicU64::default(),
+            messages_delivered: AtomicU64::default(),
+            messages_retried: AtomicU64::default(),
+            kafka_queue_full_waits: AtomicU64::default(),
+            discoveries: AtomicU64::default(),
+            discovery_failures: AtomicU64::default(),
+            producer_switches: AtomicU64::default(),
+            received_tcp: Amount::default(),
+            received_agent: Amount::default(),
+            topics: Mutex::new(HashMap::new()),
+            delivery_latency_ms: Histogram::new(LATENCY_BOUNDS_MS),
+            batch_records: Histogram::new(BATCH_BOUNDS),
+            partners_connected: AtomicI64::default(),
+            partner_bytes_sent: AtomicU64::default(),
+            partner_blocks_dropped: AtomicU64::default(),
+            partners_disconnected_slow: AtomicU64::default(),
+            config_changes: AtomicU64::default(),
+        }
+    }
 }
 
 /// A read-out of a records-and-datapoints pair.
@@ -187,6 +308,25 @@ impl Accounting {
 }
 
 impl Stats {
+    /// Counts input, in total and for its input.
+    pub fn count_received(&self, input: Input, records: u64, datapoints: u64) {
+        self.received.add(records, datapoints);
+        match input {
+            Input::Tcp => self.received_tcp.add(records, datapoints),
+            Input::Agent => self.received_agent.add(records, datapoints),
+        }
+    }
+
+    /// Adds to one topic's counts (capped cardinality).
+    pub fn count_topic(&self, topic: &Arc<str>, update: impl FnOnce(&mut TopicCounts)) {
+        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        if !topics.contains_key(topic) && topics.len() >= TOPIC_CARDINALITY_CAP {
+            update(topics.entry(Arc::from("_other")).or_default());
+        } else {
+            update(topics.entry(topic.clone()).or_default());
+        }
+    }
+
     /// Counts a drop.
     pub fn count_drop(&self, reason: DropReason, records: u64, datapoints: u64) {
         self.dropped[reason as usize].add(records, datapoints);

@@ -118,6 +118,12 @@ fn sigterm_drains_and_logs_the_final_count() {
         .args([
             "--listen-endpoint",
             "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--partner-listen",
+            "127.0.0.1:0",
+            "--agent-polling",
+            "false",
             "--kafka",
             "false",
             "--log-format",

@@ -378,6 +378,9 @@ pub async fn run_point(
         .unwrap_or_else(crate::process::sibling_collector);
     let mut args: Vec<String> = [
         "--listen-endpoint=127.0.0.1:0",
+        "--api-listen=127.0.0.1:0",
+        "--partner-listen=127.0.0.1:0",
+        "--agent-polling=false",
         "--input-limit-amount-kbytes=0",
         "--global-limit-amount-kbytes=0",
         "--max-connections=100000",

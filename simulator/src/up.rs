@@ -144,6 +144,8 @@ pub async fn run(
 
     let config = Config {
         listen_endpoint: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        api_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        partner_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         input_limit_amount_kbytes: 0,
         global_limit_amount_kbytes: 0,
         kafka_framework: "kafka".into(),

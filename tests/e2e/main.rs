@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod agent;
+mod api;
 mod discovery;
 mod faults;
 mod ingest_to_kafka;

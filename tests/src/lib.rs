@@ -75,6 +75,8 @@ pub fn fixture(path: &str) -> Vec<u8> {
 pub fn test_config(brokers: &str) -> Config {
     Config {
         listen_endpoint: "127.0.0.1:0".parse().unwrap(),
+        api_listen: "127.0.0.1:0".parse().unwrap(),
+        partner_listen: "127.0.0.1:0".parse().unwrap(),
         input_limit_amount_kbytes: 0,
         global_limit_amount_kbytes: 0,
         kafka_brokers: brokers.split(',').map(str::to_owned).collect(),
@@ -90,6 +92,10 @@ pub fn test_config(brokers: &str) -> Config {
 pub struct TestCollector {
     /// Its TCP input.
     pub addr: SocketAddr,
+    /// Its HTTP API.
+    pub api: SocketAddr,
+    /// Its partner output.
+    pub partner: SocketAddr,
     /// Its counters.
     pub stats: Arc<Stats>,
     /// Its broker state.
@@ -106,6 +112,7 @@ pub async fn spawn_collector(config: Config) -> TestCollector {
         .expect("collector starts");
     let (stop, stopped) = oneshot::channel();
     let addr = app.ingest_addr();
+    let (api, partner) = (app.api_addr(), app.partner_addr());
     let stats = app.stats();
     let brokers = app.broker_state();
     let task = tokio::spawn(app.run(async {
@@ -113,6 +120,8 @@ pub async fn spawn_collector(config: Config) -> TestCollector {
     }));
     TestCollector {
         addr,
+        api,
+        partner,
         stats,
         brokers,
         stop,

@@ -88,7 +88,7 @@ fn main() -> ExitCode {
         return ExitCode::from(64);
     }
     let level = if args.verbose { "debug" } else { "info" };
-    collector::telemetry::init(level, collector::config::LogFormat::Text);
+    let _log = collector::telemetry::init(level, collector::config::LogFormat::Text);
     let brokers = args.kafka.then(|| {
         if !args.framework.is_empty() {
             BrokerSource::Framework {

@@ -257,14 +257,16 @@ impl Poller {
             lists.len() as u64,
             lists.iter().map(|l| l.datapoints.len() as u64).sum(),
         );
-        self.stats.received.add(records, datapoints);
+        self.stats
+            .count_received(crate::stats::Input::Agent, records, datapoints);
         let items = lists
             .into_iter()
             .map(|list| {
                 let (tags, _) = enrichment.tags_for(&list);
                 router.route(&routing, &tags, list).0
             })
-            .collect();
+            .collect::<Vec<_>>();
+        crate::ingest::count_topics(&self.stats, &items);
         self.buffer.push(Chunk { items }).await;
     }
 

@@ -80,7 +80,12 @@ pub struct Batcher {
 impl Batcher {
     /// A batcher writing null-codec OCF files with one random sync marker.
     pub fn new(thresholds: Thresholds) -> Self {
-        let encoder = OcfEncoder::new(Codec::Null);
+        Self::with_sync(thresholds, rand::random())
+    }
+
+    /// A batcher whose files all use `sync` (shared with the partner output).
+    pub fn with_sync(thresholds: Thresholds, sync: [u8; 16]) -> Self {
+        let encoder = OcfEncoder::with_sync(Codec::Null, sync);
         let mut header = Vec::new();
         encoder.write_header(&mut header);
         // Header + block count and size varints (10 bytes each at most) + sync.

@@ -57,11 +57,26 @@ pub struct KafkaSettings {
     pub librdkafka: Vec<(String, String)>,
     /// How long shutdown may spend delivering.
     pub shutdown_grace: Duration,
+    /// Sync marker of every message (shared with the partner output).
+    pub sync: [u8; 16],
+}
+
+/// Sink settings that change at runtime.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkRuntime {
+    /// Batch thresholds.
+    pub thresholds: Thresholds,
+    /// Where brokers come from.
+    pub source: BrokerSource,
 }
 
 /// The sink's view of the broker state, for the API and `/health`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct BrokerState {
+    /// Since when Kafka has been unreachable (no producer, or every broker
+    /// down), if it is now.
+    #[serde(skip)]
+    pub unavailable_since: Option<std::time::Instant>,
     /// The brokers in use, and how they were found.
     pub current: Option<Discovered>,
     /// The last discovery error, if the last attempt failed.
@@ -82,6 +97,7 @@ struct Meta {
 
 struct Context {
     stats: Arc<Stats>,
+    partners: Option<Arc<crate::partner::PartnerHub>>,
     retry: mpsc::UnboundedSender<Message>,
     room: Arc<Notify>,
     brokers_down: Arc<Notify>,
@@ -132,10 +148,12 @@ impl ClientContext for Context {
 
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            self.state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .all_brokers_down = true;
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.all_brokers_down = true;
+            state
+                .unavailable_since
+                .get_or_insert_with(std::time::Instant::now);
+            drop(state);
             self.brokers_down.notify_one();
             warn!(%error, reason, "All Kafka brokers are down; data is buffered until they return or are rediscovered.");
         } else {
@@ -149,13 +167,22 @@ impl ProducerContext for Context {
 
     fn delivery(&self, result: &DeliveryResult<'_>, meta: Box<Meta>) {
         match result {
-            Ok(_) => {
+            Ok(message) => {
                 self.stats
                     .delivered
                     .add(u64::from(meta.records), meta.datapoints);
                 self.stats.messages_delivered.fetch_add(1, Relaxed);
+                self.stats
+                    .delivery_latency_ms
+                    .observe(meta.created.elapsed().as_secs_f64() * 1000.0);
+                self.stats
+                    .count_topic(&meta.topic, |c| c.delivered += meta.datapoints);
+                if let Some(partners) = &self.partners {
+                    partners.publish(&meta.topic, message.payload().unwrap_or_default());
+                }
                 let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
                 state.all_brokers_down = false;
+                state.unavailable_since = None;
             }
             Err((error, message)) => {
                 let code = error
@@ -243,6 +270,8 @@ pub struct KafkaSink {
     state: Arc<Mutex<BrokerState>>,
     topics: HashMap<Arc<str>, TopicState>,
     http: reqwest::Client,
+    partners: Option<Arc<crate::partner::PartnerHub>>,
+    runtime: Option<tokio::sync::watch::Receiver<SinkRuntime>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -261,7 +290,9 @@ impl KafkaSink {
     ) -> Self {
         let (retry_tx, retry_rx) = mpsc::unbounded_channel();
         Self {
-            batcher: Batcher::new(settings.thresholds),
+            batcher: Batcher::with_sync(settings.thresholds, settings.sync),
+            partners: None,
+            runtime: None,
             settings,
             stats,
             buffer,
@@ -275,6 +306,18 @@ impl KafkaSink {
             topics: HashMap::new(),
             http: reqwest::Client::new(),
         }
+    }
+
+    /// Hands delivered messages to these partners too.
+    pub fn with_partners(mut self, partners: Arc<crate::partner::PartnerHub>) -> Self {
+        self.partners = Some(partners);
+        self
+    }
+
+    /// Follows runtime changes of thresholds and broker source.
+    pub fn with_runtime(mut self, runtime: tokio::sync::watch::Receiver<SinkRuntime>) -> Self {
+        self.runtime = Some(runtime);
+        self
     }
 
     fn client_config(&self, brokers: &[String]) -> ClientConfig {
@@ -318,6 +361,7 @@ impl KafkaSink {
     fn create_producer(&self, discovered: &Discovered) -> Result<KafkaProducer, KafkaError> {
         let context = Context {
             stats: self.stats.clone(),
+            partners: self.partners.clone(),
             retry: self.retry_tx.clone(),
             room: self.room.clone(),
             brokers_down: self.brokers_down.clone(),
@@ -340,8 +384,15 @@ impl KafkaSink {
             Err(error) => {
                 self.stats.discovery_failures.fetch_add(1, Relaxed);
                 warn!(%error, "Kafka broker discovery failed; retrying with backoff.");
-                self.set_state(|s| s.last_error = Some(error.to_string()));
-                return self.producer.is_some();
+                let has_producer = self.producer.is_some();
+                self.set_state(|s| {
+                    s.last_error = Some(error.to_string());
+                    if !has_producer {
+                        s.unavailable_since
+                            .get_or_insert_with(std::time::Instant::now);
+                    }
+                });
+                return has_producer;
             }
         };
         self.stats.discoveries.fetch_add(1, Relaxed);
@@ -472,6 +523,7 @@ impl KafkaSink {
             match producer.send(record) {
                 Ok(()) => {
                     self.stats.messages_produced.fetch_add(1, Relaxed);
+                    self.stats.batch_records.observe(f64::from(message.records));
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     self.stats.kafka_queue_full_waits.fetch_add(1, Relaxed);
@@ -569,6 +621,20 @@ impl KafkaSink {
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
                 _ = rediscover.tick(), if !matches!(self.settings.source, BrokerSource::Static(_)) => {
                     self.refresh_producer().await;
+                }
+                Some(change) = async {
+                    match self.runtime.as_mut() {
+                        Some(runtime) => runtime.changed().await.ok().map(|()| runtime.borrow_and_update().clone()),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.batcher.set_thresholds(change.thresholds);
+                    self.settings.thresholds = change.thresholds;
+                    if change.source != self.settings.source {
+                        info!("Broker settings changed: rediscovering.");
+                        self.settings.source = change.source;
+                        self.refresh_producer().await;
+                    }
                 }
                 _ = self.brokers_down.notified() => {
                     let now = Instant::now();

@@ -1,0 +1,310 @@
+//! Partner output: local partner processes connect over TCP and receive the
+//! records Kafka received, as an OCF stream: a header per connection, then
+//! one block per Kafka message that was acknowledged.
+//!
+//! A partner may first send one line, `topics=<comma list or regex>\n`, to
+//! receive only those Kafka topics (a list of names, or a regular expression
+//! matched against the whole topic name).
+//!
+//! A slow or stuck partner never slows Kafka delivery: each partner has a
+//! bounded queue; when it is full the oldest blocks are dropped and counted,
+//! and a partner that has lost more than its limit is disconnected with a
+//! log line.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use regex::Regex;
+use schema::{Codec, OcfEncoder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::is_valid_topic;
+use crate::stats::Stats;
+
+/// Per-partner limits, changeable at runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartnerLimits {
+    /// Bytes queued per partner before the oldest are dropped.
+    pub buffer_bytes: usize,
+    /// Dropped bytes after which a partner is disconnected.
+    pub disconnect_after_dropped_bytes: usize,
+}
+
+/// Which topics a partner wants.
+#[derive(Debug, Clone)]
+pub enum TopicFilter {
+    /// Everything.
+    All,
+    /// These names.
+    List(Vec<String>),
+    /// Topics the expression matches entirely.
+    Pattern(Regex),
+}
+
+impl TopicFilter {
+    /// Parses the value of a `topics=` line.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let value = value.trim();
+        if value.is_empty() {
+            return Ok(TopicFilter::All);
+        }
+        let names: Vec<&str> = value.split(',').map(str::trim).collect();
+        if names.iter().all(|n| is_valid_topic(n)) {
+            return Ok(TopicFilter::List(
+                names.into_iter().map(str::to_owned).collect(),
+            ));
+        }
+        Regex::new(&format!("^(?:{value})$"))
+            .map(TopicFilter::Pattern)
+            .map_err(|e| format!("not a topic list or a regex: {e}"))
+    }
+
+    /// Whether `topic` passes.
+    pub fn accepts(&self, topic: &str) -> bool {
+        match self {
+            TopicFilter::All => true,
+            TopicFilter::List(names) => names.iter().any(|n| n == topic),
+            TopicFilter::Pattern(pattern) => pattern.is_match(topic),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    blocks: VecDeque<Bytes>,
+    bytes: usize,
+    dropped_bytes: usize,
+}
+
+struct Partner {
+    peer: SocketAddr,
+    filter: TopicFilter,
+    queue: Mutex<Queue>,
+    ready: Notify,
+    closed: AtomicBool,
+}
+
+/// The fan-out to every connected partner.
+pub struct PartnerHub {
+    header: Vec<u8>,
+    partners: Mutex<Vec<Arc<Partner>>>,
+    limits: watch::Receiver<PartnerLimits>,
+    stats: Arc<Stats>,
+}
+
+impl PartnerHub {
+    /// A hub for Kafka messages written with `sync`.
+    pub fn new(sync: [u8; 16], limits: watch::Receiver<PartnerLimits>, stats: Arc<Stats>) -> Self {
+        let mut header = Vec::new();
+        OcfEncoder::with_sync(Codec::Null, sync).write_header(&mut header);
+        Self {
+            header,
+            partners: Mutex::new(Vec::new()),
+            limits,
+            stats,
+        }
+    }
+
+    fn partners(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Partner>>> {
+        self.partners.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Partners connected now.
+    pub fn count(&self) -> usize {
+        self.partners().len()
+    }
+
+    /// Hands a delivered Kafka message (a whole OCF file) to the partners
+    /// that want its topic. Never blocks: called from delivery callbacks.
+    pub fn publish(&self, topic: &str, payload: &[u8]) {
+        let partners = self.partners();
+        if partners.is_empty() {
+            return;
+        }
+        let Some(block) = payload.strip_prefix(self.header.as_slice()) else {
+            return;
+        };
+        let block = Bytes::copy_from_slice(block);
+        let limits = *self.limits.borrow();
+        for partner in partners.iter().filter(|p| p.filter.accepts(topic)) {
+            let mut queue = partner.queue.lock().unwrap_or_else(|p| p.into_inner());
+            queue.bytes += block.len();
+            queue.blocks.push_back(block.clone());
+            while queue.bytes > limits.buffer_bytes && queue.blocks.len() > 1 {
+                if let Some(old) = queue.blocks.pop_front() {
+                    queue.bytes -= old.len();
+                    queue.dropped_bytes += old.len();
+                    self.stats.partner_blocks_dropped.fetch_add(1, Relaxed);
+                }
+            }
+            if queue.dropped_bytes > limits.disconnect_after_dropped_bytes
+                && !partner.closed.swap(true, Relaxed)
+            {
+                self.stats.partners_disconnected_slow.fetch_add(1, Relaxed);
+                warn!(peer = %partner.peer, dropped_bytes = queue.dropped_bytes, "Disconnected a partner too far behind.");
+            }
+            drop(queue);
+            partner.ready.notify_one();
+        }
+    }
+}
+
+/// Reads the optional `topics=` line: whatever the partner sends within a
+/// short window, up to a newline.
+async fn read_filter(stream: &mut TcpStream) -> Result<TopicFilter, String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_millis(300), async {
+        while line.len() < 4096 {
+            match stream.read(&mut byte).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) if byte[0] == b'\n' => break,
+                Ok(_) => line.push(byte[0]),
+            }
+        }
+    })
+    .await;
+    if read.is_err() && line.is_empty() {
+        return Ok(TopicFilter::All);
+    }
+    let line = String::from_utf8_lossy(&line);
+    match line.trim().strip_prefix("topics=") {
+        Some(value) => TopicFilter::parse(value),
+        None if line.trim().is_empty() => Ok(TopicFilter::All),
+        None => Err(format!(
+            "expected `topics=<list or regex>`, got {:?}",
+            line.trim()
+        )),
+    }
+}
+
+async fn serve_partner(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    hub: Arc<PartnerHub>,
+    shutdown: CancellationToken,
+) {
+    let filter = match read_filter(&mut stream).await {
+        Ok(filter) => filter,
+        Err(error) => {
+            warn!(%peer, %error, "Refused a partner: bad topics line.");
+            return;
+        }
+    };
+    info!(%peer, filter = ?filter, "Partner connected.");
+    let partner = Arc::new(Partner {
+        peer,
+        filter,
+        queue: Mutex::new(Queue::default()),
+        ready: Notify::new(),
+        closed: AtomicBool::new(false),
+    });
+    hub.partners().push(partner.clone());
+    hub.stats.partners_connected.fetch_add(1, Relaxed);
+    let mut result = stream.write_all(&hub.header).await;
+    while result.is_ok() && !partner.closed.load(Relaxed) {
+        let next = partner
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .blocks
+            .pop_front();
+        match next {
+            Some(block) => {
+                partner
+                    .queue
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .bytes -= block.len();
+                result = stream.write_all(&block).await;
+                hub.stats
+                    .partner_bytes_sent
+                    .fetch_add(block.len() as u64, Relaxed);
+            }
+            None => tokio::select! {
+                _ = partner.ready.notified() => {}
+                _ = shutdown.cancelled() => break,
+            },
+        }
+    }
+    hub.partners().retain(|p| !Arc::ptr_eq(p, &partner));
+    hub.stats.partners_connected.fetch_sub(1, Relaxed);
+    let _ = stream.shutdown().await;
+    info!(%peer, "Partner disconnected.");
+}
+
+/// Accepts partners until `shutdown`.
+pub async fn serve(listener: TcpListener, hub: Arc<PartnerHub>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(serve_partner(stream, peer, hub.clone(), shutdown.clone()));
+                }
+                Err(error) => {
+                    warn!(%error, "Failed to accept a partner connection.");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters() {
+        assert!(TopicFilter::parse("").unwrap().accepts("x"));
+        let list = TopicFilter::parse("metrics-a, metrics-b").unwrap();
+        assert!(list.accepts("metrics-b") && !list.accepts("metrics-c"));
+        let pattern = TopicFilter::parse("metrics-.*-prod").unwrap();
+        assert!(pattern.accepts("metrics-kafka-prod") && !pattern.accepts("metrics-kafka-prod2"));
+        assert!(TopicFilter::parse("(").is_err());
+    }
+
+    #[test]
+    fn a_slow_partner_loses_the_oldest_and_is_cut_off() {
+        let (_tx, limits) = watch::channel(PartnerLimits {
+            buffer_bytes: 100,
+            disconnect_after_dropped_bytes: 150,
+        });
+        let stats = Arc::new(Stats::default());
+        let hub = PartnerHub::new([7; 16], limits, stats.clone());
+        let partner = Arc::new(Partner {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            filter: TopicFilter::All,
+            queue: Mutex::new(Queue::default()),
+            ready: Notify::new(),
+            closed: AtomicBool::new(false),
+        });
+        hub.partners().push(partner.clone());
+        let mut payload = hub.header.clone();
+        payload.extend([0u8; 60]);
+        for _ in 0..3 {
+            hub.publish("t", &payload);
+        }
+        // 60-byte blocks into a 100-byte queue: each new block pushes the oldest out.
+        assert_eq!(stats.partner_blocks_dropped.load(Relaxed), 2);
+        assert!(!partner.closed.load(Relaxed));
+        for _ in 0..3 {
+            hub.publish("t", &payload);
+        }
+        assert!(
+            partner.closed.load(Relaxed),
+            "cut off after 150 dropped bytes"
+        );
+        assert_eq!(stats.partners_disconnected_slow.load(Relaxed), 1);
+        assert!(partner.queue.lock().unwrap().bytes <= 120);
+    }
+}

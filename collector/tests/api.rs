@@ -1,0 +1,260 @@
+//! The HTTP API's router, through `oneshot`: every endpoint, status and error.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use collector::config::Config;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+fn config() -> Config {
+    Config {
+        listen_endpoint: "127.0.0.1:0".parse().unwrap(),
+        api_listen: "127.0.0.1:0".parse().unwrap(),
+        partner_listen: "127.0.0.1:0".parse().unwrap(),
+        kafka_brokers: vec!["127.0.0.1:9".into()],
+        agent_polling: false,
+        auth_credential: Some("agent-secret".into()),
+        ..Config::default()
+    }
+}
+
+async fn app(config: Config) -> collector::App {
+    collector::App::bind(config).await.unwrap()
+}
+
+async fn call(
+    app: &collector::App,
+    method: &str,
+    uri: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (StatusCode, String) {
+    let mut request = Request::builder().method(method).uri(uri);
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let body = body.map_or_else(Body::empty, |b| Body::from(b.to_owned()));
+    let response = collector::api::router(app.api_state())
+        .oneshot(request.body(body).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap()
+}
+
+#[tokio::test]
+async fn endpoints_report_real_bound_addresses() {
+    let app = app(config()).await;
+    let (status, body) = call(&app, "GET", "/v1/endpoints", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let body = json(&body);
+    assert_eq!(body["inputs"][0]["address"], app.ingest_addr().to_string());
+    assert_eq!(body["inputs"][0]["format"], "avro-ocf");
+    assert_eq!(
+        body["outputs"][0]["address"],
+        app.partner_addr().to_string()
+    );
+    assert_eq!(body["outputs"][1]["topic_mapping"]["prefix"], "metrics-");
+    assert_eq!(body["api"]["address"], app.api_addr().to_string());
+}
+
+#[tokio::test]
+async fn config_is_shown_with_secrets_redacted() {
+    let app = app(config()).await;
+    let (status, body) = call(&app, "GET", "/v1/config", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!body.contains("agent-secret"));
+    assert_eq!(json(&body)["auth_credential"], "<redacted>");
+}
+
+#[tokio::test]
+async fn a_valid_patch_applies_and_an_invalid_one_changes_nothing() {
+    let app = app(config()).await;
+    let (status, body) = call(
+        &app,
+        "PATCH",
+        "/v1/config",
+        Some(r#"{"kafka_topic_prefix": "new-", "static_tags": {"dc": "eu"}}"#),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(json(&body)["kafka_topic_prefix"], "new-");
+    assert_eq!(app.stats().config_changes.load(Relaxed), 1);
+
+    for (patch, field) in [
+        (r#"{"kafka_topic_prefixx": "x"}"#, "kafka_topic_prefixx"),
+        (r#"{"kafka_produce_count": 0}"#, "kafka_produce_count"),
+        (r#"{"kafka_produce_count": "many"}"#, "kafka_produce_count"),
+        (
+            r#"{"kafka_single_topic": "bad topic", "kafka_topic_prefix": "other-"}"#,
+            "kafka_single_topic",
+        ),
+        (r#"[1, 2]"#, "(body)"),
+        ("not json", "(body)"),
+    ] {
+        let (status, body) = call(&app, "PATCH", "/v1/config", Some(patch), None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{patch}: {body}");
+        assert_eq!(json(&body)["field"], field, "{patch}: {body}");
+    }
+    let (_, body) = call(&app, "GET", "/v1/config", None, None).await;
+    assert_eq!(json(&body)["kafka_topic_prefix"], "new-", "nothing changed");
+    assert_eq!(app.stats().config_changes.load(Relaxed), 1);
+}
+
+#[tokio::test]
+async fn settings_that_need_a_restart_are_refused_with_409() {
+    let app = app(config()).await;
+    let (status, body) = call(
+        &app,
+        "PATCH",
+        "/v1/config",
+        Some(r#"{"listen_endpoint": "127.0.0.1:9999", "kafka_topic_prefix": "x-"}"#),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let body = json(&body);
+    assert_eq!(body["fields"], json!(["listen_endpoint"]));
+    assert_eq!(body["restart_required"], true);
+    let (_, config) = call(&app, "GET", "/v1/config", None, None).await;
+    assert_eq!(
+        json(&config)["kafka_topic_prefix"],
+        "metrics-",
+        "nothing changed"
+    );
+}
+
+#[tokio::test]
+async fn bodies_are_limited() {
+    let app = app(config()).await;
+    let huge = format!(r#"{{"kafka_topic_prefix": "{}"}}"#, "x".repeat(100_000));
+    let (status, _) = call(&app, "PATCH", "/v1/config", Some(&huge), None).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn the_token_guards_mutating_requests() {
+    let mut config = config();
+    config.api_token = Some("t0ken".into());
+    let app = app(config).await;
+    let patch = Some(r#"{"kafka_topic_prefix": "a-"}"#);
+    assert_eq!(
+        call(&app, "PATCH", "/v1/config", patch, None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&app, "PATCH", "/v1/config", patch, Some("wrong"))
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&app, "PATCH", "/v1/config", patch, Some("t0ken"))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let (status, body) = call(&app, "GET", "/v1/config", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!body.contains("t0ken"));
+}
+
+#[test]
+fn a_non_loopback_api_needs_a_token() {
+    let config = Config {
+        api_listen: "0.0.0.0:8123".parse().unwrap(),
+        ..config()
+    };
+    assert_eq!(config.validate().unwrap_err().field, "api_token");
+    let config = Config {
+        api_token: Some("t".into()),
+        ..config
+    };
+    config.validate().unwrap();
+}
+
+#[tokio::test]
+async fn metrics_parse_as_prometheus_text_and_hold_the_identity() {
+    let app = app(config()).await;
+    app.stats()
+        .count_received(collector::stats::Input::Tcp, 3, 30);
+    app.stats().delivered.add(2, 20);
+    app.stats()
+        .count_drop(collector::stats::DropReason::TooLarge, 1, 10);
+    let (status, body) = call(&app, "GET", "/metrics", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let sum = |name: &str| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    let received = sum("collector_received_datapoints_total");
+    let delivered = sum("collector_delivered_datapoints_total");
+    let dropped = sum("collector_dropped_datapoints_total");
+    let in_flight = sum("collector_in_flight_datapoints");
+    assert_eq!(
+        (received, delivered, dropped, in_flight),
+        (30.0, 20.0, 10.0, 0.0)
+    );
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "collector_delivery_latency_ms")
+    );
+}
+
+#[tokio::test]
+async fn health_is_ok_then_503_while_draining() {
+    let app = app(config()).await;
+    let (status, body) = call(&app, "GET", "/health", None, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(json(&body)["status"], "ok");
+    app.api_state().draining.store(true, Relaxed);
+    let (status, body) = call(&app, "GET", "/health", None, None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(json(&body)["status"], "draining");
+}
+
+#[tokio::test]
+async fn health_is_503_when_kafka_has_been_unreachable_too_long() {
+    let mut config = config();
+    config.health_kafka_unavailable_secs = 1;
+    let app = app(config).await;
+    {
+        let state = app.broker_state();
+        let mut state = state.lock().unwrap();
+        state.unavailable_since =
+            Some(std::time::Instant::now() - std::time::Duration::from_secs(5));
+        state.last_error = Some("Kafka scheduler http://x unreachable".into());
+    }
+    let (status, body) = call(&app, "GET", "/health", None, None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        json(&body)["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("unreachable for"),
+        "{body}"
+    );
+}
