@@ -25,6 +25,8 @@ pub mod resolve;
 
 #[cfg(feature = "test-util")]
 pub mod arbitrary;
+#[cfg(feature = "test-util")]
+pub mod testing;
 
 pub use codec::Codec;
 pub use error::{DecodeError, DecodeErrorKind};

@@ -5,12 +5,9 @@
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-
 use schema::arbitrary::same_records;
 use schema::ocf::MODULE_SYNC;
+use schema::testing::fastavro_read;
 use schema::{Codec, Datapoint, MetricList, OcfEncoder, Tag};
 
 fn records() -> Vec<MetricList> {
@@ -26,31 +23,6 @@ fn records() -> Vec<MetricList> {
         },
         MetricList::default(),
     ]
-}
-
-fn fastavro_read(bytes: &[u8]) -> Vec<MetricList> {
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/wire/read_with_fastavro.py");
-    let mut child = Command::new("python3")
-        .arg(script)
-        .arg("-")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 must be installed (see scripts/test)");
-    child.stdin.take().unwrap().write_all(bytes).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "fastavro could not read our bytes (is it installed? pip install -r scripts/requirements-test.txt): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]

@@ -467,7 +467,12 @@ pub async fn run_point(
     stop.store(true, Relaxed);
     let (mut datapoints, mut bytes) = (0, 0);
     for task in tasks {
-        let (d, b) = task.await?.context("a producer connection failed")?;
+        let (d, b) = task.await?.with_context(|| {
+            format!(
+                "a producer connection failed; the collector's last log lines:\n{}",
+                collector.recent_log()
+            )
+        })?;
         datapoints += d;
         bytes += b;
     }

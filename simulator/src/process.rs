@@ -34,6 +34,7 @@ pub struct CollectorProcess {
     /// Its TCP input.
     pub input: String,
     lines: mpsc::Receiver<String>,
+    recent: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
 }
 
 impl CollectorProcess {
@@ -49,13 +50,21 @@ impl CollectorProcess {
             .with_context(|| format!("starting {}", binary.display()))?;
         let stderr = child.stderr.take().context("collector stderr")?;
         let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
+        let recent = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        {
+            let recent = recent.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Ok(mut recent) = recent.lock() {
+                        recent.push_back(line.clone());
+                        if recent.len() > 40 {
+                            recent.pop_front();
+                        }
+                    }
+                    let _ = tx.send(line);
                 }
-            }
-        });
+            });
+        }
         let input = loop {
             let line = lines
                 .recv_timeout(Duration::from_secs(30))
@@ -69,7 +78,16 @@ impl CollectorProcess {
             child,
             input,
             lines,
+            recent,
         })
+    }
+
+    /// The collector's last log lines, for error reports.
+    pub fn recent_log(&self) -> String {
+        self.recent
+            .lock()
+            .map(|r| r.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
     }
 
     /// The child's pid.

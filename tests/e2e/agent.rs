@@ -46,10 +46,7 @@ async fn sample_producer_messages_match_the_agent_json_exactly() {
     assert!(report.messages_delivered >= 2, "{report:?}");
     assert_eq!(report.datapoints_dropped, 0);
 
-    let bootstrap = kafka.bootstrap_servers();
-    let collected = tokio::task::spawn_blocking(move || consume_all(&bootstrap, "sample_metrics"))
-        .await
-        .unwrap();
+    let collected = e2e::consume(kafka.bootstrap_servers(), "sample_metrics").await;
     assert_eq!(
         collected.messages.len() as u64,
         report.messages_delivered,
@@ -200,10 +197,7 @@ async fn collector_poller_enriches_and_publishes_agent_metrics() {
     let accounting = collector.shutdown().await;
     assert_balanced(&accounting);
 
-    let bootstrap = kafka.bootstrap_servers();
-    let collected = tokio::task::spawn_blocking(move || consume_all(&bootstrap, "metrics-"))
-        .await
-        .unwrap();
+    let collected = e2e::consume(kafka.bootstrap_servers(), "metrics-").await;
     let module: Vec<_> = collected
         .records
         .iter()

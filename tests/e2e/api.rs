@@ -141,10 +141,7 @@ async fn a_partner_receives_exactly_the_stream_kafka_receives() {
     let all = read_partner(&mut everything, (a.records + b.records) as usize).await;
     let only_b = read_partner(&mut filtered, b.records as usize).await;
     assert_balanced(&collector.shutdown().await);
-    let bootstrap = kafka.bootstrap_servers();
-    let kafka_side = tokio::task::spawn_blocking(move || consume_all(&bootstrap, "metrics-"))
-        .await
-        .unwrap();
+    let kafka_side = e2e::consume(kafka.bootstrap_servers(), "metrics-").await;
     let key = |r: &MetricList| serde_json::to_string(r).unwrap();
     let mut from_kafka: Vec<String> = kafka_side.records.iter().map(|(_, r)| key(r)).collect();
     let mut from_partner: Vec<String> = all.iter().map(key).collect();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use collector::config::FullPolicy;
 use collector::stats::DropReason;
-use e2e::{assert_balanced, assert_eventually, consume_all, spawn_collector, test_config};
+use e2e::{assert_balanced, assert_eventually, spawn_collector, test_config};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use simulator::producer::{Malformed, producer};
@@ -56,10 +56,7 @@ async fn garbage_connections_do_not_disturb_good_ones() {
     assert_balanced(&accounting);
     // The one bad connection with a valid first block (BadSync) delivered nothing.
     assert_eq!(accounting.received.datapoints, sent);
-    let bootstrap = kafka.bootstrap_servers();
-    let collected = tokio::task::spawn_blocking(move || consume_all(&bootstrap, "metrics-"))
-        .await
-        .unwrap();
+    let collected = e2e::consume(kafka.bootstrap_servers(), "metrics-").await;
     let (sequences, duplicates) = collected.sequences();
     assert_eq!(duplicates, 0);
     assert_eq!(
@@ -145,10 +142,7 @@ async fn brokers_down_then_up_block_policy_loses_nothing() {
     let accounting = collector.shutdown().await;
     assert_balanced(&accounting);
     assert_eq!(accounting.dropped_total().datapoints, 0);
-    let bootstrap = kafka.bootstrap_servers();
-    let collected = tokio::task::spawn_blocking(move || consume_all(&bootstrap, "metrics-"))
-        .await
-        .unwrap();
+    let collected = e2e::consume(kafka.bootstrap_servers(), "metrics-").await;
     let (sequences, duplicates) = collected.sequences();
     assert_eq!(duplicates, 0, "idempotent producer: no duplicates");
     assert_eq!(sequences["load"].len(), 12000);
@@ -199,10 +193,7 @@ async fn brokers_down_drop_oldest_counts_every_drop() {
     assert_balanced(&accounting);
     let dropped = accounting.dropped_for(DropReason::BufferFull).datapoints;
     assert!(dropped > 0, "the outage overflowed the buffer");
-    let bootstrap = kafka.bootstrap_servers();
-    let collected = tokio::task::spawn_blocking(move || consume_all(&bootstrap, "metrics-"))
-        .await
-        .unwrap();
+    let collected = e2e::consume(kafka.bootstrap_servers(), "metrics-").await;
     assert_eq!(collected.datapoints(), accounting.delivered.datapoints);
     assert_eq!(
         collected.datapoints() + dropped,
@@ -247,10 +238,7 @@ async fn one_broker_down_under_load_no_loss_no_duplicates() {
         collector.accounting()
     );
     assert_balanced(&collector.shutdown().await);
-    let bootstrap = kafka.bootstrap_servers();
-    let collected = tokio::task::spawn_blocking(move || consume_all(&bootstrap, "metrics-"))
-        .await
-        .unwrap();
+    let collected = e2e::consume(kafka.bootstrap_servers(), "metrics-").await;
     let (sequences, duplicates) = collected.sequences();
     assert_eq!(duplicates, 0);
     assert!(
@@ -312,10 +300,7 @@ async fn request_errors_and_latency_lose_nothing() {
         collector.accounting()
     );
     assert_balanced(&collector.shutdown().await);
-    let bootstrap = kafka.bootstrap_servers();
-    let collected = tokio::task::spawn_blocking(move || consume_all(&bootstrap, "metrics-"))
-        .await
-        .unwrap();
+    let collected = e2e::consume(kafka.bootstrap_servers(), "metrics-").await;
     let (sequences, duplicates) = collected.sequences();
     assert_eq!(duplicates, 0);
     let missing: Vec<u64> = (0..500)
@@ -365,10 +350,7 @@ async fn a_record_too_large_is_dropped_and_counted() {
         }
     );
     assert_eq!(accounting.delivered.datapoints, small.datapoints);
-    let bootstrap = kafka.bootstrap_servers();
-    let collected = tokio::task::spawn_blocking(move || consume_all(&bootstrap, "metrics-"))
-        .await
-        .unwrap();
+    let collected = e2e::consume(kafka.bootstrap_servers(), "metrics-").await;
     assert!(
         collected
             .messages

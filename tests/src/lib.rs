@@ -244,6 +244,14 @@ pub fn consume_all(bootstrap: &str, prefix: &str) -> Collected {
     collected
 }
 
+/// [`consume_all`] off the async runtime's threads.
+pub async fn consume(bootstrap: String, prefix: &str) -> Collected {
+    let prefix = prefix.to_owned();
+    tokio::task::spawn_blocking(move || consume_all(&bootstrap, &prefix))
+        .await
+        .expect("consumer thread")
+}
+
 /// Asserts the identity: received = delivered + dropped, nothing in flight.
 pub fn assert_balanced(accounting: &Accounting) {
     assert!(
