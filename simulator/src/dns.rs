@@ -168,12 +168,20 @@ impl RequestHandler for Handler {
 
 /// Starts Mesos-DNS on `ip` with an ephemeral port (UDP and TCP share it).
 pub async fn mesos_dns(ip: Ipv4Addr) -> std::io::Result<DnsHandle> {
-    // Find a port free for both protocols.
-    let (udp, tcp) = loop {
-        let udp = UdpSocket::bind((ip, 0)).await?;
-        let port = udp.local_addr()?.port();
-        if let Ok(tcp) = TcpListener::bind((ip, port)).await {
-            break (udp, tcp);
+    mesos_dns_on(SocketAddr::from((ip, 0))).await
+}
+
+/// Starts Mesos-DNS on `addr` (port 0: one free for both UDP and TCP).
+pub async fn mesos_dns_on(addr: SocketAddr) -> std::io::Result<DnsHandle> {
+    let (udp, tcp) = if addr.port() != 0 {
+        (UdpSocket::bind(addr).await?, TcpListener::bind(addr).await?)
+    } else {
+        loop {
+            let udp = UdpSocket::bind(addr).await?;
+            let port = udp.local_addr()?.port();
+            if let Ok(tcp) = TcpListener::bind((addr.ip(), port)).await {
+                break (udp, tcp);
+            }
         }
     };
     let addr = udp.local_addr()?;

@@ -256,3 +256,247 @@ impl ProducerBuilder {
         Ok(report)
     }
 }
+
+/// What an emulated mesos module did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ModuleReport {
+    /// The module's id (`sim_producer` tag).
+    pub id: String,
+    /// Datapoints generated.
+    pub generated: u64,
+    /// Datapoints in blocks handed completely to the socket.
+    pub sent: u64,
+    /// Datapoints dropped: not connected, over the 256 KiB pending limit, or
+    /// in a block cut by a broken connection.
+    pub dropped: u64,
+    /// Connections made.
+    pub connects: u64,
+}
+
+/// Emulates the mesos-agent module's TCP output exactly
+/// (`module/avro_encoder.cpp`, `tcp_sender.cpp` @ 8136116):
+///
+/// - the 601-byte header (null codec, sync `FEFEFEFEFEFEFEFE`) on every
+///   (re)connect;
+/// - one block per flush, when 100 datapoints have accumulated or every
+///   10 s, with one MetricList per container;
+/// - reconnect with exponential backoff 1, 2, 4 … 60 s;
+/// - data dropped and counted while not connected, or when pending bytes
+///   would go over 256 KiB.
+#[derive(Debug, Clone)]
+pub struct ModuleProducer {
+    addr: SocketAddr,
+    id: String,
+    containers: usize,
+    datapoints_per_sec: f64,
+    flush_datapoints: usize,
+    flush_interval: Duration,
+    pending_limit: usize,
+    backoff: (Duration, Duration),
+}
+
+/// A mesos module emulator sending to `addr`.
+pub fn module_producer(addr: SocketAddr, id: impl Into<String>) -> ModuleProducer {
+    ModuleProducer {
+        addr,
+        id: id.into(),
+        containers: 3,
+        datapoints_per_sec: 100.0,
+        flush_datapoints: 100,
+        flush_interval: Duration::from_secs(10),
+        pending_limit: 256 * 1024,
+        backoff: (Duration::from_secs(1), Duration::from_secs(60)),
+    }
+}
+
+impl ModuleProducer {
+    /// Containers whose statsd datapoints it forwards.
+    pub fn containers(mut self, n: usize) -> Self {
+        self.containers = n.max(1);
+        self
+    }
+
+    /// Datapoints generated per second, over all containers.
+    pub fn rate(mut self, datapoints_per_sec: f64) -> Self {
+        self.datapoints_per_sec = datapoints_per_sec;
+        self
+    }
+
+    /// Overrides the module's constants (for fast tests).
+    pub fn tuning(
+        mut self,
+        flush_interval: Duration,
+        backoff: (Duration, Duration),
+        pending_limit: usize,
+    ) -> Self {
+        self.flush_interval = flush_interval;
+        self.backoff = backoff;
+        self.pending_limit = pending_limit;
+        self
+    }
+
+    /// Runs until `stop`; returns what it did.
+    pub async fn run(self, stop: Arc<AtomicBool>) -> ModuleReport {
+        let mut report = ModuleReport {
+            id: self.id.clone(),
+            ..ModuleReport::default()
+        };
+        let encoder = OcfEncoder::with_sync(Codec::Null, MODULE_SYNC);
+        let mut block_encoder = encoder.clone();
+        let mut stream: Option<TcpStream> = None;
+        let mut next_connect = tokio::time::Instant::now();
+        let mut backoff = self.backoff.0;
+        // Pending bytes, and per complete block in them: (end offset, datapoints).
+        let mut pending: Vec<u8> = Vec::new();
+        let mut blocks: std::collections::VecDeque<(usize, u64)> =
+            std::collections::VecDeque::new();
+        let mut lists: Vec<MetricList> = (0..self.containers)
+            .map(|c| MetricList {
+                topic: format!("5349f49b-68b3-4638-aab2-fc4ec845f993-{:04}", c % 2),
+                tags: vec![
+                    Tag::new(
+                        "framework_id",
+                        format!("5349f49b-68b3-4638-aab2-fc4ec845f993-{:04}", c % 2),
+                    ),
+                    Tag::new("executor_id", format!("{}-executor-{c}", self.id)),
+                    Tag::new("container_id", format!("{}-container-{c}", self.id)),
+                    Tag::new(PRODUCER_TAG, &self.id),
+                ],
+                datapoints: Vec::new(),
+            })
+            .collect();
+        let mut seq = 0u64;
+        let mut accumulated = 0usize;
+        let mut last_flush = tokio::time::Instant::now();
+        let tick = Duration::from_millis(20);
+        let per_tick = self.datapoints_per_sec * tick.as_secs_f64();
+        let mut carry = 0.0;
+        let mut interval = tokio::time::interval(tick);
+        while !stop.load(Ordering::Relaxed) {
+            interval.tick().await;
+            // Generate statsd-like datapoints; flush at 100 of them, or every 10 s.
+            carry += per_tick;
+            let timer_due = accumulated > 0 && last_flush.elapsed() >= self.flush_interval;
+            while carry >= 1.0 || (timer_due && accumulated > 0) {
+                if carry >= 1.0 {
+                    carry -= 1.0;
+                    let container = (report.generated as usize) % self.containers;
+                    lists[container].datapoints.push(Datapoint::new(
+                        format!("statsd.metric_{}", report.generated % 7),
+                        now_ms(),
+                        report.generated as f64,
+                    ));
+                    report.generated += 1;
+                    accumulated += 1;
+                }
+                if accumulated < self.flush_datapoints && !(timer_due && carry < 1.0) {
+                    continue;
+                }
+                last_flush = tokio::time::Instant::now();
+                let mut records: Vec<MetricList> = Vec::new();
+                for list in &mut lists {
+                    if list.datapoints.is_empty() {
+                        continue;
+                    }
+                    let mut record = list.clone();
+                    record.tags.push(Tag::new(SEQ_TAG, seq.to_string()));
+                    seq += 1;
+                    records.push(record);
+                    list.datapoints.clear();
+                }
+                let mut block = Vec::new();
+                block_encoder.write_block(&records, &mut block);
+                let datapoints = accumulated as u64;
+                accumulated = 0;
+                if stream.is_none() || pending.len() + block.len() > self.pending_limit {
+                    report.dropped += datapoints;
+                } else {
+                    pending.extend_from_slice(&block);
+                    blocks.push_back((pending.len(), datapoints));
+                }
+            }
+            // (Re)connect with backoff; the header goes first on every connection.
+            if stream.is_none() && tokio::time::Instant::now() >= next_connect {
+                match TcpStream::connect(self.addr).await {
+                    Ok(s) => {
+                        report.connects += 1;
+                        backoff = self.backoff.0;
+                        let mut header = Vec::new();
+                        encoder.write_header(&mut header);
+                        pending.splice(0..0, header.iter().copied());
+                        for (end, _) in &mut blocks {
+                            *end += header.len();
+                        }
+                        stream = Some(s);
+                    }
+                    Err(_) => {
+                        next_connect = tokio::time::Instant::now() + backoff;
+                        backoff = (backoff * 2).min(self.backoff.1);
+                    }
+                }
+            }
+            // Send what the socket takes without blocking.
+            if let Some(s) = &stream
+                && !pending.is_empty()
+            {
+                match s.try_write(&pending) {
+                    Ok(written) => {
+                        pending.drain(..written);
+                        while let Some((end, datapoints)) = blocks.front().copied() {
+                            if end > written {
+                                break;
+                            }
+                            report.sent += datapoints;
+                            blocks.pop_front();
+                        }
+                        for (end, _) in &mut blocks {
+                            *end -= written;
+                        }
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        // The connection broke: what is pending is lost.
+                        report.dropped += blocks.drain(..).map(|(_, d)| d).sum::<u64>();
+                        pending.clear();
+                        stream = None;
+                        next_connect = tokio::time::Instant::now() + backoff;
+                        backoff = (backoff * 2).min(self.backoff.1);
+                    }
+                }
+            }
+        }
+        // Give the last pending bytes a moment (never re-sending a byte),
+        // then count the rest.
+        if let Some(mut s) = stream.take() {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while !pending.is_empty() && tokio::time::Instant::now() < deadline {
+                if tokio::time::timeout(Duration::from_millis(100), s.writable())
+                    .await
+                    .is_err()
+                {
+                    continue;
+                }
+                match s.try_write(&pending) {
+                    Ok(written) => {
+                        pending.drain(..written);
+                        while let Some((end, datapoints)) = blocks.front().copied() {
+                            if end > written {
+                                break;
+                            }
+                            report.sent += datapoints;
+                            blocks.pop_front();
+                        }
+                        for (end, _) in &mut blocks {
+                            *end -= written;
+                        }
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+            }
+            let _ = s.shutdown().await;
+        }
+        report.dropped += blocks.drain(..).map(|(_, d)| d).sum::<u64>() + accumulated as u64;
+        report
+    }
+}

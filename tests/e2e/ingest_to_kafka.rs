@@ -45,6 +45,12 @@ async fn many_producers_every_datapoint_arrives_on_its_topic() {
         .flat_map(|name| schema::testing::expected_records(&format!("{name}.expected.jsonl")))
         .map(|r| r.datapoints.len() as u64)
         .sum();
+
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == sent + fixture_datapoints,
+        "all datapoints delivered: {:?}",
+        collector.accounting()
+    );
     let accounting = collector.shutdown().await;
     assert_balanced(&accounting);
     assert_eq!(accounting.received.datapoints, sent + fixture_datapoints);

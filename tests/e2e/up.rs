@@ -10,7 +10,7 @@ fn options(scenario: Option<Scenario>) -> UpOptions {
         duration: Some(Duration::from_secs(20)),
         producers: 4,
         containers: 6,
-        interval: Duration::from_millis(100),
+        rate: 1000.0,
         brokers: 3,
         scenario,
         quiet: true,
@@ -24,6 +24,10 @@ async fn up_for_20s_conserves_every_datapoint() {
     print_report(&report);
     assert!(report.passed(), "{:?}", report.failures);
     assert_eq!(report.producers_verified, report.producers_sent);
+    assert_eq!(
+        report.producers_generated,
+        report.producers_sent + report.producers_dropped
+    );
     assert!(report.sample_producer.datapoints_delivered > 0);
 }
 
