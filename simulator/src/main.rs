@@ -99,11 +99,16 @@ enum Command {
         /// Stop after this long (e.g. 60s); otherwise at Ctrl-C.
         #[arg(long, value_parser = simulator::up::parse_duration)]
         duration: Option<Duration>,
+        /// The collector's /metrics URL: at the end, check conservation
+        /// against it and exit non-zero when it does not hold.
+        #[arg(long)]
+        metrics: Option<String>,
     },
 }
 
+/// SIGINT or SIGTERM (docker stops containers with SIGTERM).
 async fn ctrl_c() {
-    let _ = tokio::signal::ctrl_c().await;
+    collector::telemetry::shutdown_signal().await;
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -179,7 +184,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&report)?);
             }
         }
-        Command::Verify { brokers, duration } => {
+        Command::Verify {
+            brokers,
+            duration,
+            metrics,
+        } => {
             let verifier =
                 simulator::verify::Verifier::start(&brokers, "metrics-", "sample_metrics")?;
             let stop = async {
@@ -202,7 +211,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     }
                 }
             }
-            println!("{}", serde_json::to_string_pretty(&verifier.stop())?);
+            let seen = verifier.stop();
+            println!("{}", serde_json::to_string_pretty(&seen)?);
+            if let Some(url) = metrics {
+                let counts = simulator::verify::scrape(&url).await?;
+                let failures = simulator::verify::check_conservation(&counts, &seen);
+                println!("collector: {}", serde_json::to_string(&counts)?);
+                for failure in &failures {
+                    println!("FAILED: {failure}");
+                }
+                anyhow::ensure!(failures.is_empty(), "conservation does not hold");
+                println!("conservation: OK");
+            }
         }
         Command::Kafka { .. } => unreachable!("handled on the main thread"),
     }

@@ -33,6 +33,8 @@ pub enum Scenario {
     BrokerOutage,
     /// The scheduler and Mesos-DNS move the brokers to a new cluster.
     SchedulerMove,
+    /// A partner connects to the collector's partner output and never reads.
+    PartnerStall,
 }
 
 /// Parses `20s`, `2m`, `500ms` or plain seconds.
@@ -98,6 +100,8 @@ pub struct UpReport {
     pub collector: Accounting,
     /// Times the collector switched to a new broker set.
     pub producer_switches: u64,
+    /// Blocks dropped from slow partners' queues.
+    pub partner_blocks_dropped: u64,
     /// Datapoints in Kafka's metrics topics (all sources, distinct).
     pub kafka_metrics_datapoints: u64,
     /// The sample-producer's report.
@@ -165,6 +169,8 @@ pub async fn run(
     };
     let app = collector::App::bind(config).await?;
     let (input, stats, brokers) = (app.ingest_addr(), app.stats(), app.broker_state());
+    let partner_addr = app.partner_addr();
+    let mut stalled_partner = None;
     let stop_collector = CancellationToken::new();
     let collector_task = tokio::spawn(app.run(stop_collector.clone().cancelled_owned()));
 
@@ -245,6 +251,11 @@ pub async fn run(
                 }
                 scenario_state = 2;
             }
+            (Some(Scenario::PartnerStall), 0) if elapsed >= scenario_at => {
+                println!("scenario: a partner connects and never reads");
+                stalled_partner = Some(tokio::net::TcpStream::connect(partner_addr).await?);
+                scenario_state = 1;
+            }
             (Some(Scenario::SchedulerMove), 0) if elapsed >= scenario_at => {
                 let cluster = MockCluster::new(options.brokers)?;
                 println!(
@@ -302,6 +313,8 @@ pub async fn run(
     }
     stop_sample.cancel();
     let sample_report = sample_task.await?;
+    let partner_drops = stats.partner_blocks_dropped.load(Relaxed);
+    drop(stalled_partner);
     stop_collector.cancel();
     let accounting = collector_task.await?;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -382,6 +395,7 @@ pub async fn run(
         duplicates,
         collector: accounting,
         producer_switches: stats.producer_switches.load(Relaxed),
+        partner_blocks_dropped: partner_drops,
         kafka_metrics_datapoints: kafka_metrics,
         sample_producer: sample_report,
         sample_verified: seen.sample_datapoints,

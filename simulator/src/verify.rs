@@ -232,3 +232,67 @@ fn consume(
         }
     }
 }
+
+/// The collector's accounting, read from its `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct CollectorCounts {
+    /// `collector_received_datapoints_total`, all inputs.
+    pub received: f64,
+    /// `collector_delivered_datapoints_total`.
+    pub delivered: f64,
+    /// `collector_dropped_datapoints_total`, all reasons.
+    pub dropped: f64,
+}
+
+/// Scrapes a collector's `/metrics` with a Prometheus text parser.
+pub async fn scrape(metrics_url: &str) -> anyhow::Result<CollectorCounts> {
+    let body = reqwest::get(metrics_url)
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))?;
+    let sum = |name: &str| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    Ok(CollectorCounts {
+        received: sum("collector_received_datapoints_total"),
+        delivered: sum("collector_delivered_datapoints_total"),
+        dropped: sum("collector_dropped_datapoints_total"),
+    })
+}
+
+/// Conservation from the outside: the collector's identity holds (received
+/// = delivered + dropped, nothing in flight), and Kafka holds at least what
+/// it counted as delivered. Returns the failures, in words.
+pub fn check_conservation(collector: &CollectorCounts, seen: &Seen) -> Vec<String> {
+    let mut failures = Vec::new();
+    if (collector.received - collector.delivered - collector.dropped).abs() > 0.5 {
+        failures.push(format!(
+            "collector: received {} != delivered {} + dropped {}",
+            collector.received, collector.delivered, collector.dropped
+        ));
+    }
+    let in_kafka = (seen.datapoints - seen.sample_datapoints) as f64;
+    if in_kafka < collector.delivered {
+        failures.push(format!(
+            "Kafka holds {in_kafka} datapoints, the collector counted {} delivered",
+            collector.delivered
+        ));
+    }
+    let duplicates: u64 = seen.producers.values().map(|p| p.duplicates).sum();
+    if duplicates > 0 {
+        failures.push(format!("{duplicates} duplicated records"));
+    }
+    failures
+}

@@ -243,3 +243,94 @@ async fn collector_poller_enriches_and_publishes_agent_metrics() {
             .any(|d| d.name == "dcos.metrics.agent.slave.tasks_running")
     );
 }
+
+/// Cached agent state expires: while `/state` fails for more than four poll
+/// periods, records get the original's UNKNOWN_* values, not stale tags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_agent_state_expires() {
+    let kafka = MockCluster::new(1).unwrap();
+    let agent = mesos_agent()
+        .containers(2)
+        .agent_id("agent-9")
+        .run()
+        .await
+        .unwrap();
+    let mut config = test_config(&kafka.bootstrap_servers());
+    config.agent_polling = true;
+    config.agent_url = Some(agent.url());
+    config.agent_poll_period = 1;
+    let collector = spawn_collector(config).await;
+    assert_eventually!(agent.requests() >= 3, "the poller ran");
+    agent.set_fault(AgentFault::ServerError);
+    let failing_since = agent.requests();
+    // Each period makes 3 requests: wait out more than four failing periods.
+    assert_eventually!(
+        agent.requests() >= failing_since + 16,
+        "polls failed for over four periods"
+    );
+    let report = producer(collector.addr, "late")
+        .topic("fw")
+        .blocks(1)
+        .run()
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector.accounting().in_flight().datapoints == 0
+            && collector.accounting().delivered.datapoints >= report.datapoints,
+        "delivered"
+    );
+    assert_balanced(&collector.shutdown().await);
+    let collected = e2e::consume(kafka.bootstrap_servers(), "metrics-fw").await;
+    assert_eq!(collected.records.len() as u64, report.records);
+    assert!(
+        collected
+            .records
+            .iter()
+            .all(|(_, r)| r.tag("agent_id") == Some("UNKNOWN_AGENT_STATE")),
+        "{:?}",
+        collected.records[0].1.tags
+    );
+}
+
+/// The sample-producer finds Kafka through the scheduler; a scheduler
+/// outage holds its polls, which arrive once the scheduler answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sample_producer_survives_a_scheduler_outage() {
+    use simulator::scheduler::{SchedulerFault, kafka_scheduler};
+    let kafka = MockCluster::new(1).unwrap();
+    let scheduler = kafka_scheduler("kafka", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let brokers: Vec<String> = kafka
+        .bootstrap_servers()
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    scheduler.set_lists(brokers.clone(), brokers);
+    scheduler.set_fault(SchedulerFault::Unavailable);
+    let agent = mesos_agent().containers(2).run().await.unwrap();
+    let mut config = sample_config(agent.url(), &kafka.bootstrap_servers());
+    config.brokers = Some(BrokerSource::Framework {
+        name: "kafka".into(),
+        scheduler_url: Some(scheduler.url()),
+        dns_server: None,
+    });
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(config, shutdown.clone()));
+    assert_eventually!(
+        scheduler.requests() >= 2 && agent.requests() >= 3,
+        "polling while the scheduler answers 503"
+    );
+    scheduler.set_fault(SchedulerFault::None);
+    assert_eventually!(
+        e2e::consume(kafka.bootstrap_servers(), "sample_metrics")
+            .await
+            .messages
+            .len()
+            >= 3,
+        "the held polls arrive"
+    );
+    shutdown.cancel();
+    let report = task.await.unwrap();
+    assert_eq!(report.datapoints_dropped, 0, "{report:?}");
+}

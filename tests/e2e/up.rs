@@ -63,3 +63,16 @@ async fn up_with_the_scheduler_moving_the_brokers() {
     );
     assert_eq!(report.producers_verified, report.producers_sent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_a_stalled_partner() {
+    let mut options = options(Some(Scenario::PartnerStall));
+    options.rate = 4000.0;
+    let report = run(options, std::future::pending()).await.unwrap();
+    print_report(&report);
+    assert!(report.passed(), "{:?}", report.failures);
+    assert_eq!(
+        report.producers_verified, report.producers_sent,
+        "Kafka unaffected by the stalled partner"
+    );
+}

@@ -270,10 +270,13 @@ impl Poller {
         self.buffer.push(Chunk { items }).await;
     }
 
-    async fn poll_state(&self, client: &AgentClient) {
+    /// Fetches `/state`. A cached state older than four poll periods expires:
+    /// records then get the `UNKNOWN_*` values again rather than stale tags.
+    async fn poll_state(&self, client: &AgentClient, last_ok: &mut Option<Instant>) {
         self.poller_stats.queries.fetch_add(1, Relaxed);
         match client.state().await {
             Ok(state) => {
+                *last_ok = Some(Instant::now());
                 let enrichment = Enrichment::from_state(&state);
                 if self.enrichment.borrow().agent_id.is_none() {
                     info!(
@@ -284,7 +287,17 @@ impl Poller {
                 }
                 self.enrichment.send_replace(Arc::new(enrichment));
             }
-            Err(error) => self.failed("/state", &error),
+            Err(error) => {
+                self.failed("/state", &error);
+                if last_ok.is_some_and(|at| at.elapsed() >= self.settings.period * 4) {
+                    warn!(
+                        "Agent state expired: records get UNKNOWN_* tags until /state answers again."
+                    );
+                    *last_ok = None;
+                    self.enrichment
+                        .send_replace(Arc::new(Enrichment::pending()));
+                }
+            }
         }
     }
 
@@ -306,6 +319,7 @@ impl Poller {
         let mut tick = tokio::time::interval(self.settings.period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_refresh = Instant::now();
+        let mut last_ok: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -313,12 +327,12 @@ impl Poller {
                 _ = self.refresh.notified() => {
                     if last_refresh.elapsed() >= Duration::from_secs(5) {
                         last_refresh = Instant::now();
-                        self.poll_state(&client).await;
+                        self.poll_state(&client, &mut last_ok).await;
                     }
                     continue;
                 }
             }
-            self.poll_state(&client).await;
+            self.poll_state(&client, &mut last_ok).await;
             last_refresh = Instant::now();
             if !self.settings.metrics {
                 continue;
