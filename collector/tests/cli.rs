@@ -141,6 +141,17 @@ fn sigterm_drains_and_logs_the_final_count() {
         let line = lines.next().unwrap().unwrap();
         if line.contains("Collector started") {
             let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+            // One line names every bound address.
+            assert!(
+                value["api"].as_str().is_some_and(|a| !a.ends_with(":0")),
+                "{line}"
+            );
+            assert!(
+                value["partner"]
+                    .as_str()
+                    .is_some_and(|a| !a.ends_with(":0")),
+                "{line}"
+            );
             break value["input"].as_str().unwrap().to_owned();
         }
     };

@@ -263,3 +263,68 @@ async fn dns_srv_then_scheduler_then_broker_names() {
     assert_balanced(&collector.shutdown().await);
     dns.stop();
 }
+
+/// With periodic rediscovery far away, every broker failing is what sends
+/// the collector back to the scheduler, which by then names new brokers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_brokers_down_triggers_rediscovery() {
+    let old = MockCluster::new(1).unwrap();
+    let new = MockCluster::new(1).unwrap();
+    let scheduler = MockServer::start().await;
+    let answer = |cluster: &MockCluster<'_, _>| {
+        let dns: Vec<String> = cluster
+            .bootstrap_servers()
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        ResponseTemplate::new(200).set_body_json(json!({"dns": dns}))
+    };
+    Mock::given(method("GET"))
+        .and(path("/v1/connection"))
+        .respond_with(answer(&old))
+        .mount(&scheduler)
+        .await;
+    let mut config = framework_config(&scheduler.uri());
+    config.kafka_rediscover_secs = 3600;
+    let collector = spawn_collector(config).await;
+    let first = producer(collector.addr, "before")
+        .blocks(5)
+        .run()
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == first.datapoints,
+        "delivered to the old brokers"
+    );
+    scheduler.reset().await;
+    Mock::given(method("GET"))
+        .and(path("/v1/connection"))
+        .respond_with(answer(&new))
+        .mount(&scheduler)
+        .await;
+    old.broker_down(1).unwrap();
+    let second = producer(collector.addr, "after")
+        .blocks(5)
+        .run()
+        .await
+        .unwrap();
+    let new_bootstrap = new.bootstrap_servers();
+    assert_eventually!(
+        collector
+            .brokers
+            .lock()
+            .unwrap()
+            .current
+            .as_ref()
+            .is_some_and(|c| c.brokers.join(",") == new_bootstrap),
+        "all brokers down sent the collector back to the scheduler"
+    );
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == first.datapoints + second.datapoints,
+        "delivered to the new brokers: {:?}",
+        collector.accounting()
+    );
+    assert_balanced(&collector.shutdown().await);
+    let on_new = e2e::consume(new.bootstrap_servers(), "metrics-").await;
+    assert_eq!(on_new.sequences().0["after"].len(), 25);
+}

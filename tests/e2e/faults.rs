@@ -422,3 +422,54 @@ async fn input_rate_limit_drops_and_counts() {
     assert!(limited > 0 && limited < report.datapoints, "{accounting:?}");
     assert_eq!(accounting.delivered.datapoints + limited, report.datapoints);
 }
+
+/// The connection limit refuses (and counts) what is over it; the idle
+/// timeout closes (and counts) a silent connection. Others keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_and_idle_timeout() {
+    use tokio::io::AsyncReadExt;
+    let kafka = MockCluster::new(1).unwrap();
+    let mut config = test_config(&kafka.bootstrap_servers());
+    config.max_connections = 2;
+    config.idle_timeout_secs = 1;
+    let collector = spawn_collector(config).await;
+    let mut first = tokio::net::TcpStream::connect(collector.addr)
+        .await
+        .unwrap();
+    let _second = tokio::net::TcpStream::connect(collector.addr)
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector.stats.connections_open.load(Relaxed) == 2,
+        "two open"
+    );
+    let mut third = tokio::net::TcpStream::connect(collector.addr)
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        third.read(&mut byte).await.unwrap_or(0),
+        0,
+        "the third is closed at once"
+    );
+    assert_eventually!(
+        collector.stats.connections_refused.load(Relaxed) == 1,
+        "and counted"
+    );
+    // Silent connections are closed after the idle timeout.
+    assert_eq!(first.read(&mut byte).await.unwrap_or(0), 0);
+    assert_eventually!(
+        collector.stats.connections_idle_closed.load(Relaxed) == 2,
+        "both idle ones closed and counted"
+    );
+    let report = producer(collector.addr, "after")
+        .blocks(3)
+        .run()
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == report.datapoints,
+        "new connections flow"
+    );
+    assert_balanced(&collector.shutdown().await);
+}
