@@ -27,9 +27,17 @@ pub fn init(filter: &str, format: LogFormat) -> LogControl {
     let (filter_layer, handle) = reload::Layer::new(initial);
     let registry = tracing_subscriber::registry().with(filter_layer);
     let _ = match format {
-        LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .try_init(),
+        LogFormat::Text => {
+            // Colours only on a terminal, never in files or journald.
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            registry
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_ansi(ansi)
+                        .with_writer(std::io::stderr),
+                )
+                .try_init()
+        }
         LogFormat::Json => registry
             .with(
                 tracing_subscriber::fmt::layer()
