@@ -257,6 +257,40 @@ impl ProducerBuilder {
     }
 }
 
+/// Bytes waiting for the socket, and where each whole block in them ends.
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    /// (end offset in `bytes`, datapoints) per block, oldest first.
+    blocks: std::collections::VecDeque<(usize, u64)>,
+}
+
+impl Pending {
+    /// Drops `written` sent bytes; returns the datapoints of the blocks now
+    /// completely sent.
+    fn advance(&mut self, written: usize) -> u64 {
+        self.bytes.drain(..written);
+        let mut sent = 0;
+        while let Some((end, datapoints)) = self.blocks.front().copied() {
+            if end > written {
+                break;
+            }
+            sent += datapoints;
+            self.blocks.pop_front();
+        }
+        for (end, _) in &mut self.blocks {
+            *end -= written;
+        }
+        sent
+    }
+
+    /// Everything pending is lost: returns its datapoints.
+    fn lose(&mut self) -> u64 {
+        self.bytes.clear();
+        self.blocks.drain(..).map(|(_, d)| d).sum()
+    }
+}
+
 /// What an emulated mesos module did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ModuleReport {
@@ -346,10 +380,7 @@ impl ModuleProducer {
         let mut stream: Option<TcpStream> = None;
         let mut next_connect = tokio::time::Instant::now();
         let mut backoff = self.backoff.0;
-        // Pending bytes, and per complete block in them: (end offset, datapoints).
-        let mut pending: Vec<u8> = Vec::new();
-        let mut blocks: std::collections::VecDeque<(usize, u64)> =
-            std::collections::VecDeque::new();
+        let mut pending = Pending::default();
         let mut lists: Vec<MetricList> = (0..self.containers)
             .map(|c| MetricList {
                 topic: format!("5349f49b-68b3-4638-aab2-fc4ec845f993-{:04}", c % 2),
@@ -408,11 +439,11 @@ impl ModuleProducer {
                 block_encoder.write_block(&records, &mut block);
                 let datapoints = accumulated as u64;
                 accumulated = 0;
-                if stream.is_none() || pending.len() + block.len() > self.pending_limit {
+                if stream.is_none() || pending.bytes.len() + block.len() > self.pending_limit {
                     report.dropped += datapoints;
                 } else {
-                    pending.extend_from_slice(&block);
-                    blocks.push_back((pending.len(), datapoints));
+                    pending.bytes.extend_from_slice(&block);
+                    pending.blocks.push_back((pending.bytes.len(), datapoints));
                 }
             }
             // (Re)connect with backoff; the header goes first on every connection.
@@ -423,8 +454,8 @@ impl ModuleProducer {
                         backoff = self.backoff.0;
                         let mut header = Vec::new();
                         encoder.write_header(&mut header);
-                        pending.splice(0..0, header.iter().copied());
-                        for (end, _) in &mut blocks {
+                        pending.bytes.splice(0..0, header.iter().copied());
+                        for (end, _) in &mut pending.blocks {
                             *end += header.len();
                         }
                         stream = Some(s);
@@ -437,27 +468,14 @@ impl ModuleProducer {
             }
             // Send what the socket takes without blocking.
             if let Some(s) = &stream
-                && !pending.is_empty()
+                && !pending.bytes.is_empty()
             {
-                match s.try_write(&pending) {
-                    Ok(written) => {
-                        pending.drain(..written);
-                        while let Some((end, datapoints)) = blocks.front().copied() {
-                            if end > written {
-                                break;
-                            }
-                            report.sent += datapoints;
-                            blocks.pop_front();
-                        }
-                        for (end, _) in &mut blocks {
-                            *end -= written;
-                        }
-                    }
+                match s.try_write(&pending.bytes) {
+                    Ok(written) => report.sent += pending.advance(written),
                     Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(_) => {
                         // The connection broke: what is pending is lost.
-                        report.dropped += blocks.drain(..).map(|(_, d)| d).sum::<u64>();
-                        pending.clear();
+                        report.dropped += pending.lose();
                         stream = None;
                         next_connect = tokio::time::Instant::now() + backoff;
                         backoff = (backoff * 2).min(self.backoff.1);
@@ -469,34 +487,22 @@ impl ModuleProducer {
         // then count the rest.
         if let Some(mut s) = stream.take() {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-            while !pending.is_empty() && tokio::time::Instant::now() < deadline {
+            while !pending.bytes.is_empty() && tokio::time::Instant::now() < deadline {
                 if tokio::time::timeout(Duration::from_millis(100), s.writable())
                     .await
                     .is_err()
                 {
                     continue;
                 }
-                match s.try_write(&pending) {
-                    Ok(written) => {
-                        pending.drain(..written);
-                        while let Some((end, datapoints)) = blocks.front().copied() {
-                            if end > written {
-                                break;
-                            }
-                            report.sent += datapoints;
-                            blocks.pop_front();
-                        }
-                        for (end, _) in &mut blocks {
-                            *end -= written;
-                        }
-                    }
+                match s.try_write(&pending.bytes) {
+                    Ok(written) => report.sent += pending.advance(written),
                     Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(_) => break,
                 }
             }
             let _ = s.shutdown().await;
         }
-        report.dropped += blocks.drain(..).map(|(_, d)| d).sum::<u64>() + accumulated as u64;
+        report.dropped += pending.lose() + accumulated as u64;
         report
     }
 }

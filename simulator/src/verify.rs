@@ -251,6 +251,11 @@ pub async fn scrape(metrics_url: &str) -> anyhow::Result<CollectorCounts> {
         .error_for_status()?
         .text()
         .await?;
+    parse_counts(&body)
+}
+
+/// Reads the accounting counters out of a `/metrics` body.
+pub fn parse_counts(body: &str) -> anyhow::Result<CollectorCounts> {
     let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))?;
     let sum = |name: &str| -> f64 {
         scrape

@@ -224,31 +224,10 @@ async fn metrics_over_http_satisfy_the_identity() {
         .text()
         .await
         .unwrap();
-    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap();
-    let sum = |name: &str| -> f64 {
-        scrape
-            .samples
-            .iter()
-            .filter(|s| s.metric == name)
-            .map(|s| match s.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                _ => 0.0,
-            })
-            .sum()
-    };
-    let received = sum("collector_received_datapoints_total");
-    assert_eq!(received, (small.datapoints + big.datapoints) as f64);
-    assert_eq!(
-        received,
-        sum("collector_delivered_datapoints_total") + sum("collector_dropped_datapoints_total")
-    );
-    assert_eq!(
-        sum("collector_dropped_datapoints_total"),
-        1000.0,
-        "the too-large record"
-    );
+    let counts = simulator::verify::parse_counts(&body).unwrap();
+    assert_eq!(counts.received, (small.datapoints + big.datapoints) as f64);
+    assert_eq!(counts.received, counts.delivered + counts.dropped);
+    assert_eq!(counts.dropped, 1000.0, "the too-large record");
     let health = reqwest::get(format!("http://{}/health", collector.api))
         .await
         .unwrap();
