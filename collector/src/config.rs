@@ -175,7 +175,9 @@ impl Default for Config {
             kafka_max_message_bytes: 1_000_000,
             kafka_topic_partitions: 1,
             kafka_topic_replication: 1,
-            kafka_queue_max_kbytes: 32 * 1024,
+            // The bounded buffer holds an outage; librdkafka only needs enough to
+            // keep the brokers busy (every figure in BENCHMARKS.md used 8 MiB).
+            kafka_queue_max_kbytes: 8 * 1024,
             librdkafka: BTreeMap::new(),
             buffer_max_bytes: 64 * 1024 * 1024,
             buffer_full_policy: FullPolicy::Block,
@@ -486,7 +488,7 @@ pub struct ConfigArgs {
     /// Replication of topics the collector creates [default: 1].
     #[arg(long, env = "KAFKA_TOPIC_REPLICATION")]
     pub kafka_topic_replication: Option<i32>,
-    /// Bound on librdkafka's queue, KB [default: 32768].
+    /// Bound on librdkafka's queue, KB [default: 8192].
     #[arg(long, env = "KAFKA_QUEUE_MAX_KBYTES")]
     pub kafka_queue_max_kbytes: Option<usize>,
     /// librdkafka option KEY=VALUE (repeatable; env: comma list).
