@@ -179,6 +179,11 @@ impl Buffer {
         Some(chunk)
     }
 
+    /// Whether [`close`](Self::close) has been called.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     /// No more pushes will come: `pop` drains, then returns `None`.
     pub fn close(&self) {
         self.lock().closed = true;

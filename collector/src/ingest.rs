@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use schema::{Block, StreamDecoder};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
@@ -91,8 +91,8 @@ pub struct Shared {
     pub decode_limits: schema::Limits,
     /// Close connections idle this long.
     pub idle_timeout: Option<Duration>,
-    /// How long a connection may keep reading after shutdown starts, to
-    /// finish a frame already in flight.
+    /// How long a connection may keep reading after shutdown starts (the
+    /// collector half-closes it and reads until the sender closes, or this).
     pub drain_timeout: Duration,
     global: Mutex<Window>,
 }
@@ -214,9 +214,10 @@ async fn connection(
         };
         let read = tokio::select! {
             _ = shutdown.cancelled(), if drain_until.is_none() => {
-                if buf.is_empty() {
-                    break End::Drained;
-                }
+                // Half-close: a sender that reads its socket sees EOF, stops
+                // writing and closes. Reading on until it does (or the drain
+                // timeout) loses nothing it wrote before it saw the EOF.
+                let _ = stream.shutdown().await;
                 drain_until = Some(Instant::now() + shared.drain_timeout);
                 continue;
             }
@@ -271,9 +272,6 @@ async fn connection(
         if buf.is_empty() && buf.capacity() > 4 * MIN_READ {
             buf = BytesMut::with_capacity(MIN_READ);
             read_size = MIN_READ;
-        }
-        if drain_until.is_some() && buf.is_empty() {
-            break End::Drained;
         }
     };
     stats.connections_open.fetch_sub(1, Relaxed);

@@ -50,6 +50,13 @@ enum Command {
         #[arg(long, default_value_t = schema::Limits::default().max_block_bytes)]
         max_block_bytes: usize,
     },
+    /// Ask a running collector's `/health`: exit 0 when healthy, 1 with the
+    /// reasons when not (a health check for images without a shell).
+    Health {
+        /// The collector's health URL.
+        #[arg(long, default_value = "http://127.0.0.1:8123/health")]
+        url: String,
+    },
 }
 
 fn legacy_env(name: &str) -> Option<String> {
@@ -79,6 +86,36 @@ fn main() -> ExitCode {
             files,
             max_block_bytes,
         }) => decode(files, max_block_bytes),
+        Some(Command::Health { url }) => health(&url),
+    }
+}
+
+fn health(url: &str) -> ExitCode {
+    let check = async {
+        let response = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(3))
+            .build()?
+            .get(url)
+            .send()
+            .await?;
+        let healthy = response.status().is_success();
+        Ok::<_, reqwest::Error>((healthy, response.text().await.unwrap_or_default()))
+    };
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|runtime| runtime.block_on(check).map_err(|e| e.to_string()));
+    match result {
+        Ok((true, _)) => ExitCode::SUCCESS,
+        Ok((false, body)) => {
+            eprintln!("collector health: {url}: unhealthy: {body}");
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("collector health: {url}: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -397,6 +397,37 @@ async fn shutdown_with_brokers_down_counts_the_rest() {
     assert!(accounting.dropped_for(DropReason::Shutdown).datapoints > 0);
 }
 
+/// Shutdown keeps to its grace even when Kafka never took anything: here
+/// librdkafka refuses the options, so there is no producer at all. (It used
+/// to wait forever for a producer once its outbox held a message.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_without_any_producer_ends_within_the_grace() {
+    let mut config = test_config("127.0.0.1:9");
+    config.shutdown_grace_secs = 1;
+    config
+        .librdkafka
+        .insert("compression.codec".into(), "no-such-codec".into());
+    let collector = spawn_collector(config).await;
+    let load = producer(collector.addr, "load")
+        .blocks(5)
+        .run()
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector.accounting().received.datapoints == load.datapoints,
+        "everything read"
+    );
+    let accounting = tokio::time::timeout(Duration::from_secs(20), collector.shutdown())
+        .await
+        .expect("shutdown ends within its grace");
+    assert_balanced(&accounting);
+    assert_eq!(accounting.delivered.datapoints, 0);
+    assert_eq!(
+        accounting.dropped_for(DropReason::Shutdown).datapoints,
+        load.datapoints
+    );
+}
+
 /// Rate limits drop and count, as in the original.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn input_rate_limit_drops_and_counts() {

@@ -29,6 +29,8 @@ pub struct Message {
     pub created: Instant,
     /// How many times it has been produced before.
     pub attempts: u32,
+    /// A failed message is produced again no earlier than this.
+    pub not_before: Option<Instant>,
 }
 
 /// A record that can't fit in any message.
@@ -205,6 +207,7 @@ impl Batcher {
             datapoints: pending.datapoints,
             created: pending.since,
             attempts: 0,
+            not_before: None,
         }
     }
 }

@@ -127,7 +127,17 @@ fn is_permanent(code: RDKafkaErrorCode) -> bool {
     )
 }
 
+/// A message failing with errors that are not permanent is produced again
+/// after a backoff of 100 ms doubling to 5 s, up to this many times (about
+/// four minutes in all: a broker restart, not a broker that always refuses),
+/// then dropped and counted.
 const MAX_ATTEMPTS: u32 = 50;
+
+fn retry_backoff(attempts: u32) -> Duration {
+    Duration::from_millis(100)
+        .saturating_mul(1 << attempts.min(6))
+        .min(Duration::from_secs(5))
+}
 
 impl ClientContext for Context {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
@@ -214,6 +224,7 @@ impl ProducerContext for Context {
                         datapoints: meta.datapoints,
                         created: meta.created,
                         attempts: meta.attempts + 1,
+                        not_before: Some(Instant::now() + retry_backoff(meta.attempts)),
                     };
                     if let Err(mpsc::error::SendError(lost)) = self.retry.send(retry) {
                         // The sink is gone (only after shutdown): count it.
@@ -419,12 +430,17 @@ impl KafkaSink {
         if let Some((old, old_brokers)) = self.producer.replace((producer, discovered)) {
             self.stats.producer_switches.fetch_add(1, Relaxed);
             info!(old = ?old_brokers.brokers, "Kafka brokers changed: moving queued messages to the new brokers.");
-            // Give the old brokers a moment, then purge what is left; the
-            // purged messages come back as retries for the new producer.
+            // Messages not yet sent move at once (purged, they come back as
+            // retries for the new producer). Requests in flight get their
+            // answer from the old brokers first: re-sending them blindly
+            // would duplicate whatever the old brokers had written. Only
+            // what has no answer after 30 s is purged and moved.
             tokio::task::spawn_blocking(move || {
-                let _ = old.flush(Duration::from_secs(2));
-                old.purge(PurgeConfig::default().queue().inflight());
-                let _ = old.flush(Duration::from_secs(1));
+                old.purge(PurgeConfig::default().queue());
+                if old.flush(Duration::from_secs(30)).is_err() {
+                    old.purge(PurgeConfig::default().queue().inflight());
+                    let _ = old.flush(Duration::from_secs(1));
+                }
             });
         }
         true
@@ -499,6 +515,11 @@ impl KafkaSink {
     /// Returns false when it stopped on a full queue or a missing topic.
     async fn produce_outbox(&mut self) -> bool {
         while let Some(message) = self.outbox.pop_front() {
+            if message.not_before.is_some_and(|t| Instant::now() < t) {
+                // A retry backing off; the caller polls again shortly.
+                self.outbox.push_front(message);
+                return false;
+            }
             if !self.ensure_topic(&message.topic).await {
                 self.outbox.push_front(message);
                 return false;
@@ -586,6 +607,11 @@ impl KafkaSink {
                     next_discovery = Instant::now() + backoff.next_delay();
                 }
             }
+            // Shutdown: the grace starts when input stops, even while
+            // Kafka takes nothing (no producer, brokers down, a full outbox).
+            if deadline.is_none() && self.buffer.is_closed() {
+                deadline = Some(Instant::now() + self.settings.shutdown_grace);
+            }
             while let Ok(message) = self.retry_rx.try_recv() {
                 self.outbox.push_front(message);
             }
@@ -603,7 +629,7 @@ impl KafkaSink {
                     Some(chunk) => self.batch(chunk),
                     None => {
                         input_done = true;
-                        deadline = Some(Instant::now() + self.settings.shutdown_grace);
+                        deadline.get_or_insert(Instant::now() + self.settings.shutdown_grace);
                         let mut out = Vec::new();
                         self.batcher.flush_all(&mut out);
                         self.outbox.extend(out);
@@ -695,5 +721,29 @@ impl KafkaSink {
                 chunk.datapoints(),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_to_five_seconds_and_stop_after_minutes() {
+        assert_eq!(retry_backoff(0), Duration::from_millis(100));
+        assert_eq!(retry_backoff(3), Duration::from_millis(800));
+        assert_eq!(retry_backoff(6), Duration::from_secs(5));
+        assert_eq!(retry_backoff(40), Duration::from_secs(5));
+        let total: Duration = (0..MAX_ATTEMPTS).map(retry_backoff).sum();
+        // Long enough for a broker restart, short of retrying forever.
+        assert!(total > Duration::from_secs(120) && total < Duration::from_secs(600));
+    }
+
+    #[test]
+    fn size_and_schema_errors_are_permanent_but_a_broker_error_is_not() {
+        assert!(is_permanent(RDKafkaErrorCode::MessageSizeTooLarge));
+        assert!(is_permanent(RDKafkaErrorCode::InvalidTopic));
+        assert!(!is_permanent(RDKafkaErrorCode::Unknown));
+        assert!(!is_permanent(RDKafkaErrorCode::NotEnoughReplicas));
     }
 }
