@@ -46,6 +46,10 @@ pub struct SampleConfig {
     pub file_dir: Option<PathBuf>,
     /// Polls kept while Kafka is unreachable.
     pub max_pending: usize,
+    /// librdkafka's `compression.codec` (the original used snappy).
+    pub compression: String,
+    /// Any other librdkafka producer option, applied last.
+    pub librdkafka: Vec<(String, String)>,
 }
 
 /// What a run did, logged at shutdown.
@@ -74,16 +78,26 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn producer_config(brokers: &[String]) -> ClientConfig {
+fn producer_config(brokers: &[String], options: &ProducerOptions) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", brokers.join(","))
         .set("client.id", "sample-producer")
-        .set("compression.codec", "snappy")
+        .set("compression.codec", &options.compression)
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("message.timeout.ms", "30000");
+    for (key, value) in &options.librdkafka {
+        config.set(key, value);
+    }
     config
+}
+
+/// How the Kafka producer is configured.
+#[derive(Clone)]
+struct ProducerOptions {
+    compression: String,
+    librdkafka: Vec<(String, String)>,
 }
 
 struct Pending {
@@ -110,6 +124,7 @@ impl Shared {
 async fn send_pending(
     source: BrokerSource,
     topic: String,
+    options: ProducerOptions,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     grace: Duration,
@@ -141,13 +156,24 @@ async fn send_pending(
         };
         if producer.is_none() {
             match discover(&source, &http).await {
-                Ok(found) => match producer_config(&found.brokers).create::<FutureProducer>() {
-                    Ok(p) => {
-                        info!(brokers = ?found.brokers, method = %found.method, "Using Kafka brokers.");
-                        producer = Some((p, found.brokers));
+                Ok(found) => {
+                    match producer_config(&found.brokers, &options).create::<FutureProducer>() {
+                        Ok(p) => {
+                            info!(brokers = ?found.brokers, method = %found.method, "Using Kafka brokers.");
+                            // Brokers that do not auto-create topics (tansu, many
+                            // production clusters) would time the send out.
+                            let config = producer_config(&found.brokers, &options);
+                            match crate::sink::kafka::create_topic(&config, &topic, 1, 1).await {
+                                Ok(()) => info!(%topic, "Kafka topic exists."),
+                                Err(error) => {
+                                    warn!(%topic, %error, "Could not make sure the Kafka topic exists; sending anyway.")
+                                }
+                            }
+                            producer = Some((p, found.brokers));
+                        }
+                        Err(error) => error!(%error, "Could not create the Kafka producer."),
                     }
-                    Err(error) => error!(%error, "Could not create the Kafka producer."),
-                },
+                }
                 Err(error) => warn!(%error, "Broker lookup failed; retrying."),
             }
         }
@@ -168,7 +194,7 @@ async fn send_pending(
                             == Some(RDKafkaErrorCode::UnknownTopicOrPartition)
                         {
                             match crate::sink::kafka::create_topic(
-                                &producer_config(brokers),
+                                &producer_config(brokers, &options),
                                 &topic,
                                 1,
                                 1,
@@ -219,6 +245,10 @@ pub async fn run(config: SampleConfig, shutdown: CancellationToken) -> SampleRep
         tokio::spawn(send_pending(
             source,
             config.topic.clone(),
+            ProducerOptions {
+                compression: config.compression.clone(),
+                librdkafka: config.librdkafka.clone(),
+            },
             shared.clone(),
             stop_sending.clone(),
             Duration::from_secs(5),

@@ -25,6 +25,8 @@ fn sample_config(agent: String, bootstrap: &str) -> SampleConfig {
         agent_timeout: Duration::from_secs(2),
         file_dir: None,
         max_pending: 64,
+        compression: "snappy".into(),
+        librdkafka: Vec::new(),
     }
 }
 

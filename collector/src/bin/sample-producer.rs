@@ -58,9 +58,22 @@ struct Args {
     /// Kafka scheduler base URL, instead of the DNS lookup.
     #[arg(long, env = "KAFKA_SCHEDULER_URL")]
     kafka_scheduler_url: Option<String>,
+    /// Kafka compression codec: snappy (the original's), lz4, gzip or none.
+    #[arg(long, env = "KAFKA_COMPRESSION", default_value = "snappy")]
+    compression: String,
+    /// Any librdkafka producer option, KEY=VALUE (repeatable), applied last.
+    #[arg(long, value_parser = parse_pair)]
+    librdkafka: Vec<(String, String)>,
     /// DNS server (IP:PORT) for the SRV and A lookups.
     #[arg(long, env = "DNS_SERVER")]
     dns_server: Option<std::net::SocketAddr>,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
 /// `-flag` → `--flag`, as Go's flag package accepts both.
@@ -121,6 +134,8 @@ fn main() -> ExitCode {
         agent_timeout: Duration::from_secs(5),
         file_dir: args.file.then(|| PathBuf::from(".")),
         max_pending: 64,
+        compression: args.compression,
+        librdkafka: args.librdkafka,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
