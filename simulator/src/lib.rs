@@ -8,9 +8,13 @@
 //!   exact header, fixed sync, null codec) and "other processes" (random
 //!   sync, deflate or snappy), plus malformed modes. Every MetricList carries
 //!   a producer id and a sequence number so a verifier can account for it.
+//! - [`cluster`]: the same pieces as separate processes (docker-compose and
+//!   the Docker tests): the producers' control API, the verifier's report
+//!   and the balance across nodes, a health probe.
 
 pub mod agent;
 pub mod bench;
+pub mod cluster;
 pub mod dns;
 pub mod process;
 pub mod producer;

@@ -4,7 +4,6 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -47,9 +46,10 @@ enum Command {
         /// Framework name.
         #[arg(long, default_value = "kafka")]
         framework: String,
-        /// The scheduler task's IP:PORT (SRV and A records).
+        /// The scheduler task, HOST:PORT (SRV and A records); a host name is
+        /// resolved once at start, retrying for up to 60 s.
         #[arg(long)]
-        scheduler: SocketAddr,
+        scheduler: String,
         /// Broker IPs, for broker-N.<framework>.mesos.
         #[arg(long, value_delimiter = ',')]
         brokers: Vec<Ipv4Addr>,
@@ -62,9 +62,10 @@ enum Command {
         /// Framework name.
         #[arg(long, default_value = "kafka")]
         framework: String,
-        /// Brokers, IP:PORT, comma-separated.
+        /// Brokers, HOST:PORT, comma-separated: the `dns` list as given,
+        /// the `address` list resolved to IP:PORT.
         #[arg(long, value_delimiter = ',')]
-        brokers: Vec<SocketAddr>,
+        brokers: Vec<String>,
     },
     /// The embedded broker: librdkafka's mock cluster, with a control API:
     /// POST /brokers/<id>/down, POST /brokers/<id>/up.
@@ -87,23 +88,93 @@ enum Command {
         /// Datapoints per second, each.
         #[arg(long, default_value_t = 100.0)]
         rate: f64,
-        /// Name prefix of the producers.
+        /// Name prefix of the producers (unique per node).
         #[arg(long, default_value = "module")]
         id: String,
+        /// Control API: GET /report, POST /stop.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Malformed streams sent to a collector, one connection per interval,
+    /// until Ctrl-C.
+    Garbage {
+        /// The collector's TCP input.
+        #[arg(long, default_value = "127.0.0.1:8124")]
+        collector: SocketAddr,
+        /// Time between connections (e.g. 500ms).
+        #[arg(long, default_value = "1s", value_parser = simulator::up::parse_duration)]
+        every: Duration,
     },
     /// Consumes the metrics and sample topics and reports what arrived.
     Verify {
-        /// Bootstrap servers.
-        #[arg(long)]
-        brokers: String,
+        /// Bootstrap servers of one cluster; repeat for clusters that the
+        /// brokers move between.
+        #[arg(long, required = true)]
+        brokers: Vec<String>,
         /// Stop after this long (e.g. 60s); otherwise at Ctrl-C.
         #[arg(long, value_parser = simulator::up::parse_duration)]
         duration: Option<Duration>,
-        /// The collector's /metrics URL: at the end, check conservation
-        /// against it and exit non-zero when it does not hold.
+        /// A collector's /metrics URL (repeatable): at the end, check
+        /// conservation against them and exit non-zero when it fails.
         #[arg(long)]
-        metrics: Option<String>,
+        metrics: Vec<String>,
+        /// A node's producers control URL (repeatable), for the balance of
+        /// generated, dropped and arrived datapoints.
+        #[arg(long)]
+        producers: Vec<String>,
+        /// Serve GET /report (JSON) here.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Summary line interval.
+        #[arg(long, default_value = "5s", value_parser = simulator::up::parse_duration)]
+        interval: Duration,
     },
+    /// Prints the records of Kafka topics as JSON lines (one per
+    /// MetricList), from the beginning, then exits after --idle of quiet.
+    /// Works against tansu, which Debian's kcat cannot read.
+    Consume {
+        /// Bootstrap servers.
+        #[arg(long)]
+        brokers: String,
+        /// Topics (repeatable); none lists the topics instead.
+        #[arg(long)]
+        topic: Vec<String>,
+        /// Stop after this many records.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop once nothing arrives for this long (e.g. 5s).
+        #[arg(long, default_value = "5s", value_parser = simulator::up::parse_duration)]
+        idle: Duration,
+    },
+    /// Health probe for images without a shell: exits 0 when an http://
+    /// URL answers 2xx or a tcp://HOST:PORT accepts.
+    Probe {
+        /// URL or tcp://HOST:PORT.
+        target: String,
+    },
+}
+
+/// Resolves HOST:PORT, retrying until `patience` runs out (a container's
+/// name resolves only once it has started).
+async fn resolve(target: &str, patience: Duration) -> anyhow::Result<SocketAddr> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        match tokio::net::lookup_host(target).await {
+            Ok(mut addrs) => {
+                if let Some(addr) = addrs.find(SocketAddr::is_ipv4) {
+                    return Ok(addr);
+                }
+            }
+            Err(error) if tokio::time::Instant::now() >= deadline => {
+                anyhow::bail!("cannot resolve {target}: {error}")
+            }
+            Err(_) => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("{target} has no IPv4 address");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// SIGINT or SIGTERM (docker stops containers with SIGTERM).
@@ -142,12 +213,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
             brokers,
         } => {
             let dns = simulator::dns::mesos_dns_on(listen).await?;
-            let SocketAddr::V4(scheduler) = scheduler else {
-                anyhow::bail!("--scheduler must be IPv4")
+            let SocketAddr::V4(scheduler) = resolve(&scheduler, Duration::from_secs(60)).await?
+            else {
+                anyhow::bail!("--scheduler must resolve to IPv4")
             };
             dns.set_scheduler(&framework, *scheduler.ip(), scheduler.port());
             dns.set_brokers(&framework, &brokers);
-            println!("Mesos-DNS listening on {} (udp+tcp)", dns.addr);
+            println!(
+                "Mesos-DNS listening on {} (udp+tcp), _{framework}._tcp.marathon.mesos -> {scheduler}",
+                dns.addr
+            );
             ctrl_c().await;
         }
         Command::Scheduler {
@@ -156,7 +231,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             brokers,
         } => {
             let scheduler = simulator::scheduler::kafka_scheduler(&framework, listen).await?;
-            scheduler.set_brokers(&brokers);
+            let mut addresses = Vec::new();
+            for broker in &brokers {
+                addresses.push(resolve(broker, Duration::from_secs(60)).await?.to_string());
+            }
+            scheduler.set_lists(brokers.clone(), addresses);
             println!("Kafka scheduler listening on {}", scheduler.url());
             ctrl_c().await;
         }
@@ -165,32 +244,58 @@ async fn run(command: Command) -> anyhow::Result<()> {
             count,
             rate,
             id,
+            listen,
         } => {
-            let stop = Arc::new(AtomicBool::new(false));
-            let tasks: Vec<_> = (0..count)
-                .map(|i| {
-                    tokio::spawn(
-                        simulator::producer::module_producer(collector, format!("{id}-{i}"))
-                            .rate(rate)
-                            .run(stop.clone()),
-                    )
-                })
-                .collect();
-            println!("{count} module producers sending to {collector}");
-            ctrl_c().await;
-            stop.store(true, Ordering::Relaxed);
-            for task in tasks {
-                let report = task.await?;
-                println!("{}", serde_json::to_string(&report)?);
+            let report =
+                simulator::cluster::run_producers(collector, count, rate, &id, listen, ctrl_c())
+                    .await?;
+            for producer in &report.producers {
+                println!("{}", serde_json::to_string(producer)?);
             }
+        }
+        Command::Garbage { collector, every } => {
+            let mut sent = 0u64;
+            let mut tick = tokio::time::interval(every);
+            let interrupt = ctrl_c();
+            tokio::pin!(interrupt);
+            println!("sending a malformed stream to {collector} every {every:?}");
+            loop {
+                tokio::select! {
+                    _ = &mut interrupt => break,
+                    _ = tick.tick() => {}
+                }
+                let mode = match sent % 4 {
+                    0 => simulator::producer::Malformed::Garbage,
+                    1 => simulator::producer::Malformed::TruncatedBlock,
+                    2 => simulator::producer::Malformed::BadSync,
+                    _ => simulator::producer::Malformed::HugeBlock,
+                };
+                let garbage = simulator::producer::producer(collector, format!("garbage-{sent}"))
+                    .malformed(mode);
+                match garbage.run().await {
+                    Ok(_) => sent += 1,
+                    Err(error) => eprintln!("garbage: {collector}: {error}"),
+                }
+            }
+            println!("sent {sent} malformed streams");
         }
         Command::Verify {
             brokers,
             duration,
             metrics,
+            producers,
+            listen,
+            interval,
         } => {
-            let verifier =
-                simulator::verify::Verifier::start(&brokers, "metrics-", "sample_metrics")?;
+            let require_balance = !producers.is_empty();
+            let require_identity = !metrics.is_empty();
+            let verifier = Arc::new(simulator::cluster::ClusterVerifier::start(
+                &brokers, producers, metrics,
+            )?);
+            if let Some(listen) = listen {
+                let addr = verifier.clone().serve(listen).await?;
+                println!("verifier report on http://{addr}/report");
+            }
             let stop = async {
                 match duration {
                     Some(d) => tokio::time::sleep(d).await,
@@ -198,31 +303,44 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
             };
             tokio::pin!(stop);
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            let mut tick = tokio::time::interval(interval);
             loop {
                 tokio::select! {
                     _ = &mut stop => break,
-                    _ = tick.tick() => {
-                        let seen = verifier.seen();
-                        let latency = seen.latency();
-                        println!("verified {} datapoints in {} messages ({} producers, {} duplicates) latency p50 {} ms p99 {} ms",
-                            seen.datapoints, seen.messages, seen.producers.len(),
-                            seen.producers.values().map(|p| p.duplicates).sum::<u64>(), latency.p50, latency.p99);
-                    }
+                    _ = tick.tick() => println!("{}", verifier.report().await.summary()),
                 }
             }
-            let seen = verifier.stop();
-            println!("{}", serde_json::to_string_pretty(&seen)?);
-            if let Some(url) = metrics {
-                let counts = simulator::verify::scrape(&url).await?;
-                let failures = simulator::verify::check_conservation(&counts, &seen);
-                println!("collector: {}", serde_json::to_string(&counts)?);
-                for failure in &failures {
-                    println!("FAILED: {failure}");
-                }
-                anyhow::ensure!(failures.is_empty(), "conservation does not hold");
+            let report = verifier.report().await;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            for failure in &report.conservation.failures {
+                println!("FAILED: {failure}");
+            }
+            if require_balance {
+                anyhow::ensure!(
+                    report.conservation.holds,
+                    "conservation does not hold: {}",
+                    report.summary()
+                );
+                println!("conservation: OK");
+            } else if require_identity {
+                anyhow::ensure!(
+                    report.conservation.failures.is_empty(),
+                    "conservation does not hold"
+                );
                 println!("conservation: OK");
             }
+        }
+        Command::Probe { target } => simulator::cluster::probe(&target).await?,
+        Command::Consume {
+            brokers,
+            topic,
+            count,
+            idle,
+        } => {
+            tokio::task::spawn_blocking(move || {
+                simulator::verify::print_topics(&brokers, &topic, count, idle)
+            })
+            .await??;
         }
         Command::Kafka { .. } => unreachable!("handled on the main thread"),
     }

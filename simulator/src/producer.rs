@@ -257,42 +257,133 @@ impl ProducerBuilder {
     }
 }
 
-/// Bytes waiting for the socket, and where each whole block in them ends.
+/// Bytes waiting for the socket, and where each block in them lies.
 #[derive(Default)]
 struct Pending {
     bytes: Vec<u8>,
-    /// (end offset in `bytes`, datapoints) per block, oldest first.
-    blocks: std::collections::VecDeque<(usize, u64)>,
+    /// How much of `bytes` the current connection has taken.
+    written: usize,
+    /// Blocks not yet completely written, oldest first.
+    blocks: std::collections::VecDeque<PendingBlock>,
+}
+
+#[derive(Clone, Copy)]
+struct PendingBlock {
+    start: usize,
+    end: usize,
+    datapoints: u64,
 }
 
 impl Pending {
-    /// Drops `written` sent bytes; returns the datapoints of the blocks now
-    /// completely sent.
+    /// Bytes not yet written.
+    fn unsent(&self) -> &[u8] {
+        &self.bytes[self.written..]
+    }
+
+    fn unsent_len(&self) -> usize {
+        self.bytes.len() - self.written
+    }
+
+    fn push(&mut self, block: &[u8], datapoints: u64) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(block);
+        self.blocks.push_back(PendingBlock {
+            start,
+            end: self.bytes.len(),
+            datapoints,
+        });
+    }
+
+    /// `written` more bytes went to the socket; returns the datapoints of
+    /// the blocks now completely written.
     fn advance(&mut self, written: usize) -> u64 {
-        self.bytes.drain(..written);
+        self.written += written;
         let mut sent = 0;
-        while let Some((end, datapoints)) = self.blocks.front().copied() {
-            if end > written {
+        while let Some(block) = self.blocks.front().copied() {
+            if block.end > self.written {
                 break;
             }
-            sent += datapoints;
+            sent += block.datapoints;
             self.blocks.pop_front();
         }
-        for (end, _) in &mut self.blocks {
-            *end -= written;
-        }
+        // Drop what is written, but keep the start of a block cut short.
+        let cut = self
+            .blocks
+            .front()
+            .map_or(self.written, |b| b.start.min(self.written));
+        self.cut(cut);
         sent
+    }
+
+    fn cut(&mut self, cut: usize) {
+        self.bytes.drain(..cut);
+        self.written -= cut;
+        for block in &mut self.blocks {
+            block.start -= cut;
+            block.end -= cut;
+        }
+    }
+
+    /// A new connection: the header goes first. A block the last connection
+    /// cut short is lost (returns its datapoints); whole blocks stay.
+    fn reconnect(&mut self, header: &[u8]) -> u64 {
+        let mut lost = 0;
+        if let Some(block) = self.blocks.front().copied()
+            && block.start < self.written
+        {
+            lost = block.datapoints;
+            self.blocks.pop_front();
+        }
+        let keep_from = self.blocks.front().map_or(self.bytes.len(), |b| b.start);
+        self.written = keep_from;
+        self.cut(keep_from);
+        self.bytes.splice(0..0, header.iter().copied());
+        for block in &mut self.blocks {
+            block.start += header.len();
+            block.end += header.len();
+        }
+        lost
     }
 
     /// Everything pending is lost: returns its datapoints.
     fn lose(&mut self) -> u64 {
         self.bytes.clear();
-        self.blocks.drain(..).map(|(_, d)| d).sum()
+        self.written = 0;
+        self.blocks.drain(..).map(|b| b.datapoints).sum()
+    }
+}
+
+/// One block of every container's accumulated datapoints, each record
+/// tagged with the next sequence number.
+fn take_block(lists: &mut [MetricList], seq: &mut u64, encoder: &mut OcfEncoder) -> Vec<u8> {
+    let mut records: Vec<MetricList> = Vec::new();
+    for list in lists.iter_mut() {
+        if list.datapoints.is_empty() {
+            continue;
+        }
+        let mut record = list.clone();
+        record.tags.push(Tag::new(SEQ_TAG, seq.to_string()));
+        *seq += 1;
+        records.push(record);
+        list.datapoints.clear();
+    }
+    let mut block = Vec::new();
+    encoder.write_block(&records, &mut block);
+    block
+}
+
+/// True when the peer has closed its side (EOF) or the connection failed.
+fn peer_closed(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 64];
+    match stream.try_read(&mut probe) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(error) => error.kind() != std::io::ErrorKind::WouldBlock,
     }
 }
 
 /// What an emulated mesos module did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ModuleReport {
     /// The module's id (`sim_producer` tag).
     pub id: String,
@@ -327,6 +418,7 @@ pub struct ModuleProducer {
     flush_interval: Duration,
     pending_limit: usize,
     backoff: (Duration, Duration),
+    live: Option<Arc<std::sync::Mutex<ModuleReport>>>,
 }
 
 /// A mesos module emulator sending to `addr`.
@@ -340,6 +432,7 @@ pub fn module_producer(addr: SocketAddr, id: impl Into<String>) -> ModuleProduce
         flush_interval: Duration::from_secs(10),
         pending_limit: 256 * 1024,
         backoff: (Duration::from_secs(1), Duration::from_secs(60)),
+        live: None,
     }
 }
 
@@ -366,6 +459,12 @@ impl ModuleProducer {
         self.flush_interval = flush_interval;
         self.backoff = backoff;
         self.pending_limit = pending_limit;
+        self
+    }
+
+    /// Keeps `live` up to date with the report while it runs.
+    pub fn live_report(mut self, live: Arc<std::sync::Mutex<ModuleReport>>) -> Self {
+        self.live = Some(live);
         self
     }
 
@@ -424,26 +523,13 @@ impl ModuleProducer {
                     continue;
                 }
                 last_flush = tokio::time::Instant::now();
-                let mut records: Vec<MetricList> = Vec::new();
-                for list in &mut lists {
-                    if list.datapoints.is_empty() {
-                        continue;
-                    }
-                    let mut record = list.clone();
-                    record.tags.push(Tag::new(SEQ_TAG, seq.to_string()));
-                    seq += 1;
-                    records.push(record);
-                    list.datapoints.clear();
-                }
-                let mut block = Vec::new();
-                block_encoder.write_block(&records, &mut block);
+                let block = take_block(&mut lists, &mut seq, &mut block_encoder);
                 let datapoints = accumulated as u64;
                 accumulated = 0;
-                if stream.is_none() || pending.bytes.len() + block.len() > self.pending_limit {
+                if stream.is_none() || pending.unsent_len() + block.len() > self.pending_limit {
                     report.dropped += datapoints;
                 } else {
-                    pending.bytes.extend_from_slice(&block);
-                    pending.blocks.push_back((pending.bytes.len(), datapoints));
+                    pending.push(&block, datapoints);
                 }
             }
             // (Re)connect with backoff; the header goes first on every connection.
@@ -454,10 +540,7 @@ impl ModuleProducer {
                         backoff = self.backoff.0;
                         let mut header = Vec::new();
                         encoder.write_header(&mut header);
-                        pending.bytes.splice(0..0, header.iter().copied());
-                        for (end, _) in &mut pending.blocks {
-                            *end += header.len();
-                        }
+                        report.dropped += pending.reconnect(&header);
                         stream = Some(s);
                     }
                     Err(_) => {
@@ -466,11 +549,22 @@ impl ModuleProducer {
                     }
                 }
             }
+            // The collector half-closes a connection when it shuts down: stop
+            // writing to it (nothing written so far is lost) and reconnect,
+            // keeping the whole blocks not yet written. (The real module
+            // never reads its socket; see the README.)
+            if let Some(s) = &stream
+                && peer_closed(s)
+            {
+                stream = None;
+                next_connect = tokio::time::Instant::now() + backoff;
+                backoff = (backoff * 2).min(self.backoff.1);
+            }
             // Send what the socket takes without blocking.
             if let Some(s) = &stream
-                && !pending.bytes.is_empty()
+                && pending.unsent_len() > 0
             {
-                match s.try_write(&pending.bytes) {
+                match s.try_write(pending.unsent()) {
                     Ok(written) => report.sent += pending.advance(written),
                     Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(_) => {
@@ -482,19 +576,28 @@ impl ModuleProducer {
                     }
                 }
             }
+            if let Some(live) = &self.live {
+                *live.lock().unwrap_or_else(|p| p.into_inner()) = report.clone();
+            }
+        }
+        // Stopping flushes what has accumulated, as a last block.
+        if accumulated > 0 && stream.is_some() {
+            let block = take_block(&mut lists, &mut seq, &mut block_encoder);
+            pending.push(&block, accumulated as u64);
+            accumulated = 0;
         }
         // Give the last pending bytes a moment (never re-sending a byte),
         // then count the rest.
         if let Some(mut s) = stream.take() {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-            while !pending.bytes.is_empty() && tokio::time::Instant::now() < deadline {
+            while pending.unsent_len() > 0 && tokio::time::Instant::now() < deadline {
                 if tokio::time::timeout(Duration::from_millis(100), s.writable())
                     .await
                     .is_err()
                 {
                     continue;
                 }
-                match s.try_write(&pending.bytes) {
+                match s.try_write(pending.unsent()) {
                     Ok(written) => report.sent += pending.advance(written),
                     Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(_) => break,
@@ -503,6 +606,9 @@ impl ModuleProducer {
             let _ = s.shutdown().await;
         }
         report.dropped += pending.lose() + accumulated as u64;
+        if let Some(live) = &self.live {
+            *live.lock().unwrap_or_else(|p| p.into_inner()) = report.clone();
+        }
         report
     }
 }

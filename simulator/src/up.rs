@@ -23,7 +23,7 @@ use crate::agent::mesos_agent;
 use crate::dns::mesos_dns;
 use crate::producer::module_producer;
 use crate::scheduler::kafka_scheduler;
-use crate::verify::{Percentiles, Seen, Verifier};
+use crate::verify::{Percentiles, Verifier};
 
 /// A fault script to play during the run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -189,6 +189,8 @@ pub async fn run(
             agent_timeout: Duration::from_secs(5),
             file_dir: None,
             max_pending: 64,
+            compression: "snappy".into(),
+            librdkafka: Vec::new(),
         },
         stop_sample.clone(),
     ));
@@ -202,11 +204,7 @@ pub async fn run(
             tokio::spawn(module.run(stop_producers.clone()))
         })
         .collect();
-    let mut verifiers = vec![Verifier::start(
-        &kafka.bootstrap_servers(),
-        "metrics-",
-        "sample_metrics",
-    )?];
+    let mut verifier = Verifier::start(&kafka.bootstrap_servers(), "metrics-", "sample_metrics")?;
     println!(
         "simulator up: collector input {input}, Mesos-DNS {}, scheduler {}, agent {}, brokers {}",
         dns.addr,
@@ -263,11 +261,7 @@ pub async fn run(
                     cluster.bootstrap_servers()
                 );
                 scheduler.set_brokers(&addrs(&cluster));
-                verifiers.push(Verifier::start(
-                    &cluster.bootstrap_servers(),
-                    "metrics-",
-                    "sample_metrics",
-                )?);
+                verifier.add_cluster(&cluster.bootstrap_servers())?;
                 moved = Some(cluster);
                 scenario_state = 1;
             }
@@ -275,11 +269,9 @@ pub async fn run(
         }
         if !options.quiet {
             let accounting = stats.accounting();
-            let seen: u64 = verifiers
-                .iter()
-                .map(|v| v.seen().producer_datapoints())
-                .sum();
-            let latency = verifiers[verifiers.len() - 1].seen().latency();
+            let seen = verifier.seen();
+            let latency = seen.latency();
+            let seen = seen.producer_datapoints();
             let state = brokers.lock().map(|s| s.clone()).unwrap_or_default();
             println!(
                 "[{:>4}s] received {:>9} dp | delivered {:>9} | in flight {:>7} | dropped {:>5} | verified {:>9} | latency p50 {} ms p99 {} ms | brokers: {}",
@@ -318,23 +310,8 @@ pub async fn run(
     stop_collector.cancel();
     let accounting = collector_task.await?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    let total = |verifiers: &[Verifier]| -> Seen {
-        let mut all = Seen::default();
-        for v in verifiers {
-            let seen = v.seen();
-            all.datapoints += seen.datapoints;
-            all.sample_datapoints += seen.sample_datapoints;
-            for (name, account) in seen.producers {
-                let entry = all.producers.entry(name).or_default();
-                entry.records += account.records;
-                entry.datapoints += account.datapoints;
-                entry.duplicates += account.duplicates;
-            }
-        }
-        all
-    };
     while Instant::now() < deadline {
-        let seen = total(&verifiers);
+        let seen = verifier.seen();
         if seen.datapoints - seen.sample_datapoints >= accounting.delivered.datapoints
             && seen.sample_datapoints >= sample_report.datapoints_delivered
         {
@@ -342,11 +319,8 @@ pub async fn run(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let latency = verifiers[0].seen().latency();
-    let seen = total(&verifiers);
-    for verifier in verifiers {
-        verifier.stop();
-    }
+    let seen = verifier.stop();
+    let latency = seen.latency();
     drop(moved);
 
     let producers_verified = seen.producer_datapoints();

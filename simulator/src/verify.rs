@@ -11,12 +11,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::producer::{PRODUCER_TAG, SEQ_TAG};
 
 /// One producer's account.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ProducerAccount {
     /// Distinct records seen.
     pub records: u64,
@@ -40,7 +40,7 @@ impl ProducerAccount {
 }
 
 /// Everything seen so far.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Seen {
     /// Per simulated producer.
     pub producers: BTreeMap<String, ProducerAccount>,
@@ -54,12 +54,14 @@ pub struct Seen {
     pub datapoints: u64,
     /// Datapoints in records of the sample topic.
     pub sample_datapoints: u64,
+    /// Sample topic: datapoint names per `executor_id` tag.
+    pub sample_executors: BTreeMap<String, BTreeSet<String>>,
     #[serde(skip)]
     latencies_ms: Vec<u64>,
 }
 
 /// Latency percentiles in milliseconds.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Percentiles {
     /// Median.
     pub p50: u64,
@@ -100,34 +102,45 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// A verifier consuming in a background thread.
+/// A verifier consuming in background threads, one per Kafka cluster, all
+/// into one account (so a record found in two clusters counts as a
+/// duplicate).
 pub struct Verifier {
     seen: Arc<Mutex<Seen>>,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    prefix: String,
+    sample_topic: String,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Verifier {
     /// Starts consuming from `bootstrap`: topics starting with `prefix`, and `sample_topic`.
     pub fn start(bootstrap: &str, prefix: &str, sample_topic: &str) -> anyhow::Result<Self> {
+        let mut verifier = Self {
+            seen: Arc::new(Mutex::new(Seen::default())),
+            stop: Arc::new(AtomicBool::new(false)),
+            prefix: prefix.to_owned(),
+            sample_topic: sample_topic.to_owned(),
+            threads: Vec::new(),
+        };
+        verifier.add_cluster(bootstrap)?;
+        Ok(verifier)
+    }
+
+    /// Also consumes another cluster (brokers that moved, say).
+    pub fn add_cluster(&mut self, bootstrap: &str) -> anyhow::Result<()> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("group.id", "simulator-verifier")
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "20")
             .create()?;
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (prefix, sample_topic) = (prefix.to_owned(), sample_topic.to_owned());
-        let thread = {
-            let (seen, stop) = (seen.clone(), stop.clone());
-            std::thread::spawn(move || consume(consumer, &prefix, &sample_topic, &seen, &stop))
-        };
-        Ok(Self {
-            seen,
-            stop,
-            thread: Some(thread),
-        })
+        let (seen, stop) = (self.seen.clone(), self.stop.clone());
+        let (prefix, sample_topic) = (self.prefix.clone(), self.sample_topic.clone());
+        self.threads.push(std::thread::spawn(move || {
+            consume(consumer, &prefix, &sample_topic, &seen, &stop)
+        }));
+        Ok(())
     }
 
     /// What has been seen so far.
@@ -138,7 +151,7 @@ impl Verifier {
     /// Stops consuming.
     pub fn stop(mut self) -> Seen {
         self.stop.store(true, Relaxed);
-        if let Some(thread) = self.thread.take() {
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
         self.seen()
@@ -207,6 +220,17 @@ fn consume(
             seen.datapoints += datapoints;
             if topic == sample_topic {
                 seen.sample_datapoints += datapoints;
+                if let Some(executor) = record.tag("executor_id") {
+                    let names = seen
+                        .sample_executors
+                        .entry(executor.to_owned())
+                        .or_default();
+                    for point in &record.datapoints {
+                        if !names.contains(&point.name) {
+                            names.insert(point.name.clone());
+                        }
+                    }
+                }
             }
             let (Some(producer), Some(seq)) = (
                 record.tag(PRODUCER_TAG),
@@ -234,7 +258,7 @@ fn consume(
 }
 
 /// The collector's accounting, read from its `/metrics`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct CollectorCounts {
     /// `collector_received_datapoints_total`, all inputs.
     pub received: f64,
@@ -300,4 +324,72 @@ pub fn check_conservation(collector: &CollectorCounts, seen: &Seen) -> Vec<Strin
         failures.push(format!("{duplicates} duplicated records"));
     }
     failures
+}
+
+/// Prints every record of `topics` (from the beginning) as one JSON line,
+/// until `count` records or `idle` without a message; with no topic, lists
+/// the topics and their partitions.
+pub fn print_topics(
+    bootstrap: &str,
+    topics: &[String],
+    count: Option<u64>,
+    idle: Duration,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "simulator-consume")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(None, Duration::from_secs(10))?;
+    if topics.is_empty() {
+        for topic in metadata.topics() {
+            println!("{} ({} partitions)", topic.name(), topic.partitions().len());
+        }
+        return Ok(());
+    }
+    let mut list = TopicPartitionList::new();
+    for name in topics {
+        let topic = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == name)
+            .ok_or_else(|| anyhow::anyhow!("no topic {name} on {bootstrap}"))?;
+        for partition in topic.partitions() {
+            list.add_partition_offset(name, partition.id(), Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&list)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut printed = 0u64;
+    let mut last = Instant::now();
+    while last.elapsed() < idle && count.is_none_or(|c| printed < c) {
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = message?;
+        last = Instant::now();
+        let records = schema::decode_all(
+            message.payload().unwrap_or_default(),
+            schema::Limits::default(),
+        )
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{} [{}] offset {}: not an OCF file: {e}",
+                message.topic(),
+                message.partition(),
+                message.offset()
+            )
+        })?;
+        for record in records {
+            serde_json::to_writer(&mut out, &record)?;
+            writeln!(out)?;
+            printed += 1;
+            if count.is_some_and(|c| printed >= c) {
+                break;
+            }
+        }
+    }
+    Ok(())
 }
