@@ -430,13 +430,13 @@ impl KafkaSink {
         if let Some((old, old_brokers)) = self.producer.replace((producer, discovered)) {
             self.stats.producer_switches.fetch_add(1, Relaxed);
             info!(old = ?old_brokers.brokers, "Kafka brokers changed: moving queued messages to the new brokers.");
-            // Messages not yet sent move at once (purged, they come back as
-            // retries for the new producer). Requests in flight get their
-            // answer from the old brokers first: re-sending them blindly
-            // would duplicate whatever the old brokers had written. Only
-            // what has no answer after 30 s is purged and moved.
+            // What the old producer holds goes to the old brokers while
+            // they answer: re-sending a request in flight blindly would
+            // duplicate whatever they had written, and purging only the
+            // queue makes an idempotent producer stall on its sequence gap.
+            // What has no answer after 30 s is purged; it comes back as
+            // retries for the new producer.
             tokio::task::spawn_blocking(move || {
-                old.purge(PurgeConfig::default().queue());
                 if old.flush(Duration::from_secs(30)).is_err() {
                     old.purge(PurgeConfig::default().queue().inflight());
                     let _ = old.flush(Duration::from_secs(1));
