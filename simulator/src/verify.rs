@@ -172,10 +172,10 @@ fn consume(
         if last_refresh.elapsed() >= Duration::from_millis(500) {
             last_refresh = Instant::now();
             if let Ok(metadata) = consumer.fetch_metadata(None, Duration::from_secs(2)) {
+                // Only the new partitions: re-assigning the whole list would
+                // restart the old ones from the beginning (duplicates).
                 let mut added = false;
-                let mut list = consumer
-                    .assignment()
-                    .unwrap_or_else(|_| TopicPartitionList::new());
+                let mut list = TopicPartitionList::new();
                 for topic in metadata
                     .topics()
                     .iter()
@@ -193,7 +193,7 @@ fn consume(
                     }
                 }
                 if added {
-                    let _ = consumer.assign(&list);
+                    let _ = consumer.incremental_assign(&list);
                 }
             }
         }
