@@ -163,10 +163,14 @@ async fn send_pending(
                             // Brokers that do not auto-create topics (tansu, many
                             // production clusters) would time the send out.
                             let config = producer_config(&found.brokers, &options);
-                            match crate::sink::kafka::create_topic(&config, &topic, 1, 1).await {
-                                Ok(()) => info!(%topic, "Kafka topic exists."),
-                                Err(error) => {
+                            let create = crate::sink::kafka::create_topic(&config, &topic, 1, 1);
+                            match tokio::time::timeout(Duration::from_secs(5), create).await {
+                                Ok(Ok(())) => info!(%topic, "Kafka topic exists."),
+                                Ok(Err(error)) => {
                                     warn!(%topic, %error, "Could not make sure the Kafka topic exists; sending anyway.")
+                                }
+                                Err(_) => {
+                                    warn!(%topic, "No answer to creating the Kafka topic within 5 s; sending anyway.")
                                 }
                             }
                             producer = Some((p, found.brokers));
