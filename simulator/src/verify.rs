@@ -270,7 +270,11 @@ pub struct CollectorCounts {
 
 /// Scrapes a collector's `/metrics` with a Prometheus text parser.
 pub async fn scrape(metrics_url: &str) -> anyhow::Result<CollectorCounts> {
-    let body = reqwest::get(metrics_url)
+    let body = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?
+        .get(metrics_url)
+        .send()
         .await?
         .error_for_status()?
         .text()

@@ -273,7 +273,6 @@ impl Cluster {
                 alias.into(),
             ]
         };
-        let refs = |v: &[String]| -> Vec<String> { v.to_vec() };
         let run = |name: &str, options: Vec<String>, image: &str, args: Vec<String>| {
             let options: Vec<&str> = options.iter().map(String::as_str).collect();
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -285,21 +284,21 @@ impl Cluster {
 
         let broker = run(
             &format!("{prefix}-tansu"),
-            refs(&on("tansu")),
+            on("tansu"),
             "metrics-collector/tansu:local",
             tansu_args("tansu"),
         );
         let spare = spec.spare_broker.then(|| {
             run(
                 &format!("{prefix}-tansu-b"),
-                refs(&on("tansu-b")),
+                on("tansu-b"),
                 "metrics-collector/tansu:local",
                 tansu_args("tansu-b"),
             )
         });
         let scheduler = run(
             &format!("{prefix}-scheduler"),
-            refs(&on("kafka-scheduler")),
+            on("kafka-scheduler"),
             simulator,
             s(&[
                 "scheduler",
@@ -329,7 +328,7 @@ impl Cluster {
             let node = format!("node-{index}");
             let agent = run(
                 &format!("{prefix}-{node}"),
-                refs(&on(&node)),
+                on(&node),
                 simulator,
                 s(&["agent", "--listen", "0.0.0.0:5051", "--containers", "3"]),
             );
@@ -444,7 +443,7 @@ impl Cluster {
         verify.extend(s(&["--listen", "0.0.0.0:9200", "--interval", "5s"]));
         let verifier = run(
             &format!("{prefix}-verifier"),
-            refs(&on("verifier")),
+            on("verifier"),
             simulator,
             verify,
         );
@@ -541,7 +540,8 @@ impl Cluster {
         self.http.get(url).send().await.ok()?.json().await.ok()
     }
 
-    /// Lets the load run for `duration`, logging the verifier's summary.
+    /// Lets the load run for `duration` (a fixed stretch of load, not a wait
+    /// for a condition), logging the verifier's summary every 5 s.
     pub async fn run_for(&self, duration: Duration) {
         let end = Instant::now() + duration;
         while Instant::now() < end {

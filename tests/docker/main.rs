@@ -23,6 +23,15 @@ const LOAD: Duration = Duration::from_secs(20);
 /// How long a fault lasts.
 const FAULT: Duration = Duration::from_secs(30);
 
+/// Nothing lost and nothing even dropped: everything generated arrived.
+fn assert_nothing_dropped(report: &simulator::cluster::ClusterReport) {
+    assert_every_producer_arrived(report, 3);
+    let c = &report.conservation;
+    assert_eq!(c.producer_dropped, 0, "dropped by the producers");
+    assert_eq!(c.collector_dropped, 0, "dropped by the collectors");
+    assert_eq!(c.arrived, c.generated);
+}
+
 fn assert_every_producer_arrived(report: &simulator::cluster::ClusterReport, nodes: usize) {
     let producers: usize = report.producers.values().map(|r| r.producers.len()).sum();
     assert_eq!(producers, nodes * 2, "producers reporting: {report:#?}");
@@ -40,13 +49,7 @@ async fn happy_path_every_datapoint_from_three_nodes_and_the_sample_producer() {
     let cluster = Cluster::start("happy", 11, Spec::default()).await;
     cluster.run_for(LOAD).await;
     let report = cluster.finish().await;
-    assert_every_producer_arrived(&report, 3);
-    assert_eq!(
-        report.conservation.producer_dropped, 0,
-        "no fault, no drop: {report:#?}"
-    );
-    assert_eq!(report.conservation.collector_dropped, 0);
-    assert_eq!(report.conservation.arrived, report.conservation.generated);
+    assert_nothing_dropped(&report);
 
     // The sample-producer's messages match the agents' JSON: every executor
     // of every agent, with exactly the datapoint names its statistics map to.
@@ -118,12 +121,8 @@ async fn broker_stopped_for_30s_then_started_loses_nothing() {
     cluster.log("broker started again");
     cluster.run_for(LOAD).await;
     let report = cluster.finish().await;
-    assert_every_producer_arrived(&report, 3);
-    assert_eq!(
-        report.conservation.collector_dropped, 0,
-        "the buffer holds a 30 s outage"
-    );
-    assert_eq!(report.conservation.producer_dropped, 0);
+    // The buffer holds a 30 s outage.
+    assert_nothing_dropped(&report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,9 +145,7 @@ async fn node_cut_off_from_the_broker_network_for_30s_loses_nothing() {
     cluster.log("node-2 reconnected");
     cluster.run_for(LOAD).await;
     let report = cluster.finish().await;
-    assert_every_producer_arrived(&report, 3);
-    assert_eq!(report.conservation.collector_dropped, 0);
-    assert_eq!(report.conservation.producer_dropped, 0);
+    assert_nothing_dropped(&report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,9 +192,7 @@ async fn scheduler_moves_the_brokers_and_the_collectors_follow() {
     cluster.log("every collector switched to tansu-b");
     cluster.run_for(LOAD).await;
     let report = cluster.finish().await;
-    assert_every_producer_arrived(&report, 3);
-    assert_eq!(report.conservation.collector_dropped, 0);
-    assert_eq!(report.conservation.producer_dropped, 0);
+    assert_nothing_dropped(&report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,9 +234,7 @@ async fn garbage_producer_on_one_node_costs_the_others_nothing() {
     let cluster = Cluster::start("garbage", 16, spec).await;
     cluster.run_for(LOAD).await;
     let report = cluster.finish().await;
-    assert_every_producer_arrived(&report, 3);
-    assert_eq!(report.conservation.producer_dropped, 0);
-    assert_eq!(report.conservation.collector_dropped, 0);
+    assert_nothing_dropped(&report);
     let metrics = reqwest::get(format!("http://{}:8123/metrics", cluster.node_ip(1)))
         .await
         .unwrap()
