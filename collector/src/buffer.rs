@@ -27,9 +27,13 @@ pub struct Chunk {
 }
 
 impl Chunk {
-    /// Bytes the chunk accounts for.
+    /// Bytes the chunk accounts for: its records (one allocation per
+    /// chunk, see `route::encode_all`) and their bookkeeping.
     pub fn bytes(&self) -> usize {
-        self.items.iter().map(|r| r.data.len() + 64).sum()
+        self.items
+            .iter()
+            .map(|r| r.data.len() + std::mem::size_of::<Routed>())
+            .sum()
     }
 
     /// Datapoints in the chunk.
@@ -203,7 +207,7 @@ mod tests {
             items: vec![Routed {
                 topic: "t".into(),
                 key: None,
-                data: vec![0; bytes - 64],
+                data: vec![0; bytes - std::mem::size_of::<Routed>()].into(),
                 datapoints,
             }],
         }

@@ -327,18 +327,19 @@ async fn handle_block(
     }
     let routing = shared.routing.borrow().clone();
     let enrichment = shared.enrichment.borrow().clone();
-    let mut items = Vec::with_capacity(block.records.len());
+    let mut prepared = Vec::with_capacity(block.records.len());
     for record in block.records {
         let (extra, unknown_framework) = enrichment.tags_for(&record);
         if unknown_framework {
             shared.refresh.notify_one();
         }
-        let (routed, sanitized) = router.route(&routing, &extra, record);
+        let (record, sanitized) = router.prepare(&routing, &extra, record);
         if sanitized {
             stats.topics_sanitized.fetch_add(1, Relaxed);
         }
-        items.push(routed);
+        prepared.push(record);
     }
+    let items = crate::route::encode_all(prepared);
     count_topics(stats, &items);
     shared.buffer.push(Chunk { items }).await;
     true

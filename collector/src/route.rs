@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use schema::{MetricList, Tag};
 
 use crate::config::{Config, is_valid_topic};
@@ -46,9 +47,49 @@ pub struct Routed {
     /// Partition key, if keyed by a tag.
     pub key: Option<Arc<str>>,
     /// The record in Avro binary (see `schema::datum::write_metric_list`).
-    pub data: Vec<u8>,
+    /// The records of one input block share one allocation (see
+    /// [`encode_all`]), so the buffer's byte count is close to its heap.
+    pub data: Bytes,
     /// Datapoints in the record.
     pub datapoints: u32,
+}
+
+/// A record with its tags added and its topic and key chosen, not yet
+/// encoded.
+#[derive(Debug)]
+pub struct Prepared {
+    topic: Arc<str>,
+    key: Option<Arc<str>>,
+    record: MetricList,
+    encoded_len: usize,
+}
+
+/// Encodes prepared records into one allocation, exactly sized, and hands
+/// each its slice of it.
+pub fn encode_all(prepared: Vec<Prepared>) -> Vec<Routed> {
+    let total = prepared.iter().map(|p| p.encoded_len).sum();
+    let mut data = Vec::with_capacity(total);
+    let mut ends = Vec::with_capacity(prepared.len());
+    for p in &prepared {
+        schema::datum::write_metric_list(&mut data, &p.record);
+        ends.push(data.len());
+    }
+    let data = Bytes::from(data);
+    let mut start = 0;
+    prepared
+        .into_iter()
+        .zip(ends)
+        .map(|(p, end)| {
+            let routed = Routed {
+                topic: p.topic,
+                key: p.key,
+                data: data.slice(start..end),
+                datapoints: p.record.datapoints.len() as u32,
+            };
+            start = end;
+            routed
+        })
+        .collect()
 }
 
 /// A valid Kafka topic for `name`: characters outside `[A-Za-z0-9._-]`
@@ -90,8 +131,21 @@ impl Router {
         &mut self,
         routing: &Routing,
         extra: &[Tag],
-        mut record: MetricList,
+        record: MetricList,
     ) -> (Routed, bool) {
+        let (prepared, sanitized) = self.prepare(routing, extra, record);
+        let routed = encode_all(vec![prepared]).pop().expect("one in, one out");
+        (routed, sanitized)
+    }
+
+    /// [`route`](Self::route) without the encoding, so that a block's records
+    /// can be encoded together by [`encode_all`].
+    pub fn prepare(
+        &mut self,
+        routing: &Routing,
+        extra: &[Tag],
+        mut record: MetricList,
+    ) -> (Prepared, bool) {
         if self.for_routing.as_ref() != Some(routing) {
             // The settings changed: cached topic names are stale.
             self.topics.clear();
@@ -119,14 +173,13 @@ impl Router {
                     key
                 }
             });
-        let mut data = Vec::with_capacity(schema::datum::encoded_len(&record));
-        schema::datum::write_metric_list(&mut data, &record);
+        let encoded_len = schema::datum::encoded_len(&record);
         (
-            Routed {
+            Prepared {
                 topic,
                 key,
-                data,
-                datapoints: record.datapoints.len() as u32,
+                record,
+                encoded_len,
             },
             sanitized,
         )
@@ -185,6 +238,40 @@ mod tests {
         assert_eq!(
             back.topic, "fw-1",
             "the record's topic field is kept as sent"
+        );
+    }
+
+    #[test]
+    fn a_block_is_encoded_into_one_allocation_sliced_per_record() {
+        let mut router = Router::default();
+        let prepared: Vec<Prepared> = ["a", "b", "c"]
+            .iter()
+            .map(|t| router.prepare(&routing(), &[], record(t)).0)
+            .collect();
+        let routed = encode_all(prepared);
+        assert_eq!(routed.len(), 3);
+        for (r, topic) in routed.iter().zip(["a", "b", "c"]) {
+            assert_eq!(&*r.topic, format!("metrics-{topic}"));
+            let back =
+                schema::datum::read_metric_list(&mut schema::datum::Cursor::new(&r.data)).unwrap();
+            assert_eq!(back.topic, topic);
+            assert_eq!(
+                r.data,
+                Router::default()
+                    .route(&routing(), &[], record(topic))
+                    .0
+                    .data
+            );
+        }
+        // Adjacent slices of one buffer.
+        let base = routed[0].data.as_ptr() as usize;
+        assert_eq!(
+            routed[1].data.as_ptr() as usize,
+            base + routed[0].data.len()
+        );
+        assert_eq!(
+            routed[2].data.as_ptr() as usize,
+            base + routed[0].data.len() + routed[1].data.len()
         );
     }
 

@@ -259,13 +259,14 @@ impl Poller {
         );
         self.stats
             .count_received(crate::stats::Input::Agent, records, datapoints);
-        let items = lists
+        let prepared = lists
             .into_iter()
             .map(|list| {
                 let (tags, _) = enrichment.tags_for(&list);
-                router.route(&routing, &tags, list).0
+                router.prepare(&routing, &tags, list).0
             })
             .collect::<Vec<_>>();
+        let items = crate::route::encode_all(prepared);
         crate::ingest::count_topics(&self.stats, &items);
         self.buffer.push(Chunk { items }).await;
     }

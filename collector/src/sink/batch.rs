@@ -230,7 +230,7 @@ mod tests {
         Routed {
             topic: topic.into(),
             key: None,
-            data,
+            data: data.into(),
             datapoints: points as u32,
         }
     }
