@@ -152,9 +152,20 @@ fn sigterm_drains_and_logs_the_final_count() {
                     .is_some_and(|a| !a.ends_with(":0")),
                 "{line}"
             );
-            break value["input"].as_str().unwrap().to_owned();
+            break (
+                value["input"].as_str().unwrap().to_owned(),
+                value["api"].as_str().unwrap().to_owned(),
+            );
         }
     };
+    let (addr, api) = addr;
+    // `collector health` (a health check for images without a shell).
+    let health_url = format!("http://{api}/health");
+    let health = collector()
+        .args(["health", "--url", &health_url])
+        .output()
+        .unwrap();
+    assert!(health.status.success(), "{health:?}");
     let mut stream = std::net::TcpStream::connect(&addr).unwrap();
     stream
         .write_all(&fixture("wire/module-stream.avro"))
@@ -199,6 +210,16 @@ fn sigterm_drains_and_logs_the_final_count() {
     );
     assert_eq!(value["dropped"].as_u64(), Some(0));
     assert!(child.wait().unwrap().success(), "exit 0 after SIGTERM");
+    // Nothing listens any more: unhealthy, saying where it asked.
+    let health = collector()
+        .args(["health", "--url", &health_url])
+        .output()
+        .unwrap();
+    assert_eq!(health.status.code(), Some(1), "{health:?}");
+    assert!(
+        String::from_utf8_lossy(&health.stderr).contains(&health_url),
+        "{health:?}"
+    );
 }
 
 #[test]

@@ -406,6 +406,16 @@ mod tests {
         assert!(!c.holds);
     }
 
+    #[tokio::test]
+    async fn probe_accepts_a_listener_and_refuses_a_closed_port() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open = listener.local_addr().unwrap();
+        assert!(probe(&format!("tcp://{open}")).await.is_ok());
+        drop(listener);
+        assert!(probe(&format!("tcp://{open}")).await.is_err());
+        assert!(probe(&format!("http://{open}/health")).await.is_err());
+    }
+
     #[test]
     fn running_producers_or_an_unscrapable_collector_never_hold() {
         let seen = Seen::default();
