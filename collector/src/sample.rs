@@ -157,12 +157,12 @@ async fn send_pending(
         if producer.is_none() {
             match discover(&source, &http).await {
                 Ok(found) => {
-                    match producer_config(&found.brokers, &options).create::<FutureProducer>() {
+                    let config = producer_config(&found.brokers, &options);
+                    match config.create::<FutureProducer>() {
                         Ok(p) => {
                             info!(brokers = ?found.brokers, method = %found.method, "Using Kafka brokers.");
                             // Brokers that do not auto-create topics (tansu, many
                             // production clusters) would time the send out.
-                            let config = producer_config(&found.brokers, &options);
                             let create = crate::sink::kafka::create_topic(&config, &topic, 1, 1);
                             match tokio::time::timeout(Duration::from_secs(5), create).await {
                                 Ok(Ok(())) => info!(%topic, "Kafka topic exists."),

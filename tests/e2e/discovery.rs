@@ -1,6 +1,7 @@
 //! Broker discovery through the Kafka scheduler (wiremock): faults, and a
 //! broker set that moves.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use e2e::{assert_balanced, assert_eventually, consume_all, spawn_collector, test_config};
@@ -101,6 +102,69 @@ async fn unreachable_scheduler_holds_data_and_counts_it_at_shutdown() {
             .dropped_for(collector::stats::DropReason::Shutdown)
             .datapoints,
         report.datapoints
+    );
+}
+
+/// Shutdown right after a broker switch, while the replaced producer still
+/// holds messages for brokers that are down: the final count waits for it
+/// too, so nothing is left in flight and every datapoint is delivered or
+/// counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_a_broker_switch_counts_the_old_producers_messages() {
+    let old = MockCluster::new(1).unwrap();
+    let new = MockCluster::new(1).unwrap();
+    let scheduler = MockServer::start().await;
+    let answer = |cluster: &MockCluster<'_, _>| {
+        ResponseTemplate::new(200).set_body_json(json!({"dns": [cluster.bootstrap_servers()]}))
+    };
+    Mock::given(method("GET"))
+        .and(path("/v1/connection"))
+        .respond_with(answer(&old))
+        .mount(&scheduler)
+        .await;
+    let mut config = framework_config(&scheduler.uri());
+    config.shutdown_grace_secs = 2;
+    config.kafka_rediscover_secs = 3600;
+    let collector = spawn_collector(config).await;
+    // One topic, known before the outage (creating one needs a broker).
+    let warm = producer(collector.addr, "warm")
+        .topic("switch")
+        .blocks(1)
+        .run()
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == warm.datapoints,
+        "warm-up delivered"
+    );
+    old.broker_down(1).unwrap();
+    let held = producer(collector.addr, "held")
+        .topic("switch")
+        .blocks(20)
+        .run()
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector.stats.messages_produced.load(Relaxed) > 1,
+        "messages handed to the old producer"
+    );
+    scheduler.reset().await;
+    Mock::given(method("GET"))
+        .and(path("/v1/connection"))
+        .respond_with(answer(&new))
+        .mount(&scheduler)
+        .await;
+    // All brokers down triggers a rediscovery, and so the switch.
+    assert_eventually!(
+        collector.stats.producer_switches.load(Relaxed) >= 1,
+        "switched to the new brokers"
+    );
+    let accounting = collector.shutdown().await;
+    assert_balanced(&accounting);
+    assert_eq!(accounting.in_flight().datapoints, 0, "{accounting:?}");
+    assert_eq!(
+        accounting.received.datapoints,
+        warm.datapoints + held.datapoints
     );
 }
 

@@ -276,6 +276,9 @@ pub struct KafkaSink {
     producer: Option<(Arc<KafkaProducer>, Discovered)>,
     retry_tx: mpsc::UnboundedSender<Message>,
     retry_rx: mpsc::UnboundedReceiver<Message>,
+    /// Producers replaced by a broker switch, still flushing to the old
+    /// brokers; shutdown waits for them too, so the final count is exact.
+    retiring: Vec<Arc<KafkaProducer>>,
     room: Arc<Notify>,
     brokers_down: Arc<Notify>,
     state: Arc<Mutex<BrokerState>>,
@@ -311,6 +314,7 @@ impl KafkaSink {
             producer: None,
             retry_tx,
             retry_rx,
+            retiring: Vec::new(),
             room: Arc::new(Notify::new()),
             brokers_down: Arc::new(Notify::new()),
             state,
@@ -436,6 +440,8 @@ impl KafkaSink {
             // queue makes an idempotent producer stall on its sequence gap.
             // What has no answer after 30 s is purged; it comes back as
             // retries for the new producer.
+            self.retiring.retain(|p| p.in_flight_count() > 0);
+            self.retiring.push(old.clone());
             tokio::task::spawn_blocking(move || {
                 if old.flush(Duration::from_secs(30)).is_err() {
                     old.purge(PurgeConfig::default().queue().inflight());
@@ -680,20 +686,31 @@ impl KafkaSink {
     /// Flushes the producer until `deadline`, then counts whatever is left
     /// anywhere as dropped for shutdown, so the identity holds exactly.
     async fn finish(mut self, deadline: Instant) {
-        if let Some((producer, _)) = self.producer.take() {
+        // The current producer and any still flushing after a broker switch:
+        // every message gets its delivery report before the final count.
+        let producers: Vec<_> = self
+            .producer
+            .take()
+            .map(|(producer, _)| producer)
+            .into_iter()
+            .chain(self.retiring.drain(..))
+            .collect();
+        if !producers.is_empty() {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let flushed = tokio::task::spawn_blocking(move || {
-                let result = producer.flush(remaining);
-                if result.is_err() {
-                    producer.context().final_purge.store(true, Relaxed);
-                    producer.purge(PurgeConfig::default().queue().inflight());
-                    let _ = producer.flush(Duration::from_secs(2));
+                let mut all_flushed = true;
+                for producer in producers {
+                    if producer.flush(remaining).is_err() {
+                        all_flushed = false;
+                        producer.context().final_purge.store(true, Relaxed);
+                        producer.purge(PurgeConfig::default().queue().inflight());
+                        let _ = producer.flush(Duration::from_secs(2));
+                    }
                 }
-                drop(producer);
-                result
+                all_flushed
             })
             .await;
-            if !matches!(flushed, Ok(Ok(()))) {
+            if !matches!(flushed, Ok(true)) {
                 warn!(
                     "Shutdown grace ran out with Kafka messages undelivered; they are counted as dropped."
                 );
