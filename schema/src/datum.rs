@@ -40,6 +40,11 @@ impl<'a> Cursor<'a> {
         self.buf.len() - self.pos
     }
 
+    /// The bytes from `start` up to the current position.
+    pub fn consumed_since(&self, start: usize) -> &'a [u8] {
+        &self.buf[start.min(self.pos)..self.pos]
+    }
+
     fn fail<T>(&self, what: &'static str) -> Result<T, DatumError> {
         Err(DatumError {
             what,

@@ -5,6 +5,8 @@
 //! - [`model`]: the Rust types `MetricList`, `Tag` and `Datapoint`.
 //! - [`datum`]: the binary *format* of one record: a hand-written reader
 //!   (current and seed-era schemas) and writer, pure functions over bytes.
+//! - [`raw`]: records of the current schema validated in place and written
+//!   again by splicing their bytes (the collector's hot path).
 //! - [`ocf`]: the Object Container File *framing*: [`ocf::StreamDecoder`], an
 //!   incremental sans-I/O decoder for TCP streams and concatenated files, and
 //!   [`ocf::OcfEncoder`].
@@ -21,6 +23,7 @@ pub mod datum;
 pub mod error;
 pub mod model;
 pub mod ocf;
+pub mod raw;
 pub mod resolve;
 
 #[cfg(feature = "test-util")]

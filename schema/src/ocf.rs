@@ -17,7 +17,8 @@ use crate::codec::Codec;
 use crate::datum::{self, MIN_METRIC_LIST_LEN};
 use crate::error::{DecodeError, DecodeErrorKind};
 use crate::model::MetricList;
-use crate::resolve::{HEADER_SCHEMA_JSON, ReaderPlan};
+use crate::raw::{self, RawRecord};
+use crate::resolve::{HEADER_SCHEMA_JSON, ReaderPlan, SchemaKind};
 
 /// The four bytes every OCF file starts with.
 pub const MAGIC: [u8; 4] = *b"Obj\x01";
@@ -67,6 +68,26 @@ pub struct Header {
 pub struct Block {
     /// The records, converted to the current schema.
     pub records: Vec<MetricList>,
+    /// Stream offset of the block's first byte.
+    pub offset: u64,
+    /// Bytes the block took on the wire.
+    pub wire_len: usize,
+}
+
+/// One block as [`StreamDecoder::decode_view`] hands it out.
+#[derive(Debug)]
+pub enum BlockView<'a> {
+    /// Records of the current schema, validated in place.
+    Raw(RawBlock<'a>),
+    /// Records of another schema, decoded and converted.
+    Decoded(Block),
+}
+
+/// A block of current-schema records read in place.
+#[derive(Debug)]
+pub struct RawBlock<'a> {
+    /// The records, each borrowing its bytes.
+    pub records: Vec<RawRecord<'a>>,
     /// Stream offset of the block's first byte.
     pub offset: u64,
     /// Bytes the block took on the wire.
@@ -359,86 +380,81 @@ impl StreamDecoder {
             return self.step_header(input);
         }
         let stream = self.stream.as_ref().expect("checked above");
-        let (count, after_count) = match varint(input, 0) {
-            Ok(Some(v)) => v,
-            Ok(None) => return Ok(Step::NeedMore),
-            Err(()) => return Err((0, DecodeErrorKind::BadVarint)),
-        };
-        let (size, data_start) = match varint(input, after_count) {
-            Ok(Some(v)) => v,
-            Ok(None) => return Ok(Step::NeedMore),
-            Err(()) => return Err((0, DecodeErrorKind::BadVarint)),
-        };
-        let bad_count = || (0, DecodeErrorKind::BadBlockCount { count, size });
-        let (Ok(count), Ok(size)) = (u64::try_from(count), usize::try_from(size)) else {
-            return Err(bad_count());
-        };
-        if size > self.limits.max_block_bytes {
-            return Err((
-                0,
-                DecodeErrorKind::BlockTooLarge {
-                    size: size as u64,
-                    limit: self.limits.max_block_bytes,
-                },
-            ));
+        match step_block(
+            stream,
+            &self.limits,
+            &mut self.scratch,
+            input,
+            false,
+            self.offset,
+        )? {
+            None => Ok(Step::NeedMore),
+            Some((n, BlockView::Decoded(block))) => Ok(Step::Block(n, block)),
+            Some((_, BlockView::Raw(_))) => unreachable!("raw views only when asked for"),
         }
-        let max_data = match stream.header.codec {
-            Codec::Null => size,
-            _ => self.limits.max_decompressed_block_bytes,
-        };
-        if count > (max_data / MIN_METRIC_LIST_LEN) as u64 {
-            return Err(bad_count());
+    }
+
+    /// Like [`decode_slice`](Self::decode_slice), but records of the current
+    /// schema are validated in place and handed out as [`RawRecord`]s
+    /// borrowing `input` (or the decompressed block), never decoded into
+    /// owned strings. Other schemas are decoded and converted as usual.
+    pub fn decode_view<'a>(
+        &'a mut self,
+        input: &'a [u8],
+    ) -> Result<(usize, Option<BlockView<'a>>), DecodeError> {
+        if let Some(error) = &self.failed {
+            return Err(error.clone());
         }
-        let sync_start = data_start + size;
-        let total = sync_start + 16;
-        if input.len() < total {
-            return Ok(Step::NeedMore);
+        let mut used = 0;
+        // Headers first; then at most one block, which may borrow.
+        loop {
+            let rest = &input[used..];
+            if rest.is_empty() {
+                return Ok((used, None));
+            }
+            if self.stream.is_some() && rest[0] != MAGIC[0] {
+                break;
+            }
+            match self.step_header(rest) {
+                Ok(Step::Header(n)) => {
+                    used += n;
+                    self.offset += n as u64;
+                }
+                Ok(_) => return Ok((used, None)),
+                Err((relative, kind)) => {
+                    let error = DecodeError {
+                        offset: self.offset + relative as u64,
+                        kind,
+                    };
+                    self.failed = Some(error.clone());
+                    return Err(error);
+                }
+            }
         }
-        if input[sync_start..total] != stream.header.sync {
-            let mut found = [0u8; 16];
-            found.copy_from_slice(&input[sync_start..total]);
-            return Err((
-                sync_start,
-                DecodeErrorKind::SyncMismatch {
-                    expected: stream.header.sync,
-                    found,
-                },
-            ));
+        let Self {
+            stream,
+            limits,
+            scratch,
+            offset,
+            failed,
+            ..
+        } = self;
+        let stream = stream.as_ref().expect("checked in the loop");
+        match step_block(stream, limits, scratch, &input[used..], true, *offset) {
+            Ok(None) => Ok((used, None)),
+            Ok(Some((n, view))) => {
+                *offset += n as u64;
+                Ok((used + n, Some(view)))
+            }
+            Err((relative, kind)) => {
+                let error = DecodeError {
+                    offset: *offset + relative as u64,
+                    kind,
+                };
+                *failed = Some(error.clone());
+                Err(error)
+            }
         }
-        let data = stream
-            .header
-            .codec
-            .decompress(
-                &input[data_start..sync_start],
-                self.limits.max_decompressed_block_bytes,
-                &mut self.scratch,
-            )
-            .map_err(|e| (0, e.into()))?;
-        let mut records =
-            Vec::with_capacity((count as usize).min(data.len() / MIN_METRIC_LIST_LEN));
-        let read = stream
-            .plan
-            .read_records(data, count, &mut records)
-            .map_err(|e| {
-                (
-                    0,
-                    DecodeErrorKind::UndecodableRecord {
-                        index: e.index,
-                        reason: e.reason,
-                    },
-                )
-            })?;
-        if read != data.len() {
-            return Err((0, DecodeErrorKind::TrailingBytes(data.len() - read)));
-        }
-        Ok(Step::Block(
-            total,
-            Block {
-                records,
-                offset: self.offset,
-                wire_len: total,
-            },
-        ))
     }
 
     fn step_header(&mut self, input: &[u8]) -> Result<Step, (usize, DecodeErrorKind)> {
@@ -458,6 +474,111 @@ impl StreamDecoder {
         self.files += 1;
         Ok(Step::Header(len))
     }
+}
+
+/// Reads one block at the start of `input`: `Ok(None)` when it is not
+/// all there yet. With `raw`, records of the current schema are scanned in
+/// place instead of decoded.
+fn step_block<'a>(
+    stream: &Stream,
+    limits: &Limits,
+    scratch: &'a mut Vec<u8>,
+    input: &'a [u8],
+    raw: bool,
+    offset: u64,
+) -> Result<Option<(usize, BlockView<'a>)>, (usize, DecodeErrorKind)> {
+    let (count, after_count) = match varint(input, 0) {
+        Ok(Some(v)) => v,
+        Ok(None) => return Ok(None),
+        Err(()) => return Err((0, DecodeErrorKind::BadVarint)),
+    };
+    let (size, data_start) = match varint(input, after_count) {
+        Ok(Some(v)) => v,
+        Ok(None) => return Ok(None),
+        Err(()) => return Err((0, DecodeErrorKind::BadVarint)),
+    };
+    let bad_count = || (0, DecodeErrorKind::BadBlockCount { count, size });
+    let (Ok(count), Ok(size)) = (u64::try_from(count), usize::try_from(size)) else {
+        return Err(bad_count());
+    };
+    if size > limits.max_block_bytes {
+        return Err((
+            0,
+            DecodeErrorKind::BlockTooLarge {
+                size: size as u64,
+                limit: limits.max_block_bytes,
+            },
+        ));
+    }
+    let max_data = match stream.header.codec {
+        Codec::Null => size,
+        _ => limits.max_decompressed_block_bytes,
+    };
+    if count > (max_data / MIN_METRIC_LIST_LEN) as u64 {
+        return Err(bad_count());
+    }
+    let sync_start = data_start + size;
+    let total = sync_start + 16;
+    if input.len() < total {
+        return Ok(None);
+    }
+    if input[sync_start..total] != stream.header.sync {
+        let mut found = [0u8; 16];
+        found.copy_from_slice(&input[sync_start..total]);
+        return Err((
+            sync_start,
+            DecodeErrorKind::SyncMismatch {
+                expected: stream.header.sync,
+                found,
+            },
+        ));
+    }
+    let data = stream
+        .header
+        .codec
+        .decompress(
+            &input[data_start..sync_start],
+            limits.max_decompressed_block_bytes,
+            scratch,
+        )
+        .map_err(|e| (0, e.into()))?;
+    let undecodable = |index, reason| (0, DecodeErrorKind::UndecodableRecord { index, reason });
+    let capacity = (count as usize).min(data.len() / MIN_METRIC_LIST_LEN);
+    let (read, view) = if raw && stream.plan.kind() == SchemaKind::Current {
+        let mut cursor = datum::Cursor::new(data);
+        let mut records = Vec::with_capacity(capacity);
+        for index in 0..count {
+            let record = raw::scan_metric_list(&mut cursor)
+                .map_err(|e| undecodable(index, e.to_string()))?;
+            records.push(record);
+        }
+        (
+            cursor.position(),
+            BlockView::Raw(RawBlock {
+                records,
+                offset,
+                wire_len: total,
+            }),
+        )
+    } else {
+        let mut records = Vec::with_capacity(capacity);
+        let read = stream
+            .plan
+            .read_records(data, count, &mut records)
+            .map_err(|e| undecodable(e.index, e.reason))?;
+        (
+            read,
+            BlockView::Decoded(Block {
+                records,
+                offset,
+                wire_len: total,
+            }),
+        )
+    };
+    if read != data.len() {
+        return Err((0, DecodeErrorKind::TrailingBytes(data.len() - read)));
+    }
+    Ok(Some((total, view)))
 }
 
 /// Decodes a complete input (one or more whole OCF files) at once.

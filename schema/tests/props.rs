@@ -167,4 +167,102 @@ proptest! {
             prop_assert!(same_records(&[back], std::slice::from_ref(record)));
         }
     }
+
+    #[test]
+    fn in_place_scan_agrees_with_the_decoder_on_any_bytes(
+        records in any_metric_lists(3),
+        flips in prop::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+        noise in prop::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let mut inputs = vec![noise];
+        for record in &records {
+            let mut bytes = Vec::new();
+            datum::write_metric_list(&mut bytes, record);
+            let mut flipped = bytes.clone();
+            for (at, byte) in &flips {
+                let at = at % flipped.len();
+                flipped[at] = *byte;
+            }
+            inputs.push(bytes);
+            inputs.push(flipped);
+        }
+        for bytes in &inputs {
+            let mut a = Cursor::new(bytes);
+            let mut b = Cursor::new(bytes);
+            match (datum::read_metric_list(&mut a), schema::raw::scan_metric_list(&mut b)) {
+                (Ok(decoded), Ok(raw)) => {
+                    prop_assert_eq!(a.position(), b.position());
+                    prop_assert_eq!(raw.bytes(), &bytes[..a.position()]);
+                    prop_assert_eq!(raw.topic(), decoded.topic.as_str());
+                    prop_assert_eq!(raw.datapoints() as usize, decoded.datapoints.len());
+                    let tags: Vec<(String, String)> = raw.tags().map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+                    let want: Vec<(String, String)> = decoded.tags.iter().map(|t| (t.key.clone(), t.value.clone())).collect();
+                    prop_assert_eq!(tags, want);
+                }
+                (Err(x), Err(y)) => prop_assert_eq!(x, y),
+                (x, y) => prop_assert!(false, "decoder {:?} vs scan {:?}", x.map(|_| ()), y.map(|_| ())),
+            }
+        }
+    }
+
+    #[test]
+    fn splicing_tags_is_re_encoding_with_the_tags_added(
+        records in any_metric_lists(3),
+        extra in prop::collection::vec((schema::arbitrary::any_text(), schema::arbitrary::any_text()), 0..4),
+    ) {
+        let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        for record in &records {
+            let mut bytes = Vec::new();
+            datum::write_metric_list(&mut bytes, record);
+            let raw = schema::raw::scan_metric_list(&mut Cursor::new(&bytes)).unwrap();
+            let mut spliced = Vec::new();
+            raw.write_with_tags(&extra, &mut spliced);
+            prop_assert_eq!(spliced.len(), raw.encoded_len_with(&extra));
+            let mut expected = record.clone();
+            expected.tags.extend(extra.iter().map(|(k, v)| schema::Tag::new(*k, *v)));
+            let mut reencoded = Vec::new();
+            datum::write_metric_list(&mut reencoded, &expected);
+            prop_assert_eq!(spliced, reencoded);
+        }
+    }
+
+    #[test]
+    fn the_in_place_view_yields_the_same_records_and_errors(
+        groups in prop::collection::vec(any_metric_lists(4), 1..4),
+        codec in any_codec(),
+        flips in prop::collection::vec((any::<usize>(), any::<u8>()), 0..3),
+    ) {
+        let mut bytes = stream(codec, &groups);
+        for (at, byte) in flips {
+            let at = at % bytes.len();
+            bytes[at] = byte;
+        }
+        let expected = decode_all(&bytes, Limits::default());
+        let mut decoder = StreamDecoder::new(Limits::default());
+        let mut rest = &bytes[..];
+        let mut got = Vec::new();
+        let result = loop {
+            match decoder.decode_view(rest) {
+                Ok((used, Some(view))) => {
+                    match view {
+                        schema::ocf::BlockView::Raw(block) => got.extend(block.records.iter().map(|r| {
+                            datum::read_metric_list(&mut Cursor::new(r.bytes())).unwrap()
+                        })),
+                        schema::ocf::BlockView::Decoded(block) => got.extend(block.records),
+                    }
+                    rest = &rest[used..];
+                }
+                Ok((used, None)) => {
+                    rest = &rest[used..];
+                    break decoder.finish(rest).map(|()| got);
+                }
+                Err(error) => break Err(error),
+            }
+        };
+        match (expected, result) {
+            (Ok(want), Ok(got)) => prop_assert!(same_records(&got, &want)),
+            (Err(want), Err(got)) => prop_assert_eq!(want, got),
+            (want, got) => prop_assert!(false, "decode_all {:?} vs view {:?}", want.map(|r| r.len()), got.map(|r| r.len())),
+        }
+    }
 }
