@@ -11,9 +11,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use schema::{Block, StreamDecoder};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::{Buf, BytesMut};
+use schema::StreamDecoder;
+use schema::ocf::BlockView;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
@@ -189,17 +190,18 @@ async fn connection(
     stats.connections_open.fetch_add(1, Relaxed);
     debug!(%peer, "Input connection opened.");
     let mut decoder = StreamDecoder::new(shared.decode_limits);
-    // Start small (a thousand idle module connections must stay cheap) and
-    // grow the read size only while reads keep filling it.
-    let mut buf = BytesMut::with_capacity(MIN_READ);
+    // A connection holds no read buffer while it waits (a thousand module
+    // connections, each sending a block now and then, must stay cheap): the
+    // buffer is taken when the socket is readable and given back once
+    // everything read is decoded. The read size grows only while reads keep
+    // filling it.
+    let mut buf = BytesMut::new();
     let mut read_size = MIN_READ;
     let mut router = Router::default();
     let mut window = Window::new();
     let mut drain_until: Option<Instant> = None;
     let mut throttled_logged = false;
     let end = loop {
-        buf.reserve(read_size);
-        let room = buf.capacity() - buf.len();
         let idle = async {
             match shared.idle_timeout {
                 Some(timeout) => tokio::time::sleep(timeout).await,
@@ -223,9 +225,20 @@ async fn connection(
             }
             _ = drain => break End::Drained,
             _ = idle => break End::Idle,
-            read = stream.read_buf(&mut buf) => read,
+            readable = stream.readable() => readable,
         };
-        match read {
+        if let Err(error) = read {
+            break End::Io(error);
+        }
+        buf.reserve(read_size);
+        let room = buf.capacity() - buf.len();
+        match stream.try_read_buf(&mut buf) {
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                if buf.is_empty() {
+                    buf = BytesMut::new();
+                }
+                continue;
+            }
             Ok(0) => match decoder.finish(&buf) {
                 Ok(()) => break End::Closed,
                 Err(error) => {
@@ -245,21 +258,29 @@ async fn connection(
         }
         let mut malformed = false;
         loop {
-            match decoder.decode(&mut buf) {
-                Ok(Some(block)) => {
-                    if !handle_block(block, shared, &mut router, &mut window).await
-                        && !throttled_logged
-                    {
-                        throttled_logged = true;
-                        warn!(%peer, "Input rate limit reached: dropping this connection's records until the period ends.");
-                    }
-                }
-                Ok(None) => break,
+            // Route synchronously while the block borrows `buf`, then push.
+            let (used, routed) = match decoder.decode_view(&buf) {
+                Ok((used, Some(view))) => (
+                    used,
+                    Some(route_view(view, shared, &mut router, &mut window)),
+                ),
+                Ok((used, None)) => (used, None),
                 Err(error) => {
                     log_malformed(peer, &error);
                     malformed = true;
                     break;
                 }
+            };
+            buf.advance(used);
+            match routed {
+                Some(Some(items)) => shared.buffer.push(Chunk { items }).await,
+                Some(None) => {
+                    if !throttled_logged {
+                        throttled_logged = true;
+                        warn!(%peer, "Input rate limit reached: dropping this connection's records until the period ends.");
+                    }
+                }
+                None => break,
             }
         }
         if malformed {
@@ -269,9 +290,8 @@ async fn connection(
         // that a thousand module connections cost kilobytes each, not 256 KiB.
         // (A saturated connection rarely drains to exactly empty, so this
         // costs it nothing.)
-        if buf.is_empty() && buf.capacity() > 4 * MIN_READ {
-            buf = BytesMut::with_capacity(MIN_READ);
-            read_size = MIN_READ;
+        if buf.is_empty() {
+            buf = BytesMut::new();
         }
     };
     stats.connections_open.fetch_sub(1, Relaxed);
@@ -297,19 +317,13 @@ fn log_malformed(peer: SocketAddr, error: &schema::DecodeError) {
 
 /// Counts, rate-limits, routes and buffers one block. Returns false when the
 /// block was dropped by a rate limit.
-async fn handle_block(
-    block: Block,
-    shared: &Shared,
-    router: &mut Router,
-    window: &mut Window,
-) -> bool {
+/// Counts a block as received and applies the rate limits; false when it
+/// is over them (its records are then counted as dropped).
+fn admit(shared: &Shared, window: &mut Window, records: u64, datapoints: u64, wire: u64) -> bool {
     let stats = &shared.stats;
-    let records = block.records.len() as u64;
-    let datapoints = block.datapoints() as u64;
     stats.blocks_received.fetch_add(1, Relaxed);
     stats.count_received(crate::stats::Input::Tcp, records, datapoints);
     let limits = *shared.rate_limits.borrow();
-    let wire = block.wire_len as u64;
     let mine = window.admit(
         wire,
         limits.per_connection_bytes,
@@ -323,26 +337,71 @@ async fn handle_block(
             .admit(wire, limits.global_bytes, limits.global_period);
     if !global {
         stats.count_drop(DropReason::RateLimited, records, datapoints);
-        return false;
     }
+    global
+}
+
+/// Routes one block: its records ready for the buffer, or `None` when the
+/// rate limits dropped it (counted).
+fn route_view(
+    view: BlockView<'_>,
+    shared: &Shared,
+    router: &mut Router,
+    window: &mut Window,
+) -> Option<Vec<crate::route::Routed>> {
+    let stats = &shared.stats;
     let routing = shared.routing.borrow().clone();
     let enrichment = shared.enrichment.borrow().clone();
-    let mut prepared = Vec::with_capacity(block.records.len());
-    for record in block.records {
-        let (extra, unknown_framework) = enrichment.tags_for(&record);
-        if unknown_framework {
-            shared.refresh.notify_one();
+    let items = match view {
+        // The current schema: validated in place, tags spliced in.
+        BlockView::Raw(block) => {
+            let datapoints = block
+                .records
+                .iter()
+                .map(|r| u64::from(r.datapoints()))
+                .sum();
+            let records = block.records.len() as u64;
+            if !admit(shared, window, records, datapoints, block.wire_len as u64) {
+                return None;
+            }
+            let mut unknown_framework = false;
+            let routed = router.route_block(&routing, &block.records, |record| {
+                let (extra, unknown) = enrichment.tags_for_lookup(|key| record.tag(key));
+                unknown_framework |= unknown;
+                extra
+            });
+            if unknown_framework {
+                shared.refresh.notify_one();
+            }
+            if routed.sanitized > 0 {
+                stats.topics_sanitized.fetch_add(routed.sanitized, Relaxed);
+            }
+            routed.items
         }
-        let (record, sanitized) = router.prepare(&routing, &extra, record);
-        if sanitized {
-            stats.topics_sanitized.fetch_add(1, Relaxed);
+        // Other schemas: decoded, converted, re-encoded.
+        BlockView::Decoded(block) => {
+            let records = block.records.len() as u64;
+            let datapoints = block.datapoints() as u64;
+            if !admit(shared, window, records, datapoints, block.wire_len as u64) {
+                return None;
+            }
+            let mut prepared = Vec::with_capacity(block.records.len());
+            for record in block.records {
+                let (extra, unknown_framework) = enrichment.tags_for(&record);
+                if unknown_framework {
+                    shared.refresh.notify_one();
+                }
+                let (record, sanitized) = router.prepare(&routing, &extra, record);
+                if sanitized {
+                    stats.topics_sanitized.fetch_add(1, Relaxed);
+                }
+                prepared.push(record);
+            }
+            crate::route::encode_all(prepared)
         }
-        prepared.push(record);
-    }
-    let items = crate::route::encode_all(prepared);
+    };
     count_topics(stats, &items);
-    shared.buffer.push(Chunk { items }).await;
-    true
+    Some(items)
 }
 
 /// Per-topic received counts, one lock per block.

@@ -86,10 +86,23 @@ pub enum StartError {
     },
 }
 
+/// Pending connections the kernel may queue before `accept`. tokio's
+/// default is 1024; a thousand module connections arriving at once (every
+/// process reconnecting after a restart) overflowed it now and then, and a
+/// connection was reset.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })?;
+    let error = |source| StartError::Bind { addr, source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(error)?;
+    socket.set_reuseaddr(true).map_err(error)?;
+    socket.bind(addr).map_err(error)?;
+    let listener = socket.listen(LISTEN_BACKLOG).map_err(error)?;
     let bound = listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;

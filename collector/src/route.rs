@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use schema::raw::RawRecord;
 use schema::{MetricList, Tag};
 
 use crate::config::{Config, is_valid_topic};
@@ -92,6 +93,37 @@ pub fn encode_all(prepared: Vec<Prepared>) -> Vec<Routed> {
         .collect()
 }
 
+/// The enrichment tags of one record (at most three), borrowed.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ExtraTags<'a> {
+    tags: [(&'a str, &'a str); 3],
+    len: usize,
+}
+
+impl<'a> ExtraTags<'a> {
+    /// Adds a tag; more than three are ignored (there are never more).
+    pub fn push(&mut self, key: &'a str, value: &'a str) {
+        if let Some(slot) = self.tags.get_mut(self.len) {
+            *slot = (key, value);
+            self.len += 1;
+        }
+    }
+
+    /// The tags, in the order they were added.
+    pub fn as_slice(&self) -> &[(&'a str, &'a str)] {
+        &self.tags[..self.len]
+    }
+}
+
+/// A block's records routed by [`Router::route_block`].
+#[derive(Debug, Default)]
+pub struct RoutedBlock {
+    /// The records, slices of one allocation.
+    pub items: Vec<Routed>,
+    /// How many had their topic sanitized.
+    pub sanitized: u64,
+}
+
 /// A valid Kafka topic for `name`: characters outside `[A-Za-z0-9._-]`
 /// become `_`, and it is cut to 249 bytes. Returns whether it changed.
 pub fn sanitize_topic(name: &str) -> (String, bool) {
@@ -162,17 +194,7 @@ impl Router {
             .key_tag
             .as_deref()
             .and_then(|tag| record.tag(tag))
-            .map(|value| {
-                if let Some(key) = self.keys.get(value) {
-                    key.clone()
-                } else {
-                    let key: Arc<str> = Arc::from(value);
-                    if self.keys.len() < 10_000 {
-                        self.keys.insert(value.to_owned(), key.clone());
-                    }
-                    key
-                }
-            });
+            .map(|value| self.key(value));
         let encoded_len = schema::datum::encoded_len(&record);
         (
             Prepared {
@@ -183,6 +205,96 @@ impl Router {
             },
             sanitized,
         )
+    }
+
+    /// Routes a block of records read in place: adds the static tags and
+    /// `extra(record)`'s tags each record lacks, by splicing its bytes (see
+    /// `schema::raw`), picks topics and keys, and writes the block into one
+    /// exactly sized allocation with a slice per record. Nothing is decoded
+    /// into owned strings.
+    pub fn route_block<'a>(
+        &mut self,
+        routing: &'a Routing,
+        records: &[RawRecord<'a>],
+        mut extra: impl FnMut(&RawRecord<'a>) -> ExtraTags<'a>,
+    ) -> RoutedBlock {
+        if self.for_routing.as_ref() != Some(routing) {
+            self.topics.clear();
+            self.for_routing = Some(routing.clone());
+        }
+        // Pass 1: what each record gets, and its size.
+        let mut adds: Vec<(&'a str, &'a str)> = Vec::new();
+        let mut plans = Vec::with_capacity(records.len());
+        let mut total = 0;
+        let mut sanitized_count = 0;
+        for record in records {
+            let start = adds.len();
+            let statics = routing
+                .static_tags
+                .iter()
+                .map(|t| (t.key.as_str(), t.value.as_str()));
+            let enrichment = extra(record);
+            for (key, value) in statics.chain(enrichment.as_slice().iter().copied()) {
+                if record.tag(key).is_none() && !adds[start..].iter().any(|(k, _)| *k == key) {
+                    adds.push((key, value));
+                }
+            }
+            let mine = &adds[start..];
+            let (topic, sanitized) = match &routing.single_topic {
+                Some(single) => self.topic(single, ""),
+                None => self.topic(&routing.prefix, record.topic()),
+            };
+            sanitized_count += u64::from(sanitized);
+            let key = routing.key_tag.as_deref().and_then(|tag| {
+                record
+                    .tag(tag)
+                    .or_else(|| mine.iter().find(|(k, _)| *k == tag).map(|(_, v)| *v))
+            });
+            let key = key.map(|value| self.key(value));
+            let len = record.encoded_len_with(mine);
+            total += len;
+            plans.push((topic, key, start..adds.len()));
+        }
+        // Pass 2: one allocation, one slice per record.
+        let mut data = Vec::with_capacity(total);
+        let mut ends = Vec::with_capacity(records.len());
+        for (record, (_, _, range)) in records.iter().zip(&plans) {
+            record.write_with_tags(&adds[range.clone()], &mut data);
+            ends.push(data.len());
+        }
+        debug_assert_eq!(data.len(), total);
+        let data = Bytes::from(data);
+        let mut start = 0;
+        let items = plans
+            .into_iter()
+            .zip(records)
+            .zip(ends)
+            .map(|(((topic, key, _), record), end)| {
+                let routed = Routed {
+                    topic,
+                    key,
+                    data: data.slice(start..end),
+                    datapoints: record.datapoints(),
+                };
+                start = end;
+                routed
+            })
+            .collect();
+        RoutedBlock {
+            items,
+            sanitized: sanitized_count,
+        }
+    }
+
+    fn key(&mut self, value: &str) -> Arc<str> {
+        if let Some(key) = self.keys.get(value) {
+            return key.clone();
+        }
+        let key: Arc<str> = Arc::from(value);
+        if self.keys.len() < 10_000 {
+            self.keys.insert(value.to_owned(), key.clone());
+        }
+        key
     }
 
     fn topic(&mut self, prefix: &str, name: &str) -> (Arc<str>, bool) {
@@ -272,6 +384,65 @@ mod tests {
         assert_eq!(
             routed[2].data.as_ptr() as usize,
             base + routed[0].data.len() + routed[1].data.len()
+        );
+    }
+
+    #[test]
+    fn a_block_read_in_place_routes_exactly_as_a_decoded_one() {
+        let records = vec![
+            record("fw-1"),
+            MetricList {
+                tags: vec![],
+                ..record("a b")
+            },
+            MetricList {
+                tags: vec![Tag::new("dc", "us"), Tag::new("framework_id", "fw-2")],
+                ..record("fw-2")
+            },
+        ];
+        let mut bytes = Vec::new();
+        for r in &records {
+            schema::datum::write_metric_list(&mut bytes, r);
+        }
+        let mut cursor = schema::datum::Cursor::new(&bytes);
+        let raw: Vec<_> = (0..records.len())
+            .map(|_| schema::raw::scan_metric_list(&mut cursor).unwrap())
+            .collect();
+        let routing = routing();
+        let extra = |record: &RawRecord<'_>| {
+            let mut extra = ExtraTags::default();
+            extra.push("agent_id", "agent-1");
+            if record.topic() == "a b" {
+                // Static tags come first: this framework_id is not added.
+                extra.push("framework_id", "from-state");
+            }
+            extra
+        };
+        let block = Router::default().route_block(&routing, &raw, extra);
+        let mut router = Router::default();
+        let mut sanitized = 0;
+        let mut prepared = Vec::new();
+        for (r, raw) in records.iter().zip(&raw) {
+            let tags: Vec<Tag> = extra(raw)
+                .as_slice()
+                .iter()
+                .map(|(k, v)| Tag::new(*k, *v))
+                .collect();
+            let (p, s) = router.prepare(&routing, &tags, r.clone());
+            sanitized += u64::from(s);
+            prepared.push(p);
+        }
+        let expected = encode_all(prepared);
+        assert_eq!(block.items, expected);
+        assert_eq!(block.sanitized, sanitized);
+        assert_eq!(sanitized, 1);
+        // The static framework_id came first for the tag-less record.
+        assert_eq!(block.items[1].key.as_deref(), Some("static"));
+        assert_eq!(block.items[2].key.as_deref(), Some("fw-2"));
+        assert_eq!(
+            block.items[0].data.as_ptr() as usize + block.items[0].data.len(),
+            block.items[1].data.as_ptr() as usize,
+            "one allocation"
         );
     }
 

@@ -23,14 +23,23 @@ pub struct RawRecord<'a> {
     datapoints: u32,
 }
 
-/// Reads one array's blocks, checking each item with `item`. Returns the
-/// offset of the terminating zero count, the layout of a single positive
-/// block, and the number of items.
+/// How an array was laid out on the wire.
+struct ArrayLayout {
+    /// Offset of the terminating zero count.
+    end: usize,
+    /// A single block with a positive count: that count and where its
+    /// items start.
+    single_block: Option<(u64, usize)>,
+    /// Items in all blocks.
+    items: u64,
+}
+
+/// Reads one array's blocks, checking each item with `item`.
 fn scan_array<'a>(
     c: &mut Cursor<'a>,
     min_item_len: usize,
     mut item: impl FnMut(&mut Cursor<'a>) -> Result<(), DatumError>,
-) -> Result<(usize, Option<(u64, usize)>, u64), DatumError> {
+) -> Result<ArrayLayout, DatumError> {
     let mut single = None;
     let mut first = true;
     let mut items = 0u64;
@@ -38,7 +47,11 @@ fn scan_array<'a>(
         let block_start = c.position();
         let count = c.read_long()?;
         if count == 0 {
-            return Ok((block_start, single, items));
+            return Ok(ArrayLayout {
+                end: block_start,
+                single_block: single,
+                items,
+            });
         }
         let positive = count > 0;
         let count = if count < 0 {
@@ -74,12 +87,12 @@ pub fn scan_metric_list<'a>(c: &mut Cursor<'a>) -> Result<RawRecord<'a>, DatumEr
     let start = c.position();
     let topic = c.read_str()?;
     let tags_start = c.position() - start;
-    let (tags_end, single_block, _) = scan_array(c, MIN_TAG_LEN, |c| {
+    let tags = scan_array(c, MIN_TAG_LEN, |c| {
         c.read_str()?;
         c.read_str()?;
         Ok(())
     })?;
-    let (_, _, datapoints) = scan_array(c, MIN_DATAPOINT_LEN, |c| {
+    let datapoints = scan_array(c, MIN_DATAPOINT_LEN, |c| {
         c.read_str()?;
         c.read_long()?;
         c.read_double()?;
@@ -89,9 +102,9 @@ pub fn scan_metric_list<'a>(c: &mut Cursor<'a>) -> Result<RawRecord<'a>, DatumEr
         bytes: c.consumed_since(start),
         topic,
         tags_start,
-        tags_end: tags_end - start,
-        single_block: single_block.map(|(n, at)| (n, at - start)),
-        datapoints: u32::try_from(datapoints).unwrap_or(u32::MAX),
+        tags_end: tags.end - start,
+        single_block: tags.single_block.map(|(n, at)| (n, at - start)),
+        datapoints: u32::try_from(datapoints.items).unwrap_or(u32::MAX),
     })
 }
 

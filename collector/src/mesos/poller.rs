@@ -101,30 +101,45 @@ impl Enrichment {
     /// The tags to add to `record` (added only where absent), and whether its
     /// framework id is unknown to the cached state.
     pub fn tags_for(&self, record: &MetricList) -> (Vec<Tag>, bool) {
+        let (extra, unknown) = self.tags_for_lookup(|key| record.tag(key));
+        (
+            extra
+                .as_slice()
+                .iter()
+                .map(|(k, v)| Tag::new(*k, *v))
+                .collect(),
+            unknown,
+        )
+    }
+
+    /// [`tags_for`](Self::tags_for) for a record known only by a tag
+    /// lookup, without allocating: the tags borrow from `self`.
+    pub fn tags_for_lookup<'r>(
+        &self,
+        tag: impl Fn(&str) -> Option<&'r str>,
+    ) -> (crate::route::ExtraTags<'_>, bool) {
+        let mut extra = crate::route::ExtraTags::default();
         if !self.enabled {
-            return (Vec::new(), false);
+            return (extra, false);
         }
-        let mut tags = vec![Tag::new(
+        extra.push(
             "agent_id",
             self.agent_id.as_deref().unwrap_or(UNKNOWN_AGENT),
-        )];
+        );
         let mut unknown = false;
-        if let Some(framework_id) = record.tag("framework_id") {
+        if let Some(framework_id) = tag("framework_id") {
             match self.frameworks.get(framework_id) {
-                Some(name) => tags.push(Tag::new("framework_name", name)),
+                Some(name) => extra.push("framework_name", name),
                 None => {
                     unknown = self.agent_id.is_some();
-                    tags.push(Tag::new("framework_name", UNKNOWN_FRAMEWORK));
+                    extra.push("framework_name", UNKNOWN_FRAMEWORK);
                 }
             }
         }
-        if let Some(app) = record
-            .tag("executor_id")
-            .and_then(|e| self.applications.get(e))
-        {
-            tags.push(Tag::new("application_name", app));
+        if let Some(app) = tag("executor_id").and_then(|e| self.applications.get(e)) {
+            extra.push("application_name", app);
         }
-        (tags, unknown)
+        (extra, unknown)
     }
 }
 

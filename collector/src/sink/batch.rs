@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use schema::{Codec, OcfEncoder};
 use tokio::time::Instant;
 
@@ -60,9 +61,12 @@ pub struct Thresholds {
     pub max_message_bytes: usize,
 }
 
+/// A batch in the making: the records' slices (of their input blocks'
+/// allocations), copied once, into the message, when it is flushed.
 #[derive(Debug)]
 struct Pending {
-    data: Vec<u8>,
+    parts: Vec<Bytes>,
+    bytes: usize,
     records: u32,
     datapoints: u64,
     since: Instant,
@@ -74,7 +78,9 @@ type BatchKey = (Arc<str>, Option<Arc<str>>);
 #[derive(Debug)]
 pub struct Batcher {
     thresholds: Thresholds,
-    encoder: OcfEncoder,
+    /// The OCF header every message starts with.
+    header: Vec<u8>,
+    sync: [u8; 16],
     overhead: usize,
     pending: HashMap<BatchKey, Pending>,
 }
@@ -94,7 +100,8 @@ impl Batcher {
         let overhead = header.len() + 20 + 16;
         Self {
             thresholds,
-            encoder,
+            header,
+            sync,
             overhead,
             pending: HashMap::new(),
         }
@@ -128,22 +135,24 @@ impl Batcher {
         }
         let key = (item.topic, item.key);
         if let Some(pending) = self.pending.get(&key)
-            && pending.data.len() + item.data.len() + self.overhead > limit
+            && pending.bytes + item.data.len() + self.overhead > limit
         {
             let pending = self.pending.remove(&key).expect("just looked it up");
             out.push(self.message(key.clone(), pending));
         }
         let pending = self.pending.entry(key.clone()).or_insert_with(|| Pending {
-            data: Vec::with_capacity(item.data.len() * 4),
+            parts: Vec::new(),
+            bytes: 0,
             records: 0,
             datapoints: 0,
             since: now,
         });
-        pending.data.extend_from_slice(&item.data);
+        pending.bytes += item.data.len();
+        pending.parts.push(item.data);
         pending.records += 1;
         pending.datapoints += u64::from(item.datapoints);
         if pending.records as usize >= self.thresholds.max_records
-            || pending.data.len() >= self.thresholds.max_bytes
+            || pending.bytes >= self.thresholds.max_bytes
         {
             let pending = self.pending.remove(&key).expect("just inserted");
             out.push(self.message(key, pending));
@@ -195,10 +204,19 @@ impl Batcher {
     }
 
     fn message(&self, (topic, key): BatchKey, pending: Pending) -> Message {
-        let mut payload = Vec::with_capacity(pending.data.len() + self.overhead);
-        self.encoder.write_header(&mut payload);
-        self.encoder
-            .write_encoded_block(pending.records as usize, &pending.data, &mut payload);
+        // Exactly sized: header, count, size, the records, sync. The same
+        // bytes as `OcfEncoder::write_encoded_block` with the null codec.
+        let varints = long_len(i64::from(pending.records)) + long_len(pending.bytes as i64);
+        let mut payload =
+            Vec::with_capacity(self.header.len() + varints + pending.bytes + self.sync.len());
+        payload.extend_from_slice(&self.header);
+        schema::datum::write_long(&mut payload, i64::from(pending.records));
+        schema::datum::write_long(&mut payload, pending.bytes as i64);
+        for part in &pending.parts {
+            payload.extend_from_slice(part);
+        }
+        payload.extend_from_slice(&self.sync);
+        debug_assert_eq!(payload.len(), payload.capacity());
         Message {
             topic,
             key,
@@ -210,6 +228,11 @@ impl Batcher {
             not_before: None,
         }
     }
+}
+
+fn long_len(value: i64) -> usize {
+    let n = ((value << 1) ^ (value >> 63)) as u64;
+    (64 - n.leading_zeros() as usize).div_ceil(7).max(1)
 }
 
 #[cfg(test)]
@@ -258,6 +281,21 @@ mod tests {
         let records = schema::decode_all(&out[0].payload, schema::Limits::default()).unwrap();
         assert_eq!(records.len(), 3);
         assert_eq!(batcher.pending(), (1, 2));
+    }
+
+    #[test]
+    fn a_message_is_the_file_our_encoder_writes_exactly_sized() {
+        let sync = [7u8; 16];
+        let mut batcher = Batcher::with_sync(thresholds(), sync);
+        let mut out = Vec::new();
+        let now = Instant::now();
+        batcher.add(routed("a", 2), now, &mut out).unwrap();
+        batcher.add(routed("a", 200), now, &mut out).unwrap();
+        batcher.flush_all(&mut out);
+        let records = schema::decode_all(&out[0].payload, schema::Limits::default()).unwrap();
+        let expected = OcfEncoder::with_sync(Codec::Null, sync).file(&records);
+        assert_eq!(out[0].payload, expected);
+        assert_eq!(out[0].payload.capacity(), out[0].payload.len());
     }
 
     #[test]
