@@ -176,8 +176,9 @@ impl Default for Config {
             kafka_topic_partitions: 1,
             kafka_topic_replication: 1,
             // The bounded buffer holds an outage; librdkafka only needs enough to
-            // keep the brokers busy (every figure in BENCHMARKS.md used 8 MiB).
-            kafka_queue_max_kbytes: 8 * 1024,
+            // keep the brokers busy: 4 MiB kept the throughput of 8 MiB and
+            // took 6 MiB off the outage RSS; 2 MiB cost 17 % (BENCHMARKS.md).
+            kafka_queue_max_kbytes: 4 * 1024,
             librdkafka: BTreeMap::new(),
             buffer_max_bytes: 64 * 1024 * 1024,
             buffer_full_policy: FullPolicy::Block,
@@ -488,7 +489,7 @@ pub struct ConfigArgs {
     /// Replication of topics the collector creates [default: 1].
     #[arg(long, env = "KAFKA_TOPIC_REPLICATION")]
     pub kafka_topic_replication: Option<i32>,
-    /// Bound on librdkafka's queue, KB [default: 8192].
+    /// Bound on librdkafka's queue, KB [default: 4096].
     #[arg(long, env = "KAFKA_QUEUE_MAX_KBYTES")]
     pub kafka_queue_max_kbytes: Option<usize>,
     /// librdkafka option KEY=VALUE (repeatable; env: comma list).

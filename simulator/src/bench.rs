@@ -384,7 +384,6 @@ pub async fn run_point(
         "--input-limit-amount-kbytes=0",
         "--global-limit-amount-kbytes=0",
         "--max-connections=100000",
-        "--kafka-queue-max-kbytes=8192",
         "--log-level=warn,collector=info",
     ]
     .iter()
