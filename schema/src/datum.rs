@@ -73,6 +73,38 @@ impl<'a> Cursor<'a> {
         }
     }
 
+    /// Steps over a zigzag varint `long`, failing exactly as
+    /// [`read_long`](Self::read_long) would.
+    #[inline]
+    pub fn skip_long(&mut self) -> Result<(), DatumError> {
+        // Fast path: the varint ends within the next 8 bytes.
+        if let Some(word) = self.buf.get(self.pos..self.pos + 8) {
+            let word = u64::from_le_bytes(word.try_into().unwrap_or_default());
+            let ends = !word & 0x8080_8080_8080_8080;
+            if ends != 0 {
+                self.pos += ends.trailing_zeros() as usize / 8 + 1;
+                return Ok(());
+            }
+        }
+        self.read_long().map(|_| ())
+    }
+
+    /// Steps over a UTF-8 `string`, failing exactly as
+    /// [`read_str`](Self::read_str) would.
+    #[inline]
+    pub fn skip_str(&mut self) -> Result<(), DatumError> {
+        let start = self.pos;
+        let bytes = self.read_bytes()?;
+        if bytes.is_ascii() || std::str::from_utf8(bytes).is_ok() {
+            Ok(())
+        } else {
+            Err(DatumError {
+                what: "string is not UTF-8",
+                pos: start,
+            })
+        }
+    }
+
     /// Reads a little-endian IEEE 754 `double`.
     #[inline]
     pub fn read_double(&mut self) -> Result<f64, DatumError> {
@@ -326,6 +358,50 @@ mod tests {
             assert!(out.len() <= 10);
             assert_eq!(Cursor::new(&out).read_long().unwrap(), value);
         }
+    }
+
+    #[test]
+    fn skipping_agrees_with_reading() {
+        for value in [
+            0i64,
+            -1,
+            63,
+            64,
+            1 << 20,
+            1_764_000_000_000,
+            i64::MIN,
+            i64::MAX,
+        ] {
+            let mut bytes = Vec::new();
+            write_long(&mut bytes, value);
+            let end = bytes.len();
+            // With and without 8 bytes left after the varint's start.
+            for padding in [0, 8] {
+                let mut padded = bytes.clone();
+                padded.extend(std::iter::repeat_n(0xff, padding));
+                let mut c = Cursor::new(&padded);
+                c.skip_long().unwrap();
+                assert_eq!(c.position(), end, "{value} padded {padding}");
+            }
+        }
+        let overlong = [0xffu8; 12];
+        assert_eq!(
+            Cursor::new(&overlong).skip_long(),
+            Cursor::new(&overlong).read_long().map(|_| ())
+        );
+        let mut s = Vec::new();
+        write_bytes(&mut s, "ünï".as_bytes());
+        write_bytes(&mut s, b"\xff");
+        let mut c = Cursor::new(&s);
+        c.skip_str().unwrap();
+        let at = c.position();
+        assert_eq!(
+            c.skip_str().unwrap_err(),
+            DatumError {
+                what: "string is not UTF-8",
+                pos: at
+            }
+        );
     }
 
     #[test]

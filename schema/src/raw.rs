@@ -93,8 +93,8 @@ pub fn scan_metric_list<'a>(c: &mut Cursor<'a>) -> Result<RawRecord<'a>, DatumEr
         Ok(())
     })?;
     let datapoints = scan_array(c, MIN_DATAPOINT_LEN, |c| {
-        c.read_str()?;
-        c.read_long()?;
+        c.skip_str()?;
+        c.skip_long()?;
         c.read_double()?;
         Ok(())
     })?;
