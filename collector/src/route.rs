@@ -178,18 +178,11 @@ impl Router {
         extra: &[Tag],
         mut record: MetricList,
     ) -> (Prepared, bool) {
-        if self.for_routing.as_ref() != Some(routing) {
-            // The settings changed: cached topic names are stale.
-            self.topics.clear();
-            self.for_routing = Some(routing.clone());
-        }
+        self.follow(routing);
         for tag in routing.static_tags.iter().chain(extra) {
             record.add_tag_if_absent(&tag.key, &tag.value);
         }
-        let (topic, sanitized) = match &routing.single_topic {
-            Some(single) => self.topic(single, ""),
-            None => self.topic(&routing.prefix, &record.topic),
-        };
+        let (topic, sanitized) = self.record_topic(routing, &record.topic);
         let key = routing
             .key_tag
             .as_deref()
@@ -218,10 +211,7 @@ impl Router {
         records: &[RawRecord<'a>],
         mut extra: impl FnMut(&RawRecord<'a>) -> ExtraTags<'a>,
     ) -> RoutedBlock {
-        if self.for_routing.as_ref() != Some(routing) {
-            self.topics.clear();
-            self.for_routing = Some(routing.clone());
-        }
+        self.follow(routing);
         // Pass 1: what each record gets, and its size.
         let mut adds: Vec<(&'a str, &'a str)> = Vec::new();
         let mut plans = Vec::with_capacity(records.len());
@@ -240,10 +230,7 @@ impl Router {
                 }
             }
             let mine = &adds[start..];
-            let (topic, sanitized) = match &routing.single_topic {
-                Some(single) => self.topic(single, ""),
-                None => self.topic(&routing.prefix, record.topic()),
-            };
+            let (topic, sanitized) = self.record_topic(routing, record.topic());
             sanitized_count += u64::from(sanitized);
             let key = routing.key_tag.as_deref().and_then(|tag| {
                 record
@@ -283,6 +270,23 @@ impl Router {
         RoutedBlock {
             items,
             sanitized: sanitized_count,
+        }
+    }
+
+    /// Starts using `routing`; cached topic names are dropped when the
+    /// settings changed.
+    fn follow(&mut self, routing: &Routing) {
+        if self.for_routing.as_ref() != Some(routing) {
+            self.topics.clear();
+            self.for_routing = Some(routing.clone());
+        }
+    }
+
+    /// The topic of a record whose `topic` field is `name`.
+    fn record_topic(&mut self, routing: &Routing, name: &str) -> (Arc<str>, bool) {
+        match &routing.single_topic {
+            Some(single) => self.topic(single, ""),
+            None => self.topic(&routing.prefix, name),
         }
     }
 

@@ -167,31 +167,45 @@ impl<'a> Cursor<'a> {
         mut item: impl FnMut(&mut Self) -> Result<T, DatumError>,
     ) -> Result<Vec<T>, DatumError> {
         let mut out = Vec::new();
-        loop {
-            let count = self.read_long()?;
-            if count == 0 {
-                return Ok(out);
-            }
-            let count = if count < 0 {
-                // A negative count is followed by the block's size in bytes.
-                let count = count
-                    .checked_neg()
-                    .map_or_else(|| self.fail("bad array count"), Ok)?;
-                self.read_long()?;
-                count
-            } else {
-                count
-            };
-            // count is positive here; the cast can't lose a sign.
-            let count = count as u64;
-            if count > (self.remaining() / min_item_len.max(1)) as u64 {
-                return self.fail("array count larger than the data left");
-            }
+        while let Some((count, _)) = self.read_block_count(min_item_len)? {
             out.reserve(count as usize);
             for _ in 0..count {
                 out.push(item(self)?);
             }
         }
+        Ok(out)
+    }
+
+    /// Reads the count that starts an array block: `None` for the zero that
+    /// ends the array, else the number of items and whether it was written
+    /// positive (a negative count is followed by the block's size in bytes,
+    /// read here too). Refuses a count the data left could not hold at
+    /// `min_item_len` bytes an item.
+    #[inline]
+    pub(crate) fn read_block_count(
+        &mut self,
+        min_item_len: usize,
+    ) -> Result<Option<(u64, bool)>, DatumError> {
+        let count = self.read_long()?;
+        if count == 0 {
+            return Ok(None);
+        }
+        let positive = count > 0;
+        let count = if positive {
+            count
+        } else {
+            let count = count
+                .checked_neg()
+                .map_or_else(|| self.fail("bad array count"), Ok)?;
+            self.read_long()?;
+            count
+        };
+        // count is positive here; the cast can't lose a sign.
+        let count = count as u64;
+        if count > (self.remaining() / min_item_len.max(1)) as u64 {
+            return self.fail("array count larger than the data left");
+        }
+        Ok(Some((count, positive)))
     }
 }
 

@@ -45,32 +45,13 @@ fn scan_array<'a>(
     let mut items = 0u64;
     loop {
         let block_start = c.position();
-        let count = c.read_long()?;
-        if count == 0 {
+        let Some((count, positive)) = c.read_block_count(min_item_len)? else {
             return Ok(ArrayLayout {
                 end: block_start,
                 single_block: single,
                 items,
             });
-        }
-        let positive = count > 0;
-        let count = if count < 0 {
-            let count = count.checked_neg().ok_or(DatumError {
-                what: "bad array count",
-                pos: c.position(),
-            })?;
-            c.read_long()?;
-            count
-        } else {
-            count
         };
-        let count = count as u64;
-        if count > (c.remaining() / min_item_len.max(1)) as u64 {
-            return Err(DatumError {
-                what: "array count larger than the data left",
-                pos: c.position(),
-            });
-        }
         single = (first && positive).then_some((count, c.position()));
         first = false;
         for _ in 0..count {
