@@ -286,10 +286,10 @@ async fn connection(
         if malformed {
             break End::Malformed;
         }
-        // A connection that has slowed down gives its big buffer back, so
-        // that a thousand module connections cost kilobytes each, not 256 KiB.
-        // (A saturated connection rarely drains to exactly empty, so this
-        // costs it nothing.)
+        // Everything read is decoded: give the buffer back while waiting,
+        // so that a thousand module connections cost next to nothing between
+        // blocks. (A saturated connection rarely drains to exactly empty, so
+        // this costs it nothing.)
         if buf.is_empty() {
             buf = BytesMut::new();
         }
@@ -315,8 +315,6 @@ fn log_malformed(peer: SocketAddr, error: &schema::DecodeError) {
     warn!(%peer, offset = error.offset, reason = error.kind.reason(), %error, "Closed input connection: malformed stream.");
 }
 
-/// Counts, rate-limits, routes and buffers one block. Returns false when the
-/// block was dropped by a rate limit.
 /// Counts a block as received and applies the rate limits; false when it
 /// is over them (its records are then counted as dropped).
 fn admit(shared: &Shared, window: &mut Window, records: u64, datapoints: u64, wire: u64) -> bool {

@@ -94,6 +94,33 @@ pub struct RawBlock<'a> {
     pub wire_len: usize,
 }
 
+impl RawBlock<'_> {
+    /// The records decoded into owned values.
+    pub fn to_block(&self) -> Result<Block, DecodeError> {
+        let records = self
+            .records
+            .iter()
+            .enumerate()
+            .map(|(index, raw)| {
+                datum::read_metric_list(&mut datum::Cursor::new(raw.bytes())).map_err(|e| {
+                    DecodeError {
+                        offset: self.offset,
+                        kind: DecodeErrorKind::UndecodableRecord {
+                            index: index as u64,
+                            reason: e.to_string(),
+                        },
+                    }
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Block {
+            records,
+            offset: self.offset,
+            wire_len: self.wire_len,
+        })
+    }
+}
+
 impl Block {
     /// Total datapoints across the block's records.
     pub fn datapoints(&self) -> usize {
@@ -390,7 +417,11 @@ impl StreamDecoder {
         )? {
             None => Ok(Step::NeedMore),
             Some((n, BlockView::Decoded(block))) => Ok(Step::Block(n, block)),
-            Some((_, BlockView::Raw(_))) => unreachable!("raw views only when asked for"),
+            // Not asked for, but a view converts without loss.
+            Some((n, BlockView::Raw(block))) => Ok(Step::Block(
+                n,
+                block.to_block().map_err(|error| (0, error.kind))?,
+            )),
         }
     }
 

@@ -245,9 +245,7 @@ proptest! {
             match decoder.decode_view(rest) {
                 Ok((used, Some(view))) => {
                     match view {
-                        schema::ocf::BlockView::Raw(block) => got.extend(block.records.iter().map(|r| {
-                            datum::read_metric_list(&mut Cursor::new(r.bytes())).unwrap()
-                        })),
+                        schema::ocf::BlockView::Raw(block) => got.extend(block.to_block().unwrap().records),
                         schema::ocf::BlockView::Decoded(block) => got.extend(block.records),
                     }
                     rest = &rest[used..];
