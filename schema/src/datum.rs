@@ -283,6 +283,13 @@ pub fn write_long(out: &mut Vec<u8>, value: i64) {
     out.push(n as u8);
 }
 
+/// Bytes [`write_long`] appends for `value`.
+#[inline]
+pub fn long_len(value: i64) -> usize {
+    let n = ((value << 1) ^ (value >> 63)) as u64;
+    (64 - n.leading_zeros() as usize).div_ceil(7).max(1)
+}
+
 /// Appends a length-prefixed byte string.
 #[inline]
 pub fn write_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -315,10 +322,6 @@ pub fn write_metric_list(out: &mut Vec<u8>, list: &MetricList) {
 /// The exact number of bytes [`write_metric_list`] appends for `list`,
 /// without writing them.
 pub fn encoded_len(list: &MetricList) -> usize {
-    fn long_len(value: i64) -> usize {
-        let n = ((value << 1) ^ (value >> 63)) as u64;
-        (64 - n.leading_zeros() as usize).div_ceil(7).max(1)
-    }
     fn bytes_len(bytes: &str) -> usize {
         long_len(bytes.len() as i64) + bytes.len()
     }
@@ -370,6 +373,7 @@ mod tests {
             let mut out = Vec::new();
             write_long(&mut out, value);
             assert!(out.len() <= 10);
+            assert_eq!(long_len(value), out.len());
             assert_eq!(Cursor::new(&out).read_long().unwrap(), value);
         }
     }

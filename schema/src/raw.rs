@@ -6,7 +6,7 @@
 //! lookups and tags added where absent; its datapoints (the bulk of its bytes)
 //! are copied verbatim. Pure functions over byte slices, like [`datum`].
 
-use crate::datum::{self, Cursor, DatumError, MIN_DATAPOINT_LEN, MIN_TAG_LEN};
+use crate::datum::{self, Cursor, DatumError, MIN_DATAPOINT_LEN, MIN_TAG_LEN, long_len};
 
 /// One `dcos.metrics.MetricList` validated in place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,11 +178,6 @@ impl<'a> RawRecord<'a> {
         // The terminating zero count, then the datapoints.
         out.extend_from_slice(&self.bytes[self.tags_end..]);
     }
-}
-
-fn long_len(value: i64) -> usize {
-    let n = ((value << 1) ^ (value >> 63)) as u64;
-    (64 - n.leading_zeros() as usize).div_ceil(7).max(1)
 }
 
 fn bytes_len(len: usize) -> usize {

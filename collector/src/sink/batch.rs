@@ -206,7 +206,8 @@ impl Batcher {
     fn message(&self, (topic, key): BatchKey, pending: Pending) -> Message {
         // Exactly sized: header, count, size, the records, sync. The same
         // bytes as `OcfEncoder::write_encoded_block` with the null codec.
-        let varints = long_len(i64::from(pending.records)) + long_len(pending.bytes as i64);
+        let varints = schema::datum::long_len(i64::from(pending.records))
+            + schema::datum::long_len(pending.bytes as i64);
         let mut payload =
             Vec::with_capacity(self.header.len() + varints + pending.bytes + self.sync.len());
         payload.extend_from_slice(&self.header);
@@ -228,11 +229,6 @@ impl Batcher {
             not_before: None,
         }
     }
-}
-
-fn long_len(value: i64) -> usize {
-    let n = ((value << 1) ^ (value >> 63)) as u64;
-    (64 - n.leading_zeros() as usize).div_ceil(7).max(1)
 }
 
 #[cfg(test)]
