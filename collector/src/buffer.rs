@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 use crate::config::FullPolicy;
-use crate::route::Routed;
+use crate::route::{Records, Routed};
 use crate::stats::{DropReason, Stats};
 
 /// Records routed from one input block.
@@ -24,16 +24,26 @@ use crate::stats::{DropReason, Stats};
 pub struct Chunk {
     /// The records.
     pub items: Vec<Routed>,
+    /// Heap their bytes take (see [`Records`]).
+    pub heap: usize,
+}
+
+impl From<Records> for Chunk {
+    fn from(records: Records) -> Self {
+        Self {
+            items: records.items,
+            heap: records.heap,
+        }
+    }
 }
 
 impl Chunk {
     /// Heap bytes the chunk holds, as the allocator reserves them: its
-    /// records (one allocation per chunk, see `route::encode_all` and
-    /// `Router::route_block`) and their bookkeeping, each rounded up to the
+    /// records' bytes (one allocation per topic and key, see
+    /// [`Records`]) and their bookkeeping, each rounded up to the
     /// allocator's size class. The bound is on memory, not on payload.
     pub fn bytes(&self) -> usize {
-        let data: usize = self.items.iter().map(|r| r.data.len()).sum();
-        allocated_size(data) + allocated_size(self.items.capacity() * std::mem::size_of::<Routed>())
+        self.heap + allocated_size(self.items.capacity() * std::mem::size_of::<Routed>())
     }
 
     /// Datapoints in the chunk.
@@ -225,6 +235,7 @@ mod tests {
                 data: vec![0; data].into(),
                 datapoints,
             }],
+            heap: allocated_size(data),
         };
         assert_eq!(chunk.bytes(), data + 80);
         chunk

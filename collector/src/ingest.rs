@@ -273,7 +273,7 @@ async fn connection(
             };
             buf.advance(used);
             match routed {
-                Some(Some(items)) => shared.buffer.push(Chunk { items }).await,
+                Some(Some(records)) => shared.buffer.push(Chunk::from(records)).await,
                 Some(None) => {
                     if !throttled_logged {
                         throttled_logged = true;
@@ -346,11 +346,11 @@ fn route_view(
     shared: &Shared,
     router: &mut Router,
     window: &mut Window,
-) -> Option<Vec<crate::route::Routed>> {
+) -> Option<crate::route::Records> {
     let stats = &shared.stats;
     let routing = shared.routing.borrow().clone();
     let enrichment = shared.enrichment.borrow().clone();
-    let items = match view {
+    let records = match view {
         // The current schema: validated in place, tags spliced in.
         BlockView::Raw(block) => {
             let datapoints = block
@@ -374,7 +374,7 @@ fn route_view(
             if routed.sanitized > 0 {
                 stats.topics_sanitized.fetch_add(routed.sanitized, Relaxed);
             }
-            routed.items
+            routed.records
         }
         // Other schemas: decoded, converted, re-encoded.
         BlockView::Decoded(block) => {
@@ -398,8 +398,8 @@ fn route_view(
             crate::route::encode_all(prepared)
         }
     };
-    count_topics(stats, &items);
-    Some(items)
+    count_topics(stats, &records.items);
+    Some(records)
 }
 
 /// Per-topic received counts, one lock per block.

@@ -48,8 +48,8 @@ pub struct Routed {
     /// Partition key, if keyed by a tag.
     pub key: Option<Arc<str>>,
     /// The record in Avro binary (see `schema::datum::write_metric_list`).
-    /// The records of one input block share one allocation (see
-    /// [`encode_all`]), so the buffer's byte count is close to its heap.
+    /// The records of one input block with the same topic and key share one
+    /// allocation (see [`Records`]).
     pub data: Bytes,
     /// Datapoints in the record.
     pub datapoints: u32,
@@ -65,32 +65,155 @@ pub struct Prepared {
     encoded_len: usize,
 }
 
-/// Encodes prepared records into one allocation, exactly sized, and hands
-/// each its slice of it.
-pub fn encode_all(prepared: Vec<Prepared>) -> Vec<Routed> {
-    let total = prepared.iter().map(|p| p.encoded_len).sum();
-    let mut data = Vec::with_capacity(total);
-    let mut ends = Vec::with_capacity(prepared.len());
-    for p in &prepared {
-        schema::datum::write_metric_list(&mut data, &p.record);
-        ends.push(data.len());
-    }
-    let data = Bytes::from(data);
-    let mut start = 0;
-    prepared
-        .into_iter()
-        .zip(ends)
-        .map(|(p, end)| {
-            let routed = Routed {
+/// The records of one input block, ready for the buffer.
+///
+/// Their bytes are written into one exactly sized allocation per (topic,
+/// key), so that a batch, which holds the records of one topic and key,
+/// never keeps another topic's bytes alive while it waits. A block usually
+/// has one topic, and so one allocation.
+#[derive(Debug, Default)]
+pub struct Records {
+    /// The records, in the block's order.
+    pub items: Vec<Routed>,
+    /// Heap their bytes take, in the allocator's size classes.
+    pub heap: usize,
+}
+
+/// One record's plan for [`write_grouped`].
+struct Planned<R> {
+    topic: Arc<str>,
+    key: Option<Arc<str>>,
+    len: usize,
+    datapoints: u32,
+    record: R,
+}
+
+/// Beyond this many (topic, key) groups in a block, groups are found by
+/// hashing rather than by a scan.
+const SCANNED_GROUPS: usize = 16;
+
+/// Writes each planned record (`write` appends exactly `len` bytes) into
+/// its (topic, key) group's allocation and hands it its slice.
+fn write_grouped<R>(plans: Vec<Planned<R>>, mut write: impl FnMut(R, &mut Vec<u8>)) -> Records {
+    type Group = (Arc<str>, Option<Arc<str>>);
+    let same = |(topic, key): &Group, p: &Planned<R>| {
+        (Arc::ptr_eq(topic, &p.topic) || *topic == p.topic)
+            && match (key, &p.key) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+                _ => false,
+            }
+    };
+    // The usual block: one topic and key, one allocation.
+    let single = plans
+        .first()
+        .map(|first| (first.topic.clone(), first.key.clone()))
+        .is_some_and(|group| plans[1..].iter().all(|p| same(&group, p)));
+    if single {
+        let total = plans.iter().map(|p| p.len).sum();
+        let mut data = Vec::with_capacity(total);
+        let mut items = Vec::with_capacity(plans.len());
+        let mut ends = Vec::with_capacity(plans.len());
+        for p in plans {
+            write(p.record, &mut data);
+            ends.push(data.len());
+            items.push(Routed {
                 topic: p.topic,
                 key: p.key,
-                data: data.slice(start..end),
-                datapoints: p.record.datapoints.len() as u32,
-            };
+                data: Bytes::new(),
+                datapoints: p.datapoints,
+            });
+        }
+        debug_assert_eq!(data.len(), total);
+        let data = Bytes::from(data);
+        let mut start = 0;
+        for (item, end) in items.iter_mut().zip(ends) {
+            item.data = data.slice(start..end);
             start = end;
-            routed
+        }
+        return Records {
+            items,
+            heap: crate::buffer::allocated_size(total),
+        };
+    }
+    // Pass 1: each record's group, and each group's size.
+    let mut groups: Vec<Group> = Vec::new();
+    let mut index: HashMap<Group, usize> = HashMap::new();
+    let mut sizes: Vec<usize> = Vec::new();
+    let mut group_of = Vec::with_capacity(plans.len());
+    for p in &plans {
+        let last = group_of.last().copied();
+        let g = match last {
+            Some(g) if same(&groups[g], p) => g,
+            _ => {
+                let found = if groups.len() <= SCANNED_GROUPS {
+                    groups.iter().position(|group| same(group, p))
+                } else {
+                    if index.is_empty() {
+                        index = groups.iter().cloned().zip(0..).collect();
+                    }
+                    index.get(&(p.topic.clone(), p.key.clone())).copied()
+                };
+                found.unwrap_or_else(|| {
+                    let group = (p.topic.clone(), p.key.clone());
+                    if !index.is_empty() {
+                        index.insert(group.clone(), groups.len());
+                    }
+                    groups.push(group);
+                    sizes.push(0);
+                    groups.len() - 1
+                })
+            }
+        };
+        sizes[g] += p.len;
+        group_of.push(g);
+    }
+    // Pass 2: one exactly sized allocation per group.
+    let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|&n| Vec::with_capacity(n)).collect();
+    let mut spans = Vec::with_capacity(plans.len());
+    let mut meta = Vec::with_capacity(plans.len());
+    for (p, &g) in plans.into_iter().zip(&group_of) {
+        let buf = &mut bufs[g];
+        let start = buf.len();
+        write(p.record, buf);
+        debug_assert_eq!(buf.len() - start, p.len);
+        spans.push((g, start..buf.len()));
+        meta.push((p.topic, p.key, p.datapoints));
+    }
+    let heap = sizes
+        .iter()
+        .map(|&n| crate::buffer::allocated_size(n))
+        .sum();
+    let frozen: Vec<Bytes> = bufs.into_iter().map(Bytes::from).collect();
+    let items = meta
+        .into_iter()
+        .zip(spans)
+        .map(|((topic, key, datapoints), (g, span))| Routed {
+            topic,
+            key,
+            data: frozen[g].slice(span),
+            datapoints,
         })
-        .collect()
+        .collect();
+    Records { items, heap }
+}
+
+/// Encodes prepared records, one exactly sized allocation per (topic, key)
+/// (see [`Records`]).
+pub fn encode_all(prepared: Vec<Prepared>) -> Records {
+    let plans = prepared
+        .into_iter()
+        .map(|p| Planned {
+            topic: p.topic,
+            key: p.key,
+            len: p.encoded_len,
+            datapoints: p.record.datapoints.len() as u32,
+            record: p.record,
+        })
+        .collect();
+    write_grouped(plans, |record, out| {
+        schema::datum::write_metric_list(out, &record);
+    })
 }
 
 /// The enrichment tags of one record (at most three), borrowed.
@@ -118,8 +241,8 @@ impl<'a> ExtraTags<'a> {
 /// A block's records routed by [`Router::route_block`].
 #[derive(Debug, Default)]
 pub struct RoutedBlock {
-    /// The records, slices of one allocation.
-    pub items: Vec<Routed>,
+    /// The records.
+    pub records: Records,
     /// How many had their topic sanitized.
     pub sanitized: u64,
 }
@@ -166,7 +289,10 @@ impl Router {
         record: MetricList,
     ) -> (Routed, bool) {
         let (prepared, sanitized) = self.prepare(routing, extra, record);
-        let routed = encode_all(vec![prepared]).pop().expect("one in, one out");
+        let routed = encode_all(vec![prepared])
+            .items
+            .pop()
+            .expect("one in, one out");
         (routed, sanitized)
     }
 
@@ -202,9 +328,8 @@ impl Router {
 
     /// Routes a block of records read in place: adds the static tags and
     /// `extra(record)`'s tags each record lacks, by splicing its bytes (see
-    /// `schema::raw`), picks topics and keys, and writes the block into one
-    /// exactly sized allocation with a slice per record. Nothing is decoded
-    /// into owned strings.
+    /// `schema::raw`), picks topics and keys, and writes the records (see
+    /// [`Records`]). Nothing is decoded into owned strings.
     pub fn route_block<'a>(
         &mut self,
         routing: &'a Routing,
@@ -215,7 +340,6 @@ impl Router {
         // Pass 1: what each record gets, and its size.
         let mut adds: Vec<(&'a str, &'a str)> = Vec::new();
         let mut plans = Vec::with_capacity(records.len());
-        let mut total = 0;
         let mut sanitized_count = 0;
         for record in records {
             let start = adds.len();
@@ -239,36 +363,25 @@ impl Router {
             });
             let key = key.map(|value| self.key(value));
             let len = record.encoded_len_with(mine);
-            total += len;
-            plans.push((topic, key, start..adds.len()));
+            plans.push((topic, key, len, start..adds.len()));
         }
-        // Pass 2: one allocation, one slice per record.
-        let mut data = Vec::with_capacity(total);
-        let mut ends = Vec::with_capacity(records.len());
-        for (record, (_, _, range)) in records.iter().zip(&plans) {
-            record.write_with_tags(&adds[range.clone()], &mut data);
-            ends.push(data.len());
-        }
-        debug_assert_eq!(data.len(), total);
-        let data = Bytes::from(data);
-        let mut start = 0;
-        let items = plans
+        // Pass 2: the bytes, one allocation per (topic, key).
+        let plans = plans
             .into_iter()
             .zip(records)
-            .zip(ends)
-            .map(|(((topic, key, _), record), end)| {
-                let routed = Routed {
-                    topic,
-                    key,
-                    data: data.slice(start..end),
-                    datapoints: record.datapoints(),
-                };
-                start = end;
-                routed
+            .map(|((topic, key, len, range), record)| Planned {
+                topic,
+                key,
+                len,
+                datapoints: record.datapoints(),
+                record: (record, range),
             })
             .collect();
+        let records = write_grouped(plans, |(record, range), out| {
+            record.write_with_tags(&adds[range], out);
+        });
         RoutedBlock {
-            items,
+            records,
             sanitized: sanitized_count,
         }
     }
@@ -357,20 +470,23 @@ mod tests {
         );
     }
 
+    /// Start address of a record's bytes.
+    fn addr(r: &Routed) -> usize {
+        r.data.as_ptr() as usize
+    }
+
     #[test]
-    fn a_block_is_encoded_into_one_allocation_sliced_per_record() {
+    fn a_block_is_written_into_one_allocation_per_topic_and_key() {
         let mut router = Router::default();
-        let prepared: Vec<Prepared> = ["a", "b", "c"]
+        let topics = ["a", "b", "a", "c", "b", "a"];
+        let prepared: Vec<Prepared> = topics
             .iter()
             .map(|t| router.prepare(&routing(), &[], record(t)).0)
             .collect();
-        let routed = encode_all(prepared);
-        assert_eq!(routed.len(), 3);
-        for (r, topic) in routed.iter().zip(["a", "b", "c"]) {
+        let records = encode_all(prepared);
+        assert_eq!(records.items.len(), topics.len());
+        for (r, topic) in records.items.iter().zip(topics) {
             assert_eq!(&*r.topic, format!("metrics-{topic}"));
-            let back =
-                schema::datum::read_metric_list(&mut schema::datum::Cursor::new(&r.data)).unwrap();
-            assert_eq!(back.topic, topic);
             assert_eq!(
                 r.data,
                 Router::default()
@@ -379,15 +495,73 @@ mod tests {
                     .data
             );
         }
-        // Adjacent slices of one buffer.
-        let base = routed[0].data.as_ptr() as usize;
+        // Each topic's records are adjacent slices of their own buffer, in
+        // the block's order.
+        let items = &records.items;
+        for (first, next) in [(0, 2), (2, 5), (1, 4)] {
+            assert_eq!(
+                addr(&items[next]),
+                addr(&items[first]) + items[first].data.len()
+            );
+        }
+        let len = items[0].data.len();
         assert_eq!(
-            routed[1].data.as_ptr() as usize,
-            base + routed[0].data.len()
+            records.heap,
+            crate::buffer::allocated_size(3 * len)
+                + crate::buffer::allocated_size(2 * len)
+                + crate::buffer::allocated_size(len)
         );
+    }
+
+    #[test]
+    fn many_topics_in_a_block_are_grouped_too() {
+        // More groups than are found by a scan: found by hashing.
+        let mut router = Router::default();
+        let topics: Vec<String> = (0..2 * (SCANNED_GROUPS + 10))
+            .map(|i| format!("t{:02}", i % (SCANNED_GROUPS + 10)))
+            .collect();
+        let prepared: Vec<Prepared> = topics
+            .iter()
+            .map(|t| router.prepare(&routing(), &[], record(t)).0)
+            .collect();
+        let records = encode_all(prepared);
+        let half = SCANNED_GROUPS + 10;
+        let items = &records.items;
+        for i in 0..half {
+            assert_eq!(items[i].topic, items[i + half].topic);
+            assert_eq!(
+                addr(&items[i + half]),
+                addr(&items[i]) + items[i].data.len(),
+                "{}",
+                items[i].topic
+            );
+        }
+        let len = items[0].data.len();
+        assert!(items.iter().all(|r| r.data.len() == len));
+        assert_eq!(records.heap, half * crate::buffer::allocated_size(2 * len));
+    }
+
+    #[test]
+    fn records_of_one_topic_with_different_keys_are_apart() {
+        let mut router = Router::default();
+        let prepared: Vec<Prepared> = ["k1", "k2", "k1"]
+            .iter()
+            .map(|k| {
+                let r = MetricList {
+                    tags: vec![Tag::new("framework_id", *k)],
+                    ..record("same")
+                };
+                router.prepare(&routing(), &[], r).0
+            })
+            .collect();
+        let records = encode_all(prepared);
+        let items = &records.items;
+        assert!(items.iter().all(|r| &*r.topic == "metrics-same"));
+        assert_eq!(addr(&items[2]), addr(&items[0]) + items[0].data.len());
+        let len = items[0].data.len();
         assert_eq!(
-            routed[2].data.as_ptr() as usize,
-            base + routed[0].data.len() + routed[1].data.len()
+            records.heap,
+            crate::buffer::allocated_size(2 * len) + crate::buffer::allocated_size(len)
         );
     }
 
@@ -437,17 +611,13 @@ mod tests {
             prepared.push(p);
         }
         let expected = encode_all(prepared);
-        assert_eq!(block.items, expected);
+        assert_eq!(block.records.items, expected.items);
+        assert_eq!(block.records.heap, expected.heap);
         assert_eq!(block.sanitized, sanitized);
         assert_eq!(sanitized, 1);
         // The static framework_id came first for the tag-less record.
-        assert_eq!(block.items[1].key.as_deref(), Some("static"));
-        assert_eq!(block.items[2].key.as_deref(), Some("fw-2"));
-        assert_eq!(
-            block.items[0].data.as_ptr() as usize + block.items[0].data.len(),
-            block.items[1].data.as_ptr() as usize,
-            "one allocation"
-        );
+        assert_eq!(block.records.items[1].key.as_deref(), Some("static"));
+        assert_eq!(block.records.items[2].key.as_deref(), Some("fw-2"));
     }
 
     #[test]

@@ -281,9 +281,9 @@ impl Poller {
                 router.prepare(&routing, &tags, list).0
             })
             .collect::<Vec<_>>();
-        let items = crate::route::encode_all(prepared);
-        crate::ingest::count_topics(&self.stats, &items);
-        self.buffer.push(Chunk { items }).await;
+        let records = crate::route::encode_all(prepared);
+        crate::ingest::count_topics(&self.stats, &records.items);
+        self.buffer.push(Chunk::from(records)).await;
     }
 
     /// Fetches `/state`. A cached state older than four poll periods expires:
