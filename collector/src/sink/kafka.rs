@@ -282,16 +282,47 @@ pub struct KafkaSink {
     room: Arc<Notify>,
     brokers_down: Arc<Notify>,
     state: Arc<Mutex<BrokerState>>,
-    topics: HashMap<Arc<str>, TopicState>,
+    topics: TopicCache,
     http: reqwest::Client,
     partners: Option<Arc<crate::partner::PartnerHub>>,
     runtime: Option<tokio::sync::watch::Receiver<SinkRuntime>>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TopicState {
     Ready,
     RetryAt(Instant),
+}
+
+/// Topics the sink has seen: known to exist, or to look up again at a time.
+/// Bounded, so that a sender inventing topics can't grow it forever: when
+/// it is full, it forgets everything, and each topic is looked up again.
+#[derive(Debug, Default)]
+struct TopicCache {
+    map: HashMap<Arc<str>, TopicState>,
+}
+
+impl TopicCache {
+    const CAPACITY: usize = 10_000;
+
+    fn get(&self, topic: &str) -> Option<TopicState> {
+        self.map.get(topic).copied()
+    }
+
+    fn insert(&mut self, topic: Arc<str>, state: TopicState) {
+        if self.map.len() >= Self::CAPACITY && !self.map.contains_key(&topic) {
+            self.map.clear();
+        }
+        self.map.insert(topic, state);
+    }
+
+    fn remove(&mut self, topic: &str) {
+        self.map.remove(topic);
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+    }
 }
 
 impl KafkaSink {
@@ -318,7 +349,7 @@ impl KafkaSink {
             room: Arc::new(Notify::new()),
             brokers_down: Arc::new(Notify::new()),
             state,
-            topics: HashMap::new(),
+            topics: TopicCache::default(),
             http: reqwest::Client::new(),
         }
     }
@@ -457,7 +488,7 @@ impl KafkaSink {
     async fn ensure_topic(&mut self, topic: &Arc<str>) -> bool {
         match self.topics.get(topic) {
             Some(TopicState::Ready) => return true,
-            Some(TopicState::RetryAt(at)) if Instant::now() < *at => return false,
+            Some(TopicState::RetryAt(at)) if Instant::now() < at => return false,
             _ => {}
         }
         let Some((producer, discovered)) = &self.producer else {
@@ -744,6 +775,25 @@ impl KafkaSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_topic_cache_is_bounded_and_forgets_rather_than_grows() {
+        let mut cache = TopicCache::default();
+        for i in 0..TopicCache::CAPACITY {
+            cache.insert(Arc::from(format!("t{i}")), TopicState::Ready);
+        }
+        assert_eq!(cache.map.len(), TopicCache::CAPACITY);
+        // A known topic changes state in place.
+        let later = Instant::now() + Duration::from_secs(5);
+        cache.insert(Arc::from("t7"), TopicState::RetryAt(later));
+        assert_eq!(cache.get("t7"), Some(TopicState::RetryAt(later)));
+        assert_eq!(cache.map.len(), TopicCache::CAPACITY);
+        // One more topic: the rest are forgotten, to be looked up again.
+        cache.insert(Arc::from("new"), TopicState::Ready);
+        assert_eq!(cache.map.len(), 1);
+        assert_eq!(cache.get("new"), Some(TopicState::Ready));
+        assert_eq!(cache.get("t0"), None);
+    }
 
     #[test]
     fn retries_back_off_to_five_seconds_and_stop_after_minutes() {
