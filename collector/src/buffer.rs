@@ -19,23 +19,8 @@ use crate::config::FullPolicy;
 use crate::route::{Records, Routed};
 use crate::stats::{DropReason, Stats};
 
-/// Records routed from one input block.
-#[derive(Debug, Default)]
-pub struct Chunk {
-    /// The records.
-    pub items: Vec<Routed>,
-    /// Heap their bytes take (see [`Records`]).
-    pub heap: usize,
-}
-
-impl From<Records> for Chunk {
-    fn from(records: Records) -> Self {
-        Self {
-            items: records.items,
-            heap: records.heap,
-        }
-    }
-}
+/// What the buffer holds: the records routed from one input block.
+pub type Chunk = Records;
 
 impl Chunk {
     /// Heap bytes the chunk holds, as the allocator reserves them: its

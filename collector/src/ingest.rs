@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::buffer::{Buffer, Chunk};
+use crate::buffer::Buffer;
 use crate::mesos::poller::Enrichment;
 use crate::route::{Router, Routing};
 use crate::stats::{DropReason, Stats};
@@ -273,7 +273,7 @@ async fn connection(
             };
             buf.advance(used);
             match routed {
-                Some(Some(records)) => shared.buffer.push(Chunk::from(records)).await,
+                Some(Some(records)) => shared.buffer.push(records).await,
                 Some(None) => {
                     if !throttled_logged {
                         throttled_logged = true;

@@ -95,6 +95,38 @@ const SCANNED_GROUPS: usize = 16;
 /// Writes each planned record (`write` appends exactly `len` bytes) into
 /// its (topic, key) group's allocation and hands it its slice.
 fn write_grouped<R>(plans: Vec<Planned<R>>, mut write: impl FnMut(R, &mut Vec<u8>)) -> Records {
+    let (group_of, sizes) = groups(&plans);
+    let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|&n| Vec::with_capacity(n)).collect();
+    let mut items = Vec::with_capacity(plans.len());
+    let mut spans = Vec::with_capacity(plans.len());
+    for (i, p) in plans.into_iter().enumerate() {
+        let g = group_of.get(i).copied().unwrap_or(0);
+        let buf = &mut bufs[g];
+        let start = buf.len();
+        write(p.record, buf);
+        debug_assert_eq!(buf.len() - start, p.len);
+        spans.push((g, start..buf.len()));
+        items.push(Routed {
+            topic: p.topic,
+            key: p.key,
+            data: Bytes::new(),
+            datapoints: p.datapoints,
+        });
+    }
+    let frozen: Vec<Bytes> = bufs.into_iter().map(Bytes::from).collect();
+    for (item, (g, span)) in items.iter_mut().zip(spans) {
+        item.data = frozen[g].slice(span);
+    }
+    let heap = sizes
+        .iter()
+        .map(|&n| crate::buffer::allocated_size(n))
+        .sum();
+    Records { items, heap }
+}
+
+/// The (topic, key) group of each record, and each group's size. The group
+/// list is empty when the block has a single group, the usual case.
+fn groups<R>(plans: &[Planned<R>]) -> (Vec<usize>, Vec<usize>) {
     type Group = (Arc<str>, Option<Arc<str>>);
     let same = |(topic, key): &Group, p: &Planned<R>| {
         (Arc::ptr_eq(topic, &p.topic) || *topic == p.topic)
@@ -104,47 +136,19 @@ fn write_grouped<R>(plans: Vec<Planned<R>>, mut write: impl FnMut(R, &mut Vec<u8
                 _ => false,
             }
     };
-    // The usual block: one topic and key, one allocation.
-    let single = plans
-        .first()
-        .map(|first| (first.topic.clone(), first.key.clone()))
-        .is_some_and(|group| plans[1..].iter().all(|p| same(&group, p)));
-    if single {
-        let total = plans.iter().map(|p| p.len).sum();
-        let mut data = Vec::with_capacity(total);
-        let mut items = Vec::with_capacity(plans.len());
-        let mut ends = Vec::with_capacity(plans.len());
-        for p in plans {
-            write(p.record, &mut data);
-            ends.push(data.len());
-            items.push(Routed {
-                topic: p.topic,
-                key: p.key,
-                data: Bytes::new(),
-                datapoints: p.datapoints,
-            });
-        }
-        debug_assert_eq!(data.len(), total);
-        let data = Bytes::from(data);
-        let mut start = 0;
-        for (item, end) in items.iter_mut().zip(ends) {
-            item.data = data.slice(start..end);
-            start = end;
-        }
-        return Records {
-            items,
-            heap: crate::buffer::allocated_size(total),
-        };
+    let Some(first) = plans.first() else {
+        return (Vec::new(), Vec::new());
+    };
+    let mut groups: Vec<Group> = vec![(first.topic.clone(), first.key.clone())];
+    if plans[1..].iter().all(|p| same(&groups[0], p)) {
+        return (Vec::new(), vec![plans.iter().map(|p| p.len).sum()]);
     }
-    // Pass 1: each record's group, and each group's size.
-    let mut groups: Vec<Group> = Vec::new();
     let mut index: HashMap<Group, usize> = HashMap::new();
-    let mut sizes: Vec<usize> = Vec::new();
-    let mut group_of = Vec::with_capacity(plans.len());
-    for p in &plans {
-        let last = group_of.last().copied();
-        let g = match last {
-            Some(g) if same(&groups[g], p) => g,
+    let mut sizes = vec![0];
+    let mut group_of: Vec<usize> = Vec::with_capacity(plans.len());
+    for p in plans {
+        let g = match group_of.last() {
+            Some(&g) if same(&groups[g], p) => g,
             _ => {
                 let found = if groups.len() <= SCANNED_GROUPS {
                     groups.iter().position(|group| same(group, p))
@@ -168,34 +172,7 @@ fn write_grouped<R>(plans: Vec<Planned<R>>, mut write: impl FnMut(R, &mut Vec<u8
         sizes[g] += p.len;
         group_of.push(g);
     }
-    // Pass 2: one exactly sized allocation per group.
-    let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|&n| Vec::with_capacity(n)).collect();
-    let mut spans = Vec::with_capacity(plans.len());
-    let mut meta = Vec::with_capacity(plans.len());
-    for (p, &g) in plans.into_iter().zip(&group_of) {
-        let buf = &mut bufs[g];
-        let start = buf.len();
-        write(p.record, buf);
-        debug_assert_eq!(buf.len() - start, p.len);
-        spans.push((g, start..buf.len()));
-        meta.push((p.topic, p.key, p.datapoints));
-    }
-    let heap = sizes
-        .iter()
-        .map(|&n| crate::buffer::allocated_size(n))
-        .sum();
-    let frozen: Vec<Bytes> = bufs.into_iter().map(Bytes::from).collect();
-    let items = meta
-        .into_iter()
-        .zip(spans)
-        .map(|((topic, key, datapoints), (g, span))| Routed {
-            topic,
-            key,
-            data: frozen[g].slice(span),
-            datapoints,
-        })
-        .collect();
-    Records { items, heap }
+    (group_of, sizes)
 }
 
 /// Encodes prepared records, one exactly sized allocation per (topic, key)
@@ -511,6 +488,13 @@ mod tests {
                 + crate::buffer::allocated_size(2 * len)
                 + crate::buffer::allocated_size(len)
         );
+    }
+
+    #[test]
+    fn an_empty_block_takes_nothing() {
+        let records = encode_all(Vec::new());
+        assert!(records.items.is_empty());
+        assert_eq!(records.heap, 0);
     }
 
     #[test]

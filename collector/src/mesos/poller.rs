@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use super::client::{AgentClient, AgentError};
 use super::mapping::{Naming, map_entries, map_snapshot};
-use crate::buffer::{Buffer, Chunk};
+use crate::buffer::Buffer;
 use crate::discovery::Backoff;
 use crate::route::{Router, Routing};
 use crate::stats::Stats;
@@ -283,7 +283,7 @@ impl Poller {
             .collect::<Vec<_>>();
         let records = crate::route::encode_all(prepared);
         crate::ingest::count_topics(&self.stats, &records.items);
-        self.buffer.push(Chunk::from(records)).await;
+        self.buffer.push(records).await;
     }
 
     /// Fetches `/state`. A cached state older than four poll periods expires:
