@@ -386,6 +386,52 @@ pub fn render_metrics(stats: &Stats, brokers: &BrokerState, partners: usize) -> 
         "input connections closed when idle",
         stats.connections_idle_closed.load(Relaxed),
     );
+    for (name, help, value) in [
+        (
+            "collector_connections_empty_total",
+            "input connections closed before sending anything",
+            stats.connections_empty.load(Relaxed),
+        ),
+        (
+            "collector_connections_frame_timeout_total",
+            "input connections closed for a header or block not arriving whole within the frame timeout",
+            stats.connections_frame_timeout.load(Relaxed),
+        ),
+        (
+            "collector_connections_oversized_total",
+            "input connections closed for a block too large for the buffer",
+            stats.connections_oversized.load(Relaxed),
+        ),
+        (
+            "collector_accept_failures_total",
+            "failed accepts on any listener (out of descriptors, for example)",
+            stats.accept_failures.load(Relaxed),
+        ),
+        (
+            "collector_partners_refused_total",
+            "partner connections refused at the partner limit",
+            stats.partners_refused.load(Relaxed),
+        ),
+        (
+            "collector_task_panics_total",
+            "collector tasks that panicked (a bug; what they held is counted as internal_error)",
+            stats.task_panics.load(Relaxed),
+        ),
+    ] {
+        t.one(name, "counter", help, value);
+    }
+    t.one(
+        "collector_input_buffer_bytes",
+        "gauge",
+        "bytes input read buffers hold from the shared pool",
+        stats.input_buffer_bytes.load(Relaxed),
+    );
+    t.one(
+        "collector_kafka_retry_bytes",
+        "gauge",
+        "bytes of messages librdkafka handed back, waiting to be produced again",
+        stats.kafka_retry_bytes.load(Relaxed),
+    );
     t.one(
         "collector_bytes_received_total",
         "counter",
@@ -407,7 +453,7 @@ pub fn render_metrics(stats: &Stats, brokers: &BrokerState, partners: usize) -> 
     t.one(
         "collector_buffer_bytes",
         "gauge",
-        "bytes in the buffer",
+        "bytes held against the buffer bound (queued, batched, or waiting for librdkafka)",
         stats.buffer_bytes.load(Relaxed),
     );
     t.one(

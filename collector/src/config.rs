@@ -55,6 +55,14 @@ pub struct Config {
     pub global_limit_period: u64,
     /// Largest OCF block accepted on an input, in bytes.
     pub max_block_bytes: usize,
+    /// Largest OCF block accepted on an input once decompressed, in bytes.
+    pub max_decompressed_block_bytes: usize,
+    /// A header or block that has started must arrive whole within this
+    /// many seconds, or the connection is closed (0: no limit).
+    pub frame_timeout_secs: u64,
+    /// Bound on the read buffers of all input connections together, beyond
+    /// the 16 KiB each may hold on its own, in bytes.
+    pub input_buffer_max_bytes: usize,
 
     /// Kafka topic = this prefix + the record's `topic`.
     pub kafka_topic_prefix: String,
@@ -120,6 +128,8 @@ pub struct Config {
     pub agent_poll_period: u64,
     /// Agent request timeout, seconds.
     pub agent_timeout_secs: u64,
+    /// Largest agent response body read, in bytes; a larger one is refused.
+    pub agent_max_body_bytes: usize,
     /// Topic of the agent's `/metrics/snapshot` data.
     pub agent_metrics_topic: String,
     /// Sent to the agent as `Authorization: token=<x>`. Secret: redacted in
@@ -137,6 +147,11 @@ pub struct Config {
     pub partner_buffer_kbytes: usize,
     /// A partner that has lost more than this is disconnected, KB.
     pub partner_disconnect_after_dropped_kbytes: usize,
+    /// Most partners connected at once; more are refused.
+    pub max_partners: usize,
+    /// A partner that takes no bytes of a write for this long is
+    /// disconnected, seconds.
+    pub partner_write_timeout_secs: u64,
     /// `/health` answers 503 once Kafka has been unreachable this long, seconds.
     pub health_kafka_unavailable_secs: u64,
 
@@ -157,6 +172,9 @@ impl Default for Config {
             global_limit_amount_kbytes: 40960,
             global_limit_period: 60,
             max_block_bytes: schema::Limits::default().max_block_bytes,
+            max_decompressed_block_bytes: 16 * 1024 * 1024,
+            frame_timeout_secs: 60,
+            input_buffer_max_bytes: 16 * 1024 * 1024,
             kafka_topic_prefix: "metrics-".into(),
             kafka_single_topic: None,
             static_tags: BTreeMap::new(),
@@ -189,6 +207,7 @@ impl Default for Config {
             agent_port: 5051,
             agent_poll_period: 15,
             agent_timeout_secs: 5,
+            agent_max_body_bytes: 8 * 1024 * 1024,
             agent_metrics_topic: "agent".into(),
             auth_credential: None,
             api_listen: SocketAddr::from(([127, 0, 0, 1], 8123)),
@@ -196,6 +215,8 @@ impl Default for Config {
             partner_listen: SocketAddr::from(([127, 0, 0, 1], 8126)),
             partner_buffer_kbytes: 4096,
             partner_disconnect_after_dropped_kbytes: 65536,
+            max_partners: 8,
+            partner_write_timeout_secs: 10,
             health_kafka_unavailable_secs: 60,
             log_level: "info".into(),
             log_format: LogFormat::Text,
@@ -233,6 +254,81 @@ pub fn is_valid_topic(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
+/// The longest period or timeout accepted, in seconds.
+pub const MAX_PERIOD_SECS: u64 = 7 * 24 * 3600;
+/// The longest shutdown grace accepted, in seconds.
+pub const MAX_GRACE_SECS: u64 = 24 * 3600;
+/// The largest block, decompressed block or agent body accepted, in bytes.
+const MAX_BLOCK_BYTES: u64 = 1 << 30;
+/// The largest memory bound accepted, in bytes.
+const MAX_BUFFER_BYTES: u64 = 1 << 40;
+/// What an input connection may read beyond the block it waits for.
+pub const READ_AHEAD_BYTES: usize = 256 * 1024;
+
+fn at_most(field: &str, value: u64, max: u64, unit: &str) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(ConfigError::new(
+            field,
+            format!("{value} is too large: at most {max} {unit}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one bootstrap broker: `[PROTOCOL://]HOST:PORT`, with a host name,
+/// an IPv4 address or a bracketed IPv6 address.
+pub fn check_broker(broker: &str) -> Result<(), String> {
+    let address = match broker.split_once("://") {
+        Some((protocol, rest))
+            if !protocol.is_empty()
+                && protocol
+                    .bytes()
+                    .all(|b| b.is_ascii_alphabetic() || b == b'_') =>
+        {
+            rest
+        }
+        Some(_) => return Err("not a [PROTOCOL://]HOST:PORT address".into()),
+        None => broker,
+    };
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err("missing :PORT".into());
+    };
+    match port.parse::<u16>() {
+        Ok(port) if port > 0 => {}
+        _ => return Err(format!("{port:?} is not a port (1 to 65535)")),
+    }
+    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            })
+    };
+    if !host_ok {
+        return Err(format!("{host:?} is not a host name or IP address"));
+    }
+    Ok(())
+}
+
+/// Parses a boolean the way the original (Go's `strconv.ParseBool`) did:
+/// `1`, `t`, `T`, `TRUE`, `true`, `True`, and their opposites, so that
+/// settings such as `KAFKA_COMPRESS_SNAPPY=0` keep working.
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(format!(
+            "{s:?} is not a boolean (true, false, 1, 0, t, f, TRUE, FALSE, True, False)"
+        )),
+    }
+}
+
 impl Config {
     /// Checks the configuration as a whole.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -249,6 +345,81 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        // Every duration must fit the clock's arithmetic with room to spare:
+        // an absurd value is a typo, refused here rather than overflowing
+        // later.
+        for (field, value) in [
+            ("idle_timeout_secs", self.idle_timeout_secs),
+            ("frame_timeout_secs", self.frame_timeout_secs),
+            ("input_limit_period", self.input_limit_period),
+            ("global_limit_period", self.global_limit_period),
+            ("kafka_rediscover_secs", self.kafka_rediscover_secs),
+            ("agent_poll_period", self.agent_poll_period),
+            ("agent_timeout_secs", self.agent_timeout_secs),
+            (
+                "health_kafka_unavailable_secs",
+                self.health_kafka_unavailable_secs,
+            ),
+            (
+                "partner_write_timeout_secs",
+                self.partner_write_timeout_secs,
+            ),
+        ] {
+            at_most(field, value, MAX_PERIOD_SECS, "seconds (7 days)")?;
+        }
+        at_most(
+            "kafka_produce_period_ms",
+            self.kafka_produce_period_ms,
+            MAX_PERIOD_SECS * 1000,
+            "milliseconds (7 days)",
+        )?;
+        at_most(
+            "shutdown_grace_secs",
+            self.shutdown_grace_secs,
+            MAX_GRACE_SECS,
+            "seconds (a day)",
+        )?;
+        positive("shutdown_grace_secs", self.shutdown_grace_secs)?;
+        positive(
+            "partner_write_timeout_secs",
+            self.partner_write_timeout_secs,
+        )?;
+        positive("max_partners", self.max_partners as u64)?;
+        for (field, value, min) in [
+            ("max_block_bytes", self.max_block_bytes, 1024),
+            (
+                "max_decompressed_block_bytes",
+                self.max_decompressed_block_bytes,
+                1024,
+            ),
+            ("agent_max_body_bytes", self.agent_max_body_bytes, 64 * 1024),
+        ] {
+            if value < min {
+                return Err(ConfigError::new(field, format!("must be at least {min}")));
+            }
+            at_most(field, value as u64, MAX_BLOCK_BYTES, "bytes (1 GiB)")?;
+        }
+        let smallest_pool = self.max_block_bytes + READ_AHEAD_BYTES;
+        if self.input_buffer_max_bytes < smallest_pool {
+            return Err(ConfigError::new(
+                "input_buffer_max_bytes",
+                format!(
+                    "must be at least max_block_bytes + 256 KiB ({smallest_pool}), so that the largest block can be read"
+                ),
+            ));
+        }
+        at_most(
+            "input_buffer_max_bytes",
+            self.input_buffer_max_bytes as u64,
+            MAX_BUFFER_BYTES,
+            "bytes (1 TiB)",
+        )?;
+        at_most(
+            "buffer_max_bytes",
+            self.buffer_max_bytes as u64,
+            MAX_BUFFER_BYTES,
+            "bytes (1 TiB)",
+        )?;
         if self.input_limit_amount_kbytes > 0 {
             positive("input_limit_period", self.input_limit_period)?;
         }
@@ -321,6 +492,11 @@ impl Config {
                 "must be at least kafka_max_message_bytes",
             ));
         }
+        for broker in &self.kafka_brokers {
+            check_broker(broker).map_err(|message| {
+                ConfigError::new("kafka_brokers", format!("{broker:?}: {message}"))
+            })?;
+        }
         if self.agent_polling {
             positive("agent_poll_period", self.agent_poll_period)?;
             positive("agent_timeout_secs", self.agent_timeout_secs)?;
@@ -357,6 +533,13 @@ impl Config {
                 return Err(ConfigError::new("static_tags", "tag keys may not be empty"));
             }
         }
+        if self.kafka {
+            // librdkafka checks its options when a client is made: make one
+            // (connected to nothing), so that a bad option is refused here
+            // rather than logged in a loop by a daemon that delivers nothing.
+            crate::sink::kafka::check_client_config(self)
+                .map_err(|message| ConfigError::new("librdkafka", message))?;
+        }
         Ok(())
     }
 
@@ -378,24 +561,77 @@ impl Config {
         config
     }
 
-    /// Reads a TOML file.
+    /// Reads a TOML file. Errors name the key and give the file, line and
+    /// column; a syntax error names the file itself (`config`).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::new("config", format!("{}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| {
-            // Name the key on the offending line, whether the span covers the
-            // key (unknown key) or the value (bad value).
-            let field = e
-                .span()
-                .map(|span| {
-                    let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
-                    let line = text[line_start..].lines().next().unwrap_or_default();
-                    line.split('=').next().unwrap_or(line).trim().to_owned()
-                })
-                .unwrap_or_else(|| "config".into());
-            ConfigError::new(&field, format!("{}: {}", path.display(), e.message()))
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let at = |span: Option<std::ops::Range<usize>>| {
+            span.map(|span| {
+                let start = span.start.min(text.len());
+                let line = text[..start].matches('\n').count() + 1;
+                let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+                let column = text[line_start..start].chars().count() + 1;
+                (format!("{origin}:{line}:{column}"), line_start)
+            })
+            .unwrap_or_else(|| (origin.to_owned(), text.len()))
+        };
+        if let Err(e) = text.parse::<toml::Table>() {
+            let (place, _) = at(e.span());
+            return Err(ConfigError::new(
+                "config",
+                format!("{place}: not valid TOML: {}", e.message().trim()),
+            ));
+        }
+        toml::from_str(text).map_err(|e| {
+            let (place, line_start) = at(e.span());
+            // An unknown key is named by the message; a bad value by the key
+            // on its line.
+            let field = crate::runtime::unknown_field(e.message()).unwrap_or_else(|| {
+                let line = text[line_start..].lines().next().unwrap_or_default();
+                line.split('=').next().unwrap_or(line).trim().to_owned()
+            });
+            ConfigError::new(&field, format!("{place}: {}", e.message().trim()))
         })
     }
+}
+
+/// sysexits(3) EX_USAGE: the configuration is wrong.
+pub const EX_USAGE: u8 = 64;
+
+/// Reports a command-line error the way every configuration error is
+/// reported: help and version are printed as asked; anything else names the
+/// option and exits 64 (not clap's 2).
+pub fn usage_error(program: &str, error: clap::Error) -> std::process::ExitCode {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    match error.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => error.exit(),
+        _ => {}
+    }
+    let field = match error.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(arg)) => arg
+            .trim_start_matches('-')
+            .split([' ', '='])
+            .next()
+            .unwrap_or_default()
+            .replace('-', "_"),
+        _ => "arguments".to_owned(),
+    };
+    let text = error.to_string();
+    let message = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ");
+    eprintln!("{program}: invalid configuration: {field}: {message} (see {program} --help)");
+    std::process::ExitCode::from(EX_USAGE)
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -435,6 +671,15 @@ pub struct ConfigArgs {
     /// Largest input OCF block, bytes [default: 8 MiB].
     #[arg(long, env = "MAX_BLOCK_BYTES")]
     pub max_block_bytes: Option<usize>,
+    /// Largest input OCF block once decompressed, bytes [default: 16 MiB].
+    #[arg(long, env = "MAX_DECOMPRESSED_BLOCK_BYTES")]
+    pub max_decompressed_block_bytes: Option<usize>,
+    /// A started header or block must arrive within this, seconds, 0 for none [default: 60].
+    #[arg(long, env = "FRAME_TIMEOUT_SECS")]
+    pub frame_timeout_secs: Option<u64>,
+    /// Bound on all input read buffers beyond 16 KiB each, bytes [default: 16 MiB].
+    #[arg(long, env = "INPUT_BUFFER_MAX_BYTES")]
+    pub input_buffer_max_bytes: Option<usize>,
     /// Kafka topic prefix [default: metrics-].
     #[arg(long, env = "KAFKA_TOPIC_PREFIX")]
     pub kafka_topic_prefix: Option<String>,
@@ -445,7 +690,7 @@ pub struct ConfigArgs {
     #[arg(long = "static-tag", env = "STATIC_TAGS", value_delimiter = ',', value_parser = parse_pair)]
     pub static_tags: Option<Vec<(String, String)>>,
     /// Send to Kafka; false discards (null sink) [default: true].
-    #[arg(long, env = "KAFKA", action = ArgAction::Set)]
+    #[arg(long, env = "KAFKA", action = ArgAction::Set, value_parser = parse_bool)]
     pub kafka: Option<bool>,
     /// Static comma-separated broker list; wins over discovery.
     #[arg(long, env = "KAFKA_BROKERS", value_delimiter = ',')]
@@ -472,10 +717,10 @@ pub struct ConfigArgs {
     #[arg(long, env = "KAFKA_PRODUCE_PERIOD_MS")]
     pub kafka_produce_period_ms: Option<u64>,
     /// Snappy-compress Kafka messages [default: true].
-    #[arg(long, env = "KAFKA_COMPRESS_SNAPPY", action = ArgAction::Set)]
+    #[arg(long, env = "KAFKA_COMPRESS_SNAPPY", action = ArgAction::Set, value_parser = parse_bool)]
     pub kafka_compress_snappy: Option<bool>,
     /// acks=all with idempotence [default: true].
-    #[arg(long, env = "KAFKA_REQUIRE_ALL_ACKS", action = ArgAction::Set)]
+    #[arg(long, env = "KAFKA_REQUIRE_ALL_ACKS", action = ArgAction::Set, value_parser = parse_bool)]
     pub kafka_require_all_acks: Option<bool>,
     /// Partition key: the value of this tag.
     #[arg(long, env = "KAFKA_PARTITION_KEY_TAG")]
@@ -505,7 +750,7 @@ pub struct ConfigArgs {
     #[arg(long, env = "SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
     /// Poll the Mesos agent [default: true].
-    #[arg(long, env = "AGENT_POLLING", action = ArgAction::Set)]
+    #[arg(long, env = "AGENT_POLLING", action = ArgAction::Set, value_parser = parse_bool)]
     pub agent_polling: Option<bool>,
     /// Agent base URL (instead of agent_ip_command + agent_port).
     #[arg(long, env = "AGENT_URL")]
@@ -522,6 +767,9 @@ pub struct ConfigArgs {
     /// Agent request timeout, seconds [default: 5].
     #[arg(long, env = "AGENT_TIMEOUT_SECS")]
     pub agent_timeout_secs: Option<u64>,
+    /// Largest agent response body, bytes [default: 8 MiB].
+    #[arg(long, env = "AGENT_MAX_BODY_BYTES")]
+    pub agent_max_body_bytes: Option<usize>,
     /// Topic for the agent's /metrics/snapshot [default: agent].
     #[arg(long, env = "AGENT_METRICS_TOPIC")]
     pub agent_metrics_topic: Option<String>,
@@ -543,6 +791,12 @@ pub struct ConfigArgs {
     /// Disconnect a partner after it lost this much, KB [default: 65536].
     #[arg(long, env = "PARTNER_DISCONNECT_AFTER_DROPPED_KBYTES")]
     pub partner_disconnect_after_dropped_kbytes: Option<usize>,
+    /// Most partners at once [default: 8].
+    #[arg(long, env = "MAX_PARTNERS")]
+    pub max_partners: Option<usize>,
+    /// Disconnect a partner that takes nothing for this long, seconds [default: 10].
+    #[arg(long, env = "PARTNER_WRITE_TIMEOUT_SECS")]
+    pub partner_write_timeout_secs: Option<u64>,
     /// /health turns 503 after Kafka is unreachable this long, s [default: 60].
     #[arg(long, env = "HEALTH_KAFKA_UNAVAILABLE_SECS")]
     pub health_kafka_unavailable_secs: Option<u64>,
@@ -622,6 +876,9 @@ impl ConfigArgs {
             global_limit_amount_kbytes,
             global_limit_period,
             max_block_bytes,
+            max_decompressed_block_bytes,
+            frame_timeout_secs,
+            input_buffer_max_bytes,
             kafka_topic_prefix,
             kafka,
             kafka_framework,
@@ -643,11 +900,14 @@ impl ConfigArgs {
             agent_port,
             agent_poll_period,
             agent_timeout_secs,
+            agent_max_body_bytes,
             agent_metrics_topic,
             api_listen,
             partner_listen,
             partner_buffer_kbytes,
             partner_disconnect_after_dropped_kbytes,
+            max_partners,
+            partner_write_timeout_secs,
             health_kafka_unavailable_secs,
             log_level,
             log_format,

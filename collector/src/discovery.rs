@@ -35,6 +35,20 @@ pub enum BrokerSource {
     },
 }
 
+impl From<&crate::config::Config> for BrokerSource {
+    fn from(config: &crate::config::Config) -> Self {
+        if config.kafka_brokers.is_empty() {
+            BrokerSource::Framework {
+                name: config.kafka_framework.clone(),
+                scheduler_url: config.kafka_scheduler_url.clone(),
+                dns_server: config.dns_server,
+            }
+        } else {
+            BrokerSource::Static(config.kafka_brokers.clone())
+        }
+    }
+}
+
 /// A broker list and how it was found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Discovered {
@@ -292,6 +306,86 @@ pub fn brokers_from_connection(
         return Ok(("vip", vec![vip.to_owned()]));
     }
     Err("none of \"dns\", \"address\" or \"vip\" holds a broker".into())
+}
+
+/// Discovers brokers in a task of its own, so that a slow scheduler or DNS
+/// never stalls whoever uses them: at once, then every `rediscover`, when
+/// `kick`ed (at most every five seconds: all brokers down), and whenever
+/// `source` changes. A failure is retried with backoff. Every result is
+/// sent to `results`; the task ends with `stop` or when nobody listens.
+pub async fn watch(
+    mut source: tokio::sync::watch::Receiver<BrokerSource>,
+    rediscover: Duration,
+    kick: std::sync::Arc<tokio::sync::Notify>,
+    results: tokio::sync::mpsc::Sender<Result<Discovered, String>>,
+    stats: std::sync::Arc<crate::stats::Stats>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap_or_default();
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    let mut last_kick: Option<tokio::time::Instant> = None;
+    loop {
+        let current = source.borrow_and_update().clone();
+        let result = tokio::select! {
+            result = discover(&current, &http) => result,
+            () = stop.cancelled() => return,
+        };
+        let next = match &result {
+            Ok(_) => {
+                stats.discoveries.fetch_add(1, Relaxed);
+                backoff.reset();
+                match current {
+                    BrokerSource::Static(_) => None,
+                    BrokerSource::Framework { .. } => Some(rediscover),
+                }
+            }
+            Err(error) => {
+                stats.discovery_failures.fetch_add(1, Relaxed);
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "Kafka broker discovery failed; retrying with backoff.");
+                Some(delay)
+            }
+        };
+        if results
+            .send(result.map_err(|e| e.to_string()))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let framework = matches!(current, BrokerSource::Framework { .. });
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                changed = source.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    tracing::info!("Broker settings changed: rediscovering.");
+                    break;
+                }
+                () = sleep_or_never(next) => break,
+                () = kick.notified(), if framework => {
+                    let now = tokio::time::Instant::now();
+                    if last_kick.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(5)) {
+                        last_kick = Some(now);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_or_never(delay: Option<Duration>) {
+    match delay {
+        Some(delay) => tokio::time::sleep(delay).await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]

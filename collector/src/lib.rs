@@ -35,12 +35,16 @@ pub mod buffer;
 pub mod config;
 pub mod decode;
 pub mod discovery;
+pub mod enrich;
 pub mod ingest;
 pub mod mesos;
+pub mod net;
 pub mod partner;
+pub mod pipeline;
 pub mod route;
 pub mod runtime;
 pub mod sample;
+pub mod shutdown;
 pub mod sink;
 pub mod stats;
 pub mod telemetry;
@@ -53,19 +57,19 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::buffer::Buffer;
 use crate::config::Config;
-use crate::discovery::BrokerSource;
+use crate::enrich::Enrichment;
 use crate::ingest::RateLimits;
-use crate::mesos::poller::{AgentAddress, Enrichment, Poller, PollerSettings, PollerStats};
+use crate::mesos::poller::{Poller, PollerSettings, PollerStats};
 use crate::partner::{PartnerHub, PartnerLimits};
+use crate::pipeline::Pipeline;
 use crate::route::Routing;
 use crate::runtime::Runtime;
-use crate::sink::batch::Thresholds;
+use crate::shutdown::{Shutdown, join_by};
 use crate::sink::kafka::{BrokerState, KafkaSettings, KafkaSink, SinkRuntime};
 use crate::stats::{Accounting, Stats};
 use crate::telemetry::LogControl;
@@ -77,36 +81,8 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The OS error.
-        source: std::io::Error,
-    },
-}
-
-/// Pending connections the kernel may queue before `accept`. tokio's
-/// default is 1024; a thousand module connections arriving at once (every
-/// process reconnecting after a restart) overflowed it now and then, and a
-/// connection was reset.
-const LISTEN_BACKLOG: u32 = 4096;
-
-async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
-    let error = |source| StartError::Bind { addr, source };
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    }
-    .map_err(error)?;
-    socket.set_reuseaddr(true).map_err(error)?;
-    socket.bind(addr).map_err(error)?;
-    let listener = socket.listen(LISTEN_BACKLOG).map_err(error)?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| StartError::Bind { addr, source })?;
-    Ok((listener, bound))
+    #[error(transparent)]
+    Bind(#[from] net::BindError),
 }
 
 /// A collector with its listeners bound, ready to run.
@@ -130,9 +106,9 @@ impl App {
     /// Validates the configuration and binds every listener (port 0 allowed).
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         config.validate()?;
-        let (ingest, ingest_addr) = bind(config.listen_endpoint).await?;
-        let (api, api_addr) = bind(config.api_listen).await?;
-        let (partner, partner_addr) = bind(config.partner_listen).await?;
+        let (ingest, ingest_addr) = net::bind(config.listen_endpoint).await?;
+        let (api, api_addr) = net::bind(config.api_listen).await?;
+        let (partner, partner_addr) = net::bind(config.partner_listen).await?;
         if !ingest_addr.ip().is_loopback() {
             warn!(%ingest_addr, "The TCP input listens beyond loopback; the original listened on loopback only.");
         }
@@ -142,7 +118,7 @@ impl App {
             config.buffer_full_policy,
             stats.clone(),
         ));
-        let partner_limits = watch::Sender::new(partner_limits(&config));
+        let partner_limits = watch::Sender::new(PartnerLimits::from(&config));
         let sync: [u8; 16] = rand::random();
         let partner_hub = Arc::new(PartnerHub::new(
             sync,
@@ -152,8 +128,8 @@ impl App {
         let runtime = Arc::new(Runtime::new(
             config.clone(),
             watch::Sender::new(Arc::new(Routing::from_config(&config))),
-            watch::Sender::new(rate_limits(&config)),
-            watch::Sender::new(sink_runtime(&config)),
+            watch::Sender::new(RateLimits::from(&config)),
+            watch::Sender::new(SinkRuntime::from(&config)),
             partner_limits,
             buffer.clone(),
             stats.clone(),
@@ -227,41 +203,45 @@ impl App {
         self.broker_state.clone()
     }
 
-    /// Runs until `shutdown` resolves, then shuts down in order: stop
-    /// accepting, let connections finish the frames in flight, close the
-    /// buffer, let the sink drain it and flush the producer within the
-    /// grace, count anything left as dropped, and stop the API last (it
+    /// Runs until `shutdown` resolves, then shuts down in one order, within
+    /// `shutdown_grace_secs` whatever the state of the buffer and the
+    /// brokers: stop accepting, let connections finish what they are
+    /// sending (a block still waiting for room is counted as a `shutdown`
+    /// drop), close the buffer, let the sink drain it and flush the
+    /// producer, count anything left as dropped, and stop the API last (it
     /// answers `/health` with 503 "draining" meanwhile). Returns the final
-    /// accounting, in which nothing is in flight.
+    /// accounting, in which nothing is in flight. A task that panicked is
+    /// logged and counted in `task_panics`, and what it held is counted as
+    /// `internal_error`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Accounting {
         let config = self.config.clone();
         let stats = self.stats.clone();
         let buffer = self.buffer.clone();
         let api_state = self.api_state();
         let runtime = self.runtime.clone();
+        let plan = Arc::new(Shutdown::new(Duration::from_secs(
+            config.shutdown_grace_secs,
+        )));
         let refresh = Arc::new(tokio::sync::Notify::new());
+        let pipeline = Arc::new(Pipeline {
+            stats: stats.clone(),
+            buffer: buffer.clone(),
+            routing: runtime.routing.subscribe(),
+            enrichment: self.enrichment.subscribe(),
+            refresh: refresh.clone(),
+        });
         let shared = Arc::new(ingest::Shared::new(
-            stats.clone(),
-            buffer.clone(),
-            runtime.routing.subscribe(),
-            self.enrichment.subscribe(),
-            refresh.clone(),
+            pipeline.clone(),
             runtime.rate_limits.subscribe(),
-            schema::Limits {
-                max_block_bytes: config.max_block_bytes,
-                ..schema::Limits::default()
-            },
-            (config.idle_timeout_secs > 0).then(|| Duration::from_secs(config.idle_timeout_secs)),
+            ingest::IngestSettings::from(&config),
         ));
-        let stop_accepting = CancellationToken::new();
-        let stop_api = CancellationToken::new();
+        let stop_api = tokio_util::sync::CancellationToken::new();
         let draining = self.draining.clone();
         let connections = TaskTracker::new();
         let accept = tokio::spawn(ingest::serve(
             self.ingest,
             shared,
-            config.max_connections,
-            stop_accepting.clone(),
+            plan.begun().clone(),
             connections.clone(),
         ));
         let partners = tokio::spawn(partner::serve(
@@ -281,18 +261,16 @@ impl App {
         };
         let poller = config.agent_polling.then(|| {
             let poller = Poller {
-                settings: poller_settings(&config),
-                stats: stats.clone(),
+                settings: PollerSettings::from(&config),
                 poller_stats: Arc::new(PollerStats::default()),
                 enrichment: self.enrichment.clone(),
                 refresh,
-                buffer: buffer.clone(),
-                routing: runtime.routing.subscribe(),
+                pipeline: pipeline.clone(),
             };
-            tokio::spawn(poller.run(stop_accepting.clone()))
+            tokio::spawn(poller.run(plan.begun().clone()))
         });
         let sink = if config.kafka {
-            let mut settings = kafka_settings(&config);
+            let mut settings = KafkaSettings::from(&config);
             settings.sync = self.sync;
             let sink = KafkaSink::new(
                 settings,
@@ -301,7 +279,8 @@ impl App {
                 self.broker_state.clone(),
             )
             .with_partners(self.partner_hub.clone())
-            .with_runtime(runtime.sink.subscribe());
+            .with_runtime(runtime.sink.subscribe())
+            .with_shutdown(plan.clone());
             tokio::spawn(sink.run())
         } else {
             tokio::spawn(sink::run_null(buffer.clone(), stats.clone()))
@@ -315,20 +294,40 @@ impl App {
         );
 
         shutdown.await;
-        info!("Shutting down: no longer accepting input.");
+        let deadline = plan.begin();
+        info!(
+            grace_secs = config.shutdown_grace_secs,
+            "Shutting down: no longer accepting input."
+        );
         draining.store(true, Relaxed);
-        stop_accepting.cancel();
-        let _ = accept.await;
+        join_by("input accept", accept, deadline, &stats).await;
         if let Some(poller) = poller {
-            let _ = poller.await;
+            join_by("agent poller", poller, deadline, &stats).await;
         }
         connections.close();
-        connections.wait().await;
+        if tokio::time::timeout_at(deadline, connections.wait())
+            .await
+            .is_err()
+        {
+            error!("Input connections did not stop within the shutdown grace.");
+        }
         buffer.close();
-        let _ = sink.await;
+        join_by("sink", sink, deadline, &stats).await;
         stop_api.cancel();
-        let _ = api_server.await;
-        let _ = partners.await;
+        let last = shutdown::deadline_after(deadline, Duration::from_millis(500))
+            .max(tokio::time::Instant::now() + Duration::from_millis(500));
+        join_by("api", api_server, last, &stats).await;
+        join_by("partner output", partners, last, &stats).await;
+        // Every task has stopped: whatever is neither delivered nor dropped
+        // now was held by one that panicked or was aborted.
+        let lost = stats.count_unaccounted();
+        if lost.records > 0 {
+            error!(
+                records = lost.records,
+                datapoints = lost.datapoints,
+                "Datapoints held by a failed task are counted as dropped (internal_error)."
+            );
+        }
         let accounting = stats.accounting();
         let dropped = accounting.dropped_total();
         info!(
@@ -336,6 +335,7 @@ impl App {
             delivered = accounting.delivered.datapoints,
             dropped = dropped.datapoints,
             buffer_high_water_bytes = stats.buffer_bytes_max.load(Relaxed),
+            task_panics = stats.task_panics.load(Relaxed),
             dropped_by_reason = %accounting
                 .dropped
                 .iter()
@@ -346,88 +346,6 @@ impl App {
             "Collector stopped: datapoints received, delivered and dropped."
         );
         accounting
-    }
-}
-
-fn poller_settings(config: &Config) -> PollerSettings {
-    PollerSettings {
-        agent: match &config.agent_url {
-            Some(url) => AgentAddress::Url(url.clone()),
-            None => AgentAddress::IpCommand {
-                command: config.agent_ip_command.clone(),
-                port: config.agent_port,
-            },
-        },
-        auth: config.auth_credential.clone(),
-        timeout: Duration::from_secs(config.agent_timeout_secs),
-        period: Duration::from_secs(config.agent_poll_period),
-        snapshot_topic: config.agent_metrics_topic.clone(),
-        metrics: true,
-    }
-}
-
-pub(crate) fn rate_limits(config: &Config) -> RateLimits {
-    RateLimits {
-        per_connection_bytes: config.input_limit_amount_kbytes * 1024,
-        per_connection_period: Duration::from_secs(config.input_limit_period),
-        global_bytes: config.global_limit_amount_kbytes * 1024,
-        global_period: Duration::from_secs(config.global_limit_period),
-    }
-}
-
-pub(crate) fn partner_limits(config: &Config) -> PartnerLimits {
-    PartnerLimits {
-        buffer_bytes: config.partner_buffer_kbytes * 1024,
-        disconnect_after_dropped_bytes: config.partner_disconnect_after_dropped_kbytes * 1024,
-    }
-}
-
-fn broker_source(config: &Config) -> BrokerSource {
-    if config.kafka_brokers.is_empty() {
-        BrokerSource::Framework {
-            name: config.kafka_framework.clone(),
-            scheduler_url: config.kafka_scheduler_url.clone(),
-            dns_server: config.dns_server,
-        }
-    } else {
-        BrokerSource::Static(config.kafka_brokers.clone())
-    }
-}
-
-fn thresholds(config: &Config) -> Thresholds {
-    Thresholds {
-        max_records: config.kafka_produce_count,
-        max_bytes: config.kafka_produce_kbytes * 1024,
-        max_age: Duration::from_millis(config.kafka_produce_period_ms),
-        max_message_bytes: config.kafka_max_message_bytes,
-    }
-}
-
-pub(crate) fn sink_runtime(config: &Config) -> SinkRuntime {
-    SinkRuntime {
-        thresholds: thresholds(config),
-        source: broker_source(config),
-    }
-}
-
-/// The sink settings of a configuration.
-pub fn kafka_settings(config: &Config) -> KafkaSettings {
-    KafkaSettings {
-        source: broker_source(config),
-        rediscover: Duration::from_secs(config.kafka_rediscover_secs),
-        thresholds: thresholds(config),
-        compress_snappy: config.kafka_compress_snappy,
-        require_all_acks: config.kafka_require_all_acks,
-        queue_max_kbytes: config.kafka_queue_max_kbytes,
-        topic_partitions: config.kafka_topic_partitions,
-        topic_replication: config.kafka_topic_replication,
-        librdkafka: config
-            .librdkafka
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        shutdown_grace: Duration::from_secs(config.shutdown_grace_secs),
-        sync: rand::random(),
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use collector::config::ConfigArgs;
+use collector::config::{ConfigArgs, usage_error};
 use collector::decode::{DecodeFailure, decode_to};
 
 #[global_allocator]
@@ -63,8 +63,14 @@ fn legacy_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
+/// sysexits(3) EX_SOFTWARE: a task panicked (a bug), though the count balanced.
+const EX_SOFTWARE: u8 = 70;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return usage_error("collector", error),
+    };
     match cli.command {
         None => run(cli.config),
         Some(Command::Run { config }) => run(config),
@@ -120,14 +126,6 @@ fn health(url: &str) -> ExitCode {
 }
 
 fn run(args: ConfigArgs) -> ExitCode {
-    let config = match args.load(legacy_env) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("collector: {error}");
-            return ExitCode::from(EX_USAGE);
-        }
-    };
-    let log = collector::telemetry::init(&config.log_level, config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -138,11 +136,37 @@ fn run(args: ConfigArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Signals first, before the configuration is even read: from here on
+    // a SIGTERM stops the collector cleanly, with its final count, instead
+    // of killing it while it starts.
+    let signals = {
+        let _context = runtime.enter();
+        match collector::telemetry::Signals::install() {
+            Ok(signals) => signals,
+            Err(error) => {
+                eprintln!("collector: cannot install the signal handlers: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let config = match args.load(legacy_env) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("collector: {error}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let log = collector::telemetry::init(&config.log_level, config.log_format);
     let result = runtime.block_on(async {
         let app = collector::App::bind(config).await?.with_log_control(log);
-        Ok::<_, collector::StartError>(app.run(collector::telemetry::shutdown_signal()).await)
+        let stats = app.stats();
+        app.run(signals.recv()).await;
+        Ok::<_, collector::StartError>(stats)
     });
     match result {
+        Ok(stats) if stats.task_panics.load(std::sync::atomic::Ordering::Relaxed) > 0 => {
+            ExitCode::from(EX_SOFTWARE)
+        }
         Ok(_) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "Collector failed to start.");

@@ -8,12 +8,15 @@
 //!
 //! A slow or stuck partner never slows Kafka delivery: each partner has a
 //! bounded queue; when it is full the oldest blocks are dropped and counted,
-//! and a partner that has lost more than its limit is disconnected with a
-//! log line.
+//! and a partner that has lost more than its limit, or takes nothing of a
+//! write within the write timeout, is disconnected with a log line. A
+//! partner that closes its end is noticed at once (its half is read), so it
+//! holds no descriptor. At most `max_partners` are connected; more are
+//! refused and counted.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,6 +39,21 @@ pub struct PartnerLimits {
     pub buffer_bytes: usize,
     /// Dropped bytes after which a partner is disconnected.
     pub disconnect_after_dropped_bytes: usize,
+    /// Most partners connected at once.
+    pub max_partners: usize,
+    /// A write that takes no bytes for this long disconnects the partner.
+    pub write_timeout: Duration,
+}
+
+impl From<&crate::config::Config> for PartnerLimits {
+    fn from(config: &crate::config::Config) -> Self {
+        Self {
+            buffer_bytes: config.partner_buffer_kbytes * 1024,
+            disconnect_after_dropped_bytes: config.partner_disconnect_after_dropped_kbytes * 1024,
+            max_partners: config.max_partners,
+            write_timeout: Duration::from_secs(config.partner_write_timeout_secs),
+        }
+    }
 }
 
 /// Which topics a partner wants.
@@ -62,7 +80,11 @@ impl TopicFilter {
                 names.into_iter().map(str::to_owned).collect(),
             ));
         }
-        Regex::new(&format!("^(?:{value})$"))
+        regex::RegexBuilder::new(&format!("^(?:{value})$"))
+            // A hostile line may not make a large automaton.
+            .size_limit(1 << 20)
+            .dfa_size_limit(1 << 20)
+            .build()
             .map(TopicFilter::Pattern)
             .map_err(|e| format!("not a topic list or a regex: {e}"))
     }
@@ -89,13 +111,18 @@ struct Partner {
     filter: TopicFilter,
     queue: Mutex<Queue>,
     ready: Notify,
-    closed: AtomicBool,
+    /// Cut off for falling too far behind: its writer stops, even in the
+    /// middle of a write.
+    cut: CancellationToken,
 }
 
 /// The fan-out to every connected partner.
 pub struct PartnerHub {
     header: Vec<u8>,
     partners: Mutex<Vec<Arc<Partner>>>,
+    /// Partner connections open, whether or not they have sent their
+    /// topics line yet: what the limit counts.
+    connections: AtomicUsize,
     limits: watch::Receiver<PartnerLimits>,
     stats: Arc<Stats>,
 }
@@ -108,6 +135,7 @@ impl PartnerHub {
         Self {
             header,
             partners: Mutex::new(Vec::new()),
+            connections: AtomicUsize::new(0),
             limits,
             stats,
         }
@@ -146,8 +174,9 @@ impl PartnerHub {
                 }
             }
             if queue.dropped_bytes > limits.disconnect_after_dropped_bytes
-                && !partner.closed.swap(true, Relaxed)
+                && !partner.cut.is_cancelled()
             {
+                partner.cut.cancel();
                 self.stats.partners_disconnected_slow.fetch_add(1, Relaxed);
                 warn!(peer = %partner.peer, dropped_bytes = queue.dropped_bytes, "Disconnected a partner too far behind.");
             }
@@ -157,13 +186,30 @@ impl PartnerHub {
     }
 }
 
+/// The longest `topics=` line read.
+pub const MAX_REQUEST_LINE: usize = 4096;
+
+/// Parses what a partner sent first: nothing, or `topics=<list or
+/// regex>` (the newline already removed).
+pub fn parse_request_line(line: &[u8]) -> Result<TopicFilter, String> {
+    let line = String::from_utf8_lossy(line);
+    match line.trim().strip_prefix("topics=") {
+        Some(value) => TopicFilter::parse(value),
+        None if line.trim().is_empty() => Ok(TopicFilter::All),
+        None => Err(format!(
+            "expected `topics=<list or regex>`, got {:?}",
+            line.trim()
+        )),
+    }
+}
+
 /// Reads the optional `topics=` line: whatever the partner sends within a
 /// short window, up to a newline.
 async fn read_filter(stream: &mut TcpStream) -> Result<TopicFilter, String> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     let read = tokio::time::timeout(Duration::from_millis(300), async {
-        while line.len() < 4096 {
+        while line.len() < MAX_REQUEST_LINE {
             match stream.read(&mut byte).await {
                 Ok(0) | Err(_) => break,
                 Ok(_) if byte[0] == b'\n' => break,
@@ -175,14 +221,30 @@ async fn read_filter(stream: &mut TcpStream) -> Result<TopicFilter, String> {
     if read.is_err() && line.is_empty() {
         return Ok(TopicFilter::All);
     }
-    let line = String::from_utf8_lossy(&line);
-    match line.trim().strip_prefix("topics=") {
-        Some(value) => TopicFilter::parse(value),
-        None if line.trim().is_empty() => Ok(TopicFilter::All),
-        None => Err(format!(
-            "expected `topics=<list or regex>`, got {:?}",
-            line.trim()
-        )),
+    parse_request_line(&line)
+}
+
+/// Why a partner's connection ended.
+enum End {
+    /// It closed its end, or a write failed.
+    Gone,
+    /// It fell too far behind.
+    Cut,
+    /// A write took nothing within the write timeout.
+    Stalled,
+    /// The collector is stopping.
+    Shutdown,
+}
+
+/// Resolves when the partner closes its end (or its socket fails);
+/// anything it sends after its topics line is read and ignored.
+async fn closed(reader: &mut tokio::net::tcp::OwnedReadHalf) {
+    let mut sink = [0u8; 256];
+    loop {
+        match reader.read(&mut sink).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
     }
 }
 
@@ -205,57 +267,103 @@ async fn serve_partner(
         filter,
         queue: Mutex::new(Queue::default()),
         ready: Notify::new(),
-        closed: AtomicBool::new(false),
+        cut: CancellationToken::new(),
     });
     hub.partners().push(partner.clone());
     hub.stats.partners_connected.fetch_add(1, Relaxed);
-    let mut result = stream.write_all(&hub.header).await;
-    while result.is_ok() && !partner.closed.load(Relaxed) {
-        let next = partner
-            .queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .blocks
-            .pop_front();
-        match next {
-            Some(block) => {
-                partner
-                    .queue
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .bytes -= block.len();
-                result = stream.write_all(&block).await;
-                hub.stats
-                    .partner_bytes_sent
-                    .fetch_add(block.len() as u64, Relaxed);
+    let (mut reader, mut writer) = stream.into_split();
+    let mut next = Some(Bytes::copy_from_slice(&hub.header));
+    let end = loop {
+        let Some(block) = next.take() else {
+            tokio::select! {
+                () = partner.ready.notified() => {}
+                () = closed(&mut reader) => break End::Gone,
+                () = partner.cut.cancelled() => break End::Cut,
+                () = shutdown.cancelled() => break End::Shutdown,
             }
-            None => tokio::select! {
-                _ = partner.ready.notified() => {}
-                _ = shutdown.cancelled() => break,
+            next = {
+                let mut queue = partner.queue.lock().unwrap_or_else(|p| p.into_inner());
+                let block = queue.blocks.pop_front();
+                if let Some(block) = &block {
+                    queue.bytes -= block.len();
+                }
+                block
+            };
+            continue;
+        };
+        let write_timeout = hub.limits.borrow().write_timeout;
+        tokio::select! {
+            written = tokio::time::timeout(write_timeout, writer.write_all(&block)) => match written {
+                Ok(Ok(())) => {
+                    hub.stats
+                        .partner_bytes_sent
+                        .fetch_add(block.len() as u64, Relaxed);
+                }
+                Ok(Err(_)) => break End::Gone,
+                Err(_) => break End::Stalled,
             },
+            () = closed(&mut reader) => break End::Gone,
+            () = partner.cut.cancelled() => break End::Cut,
+            () = shutdown.cancelled() => break End::Shutdown,
         }
-    }
+        next = {
+            let mut queue = partner.queue.lock().unwrap_or_else(|p| p.into_inner());
+            let block = queue.blocks.pop_front();
+            if let Some(block) = &block {
+                queue.bytes -= block.len();
+            }
+            block
+        };
+    };
     hub.partners().retain(|p| !Arc::ptr_eq(p, &partner));
     hub.stats.partners_connected.fetch_sub(1, Relaxed);
-    let _ = stream.shutdown().await;
-    info!(%peer, "Partner disconnected.");
+    let stream = reader.reunite(writer).ok();
+    if matches!(end, End::Stalled | End::Cut)
+        && let Some(stream) = &stream
+    {
+        // What the partner's socket still holds for it is not worth waiting
+        // for: reset, so the descriptor is free at once.
+        let _ = stream.set_zero_linger();
+    }
+    drop(stream);
+    match end {
+        End::Stalled => {
+            hub.stats.partners_disconnected_slow.fetch_add(1, Relaxed);
+            warn!(%peer, "Disconnected a partner that took nothing within the write timeout.");
+        }
+        End::Gone => info!(%peer, "Partner disconnected."),
+        End::Cut | End::Shutdown => {}
+    }
 }
 
-/// Accepts partners until `shutdown`.
+/// Accepts partners until `shutdown`, at most `max_partners` at once.
 pub async fn serve(listener: TcpListener, hub: Arc<PartnerHub>, shutdown: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    tokio::spawn(serve_partner(stream, peer, hub.clone(), shutdown.clone()));
-                }
-                Err(error) => {
-                    warn!(%error, "Failed to accept a partner connection.");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
+    let mut failures = 0;
+    while let Some((stream, peer)) = crate::net::accept(
+        &listener,
+        "partner accept",
+        &mut failures,
+        &hub.stats,
+        &shutdown,
+    )
+    .await
+    {
+        let max = hub.limits.borrow().max_partners;
+        if hub.connections.load(Relaxed) >= max {
+            hub.stats.partners_refused.fetch_add(1, Relaxed);
+            crate::telemetry::throttled_warn("partner refused", |repeats| {
+                warn!(%peer, max_partners = max, repeats, "Refused a partner connection: at the partner limit.");
+            });
+            drop(stream);
+            continue;
         }
+        hub.connections.fetch_add(1, Relaxed);
+        let hub = hub.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            serve_partner(stream, peer, hub.clone(), shutdown).await;
+            hub.connections.fetch_sub(1, Relaxed);
+        });
     }
 }
 
@@ -278,6 +386,8 @@ mod tests {
         let (_tx, limits) = watch::channel(PartnerLimits {
             buffer_bytes: 100,
             disconnect_after_dropped_bytes: 150,
+            max_partners: 8,
+            write_timeout: Duration::from_secs(10),
         });
         let stats = Arc::new(Stats::default());
         let hub = PartnerHub::new([7; 16], limits, stats.clone());
@@ -286,7 +396,7 @@ mod tests {
             filter: TopicFilter::All,
             queue: Mutex::new(Queue::default()),
             ready: Notify::new(),
-            closed: AtomicBool::new(false),
+            cut: CancellationToken::new(),
         });
         hub.partners().push(partner.clone());
         let mut payload = hub.header.clone();
@@ -296,12 +406,12 @@ mod tests {
         }
         // 60-byte blocks into a 100-byte queue: each new block pushes the oldest out.
         assert_eq!(stats.partner_blocks_dropped.load(Relaxed), 2);
-        assert!(!partner.closed.load(Relaxed));
+        assert!(!partner.cut.is_cancelled());
         for _ in 0..3 {
             hub.publish("t", &payload);
         }
         assert!(
-            partner.closed.load(Relaxed),
+            partner.cut.is_cancelled(),
             "cut off after 150 dropped bytes"
         );
         assert_eq!(stats.partners_disconnected_slow.load(Relaxed), 1);

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use schema::raw::RawRecord;
 use schema::{MetricList, Tag};
 
+use crate::buffer::{Lease, RECORD_OVERHEAD, allocated_size};
 use crate::config::{Config, is_valid_topic};
 
 /// The routing settings in force.
@@ -53,6 +54,11 @@ pub struct Routed {
     pub data: Bytes,
     /// Datapoints in the record.
     pub datapoints: u32,
+    /// The bytes of the buffer's bound this record stands for: its own, its
+    /// bookkeeping, and (for the last record of an allocation) the
+    /// allocation's size-class rounding. Held by its chunk's lease, then by
+    /// the batch it joins, then by the Kafka message it goes out in.
+    pub share: u32,
 }
 
 /// A record with its tags added and its topic and key chosen, not yet
@@ -71,12 +77,24 @@ pub struct Prepared {
 /// key), so that a batch, which holds the records of one topic and key,
 /// never keeps another topic's bytes alive while it waits. A block usually
 /// has one topic, and so one allocation.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Records {
     /// The records, in the block's order.
     pub items: Vec<Routed>,
     /// Heap their bytes take, in the allocator's size classes.
     pub heap: usize,
+    /// Holds the records' shares against the buffer's bound.
+    pub lease: Lease,
+}
+
+impl Default for Records {
+    fn default() -> Self {
+        Self {
+            items: Vec::new(),
+            heap: 0,
+            lease: Lease::detached(),
+        }
+    }
 }
 
 /// One record's plan for [`write_grouped`].
@@ -93,12 +111,21 @@ struct Planned<R> {
 const SCANNED_GROUPS: usize = 16;
 
 /// Writes each planned record (`write` appends exactly `len` bytes) into
-/// its (topic, key) group's allocation and hands it its slice.
-fn write_grouped<R>(plans: Vec<Planned<R>>, mut write: impl FnMut(R, &mut Vec<u8>)) -> Records {
+/// its (topic, key) group's allocation and hands it its slice. What the
+/// allocations take (their size classes, and each record's bookkeeping) is
+/// split off `lease` into the records' lease, and shared out over the
+/// records (see [`Routed::share`]).
+fn write_grouped<R>(
+    plans: Vec<Planned<R>>,
+    lease: &mut Lease,
+    mut write: impl FnMut(R, &mut Vec<u8>),
+) -> Records {
     let (group_of, sizes) = groups(&plans);
     let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|&n| Vec::with_capacity(n)).collect();
     let mut items = Vec::with_capacity(plans.len());
     let mut spans = Vec::with_capacity(plans.len());
+    // The last record of each group also carries its allocation's rounding.
+    let mut last_of = vec![0usize; sizes.len()];
     for (i, p) in plans.into_iter().enumerate() {
         let g = group_of.get(i).copied().unwrap_or(0);
         let buf = &mut bufs[g];
@@ -106,22 +133,37 @@ fn write_grouped<R>(plans: Vec<Planned<R>>, mut write: impl FnMut(R, &mut Vec<u8
         write(p.record, buf);
         debug_assert_eq!(buf.len() - start, p.len);
         spans.push((g, start..buf.len()));
+        last_of[g] = i;
         items.push(Routed {
             topic: p.topic,
             key: p.key,
             data: Bytes::new(),
             datapoints: p.datapoints,
+            share: share(p.len + RECORD_OVERHEAD),
         });
     }
     let frozen: Vec<Bytes> = bufs.into_iter().map(Bytes::from).collect();
     for (item, (g, span)) in items.iter_mut().zip(spans) {
         item.data = frozen[g].slice(span);
     }
-    let heap = sizes
-        .iter()
-        .map(|&n| crate::buffer::allocated_size(n))
-        .sum();
-    Records { items, heap }
+    for (&size, &last) in sizes.iter().zip(&last_of) {
+        if let Some(item) = items.get_mut(last) {
+            item.share = item
+                .share
+                .saturating_add(share(allocated_size(size) - size));
+        }
+    }
+    let heap = sizes.iter().map(|&n| allocated_size(n)).sum();
+    let total = items.iter().map(|r| r.share as usize).sum();
+    Records {
+        items,
+        heap,
+        lease: lease.split(total),
+    }
+}
+
+fn share(bytes: usize) -> u32 {
+    u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
 /// The (topic, key) group of each record, and each group's size. The group
@@ -176,8 +218,8 @@ fn groups<R>(plans: &[Planned<R>]) -> (Vec<usize>, Vec<usize>) {
 }
 
 /// Encodes prepared records, one exactly sized allocation per (topic, key)
-/// (see [`Records`]).
-pub fn encode_all(prepared: Vec<Prepared>) -> Records {
+/// (see [`Records`]), counted by `lease`.
+pub fn encode_all(prepared: Vec<Prepared>, lease: &mut Lease) -> Records {
     let plans = prepared
         .into_iter()
         .map(|p| Planned {
@@ -188,7 +230,7 @@ pub fn encode_all(prepared: Vec<Prepared>) -> Records {
             record: p.record,
         })
         .collect();
-    write_grouped(plans, |record, out| {
+    write_grouped(plans, lease, |record, out| {
         schema::datum::write_metric_list(out, &record);
     })
 }
@@ -222,6 +264,93 @@ pub struct RoutedBlock {
     pub records: Records,
     /// How many had their topic sanitized.
     pub sanitized: u64,
+}
+
+/// What a block is known to take before it is decoded: enough to reserve
+/// its memory (see [`Routing::block_estimate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockCost {
+    /// Records in the block.
+    pub records: u64,
+    /// Bytes of its records, decompressed.
+    pub data_len: usize,
+    /// Whether those bytes are a decompressed copy (not the input's own).
+    pub decompressed: bool,
+    /// Whether its records are decoded into owned values (another schema)
+    /// rather than read in place.
+    pub decoded: bool,
+}
+
+/// Heap one record takes while its block is routed, besides its bytes: its
+/// in-place view, its plan, its slice and its place in the output (checked
+/// against the types' sizes by a test).
+const ROUTING_PER_RECORD: usize = 512;
+
+/// Heap records decoded into owned values take, per byte of their data: a
+/// tag of two empty strings is 2 bytes on the wire and 48 in memory.
+const DECODED_PER_BYTE: usize = 32;
+
+/// Bytes a spliced tag takes: its key and value, each with its length.
+fn tag_len(key: &str, value: &str) -> usize {
+    key.len() + value.len() + 2 * 5
+}
+
+impl Routing {
+    /// The most bytes routing adds to one record: the static tags and the
+    /// enrichment tags (at most `enrichment_len` bytes, see
+    /// `Enrichment::max_extra_len`), plus a rewritten array count.
+    pub fn max_extra_len(&self, enrichment_len: usize) -> usize {
+        self.static_tags
+            .iter()
+            .map(|t| tag_len(&t.key, &t.value))
+            .sum::<usize>()
+            + enrichment_len
+            + 2 * 10
+    }
+
+    /// An upper bound on the heap decoding and routing a block takes, at its
+    /// peak, to be reserved in the buffer before it is decoded: the
+    /// decompressed copy, the records' views or decoded values, and what
+    /// routing writes (each allocation in its size class, each record's
+    /// bookkeeping).
+    pub fn block_estimate(&self, cost: BlockCost, enrichment_len: usize) -> usize {
+        let records = usize::try_from(cost.records).unwrap_or(usize::MAX);
+        // Re-encoded records of another schema may grow; read in place, a
+        // record only gains its tags.
+        let own = if cost.decoded {
+            cost.data_len.saturating_mul(2)
+        } else {
+            cost.data_len
+        };
+        let written =
+            own.saturating_add(records.saturating_mul(self.max_extra_len(enrichment_len)));
+        let allocations = written
+            .saturating_add(written / 4)
+            .saturating_add(records.saturating_mul(8));
+        let per_record = RECORD_OVERHEAD
+            + ROUTING_PER_RECORD
+            + (self.static_tags.len() + 3) * std::mem::size_of::<(&str, &str)>();
+        let mut total = allocations.saturating_add(records.saturating_mul(per_record));
+        if cost.decompressed {
+            total = total.saturating_add(cost.data_len);
+        }
+        if cost.decoded {
+            total = total.saturating_add(cost.data_len.saturating_mul(DECODED_PER_BYTE));
+        }
+        total
+    }
+
+    /// The heap `records`, decoded already, take once routed (for inputs
+    /// that hold owned records, such as the agent poller): their encoded
+    /// bytes with the tags they may gain, in size classes, and bookkeeping.
+    pub fn records_estimate(&self, records: &[MetricList], enrichment_len: usize) -> usize {
+        let extra = self.max_extra_len(enrichment_len);
+        let written: usize = records
+            .iter()
+            .map(|r| schema::datum::encoded_len(r) + extra)
+            .sum();
+        written + written / 4 + records.len() * (8 + RECORD_OVERHEAD)
+    }
 }
 
 /// A valid Kafka topic for `name`: characters outside `[A-Za-z0-9._-]`
@@ -266,7 +395,7 @@ impl Router {
         record: MetricList,
     ) -> (Routed, bool) {
         let (prepared, sanitized) = self.prepare(routing, extra, record);
-        let routed = encode_all(vec![prepared])
+        let routed = encode_all(vec![prepared], &mut Lease::detached())
             .items
             .pop()
             .expect("one in, one out");
@@ -311,6 +440,7 @@ impl Router {
         &mut self,
         routing: &'a Routing,
         records: &[RawRecord<'a>],
+        lease: &mut Lease,
         mut extra: impl FnMut(&RawRecord<'a>) -> ExtraTags<'a>,
     ) -> RoutedBlock {
         self.follow(routing);
@@ -354,7 +484,7 @@ impl Router {
                 record: (record, range),
             })
             .collect();
-        let records = write_grouped(plans, |(record, range), out| {
+        let records = write_grouped(plans, lease, |(record, range), out| {
             record.write_with_tags(&adds[range], out);
         });
         RoutedBlock {
@@ -460,7 +590,7 @@ mod tests {
             .iter()
             .map(|t| router.prepare(&routing(), &[], record(t)).0)
             .collect();
-        let records = encode_all(prepared);
+        let records = encode_all(prepared, &mut Lease::detached());
         assert_eq!(records.items.len(), topics.len());
         for (r, topic) in records.items.iter().zip(topics) {
             assert_eq!(&*r.topic, format!("metrics-{topic}"));
@@ -484,15 +614,13 @@ mod tests {
         let len = items[0].data.len();
         assert_eq!(
             records.heap,
-            crate::buffer::allocated_size(3 * len)
-                + crate::buffer::allocated_size(2 * len)
-                + crate::buffer::allocated_size(len)
+            allocated_size(3 * len) + allocated_size(2 * len) + allocated_size(len)
         );
     }
 
     #[test]
     fn an_empty_block_takes_nothing() {
-        let records = encode_all(Vec::new());
+        let records = encode_all(Vec::new(), &mut Lease::detached());
         assert!(records.items.is_empty());
         assert_eq!(records.heap, 0);
     }
@@ -508,7 +636,7 @@ mod tests {
             .iter()
             .map(|t| router.prepare(&routing(), &[], record(t)).0)
             .collect();
-        let records = encode_all(prepared);
+        let records = encode_all(prepared, &mut Lease::detached());
         let half = SCANNED_GROUPS + 10;
         let items = &records.items;
         for i in 0..half {
@@ -522,7 +650,7 @@ mod tests {
         }
         let len = items[0].data.len();
         assert!(items.iter().all(|r| r.data.len() == len));
-        assert_eq!(records.heap, half * crate::buffer::allocated_size(2 * len));
+        assert_eq!(records.heap, half * allocated_size(2 * len));
     }
 
     #[test]
@@ -538,15 +666,12 @@ mod tests {
                 router.prepare(&routing(), &[], r).0
             })
             .collect();
-        let records = encode_all(prepared);
+        let records = encode_all(prepared, &mut Lease::detached());
         let items = &records.items;
         assert!(items.iter().all(|r| &*r.topic == "metrics-same"));
         assert_eq!(addr(&items[2]), addr(&items[0]) + items[0].data.len());
         let len = items[0].data.len();
-        assert_eq!(
-            records.heap,
-            crate::buffer::allocated_size(2 * len) + crate::buffer::allocated_size(len)
-        );
+        assert_eq!(records.heap, allocated_size(2 * len) + allocated_size(len));
     }
 
     #[test]
@@ -580,7 +705,7 @@ mod tests {
             }
             extra
         };
-        let block = Router::default().route_block(&routing, &raw, extra);
+        let block = Router::default().route_block(&routing, &raw, &mut Lease::detached(), extra);
         let mut router = Router::default();
         let mut sanitized = 0;
         let mut prepared = Vec::new();
@@ -594,7 +719,7 @@ mod tests {
             sanitized += u64::from(s);
             prepared.push(p);
         }
-        let expected = encode_all(prepared);
+        let expected = encode_all(prepared, &mut Lease::detached());
         assert_eq!(block.records.items, expected.items);
         assert_eq!(block.records.heap, expected.heap);
         assert_eq!(block.sanitized, sanitized);
@@ -624,5 +749,95 @@ mod tests {
         let long = "x".repeat(400);
         assert_eq!(sanitize_topic(&long).0.len(), 249);
         assert_eq!(sanitize_topic("..").0, "UNKNOWN_TOPIC_VAL");
+    }
+
+    #[test]
+    fn the_routing_transient_per_record_covers_its_types() {
+        use std::mem::size_of;
+        let planned = size_of::<Planned<(&RawRecord<'_>, std::ops::Range<usize>)>>()
+            .max(size_of::<Planned<MetricList>>())
+            .max(size_of::<(
+                Arc<str>,
+                Option<Arc<str>>,
+                usize,
+                std::ops::Range<usize>,
+            )>());
+        let per_record = size_of::<RawRecord<'_>>()
+            + 2 * planned
+            + size_of::<usize>()
+            + size_of::<(usize, std::ops::Range<usize>)>()
+            + size_of::<Routed>();
+        assert!(
+            per_record <= ROUTING_PER_RECORD,
+            "{per_record} > {ROUTING_PER_RECORD}"
+        );
+    }
+
+    #[test]
+    fn a_block_never_takes_more_than_its_estimate() {
+        let budget = crate::buffer::Budget::new(usize::MAX / 2, None);
+        let routing = routing();
+        for records in [1usize, 7, 300] {
+            let lists: Vec<MetricList> = (0..records)
+                .map(|i| MetricList {
+                    tags: vec![],
+                    ..record(&format!("t{}", i % 5))
+                })
+                .collect();
+            let mut bytes = Vec::new();
+            for r in &lists {
+                schema::datum::write_metric_list(&mut bytes, r);
+            }
+            let mut cursor = schema::datum::Cursor::new(&bytes);
+            let raw: Vec<_> = (0..records)
+                .map(|_| schema::raw::scan_metric_list(&mut cursor).unwrap())
+                .collect();
+            let enrichment = ("agent_id", "a".repeat(40));
+            let cost = BlockCost {
+                records: records as u64,
+                data_len: bytes.len(),
+                decompressed: false,
+                decoded: false,
+            };
+            let estimate = routing.block_estimate(cost, tag_len(enrichment.0, &enrichment.1));
+            let mut lease = budget.try_acquire(estimate).unwrap();
+            let block = Router::default().route_block(&routing, &raw, &mut lease, |_| {
+                let mut extra = ExtraTags::default();
+                extra.push(enrichment.0, &enrichment.1);
+                extra
+            });
+            assert!(
+                lease.bytes() > 0,
+                "{records}: the estimate had room to spare"
+            );
+            drop(lease);
+            assert!(
+                budget.used() >= block.records.heap,
+                "the allocations hold their leases"
+            );
+            let estimate = routing.records_estimate(&lists, tag_len(enrichment.0, &enrichment.1));
+            let mut lease = budget.try_acquire(estimate).unwrap();
+            let before = budget.used();
+            let prepared: Vec<Prepared> = lists
+                .iter()
+                .map(|l| {
+                    Router::default()
+                        .prepare(
+                            &routing,
+                            &[Tag::new(enrichment.0, &enrichment.1)],
+                            l.clone(),
+                        )
+                        .0
+                })
+                .collect();
+            let encoded = encode_all(prepared, &mut lease);
+            assert_eq!(
+                budget.used(),
+                before,
+                "{records}: nothing beyond the estimate"
+            );
+            drop((block, encoded, lease));
+            assert_eq!(budget.used(), 0);
+        }
     }
 }

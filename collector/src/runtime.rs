@@ -39,6 +39,8 @@ pub const RUNTIME_KEYS: &[&str] = &[
     "buffer_full_policy",
     "partner_buffer_kbytes",
     "partner_disconnect_after_dropped_kbytes",
+    "max_partners",
+    "partner_write_timeout_secs",
     "health_kafka_unavailable_secs",
     "log_level",
 ];
@@ -93,7 +95,7 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-fn unknown_field(message: &str) -> Option<String> {
+pub(crate) fn unknown_field(message: &str) -> Option<String> {
     let start = message.find("unknown field `")? + "unknown field `".len();
     let end = message[start..].find('`')?;
     Some(message[start..start + end].to_owned())
@@ -206,19 +208,19 @@ impl Runtime {
             changed
         });
         self.rate_limits.send_if_modified(|r| {
-            let new = crate::rate_limits(config);
+            let new = RateLimits::from(config);
             let changed = *r != new;
             *r = new;
             changed
         });
-        let sink = crate::sink_runtime(config);
+        let sink = SinkRuntime::from(config);
         self.sink.send_if_modified(|s| {
             let changed = *s != sink;
             *s = sink.clone();
             changed
         });
         self.partner_limits.send_if_modified(|p| {
-            let new = crate::partner_limits(config);
+            let new = PartnerLimits::from(config);
             let changed = *p != new;
             *p = new;
             changed

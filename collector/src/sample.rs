@@ -6,8 +6,15 @@
 //! - No containers: "No containers returned in stats, trying again in Ns".
 //! - Agent, ipcmd, scheduler or brokers unreachable: a clear log line, then
 //!   a retry with capped backoff. As soon as the situation changes, data flows.
-//! - A poll that can't be delivered yet is kept (up to `max_pending` polls,
-//!   the oldest dropped and counted beyond that) and sent when Kafka returns.
+//! - A poll that can't be delivered yet is kept (up to `max_pending` polls
+//!   and `max_pending_bytes`, the oldest dropped and counted beyond that) and
+//!   sent when Kafka returns.
+//! - A poll is sent as messages no larger than `max_message_bytes`; one the
+//!   brokers still refuse as too large is split in two and sent again, and a
+//!   single executor's record too large alone is dropped and counted. Other
+//!   permanent errors (an invalid or forbidden topic) drop and count the
+//!   poll with the reason: nothing permanent is retried forever.
+//! - An agent answer larger than `max_body_bytes` is refused.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -18,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rdkafka::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use schema::{Codec, OcfEncoder};
+use schema::{Codec, MetricList, OcfEncoder};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -46,10 +53,27 @@ pub struct SampleConfig {
     pub file_dir: Option<PathBuf>,
     /// Polls kept while Kafka is unreachable.
     pub max_pending: usize,
+    /// Bytes of polls kept while Kafka is unreachable.
+    pub max_pending_bytes: usize,
+    /// Largest Kafka message sent; a poll is split below it.
+    pub max_message_bytes: usize,
+    /// Largest agent answer read.
+    pub max_body_bytes: usize,
     /// librdkafka's `compression.codec` (the original used snappy).
     pub compression: String,
     /// Any other librdkafka producer option, applied last.
     pub librdkafka: Vec<(String, String)>,
+}
+
+impl SampleConfig {
+    /// Polls kept while Kafka is unreachable, by default.
+    pub const MAX_PENDING: usize = 64;
+    /// Bytes of polls kept while Kafka is unreachable, by default.
+    pub const MAX_PENDING_BYTES: usize = 16 * 1024 * 1024;
+    /// Largest Kafka message, by default (librdkafka's and Kafka's default).
+    pub const MAX_MESSAGE_BYTES: usize = 1_000_000;
+    /// Largest agent answer read, by default.
+    pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 }
 
 /// What a run did, logged at shutdown.
@@ -65,8 +89,13 @@ pub struct SampleReport {
     pub messages_delivered: u64,
     /// Datapoints delivered.
     pub datapoints_delivered: u64,
-    /// Datapoints dropped: pending polls beyond `max_pending`, or left at shutdown.
+    /// Datapoints dropped, for every reason: pending polls beyond the
+    /// limits, records too large, permanent Kafka errors, left at shutdown.
     pub datapoints_dropped: u64,
+    /// Of those, records too large for a Kafka message even alone.
+    pub datapoints_too_large: u64,
+    /// Of those, refused by Kafka with a permanent error.
+    pub datapoints_rejected: u64,
     /// Files written.
     pub files_written: u64,
 }
@@ -78,7 +107,8 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn producer_config(brokers: &[String], options: &ProducerOptions) -> ClientConfig {
+/// The sample-producer's librdkafka configuration.
+pub fn producer_config(brokers: &[String], options: &ProducerOptions) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", brokers.join(","))
@@ -86,7 +116,11 @@ fn producer_config(brokers: &[String], options: &ProducerOptions) -> ClientConfi
         .set("compression.codec", &options.compression)
         .set("acks", "all")
         .set("enable.idempotence", "true")
-        .set("message.timeout.ms", "30000");
+        .set("message.timeout.ms", "30000")
+        .set(
+            "message.max.bytes",
+            (options.max_message_bytes + 4096).to_string(),
+        );
     for (key, value) in &options.librdkafka {
         config.set(key, value);
     }
@@ -94,33 +128,159 @@ fn producer_config(brokers: &[String], options: &ProducerOptions) -> ClientConfi
 }
 
 /// How the Kafka producer is configured.
-#[derive(Clone)]
-struct ProducerOptions {
-    compression: String,
-    librdkafka: Vec<(String, String)>,
+#[derive(Debug, Clone)]
+pub struct ProducerOptions {
+    /// librdkafka's `compression.codec`.
+    pub compression: String,
+    /// Largest message value sent.
+    pub max_message_bytes: usize,
+    /// Any other librdkafka option, applied last.
+    pub librdkafka: Vec<(String, String)>,
 }
 
+impl ProducerOptions {
+    /// Checks the options by making a producer connected to nothing:
+    /// librdkafka refuses a bad codec or option only then.
+    pub fn check(&self) -> Result<(), String> {
+        let mut config = producer_config(&[], self);
+        config.set("log_level", "0");
+        config
+            .create::<rdkafka::producer::BaseProducer>()
+            .map(drop)
+            .map_err(|error| match error {
+                rdkafka::error::KafkaError::ClientConfig(_, description, key, value) => {
+                    format!("{key}={value:?}: {description}")
+                }
+                other => other.to_string(),
+            })
+    }
+}
+
+/// One Kafka message to send: a whole OCF file of some executors' records.
 struct Pending {
     payload: Vec<u8>,
+    records: usize,
     datapoints: u64,
+}
+
+impl Pending {
+    fn of(lists: &[MetricList]) -> Self {
+        Self {
+            payload: OcfEncoder::new(Codec::Null).file(lists),
+            records: lists.len(),
+            datapoints: lists.iter().map(|l| l.datapoints.len() as u64).sum(),
+        }
+    }
+}
+
+/// Bytes an OCF file adds around its records: header, count, size, sync.
+fn file_overhead() -> usize {
+    let mut header = Vec::new();
+    OcfEncoder::with_sync(Codec::Null, [0; 16]).write_header(&mut header);
+    header.len() + 20 + 16
+}
+
+/// A poll as messages of at most `max_bytes` each, in order, and the
+/// records too large for any message (with their datapoints).
+fn messages(lists: Vec<MetricList>, max_bytes: usize) -> (Vec<Pending>, Vec<(String, u64)>) {
+    let overhead = file_overhead();
+    let mut out = Vec::new();
+    let mut too_large = Vec::new();
+    let mut group: Vec<MetricList> = Vec::new();
+    let mut size = overhead;
+    for list in lists {
+        let len = schema::datum::encoded_len(&list);
+        if len + overhead > max_bytes {
+            let who = list.tag("executor_id").unwrap_or("?").to_owned();
+            too_large.push((who, list.datapoints.len() as u64));
+            continue;
+        }
+        if !group.is_empty() && size + len > max_bytes {
+            out.push(Pending::of(&group));
+            group.clear();
+            size = overhead;
+        }
+        size += len;
+        group.push(list);
+    }
+    if !group.is_empty() {
+        out.push(Pending::of(&group));
+    }
+    (out, too_large)
+}
+
+/// The polls waiting for Kafka, bounded in count and bytes.
+#[derive(Default)]
+struct Queue {
+    messages: VecDeque<Pending>,
+    bytes: usize,
 }
 
 #[derive(Default)]
 struct Shared {
-    queue: std::sync::Mutex<VecDeque<Pending>>,
+    queue: std::sync::Mutex<Queue>,
     ready: tokio::sync::Notify,
     delivered_messages: AtomicU64,
     delivered_datapoints: AtomicU64,
+    dropped_too_large: AtomicU64,
+    dropped_rejected: AtomicU64,
 }
 
 impl Shared {
-    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take_front(&self) -> Option<Pending> {
+        let mut queue = self.queue();
+        let pending = queue.messages.pop_front()?;
+        queue.bytes -= pending.payload.len();
+        Some(pending)
+    }
+
+    fn put_back(&self, pending: Vec<Pending>) {
+        let mut queue = self.queue();
+        for pending in pending.into_iter().rev() {
+            queue.bytes += pending.payload.len();
+            queue.messages.push_front(pending);
+        }
     }
 }
 
-/// Delivers pending polls in order, looking brokers up again after every
-/// failure, until `shutdown` and then for at most `grace` more.
+/// What to do after a failed send.
+enum Failure {
+    /// Try again after a pause, with the same producer.
+    Retry,
+    /// Try again after a pause, looking the brokers up again first.
+    Rediscover,
+    /// Never retried: counted as dropped.
+    Permanent,
+    /// The brokers refuse the message as too large: split it.
+    TooLarge,
+}
+
+fn classify(error: &rdkafka::error::KafkaError) -> Failure {
+    use RDKafkaErrorCode as C;
+    match error.rdkafka_error_code() {
+        Some(C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidMessageSize) => {
+            Failure::TooLarge
+        }
+        Some(code) if crate::sink::kafka::is_permanent(code) => Failure::Permanent,
+        Some(
+            C::MessageTimedOut
+            | C::AllBrokersDown
+            | C::BrokerTransportFailure
+            | C::RequestTimedOut
+            | C::NetworkException
+            | C::BrokerNotAvailable
+            | C::Resolve,
+        ) => Failure::Rediscover,
+        _ => Failure::Retry,
+    }
+}
+
+/// Delivers pending polls in order until `shutdown`, then for at most
+/// `grace` more. Brokers are looked up again when they stop answering.
 async fn send_pending(
     source: BrokerSource,
     topic: String,
@@ -135,16 +295,15 @@ async fn send_pending(
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         if shutdown.is_cancelled() && deadline.is_none() {
-            deadline = Some(tokio::time::Instant::now() + grace);
+            deadline = Some(crate::shutdown::deadline_after(
+                tokio::time::Instant::now(),
+                grace,
+            ));
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             return;
         }
-        let next = shared
-            .queue()
-            .front()
-            .map(|p| (p.payload.clone(), p.datapoints));
-        let Some((payload, datapoints)) = next else {
+        let Some(pending) = shared.take_front() else {
             if shutdown.is_cancelled() {
                 return;
             }
@@ -181,19 +340,21 @@ async fn send_pending(
                 Err(error) => warn!(%error, "Broker lookup failed; retrying."),
             }
         }
-        let failed = match &producer {
+        let failure = match &producer {
             Some((p, brokers)) => {
-                let record: FutureRecord<'_, (), [u8]> = FutureRecord::to(&topic).payload(&payload);
+                let record: FutureRecord<'_, (), [u8]> =
+                    FutureRecord::to(&topic).payload(&pending.payload);
                 match p.send(record, Duration::from_secs(5)).await {
                     Ok(_) => {
-                        shared.queue().pop_front();
                         shared.delivered_messages.fetch_add(1, Relaxed);
-                        shared.delivered_datapoints.fetch_add(datapoints, Relaxed);
+                        shared
+                            .delivered_datapoints
+                            .fetch_add(pending.datapoints, Relaxed);
                         backoff.reset();
-                        false
+                        continue;
                     }
                     Err((error, _)) => {
-                        warn!(%error, "Sending to Kafka failed; the poll is kept and retried.");
+                        let failure = classify(&error);
                         if error.rdkafka_error_code()
                             == Some(RDKafkaErrorCode::UnknownTopicOrPartition)
                         {
@@ -211,22 +372,61 @@ async fn send_pending(
                                 }
                             }
                         }
-                        true
+                        match failure {
+                            Failure::TooLarge => {
+                                split_too_large(&shared, pending, &error);
+                                continue;
+                            }
+                            Failure::Permanent => {
+                                shared
+                                    .dropped_rejected
+                                    .fetch_add(pending.datapoints, Relaxed);
+                                error!(%error, datapoints = pending.datapoints,
+                                    "Kafka refused a poll with a permanent error; its datapoints are dropped.");
+                                continue;
+                            }
+                            other => {
+                                warn!(%error, "Sending to Kafka failed; the poll is kept and retried.");
+                                shared.put_back(vec![pending]);
+                                other
+                            }
+                        }
                     }
                 }
             }
-            None => true,
-        };
-        if failed {
-            // Brokers may have moved: look them up again.
-            producer = None;
-            let delay = backoff.next_delay();
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.cancelled(), if deadline.is_none() => {}
+            None => {
+                shared.put_back(vec![pending]);
+                Failure::Rediscover
             }
+        };
+        if matches!(failure, Failure::Rediscover) {
+            // The brokers may have moved: look them up again.
+            producer = None;
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled(), if deadline.is_none() => {}
         }
     }
+}
+
+/// A message the brokers refused as too large goes back as two halves;
+/// a single record too large is dropped and counted.
+fn split_too_large(shared: &Shared, pending: Pending, error: &rdkafka::error::KafkaError) {
+    let lists = schema::decode_all(&pending.payload, schema::Limits::default()).unwrap_or_default();
+    if lists.len() < 2 {
+        shared
+            .dropped_too_large
+            .fetch_add(pending.datapoints, Relaxed);
+        error!(%error, bytes = pending.payload.len(), datapoints = pending.datapoints,
+            "Kafka refused an executor's statistics as too large even alone; they are dropped.");
+        return;
+    }
+    warn!(%error, bytes = pending.payload.len(), records = pending.records,
+        "Kafka refused a poll as too large; sending it in two halves.");
+    let (first, second) = lists.split_at(lists.len() / 2);
+    shared.put_back(vec![Pending::of(first), Pending::of(second)]);
 }
 
 /// Runs until `shutdown`.
@@ -235,7 +435,12 @@ pub async fn run(config: SampleConfig, shutdown: CancellationToken) -> SampleRep
     let Some(url) = agent_url(&config.agent, &shutdown).await else {
         return report;
     };
-    let client = match AgentClient::new(&url, config.auth.clone(), config.agent_timeout) {
+    let client = match AgentClient::new(
+        &url,
+        config.auth.clone(),
+        config.agent_timeout,
+        config.max_body_bytes,
+    ) {
         Ok(client) => client,
         Err(error) => {
             error!(%error, "Bad agent address.");
@@ -251,6 +456,7 @@ pub async fn run(config: SampleConfig, shutdown: CancellationToken) -> SampleRep
             config.topic.clone(),
             ProducerOptions {
                 compression: config.compression.clone(),
+                max_message_bytes: config.max_message_bytes,
                 librdkafka: config.librdkafka.clone(),
             },
             shared.clone(),
@@ -300,9 +506,8 @@ pub async fn run(config: SampleConfig, shutdown: CancellationToken) -> SampleRep
             );
             continue;
         }
-        let datapoints = mapped.lists.iter().map(|l| l.datapoints.len() as u64).sum();
-        let payload = OcfEncoder::new(Codec::Null).file(&mapped.lists);
         if let Some(dir) = &config.file_dir {
+            let payload = OcfEncoder::new(Codec::Null).file(&mapped.lists);
             let path = dir.join(format!("chunk-{}.avro", report.files_written));
             match std::fs::write(&path, &payload) {
                 Ok(()) => report.files_written += 1,
@@ -312,16 +517,28 @@ pub async fn run(config: SampleConfig, shutdown: CancellationToken) -> SampleRep
             }
         }
         if sender.is_some() {
+            let (messages, too_large) = messages(mapped.lists, config.max_message_bytes);
+            for (executor, datapoints) in too_large {
+                report.datapoints_too_large += datapoints;
+                report.datapoints_dropped += datapoints;
+                error!(%executor, datapoints, limit = config.max_message_bytes,
+                    "An executor's statistics are too large for one Kafka message; they are dropped.");
+            }
             let mut queue = shared.queue();
-            queue.push_back(Pending {
-                payload,
-                datapoints,
-            });
-            while queue.len() > config.max_pending {
-                if let Some(old) = queue.pop_front() {
+            for message in messages {
+                queue.bytes += message.payload.len();
+                queue.messages.push_back(message);
+            }
+            while queue.messages.len() > config.max_pending
+                || (queue.bytes > config.max_pending_bytes && queue.messages.len() > 1)
+            {
+                if let Some(old) = queue.messages.pop_front() {
+                    queue.bytes -= old.payload.len();
                     report.datapoints_dropped += old.datapoints;
                     warn!(
                         datapoints = old.datapoints,
+                        pending = queue.messages.len(),
+                        pending_bytes = queue.bytes,
                         "Kafka unreachable for too long: dropped the oldest pending poll."
                     );
                 }
@@ -336,7 +553,18 @@ pub async fn run(config: SampleConfig, shutdown: CancellationToken) -> SampleRep
     }
     report.messages_delivered = shared.delivered_messages.load(Relaxed);
     report.datapoints_delivered = shared.delivered_datapoints.load(Relaxed);
-    report.datapoints_dropped += shared.queue().iter().map(|p| p.datapoints).sum::<u64>();
+    let too_large = shared.dropped_too_large.load(Relaxed);
+    let rejected = shared.dropped_rejected.load(Relaxed);
+    report.datapoints_too_large += too_large;
+    report.datapoints_rejected += rejected;
+    report.datapoints_dropped += too_large
+        + rejected
+        + shared
+            .queue()
+            .messages
+            .iter()
+            .map(|p| p.datapoints)
+            .sum::<u64>();
     info!(
         polls = report.polls,
         messages_delivered = report.messages_delivered,

@@ -28,18 +28,22 @@ pub enum DropReason {
     TooLarge,
     /// Kafka refused the message with a permanent error.
     KafkaRejected,
-    /// Still queued when the shutdown grace ran out.
+    /// Still queued when the shutdown grace ran out, or arriving after it.
     Shutdown,
+    /// Held by a task that panicked: counted once every task has stopped,
+    /// so that nothing is lost silently even to a bug.
+    InternalError,
 }
 
 impl DropReason {
     /// Every reason, in a fixed order.
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::RateLimited,
         DropReason::BufferFull,
         DropReason::TooLarge,
         DropReason::KafkaRejected,
         DropReason::Shutdown,
+        DropReason::InternalError,
     ];
 
     /// The label used in logs and metrics.
@@ -50,6 +54,7 @@ impl DropReason {
             DropReason::TooLarge => "too_large",
             DropReason::KafkaRejected => "kafka_rejected",
             DropReason::Shutdown => "shutdown",
+            DropReason::InternalError => "internal_error",
         }
     }
 }
@@ -68,6 +73,20 @@ impl Amount {
     pub fn add(&self, records: u64, datapoints: u64) {
         self.records.fetch_add(records, Relaxed);
         self.datapoints.fetch_add(datapoints, Relaxed);
+    }
+
+    /// Takes from both.
+    pub fn sub(&self, records: u64, datapoints: u64) {
+        self.records.fetch_sub(records, Relaxed);
+        self.datapoints.fetch_sub(datapoints, Relaxed);
+    }
+
+    /// Reads both and sets them to zero.
+    pub fn take(&self) -> Counts {
+        Counts {
+            records: self.records.swap(0, Relaxed),
+            datapoints: self.datapoints.swap(0, Relaxed),
+        }
     }
 
     fn get(&self) -> Counts {
@@ -152,6 +171,19 @@ pub struct Stats {
     pub connections_malformed: AtomicU64,
     /// Input connections closed after the idle timeout.
     pub connections_idle_closed: AtomicU64,
+    /// Input connections closed before sending a byte (probes, port scans).
+    pub connections_empty: AtomicU64,
+    /// Input connections closed because a header or block did not complete
+    /// within the frame timeout.
+    pub connections_frame_timeout: AtomicU64,
+    /// Input connections closed for a block whose decoded form could not fit
+    /// in the buffer.
+    pub connections_oversized: AtomicU64,
+    /// Failed accepts (out of descriptors, for example), on any listener.
+    pub accept_failures: AtomicU64,
+    /// Bytes the input connections hold in read buffers beyond their own
+    /// small allowance (bounded by `input_buffer_max_bytes`).
+    pub input_buffer_bytes: AtomicI64,
     /// Bytes read from input connections.
     pub bytes_received: AtomicU64,
     /// OCF blocks decoded.
@@ -161,10 +193,11 @@ pub struct Stats {
     /// Acknowledged by Kafka (or taken by the null sink).
     pub delivered: Amount,
     /// Dropped, by reason (indexed like [`DropReason::ALL`]).
-    pub dropped: [Amount; 5],
+    pub dropped: [Amount; 6],
     /// Records whose topic had to be sanitized.
     pub topics_sanitized: AtomicU64,
-    /// Bytes in the buffer now.
+    /// Bytes held against the buffer's bound now (queued, batched, or
+    /// waiting for librdkafka).
     pub buffer_bytes: AtomicI64,
     /// Highest `buffer_bytes` seen.
     pub buffer_bytes_max: AtomicI64,
@@ -176,6 +209,10 @@ pub struct Stats {
     pub messages_delivered: AtomicU64,
     /// Kafka messages re-sent after a timeout, purge or broker switch.
     pub messages_retried: AtomicU64,
+    /// Bytes of messages librdkafka handed back, waiting to be produced again.
+    pub kafka_retry_bytes: AtomicI64,
+    /// Produced to librdkafka and not yet reported on.
+    pub kafka_in_flight: Amount,
     /// Times the sink waited on a full librdkafka queue.
     pub kafka_queue_full_waits: AtomicU64,
     /// Broker discoveries that succeeded.
@@ -200,8 +237,14 @@ pub struct Stats {
     pub partner_bytes_sent: AtomicU64,
     /// Blocks dropped from slow partners' buffers.
     pub partner_blocks_dropped: AtomicU64,
-    /// Partners disconnected for falling too far behind.
+    /// Partners disconnected for falling too far behind, or for not taking
+    /// a write within the write timeout.
     pub partners_disconnected_slow: AtomicU64,
+    /// Partner connections refused at the partner limit.
+    pub partners_refused: AtomicU64,
+    /// Tasks that panicked (a bug): each is logged, and makes the exit code
+    /// non-zero.
+    pub task_panics: AtomicU64,
     /// Configuration changes applied through the API.
     pub config_changes: AtomicU64,
 }
@@ -214,6 +257,11 @@ impl Default for Stats {
             connections_open: AtomicI64::default(),
             connections_malformed: AtomicU64::default(),
             connections_idle_closed: AtomicU64::default(),
+            connections_empty: AtomicU64::default(),
+            connections_frame_timeout: AtomicU64::default(),
+            connections_oversized: AtomicU64::default(),
+            accept_failures: AtomicU64::default(),
+            input_buffer_bytes: AtomicI64::default(),
             bytes_received: AtomicU64::default(),
             blocks_received: AtomicU64::default(),
             received: Amount::default(),
@@ -226,6 +274,8 @@ impl Default for Stats {
             messages_produced: AtomicU64::default(),
             messages_delivered: AtomicU64::default(),
             messages_retried: AtomicU64::default(),
+            kafka_retry_bytes: AtomicI64::default(),
+            kafka_in_flight: Amount::default(),
             kafka_queue_full_waits: AtomicU64::default(),
             discoveries: AtomicU64::default(),
             discovery_failures: AtomicU64::default(),
@@ -239,6 +289,8 @@ impl Default for Stats {
             partner_bytes_sent: AtomicU64::default(),
             partner_blocks_dropped: AtomicU64::default(),
             partners_disconnected_slow: AtomicU64::default(),
+            partners_refused: AtomicU64::default(),
+            task_panics: AtomicU64::default(),
             config_changes: AtomicU64::default(),
         }
     }
@@ -344,10 +396,44 @@ impl Stats {
         }
     }
 
-    /// Adjusts the buffer gauge and its high-water mark.
-    pub fn buffer_bytes_add(&self, delta: i64) {
-        let now = self.buffer_bytes.fetch_add(delta, Relaxed) + delta;
-        self.buffer_bytes_max.fetch_max(now, Relaxed);
+    /// Sets the buffer gauge and its high-water mark.
+    pub fn set_buffer_bytes(&self, bytes: usize) {
+        let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+        self.buffer_bytes.store(bytes, Relaxed);
+        self.buffer_bytes_max.fetch_max(bytes, Relaxed);
+    }
+
+    /// Per-topic received counts of routed records, one lock per run of
+    /// records with the same topic.
+    pub fn count_topics(&self, items: &[crate::route::Routed]) {
+        let mut run: Option<(&Arc<str>, u64)> = None;
+        for item in items {
+            match &mut run {
+                Some((topic, n)) if Arc::ptr_eq(topic, &item.topic) => {
+                    *n += u64::from(item.datapoints)
+                }
+                _ => {
+                    if let Some((topic, n)) = run.take() {
+                        self.count_topic(topic, |c| c.received += n);
+                    }
+                    run = Some((&item.topic, u64::from(item.datapoints)));
+                }
+            }
+        }
+        if let Some((topic, n)) = run {
+            self.count_topic(topic, |c| c.received += n);
+        }
+    }
+
+    /// Counts whatever is neither delivered nor dropped as lost to a bug
+    /// (`internal_error`). Only for the very end, once every task has
+    /// stopped and nothing can still be in flight. Returns what it counted.
+    pub fn count_unaccounted(&self) -> Counts {
+        let left = self.accounting().in_flight();
+        if left.records > 0 || left.datapoints > 0 {
+            self.count_drop(DropReason::InternalError, left.records, left.datapoints);
+        }
+        left
     }
 }
 

@@ -23,6 +23,7 @@ async fn client(server: &MockServer) -> AgentClient {
         &server.uri(),
         Some("s3cret".into()),
         Duration::from_millis(500),
+        1 << 20,
     )
     .unwrap()
 }
@@ -125,8 +126,13 @@ async fn server_errors_timeouts_malformed_and_401_are_typed() {
         client.statistics().await,
         Err(AgentError::Unauthorized { .. })
     ));
-    let unreachable =
-        AgentClient::new("http://127.0.0.1:9", None, Duration::from_millis(500)).unwrap();
+    let unreachable = AgentClient::new(
+        "http://127.0.0.1:9",
+        None,
+        Duration::from_millis(500),
+        1 << 20,
+    )
+    .unwrap();
     assert!(matches!(
         unreachable.state().await,
         Err(AgentError::Unreachable { .. })
@@ -153,4 +159,62 @@ async fn missing_statistics_and_the_real_responses() {
     assert_eq!((mapped.lists.len(), mapped.skipped.len()), (1, 1));
     let state = client.state().await.unwrap();
     assert_eq!(state["frameworks"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_refused_whether_or_not_its_length_is_announced() {
+    // Announced: refused before it is read.
+    let server = MockServer::start().await;
+    Mock::given(path("/containers"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("[".repeat(2 << 20)))
+        .mount(&server)
+        .await;
+    let client = client(&server).await;
+    let error = client.containers().await.unwrap_err();
+    assert!(
+        matches!(error, AgentError::TooLarge { limit, .. } if limit == 1 << 20),
+        "{error}"
+    );
+    assert!(error.to_string().contains("1048576"), "{error}");
+
+    // Not announced: an endless chunked body is cut off at the limit.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let server = tokio::spawn({
+        let sent = sent.clone();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).await.unwrap();
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .await
+                .unwrap();
+            let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, "[".repeat(64 * 1024));
+            // Far more than the limit, unless the client hangs up first.
+            for _ in 0..1024 {
+                if stream.write_all(chunk.as_bytes()).await.is_err() {
+                    return;
+                }
+                sent.fetch_add(64 * 1024, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    let client = AgentClient::new(
+        &format!("http://{addr}"),
+        None,
+        Duration::from_secs(10),
+        1 << 20,
+    )
+    .unwrap();
+    let error = client.containers().await.unwrap_err();
+    assert!(matches!(error, AgentError::TooLarge { .. }), "{error}");
+    drop(client);
+    server.await.unwrap();
+    assert!(
+        sent.load(std::sync::atomic::Ordering::Relaxed) < 64 << 20,
+        "the client stopped reading the endless body"
+    );
 }

@@ -72,6 +72,8 @@ pub struct Block {
     pub offset: u64,
     /// Bytes the block took on the wire.
     pub wire_len: usize,
+    /// Bytes of the block's records once decompressed.
+    pub data_len: usize,
 }
 
 /// One block as [`StreamDecoder::decode_view`] hands it out.
@@ -92,6 +94,8 @@ pub struct RawBlock<'a> {
     pub offset: u64,
     /// Bytes the block took on the wire.
     pub wire_len: usize,
+    /// Bytes of the block's records once decompressed.
+    pub data_len: usize,
 }
 
 impl RawBlock<'_> {
@@ -117,8 +121,43 @@ impl RawBlock<'_> {
             records,
             offset: self.offset,
             wire_len: self.wire_len,
+            data_len: self.data_len,
         })
     }
+}
+
+/// What comes next at the front of the input, as [`StreamDecoder::peek`]
+/// sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Nothing, or a header or block that has not all arrived. `needed` is
+    /// the whole block's length from the front (after the headers `peek`
+    /// consumed), once the block's count and size have arrived.
+    Incomplete {
+        /// Bytes the whole block takes, when known.
+        needed: Option<usize>,
+    },
+    /// A whole block: [`StreamDecoder::decode_view`] returns it next.
+    Block(BlockInfo),
+}
+
+/// A whole block at the front of the input, before it is decoded or
+/// decompressed: what a caller needs to budget memory for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockInfo {
+    /// Records the block declares.
+    pub records: u64,
+    /// Its length on the wire.
+    pub wire_len: usize,
+    /// Its codec.
+    pub codec: Codec,
+    /// The length of its records once decompressed, when that is known
+    /// without decompressing: always for null, from its preamble for snappy
+    /// (when within the limit), never for deflate.
+    pub data_len: Option<usize>,
+    /// Whether its records are read in place (the current schema) rather
+    /// than decoded into owned values.
+    pub in_place: bool,
 }
 
 impl Block {
@@ -433,34 +472,10 @@ impl StreamDecoder {
         &'a mut self,
         input: &'a [u8],
     ) -> Result<(usize, Option<BlockView<'a>>), DecodeError> {
-        if let Some(error) = &self.failed {
-            return Err(error.clone());
-        }
-        let mut used = 0;
         // Headers first; then at most one block, which may borrow.
-        loop {
-            let rest = &input[used..];
-            if rest.is_empty() {
-                return Ok((used, None));
-            }
-            if self.stream.is_some() && rest[0] != MAGIC[0] {
-                break;
-            }
-            match self.step_header(rest) {
-                Ok(Step::Header(n)) => {
-                    used += n;
-                    self.offset += n as u64;
-                }
-                Ok(_) => return Ok((used, None)),
-                Err((relative, kind)) => {
-                    let error = DecodeError {
-                        offset: self.offset + relative as u64,
-                        kind,
-                    };
-                    self.failed = Some(error.clone());
-                    return Err(error);
-                }
-            }
+        let (used, block_next) = self.consume_headers(input)?;
+        if !block_next {
+            return Ok((used, None));
         }
         let Self {
             stream,
@@ -488,6 +503,92 @@ impl StreamDecoder {
         }
     }
 
+    /// Consumes every whole header at the front of `input`. Returns the
+    /// bytes consumed and whether a block (complete or not) starts there.
+    fn consume_headers(&mut self, input: &[u8]) -> Result<(usize, bool), DecodeError> {
+        if let Some(error) = &self.failed {
+            return Err(error.clone());
+        }
+        let mut used = 0;
+        loop {
+            let rest = &input[used..];
+            if rest.is_empty() {
+                return Ok((used, false));
+            }
+            if self.stream.is_some() && rest[0] != MAGIC[0] {
+                return Ok((used, true));
+            }
+            match self.step_header(rest) {
+                Ok(Step::Header(n)) => {
+                    used += n;
+                    self.offset += n as u64;
+                }
+                Ok(_) => return Ok((used, false)),
+                Err((relative, kind)) => return Err(self.fail(relative, kind)),
+            }
+        }
+    }
+
+    fn fail(&mut self, relative: usize, kind: DecodeErrorKind) -> DecodeError {
+        let error = DecodeError {
+            offset: self.offset + relative as u64,
+            kind,
+        };
+        self.failed = Some(error.clone());
+        error
+    }
+
+    /// Consumes the headers at the front of `input` (like
+    /// [`decode_view`](Self::decode_view)) and says what the block after
+    /// them will take, without decoding or decompressing it. When it
+    /// answers [`Next::Block`], `decode_view` on the rest returns that block
+    /// or an error, never "need more bytes". Errors are the ones
+    /// `decode_view` would give for the block's count and size.
+    pub fn peek(&mut self, input: &[u8]) -> Result<(usize, Next), DecodeError> {
+        let (used, block_next) = self.consume_headers(input)?;
+        let incomplete = |needed| Ok((used, Next::Incomplete { needed }));
+        let Some(stream) = self.stream.as_ref().filter(|_| block_next) else {
+            return incomplete(None);
+        };
+        let rest = &input[used..];
+        let prelude = match block_prelude(stream, &self.limits, rest) {
+            Ok(Some(prelude)) => prelude,
+            Ok(None) => return incomplete(None),
+            Err((relative, kind)) => return Err(self.fail(relative, kind)),
+        };
+        if rest.len() < prelude.total {
+            return incomplete(Some(prelude.total));
+        }
+        let data = &rest[prelude.data_start..prelude.data_start + prelude.size];
+        let codec = stream.header.codec;
+        let data_len = match codec {
+            Codec::Null => Some(data.len()),
+            Codec::Snappy => data
+                .len()
+                .checked_sub(4)
+                .and_then(|end| snap::raw::decompress_len(&data[..end]).ok())
+                .filter(|&len| len <= self.limits.max_decompressed_block_bytes),
+            Codec::Deflate => None,
+        };
+        Ok((
+            used,
+            Next::Block(BlockInfo {
+                records: prelude.count,
+                wire_len: prelude.total,
+                codec,
+                data_len,
+                in_place: stream.plan.kind() == SchemaKind::Current,
+            }),
+        ))
+    }
+
+    /// Frees the decompression buffer: call it once a block's view is no
+    /// longer needed, so that a connection waiting for its next block holds
+    /// no decompressed bytes.
+    pub fn release_scratch(&mut self) {
+        self.scratch = Vec::new();
+    }
+
     fn step_header(&mut self, input: &[u8]) -> Result<Step, (usize, DecodeErrorKind)> {
         let Some(header) = parse_header(input, &self.limits)? else {
             return Ok(Step::NeedMore);
@@ -507,17 +608,23 @@ impl StreamDecoder {
     }
 }
 
-/// Reads one block at the start of `input`: `Ok(None)` when it is not
-/// all there yet. With `raw`, records of the current schema are scanned in
-/// place instead of decoded.
-fn step_block<'a>(
+/// A block's framing, read from its first bytes: the record count, where
+/// its data lies, and whether the whole block has arrived.
+struct Prelude {
+    count: u64,
+    data_start: usize,
+    size: usize,
+    /// Bytes from the block's first byte to the end of its sync marker.
+    total: usize,
+}
+
+/// Reads the count and size at the start of `input` and checks them
+/// against the limits: `Ok(None)` when even those have not all arrived.
+fn block_prelude(
     stream: &Stream,
     limits: &Limits,
-    scratch: &'a mut Vec<u8>,
-    input: &'a [u8],
-    raw: bool,
-    offset: u64,
-) -> Result<Option<(usize, BlockView<'a>)>, (usize, DecodeErrorKind)> {
+    input: &[u8],
+) -> Result<Option<Prelude>, (usize, DecodeErrorKind)> {
     let (count, after_count) = match varint(input, 0) {
         Ok(Some(v)) => v,
         Ok(None) => return Ok(None),
@@ -548,8 +655,35 @@ fn step_block<'a>(
     if count > (max_data / MIN_METRIC_LIST_LEN) as u64 {
         return Err(bad_count());
     }
+    Ok(Some(Prelude {
+        count,
+        data_start,
+        size,
+        total: data_start + size + 16,
+    }))
+}
+
+/// Reads one block at the start of `input`: `Ok(None)` when it is not
+/// all there yet. With `raw`, records of the current schema are scanned in
+/// place instead of decoded.
+fn step_block<'a>(
+    stream: &Stream,
+    limits: &Limits,
+    scratch: &'a mut Vec<u8>,
+    input: &'a [u8],
+    raw: bool,
+    offset: u64,
+) -> Result<Option<(usize, BlockView<'a>)>, (usize, DecodeErrorKind)> {
+    let Some(Prelude {
+        count,
+        data_start,
+        size,
+        total,
+    }) = block_prelude(stream, limits, input)?
+    else {
+        return Ok(None);
+    };
     let sync_start = data_start + size;
-    let total = sync_start + 16;
     if input.len() < total {
         return Ok(None);
     }
@@ -589,6 +723,7 @@ fn step_block<'a>(
                 records,
                 offset,
                 wire_len: total,
+                data_len: data.len(),
             }),
         )
     } else {
@@ -603,6 +738,7 @@ fn step_block<'a>(
                 records,
                 offset,
                 wire_len: total,
+                data_len: data.len(),
             }),
         )
     };

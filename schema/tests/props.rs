@@ -263,4 +263,80 @@ proptest! {
             (want, got) => prop_assert!(false, "decode_all {:?} vs view {:?}", want.map(|r| r.len()), got.map(|r| r.len())),
         }
     }
+
+    #[test]
+    fn peek_announces_exactly_the_block_the_view_returns(
+        groups in prop::collection::vec(any_metric_lists(4), 1..4),
+        codec in any_codec(),
+        flips in prop::collection::vec((any::<usize>(), any::<u8>()), 0..3),
+        cuts in prop::collection::vec(any::<usize>(), 0..6),
+    ) {
+        let mut bytes = stream(codec, &groups);
+        for (at, byte) in flips {
+            let at = at % bytes.len();
+            bytes[at] = byte;
+        }
+        let expected = decode_all(&bytes, Limits::default());
+        let result = decode_peeking(&bytes, &cuts);
+        match (expected, result) {
+            (Ok(want), Ok(got)) => prop_assert!(same_records(&got, &want)),
+            (Err(want), Err(got)) => prop_assert_eq!(want, got),
+            (want, got) => prop_assert!(false, "decode_all {:?} vs peeking {:?}", want.map(|r| r.len()), got.map(|r| r.len())),
+        }
+    }
+}
+
+/// Decodes as the collector's input does: bytes arrive in pieces; `peek`
+/// says what the next block will take, then `decode_view` returns it. Every
+/// promise `peek` makes is checked.
+fn decode_peeking(bytes: &[u8], cuts: &[usize]) -> Result<Vec<MetricList>, schema::DecodeError> {
+    use schema::ocf::{BlockView, Next};
+    let mut decoder = StreamDecoder::new(Limits::default());
+    let mut buf: Vec<u8> = Vec::new();
+    let mut records = Vec::new();
+    let mut start = 0;
+    let mut points: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+    points.sort_unstable();
+    points.push(bytes.len());
+    for end in points {
+        buf.extend_from_slice(&bytes[start..end.max(start)]);
+        start = end.max(start);
+        loop {
+            let (used, next) = decoder.peek(&buf)?;
+            buf.drain(..used);
+            let info = match next {
+                Next::Block(info) => info,
+                Next::Incomplete { needed } => {
+                    if let Some(needed) = needed {
+                        assert!(
+                            needed > buf.len(),
+                            "incomplete, yet {needed} <= {}",
+                            buf.len()
+                        );
+                    }
+                    break;
+                }
+            };
+            let (used, view) = decoder.decode_view(&buf)?;
+            let view = view.expect("peek announced a whole block");
+            assert_eq!(used, info.wire_len);
+            let (count, data_len) = match &view {
+                BlockView::Raw(block) => (block.records.len(), block.data_len),
+                BlockView::Decoded(block) => (block.records.len(), block.data_len),
+            };
+            assert_eq!(count as u64, info.records);
+            assert_eq!(info.in_place, matches!(view, BlockView::Raw(_)));
+            if let Some(len) = info.data_len {
+                assert_eq!(len, data_len);
+            }
+            match view {
+                BlockView::Raw(block) => records.extend(block.to_block().unwrap().records),
+                BlockView::Decoded(block) => records.extend(block.records),
+            }
+            buf.drain(..used);
+            decoder.release_scratch();
+        }
+    }
+    decoder.finish(&buf)?;
+    Ok(records)
 }

@@ -179,7 +179,10 @@ async fn resolve(target: &str, patience: Duration) -> anyhow::Result<SocketAddr>
 
 /// SIGINT or SIGTERM (docker stops containers with SIGTERM).
 async fn ctrl_c() {
-    collector::telemetry::shutdown_signal().await;
+    collector::telemetry::Signals::install()
+        .expect("signal handlers")
+        .recv()
+        .await;
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {

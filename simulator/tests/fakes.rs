@@ -158,7 +158,7 @@ async fn the_agent_replays_the_real_responses_byte_for_byte() {
 #[tokio::test]
 async fn the_collector_reads_the_emulator_as_it_reads_a_real_agent() {
     let agent = mesos_agent().containers(6).run().await.unwrap();
-    let client = AgentClient::new(&agent.url(), None, Duration::from_secs(2)).unwrap();
+    let client = AgentClient::new(&agent.url(), None, Duration::from_secs(2), 1 << 20).unwrap();
     let naming = Naming {
         topic: Some("t"),
         prefix: "",
@@ -206,7 +206,7 @@ async fn the_collector_reads_the_emulator_as_it_reads_a_real_agent() {
             .any(|d| d.name.starts_with("net_snmp_statistics."))
     }));
     let state = client.state().await.unwrap();
-    let enrichment = collector::mesos::poller::Enrichment::from_state(&state);
+    let enrichment = collector::enrich::Enrichment::from_state(&state);
     assert_eq!(enrichment.frameworks.len(), 2);
     assert_eq!(
         enrichment.applications.len(),

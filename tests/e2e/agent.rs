@@ -24,7 +24,10 @@ fn sample_config(agent: String, bootstrap: &str) -> SampleConfig {
         auth: None,
         agent_timeout: Duration::from_secs(2),
         file_dir: None,
-        max_pending: 64,
+        max_pending: SampleConfig::MAX_PENDING,
+        max_pending_bytes: SampleConfig::MAX_PENDING_BYTES,
+        max_message_bytes: SampleConfig::MAX_MESSAGE_BYTES,
+        max_body_bytes: SampleConfig::MAX_BODY_BYTES,
         compression: "snappy".into(),
         librdkafka: Vec::new(),
     }

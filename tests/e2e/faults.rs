@@ -398,15 +398,14 @@ async fn shutdown_with_brokers_down_counts_the_rest() {
 }
 
 /// Shutdown keeps to its grace even when Kafka never took anything: here
-/// librdkafka refuses the options, so there is no producer at all. (It used
-/// to wait forever for a producer once its outbox held a message.)
+/// the scheduler never answers, so there is no producer at all. (It used to
+/// wait forever for a producer once its outbox held a message.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_without_any_producer_ends_within_the_grace() {
     let mut config = test_config("127.0.0.1:9");
     config.shutdown_grace_secs = 1;
-    config
-        .librdkafka
-        .insert("compression.codec".into(), "no-such-codec".into());
+    config.kafka_brokers.clear();
+    config.kafka_scheduler_url = Some("http://127.0.0.1:9".into());
     let collector = spawn_collector(config).await;
     let load = producer(collector.addr, "load")
         .blocks(5)

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 use collector::discovery::BrokerSource;
 use collector::mesos::poller::AgentAddress;
-use collector::sample::{SampleConfig, run};
+use collector::sample::{ProducerOptions, SampleConfig, run};
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
@@ -41,13 +41,13 @@ struct Args {
     )]
     ipcmd: String,
     /// Send to Kafka.
-    #[arg(long, env = "KAFKA_ENABLED", default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(long, env = "KAFKA_ENABLED", default_value_t = true, action = ArgAction::Set, value_parser = collector::config::parse_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     kafka: bool,
     /// Also write each poll to chunk-N.avro in the working directory.
-    #[arg(long, env = "FILE_ENABLED", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(long, env = "FILE_ENABLED", default_value_t = false, action = ArgAction::Set, value_parser = collector::config::parse_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     file: bool,
     /// Debug logging.
-    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(long, default_value_t = false, action = ArgAction::Set, value_parser = collector::config::parse_bool, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     verbose: bool,
     /// The agent's base URL, instead of -ipcmd and port 5051.
     #[arg(long, env = "AGENT_URL")]
@@ -67,6 +67,66 @@ struct Args {
     /// DNS server (IP:PORT) for the SRV and A lookups.
     #[arg(long, env = "DNS_SERVER")]
     dns_server: Option<std::net::SocketAddr>,
+    /// Polls kept while Kafka is unreachable (the oldest dropped beyond).
+    #[arg(long, env = "MAX_PENDING", default_value_t = SampleConfig::MAX_PENDING)]
+    max_pending: usize,
+    /// Bytes of polls kept while Kafka is unreachable.
+    #[arg(long, env = "MAX_PENDING_BYTES", default_value_t = SampleConfig::MAX_PENDING_BYTES)]
+    max_pending_bytes: usize,
+    /// Largest Kafka message; a poll is split below it.
+    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = SampleConfig::MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
+    /// Largest agent answer read; a larger one is refused.
+    #[arg(long, env = "AGENT_MAX_BODY_BYTES", default_value_t = SampleConfig::MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+}
+
+/// Checks what would otherwise fail only later, in a loop: the agent URL,
+/// the limits, and the librdkafka options (codec included).
+fn check(args: &Args) -> Result<(), String> {
+    if let Some(url) = &args.agent_url
+        && reqwest::Url::parse(url).is_err()
+    {
+        return Err(format!("agent_url: {url:?} is not a URL"));
+    }
+    if let Some(url) = &args.kafka_scheduler_url
+        && reqwest::Url::parse(url).is_err()
+    {
+        return Err(format!("kafka_scheduler_url: {url:?} is not a URL"));
+    }
+    if args.max_message_bytes < 4096 {
+        return Err("max_message_bytes: must be at least 4096".into());
+    }
+    if args.max_body_bytes < 64 * 1024 {
+        return Err("max_body_bytes: must be at least 65536".into());
+    }
+    if args.max_pending == 0 {
+        return Err("max_pending: must be greater than 0".into());
+    }
+    for broker in args
+        .brokers
+        .split(',')
+        .map(str::trim)
+        .filter(|b| !b.is_empty())
+    {
+        collector::config::check_broker(broker).map_err(|e| format!("brokers: {broker:?}: {e}"))?;
+    }
+    if args.kafka {
+        ProducerOptions {
+            compression: args.compression.clone(),
+            max_message_bytes: args.max_message_bytes,
+            librdkafka: args.librdkafka.clone(),
+        }
+        .check()
+        .map_err(|e| {
+            if e.starts_with("compression.codec") {
+                format!("compression: {e}")
+            } else {
+                format!("librdkafka: {e}")
+            }
+        })?;
+    }
+    Ok(())
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -95,9 +155,16 @@ fn normalize(args: impl Iterator<Item = String>) -> Vec<String> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse_from(normalize(std::env::args()));
+    let args = match Args::try_parse_from(normalize(std::env::args())) {
+        Ok(args) => args,
+        Err(error) => return collector::config::usage_error("sample-producer", error),
+    };
     if args.kafka && args.framework.is_empty() && args.brokers.is_empty() {
         eprintln!("Either -framework or -brokers must be specified, or -kafka must be false.");
+        return ExitCode::from(64);
+    }
+    if let Err(error) = check(&args) {
+        eprintln!("sample-producer: invalid configuration: {error}");
         return ExitCode::from(64);
     }
     let level = if args.verbose { "debug" } else { "info" };
@@ -133,7 +200,10 @@ fn main() -> ExitCode {
         auth: args.auth_credential,
         agent_timeout: Duration::from_secs(5),
         file_dir: args.file.then(|| PathBuf::from(".")),
-        max_pending: 64,
+        max_pending: args.max_pending,
+        max_pending_bytes: args.max_pending_bytes,
+        max_message_bytes: args.max_message_bytes,
+        max_body_bytes: args.max_body_bytes,
         compression: args.compression,
         librdkafka: args.librdkafka,
     };
@@ -149,11 +219,23 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        let signals = match collector::telemetry::Signals::install() {
+            Ok(signals) => signals,
+            Err(error) => {
+                eprintln!("sample-producer: cannot install the signal handlers: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run(config, shutdown.clone()));
-        collector::telemetry::shutdown_signal().await;
+        signals.recv().await;
         shutdown.cancel();
-        let _ = task.await;
-    });
-    ExitCode::SUCCESS
+        match task.await {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("sample-producer: {error}");
+                ExitCode::from(70)
+            }
+        }
+    })
 }

@@ -44,6 +44,16 @@ pub enum AgentError {
         /// The status.
         status: u16,
     },
+    /// The body is larger than the limit (`agent_max_body_bytes`).
+    #[error(
+        "agent {url} answered more than {limit} bytes (the agent_max_body_bytes limit); the answer was refused"
+    )]
+    TooLarge {
+        /// The URL.
+        url: String,
+        /// The limit.
+        limit: usize,
+    },
     /// The body is not the JSON expected.
     #[error("agent {url} answered malformed JSON: {reason}")]
     Malformed {
@@ -63,6 +73,7 @@ impl AgentError {
             AgentError::Timeout { .. } => "timeout",
             AgentError::Unauthorized { .. } => "unauthorized",
             AgentError::Status { .. } => "status",
+            AgentError::TooLarge { .. } => "too_large",
             AgentError::Malformed { .. } => "malformed",
         }
     }
@@ -78,6 +89,7 @@ pub struct AgentClient {
     base: String,
     auth: Option<String>,
     timeout: Duration,
+    max_body: usize,
 }
 
 /// Rewrites bare `NaN`, `Infinity` and `-Infinity` tokens (outside strings)
@@ -137,10 +149,12 @@ pub fn parse_body(url: &str, body: &str) -> Result<Value, AgentError> {
 impl AgentClient {
     /// A client for `base_url` (e.g. `http://10.0.0.5:5051`). `auth` is sent
     /// as `Authorization: token=<auth>`, like the original's `-auth-credential`.
+    /// A body larger than `max_body` bytes is refused, never held.
     pub fn new(
         base_url: &str,
         auth: Option<String>,
         timeout: Duration,
+        max_body: usize,
     ) -> Result<Self, AgentError> {
         let base = base_url.trim_end_matches('/').to_owned();
         if reqwest::Url::parse(&base).is_err() {
@@ -159,6 +173,7 @@ impl AgentClient {
             base,
             auth,
             timeout,
+            max_body,
         })
     }
 
@@ -186,9 +201,29 @@ impl AgentClient {
                 }
             }
         };
-        let response = request.send().await.map_err(failed)?;
+        let mut response = request.send().await.map_err(failed)?;
         let status = response.status().as_u16();
-        let body = response.text().await.map_err(failed)?;
+        let too_large = || AgentError::TooLarge {
+            url: url.clone(),
+            limit: self.max_body,
+        };
+        if response
+            .content_length()
+            .is_some_and(|len| len > self.max_body as u64)
+        {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(failed)? {
+            if body.len() + chunk.len() > self.max_body {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let body = String::from_utf8(body).map_err(|e| AgentError::Malformed {
+            url: url.clone(),
+            reason: format!("not UTF-8: {e}"),
+        })?;
         Ok((status, body))
     }
 
@@ -247,7 +282,7 @@ mod tests {
     #[test]
     fn bad_urls_are_errors() {
         assert!(matches!(
-            AgentClient::new("not a url", None, Duration::from_secs(1)),
+            AgentClient::new("not a url", None, Duration::from_secs(1), 1 << 20),
             Err(AgentError::BadUrl(_))
         ));
     }

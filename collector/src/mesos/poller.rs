@@ -7,13 +7,11 @@
 //! naming a framework id the cached state doesn't know forces a refresh,
 //! at most every few seconds.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use schema::{MetricList, Tag};
-use serde_json::Value;
+use schema::MetricList;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -21,127 +19,11 @@ use tracing::{info, warn};
 
 use super::client::{AgentClient, AgentError};
 use super::mapping::{Naming, map_entries, map_snapshot};
-use crate::buffer::Buffer;
 use crate::discovery::Backoff;
-use crate::route::{Router, Routing};
-use crate::stats::Stats;
-
-/// The original's value before the first `/state` arrives.
-pub const UNKNOWN_AGENT: &str = "UNKNOWN_AGENT_STATE";
-/// The original's value for a framework id `/state` doesn't list.
-pub const UNKNOWN_FRAMEWORK: &str = "UNKNOWN_FRAMEWORK_ID";
-
-/// What `/state` tells about the records' sources.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Enrichment {
-    /// Whether enrichment is on at all (agent polling enabled).
-    pub enabled: bool,
-    /// `state.id`.
-    pub agent_id: Option<String>,
-    /// framework id → name.
-    pub frameworks: HashMap<String, String>,
-    /// executor id → application name (label `MARATHON_APP_ID` or
-    /// `DCOS_SPACE`, leading `/` trimmed).
-    pub applications: HashMap<String, String>,
-}
-
-impl Enrichment {
-    /// Enrichment turned on, before any `/state` arrived.
-    pub fn pending() -> Self {
-        Self {
-            enabled: true,
-            ..Self::default()
-        }
-    }
-
-    /// Reads a `/state` body; tolerant of missing parts.
-    pub fn from_state(state: &Value) -> Self {
-        let mut enrichment = Self::pending();
-        enrichment.agent_id = state.get("id").and_then(Value::as_str).map(str::to_owned);
-        for framework in state
-            .get("frameworks")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let (Some(id), Some(name)) = (
-                framework.get("id").and_then(Value::as_str),
-                framework.get("name").and_then(Value::as_str),
-            ) else {
-                continue;
-            };
-            enrichment.frameworks.insert(id.to_owned(), name.to_owned());
-            for executor in framework
-                .get("executors")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let Some(executor_id) = executor.get("id").and_then(Value::as_str) else {
-                    continue;
-                };
-                let labels = executor
-                    .get("labels")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten();
-                let app = labels
-                    .filter_map(|l| Some((l.get("key")?.as_str()?, l.get("value")?.as_str()?)))
-                    .filter(|(k, _)| *k == "MARATHON_APP_ID" || *k == "DCOS_SPACE")
-                    .min_by_key(|(k, _)| *k != "MARATHON_APP_ID")
-                    .map(|(_, v)| v.trim_start_matches('/').to_owned());
-                if let Some(app) = app {
-                    enrichment.applications.insert(executor_id.to_owned(), app);
-                }
-            }
-        }
-        enrichment
-    }
-
-    /// The tags to add to `record` (added only where absent), and whether its
-    /// framework id is unknown to the cached state.
-    pub fn tags_for(&self, record: &MetricList) -> (Vec<Tag>, bool) {
-        let (extra, unknown) = self.tags_for_lookup(|key| record.tag(key));
-        (
-            extra
-                .as_slice()
-                .iter()
-                .map(|(k, v)| Tag::new(*k, *v))
-                .collect(),
-            unknown,
-        )
-    }
-
-    /// [`tags_for`](Self::tags_for) for a record known only by a tag
-    /// lookup, without allocating: the tags borrow from `self`.
-    pub fn tags_for_lookup<'r>(
-        &self,
-        tag: impl Fn(&str) -> Option<&'r str>,
-    ) -> (crate::route::ExtraTags<'_>, bool) {
-        let mut extra = crate::route::ExtraTags::default();
-        if !self.enabled {
-            return (extra, false);
-        }
-        extra.push(
-            "agent_id",
-            self.agent_id.as_deref().unwrap_or(UNKNOWN_AGENT),
-        );
-        let mut unknown = false;
-        if let Some(framework_id) = tag("framework_id") {
-            match self.frameworks.get(framework_id) {
-                Some(name) => extra.push("framework_name", name),
-                None => {
-                    unknown = self.agent_id.is_some();
-                    extra.push("framework_name", UNKNOWN_FRAMEWORK);
-                }
-            }
-        }
-        if let Some(app) = tag("executor_id").and_then(|e| self.applications.get(e)) {
-            extra.push("application_name", app);
-        }
-        (extra, unknown)
-    }
-}
+use crate::enrich::Enrichment;
+use crate::pipeline::Pipeline;
+use crate::route::Router;
+use crate::stats::Input;
 
 /// The poller's settings.
 #[derive(Debug, Clone)]
@@ -152,12 +34,34 @@ pub struct PollerSettings {
     pub auth: Option<String>,
     /// Request timeout.
     pub timeout: Duration,
+    /// Largest response body read.
+    pub max_body_bytes: usize,
     /// Poll period.
     pub period: Duration,
     /// Topic of `/metrics/snapshot` data.
     pub snapshot_topic: String,
     /// Also poll `/containers` and `/metrics/snapshot` (not only `/state`).
     pub metrics: bool,
+}
+
+impl From<&crate::config::Config> for PollerSettings {
+    fn from(config: &crate::config::Config) -> Self {
+        Self {
+            agent: match &config.agent_url {
+                Some(url) => AgentAddress::Url(url.clone()),
+                None => AgentAddress::IpCommand {
+                    command: config.agent_ip_command.clone(),
+                    port: config.agent_port,
+                },
+            },
+            auth: config.auth_credential.clone(),
+            timeout: Duration::from_secs(config.agent_timeout_secs),
+            max_body_bytes: config.agent_max_body_bytes,
+            period: Duration::from_secs(config.agent_poll_period),
+            snapshot_topic: config.agent_metrics_topic.clone(),
+            metrics: true,
+        }
+    }
 }
 
 /// Where the agent is.
@@ -237,18 +141,14 @@ fn now_ms() -> i64 {
 pub struct Poller {
     /// Settings.
     pub settings: PollerSettings,
-    /// Collector counters.
-    pub stats: Arc<Stats>,
     /// Poller counters.
     pub poller_stats: Arc<PollerStats>,
     /// Where the enrichment goes.
     pub enrichment: watch::Sender<Arc<Enrichment>>,
     /// Signalled by inputs that met an unknown framework id.
     pub refresh: Arc<Notify>,
-    /// Where polled records go.
-    pub buffer: Arc<Buffer>,
-    /// Routing settings in force.
-    pub routing: watch::Receiver<Arc<Routing>>,
+    /// The way into the buffer, shared with the TCP input.
+    pub pipeline: Arc<Pipeline>,
 }
 
 impl Poller {
@@ -262,28 +162,20 @@ impl Poller {
         }
     }
 
-    async fn push(&self, router: &mut Router, lists: Vec<MetricList>) {
+    /// Pushes polled records through the bounded path; at shutdown, what
+    /// still waits for room is counted as dropped.
+    async fn push(
+        &self,
+        router: &mut Router,
+        lists: Vec<MetricList>,
+        shutdown: &CancellationToken,
+    ) {
         if lists.is_empty() {
             return;
         }
-        let routing = self.routing.borrow().clone();
-        let enrichment = self.enrichment.borrow().clone();
-        let (records, datapoints) = (
-            lists.len() as u64,
-            lists.iter().map(|l| l.datapoints.len() as u64).sum(),
-        );
-        self.stats
-            .count_received(crate::stats::Input::Agent, records, datapoints);
-        let prepared = lists
-            .into_iter()
-            .map(|list| {
-                let (tags, _) = enrichment.tags_for(&list);
-                router.prepare(&routing, &tags, list).0
-            })
-            .collect::<Vec<_>>();
-        let records = crate::route::encode_all(prepared);
-        crate::ingest::count_topics(&self.stats, &records.items);
-        self.buffer.push(records).await;
+        self.pipeline
+            .push_owned(router, Input::Agent, lists, shutdown.cancelled())
+            .await;
     }
 
     /// Fetches `/state`. A cached state older than four poll periods expires:
@@ -322,8 +214,12 @@ impl Poller {
         let Some(url) = agent_url(&self.settings.agent, &shutdown).await else {
             return;
         };
-        let client = match AgentClient::new(&url, self.settings.auth.clone(), self.settings.timeout)
-        {
+        let client = match AgentClient::new(
+            &url,
+            self.settings.auth.clone(),
+            self.settings.timeout,
+            self.settings.max_body_bytes,
+        ) {
             Ok(client) => client,
             Err(error) => {
                 tracing::error!(%error, "Agent polling is off: bad agent address.");
@@ -343,18 +239,28 @@ impl Poller {
                 _ = self.refresh.notified() => {
                     if last_refresh.elapsed() >= Duration::from_secs(5) {
                         last_refresh = Instant::now();
-                        self.poll_state(&client, &mut last_ok).await;
+                        tokio::select! {
+                            () = self.poll_state(&client, &mut last_ok) => {}
+                            () = shutdown.cancelled() => return,
+                        }
                     }
                     continue;
                 }
             }
-            self.poll_state(&client, &mut last_ok).await;
+            tokio::select! {
+                () = self.poll_state(&client, &mut last_ok) => {}
+                () = shutdown.cancelled() => return,
+            }
             last_refresh = Instant::now();
             if !self.settings.metrics {
                 continue;
             }
             self.poller_stats.queries.fetch_add(1, Relaxed);
-            match client.containers().await {
+            let containers = tokio::select! {
+                body = client.containers() => body,
+                () = shutdown.cancelled() => return,
+            };
+            match containers {
                 Ok(body) => {
                     let mapped = map_entries(
                         &body,
@@ -364,15 +270,20 @@ impl Poller {
                         },
                         now_ms(),
                     );
+                    drop(body);
                     for reason in &mapped.skipped {
                         warn!(reason, "Skipped a /containers entry.");
                     }
-                    self.push(&mut router, mapped.lists).await;
+                    self.push(&mut router, mapped.lists, &shutdown).await;
                 }
                 Err(error) => self.failed("/containers", &error),
             }
             self.poller_stats.queries.fetch_add(1, Relaxed);
-            match client.snapshot().await {
+            let snapshot = tokio::select! {
+                body = client.snapshot() => body,
+                () = shutdown.cancelled() => return,
+            };
+            match snapshot {
                 Ok(body) => {
                     let mapped = map_snapshot(
                         &body,
@@ -380,7 +291,8 @@ impl Poller {
                         "dcos.metrics.agent.",
                         now_ms(),
                     );
-                    self.push(&mut router, mapped.lists).await;
+                    drop(body);
+                    self.push(&mut router, mapped.lists, &shutdown).await;
                 }
                 Err(error) => self.failed("/metrics/snapshot", &error),
             }
@@ -391,61 +303,6 @@ impl Poller {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn real_state_enriches_with_names_and_apps() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../fixtures/mesos/mesos-agent-state-response.json");
-        let state: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let enrichment = Enrichment::from_state(&state);
-        let framework_id = "8b4e6d80-0271-4be0-9f08-0aeff7f0d751-0002";
-        let record = MetricList {
-            tags: vec![Tag::new("framework_id", framework_id)],
-            ..MetricList::default()
-        };
-        let (tags, unknown) = enrichment.tags_for(&record);
-        assert!(!unknown);
-        assert!(tags.contains(&Tag::new("framework_name", "kafka")));
-        assert_eq!(tags[0].key, "agent_id");
-        assert_ne!(tags[0].value, UNKNOWN_AGENT);
-        let (_, executor) = enrichment
-            .applications
-            .iter()
-            .find(|(e, _)| e.starts_with("metrics-collector"))
-            .unwrap();
-        assert_eq!(
-            executor, "metrics-collector",
-            "DCOS_SPACE with its leading / trimmed"
-        );
-        let stranger = MetricList {
-            tags: vec![Tag::new("framework_id", "nope")],
-            ..MetricList::default()
-        };
-        let (tags, unknown) = enrichment.tags_for(&stranger);
-        assert!(unknown);
-        assert!(tags.contains(&Tag::new("framework_name", UNKNOWN_FRAMEWORK)));
-    }
-
-    #[test]
-    fn before_any_state_the_original_unknown_values() {
-        let record = MetricList {
-            tags: vec![Tag::new("framework_id", "f")],
-            ..MetricList::default()
-        };
-        let (tags, unknown) = Enrichment::pending().tags_for(&record);
-        assert!(!unknown, "no refresh storm before the first state");
-        assert_eq!(
-            tags,
-            vec![
-                Tag::new("agent_id", UNKNOWN_AGENT),
-                Tag::new("framework_name", UNKNOWN_FRAMEWORK)
-            ]
-        );
-        assert!(
-            Enrichment::default().tags_for(&record).0.is_empty(),
-            "disabled: nothing added"
-        );
-    }
 
     #[tokio::test]
     async fn detect_ip_checks_its_output() {

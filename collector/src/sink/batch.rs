@@ -11,10 +11,11 @@ use bytes::Bytes;
 use schema::{Codec, OcfEncoder};
 use tokio::time::Instant;
 
+use crate::buffer::Lease;
 use crate::route::Routed;
 
 /// One Kafka message ready to produce.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Message {
     /// Topic.
     pub topic: Arc<str>,
@@ -22,6 +23,9 @@ pub struct Message {
     pub key: Option<Arc<str>>,
     /// The OCF file.
     pub payload: Vec<u8>,
+    /// Holds its records' shares of the buffer's bound until librdkafka has
+    /// taken it.
+    pub lease: Lease,
     /// Records in it.
     pub records: u32,
     /// Datapoints in it.
@@ -61,12 +65,25 @@ pub struct Thresholds {
     pub max_message_bytes: usize,
 }
 
+impl From<&crate::config::Config> for Thresholds {
+    fn from(config: &crate::config::Config) -> Self {
+        Self {
+            max_records: config.kafka_produce_count,
+            max_bytes: config.kafka_produce_kbytes * 1024,
+            max_age: Duration::from_millis(config.kafka_produce_period_ms),
+            max_message_bytes: config.kafka_max_message_bytes,
+        }
+    }
+}
+
 /// A batch in the making: the records' slices (of their input blocks'
 /// allocations), copied once, into the message, when it is flushed.
 #[derive(Debug)]
 struct Pending {
     parts: Vec<Bytes>,
     bytes: usize,
+    /// Its records' shares (see `Routed::share`).
+    leased: usize,
     records: u32,
     datapoints: u64,
     since: Instant,
@@ -83,6 +100,9 @@ pub struct Batcher {
     sync: [u8; 16],
     overhead: usize,
     pending: HashMap<BatchKey, Pending>,
+    /// Holds the shares of every batched record, until its message takes
+    /// them.
+    held: Lease,
 }
 
 impl Batcher {
@@ -104,7 +124,13 @@ impl Batcher {
             sync,
             overhead,
             pending: HashMap::new(),
+            held: Lease::detached(),
         }
+    }
+
+    /// Takes over the lease of records about to be added.
+    pub fn hold(&mut self, lease: Lease) {
+        self.held.merge(lease);
     }
 
     /// Changes the thresholds (a runtime setting); takes effect from the next record.
@@ -126,6 +152,8 @@ impl Batcher {
     ) -> Result<(), TooLarge> {
         let limit = self.thresholds.max_message_bytes;
         if item.data.len() + self.overhead > limit {
+            // Its share goes back: it is dropped.
+            drop(self.held.split(item.share as usize));
             return Err(TooLarge {
                 topic: item.topic,
                 size: item.data.len(),
@@ -143,11 +171,13 @@ impl Batcher {
         let pending = self.pending.entry(key.clone()).or_insert_with(|| Pending {
             parts: Vec::new(),
             bytes: 0,
+            leased: 0,
             records: 0,
             datapoints: 0,
             since: now,
         });
         pending.bytes += item.data.len();
+        pending.leased += item.share as usize;
         pending.parts.push(item.data);
         pending.records += 1;
         pending.datapoints += u64::from(item.datapoints);
@@ -203,7 +233,7 @@ impl Batcher {
         self.pending.is_empty()
     }
 
-    fn message(&self, (topic, key): BatchKey, pending: Pending) -> Message {
+    fn message(&mut self, (topic, key): BatchKey, pending: Pending) -> Message {
         // Exactly sized: header, count, size, the records, sync. The same
         // bytes as `OcfEncoder::write_encoded_block` with the null codec.
         let varints = schema::datum::long_len(i64::from(pending.records))
@@ -218,10 +248,12 @@ impl Batcher {
         }
         payload.extend_from_slice(&self.sync);
         debug_assert_eq!(payload.len(), payload.capacity());
+        let lease = self.held.split(pending.leased);
         Message {
             topic,
             key,
             payload,
+            lease,
             records: pending.records,
             datapoints: pending.datapoints,
             created: pending.since,
@@ -249,6 +281,7 @@ mod tests {
         Routed {
             topic: topic.into(),
             key: None,
+            share: data.len() as u32,
             data: data.into(),
             datapoints: points as u32,
         }

@@ -1,0 +1,155 @@
+//! The path every input's records take into the buffer: a memory
+//! reservation made before the work, routing (topic, key, static and
+//! enrichment tags), the per-topic counts, and the push. The TCP input and
+//! the agent poller share it, so both are bounded and counted alike.
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use schema::MetricList;
+use schema::raw::RawRecord;
+use tokio::sync::{Notify, watch};
+
+use crate::buffer::{Buffer, Chunk, Lease};
+use crate::enrich::Enrichment;
+use crate::route::{Records, Router, Routing};
+use crate::stats::{DropReason, Input, Stats};
+
+/// What every input shares to reach the buffer.
+pub struct Pipeline {
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Where routed records go.
+    pub buffer: Arc<Buffer>,
+    /// Routing settings in force.
+    pub routing: watch::Receiver<Arc<Routing>>,
+    /// What the agent's `/state` says, for tags added when absent.
+    pub enrichment: watch::Receiver<Arc<Enrichment>>,
+    /// Told when a record names a framework id `/state` doesn't know.
+    pub refresh: Arc<Notify>,
+}
+
+impl Pipeline {
+    /// The routing and enrichment in force: one snapshot per block, so that
+    /// a configuration change never splits one.
+    pub fn settings(&self) -> (Arc<Routing>, Arc<Enrichment>) {
+        (
+            self.routing.borrow().clone(),
+            self.enrichment.borrow().clone(),
+        )
+    }
+
+    fn counted(&self, records: &Records, sanitized: u64, unknown_framework: bool) {
+        if unknown_framework {
+            self.refresh.notify_one();
+        }
+        if sanitized > 0 {
+            self.stats.topics_sanitized.fetch_add(sanitized, Relaxed);
+        }
+        self.stats.count_topics(&records.items);
+    }
+
+    /// Routes records of the current schema read in place, into `lease`.
+    pub fn route_raw<'a>(
+        &self,
+        router: &mut Router,
+        routing: &'a Routing,
+        enrichment: &'a Enrichment,
+        records: &[RawRecord<'a>],
+        lease: &mut Lease,
+    ) -> Records {
+        let mut unknown_framework = false;
+        let routed = router.route_block(routing, records, lease, |record| {
+            let (extra, unknown) = enrichment.tags_for_lookup(|key| record.tag(key));
+            unknown_framework |= unknown;
+            extra
+        });
+        self.counted(&routed.records, routed.sanitized, unknown_framework);
+        routed.records
+    }
+
+    /// Routes owned records (decoded from another schema, or made from the
+    /// agent's JSON), into `lease`.
+    pub fn route_owned(
+        &self,
+        router: &mut Router,
+        routing: &Routing,
+        enrichment: &Enrichment,
+        records: Vec<MetricList>,
+        lease: &mut Lease,
+    ) -> Records {
+        let mut unknown_framework = false;
+        let mut sanitized = 0;
+        let prepared = records
+            .into_iter()
+            .map(|record| {
+                let (extra, unknown) = enrichment.tags_for(&record);
+                unknown_framework |= unknown;
+                let (prepared, was_sanitized) = router.prepare(routing, &extra, record);
+                sanitized += u64::from(was_sanitized);
+                prepared
+            })
+            .collect();
+        let records = crate::route::encode_all(prepared, lease);
+        self.counted(&records, sanitized, unknown_framework);
+        records
+    }
+
+    /// The agent poller's path: counts `records` as received from `input`,
+    /// then routes and pushes them in pieces that each fit the buffer's
+    /// bound, each reserved before it is routed (waiting for room under
+    /// `block`). When `give_up` resolves first, or the buffer closes, what
+    /// is left is counted as a `shutdown` drop; returns false then.
+    pub async fn push_owned(
+        &self,
+        router: &mut Router,
+        input: Input,
+        records: Vec<MetricList>,
+        give_up: impl Future<Output = ()>,
+    ) -> bool {
+        let count = |records: &[MetricList]| {
+            (
+                records.len() as u64,
+                records.iter().map(|r| r.datapoints.len() as u64).sum(),
+            )
+        };
+        let (all_records, all_datapoints) = count(&records);
+        self.stats
+            .count_received(input, all_records, all_datapoints);
+        let mut give_up = pin!(give_up);
+        let mut rest = records;
+        while !rest.is_empty() {
+            let (routing, enrichment) = self.settings();
+            let enrichment_len = enrichment.max_extra_len();
+            // As many records as fit a quarter of what may be reserved.
+            let room = self.buffer.capacity() / 4;
+            let mut take = rest.len();
+            while take > 1 && routing.records_estimate(&rest[..take], enrichment_len) > room {
+                take /= 2;
+            }
+            let tail = rest.split_off(take);
+            let piece = std::mem::replace(&mut rest, tail);
+            let estimate = routing.records_estimate(&piece, enrichment_len);
+            let lease = tokio::select! {
+                lease = self.buffer.reserve(estimate) => lease,
+                () = &mut give_up => None,
+            };
+            let Some(mut lease) = lease else {
+                let (records, datapoints) = count(&piece);
+                let (left_records, left_datapoints) = count(&rest);
+                self.stats.count_drop(
+                    DropReason::Shutdown,
+                    records + left_records,
+                    datapoints + left_datapoints,
+                );
+                return false;
+            };
+            let chunk: Chunk = self.route_owned(router, &routing, &enrichment, piece, &mut lease);
+            drop(lease);
+            self.buffer.push(chunk);
+        }
+        true
+    }
+}
