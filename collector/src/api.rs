@@ -413,6 +413,21 @@ pub fn render_metrics(stats: &Stats, brokers: &BrokerState, partners: usize) -> 
             stats.partners_refused.load(Relaxed),
         ),
         (
+            "collector_agent_requests_total",
+            "requests the agent poller made",
+            stats.agent_requests.load(Relaxed),
+        ),
+        (
+            "collector_agent_request_failures_total",
+            "agent requests that failed",
+            stats.agent_request_failures.load(Relaxed),
+        ),
+        (
+            "collector_agent_responses_too_large_total",
+            "agent answers refused for being larger than agent_max_body_bytes",
+            stats.agent_responses_too_large.load(Relaxed),
+        ),
+        (
             "collector_task_panics_total",
             "collector tasks that panicked (a bug; what they held is counted as internal_error)",
             stats.task_panics.load(Relaxed),

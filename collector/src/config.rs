@@ -329,7 +329,76 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
     }
 }
 
+/// What the collector may take in memory at most, by part, under any
+/// input: see [`Config::memory_bound`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MemoryBound {
+    /// The buffer: records from decoding to librdkafka (`buffer_max_bytes`).
+    pub buffer: u64,
+    /// Input read buffers: the shared pool and each connection's own 16 KiB.
+    pub input_buffers: u64,
+    /// The one buffer compressed blocks are decompressed into.
+    pub inflating: u64,
+    /// librdkafka's queue, and messages it hands back to be produced again.
+    pub kafka: u64,
+    /// The partners' queues.
+    pub partners: u64,
+    /// An agent answer being parsed and mapped.
+    pub agent: u64,
+    /// The program itself: code, runtime, librdkafka's threads and buffers.
+    pub base: u64,
+    /// All of it.
+    pub total: u64,
+}
+
+/// Heap an agent answer takes while it is parsed and mapped, per byte of
+/// it, at most (measured in the test that holds RSS to the bound).
+pub const AGENT_BODY_FACTOR: u64 = 10;
+
+/// What the program takes before any input: code, runtime, librdkafka's
+/// threads and their buffers (idle RSS is 15 to 20 MiB; see BENCHMARKS.md).
+pub const BASE_BYTES: u64 = 32 * 1024 * 1024;
+
 impl Config {
+    /// The memory the collector may take at most, whatever its input:
+    ///
+    /// ```text
+    /// buffer_max_bytes
+    ///   + input_buffer_max_bytes + max_connections × 16 KiB
+    ///   + max_decompressed_block_bytes
+    ///   + 2 × kafka_queue_max_kbytes
+    ///   + max_partners × partner_buffer_kbytes
+    ///   + 10 × agent_max_body_bytes            (with agent polling)
+    ///   + 32 MiB
+    /// ```
+    pub fn memory_bound(&self) -> MemoryBound {
+        let buffer = self.buffer_max_bytes as u64;
+        let input_buffers = self.input_buffer_max_bytes as u64
+            + self.max_connections as u64 * crate::ingest::OWN_READ_BYTES as u64;
+        let inflating = self.max_decompressed_block_bytes as u64;
+        let kafka = if self.kafka {
+            2 * self.kafka_queue_max_kbytes as u64 * 1024
+        } else {
+            0
+        };
+        let partners = self.max_partners as u64 * self.partner_buffer_kbytes as u64 * 1024;
+        let agent = if self.agent_polling {
+            AGENT_BODY_FACTOR * self.agent_max_body_bytes as u64
+        } else {
+            0
+        };
+        MemoryBound {
+            buffer,
+            input_buffers,
+            inflating,
+            kafka,
+            partners,
+            agent,
+            base: BASE_BYTES,
+            total: buffer + input_buffers + inflating + kafka + partners + agent + BASE_BYTES,
+        }
+    }
+
     /// Checks the configuration as a whole.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = |field: &str, value: u64| {

@@ -9,12 +9,13 @@
 //!   that needs more waits for it and stops reading meanwhile; a block whose
 //!   size is known asks for all of it at once. Nothing is held while a
 //!   connection waits for its sender.
-//! - **Decoding.** Before a block is decoded, what decoding, decompressing
-//!   and routing it can take at most is reserved in the buffer (see
-//!   [`Routing::block_estimate`]). Deflate does not say how large a block
-//!   inflates to, so deflate blocks are inflated one at a time across the
-//!   collector, and reserved for once their size is known. The decompressed
-//!   copy is freed after each block. A block too large to ever fit in the
+//! - **Decoding.** Before a block is decoded, what decoding and routing it
+//!   can take at most is reserved in the buffer (see
+//!   [`Routing::block_estimate`]). Compressed blocks are decompressed one at
+//!   a time, into one buffer the collector keeps for that (at most
+//!   `max_decompressed_block_bytes`); deflate does not say how large a block
+//!   inflates to, so it is reserved for once that is known. A connection
+//!   never keeps a decompressed copy. A block too large to ever fit in the
 //!   buffer closes its connection, counted (`connections_oversized`).
 //! - **Time.** A header or block that has started must arrive whole within
 //!   `frame_timeout_secs`, or the connection is closed and counted: a
@@ -155,8 +156,9 @@ pub struct Shared {
     pub settings: IngestSettings,
     /// Read-buffer bytes beyond each connection's own allowance.
     read_pool: Arc<Semaphore>,
-    /// One deflate block inflates at a time (its size is unknown until then).
-    inflating: Semaphore,
+    /// The one buffer compressed blocks are decompressed into, one block at
+    /// a time: its size is bounded once, whatever the connections do.
+    inflating: tokio::sync::Mutex<Vec<u8>>,
     global: Mutex<Window>,
 }
 
@@ -169,7 +171,7 @@ impl Shared {
     ) -> Self {
         Self {
             read_pool: Arc::new(Semaphore::new(settings.read_pool_bytes)),
-            inflating: Semaphore::new(1),
+            inflating: tokio::sync::Mutex::new(Vec::new()),
             pipeline,
             rate_limits,
             settings,
@@ -402,16 +404,21 @@ impl Connection<'_> {
             };
             self.needed = None;
             let give_up = give_up(shutdown, drain_until, self.shared.settings.drain_timeout);
+            let mut inflating = None;
             let outcome = block(
                 self.shared,
                 &mut self.decoder,
                 &mut self.admission,
                 self.buf.bytes(),
                 info,
+                &mut inflating,
                 give_up,
             )
             .await;
+            // The inflated copy goes before the turn to inflate passes on:
+            // never two at once.
             self.decoder.release_scratch();
+            drop(inflating);
             match outcome {
                 Ok(used) => self.buf.consume(used),
                 Err(end) => return Stop::End(end),
@@ -434,22 +441,28 @@ impl Connection<'_> {
 /// Decodes, routes and pushes the whole block at the front of `input`,
 /// which `peek` described as `info`. Returns the bytes it took, or why the
 /// connection must close.
-async fn block(
-    shared: &Shared,
+/// A compressed block takes the collector's one decompression buffer into
+/// `inflating`, and holds it until its records are routed.
+async fn block<'s>(
+    shared: &'s Shared,
     decoder: &mut StreamDecoder,
     admission: &mut Admission,
     input: &[u8],
     info: BlockInfo,
+    inflating: &mut Option<tokio::sync::MutexGuard<'s, Vec<u8>>>,
     give_up: impl std::future::Future<Output = ()>,
 ) -> Result<usize, End> {
     let pipeline = &shared.pipeline;
     let budget = pipeline.buffer.budget();
     let (routing, enrichment) = pipeline.settings();
     let enrichment_len = enrichment.max_extra_len();
+    let compressed = info.codec != schema::Codec::Null;
+    // The decompressed copy is in the one shared buffer, outside the
+    // buffer's bound (a fixed part of the memory bound).
     let cost = |data_len| BlockCost {
         records: info.records,
         data_len,
-        decompressed: info.codec != schema::Codec::Null,
+        decompressed: false,
         decoded: !info.in_place,
     };
     tokio::pin!(give_up);
@@ -459,14 +472,13 @@ async fn block(
     if known > budget.capacity() {
         return Err(oversized(shared, known));
     }
-    let inflating = match info.data_len {
-        Some(_) => None,
-        None => tokio::select! {
-            permit = shared.inflating.acquire() => permit.ok(),
+    if compressed {
+        *inflating = tokio::select! {
+            guard = shared.inflating.lock() => Some(guard),
             () = &mut give_up => None,
-        },
-    };
-    let lease = if info.data_len.is_none() && inflating.is_none() {
+        };
+    }
+    let lease = if compressed && inflating.is_none() {
         None
     } else {
         tokio::select! {
@@ -474,7 +486,20 @@ async fn block(
             () = &mut give_up => None,
         }
     };
-    let (used, view) = match decoder.decode_view(input) {
+    let decoded = match inflating.as_deref_mut() {
+        Some(scratch) => {
+            // Reserved once for the largest block: it never grows by
+            // doubling (whose cast-offs the allocator would keep a while).
+            let room = shared.settings.decode_limits.max_decompressed_block_bytes + 1;
+            if scratch.capacity() < room {
+                scratch.reserve_exact(room - scratch.len());
+            }
+            decoder.decode_view_into(input, scratch)
+        }
+        // Shutdown: decoded with the decoder's own buffer, only to count it.
+        None => decoder.decode_view(input),
+    };
+    let (used, view) = match decoded {
         Ok((used, Some(view))) => (used, view),
         Ok((_, None)) => {
             // `peek` promised a whole block; its property test holds the
@@ -542,7 +567,6 @@ async fn block(
     };
     // What routing did not use goes back now; the records hold the rest.
     drop(lease);
-    drop(inflating);
     pipeline.buffer.push(routed);
     Ok(used)
 }

@@ -64,7 +64,7 @@ use crate::buffer::Buffer;
 use crate::config::Config;
 use crate::enrich::Enrichment;
 use crate::ingest::RateLimits;
-use crate::mesos::poller::{Poller, PollerSettings, PollerStats};
+use crate::mesos::poller::{Poller, PollerSettings};
 use crate::partner::{PartnerHub, PartnerLimits};
 use crate::pipeline::Pipeline;
 use crate::route::Routing;
@@ -262,7 +262,6 @@ impl App {
         let poller = config.agent_polling.then(|| {
             let poller = Poller {
                 settings: PollerSettings::from(&config),
-                poller_stats: Arc::new(PollerStats::default()),
                 enrichment: self.enrichment.clone(),
                 refresh,
                 pipeline: pipeline.clone(),

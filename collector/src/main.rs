@@ -77,6 +77,19 @@ fn main() -> ExitCode {
         Some(Command::Validate { config }) => match config.load(legacy_env) {
             Ok(config) => {
                 println!("configuration is valid");
+                let bound = config.memory_bound();
+                let mib = |n: u64| n as f64 / 1048576.0;
+                println!(
+                    "memory bound: {:.1} MiB (buffer {:.1}, input buffers {:.1}, inflating {:.1}, kafka {:.1}, partners {:.1}, agent {:.1}, base {:.1})",
+                    mib(bound.total),
+                    mib(bound.buffer),
+                    mib(bound.input_buffers),
+                    mib(bound.inflating),
+                    mib(bound.kafka),
+                    mib(bound.partners),
+                    mib(bound.agent),
+                    mib(bound.base)
+                );
                 println!(
                     "{}",
                     toml::to_string(&config.redacted()).unwrap_or_default()

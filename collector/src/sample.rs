@@ -31,7 +31,7 @@ use tracing::{error, info, warn};
 
 use crate::discovery::{Backoff, BrokerSource, discover};
 use crate::mesos::client::AgentClient;
-use crate::mesos::mapping::{Naming, map_entries};
+use crate::mesos::mapping::Naming;
 use crate::mesos::poller::{AgentAddress, agent_url};
 
 /// What the sample-producer does.
@@ -475,8 +475,12 @@ pub async fn run(config: SampleConfig, shutdown: CancellationToken) -> SampleRep
             _ = tokio::time::sleep_until(next_poll) => {}
         }
         report.polls += 1;
-        let body = match client.statistics().await {
-            Ok(body) => body,
+        let naming = Naming {
+            topic: Some(&config.topic),
+            prefix: "",
+        };
+        let mapped = match client.statistics_mapped(naming, now_ms()).await {
+            Ok(mapped) => mapped,
             Err(error) => {
                 report.failed_polls += 1;
                 let delay = poll_backoff.next_delay();
@@ -487,14 +491,6 @@ pub async fn run(config: SampleConfig, shutdown: CancellationToken) -> SampleRep
         };
         poll_backoff.reset();
         next_poll = tokio::time::Instant::now() + config.period;
-        let mapped = map_entries(
-            &body,
-            Naming {
-                topic: Some(&config.topic),
-                prefix: "",
-            },
-            now_ms(),
-        );
         for reason in &mapped.skipped {
             warn!(reason, "Skipped a statistics entry.");
         }

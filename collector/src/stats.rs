@@ -247,6 +247,12 @@ pub struct Stats {
     pub task_panics: AtomicU64,
     /// Configuration changes applied through the API.
     pub config_changes: AtomicU64,
+    /// Requests the agent poller made.
+    pub agent_requests: AtomicU64,
+    /// Agent requests that failed (any reason).
+    pub agent_request_failures: AtomicU64,
+    /// Agent answers refused for being larger than `agent_max_body_bytes`.
+    pub agent_responses_too_large: AtomicU64,
 }
 
 impl Default for Stats {
@@ -292,6 +298,9 @@ impl Default for Stats {
             partners_refused: AtomicU64::default(),
             task_panics: AtomicU64::default(),
             config_changes: AtomicU64::default(),
+            agent_requests: AtomicU64::default(),
+            agent_request_failures: AtomicU64::default(),
+            agent_responses_too_large: AtomicU64::default(),
         }
     }
 }

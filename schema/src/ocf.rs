@@ -472,7 +472,6 @@ impl StreamDecoder {
         &'a mut self,
         input: &'a [u8],
     ) -> Result<(usize, Option<BlockView<'a>>), DecodeError> {
-        // Headers first; then at most one block, which may borrow.
         let (used, block_next) = self.consume_headers(input)?;
         if !block_next {
             return Ok((used, None));
@@ -485,22 +484,31 @@ impl StreamDecoder {
             failed,
             ..
         } = self;
-        let stream = stream.as_ref().expect("checked in the loop");
-        match step_block(stream, limits, scratch, &input[used..], true, *offset) {
-            Ok(None) => Ok((used, None)),
-            Ok(Some((n, view))) => {
-                *offset += n as u64;
-                Ok((used + n, Some(view)))
-            }
-            Err((relative, kind)) => {
-                let error = DecodeError {
-                    offset: *offset + relative as u64,
-                    kind,
-                };
-                *failed = Some(error.clone());
-                Err(error)
-            }
+        let stream = stream.as_ref().expect("a block follows only a header");
+        view_block(stream, limits, scratch, input, used, offset, failed)
+    }
+
+    /// [`decode_view`](Self::decode_view), decompressing into `scratch`
+    /// instead of the decoder's own buffer: for callers that share one
+    /// buffer between many decoders (cleared first, left as it is after).
+    pub fn decode_view_into<'a>(
+        &'a mut self,
+        input: &'a [u8],
+        scratch: &'a mut Vec<u8>,
+    ) -> Result<(usize, Option<BlockView<'a>>), DecodeError> {
+        let (used, block_next) = self.consume_headers(input)?;
+        if !block_next {
+            return Ok((used, None));
         }
+        let Self {
+            stream,
+            limits,
+            offset,
+            failed,
+            ..
+        } = self;
+        let stream = stream.as_ref().expect("a block follows only a header");
+        view_block(stream, limits, scratch, input, used, offset, failed)
     }
 
     /// Consumes every whole header at the front of `input`. Returns the
@@ -605,6 +613,34 @@ impl StreamDecoder {
         self.stream = Some(Stream { header, plan });
         self.files += 1;
         Ok(Step::Header(len))
+    }
+}
+
+/// The block after the headers (`used` bytes) of `input`, read in place,
+/// keeping the decoder's offset and failure up to date.
+fn view_block<'a>(
+    stream: &Stream,
+    limits: &Limits,
+    scratch: &'a mut Vec<u8>,
+    input: &'a [u8],
+    used: usize,
+    offset: &mut u64,
+    failed: &mut Option<DecodeError>,
+) -> Result<(usize, Option<BlockView<'a>>), DecodeError> {
+    match step_block(stream, limits, scratch, &input[used..], true, *offset) {
+        Ok(None) => Ok((used, None)),
+        Ok(Some((n, view))) => {
+            *offset += n as u64;
+            Ok((used + n, Some(view)))
+        }
+        Err((relative, kind)) => {
+            let error = DecodeError {
+                offset: *offset + relative as u64,
+                kind,
+            };
+            *failed = Some(error.clone());
+            Err(error)
+        }
     }
 }
 

@@ -7,5 +7,6 @@ mod agent;
 mod api;
 mod discovery;
 mod faults;
+mod hostile;
 mod ingest_to_kafka;
 mod up;

@@ -227,14 +227,60 @@ impl AgentClient {
         Ok((status, body))
     }
 
-    async fn get_json(&self, path: &str) -> Result<Value, AgentError> {
+    /// The body of a 200 answer, as text.
+    async fn get_text(&self, path: &str) -> Result<(String, String), AgentError> {
         let url = format!("{}{path}", self.base);
         let (status, body) = self.get(path).await?;
         match status {
-            200 => parse_body(&url, &body),
+            200 => Ok((url, body)),
             401 => Err(AgentError::Unauthorized { url }),
             status => Err(AgentError::Status { url, status }),
         }
+    }
+
+    async fn get_json(&self, path: &str) -> Result<Value, AgentError> {
+        let (url, body) = self.get_text(path).await?;
+        parse_body(&url, &body)
+    }
+
+    /// Maps an entries body (see `mapping::map_entries_text`) as it is
+    /// parsed, never holding its whole JSON tree.
+    async fn get_entries(
+        &self,
+        path: &str,
+        naming: super::mapping::Naming<'_>,
+        now_ms: i64,
+    ) -> Result<super::mapping::Mapped, AgentError> {
+        let (url, body) = self.get_text(path).await?;
+        super::mapping::map_entries_text(&body, naming, now_ms)
+            .map_err(|reason| AgentError::Malformed { url, reason })
+    }
+
+    /// `/monitor/statistics.json` (or `/monitor/statistics`), mapped.
+    pub async fn statistics_mapped(
+        &self,
+        naming: super::mapping::Naming<'_>,
+        now_ms: i64,
+    ) -> Result<super::mapping::Mapped, AgentError> {
+        match self
+            .get_entries("/monitor/statistics.json", naming, now_ms)
+            .await
+        {
+            Err(AgentError::Status { status: 404, .. }) => {
+                self.get_entries("/monitor/statistics", naming, now_ms)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    /// `/containers`, mapped.
+    pub async fn containers_mapped(
+        &self,
+        naming: super::mapping::Naming<'_>,
+        now_ms: i64,
+    ) -> Result<super::mapping::Mapped, AgentError> {
+        self.get_entries("/containers", naming, now_ms).await
     }
 
     /// `/monitor/statistics.json`, falling back to `/monitor/statistics`

@@ -129,62 +129,136 @@ pub fn map_entries(body: &Value, naming: Naming<'_>, now_ms: i64) -> Mapped {
         return mapped;
     };
     for (i, entry) in entries.iter().enumerate() {
-        let Some(object) = entry.as_object() else {
-            mapped.skipped.push(format!("entry {i} is not an object"));
-            continue;
-        };
-        let Some(statistics) = object.get("statistics").and_then(Value::as_object) else {
-            let who = object
-                .get("executor_id")
-                .and_then(Value::as_str)
-                .unwrap_or("?");
-            mapped
-                .skipped
-                .push(format!("entry {i} (executor {who}) has no statistics"));
-            continue;
-        };
-        let mut tags: Vec<Tag> = object
-            .iter()
-            .filter_map(|(key, value)| value.as_str().map(|v| Tag::new(key, v)))
-            .collect();
-        tags.sort_by(|a, b| a.key.cmp(&b.key));
-        let time_ms = match statistics
-            .get("timestamp")
-            .and_then(number)
-            .filter(|t| t.is_finite())
-        {
-            Some(seconds) => (seconds * 1000.0) as i64,
-            None => {
-                mapped.missing_timestamp += 1;
-                now_ms
-            }
-        };
-        let mut datapoints = Vec::with_capacity(statistics.len());
-        let mut path = String::from(naming.prefix);
-        for (key, value) in statistics {
-            if key == "timestamp" {
-                continue;
-            }
-            let len = path.len();
-            path.push_str(key);
-            flatten(&mut path, value, time_ms, &mut datapoints);
-            path.truncate(len);
-        }
-        let topic = match naming.topic {
-            Some(topic) => topic.to_owned(),
-            None => object
-                .get("framework_id")
-                .and_then(Value::as_str)
-                .unwrap_or("unknown_container")
-                .to_owned(),
-        };
-        mapped.lists.push(MetricList {
-            topic,
-            tags,
-            datapoints,
-        });
+        map_entry(i, entry, naming, now_ms, &mut mapped);
     }
     mapped
+}
+
+/// [`map_entries`] straight from the body's text, one entry at a time: the
+/// whole body is never held as a JSON tree (which takes several times its
+/// size), only one entry of it. Bare `NaN` and `Infinity` are tolerated.
+pub fn map_entries_text(body: &str, naming: Naming<'_>, now_ms: i64) -> Result<Mapped, String> {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, SeqAccess, Visitor};
+    struct Entries<'m, 'n> {
+        mapped: &'m mut Mapped,
+        naming: Naming<'n>,
+        now_ms: i64,
+    }
+    impl<'de> DeserializeSeed<'de> for Entries<'_, '_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+            deserializer.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Entries<'_, '_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON array of entries")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut i = 0;
+            while let Some(entry) = seq.next_element::<Value>()? {
+                map_entry(i, &entry, self.naming, self.now_ms, self.mapped);
+                i += 1;
+            }
+            Ok(())
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            self.mapped.skipped.push("body is not a JSON array".into());
+            Ok(())
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+            self.mapped.skipped.push("body is not a JSON array".into());
+            Ok(())
+        }
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+            self.visit_unit()
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
+            self.visit_unit()
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+            self.visit_unit()
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+            self.visit_unit()
+        }
+        fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<(), E> {
+            self.visit_unit()
+        }
+    }
+    let body = super::client::tolerate_non_finite(body);
+    let mut mapped = Mapped::default();
+    let mut deserializer = serde_json::Deserializer::from_str(&body);
+    Entries {
+        mapped: &mut mapped,
+        naming,
+        now_ms,
+    }
+    .deserialize(&mut deserializer)
+    .and_then(|()| deserializer.end())
+    .map_err(|e| e.to_string())?;
+    Ok(mapped)
+}
+
+/// Maps one entry (the `i`th) of a `/monitor/statistics` or `/containers`
+/// body into `mapped`.
+fn map_entry(i: usize, entry: &Value, naming: Naming<'_>, now_ms: i64, mapped: &mut Mapped) {
+    let Some(object) = entry.as_object() else {
+        mapped.skipped.push(format!("entry {i} is not an object"));
+        return;
+    };
+    let Some(statistics) = object.get("statistics").and_then(Value::as_object) else {
+        let who = object
+            .get("executor_id")
+            .and_then(Value::as_str)
+            .unwrap_or("?");
+        mapped
+            .skipped
+            .push(format!("entry {i} (executor {who}) has no statistics"));
+        return;
+    };
+    let mut tags: Vec<Tag> = object
+        .iter()
+        .filter_map(|(key, value)| value.as_str().map(|v| Tag::new(key, v)))
+        .collect();
+    tags.sort_by(|a, b| a.key.cmp(&b.key));
+    let time_ms = match statistics
+        .get("timestamp")
+        .and_then(number)
+        .filter(|t| t.is_finite())
+    {
+        Some(seconds) => (seconds * 1000.0) as i64,
+        None => {
+            mapped.missing_timestamp += 1;
+            now_ms
+        }
+    };
+    let mut datapoints = Vec::with_capacity(statistics.len());
+    let mut path = String::from(naming.prefix);
+    for (key, value) in statistics {
+        if key == "timestamp" {
+            continue;
+        }
+        let len = path.len();
+        path.push_str(key);
+        flatten(&mut path, value, time_ms, &mut datapoints);
+        path.truncate(len);
+    }
+    let topic = match naming.topic {
+        Some(topic) => topic.to_owned(),
+        None => object
+            .get("framework_id")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown_container")
+            .to_owned(),
+    };
+    mapped.lists.push(MetricList {
+        topic,
+        tags,
+        datapoints,
+    });
 }
 
 /// Maps a `/metrics/snapshot` body: one MetricList on topic `topic`, each
@@ -224,6 +298,42 @@ pub fn numeric_leaves(value: &Value) -> usize {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn mapping_the_text_as_it_is_parsed_gives_what_mapping_the_tree_gives() {
+        let naming = Naming {
+            topic: None,
+            prefix: "p.",
+        };
+        for name in [
+            "mesos-agent-containers-response-1.json",
+            "mesos-agent-containers-response-2.json",
+            "mesos-agent-containers-blkio-testdata.json",
+            "mesos-agent-containers-no-statistics-testdata.json",
+            "mesos-monitor-statistics-doc-example.json",
+        ] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../fixtures/mesos")
+                .join(name);
+            let text = std::fs::read_to_string(path).unwrap();
+            let tree = super::super::client::parse_body("x", &text).unwrap();
+            assert_eq!(
+                map_entries_text(&text, naming, 7).unwrap(),
+                map_entries(&tree, naming, 7),
+                "{name}"
+            );
+        }
+        for text in ["{}", "3", "null", "\"x\"", "[1, [2], {}]", "[NaN]"] {
+            let tree = super::super::client::parse_body("x", text).unwrap();
+            assert_eq!(
+                map_entries_text(text, naming, 7).unwrap(),
+                map_entries(&tree, naming, 7),
+                "{text}"
+            );
+        }
+        assert!(map_entries_text("[{]", naming, 7).is_err());
+        assert!(map_entries_text("[] trailing", naming, 7).is_err());
+    }
+
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;

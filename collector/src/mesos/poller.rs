@@ -8,7 +8,7 @@
 //! at most every few seconds.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use schema::MetricList;
@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::client::{AgentClient, AgentError};
-use super::mapping::{Naming, map_entries, map_snapshot};
+use super::mapping::{Naming, map_snapshot};
 use crate::discovery::Backoff;
 use crate::enrich::Enrichment;
 use crate::pipeline::Pipeline;
@@ -121,15 +121,6 @@ pub async fn agent_url(address: &AgentAddress, shutdown: &CancellationToken) -> 
     }
 }
 
-/// Counters of the poller.
-#[derive(Debug, Default)]
-pub struct PollerStats {
-    /// Requests made.
-    pub queries: AtomicU64,
-    /// Requests that failed.
-    pub query_failures: AtomicU64,
-}
-
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -137,12 +128,14 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// How long records already polled may still wait for room once shutdown
+/// has begun: the TCP inputs' drain time.
+const DRAIN: Duration = Duration::from_secs(1);
+
 /// Everything the poller task needs.
 pub struct Poller {
     /// Settings.
     pub settings: PollerSettings,
-    /// Poller counters.
-    pub poller_stats: Arc<PollerStats>,
     /// Where the enrichment goes.
     pub enrichment: watch::Sender<Arc<Enrichment>>,
     /// Signalled by inputs that met an unknown framework id.
@@ -153,7 +146,11 @@ pub struct Poller {
 
 impl Poller {
     fn failed(&self, what: &str, error: &AgentError) {
-        self.poller_stats.query_failures.fetch_add(1, Relaxed);
+        let stats = &self.pipeline.stats;
+        stats.agent_request_failures.fetch_add(1, Relaxed);
+        if matches!(error, AgentError::TooLarge { .. }) {
+            stats.agent_responses_too_large.fetch_add(1, Relaxed);
+        }
         match error {
             AgentError::Unauthorized { .. } => {
                 tracing::error!(%error, "Agent refused the collector's credential; set auth_credential.")
@@ -173,15 +170,21 @@ impl Poller {
         if lists.is_empty() {
             return;
         }
+        // Once shutdown has begun, what still waits for room after the
+        // inputs' drain time is counted as dropped.
+        let give_up = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(DRAIN).await;
+        };
         self.pipeline
-            .push_owned(router, Input::Agent, lists, shutdown.cancelled())
+            .push_owned(router, Input::Agent, lists, give_up)
             .await;
     }
 
     /// Fetches `/state`. A cached state older than four poll periods expires:
     /// records then get the `UNKNOWN_*` values again rather than stale tags.
     async fn poll_state(&self, client: &AgentClient, last_ok: &mut Option<Instant>) {
-        self.poller_stats.queries.fetch_add(1, Relaxed);
+        self.pipeline.stats.agent_requests.fetch_add(1, Relaxed);
         match client.state().await {
             Ok(state) => {
                 *last_ok = Some(Instant::now());
@@ -255,22 +258,17 @@ impl Poller {
             if !self.settings.metrics {
                 continue;
             }
-            self.poller_stats.queries.fetch_add(1, Relaxed);
+            self.pipeline.stats.agent_requests.fetch_add(1, Relaxed);
+            let naming = Naming {
+                topic: None,
+                prefix: "dcos.metrics.container.",
+            };
             let containers = tokio::select! {
-                body = client.containers() => body,
+                mapped = client.containers_mapped(naming, now_ms()) => mapped,
                 () = shutdown.cancelled() => return,
             };
             match containers {
-                Ok(body) => {
-                    let mapped = map_entries(
-                        &body,
-                        Naming {
-                            topic: None,
-                            prefix: "dcos.metrics.container.",
-                        },
-                        now_ms(),
-                    );
-                    drop(body);
+                Ok(mapped) => {
                     for reason in &mapped.skipped {
                         warn!(reason, "Skipped a /containers entry.");
                     }
@@ -278,7 +276,7 @@ impl Poller {
                 }
                 Err(error) => self.failed("/containers", &error),
             }
-            self.poller_stats.queries.fetch_add(1, Relaxed);
+            self.pipeline.stats.agent_requests.fetch_add(1, Relaxed);
             let snapshot = tokio::select! {
                 body = client.snapshot() => body,
                 () = shutdown.cancelled() => return,
