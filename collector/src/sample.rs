@@ -342,10 +342,32 @@ async fn send_pending(
         }
         let failure = match &producer {
             Some((p, brokers)) => {
-                let record: FutureRecord<'_, (), [u8]> =
-                    FutureRecord::to(&topic).payload(&pending.payload);
-                match p.send(record, Duration::from_secs(5)).await {
-                    Ok(_) => {
+                // A send waits for its delivery report, up to the message
+                // timeout: shutdown's grace ends it sooner.
+                let sent = {
+                    let record: FutureRecord<'_, (), [u8]> =
+                        FutureRecord::to(&topic).payload(&pending.payload);
+                    let send = p.send(record, Duration::from_secs(5));
+                    tokio::pin!(send);
+                    loop {
+                        tokio::select! {
+                            sent = &mut send => break Some(sent.map(drop).map_err(|(e, _)| e)),
+                            () = shutdown.cancelled(), if deadline.is_none() => {
+                                deadline = Some(crate::shutdown::deadline_after(
+                                    tokio::time::Instant::now(),
+                                    grace,
+                                ));
+                            }
+                            () = sleep_until_or_never(deadline) => break None,
+                        }
+                    }
+                };
+                let Some(sent) = sent else {
+                    shared.put_back(vec![pending]);
+                    return;
+                };
+                match sent {
+                    Ok(()) => {
                         shared.delivered_messages.fetch_add(1, Relaxed);
                         shared
                             .delivered_datapoints
@@ -353,7 +375,7 @@ async fn send_pending(
                         backoff.reset();
                         continue;
                     }
-                    Err((error, _)) => {
+                    Err(error) => {
                         let failure = classify(&error);
                         if error.rdkafka_error_code()
                             == Some(RDKafkaErrorCode::UnknownTopicOrPartition)
@@ -408,6 +430,13 @@ async fn send_pending(
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled(), if deadline.is_none() => {}
         }
+    }
+}
+
+async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

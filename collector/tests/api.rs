@@ -102,6 +102,17 @@ async fn a_valid_patch_applies_and_an_invalid_one_changes_nothing() {
         ),
         (r#"[1, 2]"#, "(body)"),
         ("not json", "(body)"),
+        // An unusable broker string used to be accepted, and the sink
+        // switched to it.
+        (
+            r#"{"kafka_brokers": ["not a broker :::"]}"#,
+            "kafka_brokers",
+        ),
+        (r#"{"kafka_brokers": ["host:99999"]}"#, "kafka_brokers"),
+        (
+            r#"{"shutdown_grace_secs": 18446744073709551615}"#,
+            "shutdown_grace_secs",
+        ),
     ] {
         let (status, body) = call(&app, "PATCH", "/v1/config", Some(patch), None).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{patch}: {body}");

@@ -367,3 +367,102 @@ async fn an_agent_answer_over_the_limit_is_refused_and_counted() {
     assert_balanced(&collector.shutdown().await);
     agent.stop();
 }
+
+fn sample_config(agent: String, bootstrap: &str) -> collector::sample::SampleConfig {
+    use collector::sample::SampleConfig;
+    SampleConfig {
+        brokers: Some(collector::discovery::BrokerSource::Static(vec![
+            bootstrap.to_owned(),
+        ])),
+        topic: "sample_metrics".into(),
+        period: Duration::from_millis(200),
+        agent: collector::mesos::poller::AgentAddress::Url(agent),
+        auth: None,
+        agent_timeout: Duration::from_secs(2),
+        file_dir: None,
+        max_pending: SampleConfig::MAX_PENDING,
+        max_pending_bytes: SampleConfig::MAX_PENDING_BYTES,
+        max_message_bytes: SampleConfig::MAX_MESSAGE_BYTES,
+        max_body_bytes: SampleConfig::MAX_BODY_BYTES,
+        compression: "none".into(),
+        librdkafka: Vec::new(),
+    }
+}
+
+/// A poll the brokers refuse as too large is split until it fits, and
+/// every datapoint arrives. It used to be kept and retried forever, with
+/// good polls queued behind it and dropped as "Kafka unreachable".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sample_producer_splits_a_poll_the_brokers_refuse_as_too_large() {
+    let kafka = MockCluster::new(1).unwrap();
+    let agent = mesos_agent().containers(40).run().await.unwrap();
+    let mut config = sample_config(agent.url(), &kafka.bootstrap_servers());
+    // librdkafka refuses anything over 8 KB, though the poll is cut at 1 MB:
+    // as a broker with a smaller limit would.
+    config.librdkafka = vec![("message.max.bytes".into(), "8000".into())];
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(collector::sample::run(config, shutdown.clone()));
+    assert_eventually!(agent.requests() >= 4, "polled a few times");
+    let bootstrap = kafka.bootstrap_servers();
+    assert_eventually!(
+        {
+            let bootstrap = bootstrap.clone();
+            tokio::task::spawn_blocking(move || {
+                e2e::consume_all(&bootstrap, "sample_metrics").records.len() >= 80
+            })
+            .await
+            .unwrap()
+        },
+        "two polls' executors arrived"
+    );
+    shutdown.cancel();
+    let report = task.await.unwrap();
+    assert_eq!(report.datapoints_dropped, 0, "{report:?}");
+    let collected = e2e::consume(kafka.bootstrap_servers(), "sample_metrics").await;
+    assert!(collected.messages.iter().all(|(_, m)| m.len() <= 8000));
+    assert_eq!(collected.datapoints(), report.datapoints_delivered);
+    assert!(report.messages_delivered > report.polls, "{report:?}");
+    agent.stop();
+}
+
+/// An executor whose statistics fit no message is dropped and counted;
+/// polling and sending go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sample_producer_drops_and_counts_an_executor_too_large_for_any_message() {
+    let kafka = MockCluster::new(1).unwrap();
+    let agent = mesos_agent().containers(3).run().await.unwrap();
+    let mut config = sample_config(agent.url(), &kafka.bootstrap_servers());
+    config.librdkafka = vec![("message.max.bytes".into(), "1000".into())];
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(collector::sample::run(config, shutdown.clone()));
+    assert_eventually!(agent.requests() >= 5, "keeps polling");
+    shutdown.cancel();
+    let report = task.await.unwrap();
+    assert!(report.datapoints_too_large > 0, "{report:?}");
+    assert_eq!(report.datapoints_dropped, report.datapoints_too_large);
+    assert_eq!(report.messages_delivered, 0);
+    agent.stop();
+}
+
+/// While Kafka is down, the polls kept are bounded in bytes, not only in
+/// number: the oldest go first, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sample_producer_bounds_its_pending_polls_in_bytes() {
+    let kafka = MockCluster::new(1).unwrap();
+    kafka.broker_down(1).unwrap();
+    let agent = mesos_agent().containers(10).run().await.unwrap();
+    let mut config = sample_config(agent.url(), &kafka.bootstrap_servers());
+    config.max_pending_bytes = 16 * 1024;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(collector::sample::run(config, shutdown.clone()));
+    assert_eventually!(agent.requests() >= 8, "polled while Kafka is down");
+    shutdown.cancel();
+    let report = task.await.unwrap();
+    assert!(report.polls < collector::sample::SampleConfig::MAX_PENDING as u64);
+    assert_eq!(report.datapoints_delivered, 0, "{report:?}");
+    assert!(
+        report.datapoints_dropped > 0,
+        "fewer polls than max_pending, yet the byte bound dropped some: {report:?}"
+    );
+    agent.stop();
+}

@@ -353,32 +353,18 @@ impl ProducerContext for Context {
                     error!(topic = %meta.topic, bytes = size, datapoints = meta.datapoints, attempts = meta.attempts + 1, %error,
                         "Kafka rejected a message; its datapoints are dropped.");
                 } else {
-                    // A purge (a broker switch moving the queue) is not the
-                    // message's failure: it goes out again at once.
                     let purged = matches!(
                         code,
                         RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight
                     );
                     debug!(topic = %meta.topic, %error, purged, "Kafka message failed; producing it again.");
                     self.stats.messages_retried.fetch_add(1, Relaxed);
-                    let payload = message.payload().unwrap_or_default().to_vec();
-                    let lease = self.retry_budget.force(allocated_size(payload.len()));
-                    let retry = Message {
-                        topic: meta.topic,
-                        key: meta.key,
-                        payload,
-                        lease,
-                        records: meta.records,
-                        datapoints: meta.datapoints,
-                        created: meta.created,
-                        attempts: if purged {
-                            meta.attempts
-                        } else {
-                            meta.attempts + 1
-                        },
-                        not_before: (!purged)
-                            .then(|| Instant::now() + retry_backoff(meta.attempts)),
-                    };
+                    let retry = retry_of(
+                        *meta,
+                        message.payload().unwrap_or_default(),
+                        purged,
+                        &self.retry_budget,
+                    );
                     if let Err(mpsc::error::SendError(lost)) = self.retry.send(retry) {
                         // The sink is gone (only after shutdown): count it.
                         self.stats.count_drop(
@@ -391,6 +377,30 @@ impl ProducerContext for Context {
             }
         }
         self.room.notify_one();
+    }
+}
+
+/// The message to produce again after a failure, its payload copied out
+/// of librdkafka and counted in `retry_budget` (`kafka_retry_bytes`) until
+/// it is produced again: only messages librdkafka held come back, so these
+/// never hold more than its queue did. A purge (a broker switch moving the
+/// queue) is not the message's failure: it goes again at once, without
+/// counting an attempt.
+fn retry_of(meta: Meta, payload: &[u8], purged: bool, retry_budget: &Arc<Budget>) -> Message {
+    Message {
+        topic: meta.topic,
+        key: meta.key,
+        lease: retry_budget.force(allocated_size(payload.len())),
+        payload: payload.to_vec(),
+        records: meta.records,
+        datapoints: meta.datapoints,
+        created: meta.created,
+        attempts: if purged {
+            meta.attempts
+        } else {
+            meta.attempts + 1
+        },
+        not_before: (!purged).then(|| Instant::now() + retry_backoff(meta.attempts)),
     }
 }
 
@@ -1082,5 +1092,32 @@ mod tests {
         assert!(is_permanent(RDKafkaErrorCode::InvalidTopic));
         assert!(!is_permanent(RDKafkaErrorCode::Unknown));
         assert!(!is_permanent(RDKafkaErrorCode::NotEnoughReplicas));
+    }
+
+    #[test]
+    fn a_message_handed_back_is_counted_until_it_goes_again() {
+        let stats = Arc::new(Stats::default());
+        let budget = Budget::for_gauge(stats.clone(), crate::buffer::Gauge::KafkaRetryBytes);
+        let meta = || Meta {
+            topic: "t".into(),
+            key: None,
+            records: 3,
+            datapoints: 30,
+            created: Instant::now(),
+            attempts: 2,
+        };
+        let failed = retry_of(meta(), &[7; 1000], false, &budget);
+        assert_eq!(failed.payload, vec![7; 1000]);
+        assert_eq!(failed.attempts, 3);
+        assert!(failed.not_before.is_some(), "a failure backs off");
+        let purged = retry_of(meta(), &[7; 1000], true, &budget);
+        assert_eq!(purged.attempts, 2);
+        assert_eq!(purged.not_before, None, "a purge goes again at once");
+        assert_eq!(
+            stats.kafka_retry_bytes.load(Relaxed),
+            2 * allocated_size(1000) as i64
+        );
+        drop((failed, purged));
+        assert_eq!(stats.kafka_retry_bytes.load(Relaxed), 0);
     }
 }
