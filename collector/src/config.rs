@@ -399,8 +399,9 @@ impl Config {
         }
     }
 
-    /// Checks the configuration as a whole.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks every setting and how they fit together, without asking
+    /// librdkafka about its options.
+    pub fn validate_settings(&self) -> Result<(), ConfigError> {
         let positive = |field: &str, value: u64| {
             if value == 0 {
                 Err(ConfigError::new(field, "must be greater than 0"))
@@ -602,6 +603,15 @@ impl Config {
                 return Err(ConfigError::new("static_tags", "tag keys may not be empty"));
             }
         }
+        Ok(())
+    }
+
+    /// Checks the configuration as a whole: [`validate_settings`], then the
+    /// librdkafka options.
+    ///
+    /// [`validate_settings`]: Self::validate_settings
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_settings()?;
         if self.kafka {
             // librdkafka checks its options when a client is made: make one
             // (connected to nothing), so that a bad option is refused here

@@ -34,6 +34,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use schema::StreamDecoder;
 use schema::ocf::{BlockInfo, BlockView, Next};
 use tokio::io::AsyncWriteExt;
@@ -207,7 +208,19 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         tracker.spawn(
             async move {
-                connection(stream, &shared, shutdown).await;
+                let served =
+                    std::panic::AssertUnwindSafe(connection(stream, &shared, shutdown))
+                        .catch_unwind()
+                        .await;
+                if let Err(panic) = served {
+                    // A bug: counted and logged, and the connection's slot
+                    // and gauge are given back. What it held is counted as
+                    // internal_error at shutdown.
+                    let stats = &shared.pipeline.stats;
+                    stats.task_panics.fetch_add(1, Relaxed);
+                    stats.connections_open.fetch_sub(1, Relaxed);
+                    tracing::error!(panic = %crate::shutdown::panic_message(panic), "An input connection's task panicked; the connection was closed.");
+                }
                 drop(permit);
             }
             .instrument(info_span!("input", %peer)),

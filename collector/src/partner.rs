@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt as _;
 use regex::Regex;
 use schema::{Codec, OcfEncoder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -361,7 +362,14 @@ pub async fn serve(listener: TcpListener, hub: Arc<PartnerHub>, shutdown: Cancel
         let hub = hub.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            serve_partner(stream, peer, hub.clone(), shutdown).await;
+            let served =
+                std::panic::AssertUnwindSafe(serve_partner(stream, peer, hub.clone(), shutdown))
+                    .catch_unwind()
+                    .await;
+            if let Err(panic) = served {
+                hub.stats.task_panics.fetch_add(1, Relaxed);
+                tracing::error!(%peer, panic = %crate::shutdown::panic_message(panic), "A partner connection's task panicked; it was closed.");
+            }
             hub.connections.fetch_sub(1, Relaxed);
         });
     }

@@ -197,15 +197,17 @@ type HeaderResult = Result<Option<Header>, (usize, DecodeErrorKind)>;
 /// Parses a header at the start of `input`. `Ok(None)` means more bytes are
 /// needed; errors carry the offset relative to `input`.
 pub fn parse_header(input: &[u8], limits: &Limits) -> HeaderResult {
-    let magic_len = input.len().min(4);
-    if input[..magic_len] != MAGIC[..magic_len] {
-        return Err((
-            0,
-            DecodeErrorKind::BadMagic {
-                found: input[..magic_len].to_vec(),
-            },
-        ));
-    }
+    parse_header_needing(input, limits).map(|(header, _)| header)
+}
+
+/// [`parse_header`], and when more bytes are needed, how many the input
+/// must hold at least before parsing again can get further: a header that
+/// trickles in is not parsed again from the start for every byte.
+fn parse_header_needing(
+    input: &[u8],
+    limits: &Limits,
+) -> Result<(Option<Header>, usize), (usize, DecodeErrorKind)> {
+    check_magic(input)?;
     let too_large = || {
         (
             0,
@@ -214,17 +216,41 @@ pub fn parse_header(input: &[u8], limits: &Limits) -> HeaderResult {
             },
         )
     };
-    let parsed = parse_header_body(input, limits)?;
-    match parsed {
-        None if input.len() >= limits.max_header_bytes => Err(too_large()),
-        Some(header) if header.len > limits.max_header_bytes => Err(too_large()),
-        other => Ok(other),
+    match parse_header_body(input, limits)? {
+        Err(_) if input.len() >= limits.max_header_bytes => Err(too_large()),
+        // Parsing again gets further only with this many bytes, and the
+        // limit is checked at the limit.
+        Err(at_least) => Ok((None, at_least.min(limits.max_header_bytes))),
+        Ok(header) if header.len > limits.max_header_bytes => Err(too_large()),
+        Ok(header) => Ok((Some(header), 0)),
     }
 }
 
-fn parse_header_body(input: &[u8], limits: &Limits) -> HeaderResult {
+/// Refuses input that does not start like a header. Reported up to the
+/// first byte that differs, so that the error is the same however the input
+/// was cut into pieces.
+fn check_magic(input: &[u8]) -> Result<(), (usize, DecodeErrorKind)> {
+    match input.iter().zip(MAGIC).position(|(got, want)| *got != want) {
+        Some(differs) => Err((
+            0,
+            DecodeErrorKind::BadMagic {
+                found: input[..=differs].to_vec(),
+            },
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A header, or (as `Err`) the length the input must reach at least before
+/// it can be parsed further.
+type HeaderBody = Result<Header, usize>;
+
+fn parse_header_body(
+    input: &[u8],
+    limits: &Limits,
+) -> Result<HeaderBody, (usize, DecodeErrorKind)> {
     if input.len() < 4 {
-        return Ok(None);
+        return Ok(Err(4));
     }
     let bad = |pos: usize, what: &str| (pos, DecodeErrorKind::BadHeader(what.to_owned()));
     let mut pos = 4;
@@ -236,7 +262,7 @@ fn parse_header_body(input: &[u8], limits: &Limits) -> HeaderResult {
                     pos = next;
                     value
                 }
-                Ok(None) => return Ok(None),
+                Ok(None) => return Ok(Err(input.len() + 1)),
                 Err(()) => return Err(bad(pos, "malformed varint in metadata")),
             }
         };
@@ -257,7 +283,7 @@ fn parse_header_body(input: &[u8], limits: &Limits) -> HeaderResult {
                 ));
             }
             let Some(bytes) = input.get(pos..pos + len) else {
-                return Ok(None);
+                return Ok(Err(pos + len));
             };
             pos += len;
             bytes
@@ -284,7 +310,7 @@ fn parse_header_body(input: &[u8], limits: &Limits) -> HeaderResult {
         }
     }
     let Some(sync) = input.get(pos..pos + 16) else {
-        return Ok(None);
+        return Ok(Err(pos + 16));
     };
     let len = pos + 16;
     let mut codec = Codec::Null;
@@ -310,7 +336,7 @@ fn parse_header_body(input: &[u8], limits: &Limits) -> HeaderResult {
     let schema_json = schema_json.ok_or((0, DecodeErrorKind::MissingSchema))?;
     let mut sync_marker = [0u8; 16];
     sync_marker.copy_from_slice(sync);
-    Ok(Some(Header {
+    Ok(Ok(Header {
         codec,
         sync: sync_marker,
         schema_json,
@@ -334,6 +360,8 @@ enum Step {
 pub struct StreamDecoder {
     limits: Limits,
     stream: Option<Stream>,
+    /// Bytes a header being read needs at least before it is parsed again.
+    header_needs: usize,
     /// Stream offset of the first byte not yet consumed.
     offset: u64,
     scratch: Vec<u8>,
@@ -347,6 +375,7 @@ impl StreamDecoder {
         Self {
             limits,
             stream: None,
+            header_needs: 0,
             offset: 0,
             scratch: Vec::new(),
             failed: None,
@@ -598,7 +627,13 @@ impl StreamDecoder {
     }
 
     fn step_header(&mut self, input: &[u8]) -> Result<Step, (usize, DecodeErrorKind)> {
-        let Some(header) = parse_header(input, &self.limits)? else {
+        if input.len() < self.header_needs {
+            check_magic(input)?;
+            return Ok(Step::NeedMore);
+        }
+        let (header, needs) = parse_header_needing(input, &self.limits)?;
+        self.header_needs = needs;
+        let Some(header) = header else {
             return Ok(Step::NeedMore);
         };
         let plan = match &self.stream {
@@ -974,6 +1009,53 @@ mod tests {
             "{err}"
         );
         assert_eq!(err.offset, 0);
+    }
+
+    /// A header that arrives a byte at a time is not parsed again from its
+    /// start for every byte: the decoder waits until the string it stopped
+    /// in can be whole. (A 64 KiB header sent a byte at a time used to cost
+    /// about 2 billion byte reads.)
+    #[test]
+    fn a_trickled_header_is_parsed_a_few_times_not_once_per_byte() {
+        let mut header = Vec::new();
+        OcfEncoder::with_sync(Codec::Null, MODULE_SYNC).write_header(&mut header);
+        let mut decoder = StreamDecoder::new(Limits::default());
+        let mut parses = 0;
+        for end in 1..header.len() {
+            let before = decoder.header_needs;
+            assert!(matches!(
+                decoder.decode_slice(&header[..end]),
+                Ok((0, None))
+            ));
+            if end >= before {
+                parses += 1;
+            }
+        }
+        let (used, block) = decoder.decode_slice(&header).unwrap();
+        assert_eq!((used, block.is_none()), (header.len(), true));
+        assert!(
+            parses < 20,
+            "{parses} parses of a {}-byte header",
+            header.len()
+        );
+    }
+
+    /// Found by fuzzing (ocf_stream): the error named however many bytes had
+    /// arrived, so the same stream cut differently failed differently.
+    #[test]
+    fn bad_magic_is_the_same_however_the_stream_is_cut() {
+        let stream = b"Ob\x8e\xfe\xf9";
+        let whole = decode_all(stream, Limits::default()).unwrap_err();
+        let mut decoder = StreamDecoder::new(Limits::default());
+        assert!(matches!(decoder.decode_slice(&stream[..2]), Ok((0, None))));
+        let cut = decoder.decode_slice(&stream[..3]).unwrap_err();
+        assert_eq!(whole, cut);
+        assert_eq!(
+            whole.kind,
+            DecodeErrorKind::BadMagic {
+                found: b"Ob\x8e".to_vec()
+            }
+        );
     }
 
     #[test]

@@ -107,9 +107,58 @@ pub struct ReaderPlan {
     writer: Option<Box<Schema>>,
 }
 
+/// Runs `work` on apache-avro, turning a panic into an error: it panics on
+/// some schemas it parses (found by fuzzing: a `size` that is a string of
+/// letters), and a schema comes from the sender of a stream.
+fn guarded<T, E>(
+    work: impl FnOnce() -> Result<T, E>,
+    failed: impl FnOnce(String) -> E,
+) -> Result<T, E> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|m| (*m).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(failed(format!("apache-avro failed: {message}")))
+    })
+}
+
+/// Refuses integer attributes (`size`, `precision`, `scale`) that are not
+/// integers: apache-avro accepts them when it parses a schema, then panics
+/// when it writes the schema's canonical form.
+fn check_integer_attributes(value: &serde_json::Value) -> Result<(), SchemaError> {
+    match value {
+        serde_json::Value::Object(members) => {
+            for (key, member) in members {
+                if matches!(key.as_str(), "size" | "precision" | "scale") {
+                    let integer = member.as_i64().is_some()
+                        || member.as_str().is_some_and(|s| s.parse::<i64>().is_ok());
+                    if !integer {
+                        return Err(SchemaError::Parse(format!(
+                            "`{key}` must be an integer, not {member}"
+                        )));
+                    }
+                }
+                check_integer_attributes(member)?;
+            }
+            Ok(())
+        }
+        serde_json::Value::Array(items) => items.iter().try_for_each(check_integer_attributes),
+        _ => Ok(()),
+    }
+}
+
 impl ReaderPlan {
     /// Chooses how to read data written with `writer_json`.
     pub fn for_writer_schema(writer_json: &str) -> Result<Self, SchemaError> {
+        if let Ok(json) = serde_json::from_str::<serde_json::Value>(writer_json) {
+            check_integer_attributes(&json)?;
+        }
+        guarded(|| Self::plan(writer_json), SchemaError::Parse)
+    }
+
+    fn plan(writer_json: &str) -> Result<Self, SchemaError> {
         let writer =
             Schema::parse_str(writer_json).map_err(|e| SchemaError::Parse(e.to_string()))?;
         let canonical = writer.canonical_form();
@@ -168,7 +217,10 @@ impl ReaderPlan {
             SchemaKind::Current => datum::read_metric_list,
             SchemaKind::Seed => datum::read_seed_metric_list,
             SchemaKind::ResolvedToCurrent | SchemaKind::ResolvedToSeed => {
-                return self.read_resolved(data, count, out);
+                return guarded(
+                    || self.read_resolved(data, count, out),
+                    |reason| RecordError { index: 0, reason },
+                );
             }
         };
         for index in 0..count {
@@ -356,6 +408,38 @@ fn seed_from_value(value: Value) -> Result<MetricList, &'static str> {
 
 #[cfg(test)]
 mod tests {
+
+    /// Found by fuzzing (writer_schema): apache-avro panicked making the
+    /// canonical form of a record schema with a `precision` attribute that
+    /// is not a number. Such schemas are refused before apache-avro sees
+    /// them; a panic it might still have in store is turned into an error.
+    #[test]
+    fn a_schema_apache_avro_panics_on_is_refused() {
+        for precision in [r#""x""#, "1.5", "true", "{}"] {
+            let writer = format!(
+                r#"{{"type": "record", "name": "r", "precision": {precision}, "fields": []}}"#
+            );
+            let error = ReaderPlan::for_writer_schema(&writer).unwrap_err();
+            assert!(
+                matches!(&error, SchemaError::Parse(reason) if reason.contains("precision")),
+                "{error}"
+            );
+        }
+        let guarded_error = guarded(
+            || -> Result<(), SchemaError> { panics() },
+            SchemaError::Parse,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&guarded_error, SchemaError::Parse(reason) if reason.starts_with("apache-avro failed")),
+            "{guarded_error}"
+        );
+    }
+
+    fn panics() -> Result<(), SchemaError> {
+        panic!("as apache-avro does on a schema it should have refused")
+    }
+
     use super::*;
 
     #[test]

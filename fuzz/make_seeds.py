@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Writes the fuzz targets' seed corpora (fuzz/seeds/TARGET/) from the
+project's fixtures (fixtures/), so that every target starts from real input.
+
+Run from the repository root:  python3 fuzz/make_seeds.py
+Needs: pip install -r scripts/requirements-test.txt  (fastavro)
+
+  ocf_stream            every fixtures/wire/*.avro file and the module's
+                        header, each after one byte that picks the chunk size
+  raw_scan              single records of fixtures/wire/current-sample-records.json,
+                        encoded by fastavro.schemaless_writer
+  writer_schema         each schema in schema/avro/, a zero byte, a few records
+  agent_entries         fixtures/mesos/*containers*.json and the
+                        /monitor/statistics example
+  agent_state           fixtures/mesos/mesos-agent-state-response.json
+  agent_snapshot        fixtures/mesos/mesos-agent-metrics-snapshot-response.json
+  scheduler_connection  fixtures/kafka/*.json
+  config_toml           small configuration files, as the README shows them
+  config_patch          the patches the API tests send
+  partner_line          the partner lines the README documents
+"""
+import io
+import json
+import shutil
+from pathlib import Path
+
+import fastavro
+
+ROOT = Path(__file__).resolve().parent.parent
+SEEDS = ROOT / "fuzz" / "seeds"
+
+
+def put(target, name, data):
+    folder = SEEDS / target
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+
+
+def concatenated_json(path):
+    text = path.read_text()
+    decoder = json.JSONDecoder()
+    pos, out = 0, []
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            return out
+        value, pos = decoder.raw_decode(text, pos)
+        out.append(value)
+
+
+def main():
+    if SEEDS.exists():
+        shutil.rmtree(SEEDS)
+    wire = ROOT / "fixtures" / "wire"
+    for i, path in enumerate(sorted(wire.glob("*.avro"))):
+        put("ocf_stream", path.stem, bytes([i * 7 % 64]) + path.read_bytes())
+    put("ocf_stream", "module-header", b"\x00" + (wire / "mesos-module-ocf-header.bin").read_bytes())
+
+    schema = fastavro.parse_schema(json.loads((ROOT / "schema/avro/metrics.avsc").read_text()))
+    records = concatenated_json(wire / "current-sample-records.json")
+    encoded = []
+    for i, record in enumerate(records):
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, schema, record)
+        encoded.append(buf.getvalue())
+        put("raw_scan", f"record-{i}", buf.getvalue())
+
+    for name in ["metrics.avsc", "metrics-seed.avsc"]:
+        text = (ROOT / "schema" / "avro" / name).read_text()
+        put("writer_schema", name, text.encode() + b"\x00" + bytes([len(encoded)]) + b"".join(encoded))
+
+    mesos = ROOT / "fixtures" / "mesos"
+    for path in sorted(mesos.glob("*containers*.json")) + [mesos / "mesos-monitor-statistics-doc-example.json"]:
+        put("agent_entries", path.stem, path.read_bytes())
+    put("agent_state", "state", (mesos / "mesos-agent-state-response.json").read_bytes())
+    put("agent_snapshot", "snapshot", (mesos / "mesos-agent-metrics-snapshot-response.json").read_bytes())
+
+    for path in sorted((ROOT / "fixtures" / "kafka").glob("*.json")):
+        put("scheduler_connection", path.stem, path.read_bytes())
+
+    put("config_toml", "small", 'kafka_topic_prefix = "file-"\nkafka_produce_count = 7\n')
+    put("config_toml", "tags", 'kafka_brokers = ["b:9092"]\n[static_tags]\ndc = "eu"\n[librdkafka]\n"linger.ms" = "7"\n')
+    put("config_toml", "policy", 'buffer_full_policy = "drop_oldest"\nshutdown_grace_secs = 5\n')
+
+    for i, patch in enumerate([
+        {"kafka_topic_prefix": "new-", "static_tags": {"dc": "eu"}},
+        {"kafka_produce_count": 0},
+        {"kafka_single_topic": "bad topic", "kafka_topic_prefix": "other-"},
+        {"kafka_brokers": ["not a broker :::"]},
+        {"listen_endpoint": "127.0.0.1:9"},
+        {"static_tags": None, "log_level": "debug"},
+    ]):
+        put("config_patch", f"patch-{i}", json.dumps(patch))
+
+    for i, line in enumerate(["topics=metrics-a,metrics-b", "topics=metrics-.*-prod", "", "topics=(", "hello"]):
+        put("partner_line", f"line-{i}", line)
+
+
+if __name__ == "__main__":
+    main()
