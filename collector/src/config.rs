@@ -675,6 +675,12 @@ impl Config {
                 let line = text[line_start..].lines().next().unwrap_or_default();
                 line.split('=').next().unwrap_or(line).trim().to_owned()
             });
+            // An empty key is still named (found by fuzzing: `"" = 1`).
+            let field = if field.is_empty() || field == "\"\"" {
+                "(an empty key)".to_owned()
+            } else {
+                field
+            };
             ConfigError::new(&field, format!("{place}: {}", e.message().trim()))
         })
     }
@@ -1054,6 +1060,14 @@ mod tests {
         .unwrap();
         let err = Config::from_file(&file).unwrap_err();
         assert_eq!(err.field, "buffer_full_policy", "{err}");
+    }
+
+    /// Found by fuzzing (config_toml): an empty key gave an error naming no
+    /// field.
+    #[test]
+    fn an_empty_key_is_named_too() {
+        let err = Config::from_toml("\"\"=\"f\"", "c.toml").unwrap_err();
+        assert_eq!(err.field, "(an empty key)", "{err}");
     }
 
     #[test]
