@@ -508,6 +508,10 @@ pub struct KafkaSink {
     /// Messages waiting for their topic's lookup, per topic, in order: a
     /// topic being created never holds up the others.
     parked: HashMap<Arc<str>, VecDeque<Message>>,
+    /// Bytes of the parked messages: past [`PARKED_SHARE`] of the buffer,
+    /// the sink takes no more from the buffer, so that what waits stays
+    /// where the full policy can reach it.
+    parked_bytes: usize,
     /// The broker source the discovery task follows.
     source: tokio::sync::watch::Sender<BrokerSource>,
     partners: Option<Arc<crate::partner::PartnerHub>>,
@@ -522,6 +526,11 @@ enum TopicState {
     Pending,
     RetryAt(Instant),
 }
+
+/// Messages waiting for their topics' lookups may hold a quarter of the
+/// buffer; beyond, the sink stops taking from the buffer (whose full policy
+/// then applies) until a topic is known.
+const PARKED_SHARE: usize = 4;
 
 /// The outcome of a topic lookup: the producer generation it was made
 /// with, the topic, and what is known of it now.
@@ -572,6 +581,7 @@ impl KafkaSink {
             topic_tx,
             topic_rx,
             parked: HashMap::new(),
+            parked_bytes: 0,
             source: tokio::sync::watch::Sender::new(settings.source.clone()),
             batcher: Batcher::with_sync(settings.thresholds, settings.sync),
             retry_budget: Budget::for_gauge(stats.clone(), crate::buffer::Gauge::KafkaRetryBytes),
@@ -770,6 +780,7 @@ impl KafkaSink {
             && let Some(waiting) = self.parked.remove(&topic)
         {
             for message in waiting.into_iter().rev() {
+                self.parked_bytes -= message.payload.len();
                 self.outbox.push_front(message);
             }
         }
@@ -804,12 +815,10 @@ impl KafkaSink {
                 self.outbox.push_front(message);
                 return false;
             }
-            if let Some(waiting) = self.parked.get_mut(&message.topic) {
-                // Its topic is being looked up: it waits behind the others.
-                waiting.push_back(message);
-                continue;
-            }
-            if !self.ensure_topic(&message.topic) {
+            if self.parked.contains_key(&message.topic) || !self.ensure_topic(&message.topic) {
+                // Its topic is being looked up: it waits apart, and the
+                // other topics go on.
+                self.parked_bytes += message.payload.len();
                 self.parked
                     .entry(message.topic.clone())
                     .or_default()
@@ -922,7 +931,8 @@ impl KafkaSink {
             }
             let batch_deadline = self.batcher.next_deadline();
             let topic_retry = self.next_topic_retry();
-            let wait_for_room = !self.outbox.is_empty();
+            let wait_for_room = !self.outbox.is_empty()
+                || self.parked_bytes > self.buffer.capacity() / PARKED_SHARE;
             tokio::select! {
                 chunk = self.buffer.pop(), if !wait_for_room && !input_done => match chunk {
                     Some(chunk) => self.batch(chunk),
@@ -1035,6 +1045,7 @@ impl KafkaSink {
         for (_, waiting) in self.parked.drain() {
             self.outbox.extend(waiting);
         }
+        self.parked_bytes = 0;
         for message in self.outbox.drain(..) {
             self.stats.count_drop(
                 DropReason::Shutdown,
