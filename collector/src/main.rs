@@ -5,8 +5,8 @@ use std::io::{self, BufWriter};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use collector::config::{ConfigArgs, usage_error};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use collector::config::{ConfigArgs, usage_error, with_defaults_in_help};
 use collector::decode::{DecodeFailure, decode_to};
 
 #[global_allocator]
@@ -67,7 +67,13 @@ fn legacy_env(name: &str) -> Option<String> {
 const EX_SOFTWARE: u8 = 70;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let command = with_defaults_in_help(Cli::command())
+        .mut_subcommand("run", with_defaults_in_help)
+        .mut_subcommand("validate", with_defaults_in_help);
+    let cli = match command
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches))
+    {
         Ok(cli) => cli,
         Err(error) => return usage_error("collector", error),
     };

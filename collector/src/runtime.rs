@@ -19,32 +19,6 @@ use crate::sink::kafka::SinkRuntime;
 use crate::stats::Stats;
 use crate::telemetry::LogControl;
 
-/// Keys that can change while running. Everything else needs a restart.
-pub const RUNTIME_KEYS: &[&str] = &[
-    "kafka_topic_prefix",
-    "kafka_single_topic",
-    "static_tags",
-    "kafka_partition_key_tag",
-    "input_limit_amount_kbytes",
-    "input_limit_period",
-    "global_limit_amount_kbytes",
-    "global_limit_period",
-    "kafka_produce_count",
-    "kafka_produce_kbytes",
-    "kafka_produce_period_ms",
-    "kafka_brokers",
-    "kafka_framework",
-    "kafka_scheduler_url",
-    "dns_server",
-    "buffer_full_policy",
-    "partner_buffer_kbytes",
-    "partner_disconnect_after_dropped_kbytes",
-    "max_partners",
-    "partner_write_timeout_secs",
-    "health_kafka_unavailable_secs",
-    "log_level",
-];
-
 /// Why a change was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PatchError {
@@ -173,7 +147,7 @@ impl Runtime {
             .collect();
         let refused: Vec<String> = changed
             .iter()
-            .filter(|k| !RUNTIME_KEYS.contains(&k.as_str()))
+            .filter(|k| !crate::config::is_runtime(k))
             .cloned()
             .collect();
         if !refused.is_empty() {

@@ -2,13 +2,18 @@
 //! optional TOML file. Flags beat env, env beats the file, the file beats the
 //! defaults. Flag `--kafka-brokers` is env `KAFKA_BROKERS` and file key
 //! `kafka_brokers`, as in the original, whose env names work unchanged
-//! (including its misspelt `LISTEN_ENDPONT`).
+//! (including its misspelt `LISTEN_ENDPONT`). The options are declared once,
+//! in [`options`]; this module validates them and reads files.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+mod options;
 
-use clap::{ArgAction, Args};
+pub use options::{
+    Config, ConfigArgs, OPTIONS, OptionInfo, default_text, is_runtime, markdown_table,
+    with_defaults_in_help,
+};
+
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
 
 /// What to do when the buffer between the inputs and Kafka is full.
@@ -32,196 +37,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
-}
-
-/// The collector's whole configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    /// TCP input address. Loopback by default, as in the original.
-    pub listen_endpoint: SocketAddr,
-    /// Most TCP input connections open at once; more are refused.
-    pub max_connections: usize,
-    /// Close an input connection that sends nothing for this long (0: never).
-    pub idle_timeout_secs: u64,
-    /// Per-connection input limit in KB per `input_limit_period` (0: none).
-    /// Records over the limit are read and dropped, counted as `rate_limited`.
-    pub input_limit_amount_kbytes: u64,
-    /// Period of the per-connection limit, in seconds.
-    pub input_limit_period: u64,
-    /// Limit over all connections together, in KB per period (0: none).
-    pub global_limit_amount_kbytes: u64,
-    /// Period of the global limit, in seconds.
-    pub global_limit_period: u64,
-    /// Largest OCF block accepted on an input, in bytes.
-    pub max_block_bytes: usize,
-    /// Largest OCF block accepted on an input once decompressed, in bytes.
-    pub max_decompressed_block_bytes: usize,
-    /// A header or block that has started must arrive whole within this
-    /// many seconds, or the connection is closed (0: no limit).
-    pub frame_timeout_secs: u64,
-    /// Bound on the read buffers of all input connections together, beyond
-    /// the 16 KiB each may hold on its own, in bytes.
-    pub input_buffer_max_bytes: usize,
-
-    /// Kafka topic = this prefix + the record's `topic`.
-    pub kafka_topic_prefix: String,
-    /// When set, every record goes to this one topic instead.
-    pub kafka_single_topic: Option<String>,
-    /// Tags added to every record that lacks them.
-    pub static_tags: BTreeMap<String, String>,
-
-    /// Send to Kafka. When false, records are counted and discarded (a null
-    /// sink, for benchmarks and dry runs).
-    pub kafka: bool,
-    /// Static broker list; wins over framework discovery.
-    pub kafka_brokers: Vec<String>,
-    /// Kafka framework to discover brokers from, via Mesos-DNS SRV
-    /// `_NAME._tcp.marathon.mesos` and the scheduler's `/v1/connection`.
-    pub kafka_framework: String,
-    /// Use this scheduler URL instead of the DNS lookup.
-    pub kafka_scheduler_url: Option<String>,
-    /// DNS server to ask for the SRV and A records (default: the system's).
-    pub dns_server: Option<SocketAddr>,
-    /// Rediscover brokers this often, in seconds (and whenever all are down).
-    pub kafka_rediscover_secs: u64,
-    /// Flush a topic's batch at this many records.
-    pub kafka_produce_count: usize,
-    /// Flush a topic's batch at this many KB.
-    pub kafka_produce_kbytes: usize,
-    /// Flush a topic's batch when its oldest record is this old, in ms.
-    pub kafka_produce_period_ms: u64,
-    /// Snappy compression of Kafka messages (the original's default).
-    pub kafka_compress_snappy: bool,
-    /// acks=all with idempotence (default); false means acks=1.
-    pub kafka_require_all_acks: bool,
-    /// Partition by the value of this tag (default: no key, as the original).
-    pub kafka_partition_key_tag: Option<String>,
-    /// Largest Kafka message value; batches are split below it.
-    pub kafka_max_message_bytes: usize,
-    /// Partitions for topics the collector creates.
-    pub kafka_topic_partitions: i32,
-    /// Replication factor for topics the collector creates.
-    pub kafka_topic_replication: i32,
-    /// Bound on librdkafka's own queue, in KB.
-    pub kafka_queue_max_kbytes: usize,
-    /// Any other librdkafka option, passed through last.
-    pub librdkafka: BTreeMap<String, String>,
-
-    /// Bound on the buffer between the inputs and the sink, in bytes.
-    pub buffer_max_bytes: usize,
-    /// What a full buffer does.
-    pub buffer_full_policy: FullPolicy,
-    /// How long shutdown may take to deliver what is queued, in seconds.
-    pub shutdown_grace_secs: u64,
-
-    /// Poll the Mesos agent for enrichment and its own metrics (the
-    /// original's `-agent-polling`).
-    pub agent_polling: bool,
-    /// The agent's base URL; when unset, `agent_ip_command` finds its IP.
-    pub agent_url: Option<String>,
-    /// Command printing the agent's IP (the original's `-agent-ip-command`).
-    pub agent_ip_command: String,
-    /// Agent port, with `agent_ip_command`.
-    pub agent_port: u16,
-    /// Agent poll period, seconds.
-    pub agent_poll_period: u64,
-    /// Agent request timeout, seconds.
-    pub agent_timeout_secs: u64,
-    /// Largest agent response body read, in bytes; a larger one is refused.
-    pub agent_max_body_bytes: usize,
-    /// Topic of the agent's `/metrics/snapshot` data.
-    pub agent_metrics_topic: String,
-    /// Sent to the agent as `Authorization: token=<x>`. Secret: redacted in
-    /// every output.
-    pub auth_credential: Option<String>,
-
-    /// HTTP API address (loopback by default; port 0 allowed).
-    pub api_listen: SocketAddr,
-    /// Bearer token for mutating API requests; required when the API listens
-    /// beyond loopback. Secret: redacted in every output.
-    pub api_token: Option<String>,
-    /// Partner output address (loopback by default; port 0 allowed).
-    pub partner_listen: SocketAddr,
-    /// Bytes queued per partner before its oldest blocks are dropped, KB.
-    pub partner_buffer_kbytes: usize,
-    /// A partner that has lost more than this is disconnected, KB.
-    pub partner_disconnect_after_dropped_kbytes: usize,
-    /// Most partners connected at once; more are refused.
-    pub max_partners: usize,
-    /// A partner that takes no bytes of a write for this long is
-    /// disconnected, seconds.
-    pub partner_write_timeout_secs: u64,
-    /// `/health` answers 503 once Kafka has been unreachable this long, seconds.
-    pub health_kafka_unavailable_secs: u64,
-
-    /// Log filter, e.g. `info` or `collector=debug`.
-    pub log_level: String,
-    /// Log format.
-    pub log_format: LogFormat,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            listen_endpoint: SocketAddr::from(([127, 0, 0, 1], 8124)),
-            max_connections: 1024,
-            idle_timeout_secs: 300,
-            input_limit_amount_kbytes: 20480,
-            input_limit_period: 60,
-            global_limit_amount_kbytes: 40960,
-            global_limit_period: 60,
-            max_block_bytes: schema::Limits::default().max_block_bytes,
-            max_decompressed_block_bytes: 16 * 1024 * 1024,
-            frame_timeout_secs: 60,
-            input_buffer_max_bytes: 16 * 1024 * 1024,
-            kafka_topic_prefix: "metrics-".into(),
-            kafka_single_topic: None,
-            static_tags: BTreeMap::new(),
-            kafka: true,
-            kafka_brokers: Vec::new(),
-            kafka_framework: "kafka".into(),
-            kafka_scheduler_url: None,
-            dns_server: None,
-            kafka_rediscover_secs: 60,
-            kafka_produce_count: 1024,
-            kafka_produce_kbytes: 512,
-            kafka_produce_period_ms: 1000,
-            kafka_compress_snappy: true,
-            kafka_require_all_acks: true,
-            kafka_partition_key_tag: None,
-            kafka_max_message_bytes: 1_000_000,
-            kafka_topic_partitions: 1,
-            kafka_topic_replication: 1,
-            // The bounded buffer holds an outage; librdkafka only needs enough to
-            // keep the brokers busy: 4 MiB kept the throughput of 8 MiB and
-            // took 6 MiB off the outage RSS; 2 MiB cost 17 % (BENCHMARKS.md).
-            kafka_queue_max_kbytes: 4 * 1024,
-            librdkafka: BTreeMap::new(),
-            buffer_max_bytes: 64 * 1024 * 1024,
-            buffer_full_policy: FullPolicy::Block,
-            shutdown_grace_secs: 30,
-            agent_polling: true,
-            agent_url: None,
-            agent_ip_command: "/opt/mesosphere/bin/detect_ip".into(),
-            agent_port: 5051,
-            agent_poll_period: 15,
-            agent_timeout_secs: 5,
-            agent_max_body_bytes: 8 * 1024 * 1024,
-            agent_metrics_topic: "agent".into(),
-            auth_credential: None,
-            api_listen: SocketAddr::from(([127, 0, 0, 1], 8123)),
-            api_token: None,
-            partner_listen: SocketAddr::from(([127, 0, 0, 1], 8126)),
-            partner_buffer_kbytes: 4096,
-            partner_disconnect_after_dropped_kbytes: 65536,
-            max_partners: 8,
-            partner_write_timeout_secs: 10,
-            health_kafka_unavailable_secs: 60,
-            log_level: "info".into(),
-            log_format: LogFormat::Text,
-        }
-    }
 }
 
 /// A configuration value that is wrong, naming the field.
@@ -622,24 +437,6 @@ impl Config {
         Ok(())
     }
 
-    /// The configuration with every secret replaced by `<redacted>`, for
-    /// output.
-    pub fn redacted(&self) -> Self {
-        let mut config = self.clone();
-        if config.auth_credential.is_some() {
-            config.auth_credential = Some("<redacted>".into());
-        }
-        if config.api_token.is_some() {
-            config.api_token = Some("<redacted>".into());
-        }
-        for (key, value) in &mut config.librdkafka {
-            if key.contains("password") || key.contains("secret") || key.contains("token") {
-                *value = "<redacted>".into();
-            }
-        }
-        config
-    }
-
     /// Reads a TOML file. Errors name the key and give the file, line and
     /// column; a syntax error names the file itself (`config`).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
@@ -725,286 +522,66 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
-/// The command-line (and env) form of [`Config`]. Every field is optional so
-/// that what was not given falls through to the file and the defaults.
-#[derive(Debug, Default, Clone, Args)]
-pub struct ConfigArgs {
-    /// TOML configuration file.
-    #[arg(long, env = "COLLECTOR_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// TCP input address [default: 127.0.0.1:8124] (also env LISTEN_ENDPONT).
-    #[arg(long, env = "LISTEN_ENDPOINT")]
-    pub listen_endpoint: Option<SocketAddr>,
-    /// Most input connections at once [default: 1024].
-    #[arg(long, env = "MAX_CONNECTIONS")]
-    pub max_connections: Option<usize>,
-    /// Idle input connection timeout, seconds, 0 for none [default: 300].
-    #[arg(long, env = "IDLE_TIMEOUT_SECS")]
-    pub idle_timeout_secs: Option<u64>,
-    /// Per-connection input limit, KB per period, 0 for none [default: 20480].
-    #[arg(long, env = "INPUT_LIMIT_AMOUNT_KBYTES")]
-    pub input_limit_amount_kbytes: Option<u64>,
-    /// Per-connection limit period, seconds [default: 60].
-    #[arg(long, env = "INPUT_LIMIT_PERIOD")]
-    pub input_limit_period: Option<u64>,
-    /// Global input limit, KB per period, 0 for none [default: 40960].
-    #[arg(long, env = "GLOBAL_LIMIT_AMOUNT_KBYTES")]
-    pub global_limit_amount_kbytes: Option<u64>,
-    /// Global limit period, seconds [default: 60].
-    #[arg(long, env = "GLOBAL_LIMIT_PERIOD")]
-    pub global_limit_period: Option<u64>,
-    /// Largest input OCF block, bytes [default: 8 MiB].
-    #[arg(long, env = "MAX_BLOCK_BYTES")]
-    pub max_block_bytes: Option<usize>,
-    /// Largest input OCF block once decompressed, bytes [default: 16 MiB].
-    #[arg(long, env = "MAX_DECOMPRESSED_BLOCK_BYTES")]
-    pub max_decompressed_block_bytes: Option<usize>,
-    /// A started header or block must arrive within this, seconds, 0 for none [default: 60].
-    #[arg(long, env = "FRAME_TIMEOUT_SECS")]
-    pub frame_timeout_secs: Option<u64>,
-    /// Bound on all input read buffers beyond 16 KiB each, bytes [default: 16 MiB].
-    #[arg(long, env = "INPUT_BUFFER_MAX_BYTES")]
-    pub input_buffer_max_bytes: Option<usize>,
-    /// Kafka topic prefix [default: metrics-].
-    #[arg(long, env = "KAFKA_TOPIC_PREFIX")]
-    pub kafka_topic_prefix: Option<String>,
-    /// Send every record to this one topic.
-    #[arg(long, env = "KAFKA_SINGLE_TOPIC")]
-    pub kafka_single_topic: Option<String>,
-    /// Static tag KEY=VALUE added to records that lack it (repeatable; env: comma list).
-    #[arg(long = "static-tag", env = "STATIC_TAGS", value_delimiter = ',', value_parser = parse_pair)]
-    pub static_tags: Option<Vec<(String, String)>>,
-    /// Send to Kafka; false discards (null sink) [default: true].
-    #[arg(long, env = "KAFKA", action = ArgAction::Set, value_parser = parse_bool)]
-    pub kafka: Option<bool>,
-    /// Static comma-separated broker list; wins over discovery.
-    #[arg(long, env = "KAFKA_BROKERS", value_delimiter = ',')]
-    pub kafka_brokers: Option<Vec<String>>,
-    /// Kafka framework name to discover brokers from [default: kafka].
-    #[arg(long, env = "KAFKA_FRAMEWORK")]
-    pub kafka_framework: Option<String>,
-    /// Kafka scheduler base URL, instead of the DNS lookup.
-    #[arg(long, env = "KAFKA_SCHEDULER_URL")]
-    pub kafka_scheduler_url: Option<String>,
-    /// DNS server (IP:PORT) for the SRV and A lookups.
-    #[arg(long, env = "DNS_SERVER")]
-    pub dns_server: Option<SocketAddr>,
-    /// Broker rediscovery period, seconds [default: 60].
-    #[arg(long, env = "KAFKA_REDISCOVER_SECS")]
-    pub kafka_rediscover_secs: Option<u64>,
-    /// Flush a topic batch at this many records [default: 1024].
-    #[arg(long, env = "KAFKA_PRODUCE_COUNT")]
-    pub kafka_produce_count: Option<usize>,
-    /// Flush a topic batch at this many KB [default: 512].
-    #[arg(long, env = "KAFKA_PRODUCE_KBYTES")]
-    pub kafka_produce_kbytes: Option<usize>,
-    /// Flush a topic batch at this age, ms [default: 1000].
-    #[arg(long, env = "KAFKA_PRODUCE_PERIOD_MS")]
-    pub kafka_produce_period_ms: Option<u64>,
-    /// Snappy-compress Kafka messages [default: true].
-    #[arg(long, env = "KAFKA_COMPRESS_SNAPPY", action = ArgAction::Set, value_parser = parse_bool)]
-    pub kafka_compress_snappy: Option<bool>,
-    /// acks=all with idempotence [default: true].
-    #[arg(long, env = "KAFKA_REQUIRE_ALL_ACKS", action = ArgAction::Set, value_parser = parse_bool)]
-    pub kafka_require_all_acks: Option<bool>,
-    /// Partition key: the value of this tag.
-    #[arg(long, env = "KAFKA_PARTITION_KEY_TAG")]
-    pub kafka_partition_key_tag: Option<String>,
-    /// Largest Kafka message value, bytes [default: 1000000].
-    #[arg(long, env = "KAFKA_MAX_MESSAGE_BYTES")]
-    pub kafka_max_message_bytes: Option<usize>,
-    /// Partitions of topics the collector creates [default: 1].
-    #[arg(long, env = "KAFKA_TOPIC_PARTITIONS")]
-    pub kafka_topic_partitions: Option<i32>,
-    /// Replication of topics the collector creates [default: 1].
-    #[arg(long, env = "KAFKA_TOPIC_REPLICATION")]
-    pub kafka_topic_replication: Option<i32>,
-    /// Bound on librdkafka's queue, KB [default: 4096].
-    #[arg(long, env = "KAFKA_QUEUE_MAX_KBYTES")]
-    pub kafka_queue_max_kbytes: Option<usize>,
-    /// librdkafka option KEY=VALUE (repeatable; env: comma list).
-    #[arg(long = "librdkafka", env = "LIBRDKAFKA", value_delimiter = ',', value_parser = parse_pair)]
-    pub librdkafka: Option<Vec<(String, String)>>,
-    /// Buffer bound, bytes [default: 64 MiB].
-    #[arg(long, env = "BUFFER_MAX_BYTES")]
-    pub buffer_max_bytes: Option<usize>,
-    /// Full-buffer policy [default: block].
-    #[arg(long, env = "BUFFER_FULL_POLICY")]
-    pub buffer_full_policy: Option<FullPolicy>,
-    /// Shutdown grace, seconds [default: 30].
-    #[arg(long, env = "SHUTDOWN_GRACE_SECS")]
-    pub shutdown_grace_secs: Option<u64>,
-    /// Poll the Mesos agent [default: true].
-    #[arg(long, env = "AGENT_POLLING", action = ArgAction::Set, value_parser = parse_bool)]
-    pub agent_polling: Option<bool>,
-    /// Agent base URL (instead of agent_ip_command + agent_port).
-    #[arg(long, env = "AGENT_URL")]
-    pub agent_url: Option<String>,
-    /// Command printing the agent IP [default: /opt/mesosphere/bin/detect_ip].
-    #[arg(long, env = "AGENT_IP_COMMAND")]
-    pub agent_ip_command: Option<String>,
-    /// Agent port [default: 5051].
-    #[arg(long, env = "AGENT_PORT")]
-    pub agent_port: Option<u16>,
-    /// Agent poll period, seconds [default: 15].
-    #[arg(long, env = "AGENT_POLL_PERIOD")]
-    pub agent_poll_period: Option<u64>,
-    /// Agent request timeout, seconds [default: 5].
-    #[arg(long, env = "AGENT_TIMEOUT_SECS")]
-    pub agent_timeout_secs: Option<u64>,
-    /// Largest agent response body, bytes [default: 8 MiB].
-    #[arg(long, env = "AGENT_MAX_BODY_BYTES")]
-    pub agent_max_body_bytes: Option<usize>,
-    /// Topic for the agent's /metrics/snapshot [default: agent].
-    #[arg(long, env = "AGENT_METRICS_TOPIC")]
-    pub agent_metrics_topic: Option<String>,
-    /// Agent credential, sent as `Authorization: token=<x>` (secret).
-    #[arg(long, env = "AUTH_CREDENTIAL", hide_env_values = true)]
-    pub auth_credential: Option<String>,
-    /// HTTP API address [default: 127.0.0.1:8123].
-    #[arg(long, env = "API_LISTEN")]
-    pub api_listen: Option<SocketAddr>,
-    /// Bearer token for mutating API requests (secret).
-    #[arg(long, env = "API_TOKEN", hide_env_values = true)]
-    pub api_token: Option<String>,
-    /// Partner output address [default: 127.0.0.1:8126].
-    #[arg(long, env = "PARTNER_LISTEN")]
-    pub partner_listen: Option<SocketAddr>,
-    /// Per-partner queue, KB [default: 4096].
-    #[arg(long, env = "PARTNER_BUFFER_KBYTES")]
-    pub partner_buffer_kbytes: Option<usize>,
-    /// Disconnect a partner after it lost this much, KB [default: 65536].
-    #[arg(long, env = "PARTNER_DISCONNECT_AFTER_DROPPED_KBYTES")]
-    pub partner_disconnect_after_dropped_kbytes: Option<usize>,
-    /// Most partners at once [default: 8].
-    #[arg(long, env = "MAX_PARTNERS")]
-    pub max_partners: Option<usize>,
-    /// Disconnect a partner that takes nothing for this long, seconds [default: 10].
-    #[arg(long, env = "PARTNER_WRITE_TIMEOUT_SECS")]
-    pub partner_write_timeout_secs: Option<u64>,
-    /// /health turns 503 after Kafka is unreachable this long, s [default: 60].
-    #[arg(long, env = "HEALTH_KAFKA_UNAVAILABLE_SECS")]
-    pub health_kafka_unavailable_secs: Option<u64>,
-    /// Log filter [default: info].
-    #[arg(long, env = "LOG_LEVEL")]
-    pub log_level: Option<String>,
-    /// Log format [default: text].
-    #[arg(long, env = "LOG_FORMAT")]
-    pub log_format: Option<LogFormat>,
-}
-
-macro_rules! overlay {
-    ($config:ident, $args:ident, $($field:ident),* $(,)?) => {
-        $( if let Some(value) = $args.$field { $config.$field = value; } )*
-    };
-}
-
-impl ConfigArgs {
-    /// Builds the effective configuration: defaults, then the file, then env
-    /// and flags (clap has already let flags beat env). `legacy_env` looks up
-    /// the original's env names that clap can't attach (`LISTEN_ENDPONT`).
-    pub fn load(self, legacy_env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let mut config = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
-        };
-        let mut args = self;
-        if args.listen_endpoint.is_none()
-            && let Some(value) = legacy_env("LISTEN_ENDPONT")
-        {
-            args.listen_endpoint = Some(value.parse().map_err(|e| {
-                ConfigError::new("listen_endpoint", format!("LISTEN_ENDPONT={value:?}: {e}"))
-            })?);
-        }
-        if let Some(tags) = args.static_tags.take() {
-            config.static_tags = tags.into_iter().collect();
-        }
-        if let Some(options) = args.librdkafka.take() {
-            config.librdkafka = options.into_iter().collect();
-        }
-        if let Some(topic) = args.kafka_single_topic.take() {
-            config.kafka_single_topic = (!topic.is_empty()).then_some(topic);
-        }
-        if let Some(url) = args.kafka_scheduler_url.take() {
-            config.kafka_scheduler_url = (!url.is_empty()).then_some(url);
-        }
-        if let Some(tag) = args.kafka_partition_key_tag.take() {
-            config.kafka_partition_key_tag = (!tag.is_empty()).then_some(tag);
-        }
-        if let Some(url) = args.agent_url.take() {
-            config.agent_url = (!url.is_empty()).then_some(url);
-        }
-        if let Some(credential) = args.auth_credential.take() {
-            config.auth_credential = (!credential.is_empty()).then_some(credential);
-        }
-        if let Some(token) = args.api_token.take() {
-            config.api_token = (!token.is_empty()).then_some(token);
-        }
-        if let Some(server) = args.dns_server.take() {
-            config.dns_server = Some(server);
-        }
-        if let Some(brokers) = args.kafka_brokers.take() {
-            config.kafka_brokers = brokers
-                .into_iter()
-                .map(|b| b.trim().to_owned())
-                .filter(|b| !b.is_empty())
-                .collect();
-        }
-        overlay!(
-            config,
-            args,
-            listen_endpoint,
-            max_connections,
-            idle_timeout_secs,
-            input_limit_amount_kbytes,
-            input_limit_period,
-            global_limit_amount_kbytes,
-            global_limit_period,
-            max_block_bytes,
-            max_decompressed_block_bytes,
-            frame_timeout_secs,
-            input_buffer_max_bytes,
-            kafka_topic_prefix,
-            kafka,
-            kafka_framework,
-            kafka_rediscover_secs,
-            kafka_produce_count,
-            kafka_produce_kbytes,
-            kafka_produce_period_ms,
-            kafka_compress_snappy,
-            kafka_require_all_acks,
-            kafka_max_message_bytes,
-            kafka_topic_partitions,
-            kafka_topic_replication,
-            kafka_queue_max_kbytes,
-            buffer_max_bytes,
-            buffer_full_policy,
-            shutdown_grace_secs,
-            agent_polling,
-            agent_ip_command,
-            agent_port,
-            agent_poll_period,
-            agent_timeout_secs,
-            agent_max_body_bytes,
-            agent_metrics_topic,
-            api_listen,
-            partner_listen,
-            partner_buffer_kbytes,
-            partner_disconnect_after_dropped_kbytes,
-            max_partners,
-            partner_write_timeout_secs,
-            health_kafka_unavailable_secs,
-            log_level,
-            log_format,
-        );
-        config.validate()?;
-        Ok(config)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The README's option table is the declaration's: regenerate it with
+    /// `UPDATE_README=1 cargo test -p collector --lib readme`.
+    #[test]
+    fn the_readme_lists_every_option_as_declared() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+        let readme = std::fs::read_to_string(&path).unwrap();
+        let (begin, end) = ("<!-- options:begin -->\n", "<!-- options:end -->");
+        let start = readme
+            .find(begin)
+            .expect("the README has the options markers")
+            + begin.len();
+        let stop = readme[start..].find(end).expect("the end marker") + start;
+        let table = markdown_table();
+        if readme[start..stop] != table {
+            if std::env::var_os("UPDATE_README").is_some() {
+                let updated = format!("{}{table}{}", &readme[..start], &readme[stop..]);
+                std::fs::write(&path, updated).unwrap();
+            } else {
+                panic!(
+                    "README.md's option table differs from the declaration; run UPDATE_README=1 cargo test -p collector --lib readme"
+                );
+            }
+        }
+        for option in OPTIONS {
+            assert!(!option.doc.trim().is_empty(), "{} has no doc", option.name);
+            assert!(
+                option
+                    .env
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c == '_'),
+                "{}",
+                option.env
+            );
+        }
+    }
+
+    #[test]
+    fn the_declared_runtime_keys_are_the_ones_patch_may_change() {
+        for key in [
+            "kafka_topic_prefix",
+            "static_tags",
+            "buffer_full_policy",
+            "log_level",
+        ] {
+            assert!(is_runtime(key), "{key}");
+        }
+        for key in [
+            "listen_endpoint",
+            "librdkafka",
+            "kafka",
+            "shutdown_grace_secs",
+        ] {
+            assert!(!is_runtime(key), "{key}");
+        }
+        assert!(!is_runtime("no_such_key"));
+    }
     use clap::Parser;
 
     #[derive(Parser)]

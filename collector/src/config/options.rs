@@ -1,0 +1,468 @@
+//! Every option, declared once: its file key (and so its flag,
+//! `--kafka-topic-prefix` for `kafka_topic_prefix`), type, default, env
+//! name and the original's aliases, whether it may change while the
+//! collector runs, whether it is a secret, and its one-line doc. The
+//! [`Config`] struct, its `Default`, the command line ([`ConfigArgs`]),
+//! how flags and env overlay the file, the runtime keys, redaction and the
+//! README's table ([`markdown_table`]) all come from this one list.
+//!
+//! The keys are a compatibility contract (env names of the original, flat
+//! TOML keys, `PATCH /v1/config` keys): never rename one.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args};
+use serde::{Deserialize, Serialize};
+
+use super::{ConfigError, FullPolicy, LogFormat, parse_bool, parse_pair};
+
+/// What the declaration says of one option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionInfo {
+    /// The TOML and `PATCH` key; the flag is the same with dashes.
+    pub name: &'static str,
+    /// The flag, when it is not the key with dashes (`--static-tag`).
+    pub flag_override: Option<&'static str>,
+    /// The env var.
+    pub env: &'static str,
+    /// Other env names the original used, still accepted.
+    pub aliases: &'static [&'static str],
+    /// Whether `PATCH /v1/config` may change it while running.
+    pub runtime: bool,
+    /// Whether it is redacted in every output.
+    pub secret: bool,
+    /// What it does, in one line.
+    pub doc: &'static str,
+}
+
+impl OptionInfo {
+    /// The flag, without its dashes.
+    pub fn flag(&self) -> String {
+        self.flag_override
+            .map_or_else(|| self.name.replace('_', "-"), str::to_owned)
+    }
+}
+
+/// Whether `key` may change while the collector runs.
+pub fn is_runtime(key: &str) -> bool {
+    OPTIONS.iter().any(|o| o.name == key && o.runtime)
+}
+
+macro_rules! options {
+    (
+        $(
+            #[doc = $doc:literal]
+            $name:ident : $ty:ty = $default:expr ;
+            $kind:ident $( ( $($karg:tt)* ) )? , env $env:literal $( or $alias:literal )? , $when:ident $( [$secret:ident] )? ;
+        )*
+    ) => {
+        /// The collector's whole configuration (see the module's doc for
+        /// where each option comes from).
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct Config {
+            $( #[doc = $doc] pub $name: $ty, )*
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Self { $( $name: $default, )* }
+            }
+        }
+
+        /// Every option, in the order of the declaration.
+        pub const OPTIONS: &[OptionInfo] = &[
+            $( OptionInfo {
+                name: stringify!($name),
+                flag_override: options!(@flag $kind $( ($($karg)*) )?),
+                env: $env,
+                aliases: &[$($alias)?],
+                runtime: options!(@runtime $when),
+                secret: options!(@secret $($secret)?),
+                doc: $doc,
+            }, )*
+        ];
+
+        options!(@args [] $( [$doc] $name [$ty] $kind [$( $($karg)* )?] $env [$($secret)?] )*);
+
+        impl ConfigArgs {
+            /// Lays what was given on the command line or in the env over
+            /// `config`. `legacy_env` looks up the original's env names that
+            /// clap can't attach.
+            fn overlay(
+                args: Self,
+                config: &mut Config,
+                legacy_env: &dyn Fn(&str) -> Option<String>,
+            ) -> Result<(), ConfigError> {
+                #[allow(unused_mut)]
+                let mut args = args;
+                $( options!(@apply args config legacy_env $name $kind [$( $($karg)* )?] [$($alias)?]); )*
+                Ok(())
+            }
+        }
+
+        impl Config {
+            /// The configuration with every secret replaced by
+            /// `<redacted>`, for output: the declared secrets, and librdkafka
+            /// options whose key names a password, secret or token.
+            pub fn redacted(&self) -> Self {
+                let mut config = self.clone();
+                $( options!(@redact config $name [$($secret)?]); )*
+                for (key, value) in &mut config.librdkafka {
+                    if key.contains("password") || key.contains("secret") || key.contains("token") {
+                        *value = "<redacted>".into();
+                    }
+                }
+                config
+            }
+        }
+    };
+
+    (@flag pairs ($flag:literal)) => { Some($flag) };
+    (@flag $kind:ident $( ($($karg:tt)*) )?) => { None };
+    (@runtime runtime) => { true };
+    (@runtime restart) => { false };
+    (@secret secret) => { true };
+    (@secret) => { false };
+
+    // The command line, one field at a time.
+    (@args [$($done:tt)*]) => {
+        /// The command-line (and env) form of [`Config`]. Every field is
+        /// optional so that what was not given falls through to the file and
+        /// the defaults.
+        #[derive(Debug, Default, Clone, Args)]
+        pub struct ConfigArgs {
+            /// TOML configuration file.
+            #[arg(long, env = "COLLECTOR_CONFIG")]
+            pub config: Option<PathBuf>,
+            $($done)*
+        }
+    };
+    (@args [$($done:tt)*] [$doc:literal] $name:ident [$ty:ty] plain [] $env:literal [] $($rest:tt)*) => {
+        options!(@args [$($done)* #[doc = $doc] #[arg(long, env = $env)] pub $name: Option<$ty>,] $($rest)*);
+    };
+    (@args [$($done:tt)*] [$doc:literal] $name:ident [$ty:ty] flag [] $env:literal [] $($rest:tt)*) => {
+        options!(@args [$($done)*
+            #[doc = $doc]
+            #[arg(long, env = $env, action = ArgAction::Set, value_parser = parse_bool)]
+            pub $name: Option<bool>,] $($rest)*);
+    };
+    (@args [$($done:tt)*] [$doc:literal] $name:ident [$ty:ty] maybe [] $env:literal [] $($rest:tt)*) => {
+        options!(@args [$($done)* #[doc = $doc] #[arg(long, env = $env)] pub $name: Option<String>,] $($rest)*);
+    };
+    (@args [$($done:tt)*] [$doc:literal] $name:ident [$ty:ty] maybe [] $env:literal [secret] $($rest:tt)*) => {
+        options!(@args [$($done)*
+            #[doc = $doc]
+            #[arg(long, env = $env, hide_env_values = true)]
+            pub $name: Option<String>,] $($rest)*);
+    };
+    (@args [$($done:tt)*] [$doc:literal] $name:ident [$ty:ty] some [$inner:ty] $env:literal [] $($rest:tt)*) => {
+        options!(@args [$($done)* #[doc = $doc] #[arg(long, env = $env)] pub $name: Option<$inner>,] $($rest)*);
+    };
+    (@args [$($done:tt)*] [$doc:literal] $name:ident [$ty:ty] list [] $env:literal [] $($rest:tt)*) => {
+        options!(@args [$($done)*
+            #[doc = $doc]
+            #[arg(long, env = $env, value_delimiter = ',')]
+            pub $name: Option<Vec<String>>,] $($rest)*);
+    };
+    (@args [$($done:tt)*] [$doc:literal] $name:ident [$ty:ty] pairs [$flag:literal] $env:literal [] $($rest:tt)*) => {
+        options!(@args [$($done)*
+            #[doc = $doc]
+            #[arg(long = $flag, env = $env, value_delimiter = ',', value_parser = parse_pair)]
+            pub $name: Option<Vec<(String, String)>>,] $($rest)*);
+    };
+
+    // How a given value lands in the configuration.
+    (@apply $args:ident $config:ident $legacy:ident $name:ident plain [] [$alias:literal]) => {
+        if $args.$name.is_none()
+            && let Some(value) = $legacy($alias)
+        {
+            $args.$name = Some(value.parse().map_err(|e| {
+                ConfigError::new(stringify!($name), format!("{}={value:?}: {e}", $alias))
+            })?);
+        }
+        options!(@apply $args $config $legacy $name plain [] []);
+    };
+    (@apply $args:ident $config:ident $legacy:ident $name:ident plain [] []) => {
+        if let Some(value) = $args.$name.take() {
+            $config.$name = value;
+        }
+    };
+    (@apply $args:ident $config:ident $legacy:ident $name:ident flag [] []) => {
+        if let Some(value) = $args.$name.take() {
+            $config.$name = value;
+        }
+    };
+    // An empty value means "none".
+    (@apply $args:ident $config:ident $legacy:ident $name:ident maybe [] []) => {
+        if let Some(value) = $args.$name.take() {
+            $config.$name = (!value.is_empty()).then_some(value);
+        }
+    };
+    (@apply $args:ident $config:ident $legacy:ident $name:ident some [$inner:ty] []) => {
+        if let Some(value) = $args.$name.take() {
+            $config.$name = Some(value);
+        }
+    };
+    // Comma-separated; blanks around and between are ignored.
+    (@apply $args:ident $config:ident $legacy:ident $name:ident list [] []) => {
+        if let Some(values) = $args.$name.take() {
+            $config.$name = values
+                .into_iter()
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+                .collect();
+        }
+    };
+    (@apply $args:ident $config:ident $legacy:ident $name:ident pairs [$flag:literal] []) => {
+        if let Some(pairs) = $args.$name.take() {
+            $config.$name = pairs.into_iter().collect();
+        }
+    };
+
+    (@redact $config:ident $name:ident [secret]) => {
+        if $config.$name.is_some() {
+            $config.$name = Some("<redacted>".into());
+        }
+    };
+    (@redact $config:ident $name:ident []) => {};
+}
+
+options! {
+    /// TCP input address; loopback, as in the original.
+    listen_endpoint: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8124));
+        plain, env "LISTEN_ENDPOINT" or "LISTEN_ENDPONT", restart;
+    /// Most TCP input connections open at once; more are refused and counted.
+    max_connections: usize = 1024;
+        plain, env "MAX_CONNECTIONS", restart;
+    /// Close an input connection that sends nothing for this long, seconds (0: never).
+    idle_timeout_secs: u64 = 300;
+        plain, env "IDLE_TIMEOUT_SECS", restart;
+    /// Per-connection input limit, KB per `input_limit_period` (0: none); over it, records are read and dropped (`rate_limited`).
+    input_limit_amount_kbytes: u64 = 20480;
+        plain, env "INPUT_LIMIT_AMOUNT_KBYTES", runtime;
+    /// Period of the per-connection limit, seconds.
+    input_limit_period: u64 = 60;
+        plain, env "INPUT_LIMIT_PERIOD", runtime;
+    /// Limit over all connections together, KB per `global_limit_period` (0: none).
+    global_limit_amount_kbytes: u64 = 40960;
+        plain, env "GLOBAL_LIMIT_AMOUNT_KBYTES", runtime;
+    /// Period of the global limit, seconds.
+    global_limit_period: u64 = 60;
+        plain, env "GLOBAL_LIMIT_PERIOD", runtime;
+    /// Largest OCF block an input may send, bytes on the wire; larger closes the connection.
+    max_block_bytes: usize = schema::Limits::default().max_block_bytes;
+        plain, env "MAX_BLOCK_BYTES", restart;
+    /// Largest OCF block once decompressed, bytes; larger closes the connection.
+    max_decompressed_block_bytes: usize = 16 * 1024 * 1024;
+        plain, env "MAX_DECOMPRESSED_BLOCK_BYTES", restart;
+    /// A started header or block must arrive whole within this, seconds, or its connection is closed (0: no limit).
+    frame_timeout_secs: u64 = 60;
+        plain, env "FRAME_TIMEOUT_SECS", restart;
+    /// Read buffers of all input connections together, beyond the 16 KiB each holds on its own, bytes.
+    input_buffer_max_bytes: usize = 16 * 1024 * 1024;
+        plain, env "INPUT_BUFFER_MAX_BYTES", restart;
+    /// Kafka topic = this prefix + the record's `topic`.
+    kafka_topic_prefix: String = "metrics-".into();
+        plain, env "KAFKA_TOPIC_PREFIX", runtime;
+    /// Send every record to this one topic instead.
+    kafka_single_topic: Option<String> = None;
+        maybe, env "KAFKA_SINGLE_TOPIC", runtime;
+    /// Tags `KEY=VALUE` added to every record that lacks them (repeatable; env: a comma list).
+    static_tags: BTreeMap<String, String> = BTreeMap::new();
+        pairs("static-tag"), env "STATIC_TAGS", runtime;
+    /// Send to Kafka; false counts and discards (a null sink, for benchmarks and dry runs).
+    kafka: bool = true;
+        flag, env "KAFKA", restart;
+    /// Static comma-separated broker list; wins over framework discovery.
+    kafka_brokers: Vec<String> = Vec::new();
+        list, env "KAFKA_BROKERS", runtime;
+    /// Kafka framework whose brokers are discovered: SRV `_NAME._tcp.marathon.mesos`, then its scheduler's `/v1/connection`.
+    kafka_framework: String = "kafka".into();
+        plain, env "KAFKA_FRAMEWORK", runtime;
+    /// Kafka scheduler base URL, instead of the DNS lookup.
+    kafka_scheduler_url: Option<String> = None;
+        maybe, env "KAFKA_SCHEDULER_URL", runtime;
+    /// DNS server (IP:PORT) for the SRV and A lookups, instead of the system's.
+    dns_server: Option<SocketAddr> = None;
+        some(SocketAddr), env "DNS_SERVER", runtime;
+    /// Rediscover the brokers this often, seconds (and whenever all are down).
+    kafka_rediscover_secs: u64 = 60;
+        plain, env "KAFKA_REDISCOVER_SECS", restart;
+    /// Flush a topic's batch at this many records.
+    kafka_produce_count: usize = 1024;
+        plain, env "KAFKA_PRODUCE_COUNT", runtime;
+    /// Flush a topic's batch at this many KB.
+    kafka_produce_kbytes: usize = 512;
+        plain, env "KAFKA_PRODUCE_KBYTES", runtime;
+    /// Flush a topic's batch when its oldest record is this old, ms.
+    kafka_produce_period_ms: u64 = 1000;
+        plain, env "KAFKA_PRODUCE_PERIOD_MS", runtime;
+    /// Snappy compression of Kafka messages, as the original.
+    kafka_compress_snappy: bool = true;
+        flag, env "KAFKA_COMPRESS_SNAPPY", restart;
+    /// acks=all with idempotence; false means acks=1.
+    kafka_require_all_acks: bool = true;
+        flag, env "KAFKA_REQUIRE_ALL_ACKS", restart;
+    /// Partition by the value of this tag (default: no key, as the original).
+    kafka_partition_key_tag: Option<String> = None;
+        maybe, env "KAFKA_PARTITION_KEY_TAG", runtime;
+    /// Largest Kafka message value, bytes; batches are split below it, and a record too large alone is dropped and counted.
+    kafka_max_message_bytes: usize = 1_000_000;
+        plain, env "KAFKA_MAX_MESSAGE_BYTES", restart;
+    /// Partitions of the topics the collector creates.
+    kafka_topic_partitions: i32 = 1;
+        plain, env "KAFKA_TOPIC_PARTITIONS", restart;
+    /// Replication factor of the topics the collector creates.
+    kafka_topic_replication: i32 = 1;
+        plain, env "KAFKA_TOPIC_REPLICATION", restart;
+    /// Bound on librdkafka's own queue, KB; with the buffer it bounds memory during an outage.
+    kafka_queue_max_kbytes: usize = 4 * 1024;
+        plain, env "KAFKA_QUEUE_MAX_KBYTES", restart;
+    /// Any librdkafka option `KEY=VALUE`, applied last (repeatable; env: a comma list).
+    librdkafka: BTreeMap<String, String> = BTreeMap::new();
+        pairs("librdkafka"), env "LIBRDKAFKA", restart;
+    /// Bound on the memory records take from decoding to librdkafka, bytes.
+    buffer_max_bytes: usize = 64 * 1024 * 1024;
+        plain, env "BUFFER_MAX_BYTES", restart;
+    /// When the buffer is full: `block` stops reading the inputs, `drop_oldest` drops the oldest and counts them.
+    buffer_full_policy: FullPolicy = FullPolicy::Block;
+        plain, env "BUFFER_FULL_POLICY", runtime;
+    /// Shutdown ends within this, seconds: stop accepting, drain, flush, count what is left as dropped.
+    shutdown_grace_secs: u64 = 30;
+        plain, env "SHUTDOWN_GRACE_SECS", restart;
+    /// Poll the Mesos agent for enrichment and its own metrics, as the original's `-agent-polling`.
+    agent_polling: bool = true;
+        flag, env "AGENT_POLLING", restart;
+    /// The agent's base URL, instead of `agent_ip_command` and `agent_port`.
+    agent_url: Option<String> = None;
+        maybe, env "AGENT_URL", restart;
+    /// Command printing the agent's IP, as the original's `-agent-ip-command`.
+    agent_ip_command: String = "/opt/mesosphere/bin/detect_ip".into();
+        plain, env "AGENT_IP_COMMAND", restart;
+    /// Agent port, with `agent_ip_command`.
+    agent_port: u16 = 5051;
+        plain, env "AGENT_PORT", restart;
+    /// Agent poll period, seconds.
+    agent_poll_period: u64 = 15;
+        plain, env "AGENT_POLL_PERIOD", restart;
+    /// Agent request timeout, seconds.
+    agent_timeout_secs: u64 = 5;
+        plain, env "AGENT_TIMEOUT_SECS", restart;
+    /// Largest agent answer read, bytes; a larger one is refused and counted.
+    agent_max_body_bytes: usize = 8 * 1024 * 1024;
+        plain, env "AGENT_MAX_BODY_BYTES", restart;
+    /// Topic of the agent's `/metrics/snapshot` data.
+    agent_metrics_topic: String = "agent".into();
+        plain, env "AGENT_METRICS_TOPIC", restart;
+    /// Sent to the agent as `Authorization: token=<x>`.
+    auth_credential: Option<String> = None;
+        maybe, env "AUTH_CREDENTIAL", restart [secret];
+    /// HTTP API address; loopback by default, port 0 allowed.
+    api_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8123));
+        plain, env "API_LISTEN", restart;
+    /// Bearer token for mutating API requests; required when the API listens beyond loopback.
+    api_token: Option<String> = None;
+        maybe, env "API_TOKEN", restart [secret];
+    /// Partner output address; loopback by default, port 0 allowed.
+    partner_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8126));
+        plain, env "PARTNER_LISTEN", restart;
+    /// Bytes queued per partner before its oldest blocks are dropped, KB.
+    partner_buffer_kbytes: usize = 4096;
+        plain, env "PARTNER_BUFFER_KBYTES", runtime;
+    /// A partner that has lost more than this is disconnected, KB.
+    partner_disconnect_after_dropped_kbytes: usize = 65536;
+        plain, env "PARTNER_DISCONNECT_AFTER_DROPPED_KBYTES", runtime;
+    /// Most partners connected at once; more are refused and counted.
+    max_partners: usize = 8;
+        plain, env "MAX_PARTNERS", runtime;
+    /// A partner that takes nothing of a write this long is disconnected, seconds.
+    partner_write_timeout_secs: u64 = 10;
+        plain, env "PARTNER_WRITE_TIMEOUT_SECS", runtime;
+    /// `/health` answers 503 once Kafka has been unreachable this long, seconds.
+    health_kafka_unavailable_secs: u64 = 60;
+        plain, env "HEALTH_KAFKA_UNAVAILABLE_SECS", runtime;
+    /// Log filter, for example `info` or `collector=debug`.
+    log_level: String = "info".into();
+        plain, env "LOG_LEVEL", runtime;
+    /// Log format: `text`, or `json` (one object per line).
+    log_format: LogFormat = LogFormat::Text;
+        plain, env "LOG_FORMAT", restart;
+}
+
+impl ConfigArgs {
+    /// Builds the effective configuration: defaults, then the file, then env
+    /// and flags (clap has already let flags beat env), then validation.
+    /// `legacy_env` looks up the original's env names clap can't attach
+    /// (the declared aliases, such as `LISTEN_ENDPONT`).
+    pub fn load(self, legacy_env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        Self::overlay(self, &mut config, &legacy_env)?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Shows each option's default in its `--help` line, from [`Config`]'s
+/// `Default` (which the declaration gave).
+pub fn with_defaults_in_help(command: clap::Command) -> clap::Command {
+    command.mut_args(|arg| {
+        let id = arg.get_id().as_str().to_owned();
+        match default_text(&id) {
+            Some(default) => {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                arg.help(format!("{help} [default: {default}]"))
+            }
+            None => arg,
+        }
+    })
+}
+
+/// An option's default as the README and `--help` show it; `None` when it
+/// has none worth showing (empty, unset).
+pub fn default_text(name: &str) -> Option<String> {
+    let defaults = serde_json::to_value(Config::default()).ok()?;
+    match defaults.get(name)? {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) if s.is_empty() => None,
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(a) if a.is_empty() => None,
+        serde_json::Value::Object(o) if o.is_empty() => None,
+        other => Some(other.to_string()),
+    }
+}
+
+/// The README's table of every option, from the declaration (a test holds
+/// the README to it).
+pub fn markdown_table() -> String {
+    let mut out = String::from(
+        "| option (TOML key) | flag | env | default | runtime | what |\n| --- | --- | --- | --- | --- | --- |\n",
+    );
+    for option in OPTIONS {
+        let env = std::iter::once(option.env)
+            .chain(option.aliases.iter().copied())
+            .map(|e| format!("`{e}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let default =
+            default_text(option.name).map_or_else(|| "—".to_owned(), |d| format!("`{d}`"));
+        let runtime = if option.runtime { "yes" } else { "" };
+        let secret = if option.secret {
+            " Secret: redacted in every output."
+        } else {
+            ""
+        };
+        out.push_str(&format!(
+            "| `{}` | `--{}` | {env} | {default} | {runtime} | {}{secret} |\n",
+            option.name,
+            option.flag(),
+            option.doc.trim().replace('|', "\\|"),
+        ));
+    }
+    out
+}
