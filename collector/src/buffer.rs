@@ -590,7 +590,7 @@ mod tests {
         assert_eq!(waiting.await.unwrap(), Some(600));
         assert_eq!(stats.accounting().dropped_total().datapoints, 0);
         assert_eq!(stats.buffer_full_waits.load(Relaxed), 1);
-        assert_eq!(stats.buffer_bytes_max.load(Relaxed), 600);
+        assert_eq!(stats.buffer_high_water_bytes.load(Relaxed), 600);
     }
 
     #[tokio::test]

@@ -333,7 +333,7 @@ impl App {
             received = accounting.received.datapoints,
             delivered = accounting.delivered.datapoints,
             dropped = dropped.datapoints,
-            buffer_high_water_bytes = stats.buffer_bytes_max.load(Relaxed),
+            buffer_high_water_bytes = stats.buffer_high_water_bytes.load(Relaxed),
             task_panics = stats.task_panics.load(Relaxed),
             dropped_by_reason = %accounting
                 .dropped

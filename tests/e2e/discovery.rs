@@ -145,7 +145,7 @@ async fn shutdown_during_a_broker_switch_counts_the_old_producers_messages() {
         .await
         .unwrap();
     assert_eventually!(
-        collector.stats.messages_produced.load(Relaxed) > 1,
+        collector.stats.kafka_messages_produced.load(Relaxed) > 1,
         "messages handed to the old producer"
     );
     scheduler.reset().await;

@@ -123,7 +123,7 @@ async fn brokers_down_then_up_block_policy_loses_nothing() {
     );
     let bound = 1024 * 1024 + 64 * 1024;
     assert!(
-        collector.stats.buffer_bytes_max.load(Relaxed) as usize <= bound,
+        collector.stats.buffer_high_water_bytes.load(Relaxed) as usize <= bound,
         "buffer bound holds"
     );
     for broker in 1..=3 {
@@ -136,7 +136,7 @@ async fn brokers_down_then_up_block_policy_loses_nothing() {
         collector.accounting()
     );
     assert!(
-        collector.stats.buffer_bytes_max.load(Relaxed) as usize <= bound,
+        collector.stats.buffer_high_water_bytes.load(Relaxed) as usize <= bound,
         "buffer bound held throughout"
     );
     let accounting = collector.shutdown().await;
@@ -309,7 +309,7 @@ async fn request_errors_and_latency_lose_nothing() {
     assert!(missing.is_empty(), "missing sequence numbers: {missing:?}");
     assert_eq!(
         collected.messages.len() as u64,
-        stats.messages_delivered.load(Relaxed),
+        stats.kafka_messages_delivered.load(Relaxed),
         "Kafka holds exactly the messages delivery reports acknowledged"
     );
 }

@@ -335,7 +335,7 @@ async fn a_large_agent_response_stays_within_the_buffer_bound() {
     );
     let accounting = collector.shutdown().await;
     assert_balanced(&accounting);
-    let high_water = stats.buffer_bytes_max.load(Relaxed);
+    let high_water = stats.buffer_high_water_bytes.load(Relaxed);
     assert!(high_water <= 2 * 1024 * 1024, "{high_water}");
     agent.stop();
 }

@@ -15,7 +15,7 @@ use schema::MetricList;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use super::client::{AgentClient, AgentError};
 use super::mapping::{Naming, map_snapshot};
@@ -250,51 +250,71 @@ impl Poller {
                     continue;
                 }
             }
-            tokio::select! {
-                () = self.poll_state(&client, &mut last_ok) => {}
-                () = shutdown.cancelled() => return,
+            let span = tracing::info_span!("agent poll", agent = %url);
+            if !self
+                .poll(&client, &mut router, &mut last_ok, &shutdown)
+                .instrument(span)
+                .await
+            {
+                return;
             }
             last_refresh = Instant::now();
-            if !self.settings.metrics {
-                continue;
-            }
-            self.pipeline.stats.agent_requests.fetch_add(1, Relaxed);
-            let naming = Naming {
-                topic: None,
-                prefix: "dcos.metrics.container.",
-            };
-            let containers = tokio::select! {
-                mapped = client.containers_mapped(naming, now_ms()) => mapped,
-                () = shutdown.cancelled() => return,
-            };
-            match containers {
-                Ok(mapped) => {
-                    for reason in &mapped.skipped {
-                        warn!(reason, "Skipped a /containers entry.");
-                    }
-                    self.push(&mut router, mapped.lists, &shutdown).await;
-                }
-                Err(error) => self.failed("/containers", &error),
-            }
-            self.pipeline.stats.agent_requests.fetch_add(1, Relaxed);
-            let snapshot = tokio::select! {
-                body = client.snapshot() => body,
-                () = shutdown.cancelled() => return,
-            };
-            match snapshot {
-                Ok(body) => {
-                    let mapped = map_snapshot(
-                        &body,
-                        &self.settings.snapshot_topic,
-                        "dcos.metrics.agent.",
-                        now_ms(),
-                    );
-                    drop(body);
-                    self.push(&mut router, mapped.lists, &shutdown).await;
-                }
-                Err(error) => self.failed("/metrics/snapshot", &error),
-            }
         }
+    }
+
+    /// One poll: `/state`, then (with `metrics`) `/containers` and
+    /// `/metrics/snapshot`. False once shutdown has begun.
+    async fn poll(
+        &self,
+        client: &AgentClient,
+        router: &mut Router,
+        last_ok: &mut Option<Instant>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        tokio::select! {
+            () = self.poll_state(client, last_ok) => {}
+            () = shutdown.cancelled() => return false,
+        }
+        if !self.settings.metrics {
+            return true;
+        }
+        self.pipeline.stats.agent_requests.fetch_add(1, Relaxed);
+        let naming = Naming {
+            topic: None,
+            prefix: "dcos.metrics.container.",
+        };
+        let containers = tokio::select! {
+            mapped = client.containers_mapped(naming, now_ms()) => mapped,
+            () = shutdown.cancelled() => return false,
+        };
+        match containers {
+            Ok(mapped) => {
+                for reason in &mapped.skipped {
+                    warn!(reason, "Skipped a /containers entry.");
+                }
+                self.push(router, mapped.lists, shutdown).await;
+            }
+            Err(error) => self.failed("/containers", &error),
+        }
+        self.pipeline.stats.agent_requests.fetch_add(1, Relaxed);
+        let snapshot = tokio::select! {
+            body = client.snapshot() => body,
+            () = shutdown.cancelled() => return false,
+        };
+        match snapshot {
+            Ok(body) => {
+                let mapped = map_snapshot(
+                    &body,
+                    &self.settings.snapshot_topic,
+                    "dcos.metrics.agent.",
+                    now_ms(),
+                );
+                drop(body);
+                self.push(router, mapped.lists, shutdown).await;
+            }
+            Err(error) => self.failed("/metrics/snapshot", &error),
+        }
+        true
     }
 }
 

@@ -317,7 +317,7 @@ impl ProducerContext for Context {
                 self.stats
                     .delivered
                     .add(u64::from(meta.records), meta.datapoints);
-                self.stats.messages_delivered.fetch_add(1, Relaxed);
+                self.stats.kafka_messages_delivered.fetch_add(1, Relaxed);
                 self.stats
                     .delivery_latency_ms
                     .observe(meta.created.elapsed().as_secs_f64() * 1000.0);
@@ -358,7 +358,7 @@ impl ProducerContext for Context {
                         RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight
                     );
                     debug!(topic = %meta.topic, %error, purged, "Kafka message failed; producing it again.");
-                    self.stats.messages_retried.fetch_add(1, Relaxed);
+                    self.stats.kafka_messages_retried.fetch_add(1, Relaxed);
                     let retry = retry_of(
                         *meta,
                         message.payload().unwrap_or_default(),
@@ -851,7 +851,7 @@ impl KafkaSink {
             }
             match sent {
                 Ok(()) => {
-                    self.stats.messages_produced.fetch_add(1, Relaxed);
+                    self.stats.kafka_messages_produced.fetch_add(1, Relaxed);
                     self.stats.batch_records.observe(f64::from(message.records));
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {

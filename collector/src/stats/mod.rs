@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+pub mod prometheus;
+
 /// Why datapoints were dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -158,150 +160,163 @@ pub struct TopicCounts {
     pub delivered: u64,
 }
 
-/// Every counter. Shared as `Arc<Stats>`; all updates are relaxed atomics.
-#[derive(Debug)]
-pub struct Stats {
-    /// Input connections accepted.
-    pub connections_accepted: AtomicU64,
-    /// Input connections refused at the connection limit.
-    pub connections_refused: AtomicU64,
-    /// Input connections open now.
-    pub connections_open: AtomicI64,
-    /// Input connections closed for a malformed stream.
-    pub connections_malformed: AtomicU64,
-    /// Input connections closed after the idle timeout.
-    pub connections_idle_closed: AtomicU64,
-    /// Input connections closed before sending a byte (probes, port scans).
-    pub connections_empty: AtomicU64,
-    /// Input connections closed because a header or block did not complete
-    /// within the frame timeout.
-    pub connections_frame_timeout: AtomicU64,
-    /// Input connections closed for a block whose decoded form could not fit
-    /// in the buffer.
-    pub connections_oversized: AtomicU64,
-    /// Failed accepts (out of descriptors, for example), on any listener.
-    pub accept_failures: AtomicU64,
-    /// Bytes the input connections hold in read buffers beyond their own
-    /// small allowance (bounded by `input_buffer_max_bytes`).
-    pub input_buffer_bytes: AtomicI64,
-    /// Bytes read from input connections.
-    pub bytes_received: AtomicU64,
-    /// OCF blocks decoded.
-    pub blocks_received: AtomicU64,
-    /// Decoded input, before any drop.
-    pub received: Amount,
-    /// Acknowledged by Kafka (or taken by the null sink).
-    pub delivered: Amount,
-    /// Dropped, by reason (indexed like [`DropReason::ALL`]).
-    pub dropped: [Amount; 6],
-    /// Records whose topic had to be sanitized.
-    pub topics_sanitized: AtomicU64,
-    /// Bytes held against the buffer's bound now (queued, batched, or
-    /// waiting for librdkafka).
-    pub buffer_bytes: AtomicI64,
-    /// Highest `buffer_bytes` seen.
-    pub buffer_bytes_max: AtomicI64,
-    /// Times an input waited for room in a full buffer (`block` policy).
-    pub buffer_full_waits: AtomicU64,
-    /// Kafka messages produced (each one OCF file).
-    pub messages_produced: AtomicU64,
-    /// Kafka messages acknowledged.
-    pub messages_delivered: AtomicU64,
-    /// Kafka messages re-sent after a timeout, purge or broker switch.
-    pub messages_retried: AtomicU64,
-    /// Bytes of messages librdkafka handed back, waiting to be produced again.
-    pub kafka_retry_bytes: AtomicI64,
-    /// Produced to librdkafka and not yet reported on.
-    pub kafka_in_flight: Amount,
-    /// Times the sink waited on a full librdkafka queue.
-    pub kafka_queue_full_waits: AtomicU64,
-    /// Broker discoveries that succeeded.
-    pub discoveries: AtomicU64,
-    /// Broker discoveries that failed.
-    pub discovery_failures: AtomicU64,
-    /// Times the producer was switched to a new broker set.
-    pub producer_switches: AtomicU64,
-    /// Received, by input.
-    pub received_tcp: Amount,
-    /// Received from the agent poller.
-    pub received_agent: Amount,
-    /// Per-topic datapoints, capped.
-    pub topics: Mutex<HashMap<Arc<str>, TopicCounts>>,
-    /// Delivery latency.
-    pub delivery_latency_ms: Histogram,
-    /// Records per Kafka message.
-    pub batch_records: Histogram,
-    /// Partners connected now.
-    pub partners_connected: AtomicI64,
-    /// Bytes written to partners.
-    pub partner_bytes_sent: AtomicU64,
-    /// Blocks dropped from slow partners' buffers.
-    pub partner_blocks_dropped: AtomicU64,
-    /// Partners disconnected for falling too far behind, or for not taking
-    /// a write within the write timeout.
-    pub partners_disconnected_slow: AtomicU64,
-    /// Partner connections refused at the partner limit.
-    pub partners_refused: AtomicU64,
-    /// Tasks that panicked (a bug): each is logged, and makes the exit code
-    /// non-zero.
-    pub task_panics: AtomicU64,
-    /// Configuration changes applied through the API.
-    pub config_changes: AtomicU64,
-    /// Requests the agent poller made.
-    pub agent_requests: AtomicU64,
-    /// Agent requests that failed (any reason).
-    pub agent_request_failures: AtomicU64,
-    /// Agent answers refused for being larger than `agent_max_body_bytes`.
-    pub agent_responses_too_large: AtomicU64,
+/// Declares the plain counters and gauges once: each becomes a field of
+/// [`Stats`], starts at zero, and is rendered in `/metrics` as
+/// `collector_<name>_total` (a counter) or `collector_<name>` (a gauge),
+/// with its doc as the help text.
+macro_rules! stats {
+    (
+        counters { $( #[doc = $cdoc:literal] $counter:ident, )* }
+        gauges { $( #[doc = $gdoc:literal] $gauge:ident, )* }
+    ) => {
+        /// Every counter. Shared as `Arc<Stats>`; all updates are relaxed
+        /// atomics.
+        #[derive(Debug)]
+        pub struct Stats {
+            $( #[doc = $cdoc] pub $counter: AtomicU64, )*
+            $( #[doc = $gdoc] pub $gauge: AtomicI64, )*
+            /// Received from the TCP input, before any drop.
+            pub received_tcp: Amount,
+            /// Received from the agent poller, before any drop.
+            pub received_agent: Amount,
+            /// Acknowledged by Kafka (or taken by the null sink).
+            pub delivered: Amount,
+            /// Dropped, by reason (indexed like [`DropReason::ALL`]).
+            pub dropped: [Amount; DropReason::ALL.len()],
+            /// Produced to librdkafka and not yet reported on.
+            pub kafka_in_flight: Amount,
+            /// Per-topic datapoints, capped.
+            pub topics: Mutex<HashMap<Arc<str>, TopicCounts>>,
+            /// Milliseconds from batching to Kafka's acknowledgement.
+            pub delivery_latency_ms: Histogram,
+            /// Records per Kafka message.
+            pub batch_records: Histogram,
+        }
+
+        impl Default for Stats {
+            fn default() -> Self {
+                Self {
+                    $( $counter: AtomicU64::new(0), )*
+                    $( $gauge: AtomicI64::new(0), )*
+                    received_tcp: Amount::default(),
+                    received_agent: Amount::default(),
+                    delivered: Amount::default(),
+                    dropped: Default::default(),
+                    kafka_in_flight: Amount::default(),
+                    topics: Mutex::new(HashMap::new()),
+                    delivery_latency_ms: Histogram::new(LATENCY_BOUNDS_MS),
+                    batch_records: Histogram::new(BATCH_BOUNDS),
+                }
+            }
+        }
+
+        impl Stats {
+            /// Every plain counter and gauge, as `/metrics` shows it.
+            pub fn scalars(&self) -> Vec<Scalar> {
+                vec![
+                    $( Scalar {
+                        name: concat!("collector_", stringify!($counter), "_total"),
+                        kind: "counter",
+                        help: $cdoc,
+                        value: i64::try_from(self.$counter.load(Relaxed)).unwrap_or(i64::MAX),
+                    }, )*
+                    $( Scalar {
+                        name: concat!("collector_", stringify!($gauge)),
+                        kind: "gauge",
+                        help: $gdoc,
+                        value: self.$gauge.load(Relaxed),
+                    }, )*
+                ]
+            }
+        }
+    };
 }
 
-impl Default for Stats {
-    fn default() -> Self {
-        Self {
-            connections_accepted: AtomicU64::default(),
-            connections_refused: AtomicU64::default(),
-            connections_open: AtomicI64::default(),
-            connections_malformed: AtomicU64::default(),
-            connections_idle_closed: AtomicU64::default(),
-            connections_empty: AtomicU64::default(),
-            connections_frame_timeout: AtomicU64::default(),
-            connections_oversized: AtomicU64::default(),
-            accept_failures: AtomicU64::default(),
-            input_buffer_bytes: AtomicI64::default(),
-            bytes_received: AtomicU64::default(),
-            blocks_received: AtomicU64::default(),
-            received: Amount::default(),
-            delivered: Amount::default(),
-            dropped: Default::default(),
-            topics_sanitized: AtomicU64::default(),
-            buffer_bytes: AtomicI64::default(),
-            buffer_bytes_max: AtomicI64::default(),
-            buffer_full_waits: AtomicU64::default(),
-            messages_produced: AtomicU64::default(),
-            messages_delivered: AtomicU64::default(),
-            messages_retried: AtomicU64::default(),
-            kafka_retry_bytes: AtomicI64::default(),
-            kafka_in_flight: Amount::default(),
-            kafka_queue_full_waits: AtomicU64::default(),
-            discoveries: AtomicU64::default(),
-            discovery_failures: AtomicU64::default(),
-            producer_switches: AtomicU64::default(),
-            received_tcp: Amount::default(),
-            received_agent: Amount::default(),
-            topics: Mutex::new(HashMap::new()),
-            delivery_latency_ms: Histogram::new(LATENCY_BOUNDS_MS),
-            batch_records: Histogram::new(BATCH_BOUNDS),
-            partners_connected: AtomicI64::default(),
-            partner_bytes_sent: AtomicU64::default(),
-            partner_blocks_dropped: AtomicU64::default(),
-            partners_disconnected_slow: AtomicU64::default(),
-            partners_refused: AtomicU64::default(),
-            task_panics: AtomicU64::default(),
-            config_changes: AtomicU64::default(),
-            agent_requests: AtomicU64::default(),
-            agent_request_failures: AtomicU64::default(),
-            agent_responses_too_large: AtomicU64::default(),
-        }
+/// One plain counter or gauge, read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scalar {
+    /// Its metric name.
+    pub name: &'static str,
+    /// `counter` or `gauge`.
+    pub kind: &'static str,
+    /// Its help text.
+    pub help: &'static str,
+    /// Its value.
+    pub value: i64,
+}
+
+stats! {
+    counters {
+        /// Input connections accepted.
+        connections_accepted,
+        /// Input connections refused at the connection limit.
+        connections_refused,
+        /// Input connections closed for a malformed stream.
+        connections_malformed,
+        /// Input connections closed after the idle timeout.
+        connections_idle_closed,
+        /// Input connections closed before sending anything (probes, port scans).
+        connections_empty,
+        /// Input connections closed for a header or block not arriving whole within the frame timeout.
+        connections_frame_timeout,
+        /// Input connections closed for a block whose records could not fit in the buffer.
+        connections_oversized,
+        /// Failed accepts on any listener (out of descriptors, for example).
+        accept_failures,
+        /// Bytes read from the inputs.
+        bytes_received,
+        /// OCF blocks decoded.
+        blocks_received,
+        /// Records whose topic name had to be sanitized.
+        topics_sanitized,
+        /// Times an input waited for room in a full buffer.
+        buffer_full_waits,
+        /// Kafka messages produced (each one OCF file).
+        kafka_messages_produced,
+        /// Kafka messages acknowledged.
+        kafka_messages_delivered,
+        /// Kafka messages produced again, after a failure, a purge or a broker switch.
+        kafka_messages_retried,
+        /// Times the sink waited on a full librdkafka queue.
+        kafka_queue_full_waits,
+        /// Broker discoveries that succeeded.
+        discoveries,
+        /// Broker discoveries that failed.
+        discovery_failures,
+        /// Switches to a new broker set.
+        producer_switches,
+        /// Bytes written to partners.
+        partner_bytes_sent,
+        /// Blocks dropped from slow partners' queues.
+        partner_blocks_dropped,
+        /// Partners disconnected for falling behind or taking nothing of a write.
+        partners_disconnected_slow,
+        /// Partner connections refused at the partner limit.
+        partners_refused,
+        /// Collector tasks that panicked (a bug; what they held is counted as internal_error).
+        task_panics,
+        /// Configuration changes applied through the API.
+        config_changes,
+        /// Requests the agent poller made.
+        agent_requests,
+        /// Agent requests that failed.
+        agent_request_failures,
+        /// Agent answers refused for being larger than agent_max_body_bytes.
+        agent_responses_too_large,
+    }
+    gauges {
+        /// Input connections open.
+        connections_open,
+        /// Bytes input read buffers hold from the shared pool.
+        input_buffer_bytes,
+        /// Bytes held against the buffer's bound (queued, batched, or waiting for librdkafka).
+        buffer_bytes,
+        /// Most bytes the buffer held.
+        buffer_high_water_bytes,
+        /// Bytes of messages librdkafka handed back, waiting to be produced again.
+        kafka_retry_bytes,
+        /// Partners connected.
+        partners_connected,
     }
 }
 
@@ -369,9 +384,8 @@ impl Accounting {
 }
 
 impl Stats {
-    /// Counts input, in total and for its input.
+    /// Counts input (the total is the inputs' sum).
     pub fn count_received(&self, input: Input, records: u64, datapoints: u64) {
-        self.received.add(records, datapoints);
         match input {
             Input::Tcp => self.received_tcp.add(records, datapoints),
             Input::Agent => self.received_agent.add(records, datapoints),
@@ -395,8 +409,12 @@ impl Stats {
 
     /// Reads the accounting counters.
     pub fn accounting(&self) -> Accounting {
+        let (tcp, agent) = (self.received_tcp.get(), self.received_agent.get());
         Accounting {
-            received: self.received.get(),
+            received: Counts {
+                records: tcp.records + agent.records,
+                datapoints: tcp.datapoints + agent.datapoints,
+            },
             delivered: self.delivered.get(),
             dropped: DropReason::ALL
                 .iter()
@@ -409,7 +427,7 @@ impl Stats {
     pub fn set_buffer_bytes(&self, bytes: usize) {
         let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
         self.buffer_bytes.store(bytes, Relaxed);
-        self.buffer_bytes_max.fetch_max(bytes, Relaxed);
+        self.buffer_high_water_bytes.fetch_max(bytes, Relaxed);
     }
 
     /// Per-topic received counts of routed records, one lock per run of
@@ -456,7 +474,8 @@ mod tests {
             assert_eq!(*reason as usize, i);
         }
         let stats = Stats::default();
-        stats.received.add(3, 30);
+        stats.count_received(Input::Tcp, 2, 20);
+        stats.count_received(Input::Agent, 1, 10);
         stats.delivered.add(1, 10);
         stats.count_drop(DropReason::TooLarge, 1, 10);
         let acc = stats.accounting();

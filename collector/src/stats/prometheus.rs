@@ -1,0 +1,199 @@
+//! `/metrics` in Prometheus text format: the accounting counters by input
+//! and by drop reason, per-topic counts, every plain counter and gauge
+//! declared in [`Stats`], the broker state, and the histograms.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::{DropReason, Histogram, Stats};
+use crate::sink::kafka::BrokerState;
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+struct Text(String);
+
+impl Text {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
+        if labels.is_empty() {
+            let _ = writeln!(self.0, "{name} {value}");
+        } else {
+            let _ = writeln!(self.0, "{name}{{{labels}}} {value}");
+        }
+    }
+
+    fn one(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+        self.family(name, kind, help);
+        self.sample(name, "", value);
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram) {
+        self.family(name, "histogram", help);
+        let mut cumulative = 0;
+        for (i, bound) in histogram.bounds.iter().enumerate() {
+            cumulative += histogram.counts[i].load(Relaxed);
+            self.sample(
+                &format!("{name}_bucket"),
+                &format!("le=\"{bound}\""),
+                cumulative,
+            );
+        }
+        cumulative += histogram.counts[histogram.bounds.len()].load(Relaxed);
+        self.sample(&format!("{name}_bucket"), "le=\"+Inf\"", cumulative);
+        self.sample(&format!("{name}_sum"), "", histogram.sum.load(Relaxed));
+        self.sample(&format!("{name}_count"), "", cumulative);
+    }
+}
+
+/// Renders every counter in Prometheus text format.
+pub fn render(stats: &Stats, brokers: &BrokerState) -> String {
+    let mut t = Text(String::with_capacity(8192));
+    let acc = stats.accounting();
+    for (unit, received_tcp, received_agent, delivered) in [
+        (
+            "datapoints",
+            stats.received_tcp.datapoints.load(Relaxed),
+            stats.received_agent.datapoints.load(Relaxed),
+            acc.delivered.datapoints,
+        ),
+        (
+            "records",
+            stats.received_tcp.records.load(Relaxed),
+            stats.received_agent.records.load(Relaxed),
+            acc.delivered.records,
+        ),
+    ] {
+        let name = format!("collector_received_{unit}_total");
+        t.family(
+            &name,
+            "counter",
+            &format!("{unit} decoded from an input, by input"),
+        );
+        t.sample(&name, "input=\"tcp\"", received_tcp);
+        t.sample(&name, "input=\"agent\"", received_agent);
+        t.one(
+            &format!("collector_delivered_{unit}_total"),
+            "counter",
+            &format!("{unit} acknowledged by Kafka"),
+            delivered,
+        );
+        let name = format!("collector_dropped_{unit}_total");
+        t.family(&name, "counter", &format!("{unit} dropped, by reason"));
+        for reason in DropReason::ALL {
+            let counts = acc.dropped_for(reason);
+            let value = if unit == "datapoints" {
+                counts.datapoints
+            } else {
+                counts.records
+            };
+            t.sample(&name, &format!("reason=\"{}\"", reason.as_str()), value);
+        }
+        let in_flight = if unit == "datapoints" {
+            acc.in_flight().datapoints
+        } else {
+            acc.in_flight().records
+        };
+        t.one(
+            &format!("collector_in_flight_{unit}"),
+            "gauge",
+            &format!("{unit} received and not yet delivered or dropped"),
+            in_flight,
+        );
+    }
+    let topics = stats.topics.lock().map(|t| t.clone()).unwrap_or_default();
+    t.family(
+        "collector_topic_received_datapoints_total",
+        "counter",
+        "datapoints routed to a Kafka topic (at most 200 topics; the rest as _other)",
+    );
+    for (topic, counts) in &topics {
+        t.sample(
+            "collector_topic_received_datapoints_total",
+            &format!("topic=\"{}\"", escape(topic)),
+            counts.received,
+        );
+    }
+    t.family(
+        "collector_topic_delivered_datapoints_total",
+        "counter",
+        "datapoints delivered to a Kafka topic (at most 200 topics; the rest as _other)",
+    );
+    for (topic, counts) in &topics {
+        t.sample(
+            "collector_topic_delivered_datapoints_total",
+            &format!("topic=\"{}\"", escape(topic)),
+            counts.delivered,
+        );
+    }
+    for scalar in stats.scalars() {
+        t.one(scalar.name, scalar.kind, scalar.help.trim(), scalar.value);
+    }
+    t.one(
+        "collector_kafka_brokers",
+        "gauge",
+        "brokers in use",
+        brokers.current.as_ref().map_or(0, |c| c.brokers.len()),
+    );
+    t.one(
+        "collector_kafka_all_brokers_down",
+        "gauge",
+        "1 when every broker is down",
+        u8::from(brokers.all_brokers_down),
+    );
+    t.one(
+        "collector_kafka_unavailable_seconds",
+        "gauge",
+        "seconds Kafka has been unreachable (0 when reachable)",
+        brokers
+            .unavailable_since
+            .map_or(0, |s| s.elapsed().as_secs()),
+    );
+    t.histogram(
+        "collector_kafka_batch_records",
+        "records per Kafka message",
+        &stats.batch_records,
+    );
+    t.histogram(
+        "collector_delivery_latency_ms",
+        "milliseconds from batching to Kafka's acknowledgement",
+        &stats.delivery_latency_ms,
+    );
+    t.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_declared_counter_is_one_family_with_its_help() {
+        let stats = Stats::default();
+        stats.connections_accepted.fetch_add(3, Relaxed);
+        stats.partners_connected.fetch_add(2, Relaxed);
+        let text = render(&stats, &BrokerState::default());
+        let mut families = std::collections::HashSet::new();
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = line.split(' ').nth(2).unwrap();
+            assert!(families.insert(name.to_owned()), "{name} twice");
+        }
+        for scalar in stats.scalars() {
+            assert!(families.contains(scalar.name), "{}", scalar.name);
+            assert!(
+                text.contains(&format!("# HELP {} {}", scalar.name, scalar.help.trim())),
+                "{}",
+                scalar.name
+            );
+        }
+        assert!(text.contains("\ncollector_connections_accepted_total 3\n"));
+        assert!(text.contains("\ncollector_partners_connected 2\n"));
+        assert!(text.contains("collector_received_datapoints_total{input=\"agent\"} 0"));
+    }
+}
