@@ -503,3 +503,62 @@ async fn connection_limit_and_idle_timeout() {
     );
     assert_balanced(&collector.shutdown().await);
 }
+
+/// A topic the brokers neither report nor let us create holds only its own
+/// data: the other topics flow meanwhile, and once the topic can be
+/// created its waiting datapoints arrive too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_that_cannot_be_created_holds_up_only_its_own_data() {
+    let kafka = MockCluster::new(1).unwrap();
+    let stuck_topic = "metrics-framework-stuck";
+    kafka
+        .topic_error(
+            stuck_topic,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
+        )
+        .unwrap();
+    kafka.request_errors(
+        RDKafkaApiKey::CreateTopics,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_POLICY_VIOLATION; 1000],
+    );
+    let collector = spawn_collector(test_config(&kafka.bootstrap_servers())).await;
+    let stuck = producer(collector.addr, "stuck")
+        .blocks(10)
+        .run()
+        .await
+        .unwrap();
+    let flowing = producer(collector.addr, "flowing")
+        .blocks(30)
+        .interval(Duration::from_millis(2))
+        .run()
+        .await
+        .unwrap();
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == flowing.datapoints,
+        "the other topic is delivered: {:?}",
+        collector.accounting()
+    );
+    let accounting = collector.accounting();
+    assert_eq!(
+        accounting.in_flight().datapoints,
+        stuck.datapoints,
+        "the stuck topic's data waits, none of it dropped: {accounting:?}"
+    );
+    assert_eq!(accounting.dropped_total().datapoints, 0);
+
+    kafka.clear_request_errors(RDKafkaApiKey::CreateTopics);
+    kafka
+        .topic_error(stuck_topic, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
+        .unwrap();
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == flowing.datapoints + stuck.datapoints,
+        "the stuck topic is delivered once it can be created: {:?}",
+        collector.accounting()
+    );
+    assert_balanced(&collector.shutdown().await);
+    let collected = e2e::consume(kafka.bootstrap_servers(), "metrics-").await;
+    let (sequences, duplicates) = collected.sequences();
+    assert_eq!(duplicates, 0);
+    assert_eq!(sequences["stuck"].len() as u64, stuck.records);
+    assert_eq!(sequences["flowing"].len() as u64, flowing.records);
+}

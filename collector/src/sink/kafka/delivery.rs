@@ -1,0 +1,296 @@
+//! Delivery: what each message carries through librdkafka, and what its
+//! delivery report decides (delivered, produced again after a backoff, or
+//! dropped for good), plus librdkafka's logs and errors.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{DeliveryResult, ProducerContext, ThreadedProducer};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use super::super::batch::Message;
+use super::BrokerState;
+use crate::buffer::{Budget, allocated_size};
+use crate::stats::{DropReason, Stats};
+
+/// Per-message bookkeeping carried through librdkafka.
+pub(super) struct Meta {
+    pub(super) topic: Arc<str>,
+    pub(super) key: Option<Arc<str>>,
+    pub(super) records: u32,
+    pub(super) datapoints: u64,
+    pub(super) created: Instant,
+    pub(super) attempts: u32,
+}
+
+pub(super) struct Context {
+    pub(super) stats: Arc<Stats>,
+    pub(super) partners: Option<Arc<crate::partner::PartnerHub>>,
+    /// Where messages to produce again go. Not bounded by count: only
+    /// messages librdkafka held come back, so it never holds more than
+    /// librdkafka's queue did; their bytes are counted
+    /// (`kafka_retry_bytes`, see [`retry_budget`](KafkaSink::retry_budget)).
+    pub(super) retry: mpsc::UnboundedSender<Message>,
+    pub(super) retry_budget: Arc<Budget>,
+    pub(super) room: Arc<Notify>,
+    pub(super) brokers_down: Arc<Notify>,
+    pub(super) state: Arc<Mutex<BrokerState>>,
+    /// This producer's number, and the number of the producer in use: only
+    /// the producer in use speaks for the broker state (`/health`, gauges).
+    pub(super) generation: u64,
+    pub(super) current: Arc<AtomicU64>,
+    /// Set when librdkafka reports every broker of this producer down.
+    pub(super) all_down: AtomicBool,
+    /// Set at the end of shutdown: purged messages are then counted as
+    /// dropped instead of being retried.
+    pub(super) final_purge: AtomicBool,
+}
+
+impl Context {
+    pub(super) fn is_current(&self) -> bool {
+        self.current.load(Relaxed) == self.generation
+    }
+}
+
+/// Errors that will fail the same way however often they are retried.
+pub(crate) fn is_permanent(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidMessage
+            | C::MessageBatchTooLarge
+            | C::InvalidTopic
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::InvalidRecord
+            | C::InvalidRequiredAcks
+            | C::PolicyViolation
+            | C::UnsupportedForMessageFormat
+            | C::UnsupportedVersion
+    )
+}
+
+/// A message failing with errors that are not permanent is produced again
+/// after a backoff of 100 ms doubling to 5 s, up to this many times (about
+/// four minutes in all: a broker restart, not a broker that always refuses),
+/// then dropped and counted.
+pub(super) const MAX_ATTEMPTS: u32 = 50;
+
+pub(super) fn retry_backoff(attempts: u32) -> Duration {
+    Duration::from_millis(100)
+        .saturating_mul(1 << attempts.min(6))
+        .min(Duration::from_secs(5))
+}
+
+impl ClientContext for Context {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                error!(target: "librdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Warning => warn!(target: "librdkafka", facility = fac, "{message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                info!(target: "librdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Debug => debug!(target: "librdkafka", facility = fac, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let all_down = error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown);
+        if all_down {
+            self.all_down.store(true, Relaxed);
+        }
+        if !self.is_current() {
+            // A producer replaced by a broker switch, still flushing to the
+            // old brokers: it no longer speaks for Kafka's state.
+            debug!(%error, reason, "Kafka client error on a replaced producer.");
+            return;
+        }
+        if all_down {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.all_brokers_down = true;
+            state
+                .unavailable_since
+                .get_or_insert_with(std::time::Instant::now);
+            drop(state);
+            self.brokers_down.notify_one();
+            crate::telemetry::throttled_warn("kafka_all_brokers_down", |repeats| {
+                warn!(%error, reason, repeats, "All Kafka brokers are down; data is buffered until they return or are rediscovered.");
+            });
+        } else {
+            crate::telemetry::throttled_warn("kafka_client_error", |repeats| {
+                warn!(%error, reason, repeats, "Kafka client error.");
+            });
+        }
+    }
+}
+
+impl ProducerContext for Context {
+    type DeliveryOpaque = Box<Meta>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, meta: Box<Meta>) {
+        self.stats
+            .kafka_in_flight
+            .sub(u64::from(meta.records), meta.datapoints);
+        match result {
+            Ok(message) => {
+                self.stats
+                    .delivered
+                    .add(u64::from(meta.records), meta.datapoints);
+                self.stats.kafka_messages_delivered.fetch_add(1, Relaxed);
+                self.stats
+                    .delivery_latency_ms
+                    .observe(meta.created.elapsed().as_secs_f64() * 1000.0);
+                self.stats
+                    .count_topic(&meta.topic, |c| c.delivered += meta.datapoints);
+                if let Some(partners) = &self.partners {
+                    partners.publish(&meta.topic, message.payload().unwrap_or_default());
+                }
+                self.all_down.store(false, Relaxed);
+                if self.is_current() {
+                    let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    state.all_brokers_down = false;
+                    state.unavailable_since = None;
+                }
+            }
+            Err((error, message)) => {
+                let code = error
+                    .rdkafka_error_code()
+                    .unwrap_or(RDKafkaErrorCode::Unknown);
+                let size = message.payload_len();
+                if self.final_purge.load(Relaxed) {
+                    self.stats.count_drop(
+                        DropReason::Shutdown,
+                        u64::from(meta.records),
+                        meta.datapoints,
+                    );
+                } else if is_permanent(code) || meta.attempts + 1 >= MAX_ATTEMPTS {
+                    self.stats.count_drop(
+                        DropReason::KafkaRejected,
+                        u64::from(meta.records),
+                        meta.datapoints,
+                    );
+                    error!(topic = %meta.topic, bytes = size, datapoints = meta.datapoints, attempts = meta.attempts + 1, %error,
+                        "Kafka rejected a message; its datapoints are dropped.");
+                } else {
+                    let purged = matches!(
+                        code,
+                        RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight
+                    );
+                    debug!(topic = %meta.topic, %error, purged, "Kafka message failed; producing it again.");
+                    self.stats.kafka_messages_retried.fetch_add(1, Relaxed);
+                    let retry = retry_of(
+                        *meta,
+                        message.payload().unwrap_or_default(),
+                        purged,
+                        &self.retry_budget,
+                    );
+                    if let Err(mpsc::error::SendError(lost)) = self.retry.send(retry) {
+                        // The sink is gone (only after shutdown): count it.
+                        self.stats.count_drop(
+                            DropReason::Shutdown,
+                            u64::from(lost.records),
+                            lost.datapoints,
+                        );
+                    }
+                }
+            }
+        }
+        self.room.notify_one();
+    }
+}
+
+/// The message to produce again after a failure, its payload copied out
+/// of librdkafka and counted in `retry_budget` (`kafka_retry_bytes`) until
+/// it is produced again: only messages librdkafka held come back, so these
+/// never hold more than its queue did. A purge (a broker switch moving the
+/// queue) is not the message's failure: it goes again at once, without
+/// counting an attempt.
+pub(super) fn retry_of(
+    meta: Meta,
+    payload: &[u8],
+    purged: bool,
+    retry_budget: &Arc<Budget>,
+) -> Message {
+    Message {
+        topic: meta.topic,
+        key: meta.key,
+        lease: retry_budget.force(allocated_size(payload.len())),
+        payload: payload.to_vec(),
+        records: meta.records,
+        datapoints: meta.datapoints,
+        created: meta.created,
+        attempts: if purged {
+            meta.attempts
+        } else {
+            meta.attempts + 1
+        },
+        not_before: (!purged).then(|| Instant::now() + retry_backoff(meta.attempts)),
+    }
+}
+
+pub(super) type KafkaProducer = ThreadedProducer<Context>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_to_five_seconds_and_stop_after_minutes() {
+        assert_eq!(retry_backoff(0), Duration::from_millis(100));
+        assert_eq!(retry_backoff(3), Duration::from_millis(800));
+        assert_eq!(retry_backoff(6), Duration::from_secs(5));
+        assert_eq!(retry_backoff(40), Duration::from_secs(5));
+        let total: Duration = (0..MAX_ATTEMPTS).map(retry_backoff).sum();
+        // Long enough for a broker restart, short of retrying forever.
+        assert!(total > Duration::from_secs(120) && total < Duration::from_secs(600));
+    }
+
+    #[test]
+    fn size_and_schema_errors_are_permanent_but_a_broker_error_is_not() {
+        assert!(is_permanent(RDKafkaErrorCode::MessageSizeTooLarge));
+        assert!(is_permanent(RDKafkaErrorCode::InvalidTopic));
+        assert!(!is_permanent(RDKafkaErrorCode::Unknown));
+        assert!(!is_permanent(RDKafkaErrorCode::NotEnoughReplicas));
+    }
+
+    #[test]
+    fn a_message_handed_back_is_counted_until_it_goes_again() {
+        let stats = Arc::new(Stats::default());
+        let budget = Budget::for_gauge(stats.clone(), crate::buffer::Gauge::KafkaRetryBytes);
+        let meta = || Meta {
+            topic: "t".into(),
+            key: None,
+            records: 3,
+            datapoints: 30,
+            created: Instant::now(),
+            attempts: 2,
+        };
+        let failed = retry_of(meta(), &[7; 1000], false, &budget);
+        assert_eq!(failed.payload, vec![7; 1000]);
+        assert_eq!(failed.attempts, 3);
+        assert!(failed.not_before.is_some(), "a failure backs off");
+        let purged = retry_of(meta(), &[7; 1000], true, &budget);
+        assert_eq!(purged.attempts, 2);
+        assert_eq!(purged.not_before, None, "a purge goes again at once");
+        assert_eq!(
+            stats.kafka_retry_bytes.load(Relaxed),
+            2 * allocated_size(1000) as i64
+        );
+        drop((failed, purged));
+        assert_eq!(stats.kafka_retry_bytes.load(Relaxed), 0);
+    }
+}

@@ -1,0 +1,126 @@
+//! The producer's life: made for a broker set, replaced when the set
+//! changes (the old one flushes to its brokers, or is purged at once when
+//! they are all down, and its messages move over).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{Producer, PurgeConfig};
+use tracing::{error, info};
+
+use super::delivery::{Context, KafkaProducer};
+use super::settings::client_config;
+use super::{BrokerState, KafkaSink};
+use crate::discovery::Discovered;
+
+impl KafkaSink {
+    pub(super) fn create_producer(
+        &self,
+        discovered: &Discovered,
+    ) -> Result<KafkaProducer, KafkaError> {
+        let generation = self.generation.load(Relaxed) + 1;
+        let context = Context {
+            stats: self.stats.clone(),
+            partners: self.partners.clone(),
+            retry: self.retry_tx.clone(),
+            retry_budget: self.retry_budget.clone(),
+            room: self.room.clone(),
+            brokers_down: self.brokers_down.clone(),
+            state: self.state.clone(),
+            generation,
+            current: self.generation.clone(),
+            all_down: AtomicBool::new(false),
+            final_purge: AtomicBool::new(false),
+        };
+        client_config(&self.settings, &discovered.brokers).create_with_context(context)
+    }
+
+    pub(super) fn set_state(&self, update: impl FnOnce(&mut BrokerState)) {
+        update(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Takes in what the discovery task found: a changed broker set gets a
+    /// new producer, and the old one's messages move over.
+    pub(super) fn apply_discovery(&mut self, result: Result<Discovered, String>) {
+        let discovered = match result {
+            Ok(discovered) => discovered,
+            Err(error) => {
+                let has_producer = self.producer.is_some();
+                self.set_state(|s| {
+                    s.last_error = Some(error);
+                    if !has_producer {
+                        s.unavailable_since
+                            .get_or_insert_with(std::time::Instant::now);
+                    }
+                });
+                return;
+            }
+        };
+        self.set_state(|s| s.last_error = None);
+        if let Some((_, current)) = &self.producer
+            && current.brokers == discovered.brokers
+        {
+            return;
+        }
+        let producer = match self.create_producer(&discovered) {
+            Ok(producer) => Arc::new(producer),
+            Err(error) => {
+                error!(%error, brokers = ?discovered.brokers, "Could not create the Kafka producer; check the librdkafka options.");
+                let has_producer = self.producer.is_some();
+                self.set_state(|s| {
+                    s.last_error = Some(format!("could not create the Kafka producer: {error}"));
+                    if !has_producer {
+                        s.unavailable_since
+                            .get_or_insert_with(std::time::Instant::now);
+                    }
+                });
+                return;
+            }
+        };
+        info!(brokers = ?discovered.brokers, method = %discovered.method, "Using Kafka brokers.");
+        // From here on, only the new producer speaks for the broker state.
+        self.generation.fetch_add(1, Relaxed);
+        self.set_state(|s| {
+            s.current = Some(discovered.clone());
+            s.all_brokers_down = false;
+            s.unavailable_since = None;
+        });
+        self.topics.clear();
+        let old = self.producer.replace((producer, discovered));
+        // Topics are looked up again on the new brokers.
+        let parked: Vec<Arc<str>> = self.parked.keys().cloned().collect();
+        for topic in parked {
+            self.ensure_topic(&topic);
+        }
+        if let Some((old, old_brokers)) = old {
+            self.stats.producer_switches.fetch_add(1, Relaxed);
+            info!(old = ?old_brokers.brokers, "Kafka brokers changed: moving queued messages to the new brokers.");
+            // What the old producer holds goes to the old brokers while
+            // they answer: re-sending a request in flight blindly would
+            // duplicate whatever they had written, and purging only the
+            // queue makes an idempotent producer stall on its sequence gap.
+            // What has no answer after 30 s, or everything at once when the
+            // old brokers are all down, is purged; it comes back to be
+            // produced again at once to the new brokers.
+            self.retiring.retain(|p| p.in_flight_count() > 0);
+            self.retiring.push(old.clone());
+            tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
+                loop {
+                    if old.flush(Duration::from_millis(200)).is_ok() {
+                        return;
+                    }
+                    if old.context().all_down.load(Relaxed)
+                        || started.elapsed() >= Duration::from_secs(30)
+                    {
+                        break;
+                    }
+                }
+                old.purge(PurgeConfig::default().queue().inflight());
+                let _ = old.flush(Duration::from_secs(1));
+            });
+        }
+    }
+}
