@@ -99,7 +99,6 @@ pub struct App {
     draining: Arc<AtomicBool>,
     enrichment: watch::Sender<Arc<Enrichment>>,
     partner_hub: Arc<PartnerHub>,
-    sync: [u8; 16],
 }
 
 impl App {
@@ -119,12 +118,7 @@ impl App {
             stats.clone(),
         ));
         let partner_limits = watch::Sender::new(PartnerLimits::from(&config));
-        let sync: [u8; 16] = rand::random();
-        let partner_hub = Arc::new(PartnerHub::new(
-            sync,
-            partner_limits.subscribe(),
-            stats.clone(),
-        ));
+        let partner_hub = Arc::new(PartnerHub::new(partner_limits.subscribe(), stats.clone()));
         let runtime = Arc::new(Runtime::new(
             config.clone(),
             watch::Sender::new(Arc::new(Routing::from_config(&config))),
@@ -155,7 +149,6 @@ impl App {
             draining: Arc::new(AtomicBool::new(false)),
             enrichment,
             partner_hub,
-            sync,
             config,
         })
     }
@@ -269,10 +262,8 @@ impl App {
             tokio::spawn(poller.run(plan.begun().clone()))
         });
         let sink = if config.kafka {
-            let mut settings = KafkaSettings::from(&config);
-            settings.sync = self.sync;
             let sink = KafkaSink::new(
-                settings,
+                KafkaSettings::from(&config),
                 stats.clone(),
                 buffer.clone(),
                 self.broker_state.clone(),

@@ -119,7 +119,9 @@ struct Partner {
 
 /// The fan-out to every connected partner.
 pub struct PartnerHub {
-    header: Vec<u8>,
+    /// Writes the stream's header; Kafka messages' blocks are re-marked
+    /// with its sync.
+    encoder: OcfEncoder,
     partners: Mutex<Vec<Arc<Partner>>>,
     /// Partner connections open, whether or not they have sent their
     /// topics line yet: what the limit counts.
@@ -129,12 +131,10 @@ pub struct PartnerHub {
 }
 
 impl PartnerHub {
-    /// A hub for Kafka messages written with `sync`.
-    pub fn new(sync: [u8; 16], limits: watch::Receiver<PartnerLimits>, stats: Arc<Stats>) -> Self {
-        let mut header = Vec::new();
-        OcfEncoder::with_sync(Codec::Null, sync).write_header(&mut header);
+    /// A hub for Kafka messages (null-codec OCF files, one block each).
+    pub fn new(limits: watch::Receiver<PartnerLimits>, stats: Arc<Stats>) -> Self {
         Self {
-            header,
+            encoder: OcfEncoder::new(Codec::Null),
             partners: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
             limits,
@@ -158,10 +158,10 @@ impl PartnerHub {
         if partners.is_empty() {
             return;
         }
-        let Some(block) = payload.strip_prefix(self.header.as_slice()) else {
+        let Some(block) = self.encoder.block_of_file(payload) else {
             return;
         };
-        let block = Bytes::copy_from_slice(block);
+        let block = Bytes::from(block);
         let limits = *self.limits.borrow();
         for partner in partners.iter().filter(|p| p.filter.accepts(topic)) {
             let mut queue = partner.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -273,7 +273,7 @@ async fn serve_partner(
     hub.partners().push(partner.clone());
     hub.stats.partners_connected.fetch_add(1, Relaxed);
     let (mut reader, mut writer) = stream.into_split();
-    let mut next = Some(Bytes::copy_from_slice(&hub.header));
+    let mut next = Some(Bytes::copy_from_slice(hub.encoder.header()));
     let end = loop {
         let Some(block) = next.take() else {
             tokio::select! {
@@ -398,7 +398,7 @@ mod tests {
             write_timeout: Duration::from_secs(10),
         });
         let stats = Arc::new(Stats::default());
-        let hub = PartnerHub::new([7; 16], limits, stats.clone());
+        let hub = PartnerHub::new(limits, stats.clone());
         let partner = Arc::new(Partner {
             peer: "127.0.0.1:1".parse().unwrap(),
             filter: TopicFilter::All,
@@ -407,8 +407,10 @@ mod tests {
             cut: CancellationToken::new(),
         });
         hub.partners().push(partner.clone());
-        let mut payload = hub.header.clone();
-        payload.extend([0u8; 60]);
+        // A 60-byte block: 44 bytes, then the file's sync marker.
+        let mut payload = hub.encoder.header().to_vec();
+        payload.extend([0u8; 44]);
+        payload.extend(hub.encoder.sync());
         for _ in 0..3 {
             hub.publish("t", &payload);
         }

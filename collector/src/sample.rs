@@ -173,17 +173,10 @@ impl Pending {
     }
 }
 
-/// Bytes an OCF file adds around its records: header, count, size, sync.
-fn file_overhead() -> usize {
-    let mut header = Vec::new();
-    OcfEncoder::with_sync(Codec::Null, [0; 16]).write_header(&mut header);
-    header.len() + 20 + 16
-}
-
 /// A poll as messages of at most `max_bytes` each, in order, and the
 /// records too large for any message (with their datapoints).
 fn messages(lists: Vec<MetricList>, max_bytes: usize) -> (Vec<Pending>, Vec<(String, u64)>) {
-    let overhead = file_overhead();
+    let overhead = OcfEncoder::new(Codec::Null).file_overhead();
     let mut out = Vec::new();
     let mut too_large = Vec::new();
     let mut group: Vec<MetricList> = Vec::new();

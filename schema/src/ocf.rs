@@ -837,13 +837,20 @@ pub fn decode_all(input: &[u8], limits: Limits) -> Result<Vec<MetricList>, Decod
     }
 }
 
-/// Writes OCF headers and blocks of MetricLists in the current schema.
+/// Writes OCF headers and blocks of MetricLists in the current schema: the
+/// one place OCF framing is written, for whole files (one per Kafka
+/// message) and for streams (the partner output, the simulator's
+/// producers).
 #[derive(Debug, Clone)]
 pub struct OcfEncoder {
     codec: Codec,
     sync: [u8; 16],
+    header: Vec<u8>,
     data: Vec<u8>,
 }
+
+/// The most a block's record count and byte size take: two varints.
+const BLOCK_VARINTS_MAX: usize = 20;
 
 impl OcfEncoder {
     /// An encoder with a random sync marker.
@@ -853,9 +860,19 @@ impl OcfEncoder {
 
     /// An encoder with a fixed sync marker, such as [`MODULE_SYNC`].
     pub fn with_sync(codec: Codec, sync: [u8; 16]) -> Self {
+        let mut header = Vec::with_capacity(640);
+        header.extend_from_slice(&MAGIC);
+        datum::write_long(&mut header, 2);
+        datum::write_bytes(&mut header, b"avro.codec");
+        datum::write_bytes(&mut header, codec.name().as_bytes());
+        datum::write_bytes(&mut header, b"avro.schema");
+        datum::write_bytes(&mut header, HEADER_SCHEMA_JSON.as_bytes());
+        datum::write_long(&mut header, 0);
+        header.extend_from_slice(&sync);
         Self {
             codec,
             sync,
+            header,
             data: Vec::new(),
         }
     }
@@ -870,17 +887,21 @@ impl OcfEncoder {
         self.sync
     }
 
-    /// Appends the header: magic, `{avro.codec, avro.schema}`, sync. With the
-    /// null codec and [`MODULE_SYNC`] this is the module's exact 601 bytes.
+    /// The header: magic, `{avro.codec, avro.schema}`, sync. With the null
+    /// codec and [`MODULE_SYNC`] this is the module's exact 601 bytes.
+    pub fn header(&self) -> &[u8] {
+        &self.header
+    }
+
+    /// Appends the header.
     pub fn write_header(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&MAGIC);
-        datum::write_long(out, 2);
-        datum::write_bytes(out, b"avro.codec");
-        datum::write_bytes(out, self.codec.name().as_bytes());
-        datum::write_bytes(out, b"avro.schema");
-        datum::write_bytes(out, HEADER_SCHEMA_JSON.as_bytes());
-        datum::write_long(out, 0);
-        out.extend_from_slice(&self.sync);
+        out.extend_from_slice(&self.header);
+    }
+
+    /// The most a one-block file adds around its records' encoded bytes,
+    /// uncompressed: header, record count, byte size, sync.
+    pub fn file_overhead(&self) -> usize {
+        self.header.len() + BLOCK_VARINTS_MAX + self.sync.len()
     }
 
     /// Appends one block holding `records`.
@@ -897,14 +918,34 @@ impl OcfEncoder {
     /// Appends one block of `count` records already encoded back to back in
     /// `encoded` (see [`datum::write_metric_list`]).
     pub fn write_encoded_block(&self, count: usize, encoded: &[u8], out: &mut Vec<u8>) {
+        self.write_encoded_parts(count, &[encoded], out);
+    }
+
+    /// Appends one block of `count` records already encoded, in `parts`
+    /// taken back to back. With the null codec the parts are copied once,
+    /// straight into `out`.
+    pub fn write_encoded_parts<P: AsRef<[u8]>>(
+        &self,
+        count: usize,
+        parts: &[P],
+        out: &mut Vec<u8>,
+    ) {
         datum::write_long(out, count as i64);
         match self.codec {
             Codec::Null => {
-                datum::write_bytes(out, encoded);
+                let len: usize = parts.iter().map(|p| p.as_ref().len()).sum();
+                datum::write_long(out, len as i64);
+                for part in parts {
+                    out.extend_from_slice(part.as_ref());
+                }
             }
             codec => {
+                let encoded = parts.iter().fold(Vec::new(), |mut all, part| {
+                    all.extend_from_slice(part.as_ref());
+                    all
+                });
                 let mut packed = Vec::with_capacity(encoded.len() / 2 + 16);
-                codec.compress(encoded, &mut packed);
+                codec.compress(&encoded, &mut packed);
                 datum::write_bytes(out, &packed);
             }
         }
@@ -913,11 +954,50 @@ impl OcfEncoder {
 
     /// A whole OCF file holding `records` in one block: one Kafka message.
     pub fn file(&mut self, records: &[MetricList]) -> Vec<u8> {
-        let mut out =
-            Vec::with_capacity(640 + records.iter().map(datum::encoded_len).sum::<usize>());
+        let mut out = Vec::with_capacity(
+            self.file_overhead() + records.iter().map(datum::encoded_len).sum::<usize>(),
+        );
         self.write_header(&mut out);
         self.write_block(records, &mut out);
         out
+    }
+
+    /// A whole OCF file of `count` records already encoded in `parts`, in
+    /// one exactly sized allocation with the null codec.
+    pub fn file_from_parts<P: AsRef<[u8]>>(&self, count: usize, parts: &[P]) -> Vec<u8> {
+        let len: usize = parts.iter().map(|p| p.as_ref().len()).sum();
+        let exact = match self.codec {
+            Codec::Null => {
+                self.header.len()
+                    + datum::long_len(count as i64)
+                    + datum::long_len(len as i64)
+                    + len
+                    + self.sync.len()
+            }
+            _ => self.file_overhead() + len,
+        };
+        let mut out = Vec::with_capacity(exact);
+        self.write_header(&mut out);
+        self.write_encoded_parts(count, parts, &mut out);
+        out
+    }
+
+    /// The block of `file`, a one-block file written by an encoder with
+    /// this codec (whatever its sync marker), marked with this encoder's
+    /// sync instead: what a stream that began with this encoder's header
+    /// continues with. `None` when `file` is not such a file.
+    pub fn block_of_file(&self, file: &[u8]) -> Option<Vec<u8>> {
+        let sync_at = self.header.len() - self.sync.len();
+        if file.len() < self.header.len() + 2 + self.sync.len()
+            || file[..sync_at] != self.header[..sync_at]
+            || file[sync_at..self.header.len()] != file[file.len() - self.sync.len()..]
+        {
+            return None;
+        }
+        let mut block = file[self.header.len()..].to_vec();
+        let end = block.len() - self.sync.len();
+        block[end..].copy_from_slice(&self.sync);
+        Some(block)
     }
 }
 
@@ -1098,5 +1178,52 @@ mod tests {
             matches!(err.kind, DecodeErrorKind::HeaderTooLarge { limit: 100 }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_file_from_parts_is_the_file_of_its_records() {
+        for codec in [Codec::Null, Codec::Deflate, Codec::Snappy] {
+            let records = sample();
+            let mut encoder = OcfEncoder::with_sync(codec, [9; 16]);
+            let parts: Vec<Vec<u8>> = records
+                .iter()
+                .map(|r| {
+                    let mut part = Vec::new();
+                    datum::write_metric_list(&mut part, r);
+                    part
+                })
+                .collect();
+            let from_parts = encoder.file_from_parts(records.len(), &parts);
+            assert_eq!(from_parts, encoder.file(&records), "{codec:?}");
+            if codec == Codec::Null {
+                assert_eq!(from_parts.len(), from_parts.capacity());
+            }
+            assert!(from_parts.len() <= encoder.file_overhead() + parts.concat().len());
+        }
+    }
+
+    /// The partner output's stream: its own header, then the blocks of
+    /// files written with other sync markers, re-marked.
+    #[test]
+    fn blocks_of_files_continue_a_stream_under_another_header() {
+        let records = sample();
+        let stream_encoder = OcfEncoder::new(Codec::Null);
+        let mut stream = stream_encoder.header().to_vec();
+        for i in 0..3 {
+            let file = OcfEncoder::new(Codec::Null).file(&records[..=i.min(records.len() - 1)]);
+            stream.extend(
+                stream_encoder
+                    .block_of_file(&file)
+                    .expect("a one-block file"),
+            );
+        }
+        let decoded = decode_all(&stream, Limits::default()).unwrap();
+        assert_eq!(decoded.len(), 1 + 2 + 2);
+        // Not such a file: another codec, a cut file, a bare header.
+        let deflated = OcfEncoder::new(Codec::Deflate).file(&records);
+        assert_eq!(stream_encoder.block_of_file(&deflated), None);
+        let file = OcfEncoder::new(Codec::Null).file(&records);
+        assert_eq!(stream_encoder.block_of_file(&file[..file.len() - 1]), None);
+        assert_eq!(stream_encoder.block_of_file(stream_encoder.header()), None);
     }
 }

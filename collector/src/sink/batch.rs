@@ -95,10 +95,8 @@ type BatchKey = (Arc<str>, Option<Arc<str>>);
 #[derive(Debug)]
 pub struct Batcher {
     thresholds: Thresholds,
-    /// The OCF header every message starts with.
-    header: Vec<u8>,
-    sync: [u8; 16],
-    overhead: usize,
+    /// Writes every message's OCF file (null codec, one sync marker).
+    encoder: OcfEncoder,
     pending: HashMap<BatchKey, Pending>,
     /// Holds the shares of every batched record, until its message takes
     /// them.
@@ -108,21 +106,14 @@ pub struct Batcher {
 impl Batcher {
     /// A batcher writing null-codec OCF files with one random sync marker.
     pub fn new(thresholds: Thresholds) -> Self {
-        Self::with_sync(thresholds, rand::random())
+        Self::with_encoder(thresholds, OcfEncoder::new(Codec::Null))
     }
 
-    /// A batcher whose files all use `sync` (shared with the partner output).
-    pub fn with_sync(thresholds: Thresholds, sync: [u8; 16]) -> Self {
-        let encoder = OcfEncoder::with_sync(Codec::Null, sync);
-        let mut header = Vec::new();
-        encoder.write_header(&mut header);
-        // Header + block count and size varints (10 bytes each at most) + sync.
-        let overhead = header.len() + 20 + 16;
+    /// A batcher whose files `encoder` writes.
+    pub fn with_encoder(thresholds: Thresholds, encoder: OcfEncoder) -> Self {
         Self {
             thresholds,
-            header,
-            sync,
-            overhead,
+            encoder,
             pending: HashMap::new(),
             held: Lease::detached(),
         }
@@ -140,7 +131,7 @@ impl Batcher {
 
     /// Bytes a message adds around its records.
     pub fn overhead(&self) -> usize {
-        self.overhead
+        self.encoder.file_overhead()
     }
 
     /// Adds a record; full batches are appended to `out`.
@@ -151,7 +142,7 @@ impl Batcher {
         out: &mut Vec<Message>,
     ) -> Result<(), TooLarge> {
         let limit = self.thresholds.max_message_bytes;
-        if item.data.len() + self.overhead > limit {
+        if item.data.len() + self.overhead() > limit {
             // Its share goes back: it is dropped.
             drop(self.held.split(item.share as usize));
             return Err(TooLarge {
@@ -163,7 +154,7 @@ impl Batcher {
         }
         let key = (item.topic, item.key);
         if let Some(pending) = self.pending.get(&key)
-            && pending.bytes + item.data.len() + self.overhead > limit
+            && pending.bytes + item.data.len() + self.overhead() > limit
         {
             let pending = self.pending.remove(&key).expect("just looked it up");
             out.push(self.message(key.clone(), pending));
@@ -234,20 +225,9 @@ impl Batcher {
     }
 
     fn message(&mut self, (topic, key): BatchKey, pending: Pending) -> Message {
-        // Exactly sized: header, count, size, the records, sync. The same
-        // bytes as `OcfEncoder::write_encoded_block` with the null codec.
-        let varints = schema::datum::long_len(i64::from(pending.records))
-            + schema::datum::long_len(pending.bytes as i64);
-        let mut payload =
-            Vec::with_capacity(self.header.len() + varints + pending.bytes + self.sync.len());
-        payload.extend_from_slice(&self.header);
-        schema::datum::write_long(&mut payload, i64::from(pending.records));
-        schema::datum::write_long(&mut payload, pending.bytes as i64);
-        for part in &pending.parts {
-            payload.extend_from_slice(part);
-        }
-        payload.extend_from_slice(&self.sync);
-        debug_assert_eq!(payload.len(), payload.capacity());
+        let payload = self
+            .encoder
+            .file_from_parts(pending.records as usize, &pending.parts);
         let lease = self.held.split(pending.leased);
         Message {
             topic,
@@ -315,7 +295,8 @@ mod tests {
     #[test]
     fn a_message_is_the_file_our_encoder_writes_exactly_sized() {
         let sync = [7u8; 16];
-        let mut batcher = Batcher::with_sync(thresholds(), sync);
+        let mut batcher =
+            Batcher::with_encoder(thresholds(), OcfEncoder::with_sync(Codec::Null, sync));
         let mut out = Vec::new();
         let now = Instant::now();
         batcher.add(routed("a", 2), now, &mut out).unwrap();

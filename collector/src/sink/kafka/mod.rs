@@ -92,7 +92,7 @@ impl KafkaSink {
             parked: HashMap::new(),
             parked_bytes: 0,
             source: tokio::sync::watch::Sender::new(settings.source.clone()),
-            batcher: Batcher::with_sync(settings.thresholds, settings.sync),
+            batcher: Batcher::new(settings.thresholds),
             retry_budget: Budget::for_gauge(stats.clone(), crate::buffer::Gauge::KafkaRetryBytes),
             partners: None,
             runtime: None,

@@ -35,8 +35,6 @@ pub struct KafkaSettings {
     pub librdkafka: Vec<(String, String)>,
     /// How long shutdown may spend delivering.
     pub shutdown_grace: Duration,
-    /// Sync marker of every message (shared with the partner output).
-    pub sync: [u8; 16],
 }
 
 impl From<&crate::config::Config> for KafkaSettings {
@@ -56,7 +54,6 @@ impl From<&crate::config::Config> for KafkaSettings {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             shutdown_grace: Duration::from_secs(config.shutdown_grace_secs),
-            sync: rand::random(),
         }
     }
 }
