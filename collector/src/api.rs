@@ -14,7 +14,7 @@
 //! <token>`. Bodies are limited (413) and requests time out (408).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ use serde_json::{Value, json};
 
 use crate::partner::PartnerHub;
 use crate::runtime::{PatchError, Runtime};
+use crate::shutdown::{Shutdown, Task};
 use crate::sink::kafka::BrokerState;
 use crate::stats::Stats;
 
@@ -59,10 +60,25 @@ pub struct ApiState {
     pub brokers: Arc<Mutex<BrokerState>>,
     /// Bound addresses.
     pub endpoints: Endpoints,
-    /// Set once shutdown starts.
-    pub draining: Arc<AtomicBool>,
+    /// The collector's shutdown: `/health` says "draining" once it has begun.
+    pub shutdown: Arc<Shutdown>,
     /// The partner fan-out.
     pub partners: Arc<PartnerHub>,
+}
+
+/// Spawns the API server; it stops with the outputs, last, so that
+/// `/health` answers "draining" while the others stop.
+pub fn spawn(listener: tokio::net::TcpListener, state: ApiState) -> Task {
+    let stop = state.shutdown.outputs().clone();
+    let app = router(state);
+    Task::spawn("api", async move {
+        if let Err(error) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+        {
+            tracing::error!(%error, "The HTTP API stopped serving.");
+        }
+    })
 }
 
 /// The API's routes, testable with `oneshot`.
@@ -196,7 +212,7 @@ async fn health(State(state): State<ApiState>) -> Response {
         "buffer_bytes": state.stats.buffer_bytes.load(Relaxed),
         "in_flight_datapoints": accounting.in_flight().datapoints,
     });
-    if state.draining.load(Relaxed) {
+    if state.shutdown.begun().is_cancelled() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"status": "draining", "reasons": ["shutting down: draining queued data"], "details": details}),

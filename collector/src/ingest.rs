@@ -48,6 +48,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::config::READ_AHEAD_BYTES;
 use crate::pipeline::Pipeline;
 use crate::route::{BlockCost, Router};
+use crate::shutdown::{Shutdown, Task};
 use crate::stats::{DropReason, Input};
 
 /// Smallest read per syscall on an input connection.
@@ -181,9 +182,34 @@ impl Shared {
     }
 }
 
+/// Spawns the TCP input: it accepts connections until the shutdown begins,
+/// then waits, until the shutdown's deadline, for its connections to finish
+/// the frames in flight.
+pub fn spawn(listener: TcpListener, shared: Arc<Shared>, shutdown: &Arc<Shutdown>) -> Task {
+    let shutdown = shutdown.clone();
+    Task::spawn("input", async move {
+        let connections = TaskTracker::new();
+        serve(
+            listener,
+            shared,
+            shutdown.begun().clone(),
+            connections.clone(),
+        )
+        .await;
+        connections.close();
+        let deadline = shutdown.deadline().unwrap_or_else(Instant::now);
+        if tokio::time::timeout_at(deadline, connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!("Input connections did not stop within the shutdown grace.");
+        }
+    })
+}
+
 /// Accepts connections until `shutdown`; the connection tasks are in
 /// `tracker`.
-pub async fn serve(
+async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     shutdown: CancellationToken,

@@ -25,10 +25,10 @@
 //! # Lifecycle
 //!
 //! [`App::bind`] binds every listener (port 0 allowed) and reports the
-//! addresses; [`App::run`] runs until the shutdown future resolves, then shuts
-//! down in a fixed order: stop accepting, let connections finish the frames
-//! in flight, close the buffer, let the sink drain it and flush the producer
-//! within the grace limit, and count anything left as dropped.
+//! addresses; [`App::run`] spawns each subsystem and runs until the shutdown
+//! future resolves; then [`shutdown`] stops them in its fixed order, within
+//! the grace: inputs, the sink draining the buffer, the API and partners
+//! last, and anything left counted as dropped.
 
 pub mod api;
 pub mod buffer;
@@ -51,14 +51,12 @@ pub mod telemetry;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::buffer::Buffer;
 use crate::config::Config;
@@ -69,7 +67,7 @@ use crate::partner::{PartnerHub, PartnerLimits};
 use crate::pipeline::Pipeline;
 use crate::route::Routing;
 use crate::runtime::Runtime;
-use crate::shutdown::{Shutdown, join_by};
+use crate::shutdown::{Shutdown, Tasks};
 use crate::sink::kafka::{BrokerState, KafkaSettings, KafkaSink, SinkRuntime};
 use crate::stats::{Accounting, Stats};
 use crate::telemetry::LogControl;
@@ -96,7 +94,7 @@ pub struct App {
     broker_state: Arc<Mutex<BrokerState>>,
     buffer: Arc<Buffer>,
     runtime: Arc<Runtime>,
-    draining: Arc<AtomicBool>,
+    shutdown: Arc<Shutdown>,
     enrichment: watch::Sender<Arc<Enrichment>>,
     partner_hub: Arc<PartnerHub>,
 }
@@ -146,7 +144,9 @@ impl App {
             broker_state: Arc::default(),
             buffer,
             runtime,
-            draining: Arc::new(AtomicBool::new(false)),
+            shutdown: Arc::new(Shutdown::new(Duration::from_secs(
+                config.shutdown_grace_secs,
+            ))),
             enrichment,
             partner_hub,
             config,
@@ -166,7 +166,7 @@ impl App {
             stats: self.stats.clone(),
             brokers: self.broker_state.clone(),
             endpoints: self.endpoints,
-            draining: self.draining.clone(),
+            shutdown: self.shutdown.clone(),
             partners: self.partner_hub.clone(),
         }
     }
@@ -196,85 +196,62 @@ impl App {
         self.broker_state.clone()
     }
 
-    /// Runs until `shutdown` resolves, then shuts down in one order, within
-    /// `shutdown_grace_secs` whatever the state of the buffer and the
-    /// brokers: stop accepting, let connections finish what they are
-    /// sending (a block still waiting for room is counted as a `shutdown`
-    /// drop), close the buffer, let the sink drain it and flush the
-    /// producer, count anything left as dropped, and stop the API last (it
-    /// answers `/health` with 503 "draining" meanwhile). Returns the final
-    /// accounting, in which nothing is in flight. A task that panicked is
-    /// logged and counted in `task_panics`, and what it held is counted as
-    /// `internal_error`.
+    /// The collector's shutdown, begun when [`App::run`]'s future resolves.
+    pub fn shutdown(&self) -> Arc<Shutdown> {
+        self.shutdown.clone()
+    }
+
+    /// Runs until `shutdown` resolves, then shuts down in the order
+    /// [`shutdown`](mod@shutdown) owns, within `shutdown_grace_secs`
+    /// whatever the state of the buffer and the brokers. Returns the final
+    /// accounting, in which nothing is in flight.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Accounting {
-        let config = self.config.clone();
-        let stats = self.stats.clone();
-        let buffer = self.buffer.clone();
+        let config = &self.config;
+        let plan = self.shutdown.clone();
         let api_state = self.api_state();
-        let runtime = self.runtime.clone();
-        let plan = Arc::new(Shutdown::new(Duration::from_secs(
-            config.shutdown_grace_secs,
-        )));
         let refresh = Arc::new(tokio::sync::Notify::new());
         let pipeline = Arc::new(Pipeline {
-            stats: stats.clone(),
-            buffer: buffer.clone(),
-            routing: runtime.routing.subscribe(),
+            stats: self.stats.clone(),
+            buffer: self.buffer.clone(),
+            routing: self.runtime.routing.subscribe(),
             enrichment: self.enrichment.subscribe(),
             refresh: refresh.clone(),
         });
-        let shared = Arc::new(ingest::Shared::new(
-            pipeline.clone(),
-            runtime.rate_limits.subscribe(),
-            ingest::IngestSettings::from(&config),
-        ));
-        let stop_api = tokio_util::sync::CancellationToken::new();
-        let draining = self.draining.clone();
-        let connections = TaskTracker::new();
-        let accept = tokio::spawn(ingest::serve(
+        let mut inputs = vec![ingest::spawn(
             self.ingest,
-            shared,
-            plan.begun().clone(),
-            connections.clone(),
-        ));
-        let partners = tokio::spawn(partner::serve(
-            self.partner,
-            self.partner_hub.clone(),
-            stop_api.clone(),
-        ));
-        let api_server = {
-            let stop_api = stop_api.clone();
-            let app = api::router(api_state);
-            let listener = self.api;
-            tokio::spawn(async move {
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop_api.cancelled_owned())
-                    .await;
-            })
-        };
-        let poller = config.agent_polling.then(|| {
+            Arc::new(ingest::Shared::new(
+                pipeline.clone(),
+                self.runtime.rate_limits.subscribe(),
+                ingest::IngestSettings::from(config),
+            )),
+            &plan,
+        )];
+        if config.agent_polling {
             let poller = Poller {
-                settings: PollerSettings::from(&config),
+                settings: PollerSettings::from(config),
                 enrichment: self.enrichment.clone(),
                 refresh,
-                pipeline: pipeline.clone(),
+                pipeline,
             };
-            tokio::spawn(poller.run(plan.begun().clone()))
-        });
+            inputs.push(poller.spawn(&plan));
+        }
         let sink = if config.kafka {
-            let sink = KafkaSink::new(
-                KafkaSettings::from(&config),
-                stats.clone(),
-                buffer.clone(),
+            KafkaSink::new(
+                KafkaSettings::from(config),
+                self.stats.clone(),
+                self.buffer.clone(),
                 self.broker_state.clone(),
             )
             .with_partners(self.partner_hub.clone())
-            .with_runtime(runtime.sink.subscribe())
-            .with_shutdown(plan.clone());
-            tokio::spawn(sink.run())
+            .with_runtime(self.runtime.sink.subscribe())
+            .spawn(&plan)
         } else {
-            tokio::spawn(sink::run_null(buffer.clone(), stats.clone()))
+            sink::spawn_null(self.buffer.clone(), self.stats.clone())
         };
+        let outputs = vec![
+            api::spawn(self.api, api_state),
+            partner::spawn(self.partner, self.partner_hub.clone(), &plan),
+        ];
         info!(
             input = %self.endpoints.ingest,
             api = %self.endpoints.api,
@@ -284,58 +261,12 @@ impl App {
         );
 
         shutdown.await;
-        let deadline = plan.begin();
-        info!(
-            grace_secs = config.shutdown_grace_secs,
-            "Shutting down: no longer accepting input."
-        );
-        draining.store(true, Relaxed);
-        join_by("input accept", accept, deadline, &stats).await;
-        if let Some(poller) = poller {
-            join_by("agent poller", poller, deadline, &stats).await;
-        }
-        connections.close();
-        if tokio::time::timeout_at(deadline, connections.wait())
-            .await
-            .is_err()
-        {
-            error!("Input connections did not stop within the shutdown grace.");
-        }
-        buffer.close();
-        join_by("sink", sink, deadline, &stats).await;
-        stop_api.cancel();
-        let last = shutdown::deadline_after(deadline, Duration::from_millis(500))
-            .max(tokio::time::Instant::now() + Duration::from_millis(500));
-        join_by("api", api_server, last, &stats).await;
-        join_by("partner output", partners, last, &stats).await;
-        // Every task has stopped: whatever is neither delivered nor dropped
-        // now was held by one that panicked or was aborted.
-        let lost = stats.count_unaccounted();
-        if lost.records > 0 {
-            error!(
-                records = lost.records,
-                datapoints = lost.datapoints,
-                "Datapoints held by a failed task are counted as dropped (internal_error)."
-            );
-        }
-        let accounting = stats.accounting();
-        let dropped = accounting.dropped_total();
-        info!(
-            received = accounting.received.datapoints,
-            delivered = accounting.delivered.datapoints,
-            dropped = dropped.datapoints,
-            buffer_high_water_bytes = stats.buffer_high_water_bytes.load(Relaxed),
-            task_panics = stats.task_panics.load(Relaxed),
-            dropped_by_reason = %accounting
-                .dropped
-                .iter()
-                .filter(|(_, c)| c.datapoints > 0 || c.records > 0)
-                .map(|(r, c)| format!("{}={}", r.as_str(), c.datapoints))
-                .collect::<Vec<_>>()
-                .join(","),
-            "Collector stopped: datapoints received, delivered and dropped."
-        );
-        accounting
+        let tasks = Tasks {
+            inputs,
+            sink,
+            outputs,
+        };
+        plan.run(tasks, &self.buffer, &self.stats).await
     }
 }
 

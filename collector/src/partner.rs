@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::is_valid_topic;
+use crate::shutdown::{Shutdown, Task};
 use crate::stats::Stats;
 
 /// Per-partner limits, changeable at runtime.
@@ -337,8 +338,17 @@ async fn serve_partner(
     }
 }
 
+/// Spawns the partner output; it stops with the outputs, once the sink has
+/// delivered what it could.
+pub fn spawn(listener: TcpListener, hub: Arc<PartnerHub>, shutdown: &Shutdown) -> Task {
+    Task::spawn(
+        "partner output",
+        serve(listener, hub, shutdown.outputs().clone()),
+    )
+}
+
 /// Accepts partners until `shutdown`, at most `max_partners` at once.
-pub async fn serve(listener: TcpListener, hub: Arc<PartnerHub>, shutdown: CancellationToken) {
+async fn serve(listener: TcpListener, hub: Arc<PartnerHub>, shutdown: CancellationToken) {
     let mut failures = 0;
     while let Some((stream, peer)) = crate::net::accept(
         &listener,

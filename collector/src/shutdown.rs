@@ -6,9 +6,21 @@
 //! sink stops delivering a little before it ([`Shutdown::sink_deadline`]),
 //! so that purging and counting what is left fits inside the grace too.
 //!
+//! Each subsystem spawns itself (`ingest::spawn`, `Poller::spawn`,
+//! `sink::spawn`, `partner::spawn`, `api::spawn`) and hands back a [`Task`];
+//! [`Shutdown::run`] stops them in one order:
+//!
+//! 1. the inputs (the TCP input with its connections, the agent poller)
+//!    stop taking data and finish what they hold, until the deadline;
+//! 2. the buffer is closed, and the sink drains it and flushes the producer,
+//!    until the sink deadline, counting what is left as dropped;
+//! 3. the outputs that report on the others (the HTTP API, which answers
+//!    503 "draining" meanwhile, and the partner output) stop last;
+//! 4. what a failed task held is counted as `internal_error`, and the final
+//!    line is logged.
+//!
 //! Tasks are awaited through [`join`]: a task that panicked is logged and
-//! counted, never dropped on the floor, and what it held is counted as
-//! `internal_error` once everything has stopped.
+//! counted, never dropped on the floor.
 
 use std::sync::OnceLock;
 use std::sync::atomic::Ordering::Relaxed;
@@ -17,9 +29,14 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::error;
+use tracing::{error, info};
 
-use crate::stats::Stats;
+use crate::buffer::Buffer;
+use crate::stats::{Accounting, Stats};
+
+/// How long the outputs that stop last (API, partners) get past the
+/// deadline, at least: enough to answer a request in flight.
+const LAST_WORDS: Duration = Duration::from_millis(500);
 
 /// `from + duration`, saturating instead of overflowing: an instant so far
 /// off that it never comes.
@@ -34,7 +51,40 @@ pub fn deadline_after(from: Instant, duration: Duration) -> Instant {
 pub struct Shutdown {
     grace: Duration,
     begun: CancellationToken,
+    outputs: CancellationToken,
     deadline: OnceLock<Instant>,
+}
+
+/// A spawned task of the collector, with the name its failures are logged
+/// under.
+#[derive(Debug)]
+pub struct Task {
+    name: &'static str,
+    handle: JoinHandle<()>,
+}
+
+impl Task {
+    /// Spawns `future` as the task `name`.
+    pub fn spawn(
+        name: &'static str,
+        future: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Self {
+        Self {
+            name,
+            handle: tokio::spawn(future),
+        }
+    }
+}
+
+/// The collector's tasks, grouped by when they stop.
+#[derive(Debug)]
+pub struct Tasks {
+    /// Stop when the shutdown begins: the TCP input, the agent poller.
+    pub inputs: Vec<Task>,
+    /// Drains the buffer once it is closed.
+    pub sink: Task,
+    /// Stop last, on [`Shutdown::outputs`]: the API, the partner output.
+    pub outputs: Vec<Task>,
 }
 
 impl Shutdown {
@@ -43,6 +93,7 @@ impl Shutdown {
         Self {
             grace,
             begun: CancellationToken::new(),
+            outputs: CancellationToken::new(),
             deadline: OnceLock::new(),
         }
     }
@@ -62,6 +113,12 @@ impl Shutdown {
         &self.begun
     }
 
+    /// Cancelled once the sink has stopped: the outputs that report on the
+    /// others (API, partners) stop then.
+    pub fn outputs(&self) -> &CancellationToken {
+        &self.outputs
+    }
+
     /// The deadline, once the shutdown has begun.
     pub fn deadline(&self) -> Option<Instant> {
         self.deadline.get().copied()
@@ -78,6 +135,65 @@ impl Shutdown {
     pub fn sink_deadline(&self) -> Option<Instant> {
         self.deadline()
             .map(|deadline| deadline.checked_sub(self.reserve()).unwrap_or(deadline))
+    }
+}
+
+impl Shutdown {
+    /// Begins the shutdown and stops `tasks` in the module's order, within
+    /// the grace; then counts what a failed task held and logs the final
+    /// line. Returns the final accounting, in which nothing is in flight.
+    pub async fn run(&self, tasks: Tasks, buffer: &Buffer, stats: &Stats) -> Accounting {
+        let deadline = self.begin();
+        info!(
+            grace_secs = self.grace.as_secs(),
+            "Shutting down: no longer accepting input."
+        );
+        futures::future::join_all(
+            tasks
+                .inputs
+                .into_iter()
+                .map(|task| join_by(task.name, task.handle, deadline, stats)),
+        )
+        .await;
+        buffer.close();
+        join_by(tasks.sink.name, tasks.sink.handle, deadline, stats).await;
+        self.outputs.cancel();
+        let last = deadline_after(deadline, LAST_WORDS).max(Instant::now() + LAST_WORDS);
+        futures::future::join_all(
+            tasks
+                .outputs
+                .into_iter()
+                .map(|task| join_by(task.name, task.handle, last, stats)),
+        )
+        .await;
+        // Every task has stopped: whatever is neither delivered nor dropped
+        // now was held by one that panicked or was aborted.
+        let lost = stats.count_unaccounted();
+        if lost.records > 0 {
+            error!(
+                records = lost.records,
+                datapoints = lost.datapoints,
+                "Datapoints held by a failed task are counted as dropped (internal_error)."
+            );
+        }
+        let accounting = stats.accounting();
+        let dropped = accounting.dropped_total();
+        info!(
+            received = accounting.received.datapoints,
+            delivered = accounting.delivered.datapoints,
+            dropped = dropped.datapoints,
+            buffer_high_water_bytes = stats.buffer_high_water_bytes.load(Relaxed),
+            task_panics = stats.task_panics.load(Relaxed),
+            dropped_by_reason = %accounting
+                .dropped
+                .iter()
+                .filter(|(_, c)| c.datapoints > 0 || c.records > 0)
+                .map(|(r, c)| format!("{}={}", r.as_str(), c.datapoints))
+                .collect::<Vec<_>>()
+                .join(","),
+            "Collector stopped: datapoints received, delivered and dropped."
+        );
+        accounting
     }
 }
 

@@ -241,7 +241,7 @@ async fn health_is_ok_then_503_while_draining() {
     let (status, body) = call(&app, "GET", "/health", None, None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(json(&body)["status"], "ok");
-    app.api_state().draining.store(true, Relaxed);
+    app.shutdown().begin();
     let (status, body) = call(&app, "GET", "/health", None, None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(json(&body)["status"], "draining");

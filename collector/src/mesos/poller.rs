@@ -23,6 +23,7 @@ use crate::discovery::Backoff;
 use crate::enrich::Enrichment;
 use crate::pipeline::Pipeline;
 use crate::route::Router;
+use crate::shutdown::{Shutdown, Task};
 use crate::stats::Input;
 
 /// The poller's settings.
@@ -212,8 +213,13 @@ impl Poller {
         }
     }
 
+    /// Spawns the poller; it stops when the shutdown begins.
+    pub fn spawn(self, shutdown: &Shutdown) -> Task {
+        Task::spawn("agent poller", self.run(shutdown.begun().clone()))
+    }
+
     /// Polls until `shutdown`.
-    pub async fn run(self, shutdown: CancellationToken) {
+    async fn run(self, shutdown: CancellationToken) {
         let Some(url) = agent_url(&self.settings.agent, &shutdown).await else {
             return;
         };

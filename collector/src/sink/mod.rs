@@ -11,10 +11,16 @@ pub mod kafka;
 use std::sync::Arc;
 
 use crate::buffer::Buffer;
+use crate::shutdown::Task;
 use crate::stats::Stats;
 
+/// Spawns the null sink (`kafka = false`).
+pub fn spawn_null(buffer: Arc<Buffer>, stats: Arc<Stats>) -> Task {
+    Task::spawn("sink", run_null(buffer, stats))
+}
+
 /// Takes everything from the buffer and discards it, counting it as delivered.
-pub async fn run_null(buffer: Arc<Buffer>, stats: Arc<Stats>) {
+async fn run_null(buffer: Arc<Buffer>, stats: Arc<Stats>) {
     while let Some(chunk) = buffer.pop().await {
         stats
             .delivered

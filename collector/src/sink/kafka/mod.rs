@@ -125,10 +125,11 @@ impl KafkaSink {
         self
     }
 
-    /// Delivers at shutdown until this shutdown's sink deadline.
-    pub fn with_shutdown(mut self, shutdown: Arc<crate::shutdown::Shutdown>) -> Self {
-        self.shutdown = Some(shutdown);
-        self
+    /// Spawns the sink; at shutdown it delivers until this shutdown's sink
+    /// deadline.
+    pub fn spawn(mut self, shutdown: &Arc<crate::shutdown::Shutdown>) -> crate::shutdown::Task {
+        self.shutdown = Some(shutdown.clone());
+        crate::shutdown::Task::spawn("sink", self.run())
     }
 
     /// When delivering must stop, once input has stopped: the shutdown's
@@ -236,7 +237,7 @@ impl KafkaSink {
 
     /// Runs until the buffer is closed and drained, then delivers what it
     /// can within the shutdown grace and counts the rest as dropped.
-    pub async fn run(mut self) {
+    async fn run(mut self) {
         let (found_tx, mut found) = mpsc::channel(4);
         let stop_discovery = tokio_util::sync::CancellationToken::new();
         let discovery = tokio::spawn(crate::discovery::watch(
