@@ -247,7 +247,7 @@ async fn health(State(state): State<ApiState>) -> Response {
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
-    let brokers = state.brokers.lock().map(|b| b.clone()).unwrap_or_default();
-    let body = crate::stats::prometheus::render(&state.stats, &brokers);
+    let brokers = state.brokers.lock().map(|b| b.gauges()).unwrap_or_default();
+    let body = crate::stats::prometheus::render(&state.stats, brokers);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::config::READ_AHEAD_BYTES;
+use crate::config::{OWN_READ_BYTES, READ_AHEAD_BYTES};
 use crate::pipeline::Pipeline;
 use crate::route::{BlockCost, Router};
 use crate::shutdown::{Shutdown, Task};
@@ -53,10 +53,6 @@ use crate::stats::{DropReason, Input};
 
 /// Smallest read per syscall on an input connection.
 const MIN_READ: usize = 4 * 1024;
-
-/// What a connection may hold in its read buffer without drawing on the
-/// shared pool.
-pub const OWN_READ_BYTES: usize = 16 * 1024;
 
 /// Input rate limits, changeable at runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

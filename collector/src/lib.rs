@@ -9,8 +9,10 @@
 //! - [`config`]: every option as flag, env var and TOML key; validation.
 //! - [`ingest`]: the TCP listener and one task per connection.
 //! - [`route`]: topic, key and tags for each record.
+//! - [`memory`]: the memory budget `buffer_max_bytes` bounds, and its leases.
 //! - [`buffer`]: the bounded buffer between inputs and sink, with its full policy.
 //! - [`sink`]: the Kafka sink (batching, producing, delivery accounting) and the null sink.
+//! - [`backoff`]: capped exponential backoff with jitter, for every retry loop.
 //! - [`discovery`]: broker discovery through Mesos-DNS and the Kafka scheduler.
 //! - [`mesos`]: the agent client, the JSON-to-MetricList mapping, and the
 //!   agent poller with its enrichment tags.
@@ -31,12 +33,14 @@
 //! last, and anything left counted as dropped.
 
 pub mod api;
+pub mod backoff;
 pub mod buffer;
 pub mod config;
 pub mod decode;
 pub mod discovery;
 pub mod enrich;
 pub mod ingest;
+pub mod memory;
 pub mod mesos;
 pub mod net;
 pub mod partner;

@@ -12,8 +12,9 @@ use schema::MetricList;
 use schema::raw::RawRecord;
 use tokio::sync::{Notify, watch};
 
-use crate::buffer::{Buffer, Chunk, Lease};
+use crate::buffer::{Buffer, Chunk};
 use crate::enrich::Enrichment;
+use crate::memory::Lease;
 use crate::route::{Records, Router, Routing};
 use crate::stats::{DropReason, Input, Stats};
 
@@ -48,7 +49,8 @@ impl Pipeline {
         if sanitized > 0 {
             self.stats.topics_sanitized.fetch_add(sanitized, Relaxed);
         }
-        self.stats.count_topics(&records.items);
+        self.stats
+            .count_topics(records.items.iter().map(|r| (&r.topic, r.datapoints)));
     }
 
     /// Routes records of the current schema read in place, into `lease`.
@@ -151,5 +153,52 @@ impl Pipeline {
             self.buffer.push(chunk);
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, FullPolicy};
+    use schema::Datapoint;
+
+    #[tokio::test]
+    async fn agent_records_are_routed_and_counted_like_tcp_ones() {
+        let config = Config::default();
+        let stats = Arc::new(Stats::default());
+        let buffer = Arc::new(Buffer::new(1 << 20, FullPolicy::Block, stats.clone()));
+        let pipeline = Pipeline {
+            stats: stats.clone(),
+            buffer: buffer.clone(),
+            routing: watch::channel(Arc::new(Routing::from_config(&config))).1,
+            enrichment: watch::channel(Arc::new(Enrichment::default())).1,
+            refresh: Arc::new(Notify::new()),
+        };
+        let list = |topic: &str| MetricList {
+            topic: topic.into(),
+            tags: Vec::new(),
+            datapoints: vec![Datapoint::new("cpus_user_time_secs", 1, 1.0)],
+        };
+        let pushed = pipeline
+            .push_owned(
+                &mut Router::default(),
+                Input::Agent,
+                vec![list("bad topic/ü"), list("fine")],
+                std::future::pending(),
+            )
+            .await;
+        assert!(pushed);
+        assert_eq!(stats.topics_sanitized.load(Relaxed), 1);
+        assert_eq!(stats.accounting().received.datapoints, 2);
+        buffer.close();
+        let chunk = buffer.pop().await.expect("the agent's records are queued");
+        let topics: Vec<&str> = chunk.items.iter().map(|r| &*r.topic).collect();
+        assert_eq!(topics.len(), 2);
+        assert!(
+            topics
+                .iter()
+                .all(|t| t.bytes().all(|b| b.is_ascii_graphic())),
+            "{topics:?}"
+        );
     }
 }

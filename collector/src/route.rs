@@ -9,8 +9,8 @@ use bytes::Bytes;
 use schema::raw::RawRecord;
 use schema::{MetricList, Tag};
 
-use crate::buffer::{Lease, RECORD_OVERHEAD, allocated_size};
 use crate::config::{Config, is_valid_topic};
+use crate::memory::{Lease, allocated_size};
 
 /// The routing settings in force.
 #[derive(Debug, Clone, PartialEq)]
@@ -86,6 +86,21 @@ pub struct Records {
     /// Holds the records' shares against the buffer's bound.
     pub lease: Lease,
 }
+
+impl Records {
+    /// The bytes of the bound the records hold.
+    pub fn bytes(&self) -> usize {
+        self.lease.bytes()
+    }
+
+    /// Datapoints in the records.
+    pub fn datapoints(&self) -> u64 {
+        self.items.iter().map(|r| u64::from(r.datapoints)).sum()
+    }
+}
+
+/// Heap a record's bookkeeping takes wherever it waits (its [`Routed`]).
+pub const RECORD_OVERHEAD: usize = std::mem::size_of::<Routed>();
 
 impl Default for Records {
     fn default() -> Self {
@@ -775,7 +790,7 @@ mod tests {
 
     #[test]
     fn a_block_never_takes_more_than_its_estimate() {
-        let budget = crate::buffer::Budget::new(usize::MAX / 2, None);
+        let budget = crate::memory::Budget::new(usize::MAX / 2, None);
         let routing = routing();
         for records in [1usize, 7, 300] {
             let lists: Vec<MetricList> = (0..records)

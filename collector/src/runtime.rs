@@ -69,12 +69,6 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-pub(crate) fn unknown_field(message: &str) -> Option<String> {
-    let start = message.find("unknown field `")? + "unknown field `".len();
-    let end = message[start..].find('`')?;
-    Some(message[start..start + end].to_owned())
-}
-
 impl Runtime {
     /// Publishes `config`'s runtime settings through these senders.
     pub fn new(
@@ -130,7 +124,8 @@ impl Runtime {
         merge_patch(&mut merged, patch);
         let new: Config = serde_path_to_error::deserialize(merged.clone()).map_err(|error| {
             let message = error.inner().to_string();
-            let field = unknown_field(&message).unwrap_or_else(|| error.path().to_string());
+            let field =
+                crate::config::unknown_field(&message).unwrap_or_else(|| error.path().to_string());
             ConfigError { field, message }
         })?;
         new.validate()?;

@@ -29,7 +29,8 @@ use schema::{Codec, MetricList, OcfEncoder};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::discovery::{Backoff, BrokerSource, discover};
+use crate::backoff::Backoff;
+use crate::discovery::{BrokerSource, discover};
 use crate::mesos::client::AgentClient;
 use crate::mesos::mapping::Naming;
 use crate::mesos::poller::{AgentAddress, agent_url};

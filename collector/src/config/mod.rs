@@ -80,6 +80,10 @@ const MAX_BUFFER_BYTES: u64 = 1 << 40;
 /// What an input connection may read beyond the block it waits for.
 pub const READ_AHEAD_BYTES: usize = 256 * 1024;
 
+/// What a connection may hold in its read buffer without drawing on the
+/// shared pool.
+pub const OWN_READ_BYTES: usize = 16 * 1024;
+
 fn at_most(field: &str, value: u64, max: u64, unit: &str) -> Result<(), ConfigError> {
     if value > max {
         return Err(ConfigError::new(
@@ -189,7 +193,7 @@ impl Config {
     pub fn memory_bound(&self) -> MemoryBound {
         let buffer = self.buffer_max_bytes as u64;
         let input_buffers = self.input_buffer_max_bytes as u64
-            + self.max_connections as u64 * crate::ingest::OWN_READ_BYTES as u64;
+            + self.max_connections as u64 * OWN_READ_BYTES as u64;
         let inflating = self.max_decompressed_block_bytes as u64;
         let kafka = if self.kafka {
             2 * self.kafka_queue_max_kbytes as u64 * 1024
@@ -468,7 +472,7 @@ impl Config {
             let (place, line_start) = at(e.span());
             // An unknown key is named by the message; a bad value by the key
             // on its line.
-            let field = crate::runtime::unknown_field(e.message()).unwrap_or_else(|| {
+            let field = unknown_field(e.message()).unwrap_or_else(|| {
                 let line = text[line_start..].lines().next().unwrap_or_default();
                 line.split('=').next().unwrap_or(line).trim().to_owned()
             });
@@ -520,6 +524,14 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+/// The key serde names in an "unknown field" message, for errors that name
+/// the field (TOML files and `PATCH /v1/config` bodies).
+pub(crate) fn unknown_field(message: &str) -> Option<String> {
+    let start = message.find("unknown field `")? + "unknown field `".len();
+    let end = message[start..].find('`')?;
+    Some(message[start..start + end].to_owned())
 }
 
 #[cfg(test)]

@@ -92,57 +92,13 @@ pub struct AgentClient {
     max_body: usize,
 }
 
-/// Rewrites bare `NaN`, `Infinity` and `-Infinity` tokens (outside strings)
-/// as the strings `"NaN"`, `"Infinity"` and `"-Infinity"`, which the mapping
-/// reads back as doubles. Everything else is left as it is.
-pub fn tolerate_non_finite(body: &str) -> std::borrow::Cow<'_, str> {
-    if !body.contains("NaN") && !body.contains("Infinity") {
-        return std::borrow::Cow::Borrowed(body);
-    }
-    let mut out = String::with_capacity(body.len() + 16);
-    let mut in_string = false;
-    let mut escaped = false;
-    let mut rest = body;
-    while let Some(c) = rest.chars().next() {
-        if in_string {
-            out.push(c);
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_string = false;
-            }
-            rest = &rest[c.len_utf8()..];
-            continue;
-        }
-        if c == '"' {
-            in_string = true;
-        }
-        let token = ["-Infinity", "Infinity", "NaN"]
-            .into_iter()
-            .find(|t| rest.starts_with(t));
-        match token {
-            Some(token) => {
-                out.push('"');
-                out.push_str(token);
-                out.push('"');
-                rest = &rest[token.len()..];
-            }
-            None => {
-                out.push(c);
-                rest = &rest[c.len_utf8()..];
-            }
-        }
-    }
-    std::borrow::Cow::Owned(out)
-}
-
 /// Parses an agent body tolerantly.
 pub fn parse_body(url: &str, body: &str) -> Result<Value, AgentError> {
-    serde_json::from_str(&tolerate_non_finite(body)).map_err(|e| AgentError::Malformed {
-        url: url.to_owned(),
-        reason: e.to_string(),
+    serde_json::from_str(&super::mapping::tolerate_non_finite(body)).map_err(|e| {
+        AgentError::Malformed {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        }
     })
 }
 
@@ -318,7 +274,8 @@ mod tests {
     fn bare_non_finite_numbers_become_strings_outside_strings_only() {
         let body =
             r#"{"a": NaN, "b": [Infinity, -Infinity], "c": "NaN in a string", "d": "x\"NaN"}"#;
-        let value: Value = serde_json::from_str(&tolerate_non_finite(body)).unwrap();
+        let value: Value =
+            serde_json::from_str(&crate::mesos::mapping::tolerate_non_finite(body)).unwrap();
         assert_eq!(value["a"], "NaN");
         assert_eq!(value["b"][1], "-Infinity");
         assert_eq!(value["c"], "NaN in a string");

@@ -19,10 +19,56 @@
 //!   the one datapoint `parent.X`.
 //!
 //! The strings `"NaN"`, `"Infinity"` and `"-Infinity"` are read as doubles
-//! (see `client::tolerate_non_finite`).
+//! (see [`tolerate_non_finite`]).
 
 use schema::{Datapoint, MetricList, Tag};
 use serde_json::Value;
+
+/// Rewrites bare `NaN`, `Infinity` and `-Infinity` tokens (outside strings)
+/// as the strings `"NaN"`, `"Infinity"` and `"-Infinity"`, which the mapping
+/// reads back as doubles. Everything else is left as it is.
+pub fn tolerate_non_finite(body: &str) -> std::borrow::Cow<'_, str> {
+    if !body.contains("NaN") && !body.contains("Infinity") {
+        return std::borrow::Cow::Borrowed(body);
+    }
+    let mut out = String::with_capacity(body.len() + 16);
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = body;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        }
+        let token = ["-Infinity", "Infinity", "NaN"]
+            .into_iter()
+            .find(|t| rest.starts_with(t));
+        match token {
+            Some(token) => {
+                out.push('"');
+                out.push_str(token);
+                out.push('"');
+                rest = &rest[token.len()..];
+            }
+            None => {
+                out.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
 
 /// What a mapping produced, and what it had to skip.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -188,7 +234,7 @@ pub fn map_entries_text(body: &str, naming: Naming<'_>, now_ms: i64) -> Result<M
             self.visit_unit()
         }
     }
-    let body = super::client::tolerate_non_finite(body);
+    let body = tolerate_non_finite(body);
     let mut mapped = Mapped::default();
     let mut deserializer = serde_json::Deserializer::from_str(&body);
     Entries {

@@ -19,7 +19,7 @@ use tracing::{Instrument, info, warn};
 
 use super::client::{AgentClient, AgentError};
 use super::mapping::{Naming, map_snapshot};
-use crate::discovery::Backoff;
+use crate::backoff::Backoff;
 use crate::enrich::Enrichment;
 use crate::pipeline::Pipeline;
 use crate::route::Router;

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use schema::{Codec, OcfEncoder};
 use tokio::time::Instant;
 
-use crate::buffer::Lease;
+use crate::memory::Lease;
 use crate::route::Routed;
 
 /// One Kafka message ready to produce.

@@ -430,20 +430,18 @@ impl Stats {
         self.buffer_high_water_bytes.fetch_max(bytes, Relaxed);
     }
 
-    /// Per-topic received counts of routed records, one lock per run of
-    /// records with the same topic.
-    pub fn count_topics(&self, items: &[crate::route::Routed]) {
+    /// Per-topic received counts of routed records, given as (topic,
+    /// datapoints): one lock per run of records with the same topic.
+    pub fn count_topics<'a>(&self, records: impl IntoIterator<Item = (&'a Arc<str>, u32)>) {
         let mut run: Option<(&Arc<str>, u64)> = None;
-        for item in items {
+        for (record_topic, datapoints) in records {
             match &mut run {
-                Some((topic, n)) if Arc::ptr_eq(topic, &item.topic) => {
-                    *n += u64::from(item.datapoints)
-                }
+                Some((topic, n)) if Arc::ptr_eq(topic, record_topic) => *n += u64::from(datapoints),
                 _ => {
                     if let Some((topic, n)) = run.take() {
                         self.count_topic(topic, |c| c.received += n);
                     }
-                    run = Some((&item.topic, u64::from(item.datapoints)));
+                    run = Some((record_topic, u64::from(datapoints)));
                 }
             }
         }

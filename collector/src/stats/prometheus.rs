@@ -6,7 +6,6 @@ use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::{DropReason, Histogram, Stats};
-use crate::sink::kafka::BrokerState;
 
 fn escape(value: &str) -> String {
     value
@@ -53,8 +52,19 @@ impl Text {
     }
 }
 
+/// What the sink reports of the brokers, for the `collector_kafka_*` gauges.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BrokerGauges {
+    /// Brokers in use.
+    pub brokers: usize,
+    /// Every broker is down.
+    pub all_down: bool,
+    /// Seconds Kafka has been unreachable (0 when reachable).
+    pub unavailable_secs: u64,
+}
+
 /// Renders every counter in Prometheus text format.
-pub fn render(stats: &Stats, brokers: &BrokerState) -> String {
+pub fn render(stats: &Stats, brokers: BrokerGauges) -> String {
     let mut t = Text(String::with_capacity(8192));
     let acc = stats.accounting();
     for (unit, received_tcp, received_agent, delivered) in [
@@ -140,21 +150,19 @@ pub fn render(stats: &Stats, brokers: &BrokerState) -> String {
         "collector_kafka_brokers",
         "gauge",
         "brokers in use",
-        brokers.current.as_ref().map_or(0, |c| c.brokers.len()),
+        brokers.brokers,
     );
     t.one(
         "collector_kafka_all_brokers_down",
         "gauge",
         "1 when every broker is down",
-        u8::from(brokers.all_brokers_down),
+        u8::from(brokers.all_down),
     );
     t.one(
         "collector_kafka_unavailable_seconds",
         "gauge",
         "seconds Kafka has been unreachable (0 when reachable)",
-        brokers
-            .unavailable_since
-            .map_or(0, |s| s.elapsed().as_secs()),
+        brokers.unavailable_secs,
     );
     t.histogram(
         "collector_kafka_batch_records",
@@ -178,7 +186,7 @@ mod tests {
         let stats = Stats::default();
         stats.connections_accepted.fetch_add(3, Relaxed);
         stats.partners_connected.fetch_add(2, Relaxed);
-        let text = render(&stats, &BrokerState::default());
+        let text = render(&stats, BrokerGauges::default());
         let mut families = std::collections::HashSet::new();
         for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
             let name = line.split(' ').nth(2).unwrap();

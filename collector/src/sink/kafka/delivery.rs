@@ -17,7 +17,7 @@ use tracing::{debug, error, info, warn};
 
 use super::super::batch::Message;
 use super::BrokerState;
-use crate::buffer::{Budget, allocated_size};
+use crate::memory::{Budget, allocated_size};
 use crate::stats::{DropReason, Stats};
 
 /// Per-message bookkeeping carried through librdkafka.
@@ -270,7 +270,7 @@ mod tests {
     #[test]
     fn a_message_handed_back_is_counted_until_it_goes_again() {
         let stats = Arc::new(Stats::default());
-        let budget = Budget::for_gauge(stats.clone(), crate::buffer::Gauge::KafkaRetryBytes);
+        let budget = Budget::for_gauge(stats.clone(), crate::memory::Gauge::KafkaRetryBytes);
         let meta = || Meta {
             topic: "t".into(),
             key: None,

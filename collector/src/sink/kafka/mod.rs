@@ -31,8 +31,9 @@ use tokio::time::Instant;
 use tracing::{error, warn};
 
 use super::batch::{Batcher, Message};
-use crate::buffer::{Budget, Buffer};
+use crate::buffer::Buffer;
 use crate::discovery::{BrokerSource, Discovered};
+use crate::memory::{Budget, Gauge};
 use crate::stats::{DropReason, Stats};
 pub(crate) use delivery::is_permanent;
 use delivery::{KafkaProducer, Meta};
@@ -93,7 +94,7 @@ impl KafkaSink {
             parked_bytes: 0,
             source: tokio::sync::watch::Sender::new(settings.source.clone()),
             batcher: Batcher::new(settings.thresholds),
-            retry_budget: Budget::for_gauge(stats.clone(), crate::buffer::Gauge::KafkaRetryBytes),
+            retry_budget: Budget::for_gauge(stats.clone(), Gauge::KafkaRetryBytes),
             partners: None,
             runtime: None,
             shutdown: None,

@@ -161,3 +161,16 @@ pub struct BrokerState {
     /// Whether librdkafka reports every broker down.
     pub all_brokers_down: bool,
 }
+
+impl BrokerState {
+    /// The `collector_kafka_*` gauges of `/metrics`.
+    pub fn gauges(&self) -> crate::stats::prometheus::BrokerGauges {
+        crate::stats::prometheus::BrokerGauges {
+            brokers: self.current.as_ref().map_or(0, |c| c.brokers.len()),
+            all_down: self.all_brokers_down,
+            unavailable_secs: self
+                .unavailable_since
+                .map_or(0, |since| since.elapsed().as_secs()),
+        }
+    }
+}
