@@ -165,6 +165,12 @@ pub async fn run(
         agent_url: Some(agent.url()),
         agent_poll_period: 2,
         shutdown_grace_secs: 20,
+        // A partner that stops reading fills a small queue within seconds.
+        partner_buffer_kbytes: if options.scenario == Some(Scenario::PartnerStall) {
+            64
+        } else {
+            Config::default().partner_buffer_kbytes
+        },
         ..Config::default()
     };
     let app = collector::App::bind(config).await?;
@@ -254,7 +260,11 @@ pub async fn run(
             }
             (Some(Scenario::PartnerStall), 0) if elapsed >= scenario_at => {
                 println!("scenario: a partner connects and never reads");
-                stalled_partner = Some(tokio::net::TcpStream::connect(partner_addr).await?);
+                // A small receive window, so that what the collector sends
+                // piles up in its queue rather than in socket buffers.
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.set_recv_buffer_size(4096)?;
+                stalled_partner = Some(socket.connect(partner_addr).await?);
                 scenario_state = 1;
             }
             (Some(Scenario::SchedulerMove), 0) if elapsed >= scenario_at => {

@@ -11,7 +11,7 @@ use collector::mesos::mapping::{Naming, map_entries};
 use schema::{Limits, StreamDecoder};
 use serde_json::Value;
 use simulator::agent::{AgentFault, mesos_agent, reference};
-use simulator::producer::{module_producer, producer};
+use simulator::producer::{ModuleReport, module_producer, producer};
 use simulator::scheduler::{SchedulerFault, kafka_scheduler};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
@@ -103,10 +103,13 @@ async fn the_module_flushes_every_100_datapoints_and_accounts_for_all() {
 /// with backoff once one listens.
 #[tokio::test]
 async fn the_module_drops_while_disconnected_and_reconnects() {
-    let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = probe.local_addr().unwrap();
-    drop(probe);
+    // The port is bound but not listening: connecting is refused, and no
+    // other process can take the port before the listener starts.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
+    let live = Arc::new(std::sync::Mutex::new(ModuleReport::default()));
     let module = tokio::spawn(
         module_producer(addr, "m")
             .rate(5000.0)
@@ -115,10 +118,21 @@ async fn the_module_drops_while_disconnected_and_reconnects() {
                 (Duration::from_millis(50), Duration::from_millis(400)),
                 256 * 1024,
             )
+            .live_report(live.clone())
             .run(stop.clone()),
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let listener = TcpListener::bind(addr).await.unwrap();
+    let waited = tokio::time::timeout(Duration::from_secs(30), async {
+        while live.lock().unwrap().dropped == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        waited.is_ok(),
+        "nothing was dropped while no collector listened"
+    );
+    assert_eq!(live.lock().unwrap().connects, 0);
+    let listener = socket.listen(16).unwrap();
     let (_stream, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
         .await
         .unwrap()

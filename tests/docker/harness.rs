@@ -209,6 +209,13 @@ fn images_present() {
     }
 }
 
+/// How long the Docker tier waits for a condition: containers take seconds
+/// where in-process fakes take milliseconds, so four times the suite's
+/// patience (`RUST_TEST_PATIENCE_MS`; 120 s by default).
+pub fn docker_patience() -> Duration {
+    e2e::patience() * 4
+}
+
 /// Polls `check` every 250 ms until it returns `Some`, or `None` after
 /// `timeout`.
 pub async fn poll_until<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
@@ -467,7 +474,7 @@ impl Cluster {
     }
 
     async fn wait_ready(&self) {
-        let timeout = Duration::from_secs(120);
+        let timeout = docker_patience();
         for node in &self.nodes {
             let health = format!("http://{}:8123/health", self.node_ip(node.index));
             self.eventually(
@@ -566,7 +573,8 @@ impl Cluster {
             );
         }
         self.log("producers stopped; waiting for the balance");
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let patience = docker_patience();
+        let deadline = Instant::now() + patience;
         loop {
             let report = self.try_report().await;
             match report {
@@ -577,7 +585,7 @@ impl Cluster {
                 Some(report) if Instant::now() > deadline => {
                     self.dump_logs();
                     panic!(
-                        "conservation does not hold after 120 s: {}\nfailures: {:?}",
+                        "conservation does not hold after {patience:?}: {}\nfailures: {:?}",
                         report.summary(),
                         report.conservation.failures
                     );

@@ -80,7 +80,7 @@ async fn happy_path_every_datapoint_from_three_nodes_and_the_sample_producer() {
     }
     let seen = cluster
         .eventually(
-            Duration::from_secs(60),
+            harness::docker_patience(),
             "every executor in the sample topic",
             || async {
                 let report = cluster.try_report().await?;
@@ -183,7 +183,7 @@ async fn scheduler_moves_the_brokers_and_the_collectors_follow() {
         };
         cluster
             .eventually(
-                Duration::from_secs(60),
+                harness::docker_patience(),
                 &format!("node-{}'s collector switching to tansu-b", node.index),
                 logs_say_moved,
             )

@@ -75,4 +75,8 @@ async fn up_with_a_stalled_partner() {
         report.producers_verified, report.producers_sent,
         "Kafka unaffected by the stalled partner"
     );
+    assert!(
+        report.partner_blocks_dropped > 0,
+        "the partner really stalled: blocks were dropped for it, not waited for"
+    );
 }
