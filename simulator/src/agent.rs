@@ -20,7 +20,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+
+use crate::listening::Listening;
 
 /// Recorded real responses, for replay mode.
 pub mod reference {
@@ -70,8 +71,9 @@ struct Container {
     mem_limit: u64,
 }
 
+/// What the agent serves, behind its handle.
 #[derive(Debug)]
-struct AgentState {
+pub struct AgentState {
     agent_id: String,
     frameworks: Vec<(String, String, String)>,
     containers: Vec<Container>,
@@ -228,7 +230,8 @@ impl AgentState {
     }
 }
 
-type Shared = Arc<Mutex<AgentState>>;
+/// The agent's state, shared by its handle and its routes.
+pub type Shared = Arc<Mutex<AgentState>>;
 
 /// Builds an agent.
 #[derive(Debug, Clone)]
@@ -319,33 +322,18 @@ impl AgentBuilder {
         let listener = TcpListener::bind(self.bind).await?;
         let addr = listener.local_addr()?;
         let app = router(shared.clone());
-        let task = tokio::spawn(async move {
+        Ok(Listening::spawn(addr, shared, async move {
             let _ = axum::serve(listener, app).await;
-        });
-        Ok(AgentHandle {
-            addr,
-            state: shared,
-            task,
-        })
+        }))
     }
 }
 
 /// A running agent.
-pub struct AgentHandle {
-    /// Where it listens.
-    pub addr: SocketAddr,
-    state: Shared,
-    task: JoinHandle<()>,
-}
+pub type AgentHandle = Listening<Shared>;
 
 impl AgentHandle {
     fn lock(&self) -> std::sync::MutexGuard<'_, AgentState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// `http://addr`.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
     }
 
     /// Shows a fault from now on.
@@ -366,11 +354,6 @@ impl AgentHandle {
     /// The generated `/monitor/statistics` body, as served now.
     pub fn statistics_json(&self) -> Value {
         self.lock().entries(false)
-    }
-
-    /// Stops serving.
-    pub fn stop(self) {
-        self.task.abort();
     }
 }
 

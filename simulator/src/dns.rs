@@ -18,23 +18,21 @@ use hickory_server::proto::rr::{Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::task::JoinHandle;
 
+use crate::listening::Listening;
+
+/// The records Mesos-DNS serves, behind its handle.
 #[derive(Debug, Default)]
-struct Zone {
+pub struct Zone {
     /// Lower-case FQDN (with the trailing dot) → (port, target).
     srv: HashMap<String, Vec<(u16, String)>>,
     /// Lower-case FQDN → addresses.
     a: HashMap<String, Vec<Ipv4Addr>>,
 }
 
-/// A running Mesos-DNS fake.
-pub struct DnsHandle {
-    /// UDP and TCP address (the same port).
-    pub addr: SocketAddr,
-    zone: Arc<RwLock<Zone>>,
-    task: JoinHandle<()>,
-}
+/// A running Mesos-DNS fake; its address serves UDP and TCP (the same
+/// port).
+pub type DnsHandle = Listening<Arc<RwLock<Zone>>>;
 
 fn fqdn(name: &str) -> String {
     let mut name = name.to_ascii_lowercase();
@@ -46,7 +44,7 @@ fn fqdn(name: &str) -> String {
 
 impl DnsHandle {
     fn zone(&self) -> std::sync::RwLockWriteGuard<'_, Zone> {
-        self.zone.write().unwrap_or_else(|p| p.into_inner())
+        self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Registers a framework's scheduler task: the SRV
@@ -84,11 +82,6 @@ impl DnsHandle {
     /// Sets any A record.
     pub fn set_a(&self, name: &str, ip: Ipv4Addr) {
         self.zone().a.insert(fqdn(name), vec![ip]);
-    }
-
-    /// Stops the server.
-    pub fn stop(self) {
-        self.task.abort();
     }
 }
 
@@ -166,13 +159,33 @@ impl RequestHandler for Handler {
     }
 }
 
-/// Starts Mesos-DNS on `ip` with an ephemeral port (UDP and TCP share it).
-pub async fn mesos_dns(ip: Ipv4Addr) -> std::io::Result<DnsHandle> {
-    mesos_dns_on(SocketAddr::from((ip, 0))).await
+/// Builds a Mesos-DNS fake.
+#[derive(Debug, Clone)]
+pub struct DnsBuilder {
+    bind: SocketAddr,
 }
 
-/// Starts Mesos-DNS on `addr` (port 0: one free for both UDP and TCP).
-pub async fn mesos_dns_on(addr: SocketAddr) -> std::io::Result<DnsHandle> {
+/// Mesos-DNS on 127.0.0.1 with an ephemeral port (UDP and TCP share it).
+pub fn mesos_dns() -> DnsBuilder {
+    DnsBuilder {
+        bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+    }
+}
+
+impl DnsBuilder {
+    /// Listens on `addr` (port 0: one free for both UDP and TCP).
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.bind = addr;
+        self
+    }
+
+    /// Starts serving.
+    pub async fn run(self) -> std::io::Result<DnsHandle> {
+        serve(self.bind).await
+    }
+}
+
+async fn serve(addr: SocketAddr) -> std::io::Result<DnsHandle> {
     let (udp, tcp) = if addr.port() != 0 {
         (UdpSocket::bind(addr).await?, TcpListener::bind(addr).await?)
     } else {
@@ -189,8 +202,7 @@ pub async fn mesos_dns_on(addr: SocketAddr) -> std::io::Result<DnsHandle> {
     let mut server = Server::new(Handler { zone: zone.clone() });
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(5), 4096);
-    let task = tokio::spawn(async move {
+    Ok(Listening::spawn(addr, zone, async move {
         let _ = server.block_until_done().await;
-    });
-    Ok(DnsHandle { addr, zone, task })
+    }))
 }

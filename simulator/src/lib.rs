@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //!
+//! - [`listening`]: the handle every fake returns (address, stop, join).
 //! - [`dns`]: Mesos-DNS (SRV and A records) on hickory's server crate.
 //! - [`producer`]: TCP producers that emulate the mesos-agent module (its
 //!   exact header, fixed sync, null codec) and "other processes" (random
@@ -16,6 +17,7 @@ pub mod agent;
 pub mod bench;
 pub mod cluster;
 pub mod dns;
+pub mod listening;
 pub mod process;
 pub mod producer;
 pub mod scheduler;

@@ -215,7 +215,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             scheduler,
             brokers,
         } => {
-            let dns = simulator::dns::mesos_dns_on(listen).await?;
+            let dns = simulator::dns::mesos_dns().bind(listen).run().await?;
             let SocketAddr::V4(scheduler) = resolve(&scheduler, Duration::from_secs(60)).await?
             else {
                 anyhow::bail!("--scheduler must resolve to IPv4")
@@ -233,7 +233,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             framework,
             brokers,
         } => {
-            let scheduler = simulator::scheduler::kafka_scheduler(&framework, listen).await?;
+            let scheduler = simulator::scheduler::kafka_scheduler(&framework)
+                .bind(listen)
+                .run()
+                .await?;
             let mut addresses = Vec::new();
             for broker in &brokers {
                 addresses.push(resolve(broker, Duration::from_secs(60)).await?.to_string());

@@ -14,7 +14,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+
+use crate::listening::Listening;
 
 /// A fault the scheduler can show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,32 +41,24 @@ struct Brokers {
     vip: Option<String>,
 }
 
+/// What the scheduler serves, behind its handle.
 #[derive(Debug)]
-struct SchedulerState {
+pub struct SchedulerState {
     framework: String,
     brokers: Brokers,
     fault: SchedulerFault,
     requests: u64,
 }
 
-type Shared = Arc<Mutex<SchedulerState>>;
+/// The scheduler's state, shared by its handle and its routes.
+pub type Shared = Arc<Mutex<SchedulerState>>;
 
 /// A running scheduler fake.
-pub struct SchedulerHandle {
-    /// Where it listens.
-    pub addr: SocketAddr,
-    state: Shared,
-    task: JoinHandle<()>,
-}
+pub type SchedulerHandle = Listening<Shared>;
 
 impl SchedulerHandle {
     fn lock(&self) -> std::sync::MutexGuard<'_, SchedulerState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// `http://addr`.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
     }
 
     /// Sets the brokers: `address` gets `ip:port`, `dns` gets
@@ -102,18 +95,38 @@ impl SchedulerHandle {
     pub fn requests(&self) -> u64 {
         self.lock().requests
     }
+}
 
-    /// Stops serving.
-    pub fn stop(self) {
-        self.task.abort();
+/// Builds a Kafka scheduler fake.
+#[derive(Debug, Clone)]
+pub struct SchedulerBuilder {
+    framework: String,
+    bind: SocketAddr,
+}
+
+/// A scheduler for the framework `framework`, on 127.0.0.1 with an
+/// ephemeral port, with no brokers yet.
+pub fn kafka_scheduler(framework: &str) -> SchedulerBuilder {
+    SchedulerBuilder {
+        framework: framework.to_owned(),
+        bind: SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
     }
 }
 
-/// Starts a scheduler for `framework` on `bind`.
-pub async fn kafka_scheduler(
-    framework: &str,
-    bind: SocketAddr,
-) -> std::io::Result<SchedulerHandle> {
+impl SchedulerBuilder {
+    /// Listens on `addr`.
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.bind = addr;
+        self
+    }
+
+    /// Starts serving.
+    pub async fn run(self) -> std::io::Result<SchedulerHandle> {
+        serve(&self.framework, self.bind).await
+    }
+}
+
+async fn serve(framework: &str, bind: SocketAddr) -> std::io::Result<SchedulerHandle> {
     let state = Arc::new(Mutex::new(SchedulerState {
         framework: framework.to_owned(),
         brokers: Brokers {
@@ -133,10 +146,9 @@ pub async fn kafka_scheduler(
         .route("/control/fault", post(set_fault))
         .route("/control/brokers", post(set_brokers))
         .with_state(state.clone());
-    let task = tokio::spawn(async move {
+    Ok(Listening::spawn(addr, state, async move {
         let _ = axum::serve(listener, app).await;
-    });
-    Ok(SchedulerHandle { addr, state, task })
+    }))
 }
 
 fn answer(

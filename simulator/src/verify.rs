@@ -268,6 +268,16 @@ pub struct CollectorCounts {
     pub dropped: f64,
 }
 
+impl From<&collector::stats::Accounting> for CollectorCounts {
+    fn from(accounting: &collector::stats::Accounting) -> Self {
+        Self {
+            received: accounting.received.datapoints as f64,
+            delivered: accounting.delivered.datapoints as f64,
+            dropped: accounting.dropped_total().datapoints as f64,
+        }
+    }
+}
+
 /// Scrapes a collector's `/metrics` with a Prometheus text parser.
 pub async fn scrape(metrics_url: &str) -> anyhow::Result<CollectorCounts> {
     let body = reqwest::Client::builder()

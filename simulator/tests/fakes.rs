@@ -245,9 +245,7 @@ async fn the_collector_reads_the_emulator_as_it_reads_a_real_agent() {
 
 #[tokio::test]
 async fn the_scheduler_answers_both_reference_shapes_and_its_faults() {
-    let scheduler = kafka_scheduler("kafka", "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let scheduler = kafka_scheduler("kafka").run().await.unwrap();
     scheduler.set_brokers(&[
         "10.0.0.211:9843".parse().unwrap(),
         "10.0.0.217:10056".parse().unwrap(),

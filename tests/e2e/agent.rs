@@ -303,9 +303,7 @@ async fn stale_agent_state_expires() {
 async fn sample_producer_survives_a_scheduler_outage() {
     use simulator::scheduler::{SchedulerFault, kafka_scheduler};
     let kafka = MockCluster::new(1).unwrap();
-    let scheduler = kafka_scheduler("kafka", "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let scheduler = kafka_scheduler("kafka").run().await.unwrap();
     let brokers: Vec<String> = kafka
         .bootstrap_servers()
         .split(',')

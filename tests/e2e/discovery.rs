@@ -127,16 +127,9 @@ async fn shutdown_during_a_broker_switch_counts_the_old_producers_messages() {
     config.kafka_rediscover_secs = 3600;
     let collector = spawn_collector(config).await;
     // One topic, known before the outage (creating one needs a broker).
-    let warm = producer(collector.addr, "warm")
-        .topic("switch")
-        .blocks(1)
-        .run()
-        .await
-        .unwrap();
-    assert_eventually!(
-        collector.accounting().delivered.datapoints == warm.datapoints,
-        "warm-up delivered"
-    );
+    let warm = collector
+        .deliver(producer(collector.addr, "warm").topic("switch").blocks(1))
+        .await;
     old.broker_down(1).unwrap();
     let held = producer(collector.addr, "held")
         .topic("switch")
@@ -282,9 +275,7 @@ async fn dns_srv_then_scheduler_then_broker_names() {
         )
         .mount(&scheduler)
         .await;
-    let dns = simulator::dns::mesos_dns(Ipv4Addr::LOCALHOST)
-        .await
-        .unwrap();
+    let dns = simulator::dns::mesos_dns().run().await.unwrap();
     dns.set_brokers("kafka", &[Ipv4Addr::LOCALHOST; 3]);
 
     let mut config = test_config("unused");

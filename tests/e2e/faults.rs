@@ -77,20 +77,9 @@ async fn brokers_down_then_up_block_policy_loses_nothing() {
     config.kafka_queue_max_kbytes = 256;
     config.buffer_full_policy = FullPolicy::Block;
     let collector = spawn_collector(config).await;
-    // Warm up so that topics exist and the producer is connected.
-    let warm = producer(collector.addr, "warm")
-        .blocks(2)
-        .run()
-        .await
-        .unwrap();
-    assert_eventually!(
-        collector.accounting().delivered.datapoints == warm.datapoints,
-        "warm-up delivered"
-    );
+    let warm = collector.warm_up(2).await;
 
-    for broker in 1..=3 {
-        kafka.broker_down(broker).unwrap();
-    }
+    e2e::all_brokers_down(&kafka, 3);
     let load = tokio::spawn(
         producer(collector.addr, "load")
             .blocks(1200)
@@ -126,9 +115,7 @@ async fn brokers_down_then_up_block_policy_loses_nothing() {
         collector.stats.buffer_high_water_bytes.load(Relaxed) as usize <= bound,
         "buffer bound holds"
     );
-    for broker in 1..=3 {
-        kafka.broker_up(broker).unwrap();
-    }
+    e2e::all_brokers_up(&kafka, 3);
     let sent = load.await.unwrap().unwrap().datapoints + warm.datapoints;
     assert_eventually!(
         collector.accounting().delivered.datapoints == sent,
@@ -158,18 +145,8 @@ async fn brokers_down_drop_oldest_counts_every_drop() {
     config.kafka_queue_max_kbytes = 128;
     config.buffer_full_policy = FullPolicy::DropOldest;
     let collector = spawn_collector(config).await;
-    let warm = producer(collector.addr, "warm")
-        .blocks(2)
-        .run()
-        .await
-        .unwrap();
-    assert_eventually!(
-        collector.accounting().delivered.datapoints == warm.datapoints,
-        "warm-up delivered"
-    );
-    for broker in 1..=3 {
-        kafka.broker_down(broker).unwrap();
-    }
+    let warm = collector.warm_up(2).await;
+    e2e::all_brokers_down(&kafka, 3);
     let load = producer(collector.addr, "load")
         .blocks(400)
         .shape(10, 20)
@@ -181,9 +158,7 @@ async fn brokers_down_drop_oldest_counts_every_drop() {
         "the producer was never blocked and everything was read"
     );
     assert_eq!(collector.stats.buffer_full_waits.load(Relaxed), 0);
-    for broker in 1..=3 {
-        kafka.broker_up(broker).unwrap();
-    }
+    e2e::all_brokers_up(&kafka, 3);
     assert_eventually!(
         collector.accounting().in_flight().datapoints == 0,
         "drained: {:?}",
@@ -268,15 +243,7 @@ async fn request_errors_and_latency_lose_nothing() {
         .librdkafka
         .insert("max.in.flight.requests.per.connection".into(), "1".into());
     let collector = spawn_collector(config).await;
-    let warm = producer(collector.addr, "warm")
-        .blocks(1)
-        .run()
-        .await
-        .unwrap();
-    assert_eventually!(
-        collector.accounting().delivered.datapoints == warm.datapoints,
-        "warm-up delivered"
-    );
+    let warm = collector.warm_up(1).await;
     kafka.request_errors(
         RDKafkaApiKey::Produce,
         &[
@@ -368,15 +335,7 @@ async fn shutdown_with_brokers_down_counts_the_rest() {
     let mut config = test_config(&kafka.bootstrap_servers());
     config.shutdown_grace_secs = 1;
     let collector = spawn_collector(config).await;
-    let warm = producer(collector.addr, "warm")
-        .blocks(1)
-        .run()
-        .await
-        .unwrap();
-    assert_eventually!(
-        collector.accounting().delivered.datapoints == warm.datapoints,
-        "warm-up delivered"
-    );
+    let warm = collector.warm_up(1).await;
     kafka.broker_down(1).unwrap();
     let load = producer(collector.addr, "load")
         .blocks(50)

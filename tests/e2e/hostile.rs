@@ -35,15 +35,7 @@ async fn shutdown_with_a_full_buffer_and_live_senders_ends_within_the_grace() {
     config.buffer_full_policy = FullPolicy::Block;
     config.shutdown_grace_secs = 2;
     let collector = spawn_collector(config).await;
-    let warm = producer(collector.addr, "warm")
-        .blocks(1)
-        .run()
-        .await
-        .unwrap();
-    assert_eventually!(
-        collector.accounting().delivered.datapoints == warm.datapoints,
-        "warm-up delivered"
-    );
+    collector.warm_up(1).await;
     kafka.broker_down(1).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let senders: Vec<_> = (0..3)
@@ -96,15 +88,7 @@ async fn a_replaced_producer_raises_no_alarm_and_hands_over_at_once() {
     let mut config = test_config(&old.bootstrap_servers());
     config.health_kafka_unavailable_secs = 1;
     let collector = spawn_collector(config).await;
-    let warm = producer(collector.addr, "warm")
-        .blocks(1)
-        .run()
-        .await
-        .unwrap();
-    assert_eventually!(
-        collector.accounting().delivered.datapoints == warm.datapoints,
-        "warm-up delivered"
-    );
+    let warm = collector.warm_up(1).await;
     // Messages queued in the old producer while its brokers are down...
     old.broker_down(1).unwrap();
     let held = producer(collector.addr, "held")

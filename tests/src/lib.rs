@@ -15,9 +15,11 @@ use collector::stats::{Accounting, Stats};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use rdkafka::{Offset, TopicPartitionList};
 use schema::MetricList;
-use simulator::producer::{PRODUCER_TAG, SEQ_TAG};
+use simulator::producer::{PRODUCER_TAG, ProducerBuilder, ProducerReport, SEQ_TAG, producer};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -139,6 +141,40 @@ impl TestCollector {
     /// Datapoints received, delivered and dropped so far.
     pub fn accounting(&self) -> Accounting {
         self.stats.accounting()
+    }
+
+    /// Runs `producer` to its end, then waits until what it sent is
+    /// delivered.
+    pub async fn deliver(&self, producer: ProducerBuilder) -> ProducerReport {
+        let before = self.accounting().delivered.datapoints;
+        let report = producer.run().await.expect("the producer ran");
+        assert_eventually!(
+            self.accounting().delivered.datapoints == before + report.datapoints,
+            "{} datapoints delivered",
+            report.datapoints
+        );
+        report
+    }
+
+    /// Sends `blocks` blocks from the producer "warm" and waits until they
+    /// are delivered: the topic exists and the producer is connected.
+    pub async fn warm_up(&self, blocks: u64) -> ProducerReport {
+        self.deliver(producer(self.addr, "warm").blocks(blocks))
+            .await
+    }
+}
+
+/// Takes brokers 1 to `count` of `kafka` down.
+pub fn all_brokers_down(kafka: &MockCluster<'_, DefaultProducerContext>, count: i32) {
+    for broker in 1..=count {
+        kafka.broker_down(broker).expect("broker down");
+    }
+}
+
+/// Brings brokers 1 to `count` of `kafka` back up.
+pub fn all_brokers_up(kafka: &MockCluster<'_, DefaultProducerContext>, count: i32) {
+    for broker in 1..=count {
+        kafka.broker_up(broker).expect("broker up");
     }
 }
 
