@@ -1,140 +1,268 @@
 //! A cluster of containers for the Docker tier: Mesos-DNS, the Kafka
 //! scheduler, tansu (a real Kafka-protocol broker), and agent nodes, each
 //! with its agent emulator, collector, module producers and
-//! sample-producer, plus the verifier. The same topology as
-//! `docker-compose.yml`.
+//! sample-producer, plus the verifier: the topology of
+//! `e2e::topology`, which `docker-compose.yml` is rendered from.
 //!
-//! Containers are driven through the `docker` CLI, in the way
-//! testcontainers' CLI client works: testcontainers-rs ≥ 0.16 speaks Docker
-//! API ≥ 1.44 through bollard, which this machine's Engine 20.10 (API 1.41)
-//! refuses ("client version 1.53 is too new"), and 0.15's CLI client cannot
-//! start a container in another's network namespace (it tries to create a
-//! network named `container:…`). Every container and network is labelled
-//! and removed on drop, and leftovers of an interrupted run are removed
-//! before a cluster starts.
+//! Containers run through testcontainers (0.28, on bollard 0.21.1, which
+//! speaks to this project's Docker Engine 20.10 at the engine's own API
+//! version): it starts them, waits for their start-up log lines, captures
+//! their logs, and removes them on drop. What is ours: the topology, one
+//! labelled network per cluster (created and removed here, through
+//! bollard), and removing what an interrupted run left behind, by label.
 //!
 //! Each node is one network namespace, owned by its agent emulator's
 //! container: the collector, the module producers and the sample-producer
-//! join it, so they reach each other on 127.0.0.1 as on a real agent, and a
-//! collector restarts without taking its producers' network away.
+//! join it (`container:<id>`), so they reach each other on 127.0.0.1 as on
+//! a real agent, and a collector restarts without taking its producers'
+//! network away. Containers are named after the cluster (`mct-<name>-…`)
+//! and address each other by those names on the cluster's network.
 
-use std::collections::BTreeMap;
-use std::process::Command;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use bollard::Docker;
+use bollard::models::{NetworkConnectRequest, NetworkCreateRequest, NetworkDisconnectRequest};
+use bollard::query_parameters::{
+    ListContainersOptionsBuilder, ListNetworksOptionsBuilder, RemoveContainerOptionsBuilder,
+};
+use e2e::topology::{Image, Kind, Place, Topology};
 use simulator::cluster::ClusterReport;
+use testcontainers::core::WaitFor;
+use testcontainers::runners::AsyncRunner;
+use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 
-const LABEL: &str = "metrics-collector-test=1";
+const LABEL: (&str, &str) = ("metrics-collector-test", "1");
 const TOKEN: &str = "docker-tier-token";
+const TAG: &str = "local";
 
-/// Runs `docker ARGS`; stdout, or the error with stderr.
-pub fn docker(args: &[&str]) -> Result<String, String> {
-    let output = Command::new("docker")
-        .args(args)
-        .output()
-        .map_err(|e| format!("docker {}: {e}", args.join(" ")))?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-    } else {
-        Err(format!(
-            "docker {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
+fn docker() -> Docker {
+    Docker::connect_with_local_defaults().expect("the Docker socket")
+}
+
+fn label_filter() -> HashMap<&'static str, Vec<String>> {
+    HashMap::from([("label", vec![format!("{}={}", LABEL.0, LABEL.1)])])
+}
+
+/// Removes what an interrupted run left behind: every labelled container,
+/// then every labelled network.
+pub async fn remove_leftovers() {
+    let docker = docker();
+    let containers = docker
+        .list_containers(Some(
+            ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&label_filter())
+                .build(),
         ))
+        .await
+        .unwrap_or_default();
+    for id in containers.into_iter().filter_map(|c| c.id) {
+        let _ = docker
+            .remove_container(
+                &id,
+                Some(
+                    RemoveContainerOptionsBuilder::default()
+                        .force(true)
+                        .v(true)
+                        .build(),
+                ),
+            )
+            .await;
+    }
+    let networks = docker
+        .list_networks(Some(
+            ListNetworksOptionsBuilder::default()
+                .filters(&label_filter())
+                .build(),
+        ))
+        .await
+        .unwrap_or_default();
+    for name in networks.into_iter().filter_map(|n| n.name) {
+        let _ = docker.remove_network(&name).await;
     }
 }
 
-fn must(args: &[&str]) -> String {
-    docker(args).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Removes what an interrupted run left behind.
-pub fn remove_leftovers() {
-    let filter = format!("label={LABEL}");
-    let containers = docker(&["ps", "-aq", "--filter", &filter]).unwrap_or_default();
-    for id in containers.split_whitespace() {
-        let _ = docker(&["rm", "-f", "-v", id]);
-    }
-    let networks = docker(&["network", "ls", "-q", "--filter", &filter]).unwrap_or_default();
-    for id in networks.split_whitespace() {
-        let _ = docker(&["network", "rm", id]);
-    }
-}
-
-/// A container, removed on drop.
+/// One container of the cluster, removed on drop (by testcontainers).
 pub struct Container {
-    /// Its name.
+    /// Its name, which is also how the others address it.
     pub name: String,
+    network: String,
+    inner: ContainerAsync<GenericImage>,
+}
+
+/// How a container joins the cluster.
+enum Join<'a> {
+    /// The cluster's network, under its own name.
+    Network(&'a str),
+    /// Another container's network namespace.
+    Namespace(&'a Container),
 }
 
 impl Container {
-    fn run(name: &str, options: &[&str], image: &str, args: &[&str]) -> Self {
-        let mut all = vec!["run", "-d", "--name", name, "--label", LABEL];
-        all.extend_from_slice(options);
-        all.push(image);
-        all.extend_from_slice(args);
-        must(&all);
+    async fn run(
+        name: String,
+        join: Join<'_>,
+        image: &str,
+        entrypoint: Option<&str>,
+        args: Vec<String>,
+        ready: Option<&str>,
+    ) -> Self {
+        let mut image = GenericImage::new(image, TAG);
+        if let Some(entrypoint) = entrypoint {
+            image = image.with_entrypoint(entrypoint);
+        }
+        if let Some(line) = ready {
+            image = image.with_wait_for(WaitFor::message_on_either_std(line));
+        }
+        let (network, mode) = match join {
+            Join::Network(network) => (network.to_owned(), network.to_owned()),
+            Join::Namespace(owner) => (
+                owner.network.clone(),
+                format!("container:{}", owner.inner.id()),
+            ),
+        };
+        let mut request = image
+            .with_cmd(args)
+            .with_container_name(&name)
+            .with_label(LABEL.0, LABEL.1)
+            .with_network(mode)
+            .with_startup_timeout(docker_patience());
+        if matches!(join, Join::Network(_)) {
+            request = request.with_hostname(&name);
+        }
+        let inner = request
+            .start()
+            .await
+            .unwrap_or_else(|error| panic!("starting {name}: {error}"));
         Self {
-            name: name.to_owned(),
+            name,
+            network,
+            inner,
         }
     }
 
-    /// Its IP address on `network`.
-    pub fn ip(&self, network: &str) -> String {
-        must(&[
-            "inspect",
-            "-f",
-            &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"),
-            &self.name,
-        ])
+    /// Its IP address on the cluster's network (a namespace's owner's).
+    pub async fn ip(&self) -> String {
+        let details = docker()
+            .inspect_container(&self.name, None)
+            .await
+            .unwrap_or_else(|error| panic!("inspecting {}: {error}", self.name));
+        details
+            .network_settings
+            .and_then(|settings| settings.networks)
+            .and_then(|mut networks| networks.remove(&self.network))
+            .and_then(|endpoint| endpoint.ip_address)
+            .unwrap_or_else(|| panic!("{} has no address on {}", self.name, self.network))
     }
 
     /// Everything it printed, stdout and stderr.
-    pub fn logs(&self) -> String {
-        let output = Command::new("docker")
-            .args(["logs", &self.name])
-            .output()
-            .map(|o| {
-                format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&o.stdout),
-                    String::from_utf8_lossy(&o.stderr)
-                )
-            });
-        output.unwrap_or_else(|e| e.to_string())
+    pub async fn logs(&self) -> String {
+        let stdout = self.inner.stdout_to_vec().await.unwrap_or_default();
+        let stderr = self.inner.stderr_to_vec().await.unwrap_or_default();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        )
     }
 
     /// Whether it is running.
-    pub fn running(&self) -> bool {
-        docker(&["inspect", "-f", "{{.State.Running}}", &self.name]).is_ok_and(|s| s == "true")
+    pub async fn running(&self) -> bool {
+        self.inner.is_running().await.unwrap_or(false)
+    }
+
+    /// Stops it: SIGTERM, then SIGKILL after `grace_secs`.
+    pub async fn stop(&self, grace_secs: i32) {
+        self.inner
+            .stop_with_timeout(Some(grace_secs))
+            .await
+            .unwrap_or_else(|error| panic!("stopping {}: {error}", self.name));
+    }
+
+    /// Starts it again.
+    pub async fn start(&self) {
+        self.inner
+            .start()
+            .await
+            .unwrap_or_else(|error| panic!("starting {} again: {error}", self.name));
     }
 }
 
-impl Drop for Container {
-    fn drop(&mut self) {
-        let _ = docker(&["rm", "-f", "-v", &self.name]);
-    }
-}
-
-/// A network, removed on drop (after the containers, which are dropped
-/// first as fields of [`Cluster`] declared before it).
+/// The cluster's network, removed on drop, after the containers (which
+/// are dropped first, as fields of [`Cluster`] declared before it).
 pub struct Network {
     /// Its name.
     pub name: String,
 }
 
-impl Drop for Network {
-    fn drop(&mut self) {
-        let _ = docker(&["network", "rm", &self.name]);
+impl Network {
+    async fn create(name: &str) -> Self {
+        docker()
+            .create_network(NetworkCreateRequest {
+                name: name.to_owned(),
+                labels: Some(HashMap::from([(LABEL.0.to_owned(), LABEL.1.to_owned())])),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|error| panic!("creating network {name}: {error}"));
+        Self {
+            name: name.to_owned(),
+        }
+    }
+
+    /// Cuts `container` (a namespace's owner) off the network.
+    pub async fn disconnect(&self, container: &Container) {
+        docker()
+            .disconnect_network(
+                &self.name,
+                NetworkDisconnectRequest {
+                    container: container.name.clone(),
+                    force: Some(true),
+                },
+            )
+            .await
+            .unwrap_or_else(|error| panic!("disconnecting {}: {error}", container.name));
+    }
+
+    /// Connects `container` again.
+    pub async fn connect(&self, container: &Container) {
+        docker()
+            .connect_network(
+                &self.name,
+                NetworkConnectRequest {
+                    container: container.name.clone(),
+                    endpoint_config: None,
+                },
+            )
+            .await
+            .unwrap_or_else(|error| panic!("connecting {}: {error}", container.name));
     }
 }
 
-/// One agent node.
+impl Drop for Network {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the tests' runtime: remove from a thread of its
+        // own, and wait for it.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async move {
+                let _ = docker().remove_network(&name).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// One agent node. Field order is drop order: the containers that join
+/// the node's namespace before its owner.
 pub struct Node {
     /// 1-based.
     pub index: usize,
-    /// Owns the node's network namespace.
-    pub agent: Container,
     /// The collector.
     pub collector: Container,
     /// The module producers (control API on :9100).
@@ -143,36 +271,17 @@ pub struct Node {
     pub sample: Container,
     /// A garbage producer, when asked for.
     pub garbage: Option<Container>,
+    /// Owns the node's network namespace.
+    pub agent: Container,
 }
 
-/// What a cluster is made of.
-pub struct Spec {
-    /// Agent nodes.
-    pub nodes: usize,
-    /// Module producers per node.
-    pub producers_per_node: usize,
-    /// Datapoints per second, per producer.
-    pub rate: f64,
-    /// A second broker, idle at first, for the brokers to move to.
-    pub spare_broker: bool,
-    /// A garbage producer on node 1.
-    pub garbage_on_node_1: bool,
-    /// Idempotent Kafka producers (the default). tansu 0.6 with sqlite
-    /// storage panics when an idempotent producer outlives a broker restart
-    /// (README, "Known limits").
-    pub idempotence: bool,
-}
-
-impl Default for Spec {
-    fn default() -> Self {
-        Self {
-            nodes: 3,
-            producers_per_node: 2,
-            rate: 200.0,
-            spare_broker: false,
-            garbage_on_node_1: false,
-            idempotence: true,
-        }
+/// The topology the scenarios start from: `docker-compose.yml`'s, with
+/// the tests' API token and idempotent producers said explicitly.
+pub fn topology() -> Topology {
+    Topology {
+        idempotence: Some(true),
+        api_token: TOKEN,
+        ..Topology::default()
     }
 }
 
@@ -183,13 +292,13 @@ pub struct Cluster {
     pub verifier: Container,
     /// The nodes.
     pub nodes: Vec<Node>,
-    /// Mesos-DNS, at a fixed address.
+    /// Mesos-DNS.
     pub dns: Container,
     /// The Kafka scheduler (:7000).
     pub scheduler: Container,
-    /// The broker, `tansu:9092`.
+    /// The broker (:9092).
     pub broker: Container,
-    /// The spare broker, `tansu-b:9092`.
+    /// The spare broker (:9092).
     pub spare: Option<Container>,
     /// The network.
     pub network: Network,
@@ -197,13 +306,11 @@ pub struct Cluster {
     started: Instant,
 }
 
-fn images_present() {
-    for image in [
-        "metrics-collector/collector:local",
-        "metrics-collector/simulator:local",
-        "metrics-collector/tansu:local",
-    ] {
-        if docker(&["image", "inspect", "-f", "{{.Id}}", image]).is_err() {
+async fn images_present() {
+    let docker = docker();
+    for image in [Image::Collector, Image::Simulator, Image::Tansu] {
+        let image = format!("{}:{TAG}", image.name());
+        if docker.inspect_image(&image).await.is_err() {
             panic!("image {image} is missing: run scripts/build-images first");
         }
     }
@@ -235,233 +342,64 @@ where
     }
 }
 
-fn tansu_args(advertised: &str) -> Vec<String> {
-    [
-        "broker",
-        "--listener-url",
-        "tcp://0.0.0.0:9092",
-        "--advertised-listener-url",
-        &format!("tcp://{advertised}:9092"),
-        "--storage-engine",
-        "sqlite:///data/tansu.db",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 impl Cluster {
-    /// Starts a cluster named `name` on subnet 10.231.`subnet`.0/24 and waits
-    /// until every part answers.
-    pub async fn start(name: &str, subnet: u8, spec: Spec) -> Self {
-        images_present();
-        remove_leftovers();
+    /// Starts `topology` as a cluster named `name`, on a network of its
+    /// own, and waits until every part answers. Containers are named
+    /// `mct-<name>-<service>` and reach each other by those names.
+    pub async fn start(name: &str, topology: Topology) -> Self {
+        images_present().await;
+        remove_leftovers().await;
         let started = Instant::now();
         let prefix = format!("mct-{name}");
-        let net = prefix.clone();
-        must(&[
-            "network",
-            "create",
-            "--label",
-            LABEL,
-            "--subnet",
-            &format!("10.231.{subnet}.0/24"),
-            &net,
-        ]);
-        let network = Network { name: net.clone() };
-        let dns_ip = format!("10.231.{subnet}.53");
-        let on = |alias: &str| -> Vec<String> {
-            vec![
-                "--network".into(),
-                net.clone(),
-                "--network-alias".into(),
-                alias.into(),
-                "--hostname".into(),
-                alias.into(),
-            ]
-        };
-        let run = |name: &str, options: Vec<String>, image: &str, args: Vec<String>| {
-            let options: Vec<&str> = options.iter().map(String::as_str).collect();
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            Container::run(name, &options, image, &args)
-        };
-        let simulator = "metrics-collector/simulator:local";
-        let collector_image = "metrics-collector/collector:local";
-        let s = |v: &[&str]| -> Vec<String> { v.iter().map(|s| s.to_string()).collect() };
-
-        let broker = run(
-            &format!("{prefix}-tansu"),
-            on("tansu"),
-            "metrics-collector/tansu:local",
-            tansu_args("tansu"),
-        );
-        let spare = spec.spare_broker.then(|| {
-            run(
-                &format!("{prefix}-tansu-b"),
-                on("tansu-b"),
-                "metrics-collector/tansu:local",
-                tansu_args("tansu-b"),
+        let network = Network::create(&prefix).await;
+        let host = |service: &str| format!("{prefix}-{service}");
+        // The collectors are given Mesos-DNS's IP, known once it runs; no
+        // service before it needs it.
+        let mut dns_ip = String::from("0.0.0.0");
+        let mut containers: BTreeMap<String, Container> = BTreeMap::new();
+        let mut next = 0;
+        while let Some(service) = topology.services(&host, &dns_ip).into_iter().nth(next) {
+            next += 1;
+            let join = match &service.place {
+                Place::Cluster => Join::Network(&network.name),
+                Place::Node(node) => Join::Namespace(&containers[node]),
+            };
+            let container = Container::run(
+                host(&service.name),
+                join,
+                service.image.name(),
+                service.entrypoint,
+                service.args,
+                service.ready,
             )
-        });
-        let scheduler = run(
-            &format!("{prefix}-scheduler"),
-            on("kafka-scheduler"),
-            simulator,
-            s(&[
-                "scheduler",
-                "--listen",
-                "0.0.0.0:7000",
-                "--brokers",
-                "tansu:9092",
-            ]),
-        );
-        let mut dns_options = on("mesos-dns");
-        dns_options.extend(s(&["--ip", &dns_ip]));
-        let dns = run(
-            &format!("{prefix}-dns"),
-            dns_options,
-            simulator,
-            s(&[
-                "dns",
-                "--listen",
-                "0.0.0.0:53",
-                "--scheduler",
-                "kafka-scheduler:7000",
-            ]),
-        );
-
-        let mut nodes = Vec::new();
-        for index in 1..=spec.nodes {
-            let node = format!("node-{index}");
-            let agent = run(
-                &format!("{prefix}-{node}"),
-                on(&node),
-                simulator,
-                s(&["agent", "--listen", "0.0.0.0:5051", "--containers", "3"]),
-            );
-            let joined = s(&["--network", &format!("container:{prefix}-{node}")]);
-            let idempotence = format!("enable.idempotence={}", spec.idempotence);
-            let collector = run(
-                &format!("{prefix}-{node}-collector"),
-                joined.clone(),
-                collector_image,
-                s(&[
-                    "--kafka-framework",
-                    "kafka",
-                    "--dns-server",
-                    &format!("{dns_ip}:53"),
-                    "--kafka-rediscover-secs",
-                    "10",
-                    "--api-listen",
-                    "0.0.0.0:8123",
-                    "--api-token",
-                    TOKEN,
-                    "--agent-url",
-                    "http://127.0.0.1:5051",
-                    "--agent-poll-period",
-                    "5",
-                    "--static-tag",
-                    &format!("node={node}"),
-                    // tansu 0.6 with sqlite storage cannot serve
-                    // snappy-compressed batches (README, "Known limits").
-                    "--kafka-compress-snappy",
-                    "false",
-                    "--librdkafka",
-                    "compression.codec=lz4",
-                    "--librdkafka",
-                    &idempotence,
-                ]),
-            );
-            let producers = run(
-                &format!("{prefix}-{node}-producers"),
-                joined.clone(),
-                simulator,
-                s(&[
-                    "producers",
-                    "--collector",
-                    "127.0.0.1:8124",
-                    "--count",
-                    &spec.producers_per_node.to_string(),
-                    "--rate",
-                    &spec.rate.to_string(),
-                    "--id",
-                    &node,
-                    "--listen",
-                    "0.0.0.0:9100",
-                ]),
-            );
-            let mut sample_options = joined.clone();
-            sample_options.extend(s(&["--entrypoint", "/bin/sample-producer"]));
-            let sample = run(
-                &format!("{prefix}-{node}-sample"),
-                sample_options,
-                collector_image,
-                s(&[
-                    "-framework",
-                    "kafka",
-                    "-dns-server",
-                    &format!("{dns_ip}:53"),
-                    "-agent-url",
-                    "http://127.0.0.1:5051",
-                    "-period",
-                    "5",
-                    "-compression",
-                    "lz4",
-                    "-librdkafka",
-                    &idempotence,
-                ]),
-            );
-            let garbage = (spec.garbage_on_node_1 && index == 1).then(|| {
-                run(
-                    &format!("{prefix}-{node}-garbage"),
-                    joined.clone(),
-                    simulator,
-                    s(&[
-                        "garbage",
-                        "--collector",
-                        "127.0.0.1:8124",
-                        "--every",
-                        "500ms",
-                    ]),
-                )
-            });
-            nodes.push(Node {
+            .await;
+            if service.kind == Kind::Dns {
+                dns_ip = container.ip().await;
+            }
+            containers.insert(service.name, container);
+        }
+        let mut take = |service: &str| {
+            containers
+                .remove(service)
+                .unwrap_or_else(|| panic!("the topology has no {service}"))
+        };
+        let nodes = (1..=topology.nodes)
+            .map(|index| Node {
                 index,
-                agent,
-                collector,
-                producers,
-                sample,
-                garbage,
-            });
-        }
-
-        let mut verify = s(&["verify", "--brokers", "tansu:9092"]);
-        if spare.is_some() {
-            verify.extend(s(&["--brokers", "tansu-b:9092"]));
-        }
-        for index in 1..=spec.nodes {
-            verify.extend(s(&[
-                "--producers",
-                &format!("http://node-{index}:9100"),
-                "--metrics",
-                &format!("http://node-{index}:8123/metrics"),
-            ]));
-        }
-        verify.extend(s(&["--listen", "0.0.0.0:9200", "--interval", "5s"]));
-        let verifier = run(
-            &format!("{prefix}-verifier"),
-            on("verifier"),
-            simulator,
-            verify,
-        );
-
+                collector: take(&format!("collector-{index}")),
+                producers: take(&format!("producers-{index}")),
+                sample: take(&format!("sample-{index}")),
+                garbage: (topology.garbage_on_node_1 && index == 1).then(|| take("garbage-1")),
+                agent: take(&format!("node-{index}")),
+            })
+            .collect();
         let cluster = Self {
-            verifier,
+            verifier: take("verifier"),
             nodes,
-            dns,
-            scheduler,
-            broker,
-            spare,
+            dns: take("mesos-dns"),
+            scheduler: take("kafka-scheduler"),
+            broker: take("tansu"),
+            spare: topology.spare_broker.then(|| take("tansu-b")),
             network,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
@@ -476,7 +414,7 @@ impl Cluster {
     async fn wait_ready(&self) {
         let timeout = docker_patience();
         for node in &self.nodes {
-            let health = format!("http://{}:8123/health", self.node_ip(node.index));
+            let health = format!("http://{}:8123/health", self.node_ip(node.index).await);
             self.eventually(
                 timeout,
                 &format!("collector on node-{} healthy", node.index),
@@ -522,7 +460,7 @@ impl Cluster {
         match poll_until(timeout, check).await {
             Some(value) => value,
             None => {
-                self.dump_logs();
+                self.dump_logs().await;
                 panic!("{what}: not within {timeout:?}");
             }
         }
@@ -534,16 +472,13 @@ impl Cluster {
     }
 
     /// A node's current IP (it can change after a network reconnect).
-    pub fn node_ip(&self, index: usize) -> String {
-        self.nodes[index - 1].agent.ip(&self.network.name)
+    pub async fn node_ip(&self, index: usize) -> String {
+        self.nodes[index - 1].agent.ip().await
     }
 
     /// The verifier's report, if it answers.
     pub async fn try_report(&self) -> Option<ClusterReport> {
-        let url = format!(
-            "http://{}:9200/report",
-            self.verifier.ip(&self.network.name)
-        );
+        let url = format!("http://{}:9200/report", self.verifier.ip().await);
         self.http.get(url).send().await.ok()?.json().await.ok()
     }
 
@@ -564,7 +499,7 @@ impl Cluster {
     /// Kafka or counted as dropped. Returns the final report.
     pub async fn finish(&self) -> ClusterReport {
         for node in &self.nodes {
-            let url = format!("http://{}:9100/stop", self.node_ip(node.index));
+            let url = format!("http://{}:9100/stop", self.node_ip(node.index).await);
             let response = self.http.post(&url).send().await;
             assert!(
                 response.as_ref().is_ok_and(|r| r.status().is_success()),
@@ -583,7 +518,7 @@ impl Cluster {
                     return report;
                 }
                 Some(report) if Instant::now() > deadline => {
-                    self.dump_logs();
+                    self.dump_logs().await;
                     panic!(
                         "conservation does not hold after {patience:?}: {}\nfailures: {:?}",
                         report.summary(),
@@ -591,7 +526,7 @@ impl Cluster {
                     );
                 }
                 None if Instant::now() > deadline => {
-                    self.dump_logs();
+                    self.dump_logs().await;
                     panic!("the verifier does not answer");
                 }
                 _ => tokio::time::sleep(Duration::from_millis(500)).await,
@@ -600,21 +535,19 @@ impl Cluster {
     }
 
     /// Prints every container's last log lines (for a failing run).
-    pub fn dump_logs(&self) {
-        let mut all: BTreeMap<&str, String> = BTreeMap::new();
-        all.insert(&self.verifier.name, self.verifier.logs());
-        all.insert(&self.broker.name, self.broker.logs());
-        all.insert(&self.dns.name, self.dns.logs());
-        all.insert(&self.scheduler.name, self.scheduler.logs());
+    pub async fn dump_logs(&self) {
+        let mut all: Vec<&Container> =
+            vec![&self.verifier, &self.broker, &self.dns, &self.scheduler];
+        all.extend(self.spare.iter());
         for node in &self.nodes {
-            all.insert(&node.collector.name, node.collector.logs());
-            all.insert(&node.producers.name, node.producers.logs());
-            all.insert(&node.sample.name, node.sample.logs());
-            if let Some(garbage) = &node.garbage {
-                all.insert(&garbage.name, garbage.logs());
-            }
+            all.extend([&node.agent, &node.collector, &node.producers, &node.sample]);
+            all.extend(node.garbage.iter());
         }
-        for (name, logs) in all {
+        let mut logs = BTreeMap::new();
+        for container in all {
+            logs.insert(container.name.clone(), container.logs().await);
+        }
+        for (name, logs) in logs {
             let lines: Vec<&str> = logs.lines().collect();
             println!("---- {name} (last 15 lines)");
             for line in &lines[lines.len().saturating_sub(15)..] {

@@ -16,7 +16,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use collector::mesos::mapping::{Naming, map_entries};
-use harness::{Cluster, Spec, docker};
+use e2e::topology::Topology;
+use harness::{Cluster, topology};
 
 /// Load before and after a fault.
 const LOAD: Duration = Duration::from_secs(20);
@@ -46,7 +47,7 @@ fn assert_every_producer_arrived(report: &simulator::cluster::ClusterReport, nod
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_path_every_datapoint_from_three_nodes_and_the_sample_producer() {
-    let cluster = Cluster::start("happy", 11, Spec::default()).await;
+    let cluster = Cluster::start("happy", topology()).await;
     cluster.run_for(LOAD).await;
     let report = cluster.finish().await;
     assert_nothing_dropped(&report);
@@ -58,7 +59,7 @@ async fn happy_path_every_datapoint_from_three_nodes_and_the_sample_producer() {
     for node in &cluster.nodes {
         let url = format!(
             "http://{}:5051/monitor/statistics.json",
-            cluster.node_ip(node.index)
+            cluster.node_ip(node.index).await
         );
         let body: serde_json::Value = http.get(url).send().await.unwrap().json().await.unwrap();
         let mapped = map_entries(
@@ -108,16 +109,16 @@ async fn happy_path_every_datapoint_from_three_nodes_and_the_sample_producer() {
 async fn broker_stopped_for_30s_then_started_loses_nothing() {
     // Not idempotent: tansu 0.6 (sqlite) panics on an idempotent producer
     // that outlives its restart. The verifier still checks for duplicates.
-    let spec = Spec {
-        idempotence: false,
-        ..Spec::default()
+    let spec = Topology {
+        idempotence: Some(false),
+        ..topology()
     };
-    let cluster = Cluster::start("broker-stop", 12, spec).await;
+    let cluster = Cluster::start("broker-stop", spec).await;
     cluster.run_for(LOAD).await;
     cluster.log("stopping the broker (sqlite storage) for 30 s");
-    docker(&["stop", &cluster.broker.name]).unwrap();
+    cluster.broker.stop(10).await;
     cluster.run_for(FAULT).await;
-    docker(&["start", &cluster.broker.name]).unwrap();
+    cluster.broker.start().await;
     cluster.log("broker started again");
     cluster.run_for(LOAD).await;
     let report = cluster.finish().await;
@@ -127,21 +128,13 @@ async fn broker_stopped_for_30s_then_started_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_cut_off_from_the_broker_network_for_30s_loses_nothing() {
-    let cluster = Cluster::start("netcut", 13, Spec::default()).await;
+    let cluster = Cluster::start("netcut", topology()).await;
     cluster.run_for(LOAD).await;
-    let node = &cluster.nodes[1].agent.name;
+    let node = &cluster.nodes[1].agent;
     cluster.log("disconnecting node-2 from the cluster network for 30 s");
-    docker(&["network", "disconnect", &cluster.network.name, node]).unwrap();
+    cluster.network.disconnect(node).await;
     cluster.run_for(FAULT).await;
-    docker(&[
-        "network",
-        "connect",
-        "--alias",
-        "node-2",
-        &cluster.network.name,
-        node,
-    ])
-    .unwrap();
+    cluster.network.connect(node).await;
     cluster.log("node-2 reconnected");
     cluster.run_for(LOAD).await;
     let report = cluster.finish().await;
@@ -150,24 +143,23 @@ async fn node_cut_off_from_the_broker_network_for_30s_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduler_moves_the_brokers_and_the_collectors_follow() {
-    let spec = Spec {
+    let spec = Topology {
         spare_broker: true,
-        ..Spec::default()
+        ..topology()
     };
-    let cluster = Cluster::start("move", 14, spec).await;
+    let cluster = Cluster::start("move", spec).await;
     cluster.run_for(LOAD).await;
     let spare = cluster.spare.as_ref().unwrap();
-    let spare_ip = spare.ip(&cluster.network.name);
-    cluster.log("the scheduler now answers tansu-b:9092");
+    let spare_ip = spare.ip().await;
+    let spare_broker = format!("{}:9092", spare.name);
+    cluster.log(&format!("the scheduler now answers {spare_broker}"));
     let scheduler = format!(
         "http://{}:7000/control/brokers",
-        cluster.scheduler.ip(&cluster.network.name)
+        cluster.scheduler.ip().await
     );
     let response = reqwest::Client::new()
         .post(scheduler)
-        .json(
-            &serde_json::json!({"dns": ["tansu-b:9092"], "address": [format!("{spare_ip}:9092")]}),
-        )
+        .json(&serde_json::json!({"dns": [&spare_broker], "address": [format!("{spare_ip}:9092")]}))
         .send()
         .await
         .unwrap();
@@ -177,19 +169,23 @@ async fn scheduler_moves_the_brokers_and_the_collectors_follow() {
         let logs_say_moved = || async {
             node.collector
                 .logs()
+                .await
                 .lines()
-                .any(|l| l.contains("tansu-b:9092"))
+                .any(|l| l.contains(&spare_broker))
                 .then_some(())
         };
         cluster
             .eventually(
                 harness::docker_patience(),
-                &format!("node-{}'s collector switching to tansu-b", node.index),
+                &format!(
+                    "node-{}'s collector switching to {spare_broker}",
+                    node.index
+                ),
                 logs_say_moved,
             )
             .await;
     }
-    cluster.log("every collector switched to tansu-b");
+    cluster.log("every collector switched to the spare broker");
     cluster.run_for(LOAD).await;
     let report = cluster.finish().await;
     assert_nothing_dropped(&report);
@@ -197,17 +193,18 @@ async fn scheduler_moves_the_brokers_and_the_collectors_follow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collector_restarted_under_load_every_loss_is_counted() {
-    let cluster = Cluster::start("restart", 15, Spec::default()).await;
+    let cluster = Cluster::start("restart", topology()).await;
     cluster.run_for(LOAD).await;
     let collector = &cluster.nodes[0].collector;
     cluster.log("restarting node-1's collector (SIGTERM, then start)");
-    docker(&["restart", "-t", "40", &collector.name]).unwrap();
-    assert!(collector.running());
+    collector.stop(40).await;
+    collector.start().await;
+    assert!(collector.running().await);
     cluster.run_for(LOAD).await;
     let report = cluster.finish().await;
     assert_every_producer_arrived(&report, 3);
     // The first process drained and said so in its last line.
-    let logs = collector.logs();
+    let logs = collector.logs().await;
     let stopped: Vec<&str> = logs
         .lines()
         .filter(|l| l.contains("Collector stopped"))
@@ -227,15 +224,15 @@ async fn collector_restarted_under_load_every_loss_is_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_producer_on_one_node_costs_the_others_nothing() {
-    let spec = Spec {
+    let spec = Topology {
         garbage_on_node_1: true,
-        ..Spec::default()
+        ..topology()
     };
-    let cluster = Cluster::start("garbage", 16, spec).await;
+    let cluster = Cluster::start("garbage", spec).await;
     cluster.run_for(LOAD).await;
     let report = cluster.finish().await;
     assert_nothing_dropped(&report);
-    let metrics = reqwest::get(format!("http://{}:8123/metrics", cluster.node_ip(1)))
+    let metrics = reqwest::get(format!("http://{}:8123/metrics", cluster.node_ip(1).await))
         .await
         .unwrap()
         .text()

@@ -1,7 +1,11 @@
 //! The end-to-end harness: the real collector, in-process, against the
-//! simulator's fakes and librdkafka's mock cluster. No Docker.
+//! simulator's fakes and librdkafka's mock cluster. No Docker. Also the
+//! cluster's topology ([`topology`]), which the Docker tier starts and
+//! `docker-compose.yml` is rendered from.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test harness: failing loudly is the point
+
+pub mod topology;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

@@ -1,0 +1,495 @@
+//! The cluster's topology, written once: every service with its image,
+//! command and place (the cluster network, or an agent node's network
+//! namespace). The Docker tier (`tests/docker/harness.rs`) starts its
+//! containers from it, and `docker-compose.yml` is rendered from it: a test
+//! holds the file to it (`UPDATE_COMPOSE=1 cargo test -p e2e --lib compose`
+//! rewrites the file).
+
+use std::fmt::Write as _;
+
+/// Which image a service runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Image {
+    /// `collector` and `sample-producer`.
+    Collector,
+    /// Every fake and the verifier.
+    Simulator,
+    /// The broker.
+    Tansu,
+}
+
+impl Image {
+    /// The image's name (its tag is `local`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Collector => "metrics-collector/collector",
+            Self::Simulator => "metrics-collector/simulator",
+            Self::Tansu => "metrics-collector/tansu",
+        }
+    }
+}
+
+/// Where a service runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// On the cluster's network, under its own name.
+    Cluster,
+    /// Inside this agent node's network namespace (the node's service
+    /// name), reaching the node's other services on 127.0.0.1.
+    Node(String),
+}
+
+/// What a service is, for its health check and start-up order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// tansu.
+    Broker,
+    /// The Kafka scheduler fake.
+    Scheduler,
+    /// The Mesos-DNS fake.
+    Dns,
+    /// An agent node (owns the node's namespace).
+    Agent,
+    /// A collector.
+    Collector,
+    /// The module producers of a node.
+    Producers,
+    /// A sample-producer.
+    Sample,
+    /// A garbage producer.
+    Garbage,
+    /// The verifier.
+    Verifier,
+}
+
+/// One service of the cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    /// Its name in `docker-compose.yml`.
+    pub name: String,
+    /// What it is.
+    pub kind: Kind,
+    /// Its image.
+    pub image: Image,
+    /// An entrypoint other than the image's.
+    pub entrypoint: Option<&'static str>,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Where it runs.
+    pub place: Place,
+    /// A line it prints once it serves, to wait for.
+    pub ready: Option<&'static str>,
+}
+
+/// What a cluster is made of.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Agent nodes.
+    pub nodes: usize,
+    /// Module producers per node.
+    pub producers_per_node: usize,
+    /// Datapoints per second, per producer.
+    pub rate: f64,
+    /// A second broker, `tansu-b`, idle at first, for the brokers to move to.
+    pub spare_broker: bool,
+    /// A garbage producer on node 1.
+    pub garbage_on_node_1: bool,
+    /// `enable.idempotence` for the Kafka producers, when set; librdkafka's
+    /// default (on, with acks=all) otherwise. tansu 0.6 with sqlite storage
+    /// panics when an idempotent producer outlives a broker restart
+    /// (README, "Known limits").
+    pub idempotence: Option<bool>,
+    /// The collectors' API token.
+    pub api_token: &'static str,
+}
+
+impl Default for Topology {
+    /// The cluster `docker-compose.yml` runs.
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            producers_per_node: 2,
+            rate: 200.0,
+            spare_broker: false,
+            garbage_on_node_1: false,
+            idempotence: None,
+            api_token: "local-cluster-token",
+        }
+    }
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+impl Topology {
+    /// Every service, in start-up order. `host` maps a service's name to
+    /// the name others reach it by; `dns_ip` is Mesos-DNS's address, which
+    /// the collectors are given as an IP (as on a real agent).
+    pub fn services(&self, host: &dyn Fn(&str) -> String, dns_ip: &str) -> Vec<Service> {
+        let cluster = |name: &str, kind, image, args: Vec<String>, ready| Service {
+            name: name.to_owned(),
+            kind,
+            image,
+            entrypoint: None,
+            args,
+            place: Place::Cluster,
+            ready,
+        };
+        let tansu = |name: &str| {
+            cluster(
+                name,
+                Kind::Broker,
+                Image::Tansu,
+                vec![
+                    "broker".into(),
+                    "--listener-url=tcp://0.0.0.0:9092".into(),
+                    format!("--advertised-listener-url=tcp://{}:9092", host(name)),
+                    "--storage-engine=sqlite:///data/tansu.db".into(),
+                ],
+                None,
+            )
+        };
+        let mut services = vec![tansu("tansu")];
+        if self.spare_broker {
+            services.push(tansu("tansu-b"));
+        }
+        services.push(cluster(
+            "kafka-scheduler",
+            Kind::Scheduler,
+            Image::Simulator,
+            vec![
+                "scheduler".into(),
+                "--listen=0.0.0.0:7000".into(),
+                format!("--brokers={}:9092", host("tansu")),
+            ],
+            Some("Kafka scheduler listening on"),
+        ));
+        services.push(cluster(
+            "mesos-dns",
+            Kind::Dns,
+            Image::Simulator,
+            vec![
+                "dns".into(),
+                "--listen=0.0.0.0:53".into(),
+                format!("--scheduler={}:7000", host("kafka-scheduler")),
+            ],
+            Some("Mesos-DNS listening on"),
+        ));
+        let idempotence = self
+            .idempotence
+            .map(|on| format!("enable.idempotence={on}"));
+        for index in 1..=self.nodes {
+            let node = format!("node-{index}");
+            let in_node =
+                |name: String, kind, image, entrypoint, args: Vec<String>, ready| Service {
+                    name,
+                    kind,
+                    image,
+                    entrypoint,
+                    args,
+                    place: Place::Node(node.clone()),
+                    ready,
+                };
+            services.push(cluster(
+                &node,
+                Kind::Agent,
+                Image::Simulator,
+                strings(&["agent", "--listen=0.0.0.0:5051", "--containers=3"]),
+                Some("agent listening on"),
+            ));
+            let mut collector = vec![
+                "--kafka-framework=kafka".into(),
+                format!("--dns-server={dns_ip}:53"),
+                "--kafka-rediscover-secs=10".into(),
+                "--api-listen=0.0.0.0:8123".into(),
+                format!("--api-token={}", self.api_token),
+                "--agent-url=http://127.0.0.1:5051".into(),
+                "--agent-poll-period=5".into(),
+                format!("--static-tag=node={node}"),
+                // tansu 0.6 with sqlite storage cannot serve
+                // snappy-compressed batches (README, "Known limits").
+                "--kafka-compress-snappy=false".into(),
+                "--librdkafka=compression.codec=lz4".into(),
+            ];
+            collector.extend(idempotence.iter().map(|o| format!("--librdkafka={o}")));
+            services.push(in_node(
+                format!("collector-{index}"),
+                Kind::Collector,
+                Image::Collector,
+                None,
+                collector,
+                Some("Collector started."),
+            ));
+            services.push(in_node(
+                format!("producers-{index}"),
+                Kind::Producers,
+                Image::Simulator,
+                None,
+                vec![
+                    "producers".into(),
+                    "--collector=127.0.0.1:8124".into(),
+                    format!("--count={}", self.producers_per_node),
+                    format!("--rate={}", self.rate),
+                    format!("--id={node}"),
+                    "--listen=0.0.0.0:9100".into(),
+                ],
+                None,
+            ));
+            let mut sample = strings(&[
+                "-framework",
+                "kafka",
+                "-dns-server",
+                &format!("{dns_ip}:53"),
+                "-agent-url",
+                "http://127.0.0.1:5051",
+                "-period",
+                "5",
+                "-compression",
+                "lz4",
+            ]);
+            if let Some(option) = &idempotence {
+                sample.extend(strings(&["-librdkafka", option]));
+            }
+            services.push(in_node(
+                format!("sample-{index}"),
+                Kind::Sample,
+                Image::Collector,
+                Some("/bin/sample-producer"),
+                sample,
+                None,
+            ));
+            if self.garbage_on_node_1 && index == 1 {
+                services.push(in_node(
+                    format!("garbage-{index}"),
+                    Kind::Garbage,
+                    Image::Simulator,
+                    None,
+                    strings(&["garbage", "--collector=127.0.0.1:8124", "--every=500ms"]),
+                    None,
+                ));
+            }
+        }
+        let mut verify = vec!["verify".into(), format!("--brokers={}:9092", host("tansu"))];
+        if self.spare_broker {
+            verify.push(format!("--brokers={}:9092", host("tansu-b")));
+        }
+        for index in 1..=self.nodes {
+            verify.push(format!(
+                "--producers=http://{}:9100",
+                host(&format!("node-{index}"))
+            ));
+        }
+        for index in 1..=self.nodes {
+            verify.push(format!(
+                "--metrics=http://{}:8123/metrics",
+                host(&format!("node-{index}"))
+            ));
+        }
+        verify.extend(strings(&["--listen=0.0.0.0:9200", "--interval=5s"]));
+        services.push(cluster(
+            "verifier",
+            Kind::Verifier,
+            Image::Simulator,
+            verify,
+            Some("verifier report on"),
+        ));
+        services
+    }
+}
+
+/// Mesos-DNS's fixed address in `docker-compose.yml`.
+pub const COMPOSE_DNS_IP: &str = "10.231.7.53";
+/// The compose cluster's subnet.
+pub const COMPOSE_SUBNET: &str = "10.231.7.0/24";
+
+const COMPOSE_HEADER: &str = "\
+# GENERATED from tests/src/topology.rs (the topology the Docker tier runs):
+# edit that, then `UPDATE_COMPOSE=1 cargo test -p e2e --lib compose`.
+#
+# The local cluster: Mesos-DNS, the Kafka scheduler, tansu (a real
+# Kafka-protocol broker), three agent nodes and the verifier, all offline.
+#
+#   scripts/build-images          # once; seconds when nothing changed
+#   docker-compose up -d
+#   docker-compose logs -f verifier
+#   curl -s localhost:9200/report  # the verifier's balance, as JSON
+#   docker-compose down -v
+#
+# Each node is one network namespace, owned by its agent emulator (node-N):
+# the collector, the module producers and the sample-producer join it with
+# `network_mode: service:node-N`, so they reach each other on 127.0.0.1 as on
+# a real agent (collector input 127.0.0.1:8124, agent 127.0.0.1:5051), and a
+# collector restart does not take its producers' network away.
+#
+# The images are FROM scratch (no shell): health checks run our own probes.
+version: \"2.4\"
+";
+
+fn quoted(arg: &str) -> String {
+    format!("{arg:?}")
+}
+
+/// `docker-compose.yml` for `topology`.
+pub fn compose(topology: &Topology) -> String {
+    let services = topology.services(&|name| name.to_owned(), COMPOSE_DNS_IP);
+    let mut out = String::from(COMPOSE_HEADER);
+    out.push_str("\nservices:\n");
+    let healthy = |names: &[&str]| -> String {
+        let mut s = String::from("    depends_on:\n");
+        for name in names {
+            let _ = writeln!(s, "      {name}: {{ condition: service_healthy }}");
+        }
+        s
+    };
+    for service in &services {
+        let _ = writeln!(out, "  {}:", service.name);
+        let _ = writeln!(out, "    image: {}:local", service.image.name());
+        if let Some(entrypoint) = service.entrypoint {
+            let _ = writeln!(out, "    entrypoint: [{}]", quoted(entrypoint));
+        }
+        out.push_str("    command:\n");
+        for arg in &service.args {
+            let _ = writeln!(out, "      - {}", quoted(arg));
+        }
+        match &service.place {
+            Place::Node(node) => {
+                let _ = writeln!(out, "    network_mode: service:{node}");
+            }
+            Place::Cluster if service.kind == Kind::Dns => {
+                let _ = writeln!(
+                    out,
+                    "    networks:\n      cluster:\n        ipv4_address: {COMPOSE_DNS_IP}"
+                );
+            }
+            Place::Cluster => out.push_str("    networks: [cluster]\n"),
+        }
+        let probe = |test: &str| {
+            format!(
+                "    healthcheck:\n      test: [\"CMD\", {test}]\n      interval: 2s\n      timeout: 5s\n      retries: 30\n"
+            )
+        };
+        let node = match &service.place {
+            Place::Node(node) => node.as_str(),
+            Place::Cluster => "",
+        };
+        match service.kind {
+            Kind::Broker => {
+                out.push_str("    volumes: [tansu-data:/data]\n");
+                out.push_str(&probe(
+                    "\"/bin/tansu\", \"topic\", \"list\", \"--broker\", \"tcp://127.0.0.1:9092\"",
+                ));
+            }
+            Kind::Scheduler => {
+                out.push_str(&probe(
+                    "\"/bin/simulator\", \"probe\", \"http://127.0.0.1:7000/v1/connection\"",
+                ));
+                out.push_str(&healthy(&["tansu"]));
+            }
+            Kind::Dns => {
+                out.push_str(&probe(
+                    "\"/bin/simulator\", \"probe\", \"tcp://127.0.0.1:53\"",
+                ));
+                out.push_str(&healthy(&["kafka-scheduler"]));
+            }
+            Kind::Agent => out.push_str(&probe(
+                "\"/bin/simulator\", \"probe\", \"http://127.0.0.1:5051/state\"",
+            )),
+            Kind::Collector => {
+                out.push_str(&probe("\"/bin/collector\", \"health\""));
+                out.push_str(&healthy(&[node, "mesos-dns", "tansu"]));
+                out.push_str("    stop_grace_period: 40s\n    restart: unless-stopped\n");
+            }
+            Kind::Producers | Kind::Garbage => {
+                let collector = node.replace("node-", "collector-");
+                out.push_str(&healthy(&[&collector]));
+                out.push_str("    restart: unless-stopped\n");
+            }
+            Kind::Sample => {
+                out.push_str(&healthy(&[node, "mesos-dns"]));
+                out.push_str("    restart: unless-stopped\n");
+            }
+            Kind::Verifier => {
+                out.push_str("    ports: [\"127.0.0.1:9200:9200\"]\n    depends_on:\n");
+                for producers in services.iter().filter(|s| s.kind == Kind::Producers) {
+                    let _ = writeln!(
+                        out,
+                        "      {}: {{ condition: service_started }}",
+                        producers.name
+                    );
+                }
+            }
+        }
+        out.push('\n');
+    }
+    let _ = write!(
+        out,
+        "networks:\n  cluster:\n    ipam:\n      config:\n        - subnet: {COMPOSE_SUBNET}\n\nvolumes:\n  tansu-data:\n"
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compose_file_is_the_topology() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docker-compose.yml");
+        let rendered = compose(&Topology::default());
+        if std::env::var_os("UPDATE_COMPOSE").is_some() {
+            std::fs::write(&path, &rendered).expect("writing docker-compose.yml");
+        }
+        let on_disk = std::fs::read_to_string(&path).expect("docker-compose.yml");
+        assert!(
+            on_disk == rendered,
+            "docker-compose.yml is not the topology of tests/src/topology.rs: \
+             run `UPDATE_COMPOSE=1 cargo test -p e2e --lib compose`"
+        );
+    }
+
+    #[test]
+    fn the_nodes_services_live_in_their_namespace() {
+        let topology = Topology {
+            spare_broker: true,
+            garbage_on_node_1: true,
+            idempotence: Some(false),
+            ..Topology::default()
+        };
+        let services = topology.services(&|name| format!("x-{name}"), "10.0.0.1");
+        let named = |name: &str| services.iter().find(|s| s.name == name).unwrap();
+        assert_eq!(named("collector-2").place, Place::Node("node-2".into()));
+        assert_eq!(named("garbage-1").place, Place::Node("node-1".into()));
+        assert!(services.iter().all(|s| s.name != "garbage-2"));
+        assert!(
+            named("tansu-b")
+                .args
+                .contains(&"--advertised-listener-url=tcp://x-tansu-b:9092".into())
+        );
+        assert!(
+            named("collector-1")
+                .args
+                .contains(&"--librdkafka=enable.idempotence=false".into())
+        );
+        assert!(
+            named("collector-1")
+                .args
+                .contains(&"--dns-server=10.0.0.1:53".into())
+        );
+        assert!(
+            named("verifier")
+                .args
+                .contains(&"--metrics=http://x-node-3:8123/metrics".into())
+        );
+        // Every node's services come after the node that owns their namespace.
+        for (i, service) in services.iter().enumerate() {
+            if let Place::Node(node) = &service.place {
+                assert!(
+                    services[..i].iter().any(|s| &s.name == node),
+                    "{}",
+                    service.name
+                );
+            }
+        }
+    }
+}
