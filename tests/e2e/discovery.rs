@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use e2e::{assert_balanced, assert_eventually, consume_all, spawn_collector, test_config};
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use serde_json::json;
 use simulator::producer::producer;
 use wiremock::matchers::{method, path};
@@ -47,15 +48,9 @@ async fn scheduler_faults_then_address_fallback() {
         .mount(&scheduler)
         .await;
     let collector = spawn_collector(framework_config(&scheduler.uri())).await;
-    let report = producer(collector.addr, "p")
-        .blocks(20)
-        .run()
-        .await
-        .unwrap();
-    assert_eventually!(
-        collector.accounting().delivered.datapoints == report.datapoints,
-        "delivered after discovery"
-    );
+    collector
+        .deliver(producer(collector.addr, "p").blocks(20))
+        .await;
     {
         let state = collector.brokers.lock().unwrap();
         let current = state.current.as_ref().unwrap();
@@ -114,14 +109,7 @@ async fn shutdown_during_a_broker_switch_counts_the_old_producers_messages() {
     let old = MockCluster::new(1).unwrap();
     let new = MockCluster::new(1).unwrap();
     let scheduler = MockServer::start().await;
-    let answer = |cluster: &MockCluster<'_, _>| {
-        ResponseTemplate::new(200).set_body_json(json!({"dns": [cluster.bootstrap_servers()]}))
-    };
-    Mock::given(method("GET"))
-        .and(path("/v1/connection"))
-        .respond_with(answer(&old))
-        .mount(&scheduler)
-        .await;
+    scheduler_names(&scheduler, &old).await;
     let mut config = framework_config(&scheduler.uri());
     config.shutdown_grace_secs = 2;
     config.kafka_rediscover_secs = 3600;
@@ -141,12 +129,7 @@ async fn shutdown_during_a_broker_switch_counts_the_old_producers_messages() {
         collector.stats.kafka_messages_produced.load(Relaxed) > 1,
         "messages handed to the old producer"
     );
-    scheduler.reset().await;
-    Mock::given(method("GET"))
-        .and(path("/v1/connection"))
-        .respond_with(answer(&new))
-        .mount(&scheduler)
-        .await;
+    scheduler_names(&scheduler, &new).await;
     // All brokers down triggers a rediscovery, and so the switch.
     assert_eventually!(
         collector.stats.producer_switches.load(Relaxed) >= 1,
@@ -168,36 +151,13 @@ async fn broker_set_change_is_followed_without_loss() {
     let old = MockCluster::new(1).unwrap();
     let new = MockCluster::new(1).unwrap();
     let scheduler = MockServer::start().await;
-    let answer = |cluster: &MockCluster<'_, _>| {
-        let dns: Vec<String> = cluster
-            .bootstrap_servers()
-            .split(',')
-            .map(str::to_owned)
-            .collect();
-        ResponseTemplate::new(200).set_body_json(json!({"dns": dns}))
-    };
-    Mock::given(method("GET"))
-        .and(path("/v1/connection"))
-        .respond_with(answer(&old))
-        .mount(&scheduler)
-        .await;
+    scheduler_names(&scheduler, &old).await;
     let collector = spawn_collector(framework_config(&scheduler.uri())).await;
-    let first = producer(collector.addr, "before")
-        .blocks(20)
-        .run()
-        .await
-        .unwrap();
-    assert_eventually!(
-        collector.accounting().delivered.datapoints == first.datapoints,
-        "delivered to the old brokers"
-    );
-
-    scheduler.reset().await;
-    Mock::given(method("GET"))
-        .and(path("/v1/connection"))
-        .respond_with(answer(&new))
-        .mount(&scheduler)
+    let first = collector
+        .deliver(producer(collector.addr, "before").blocks(20))
         .await;
+
+    scheduler_names(&scheduler, &new).await;
     let new_bootstrap = new.bootstrap_servers();
     assert_eventually!(
         collector
@@ -326,37 +286,14 @@ async fn all_brokers_down_triggers_rediscovery() {
     let old = MockCluster::new(1).unwrap();
     let new = MockCluster::new(1).unwrap();
     let scheduler = MockServer::start().await;
-    let answer = |cluster: &MockCluster<'_, _>| {
-        let dns: Vec<String> = cluster
-            .bootstrap_servers()
-            .split(',')
-            .map(str::to_owned)
-            .collect();
-        ResponseTemplate::new(200).set_body_json(json!({"dns": dns}))
-    };
-    Mock::given(method("GET"))
-        .and(path("/v1/connection"))
-        .respond_with(answer(&old))
-        .mount(&scheduler)
-        .await;
+    scheduler_names(&scheduler, &old).await;
     let mut config = framework_config(&scheduler.uri());
     config.kafka_rediscover_secs = 3600;
     let collector = spawn_collector(config).await;
-    let first = producer(collector.addr, "before")
-        .blocks(5)
-        .run()
-        .await
-        .unwrap();
-    assert_eventually!(
-        collector.accounting().delivered.datapoints == first.datapoints,
-        "delivered to the old brokers"
-    );
-    scheduler.reset().await;
-    Mock::given(method("GET"))
-        .and(path("/v1/connection"))
-        .respond_with(answer(&new))
-        .mount(&scheduler)
+    let first = collector
+        .deliver(producer(collector.addr, "before").blocks(5))
         .await;
+    scheduler_names(&scheduler, &new).await;
     old.broker_down(1).unwrap();
     let second = producer(collector.addr, "after")
         .blocks(5)
@@ -382,4 +319,23 @@ async fn all_brokers_down_triggers_rediscovery() {
     assert_balanced(&collector.shutdown().await);
     let on_new = e2e::consume(new.bootstrap_servers(), "metrics-").await;
     assert_eq!(on_new.sequences().0["after"].len(), 25);
+}
+
+/// Makes the scheduler fake answer `/v1/connection` with `cluster`'s
+/// brokers (the `dns` list), from now on.
+async fn scheduler_names(
+    scheduler: &MockServer,
+    cluster: &MockCluster<'_, DefaultProducerContext>,
+) {
+    scheduler.reset().await;
+    let dns: Vec<String> = cluster
+        .bootstrap_servers()
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    Mock::given(method("GET"))
+        .and(path("/v1/connection"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"dns": dns})))
+        .mount(scheduler)
+        .await;
 }
