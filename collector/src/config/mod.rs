@@ -5,6 +5,7 @@
 //! (including its misspelt `LISTEN_ENDPONT`). The options are declared once,
 //! in [`options`]; this module validates them and reads files.
 
+pub mod librdkafka;
 mod options;
 
 pub use options::{
@@ -435,7 +436,7 @@ impl Config {
             // librdkafka checks its options when a client is made: make one
             // (connected to nothing), so that a bad option is refused here
             // rather than logged in a loop by a daemon that delivers nothing.
-            crate::sink::kafka::check_client_config(self)
+            librdkafka::check_client_config(self)
                 .map_err(|message| ConfigError::new("librdkafka", message))?;
         }
         Ok(())

@@ -16,7 +16,7 @@ mod producer;
 mod settings;
 mod topics;
 
-pub use settings::{BrokerState, KafkaSettings, SinkRuntime, check_client_config, client_config};
+pub use settings::{BrokerState, KafkaSettings, SinkRuntime};
 pub use topics::create_topic;
 
 use std::collections::{HashMap, VecDeque};

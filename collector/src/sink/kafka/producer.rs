@@ -11,7 +11,6 @@ use rdkafka::producer::{Producer, PurgeConfig};
 use tracing::{error, info};
 
 use super::delivery::{Context, KafkaProducer};
-use super::settings::client_config;
 use super::{BrokerState, KafkaSink};
 use crate::discovery::Discovered;
 
@@ -34,7 +33,9 @@ impl KafkaSink {
             all_down: AtomicBool::new(false),
             final_purge: AtomicBool::new(false),
         };
-        client_config(&self.settings, &discovered.brokers).create_with_context(context)
+        self.settings
+            .client_config(&discovered.brokers)
+            .create_with_context(context)
     }
 
     pub(super) fn set_state(&self, update: impl FnOnce(&mut BrokerState)) {

@@ -1,15 +1,12 @@
-//! The sink's settings, and the one librdkafka client configuration its
-//! producer and topic admin share.
+//! The sink's settings, and the librdkafka client configuration
+//! (`config::librdkafka`) its producer and topic admin share.
 
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use rdkafka::client::ClientContext;
-use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryResult, ProducerContext};
 
 use super::super::batch::Thresholds;
+use crate::config::librdkafka::ClientOptions;
 use crate::discovery::{BrokerSource, Discovered};
 
 /// The producer settings (the Kafka part of the configuration).
@@ -67,75 +64,21 @@ impl From<&crate::config::Config> for SinkRuntime {
     }
 }
 
-/// The librdkafka configuration of the sink, for `brokers`. Its topic admin
-/// uses the same.
-pub fn client_config(settings: &KafkaSettings, brokers: &[String]) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", brokers.join(","))
-        .set("client.id", "metrics-collector")
-        .set(
-            "compression.codec",
-            if settings.compress_snappy {
-                "snappy"
-            } else {
-                "none"
+impl KafkaSettings {
+    /// The librdkafka configuration of the sink, for `brokers`. Its topic
+    /// admin uses the same.
+    pub fn client_config(&self, brokers: &[String]) -> ClientConfig {
+        crate::config::librdkafka::client_config(
+            ClientOptions {
+                compress_snappy: self.compress_snappy,
+                max_message_bytes: self.thresholds.max_message_bytes,
+                queue_max_kbytes: self.queue_max_kbytes,
+                require_all_acks: self.require_all_acks,
+                overrides: &self.librdkafka,
             },
+            brokers,
         )
-        .set(
-            "message.max.bytes",
-            (settings.thresholds.max_message_bytes + 4096).to_string(),
-        )
-        .set(
-            "queue.buffering.max.kbytes",
-            settings.queue_max_kbytes.max(1).to_string(),
-        )
-        .set("queue.buffering.max.messages", "1000000")
-        .set("linger.ms", "5")
-        // Never time a message out: an outage is held by the bounded
-        // queues and the buffer's full policy, not turned into loss.
-        .set("message.timeout.ms", "0")
-        .set("reconnect.backoff.max.ms", "2000");
-    if settings.require_all_acks {
-        config.set("acks", "all").set("enable.idempotence", "true");
-    } else {
-        config.set("acks", "1").set("enable.idempotence", "false");
     }
-    for (key, value) in &settings.librdkafka {
-        config.set(key, value);
-    }
-    config
-}
-
-/// A client context that says nothing: for checking a configuration.
-struct Silent;
-
-impl ClientContext for Silent {
-    fn log(&self, _: RDKafkaLogLevel, _: &str, _: &str) {}
-    fn error(&self, _: KafkaError, _: &str) {}
-}
-
-impl ProducerContext for Silent {
-    type DeliveryOpaque = ();
-    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
-}
-
-/// Checks the sink's librdkafka configuration by making a producer that
-/// connects to nothing: librdkafka refuses unknown options, bad values and
-/// conflicting settings only then. The error names the option.
-pub fn check_client_config(config: &crate::config::Config) -> Result<(), String> {
-    let settings = KafkaSettings::from(config);
-    let mut client = client_config(&settings, &[]);
-    client.set("log_level", "0");
-    client
-        .create_with_context::<_, rdkafka::producer::BaseProducer<Silent>>(Silent)
-        .map(drop)
-        .map_err(|error| match error {
-            KafkaError::ClientConfig(_, description, key, value) => {
-                format!("{key}={value:?}: {description}")
-            }
-            other => other.to_string(),
-        })
 }
 
 /// Sink settings that change at runtime.

@@ -17,7 +17,6 @@ use tracing::{error, info, warn};
 
 use super::KafkaSink;
 use super::delivery::KafkaProducer;
-use super::settings::client_config;
 
 /// Creates `topic` through the admin API; an existing topic is success.
 pub async fn create_topic(
@@ -158,7 +157,7 @@ impl KafkaSink {
             return false;
         };
         let producer = producer.clone();
-        let admin = client_config(&self.settings, &discovered.brokers);
+        let admin = self.settings.client_config(&discovered.brokers);
         let (partitions, replication) = (
             self.settings.topic_partitions,
             self.settings.topic_replication,
