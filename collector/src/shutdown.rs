@@ -148,24 +148,12 @@ impl Shutdown {
             grace_secs = self.grace.as_secs(),
             "Shutting down: no longer accepting input."
         );
-        futures::future::join_all(
-            tasks
-                .inputs
-                .into_iter()
-                .map(|task| join_by(task.name, task.handle, deadline, stats)),
-        )
-        .await;
+        join_all_by(tasks.inputs, deadline, stats).await;
         buffer.close();
         join_by(tasks.sink.name, tasks.sink.handle, deadline, stats).await;
         self.outputs.cancel();
         let last = deadline_after(deadline, LAST_WORDS).max(Instant::now() + LAST_WORDS);
-        futures::future::join_all(
-            tasks
-                .outputs
-                .into_iter()
-                .map(|task| join_by(task.name, task.handle, last, stats)),
-        )
-        .await;
+        join_all_by(tasks.outputs, last, stats).await;
         // Every task has stopped: whatever is neither delivered nor dropped
         // now was held by one that panicked or was aborted.
         let lost = stats.count_unaccounted();
@@ -215,6 +203,17 @@ pub async fn join<T>(
             None
         }
     }
+}
+
+/// Awaits `tasks` together until `deadline`; those still running then are
+/// aborted (logged).
+async fn join_all_by(tasks: Vec<Task>, deadline: Instant, stats: &Stats) {
+    futures::future::join_all(
+        tasks
+            .into_iter()
+            .map(|task| join_by(task.name, task.handle, deadline, stats)),
+    )
+    .await;
 }
 
 /// Awaits a task until `deadline`, then aborts it (logged).
