@@ -185,13 +185,15 @@ pub fn spawn(listener: TcpListener, shared: Arc<Shared>, shutdown: &Arc<Shutdown
     let shutdown = shutdown.clone();
     Task::spawn("input", async move {
         let connections = TaskTracker::new();
-        serve(
+        let accepted = std::panic::AssertUnwindSafe(serve(
             listener,
             shared,
             shutdown.begun().clone(),
             connections.clone(),
-        )
+        ))
+        .catch_unwind()
         .await;
+        // However accepting ended, the connections finish what they hold.
         connections.close();
         let deadline = shutdown.deadline().unwrap_or_else(Instant::now);
         if tokio::time::timeout_at(deadline, connections.wait())
@@ -199,6 +201,10 @@ pub fn spawn(listener: TcpListener, shared: Arc<Shared>, shutdown: &Arc<Shutdown
             .is_err()
         {
             tracing::error!("Input connections did not stop within the shutdown grace.");
+        }
+        if let Err(panic) = accepted {
+            // Counted and logged where the task is joined.
+            std::panic::resume_unwind(panic);
         }
     })
 }

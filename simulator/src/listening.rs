@@ -1,7 +1,9 @@
 //! The one handle every fake returns: where it listens, its state, and its
 //! server task, which stops when the handle is stopped or dropped. A panic
-//! in the server task is not lost: `stop` and `join` raise it again in the
-//! test that holds the handle.
+//! of the server task itself (its accept loop) is not lost: `stop` and
+//! `join` raise it again in the test that holds the handle. A panic in one
+//! request's handler stays in that request's task, as the HTTP and DNS
+//! servers run each in a task of their own; the request then fails.
 
 use std::net::SocketAddr;
 

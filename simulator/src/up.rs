@@ -340,6 +340,11 @@ pub async fn run(
     // The collector's identity, Kafka against the collector's count, no
     // duplicates: the checks the cluster's verifier makes too.
     let mut failures = check_conservation(&CollectorCounts::from(&accounting), &seen);
+    if !accounting.balanced() {
+        failures.push(format!(
+            "collector identity broken (records): {accounting:?}"
+        ));
+    }
     if producers_generated != producers_sent + producers_dropped {
         failures.push(format!(
             "module producers generated {producers_generated} but sent {producers_sent} and dropped {producers_dropped}"

@@ -115,22 +115,32 @@ impl Container {
         if let Some(line) = ready {
             image = image.with_wait_for(WaitFor::message_on_either_std(line));
         }
-        let (network, mode) = match join {
-            Join::Network(network) => (network.to_owned(), network.to_owned()),
-            Join::Namespace(owner) => (
-                owner.network.clone(),
-                format!("container:{}", owner.inner.id()),
-            ),
-        };
-        let mut request = image
+        let request = image
             .with_cmd(args)
             .with_container_name(&name)
             .with_label(LABEL.0, LABEL.1)
-            .with_network(mode)
             .with_startup_timeout(docker_patience());
-        if matches!(join, Join::Network(_)) {
-            request = request.with_hostname(&name);
-        }
+        let (network, request) = match join {
+            Join::Network(network) => (
+                network.to_owned(),
+                request.with_network(network).with_hostname(&name),
+            ),
+            // Set in the host config rather than through `with_network`,
+            // which would also create a bridge network of that literal
+            // name; and without the port publishing a namespace member
+            // may not have.
+            Join::Namespace(owner) => {
+                let mode = format!("container:{}", owner.inner.id());
+                (
+                    owner.network.clone(),
+                    request.with_host_config_modifier(move |host| {
+                        host.network_mode = Some(mode.clone());
+                        host.publish_all_ports = Some(false);
+                        host.port_bindings = None;
+                    }),
+                )
+            }
+        };
         let inner = request
             .start()
             .await
