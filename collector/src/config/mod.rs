@@ -415,6 +415,24 @@ impl Config {
             "health_kafka_unavailable_secs",
             self.health_kafka_unavailable_secs,
         )?;
+        // Span field filters (`[span{field=value}]`) are refused: their
+        // values are regular expressions whose matchers are built eagerly
+        // as DFAs, and `a.{16}b` takes half a minute to build, a few more
+        // dots hours, in the request that sets it (found by fuzzing
+        // config_patch).
+        if self.log_level.len() > MAX_LOG_LEVEL_BYTES {
+            return Err(ConfigError::new(
+                "log_level",
+                format!("at most {MAX_LOG_LEVEL_BYTES} bytes"),
+            ));
+        }
+        if self.log_level.contains('{') {
+            return Err(ConfigError::new(
+                "log_level",
+                "span field filters (`{…}`) are not accepted: name targets and spans, \
+                 e.g. `collector=debug` or `collector[input]=debug`",
+            ));
+        }
         if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return Err(ConfigError::new("log_level", error.to_string()));
         }
@@ -526,6 +544,9 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
+
+/// The longest `log_level` accepted.
+pub const MAX_LOG_LEVEL_BYTES: usize = 1024;
 
 /// The key serde names in an "unknown field" message, for errors that name
 /// the field (TOML files and `PATCH /v1/config` bodies).
@@ -650,6 +671,29 @@ mod tests {
         .unwrap();
         let err = Config::from_file(&file).unwrap_err();
         assert_eq!(err.field, "buffer_full_policy", "{err}");
+    }
+
+    /// Found by fuzzing (config_patch): a span field filter's value is a
+    /// regular expression that tracing builds as a DFA at once; `a.{24}b`
+    /// took over four minutes of CPU in the `PATCH /v1/config` that set it.
+    #[test]
+    fn log_levels_whose_filters_take_minutes_to_build_are_refused() {
+        let dots = ".".repeat(24);
+        for log_level in [format!("x[s{{f=a{dots}b}}]=debug"), "x".repeat(2000)] {
+            let config = Config {
+                log_level,
+                ..Config::default()
+            };
+            let err = config.validate_settings().unwrap_err();
+            assert_eq!(err.field, "log_level", "{err}");
+        }
+        for fine in ["info", "collector=debug,info", "collector[input]=debug"] {
+            let config = Config {
+                log_level: fine.into(),
+                ..Config::default()
+            };
+            config.validate_settings().unwrap();
+        }
     }
 
     /// Found by fuzzing (config_toml): an empty key gave an error naming no

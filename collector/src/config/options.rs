@@ -384,7 +384,7 @@ options! {
     /// `/health` answers 503 once Kafka has been unreachable this long, seconds.
     health_kafka_unavailable_secs: u64 = 60;
         plain, env "HEALTH_KAFKA_UNAVAILABLE_SECS", runtime;
-    /// Log filter, for example `info` or `collector=debug`.
+    /// Log filter, for example `info`, `collector=debug` or `collector[input]=debug` (no span field filters).
     log_level: String = "info".into();
         plain, env "LOG_LEVEL", runtime;
     /// Log format: `text`, or `json` (one object per line).
