@@ -426,6 +426,12 @@ impl Config {
                 format!("at most {MAX_LOG_LEVEL_BYTES} bytes"),
             ));
         }
+        if !self.log_level.is_ascii() {
+            // tracing-subscriber's directive parser panics on some
+            // non-ASCII span names (found by fuzzing config_patch:
+            // `[e 0 ɤ]`); targets and spans are ASCII names anyway.
+            return Err(ConfigError::new("log_level", "must be ASCII"));
+        }
         if self.log_level.contains('{') {
             return Err(ConfigError::new(
                 "log_level",
@@ -433,8 +439,14 @@ impl Config {
                  e.g. `collector=debug` or `collector[input]=debug`",
             ));
         }
-        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
-            return Err(ConfigError::new("log_level", error.to_string()));
+        // A panic of the parser on some other input is an error too.
+        let parsed = std::panic::catch_unwind(|| {
+            tracing_subscriber::EnvFilter::try_new(&self.log_level).map(drop)
+        });
+        match parsed {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(ConfigError::new("log_level", error.to_string())),
+            Err(_) => return Err(ConfigError::new("log_level", "not a log filter")),
         }
         for key in self.static_tags.keys() {
             if key.is_empty() {
@@ -679,7 +691,12 @@ mod tests {
     #[test]
     fn log_levels_whose_filters_take_minutes_to_build_are_refused() {
         let dots = ".".repeat(24);
-        for log_level in [format!("x[s{{f=a{dots}b}}]=debug"), "x".repeat(2000)] {
+        for log_level in [
+            format!("x[s{{f=a{dots}b}}]=debug"),
+            "x".repeat(2000),
+            // Found by fuzzing too: tracing-subscriber panicked parsing it.
+            "[e  [0],8[[[[0],l.g_[8],[[[[0], [e 0 \u{264}],[%[[0]".to_owned(),
+        ] {
             let config = Config {
                 log_level,
                 ..Config::default()
