@@ -64,6 +64,8 @@ pub struct ApiState {
     pub shutdown: Arc<Shutdown>,
     /// The partner fan-out.
     pub partners: Arc<PartnerHub>,
+    /// The disk spool, with `buffer_type = disk`.
+    pub spool: Option<Arc<crate::spool::Spool>>,
 }
 
 /// Spawns the API server; it stops with the outputs, last, so that
@@ -211,6 +213,13 @@ async fn health(State(state): State<ApiState>) -> Response {
         "connections_open": state.stats.connections_open.load(Relaxed),
         "buffer_bytes": state.stats.buffer_bytes.load(Relaxed),
         "in_flight_datapoints": accounting.in_flight().datapoints,
+        "spool": state.spool.as_ref().map(|spool| json!({
+            "state": if spool.degraded().is_some() { "degraded" } else { "ok" },
+            "reason": spool.degraded(),
+            "bytes": state.stats.spool_bytes.load(Relaxed),
+            "segments": state.stats.spool_segments.load(Relaxed),
+            "oldest_unacked_age_seconds": state.stats.spool_oldest_unacked_age_seconds.load(Relaxed),
+        })),
     });
     if state.shutdown.begun().is_cancelled() {
         return error(
@@ -238,6 +247,14 @@ async fn health(State(state): State<ApiState>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"status": "unhealthy", "reasons": [reason], "details": details}),
         );
+    }
+    if let Some(reason) = state.spool.as_ref().and_then(|s| s.degraded()) {
+        // Still delivering, from memory: degraded, not unhealthy.
+        return (
+            StatusCode::OK,
+            Json(json!({"status": "degraded", "reasons": [format!("disk spool unusable, buffering in memory: {reason}")], "details": details})),
+        )
+            .into_response();
     }
     (
         StatusCode::OK,

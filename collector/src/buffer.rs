@@ -1,5 +1,14 @@
-//! The bounded buffer between the inputs and the sink, with its full policy.
-//! This is the seam where a disk spool will go.
+//! The bounded buffer between the inputs and the sink, with its full policy,
+//! and the seam where the disk spool goes (`buffer_type = disk`, see
+//! [`crate::spool`]).
+//!
+//! With the spool, a pushed chunk is written to disk and its memory given
+//! back at once; the sink reads records back from the spool in order,
+//! under a lease of the same budget. `spool_max_bytes` bounds the disk,
+//! and the full policy applies to it as to memory: `block` waits for
+//! Kafka to acknowledge a segment, `drop_oldest` deletes the oldest
+//! segment not yet read. While the disk can't be used (degraded), chunks
+//! wait in memory as without a spool.
 //!
 //! The bound, `buffer_max_bytes`, is a **memory budget**: every byte a
 //! record holds from the moment an input starts decoding its block until
@@ -32,7 +41,8 @@ use tokio::sync::Notify;
 use crate::config::FullPolicy;
 use crate::memory::{Budget, Lease};
 use crate::route::Records;
-use crate::stats::{DropReason, Stats};
+use crate::spool::{Refused, Spool};
+use crate::stats::{Counts, DropReason, Stats};
 
 /// What the buffer holds: the records routed from one input block, with
 /// the lease on what they take.
@@ -51,6 +61,8 @@ pub struct Buffer {
     /// A chunk was queued (the sink pops; `drop_oldest` may evict).
     queued: Notify,
     stats: Arc<Stats>,
+    spool: Option<Arc<Spool>>,
+    closed: tokio_util::sync::CancellationToken,
 }
 
 impl Buffer {
@@ -65,6 +77,26 @@ impl Buffer {
             policy: Mutex::new(policy),
             queued: Notify::new(),
             stats,
+            spool: None,
+            closed: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+
+    /// Writes every chunk to `spool`, and reads them back from it.
+    pub fn with_spool(mut self, spool: Arc<Spool>) -> Self {
+        self.spool = Some(spool);
+        self
+    }
+
+    /// The disk spool, with `buffer_type = disk`.
+    pub fn spool(&self) -> Option<&Arc<Spool>> {
+        self.spool.as_ref()
+    }
+
+    /// Reports the final outcome of records read from the spool.
+    pub fn ack(&self, seqs: &[u64]) {
+        if let Some(spool) = &self.spool {
+            spool.ack(seqs);
         }
     }
 
@@ -150,21 +182,31 @@ impl Buffer {
         self.queue().chunks.pop_front()
     }
 
-    /// Queues a routed chunk; its bytes are already counted by its leases,
-    /// so this never waits. After `close`, the chunk is counted as a
-    /// `shutdown` drop: nothing is lost silently.
-    pub fn push(&self, chunk: Chunk) {
+    /// Queues a routed chunk; its bytes are already counted by its leases.
+    /// With the spool, the chunk is written to disk instead (waiting under
+    /// `block` while the disk bound is reached). After `close`, the chunk
+    /// is counted as a `shutdown` drop: nothing is lost silently.
+    /// When `give_up` resolves while it waits, the chunk is counted as a
+    /// `shutdown` drop.
+    pub async fn push(&self, chunk: Chunk, give_up: impl std::future::Future<Output = ()>) {
         if chunk.items.is_empty() {
             return;
         }
+        if self.is_closed() {
+            self.count_closed(&chunk);
+            return;
+        }
+        let chunk = match &self.spool {
+            Some(spool) => match self.spool_push(spool, chunk, give_up).await {
+                Some(chunk) => chunk,
+                None => return,
+            },
+            None => chunk,
+        };
         let mut queue = self.queue();
         if queue.closed {
             drop(queue);
-            self.stats.count_drop(
-                DropReason::Shutdown,
-                chunk.items.len() as u64,
-                chunk.datapoints(),
-            );
+            self.count_closed(&chunk);
             return;
         }
         queue.chunks.push_back(chunk);
@@ -172,7 +214,87 @@ impl Buffer {
         self.queued.notify_waiters();
     }
 
-    /// Takes the oldest chunk, waiting for one; `None` once closed and empty.
+    fn count_closed(&self, chunk: &Chunk) {
+        self.stats.count_drop(
+            DropReason::Shutdown,
+            chunk.items.len() as u64,
+            chunk.datapoints(),
+        );
+    }
+
+    /// Writes `chunk` to the spool; gives it back when the disk can't be
+    /// used, to be kept in memory.
+    async fn spool_push(
+        &self,
+        spool: &Arc<Spool>,
+        mut chunk: Chunk,
+        give_up: impl std::future::Future<Output = ()>,
+    ) -> Option<Chunk> {
+        let mut give_up = pin!(give_up);
+        let mut waited = false;
+        loop {
+            let room = spool.room().notified();
+            let mut room = pin!(room);
+            room.as_mut().enable();
+            let writer = spool.clone();
+            let (result, back) = match tokio::task::spawn_blocking(move || {
+                let result = writer.append(&chunk.items);
+                (result, chunk)
+            })
+            .await
+            {
+                Ok(done) => done,
+                // The write panicked (a bug): the chunk went with it.
+                Err(error) => std::panic::resume_unwind(error.into_panic()),
+            };
+            chunk = back;
+            match result {
+                Ok(()) => {
+                    // On disk: the memory goes back now.
+                    drop(chunk);
+                    self.queued.notify_waiters();
+                    return None;
+                }
+                Err(Refused::Unavailable) => return Some(chunk),
+                Err(Refused::Full) => {}
+            }
+            if self.policy() == FullPolicy::DropOldest {
+                if spool.drop_oldest() {
+                    continue;
+                }
+                // Nothing older to drop: the newest records go.
+                self.stats.count_drop(
+                    DropReason::BufferFull,
+                    chunk.items.len() as u64,
+                    chunk.datapoints(),
+                );
+                return None;
+            }
+            if !std::mem::replace(&mut waited, true) {
+                self.stats
+                    .buffer_full_waits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            tokio::select! {
+                () = room => {}
+                () = self.closed.cancelled() => {
+                    self.count_closed(&chunk);
+                    return None;
+                }
+                () = &mut give_up => {
+                    self.count_closed(&chunk);
+                    return None;
+                }
+                // The policy may change meanwhile.
+                () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    /// Takes the oldest chunk, waiting for one; `None` once closed and
+    /// empty. With the spool, chunks kept in memory come first, then
+    /// records read back from disk (not after `close`: what is on disk
+    /// then stays there for the next start).
     pub async fn pop(&self) -> Option<Chunk> {
         loop {
             let mut ready = pin!(self.queued.notified());
@@ -185,6 +307,31 @@ impl Buffer {
                 if queue.closed {
                     return None;
                 }
+            }
+            if let Some(spool) = &self.spool
+                && spool.has_unread()
+            {
+                // Twice the window covers each record's bookkeeping too;
+                // what the read does not use goes back at once.
+                let window = spool.settings().read_window();
+                let ask = (2 * window).min(self.capacity().max(window));
+                let Some(mut lease) = self.budget.acquire(ask).await else {
+                    continue;
+                };
+                let reader = spool.clone();
+                let read = match tokio::task::spawn_blocking(move || reader.read()).await {
+                    Ok(read) => read,
+                    Err(error) => std::panic::resume_unwind(error.into_panic()),
+                };
+                if let Some(read) = read {
+                    let total = read.items.iter().map(|r| r.share as usize).sum();
+                    return Some(Chunk {
+                        items: read.items,
+                        heap: read.heap,
+                        lease: lease.split(total),
+                    });
+                }
+                continue;
             }
             ready.await;
         }
@@ -205,7 +352,19 @@ impl Buffer {
     pub fn close(&self) {
         self.queue().closed = true;
         self.budget.close();
+        self.closed.cancel();
         self.queued.notify_waiters();
+    }
+
+    /// At the very end, once the sink has stopped: syncs the spool, and
+    /// counts what it holds unread as `spooled`, left for the next start.
+    pub fn close_spool(&self) -> Counts {
+        let Some(spool) = &self.spool else {
+            return Counts::default();
+        };
+        let left = spool.close();
+        self.stats.spooled.add(left.records, left.datapoints);
+        left
     }
 }
 
@@ -228,6 +387,7 @@ mod tests {
                 data: vec![0; 8].into(),
                 datapoints,
                 share: u32::try_from(lease.bytes()).unwrap(),
+                seq: 0,
             }],
             heap: 8,
             lease,
@@ -239,7 +399,7 @@ mod tests {
         let stats = stats();
         let buffer = Arc::new(Buffer::new(1000, FullPolicy::Block, stats.clone()));
         let first = buffer.reserve(600).await.unwrap();
-        buffer.push(chunk(first, 1));
+        buffer.push(chunk(first, 1), std::future::pending()).await;
         let waiting = tokio::spawn({
             let buffer = buffer.clone();
             async move { buffer.reserve(600).await.map(|l| l.bytes()) }
@@ -264,9 +424,9 @@ mod tests {
         let stats = stats();
         let buffer = Buffer::new(1000, FullPolicy::DropOldest, stats.clone());
         let lease = buffer.reserve(600).await.unwrap();
-        buffer.push(chunk(lease, 5));
+        buffer.push(chunk(lease, 5), std::future::pending()).await;
         let lease = buffer.reserve(600).await.unwrap();
-        buffer.push(chunk(lease, 7));
+        buffer.push(chunk(lease, 7), std::future::pending()).await;
         assert_eq!(buffer.bytes(), 600);
         assert_eq!(
             stats
@@ -288,7 +448,7 @@ mod tests {
             async move { buffer.reserve(900).await.is_none() }
         });
         tokio::task::yield_now().await;
-        buffer.push(chunk(held, 1));
+        buffer.push(chunk(held, 1), std::future::pending()).await;
         buffer.close();
         assert!(
             waiting.await.unwrap(),
@@ -297,7 +457,9 @@ mod tests {
         assert!(buffer.pop().await.is_some());
         assert!(buffer.pop().await.is_none());
         // A chunk routed under a lease granted before the close is counted.
-        buffer.push(chunk(Lease::detached(), 3));
+        buffer
+            .push(chunk(Lease::detached(), 3), std::future::pending())
+            .await;
         assert_eq!(
             stats
                 .accounting()
@@ -305,6 +467,110 @@ mod tests {
                 .datapoints,
             3
         );
+    }
+
+    fn spool(dir: &std::path::Path, max_bytes: u64, stats: &Arc<Stats>) -> Arc<Spool> {
+        Spool::open(
+            crate::spool::SpoolSettings {
+                dir: dir.to_owned(),
+                max_bytes,
+                fsync: crate::spool::FsyncMode::Interval,
+                fsync_interval: std::time::Duration::from_millis(100),
+                max_record_bytes: 64 * 1024,
+                memory_bytes: 1 << 20,
+                retry: std::time::Duration::ZERO,
+            },
+            stats.clone(),
+        )
+    }
+
+    /// A chunk of `n` records of 1 KiB, holding `lease`.
+    fn kib_chunk(lease: Lease, n: usize) -> Chunk {
+        Chunk {
+            items: (0..n)
+                .map(|_| Routed {
+                    topic: "t".into(),
+                    key: None,
+                    data: vec![7; 1024].into(),
+                    datapoints: 2,
+                    share: 0,
+                    seq: 0,
+                })
+                .collect(),
+            heap: 0,
+            lease,
+        }
+    }
+
+    #[tokio::test]
+    async fn with_the_spool_a_chunk_goes_to_disk_its_memory_back_and_it_comes_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = stats();
+        let buffer = Buffer::new(1 << 20, FullPolicy::Block, stats.clone()).with_spool(spool(
+            dir.path(),
+            1 << 20,
+            &stats,
+        ));
+        for _ in 0..3 {
+            let lease = buffer.reserve(10_000).await.unwrap();
+            buffer
+                .push(kib_chunk(lease, 4), std::future::pending())
+                .await;
+        }
+        assert_eq!(buffer.bytes(), 0, "on disk, the memory goes back");
+        let popped = buffer.pop().await.unwrap();
+        assert_eq!(popped.items.len(), 12);
+        let seqs: Vec<u64> = popped.items.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..=12).collect::<Vec<_>>());
+        assert_eq!(popped.lease.bytes(), buffer.bytes(), "the read is leased");
+        assert!(buffer.bytes() >= 12 * 1024);
+        buffer.ack(&seqs);
+        buffer.close();
+        assert!(buffer.pop().await.is_none());
+        assert_eq!(buffer.close_spool(), Counts::default());
+    }
+
+    async fn until_a_push_waits(stats: &Stats) {
+        while stats.buffer_full_waits.load(Relaxed) == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn with_the_spool_full_block_waits_and_gives_up_at_close_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = stats();
+        let buffer = Arc::new(
+            Buffer::new(1 << 20, FullPolicy::Block, stats.clone()).with_spool(spool(
+                dir.path(),
+                256 * 1024,
+                &stats,
+            )),
+        );
+        let mut written = 0;
+        // Fill the disk: the push that does not fit waits.
+        let waiting = loop {
+            let lease = buffer.reserve(40_000).await.unwrap();
+            let mut push = tokio::spawn({
+                let buffer = buffer.clone();
+                async move {
+                    buffer
+                        .push(kib_chunk(lease, 32), std::future::pending())
+                        .await
+                }
+            });
+            tokio::select! {
+                _ = &mut push => written += 32,
+                () = until_a_push_waits(&stats) => break push,
+            }
+            assert!(written < 10_000, "the disk bound never held");
+        };
+        assert!(!waiting.is_finished());
+        buffer.close();
+        waiting.await.unwrap();
+        let shutdown = stats.accounting().dropped_for(DropReason::Shutdown);
+        assert_eq!(shutdown.records, 32, "the waiting chunk is counted");
+        assert_eq!(buffer.close_spool().records, written);
     }
 
     #[tokio::test]

@@ -608,7 +608,7 @@ async fn block<'s>(
     };
     // What routing did not use goes back now; the records hold the rest.
     drop(lease);
-    pipeline.buffer.push(routed);
+    pipeline.buffer.push(routed, &mut give_up).await;
     Ok(used)
 }
 

@@ -11,6 +11,7 @@
 //! - [`route`]: topic, key and tags for each record.
 //! - [`memory`]: the memory budget `buffer_max_bytes` bounds, and its leases.
 //! - [`buffer`]: the bounded buffer between inputs and sink, with its full policy.
+//! - [`spool`]: the disk spool behind the buffer (`buffer_type = disk`).
 //! - [`sink`]: the Kafka sink (batching, producing, delivery accounting) and the null sink.
 //! - [`backoff`]: capped exponential backoff with jitter, for every retry loop.
 //! - [`discovery`]: broker discovery through Mesos-DNS and the Kafka scheduler.
@@ -50,6 +51,7 @@ pub mod runtime;
 pub mod sample;
 pub mod shutdown;
 pub mod sink;
+pub mod spool;
 pub mod stats;
 pub mod telemetry;
 
@@ -114,11 +116,15 @@ impl App {
             warn!(%ingest_addr, "The TCP input listens beyond loopback; the original listened on loopback only.");
         }
         let stats = Arc::new(Stats::default());
-        let buffer = Arc::new(Buffer::new(
+        let mut buffer = Buffer::new(
             config.buffer_max_bytes,
             config.buffer_full_policy,
             stats.clone(),
-        ));
+        );
+        if let Some(settings) = spool::SpoolSettings::from_config(&config) {
+            buffer = buffer.with_spool(spool::Spool::open(settings, stats.clone()));
+        }
+        let buffer = Arc::new(buffer);
         let partner_limits = watch::Sender::new(PartnerLimits::from(&config));
         let partner_hub = Arc::new(PartnerHub::new(partner_limits.subscribe(), stats.clone()));
         let runtime = Arc::new(Runtime::new(
@@ -172,6 +178,7 @@ impl App {
             endpoints: self.endpoints,
             shutdown: self.shutdown.clone(),
             partners: self.partner_hub.clone(),
+            spool: self.buffer.spool().cloned(),
         }
     }
 
@@ -252,15 +259,19 @@ impl App {
         } else {
             sink::spawn_null(self.buffer.clone(), self.stats.clone())
         };
-        let outputs = vec![
+        let mut outputs = vec![
             api::spawn(self.api, api_state),
             partner::spawn(self.partner, self.partner_hub.clone(), &plan),
         ];
+        if let Some(spool) = self.buffer.spool() {
+            outputs.push(spool.spawn_syncer(&plan));
+        }
         info!(
             input = %self.endpoints.ingest,
             api = %self.endpoints.api,
             partner = %self.endpoints.partner,
             sink = if config.kafka { "kafka" } else { "null" },
+            buffer = if self.buffer.spool().is_some() { "disk" } else { "memory" },
             "Collector started."
         );
 

@@ -80,7 +80,10 @@ fn main() -> ExitCode {
     match cli.command {
         None => run(cli.config),
         Some(Command::Run { config }) => run(config),
-        Some(Command::Validate { config }) => match config.load(legacy_env) {
+        Some(Command::Validate { config }) => match config.load(legacy_env).and_then(|config| {
+            config.check_spool_dir()?;
+            Ok(config)
+        }) {
             Ok(config) => {
                 println!("configuration is valid");
                 let bound = config.memory_bound();

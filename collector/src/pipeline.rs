@@ -150,7 +150,7 @@ impl Pipeline {
             };
             let chunk: Chunk = self.route_owned(router, &routing, &enrichment, piece, &mut lease);
             drop(lease);
-            self.buffer.push(chunk);
+            self.buffer.push(chunk, &mut give_up).await;
         }
         true
     }

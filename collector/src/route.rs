@@ -59,6 +59,38 @@ pub struct Routed {
     /// allocation's size-class rounding. Held by its chunk's lease, then by
     /// the batch it joins, then by the Kafka message it goes out in.
     pub share: u32,
+    /// Its sequence number in the disk spool, when it was read back from
+    /// it (0: never spooled). Its final outcome is reported to the spool.
+    pub seq: u64,
+}
+
+/// The spool's sequence numbers of records read back from the disk spool,
+/// and their datapoints: what a batch or message must report to the spool
+/// once its fate is known.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Spooled {
+    /// Sequence numbers, in order.
+    pub seqs: Vec<u64>,
+    /// Datapoints in those records.
+    pub datapoints: u64,
+}
+
+impl Spooled {
+    /// Adds a record's sequence number (0: not from the spool, skipped).
+    pub fn add(&mut self, seq: u64, datapoints: u32) {
+        if seq != 0 {
+            self.seqs.push(seq);
+            self.datapoints += u64::from(datapoints);
+        }
+    }
+
+    /// Records and datapoints.
+    pub fn counts(&self) -> crate::stats::Counts {
+        crate::stats::Counts {
+            records: self.seqs.len() as u64,
+            datapoints: self.datapoints,
+        }
+    }
 }
 
 /// A record with its tags added and its topic and key chosen, not yet
@@ -155,6 +187,7 @@ fn write_grouped<R>(
             data: Bytes::new(),
             datapoints: p.datapoints,
             share: share(p.len + RECORD_OVERHEAD),
+            seq: 0,
         });
     }
     let frozen: Vec<Bytes> = bufs.into_iter().map(Bytes::from).collect();

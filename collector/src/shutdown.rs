@@ -13,7 +13,9 @@
 //! 1. the inputs (the TCP input with its connections, the agent poller)
 //!    stop taking data and finish what they hold, until the deadline;
 //! 2. the buffer is closed, and the sink drains it and flushes the producer,
-//!    until the sink deadline, counting what is left as dropped;
+//!    until the sink deadline, counting what is left as dropped (or, with
+//!    the disk spool, as spooled: it stays on disk for the next start),
+//!    and the spool is synced;
 //! 3. the outputs that report on the others (the HTTP API, which answers
 //!    503 "draining" meanwhile, and the partner output) stop last;
 //! 4. what a failed task held is counted as `internal_error`, and the final
@@ -151,6 +153,15 @@ impl Shutdown {
         join_all_by(tasks.inputs, deadline, stats).await;
         buffer.close();
         join_by(tasks.sink.name, tasks.sink.handle, deadline, stats).await;
+        // What the disk spool holds unread stays there for the next start.
+        let spooled = buffer.close_spool();
+        if spooled.records > 0 {
+            info!(
+                records = spooled.records,
+                datapoints = spooled.datapoints,
+                "The disk spool keeps undelivered records for the next start."
+            );
+        }
         self.outputs.cancel();
         let last = deadline_after(deadline, LAST_WORDS).max(Instant::now() + LAST_WORDS);
         join_all_by(tasks.outputs, last, stats).await;
@@ -168,8 +179,10 @@ impl Shutdown {
         let dropped = accounting.dropped_total();
         info!(
             received = accounting.received.datapoints,
+            replayed = accounting.replayed.datapoints,
             delivered = accounting.delivered.datapoints,
             dropped = dropped.datapoints,
+            spooled = accounting.spooled.datapoints,
             buffer_high_water_bytes = stats.buffer_high_water_bytes.load(Relaxed),
             task_panics = stats.task_panics.load(Relaxed),
             dropped_by_reason = %accounting
@@ -179,7 +192,7 @@ impl Shutdown {
                 .map(|(r, c)| format!("{}={}", r.as_str(), c.datapoints))
                 .collect::<Vec<_>>()
                 .join(","),
-            "Collector stopped: datapoints received, delivered and dropped."
+            "Collector stopped: datapoints received and replayed, delivered, dropped and spooled."
         );
         accounting
     }

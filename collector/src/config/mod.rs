@@ -219,6 +219,18 @@ impl Config {
         }
     }
 
+    /// With `buffer_type = disk`: checks that `spool_dir` exists or can be
+    /// made, and can be written (`collector validate`; the daemon itself
+    /// runs on, degraded, when it can't).
+    pub fn check_spool_dir(&self) -> Result<(), ConfigError> {
+        match (&self.buffer_type, &self.spool_dir) {
+            (crate::spool::BufferType::Disk, Some(dir)) => {
+                crate::spool::check_dir(dir).map_err(|e| ConfigError::new("spool_dir", e))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Checks every setting and how they fit together, without asking
     /// librdkafka about its options.
     pub fn validate_settings(&self) -> Result<(), ConfigError> {
@@ -381,6 +393,42 @@ impl Config {
                 "buffer_max_bytes",
                 "must be at least kafka_max_message_bytes",
             ));
+        }
+        if self.buffer_type == crate::spool::BufferType::Disk {
+            match &self.spool_dir {
+                None => {
+                    return Err(ConfigError::new(
+                        "spool_dir",
+                        "buffer_type = disk needs spool_dir",
+                    ));
+                }
+                Some(dir) if dir.as_os_str().is_empty() => {
+                    return Err(ConfigError::new("spool_dir", "must not be empty"));
+                }
+                Some(_) => {}
+            }
+            if self.spool_max_bytes < self.buffer_max_bytes as u64 {
+                return Err(ConfigError::new(
+                    "spool_max_bytes",
+                    format!(
+                        "must be at least buffer_max_bytes ({}), so that what the memory buffer holds fits on disk",
+                        self.buffer_max_bytes
+                    ),
+                ));
+            }
+            at_most(
+                "spool_max_bytes",
+                self.spool_max_bytes,
+                MAX_BUFFER_BYTES,
+                "bytes (1 TiB)",
+            )?;
+            positive("spool_fsync_ms", self.spool_fsync_ms)?;
+            at_most(
+                "spool_fsync_ms",
+                self.spool_fsync_ms,
+                60 * 1000,
+                "milliseconds (a minute)",
+            )?;
         }
         for broker in &self.kafka_brokers {
             check_broker(broker).map_err(|message| {

@@ -17,6 +17,7 @@ use clap::{ArgAction, Args};
 use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, FullPolicy, LogFormat, parse_bool, parse_pair};
+use crate::spool::{BufferType, FsyncMode};
 
 /// What the declaration says of one option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,6 +331,21 @@ options! {
     /// When the buffer is full: `block` stops reading the inputs, `drop_oldest` drops the oldest and counts them.
     buffer_full_policy: FullPolicy = FullPolicy::Block;
         plain, env "BUFFER_FULL_POLICY", runtime;
+    /// Where records wait for Kafka: `memory`, or `disk` (segment files in `spool_dir`, replayed after a crash or restart).
+    buffer_type: BufferType = BufferType::Memory;
+        plain, env "BUFFER_TYPE", restart;
+    /// The disk spool's directory (`buffer_type = disk`); made if missing.
+    spool_dir: Option<PathBuf> = None;
+        some(PathBuf), env "SPOOL_DIR", restart;
+    /// Bound on the disk spool's bytes; when full, `buffer_full_policy` applies.
+    spool_max_bytes: u64 = 1024 * 1024 * 1024;
+        plain, env "SPOOL_MAX_BYTES", restart;
+    /// `interval`: sync the spool every `spool_fsync_ms`; `always`: sync each write before reading on.
+    spool_fsync: FsyncMode = FsyncMode::Interval;
+        plain, env "SPOOL_FSYNC", restart;
+    /// How often the spool is synced in `interval` mode, ms: a crash loses at most this much input.
+    spool_fsync_ms: u64 = 100;
+        plain, env "SPOOL_FSYNC_MS", restart;
     /// Shutdown ends within this, seconds: stop accepting, drain, flush, count what is left as dropped.
     shutdown_grace_secs: u64 = 30;
         plain, env "SHUTDOWN_GRACE_SECS", restart;

@@ -12,7 +12,7 @@ use schema::{Codec, OcfEncoder};
 use tokio::time::Instant;
 
 use crate::memory::Lease;
-use crate::route::Routed;
+use crate::route::{Routed, Spooled};
 
 /// One Kafka message ready to produce.
 #[derive(Debug)]
@@ -36,6 +36,8 @@ pub struct Message {
     pub attempts: u32,
     /// A failed message is produced again no earlier than this.
     pub not_before: Option<Instant>,
+    /// Its records read from the disk spool, to report on.
+    pub spooled: Spooled,
 }
 
 /// A record that can't fit in any message.
@@ -50,6 +52,8 @@ pub struct TooLarge {
     pub limit: usize,
     /// Datapoints in the record.
     pub datapoints: u32,
+    /// Its spool sequence number (0: not spooled).
+    pub seq: u64,
 }
 
 /// Flush thresholds.
@@ -87,6 +91,7 @@ struct Pending {
     records: u32,
     datapoints: u64,
     since: Instant,
+    spooled: Spooled,
 }
 
 type BatchKey = (Arc<str>, Option<Arc<str>>);
@@ -150,8 +155,10 @@ impl Batcher {
                 size: item.data.len(),
                 limit,
                 datapoints: item.datapoints,
+                seq: item.seq,
             });
         }
+        let (seq, datapoints) = (item.seq, item.datapoints);
         let key = (item.topic, item.key);
         if let Some(pending) = self.pending.get(&key)
             && pending.bytes + item.data.len() + self.overhead() > limit
@@ -166,9 +173,11 @@ impl Batcher {
             records: 0,
             datapoints: 0,
             since: now,
+            spooled: Spooled::default(),
         });
         pending.bytes += item.data.len();
         pending.leased += item.share as usize;
+        pending.spooled.add(seq, datapoints);
         pending.parts.push(item.data);
         pending.records += 1;
         pending.datapoints += u64::from(item.datapoints);
@@ -239,6 +248,7 @@ impl Batcher {
             created: pending.since,
             attempts: 0,
             not_before: None,
+            spooled: pending.spooled,
         }
     }
 }
@@ -264,6 +274,7 @@ mod tests {
             share: data.len() as u32,
             data: data.into(),
             datapoints: points as u32,
+            seq: 0,
         }
     }
 

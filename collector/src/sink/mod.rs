@@ -25,5 +25,12 @@ async fn run_null(buffer: Arc<Buffer>, stats: Arc<Stats>) {
         stats
             .delivered
             .add(chunk.items.len() as u64, chunk.datapoints());
+        let seqs: Vec<u64> = chunk
+            .items
+            .iter()
+            .map(|r| r.seq)
+            .filter(|&s| s != 0)
+            .collect();
+        buffer.ack(&seqs);
     }
 }

@@ -4,11 +4,15 @@
 //! shutdown, in datapoints and in records alike:
 //!
 //! ```text
-//! received = delivered + Σ dropped[reason] + in_flight
+//! received + replayed = delivered + Σ dropped[reason] + spooled + in_flight
 //! ```
 //!
 //! where `in_flight` is what sits in the buffer, in topic batches, or in the
-//! producer's queue, and is 0 after shutdown.
+//! producer's queue, and is 0 after shutdown. With the disk spool,
+//! `replayed` is what an earlier run left in the spool, found at start, and
+//! `spooled` what this run leaves there at exit, for the next one: across
+//! restarts, one run's `spooled` is the next one's `replayed`, less what a
+//! crash cut off after the last sync.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -35,17 +39,21 @@ pub enum DropReason {
     /// Held by a task that panicked: counted once every task has stopped,
     /// so that nothing is lost silently even to a bug.
     InternalError,
+    /// Written to the disk spool and damaged there (a flipped bit, a
+    /// truncated or deleted segment) before it could be read back.
+    SpoolCorrupt,
 }
 
 impl DropReason {
     /// Every reason, in a fixed order.
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::RateLimited,
         DropReason::BufferFull,
         DropReason::TooLarge,
         DropReason::KafkaRejected,
         DropReason::Shutdown,
         DropReason::InternalError,
+        DropReason::SpoolCorrupt,
     ];
 
     /// The label used in logs and metrics.
@@ -57,6 +65,7 @@ impl DropReason {
             DropReason::KafkaRejected => "kafka_rejected",
             DropReason::Shutdown => "shutdown",
             DropReason::InternalError => "internal_error",
+            DropReason::SpoolCorrupt => "spool_corrupt",
         }
     }
 }
@@ -91,7 +100,8 @@ impl Amount {
         }
     }
 
-    fn get(&self) -> Counts {
+    /// Reads both.
+    pub fn get(&self) -> Counts {
         Counts {
             records: self.records.load(Relaxed),
             datapoints: self.datapoints.load(Relaxed),
@@ -137,6 +147,9 @@ pub const LATENCY_BOUNDS_MS: &[f64] = &[
 ];
 /// Records per Kafka message.
 pub const BATCH_BOUNDS: &[f64] = &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0];
+
+/// Milliseconds a spool sync takes.
+pub const FSYNC_BOUNDS_MS: &[f64] = &[0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0];
 
 /// Inputs, for per-input counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,12 +198,20 @@ macro_rules! stats {
             pub dropped: [Amount; DropReason::ALL.len()],
             /// Produced to librdkafka and not yet reported on.
             pub kafka_in_flight: Amount,
+            /// The part of `kafka_in_flight` read from the disk spool.
+            pub kafka_in_flight_spooled: Amount,
+            /// Found in the disk spool at start, left by an earlier run.
+            pub replayed: Amount,
+            /// Left in the disk spool at exit, for the next run.
+            pub spooled: Amount,
             /// Per-topic datapoints, capped.
             pub topics: Mutex<HashMap<Arc<str>, TopicCounts>>,
             /// Milliseconds from batching to Kafka's acknowledgement.
             pub delivery_latency_ms: Histogram,
             /// Records per Kafka message.
             pub batch_records: Histogram,
+            /// Milliseconds each spool sync took.
+            pub spool_fsync_ms: Histogram,
         }
 
         impl Default for Stats {
@@ -203,9 +224,13 @@ macro_rules! stats {
                     delivered: Amount::default(),
                     dropped: Default::default(),
                     kafka_in_flight: Amount::default(),
+                    kafka_in_flight_spooled: Amount::default(),
+                    replayed: Amount::default(),
+                    spooled: Amount::default(),
                     topics: Mutex::new(HashMap::new()),
                     delivery_latency_ms: Histogram::new(LATENCY_BOUNDS_MS),
                     batch_records: Histogram::new(BATCH_BOUNDS),
+                    spool_fsync_ms: Histogram::new(FSYNC_BOUNDS_MS),
                 }
             }
         }
@@ -303,6 +328,14 @@ stats! {
         agent_request_failures,
         /// Agent answers refused for being larger than agent_max_body_bytes.
         agent_responses_too_large,
+        /// Damaged stretches of spool segments skipped (each logged with its offset).
+        spool_corrupt,
+        /// Replayed records that were handed to Kafka before the restart without an acknowledgement: they may arrive twice.
+        spool_possible_duplicates,
+        /// Spool writes or syncs that failed (the spool is then degraded).
+        spool_write_errors,
+        /// Spool syncs (fsync) done.
+        spool_fsyncs,
     }
     gauges {
         /// Input connections open.
@@ -317,6 +350,14 @@ stats! {
         kafka_retry_bytes,
         /// Partners connected.
         partners_connected,
+        /// Bytes of the disk spool's segments.
+        spool_bytes,
+        /// Segments in the disk spool.
+        spool_segments,
+        /// Age of the oldest record in the disk spool without a Kafka report, seconds.
+        spool_oldest_unacked_age_seconds,
+        /// 1 while the disk spool can't be used and records are kept in memory.
+        spool_degraded,
     }
 }
 
@@ -338,6 +379,10 @@ pub struct Accounting {
     pub delivered: Counts,
     /// Dropped, by reason.
     pub dropped: Vec<(DropReason, Counts)>,
+    /// Found in the disk spool at start.
+    pub replayed: Counts,
+    /// Left in the disk spool at exit.
+    pub spooled: Counts,
 }
 
 impl Accounting {
@@ -360,26 +405,27 @@ impl Accounting {
             .unwrap_or_default()
     }
 
-    /// received − delivered − dropped: what is still queued.
+    /// received + replayed − delivered − dropped − spooled: what is still
+    /// queued.
     pub fn in_flight(&self) -> Counts {
         let dropped = self.dropped_total();
         Counts {
-            records: self
-                .received
-                .records
-                .saturating_sub(self.delivered.records + dropped.records),
-            datapoints: self
-                .received
-                .datapoints
-                .saturating_sub(self.delivered.datapoints + dropped.datapoints),
+            records: (self.received.records + self.replayed.records)
+                .saturating_sub(self.delivered.records + dropped.records + self.spooled.records),
+            datapoints: (self.received.datapoints + self.replayed.datapoints).saturating_sub(
+                self.delivered.datapoints + dropped.datapoints + self.spooled.datapoints,
+            ),
         }
     }
 
-    /// Whether everything received is delivered or counted as dropped.
+    /// Whether everything received or replayed is delivered, counted as
+    /// dropped, or left in the spool.
     pub fn balanced(&self) -> bool {
         let dropped = self.dropped_total();
-        self.received.records == self.delivered.records + dropped.records
-            && self.received.datapoints == self.delivered.datapoints + dropped.datapoints
+        self.received.records + self.replayed.records
+            == self.delivered.records + dropped.records + self.spooled.records
+            && self.received.datapoints + self.replayed.datapoints
+                == self.delivered.datapoints + dropped.datapoints + self.spooled.datapoints
     }
 }
 
@@ -420,7 +466,25 @@ impl Stats {
                 .iter()
                 .map(|r| (*r, self.dropped[*r as usize].get()))
                 .collect(),
+            replayed: self.replayed.get(),
+            spooled: self.spooled.get(),
         }
+    }
+
+    /// Counts what shutdown left undelivered: the part read from the disk
+    /// spool stays there for the next run (`spooled`), the rest is a
+    /// `shutdown` drop.
+    pub fn count_left_at_shutdown(&self, total: Counts, spooled: Counts) {
+        let spooled = Counts {
+            records: spooled.records.min(total.records),
+            datapoints: spooled.datapoints.min(total.datapoints),
+        };
+        self.count_drop(
+            DropReason::Shutdown,
+            total.records - spooled.records,
+            total.datapoints - spooled.datapoints,
+        );
+        self.spooled.add(spooled.records, spooled.datapoints);
     }
 
     /// Sets the buffer gauge and its high-water mark.

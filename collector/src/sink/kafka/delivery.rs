@@ -18,7 +18,9 @@ use tracing::{debug, error, info, warn};
 use super::super::batch::Message;
 use super::BrokerState;
 use crate::memory::{Budget, allocated_size};
-use crate::stats::{DropReason, Stats};
+use crate::route::Spooled;
+use crate::spool::Spool;
+use crate::stats::{Counts, DropReason, Stats};
 
 /// Per-message bookkeeping carried through librdkafka.
 pub(super) struct Meta {
@@ -28,6 +30,17 @@ pub(super) struct Meta {
     pub(super) datapoints: u64,
     pub(super) created: Instant,
     pub(super) attempts: u32,
+    /// Its records read from the disk spool.
+    pub(super) spooled: Spooled,
+}
+
+impl Meta {
+    fn counts(&self) -> Counts {
+        Counts {
+            records: u64::from(self.records),
+            datapoints: self.datapoints,
+        }
+    }
 }
 
 pub(super) struct Context {
@@ -51,6 +64,8 @@ pub(super) struct Context {
     /// Set at the end of shutdown: purged messages are then counted as
     /// dropped instead of being retried.
     pub(super) final_purge: AtomicBool,
+    /// The disk spool, told each final outcome.
+    pub(super) spool: Option<Arc<Spool>>,
 }
 
 impl Context {
@@ -145,6 +160,15 @@ impl ProducerContext for Context {
         self.stats
             .kafka_in_flight
             .sub(u64::from(meta.records), meta.datapoints);
+        let spooled = meta.spooled.counts();
+        self.stats
+            .kafka_in_flight_spooled
+            .sub(spooled.records, spooled.datapoints);
+        let done = |meta: &Meta| {
+            if let Some(spool) = &self.spool {
+                spool.ack(&meta.spooled.seqs);
+            }
+        };
         match result {
             Ok(message) => {
                 self.stats
@@ -159,6 +183,7 @@ impl ProducerContext for Context {
                 if let Some(partners) = &self.partners {
                     partners.publish(&meta.topic, message.payload().unwrap_or_default());
                 }
+                done(&meta);
                 self.all_down.store(false, Relaxed);
                 if self.is_current() {
                     let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -172,17 +197,15 @@ impl ProducerContext for Context {
                     .unwrap_or(RDKafkaErrorCode::Unknown);
                 let size = message.payload_len();
                 if self.final_purge.load(Relaxed) {
-                    self.stats.count_drop(
-                        DropReason::Shutdown,
-                        u64::from(meta.records),
-                        meta.datapoints,
-                    );
+                    self.stats
+                        .count_left_at_shutdown(meta.counts(), meta.spooled.counts());
                 } else if is_permanent(code) || meta.attempts + 1 >= MAX_ATTEMPTS {
                     self.stats.count_drop(
                         DropReason::KafkaRejected,
                         u64::from(meta.records),
                         meta.datapoints,
                     );
+                    done(&meta);
                     error!(topic = %meta.topic, bytes = size, datapoints = meta.datapoints, attempts = meta.attempts + 1, %error,
                         "Kafka rejected a message; its datapoints are dropped.");
                 } else {
@@ -200,10 +223,12 @@ impl ProducerContext for Context {
                     );
                     if let Err(mpsc::error::SendError(lost)) = self.retry.send(retry) {
                         // The sink is gone (only after shutdown): count it.
-                        self.stats.count_drop(
-                            DropReason::Shutdown,
-                            u64::from(lost.records),
-                            lost.datapoints,
+                        self.stats.count_left_at_shutdown(
+                            Counts {
+                                records: u64::from(lost.records),
+                                datapoints: lost.datapoints,
+                            },
+                            lost.spooled.counts(),
                         );
                     }
                 }
@@ -239,6 +264,7 @@ pub(super) fn retry_of(
             meta.attempts + 1
         },
         not_before: (!purged).then(|| Instant::now() + retry_backoff(meta.attempts)),
+        spooled: meta.spooled,
     }
 }
 
@@ -278,6 +304,7 @@ mod tests {
             datapoints: 30,
             created: Instant::now(),
             attempts: 2,
+            spooled: Spooled::default(),
         };
         let failed = retry_of(meta(), &[7; 1000], false, &budget);
         assert_eq!(failed.payload, vec![7; 1000]);

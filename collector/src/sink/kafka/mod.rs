@@ -34,7 +34,7 @@ use super::batch::{Batcher, Message};
 use crate::buffer::Buffer;
 use crate::discovery::{BrokerSource, Discovered};
 use crate::memory::{Budget, Gauge};
-use crate::stats::{DropReason, Stats};
+use crate::stats::{Counts, DropReason, Stats};
 pub(crate) use delivery::is_permanent;
 use delivery::{KafkaProducer, Meta};
 use topics::{PARKED_SHARE, TopicCache, TopicResult};
@@ -174,6 +174,7 @@ impl KafkaSink {
                 datapoints: message.datapoints,
                 created: message.created,
                 attempts: message.attempts,
+                spooled: message.spooled.clone(),
             });
             let mut record =
                 BaseRecord::with_opaque_to(&message.topic, meta).payload(&message.payload);
@@ -182,10 +183,17 @@ impl KafkaSink {
             }
             // Counted before the send: its delivery report may come first.
             let in_flight = &self.stats.kafka_in_flight;
+            let spooled = message.spooled.counts();
             in_flight.add(u64::from(message.records), message.datapoints);
+            self.stats
+                .kafka_in_flight_spooled
+                .add(spooled.records, spooled.datapoints);
             let sent = producer.send(record);
             if sent.is_err() {
                 in_flight.sub(u64::from(message.records), message.datapoints);
+                self.stats
+                    .kafka_in_flight_spooled
+                    .sub(spooled.records, spooled.datapoints);
             }
             match sent {
                 Ok(()) => {
@@ -209,6 +217,7 @@ impl KafkaSink {
                         );
                         error!(topic = %message.topic, bytes = message.payload.len(), %error,
                             "Kafka refused a message; its datapoints are dropped.");
+                        self.buffer.ack(&message.spooled.seqs);
                     } else {
                         warn!(topic = %message.topic, %error, "Could not produce a Kafka message; will retry.");
                         self.topics.remove(&message.topic);
@@ -229,6 +238,9 @@ impl KafkaSink {
             if let Err(too_large) = self.batcher.add(item, now, &mut out) {
                 self.stats
                     .count_drop(DropReason::TooLarge, 1, u64::from(too_large.datapoints));
+                if too_large.seq != 0 {
+                    self.buffer.ack(&[too_large.seq]);
+                }
                 error!(topic = %too_large.topic, bytes = too_large.size, limit = too_large.limit,
                     "Dropped a record too large for a Kafka message.");
             }
@@ -360,17 +372,16 @@ impl KafkaSink {
         }
         // Every producer is gone: what got no delivery report never will.
         let unreported = self.stats.kafka_in_flight.take();
+        let unreported_spooled = self.stats.kafka_in_flight_spooled.take();
         if unreported.records > 0 || unreported.datapoints > 0 {
             warn!(
                 records = unreported.records,
                 datapoints = unreported.datapoints,
-                "Shutdown: Kafka messages without a delivery report are counted as dropped."
+                spooled_records = unreported_spooled.records,
+                "Shutdown: Kafka messages without a delivery report are counted as dropped, or as spooled when they are in the disk spool."
             );
-            self.stats.count_drop(
-                DropReason::Shutdown,
-                unreported.records,
-                unreported.datapoints,
-            );
+            self.stats
+                .count_left_at_shutdown(unreported, unreported_spooled);
         }
         // Whatever a delivery callback sent back, and whatever never got out.
         self.retry_rx.close();
@@ -385,10 +396,12 @@ impl KafkaSink {
         }
         self.parked_bytes = 0;
         for message in self.outbox.drain(..) {
-            self.stats.count_drop(
-                DropReason::Shutdown,
-                u64::from(message.records),
-                message.datapoints,
+            self.stats.count_left_at_shutdown(
+                Counts {
+                    records: u64::from(message.records),
+                    datapoints: message.datapoints,
+                },
+                message.spooled.counts(),
             );
         }
         while let Some(chunk) = self.buffer.try_pop() {

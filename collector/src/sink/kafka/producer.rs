@@ -32,6 +32,7 @@ impl KafkaSink {
             current: self.generation.clone(),
             all_down: AtomicBool::new(false),
             final_purge: AtomicBool::new(false),
+            spool: self.buffer.spool().cloned(),
         };
         self.settings
             .client_config(&discovered.brokers)
