@@ -63,6 +63,9 @@ pub struct Buffer {
     stats: Arc<Stats>,
     spool: Option<Arc<Spool>>,
     closed: tokio_util::sync::CancellationToken,
+    /// A spool read is running (see `read_ahead`), and its end.
+    reading: Arc<std::sync::atomic::AtomicBool>,
+    read_done: Arc<Notify>,
 }
 
 impl Buffer {
@@ -79,6 +82,8 @@ impl Buffer {
             stats,
             spool: None,
             closed: tokio_util::sync::CancellationToken::new(),
+            reading: Arc::default(),
+            read_done: Arc::default(),
         }
     }
 
@@ -308,22 +313,8 @@ impl Buffer {
                     return None;
                 }
             }
-            if let Some(spool) = &self.spool
-                && spool.has_unread()
-            {
-                // Twice the window covers each record's bookkeeping too;
-                // what the read does not use goes back at once.
-                let window = spool.settings().read_window();
-                let ask = (2 * window).min(self.capacity().max(window));
-                let Some(mut lease) = self.budget.acquire(ask).await else {
-                    continue;
-                };
-                let reader = spool.clone();
-                let read = match tokio::task::spawn_blocking(move || reader.read()).await {
-                    Ok(read) => read,
-                    Err(error) => std::panic::resume_unwind(error.into_panic()),
-                };
-                if let Some(read) = read {
+            if let Some(spool) = &self.spool {
+                if let Some((read, mut lease)) = spool.take_ready() {
                     let total = read.items.iter().map(|r| r.share as usize).sum();
                     return Some(Chunk {
                         items: read.items,
@@ -331,9 +322,47 @@ impl Buffer {
                         lease: lease.split(total),
                     });
                 }
-                continue;
+                if spool.has_unread() {
+                    self.read_ahead(spool).await;
+                    continue;
+                }
             }
             ready.await;
+        }
+    }
+
+    /// Has the spool read its next records, under a lease of the budget.
+    /// Cancel-safe: the read runs apart, and what it reads waits in the
+    /// spool for the next `pop` even if this one stopped waiting.
+    async fn read_ahead(&self, spool: &Arc<Spool>) {
+        let mut done = pin!(self.read_done.notified());
+        done.as_mut().enable();
+        if self.reading.load(std::sync::atomic::Ordering::Acquire) {
+            done.await;
+            return;
+        }
+        // Twice the window covers each record's bookkeeping too; what the
+        // read does not use goes back when it is taken.
+        let window = spool.settings().read_window();
+        let ask = (2 * window).min(self.capacity().max(window));
+        let Some(lease) = self.budget.acquire(ask).await else {
+            return;
+        };
+        if self.reading.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let reader = spool.clone();
+        let reading = self.reading.clone();
+        let read_done = self.read_done.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            reader.read_ahead(lease);
+            reading.store(false, std::sync::atomic::Ordering::Release);
+            read_done.notify_waiters();
+        });
+        if let Err(error) = task.await
+            && error.is_panic()
+        {
+            std::panic::resume_unwind(error.into_panic());
         }
     }
 

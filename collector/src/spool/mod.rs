@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
-use crate::memory::allocated_size;
+use crate::memory::{Lease, allocated_size};
 use crate::route::{RECORD_OVERHEAD, Routed};
 use crate::stats::{Counts, DropReason, Stats};
 use frame::{FrameRef, Item, Scanner};
@@ -256,6 +256,10 @@ struct State {
     /// The last record read before this start (from the cursor): kept in
     /// the cursor until the reader passes it.
     read_before: u64,
+    /// Read and not yet taken by the sink.
+    ready: Option<(ReadChunk, Lease)>,
+    /// Closed: nothing more is read.
+    closed: bool,
 }
 
 /// Faults a test injects into the spool's writes.
@@ -345,6 +349,8 @@ impl Spool {
                 dir_unsynced: false,
                 saved_cursor: (0, 0),
                 read_before: 0,
+                ready: None,
+                closed: false,
             }),
             settings,
             stats,
@@ -792,20 +798,42 @@ impl Spool {
             .any(|(i, s)| s.end > if i == 0 { state.read_pos } else { 0 } && s.unread().records > 0)
     }
 
-    /// Reads the next records, at most [`SpoolSettings::read_window`] bytes
-    /// of frames, skipping damage; `None` when everything is read.
+    /// Reads the next records and takes them off the disk's queue: a test's
+    /// shorthand for [`read_ahead`](Self::read_ahead) and
+    /// [`take_ready`](Self::take_ready).
     pub fn read(&self) -> Option<ReadChunk> {
+        self.read_ahead(Lease::detached());
+        self.take_ready().map(|(chunk, _)| chunk)
+    }
+
+    /// The records [`read_ahead`](Self::read_ahead) read, with the lease
+    /// they hold.
+    pub fn take_ready(&self) -> Option<(ReadChunk, Lease)> {
+        self.state().ready.take()
+    }
+
+    /// Reads the next records, at most [`SpoolSettings::read_window`] bytes
+    /// of frames, skipping damage, and keeps them, holding `lease`, for
+    /// [`take_ready`](Self::take_ready): what is read is never lost to a
+    /// reader that stopped waiting. Nothing when everything is read, when
+    /// records read before are still waiting, or after `close`.
+    pub fn read_ahead(&self, lease: Lease) {
         let window = self.settings.read_window();
         loop {
             let mut guard = self.state();
             let state = &mut *guard;
+            if state.closed || state.ready.is_some() {
+                return;
+            }
             let read = state.read;
             let segments_len = state.segments.len();
-            let segment = state.segments.get_mut(read)?;
+            let Some(segment) = state.segments.get_mut(read) else {
+                return;
+            };
             let sealed = read + 1 < segments_len;
             if state.read_pos >= segment.end || segment.unread().records == 0 && sealed {
                 if !sealed {
-                    return None;
+                    return;
                 }
                 self.finish_segment(state);
                 continue;
@@ -823,7 +851,7 @@ impl Spool {
                         warn!(segment = %path.display(), %error, "A spool segment can't be read; it is skipped.");
                         segment.end = 0;
                         if !sealed {
-                            return None;
+                            return;
                         }
                         continue;
                     }
@@ -900,6 +928,9 @@ impl Spool {
             let mut guard = self.state();
             let state = &mut *guard;
             let read = state.read;
+            if state.closed {
+                return;
+            }
             let Some(segment) = state.segments.get_mut(read) else {
                 continue;
             };
@@ -918,7 +949,6 @@ impl Spool {
             state
                 .in_flight
                 .insert(first_seq, InFlight::new(&seqs, written_ms));
-            drop(guard);
             let heap = allocated_size(n);
             // The last record also carries the buffer's headers, damage and
             // rounding: the shares add up to what the read holds.
@@ -927,7 +957,8 @@ impl Spool {
                     .share
                     .saturating_add(u32::try_from(heap - frames_len).unwrap_or(u32::MAX));
             }
-            return Some(ReadChunk { items, heap });
+            state.ready = Some((ReadChunk { items, heap }, lease));
+            return;
         }
     }
 
@@ -1145,20 +1176,25 @@ impl Spool {
 
     /// At shutdown, once the sink has stopped: syncs, and returns what is
     /// left unread (it stays on disk for the next start).
+    /// Records read but never taken count as left too.
     pub fn close(&self) -> Counts {
         self.sync();
-        let state = self.state();
-        state
-            .segments
-            .iter()
-            .skip(state.read)
-            .fold(Counts::default(), |a, s| {
-                let u = s.unread();
-                Counts {
-                    records: a.records + u.records,
-                    datapoints: a.datapoints + u.datapoints,
-                }
-            })
+        let mut state = self.state();
+        state.closed = true;
+        let ready = state
+            .ready
+            .take()
+            .map_or(Counts::default(), |(chunk, _)| Counts {
+                records: chunk.items.len() as u64,
+                datapoints: chunk.items.iter().map(|r| u64::from(r.datapoints)).sum(),
+            });
+        state.segments.iter().skip(state.read).fold(ready, |a, s| {
+            let u = s.unread();
+            Counts {
+                records: a.records + u.records,
+                datapoints: a.datapoints + u.datapoints,
+            }
+        })
     }
 }
 

@@ -106,6 +106,25 @@ pub fn render(stats: &Stats, brokers: BrokerGauges) -> String {
             };
             t.sample(&name, &format!("reason=\"{}\"", reason.as_str()), value);
         }
+        let pick = |c: super::Counts| {
+            if unit == "datapoints" {
+                c.datapoints
+            } else {
+                c.records
+            }
+        };
+        t.one(
+            &format!("collector_replayed_{unit}_total"),
+            "counter",
+            &format!("{unit} found in the disk spool at start, left by an earlier run"),
+            pick(acc.replayed),
+        );
+        t.one(
+            &format!("collector_spooled_{unit}_total"),
+            "counter",
+            &format!("{unit} left in the disk spool at exit, for the next run"),
+            pick(acc.spooled),
+        );
         let in_flight = if unit == "datapoints" {
             acc.in_flight().datapoints
         } else {
@@ -173,6 +192,11 @@ pub fn render(stats: &Stats, brokers: BrokerGauges) -> String {
         "collector_delivery_latency_ms",
         "milliseconds from batching to Kafka's acknowledgement",
         &stats.delivery_latency_ms,
+    );
+    t.histogram(
+        "collector_spool_fsync_ms",
+        "milliseconds each disk spool sync took",
+        &stats.spool_fsync_ms,
     );
     t.0
 }
