@@ -239,3 +239,62 @@ fn deploy_files_pin_one_instance_per_agent_on_port_8124() {
         );
     }
 }
+
+/// The shipped Marathon app and systemd unit run with the disk spool on a
+/// directory that outlives the process (a host path, systemd's state
+/// directory), and their settings validate.
+#[test]
+fn deploy_files_enable_the_disk_spool_on_a_persistent_directory() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let app: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy.join("marathon/collector.json")).unwrap(),
+    )
+    .unwrap();
+    let env: Vec<(String, String)> = app["env"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+        .collect();
+    let get = |env: &[(String, String)], key: &str| {
+        env.iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("{key} is not set"))
+    };
+    assert_eq!(get(&env, "BUFFER_TYPE"), "disk");
+    let spool = get(&env, "SPOOL_DIR");
+    assert_eq!(spool, "/var/lib/metrics-collector/spool");
+    let volume = &app["container"]["volumes"][0];
+    assert_eq!(volume["containerPath"], spool.as_str());
+    assert_eq!(volume["hostPath"], spool.as_str());
+    assert_eq!(volume["mode"], "RW");
+
+    let unit = std::fs::read_to_string(deploy.join("systemd/metrics-collector.service")).unwrap();
+    let unit_env: Vec<(String, String)> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    assert_eq!(get(&unit_env, "BUFFER_TYPE"), "disk");
+    assert_eq!(get(&unit_env, "SPOOL_DIR"), spool);
+    assert!(
+        unit.lines()
+            .any(|l| l == "StateDirectory=metrics-collector"),
+        "the unit's spool directory is its state directory"
+    );
+
+    // Both validate, with the spool in a scratch directory of the test's.
+    let scratch = std::env::temp_dir().join(format!("collector-deploy-{}", std::process::id()));
+    for env in [&env, &unit_env] {
+        let output = collector()
+            .arg("validate")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("SPOOL_DIR", &scratch)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+}

@@ -168,6 +168,7 @@ fn sigkill_with_the_brokers_down_loses_only_what_the_last_sync_had_not_reached()
     eventually("the first block delivered", || {
         first.metric("collector_delivered_datapoints_total") as u64 == PER_BLOCK * POINTS
     });
+    assert_eq!(arrived(&bootstrap).len() as u64, PER_BLOCK * POINTS);
     kafka.broker_down(1).unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -228,8 +229,10 @@ fn sigkill_with_the_brokers_down_loses_only_what_the_last_sync_had_not_reached()
         .collect();
     assert!(
         missing.iter().all(|&id| id >= synced),
-        "datapoints synced before the kill are missing: {:?}",
-        &missing[..missing.len().min(10)]
+        "{} datapoints synced before the kill are missing, from {:?} to {:?}",
+        missing.iter().filter(|&&id| id < synced).count(),
+        missing.first(),
+        missing.iter().rfind(|&&id| id < synced)
     );
     let duplicates: u64 = ids.values().map(|&n| u64::from(n - 1)).sum();
     assert!(

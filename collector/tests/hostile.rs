@@ -432,6 +432,44 @@ fn unusable_settings_are_refused_by_validate() {
             vec![],
             "input_buffer_max_bytes",
         ),
+        (
+            vec!["--kafka-brokers=b:9092", "--buffer-type=disk"],
+            vec![],
+            "spool_dir",
+        ),
+        (
+            vec![
+                "--kafka-brokers=b:9092",
+                "--buffer-type=disk",
+                "--spool-dir=/tmp/x",
+                "--spool-max-bytes=1000",
+            ],
+            vec![],
+            "spool_max_bytes",
+        ),
+        (
+            vec![
+                "--kafka-brokers=b:9092",
+                "--buffer-type=disk",
+                "--spool-dir=/tmp/x",
+                "--spool-fsync-ms=0",
+            ],
+            vec![],
+            "spool_fsync_ms",
+        ),
+        (
+            vec!["--kafka-brokers=b:9092"],
+            vec![
+                ("BUFFER_TYPE", "disk"),
+                ("SPOOL_DIR", "/proc/version/spool"),
+            ],
+            "spool_dir",
+        ),
+        (
+            vec!["--kafka-brokers=b:9092", "--spool-fsync=sometimes"],
+            vec![],
+            "spool-fsync",
+        ),
     ] {
         let (code, _, stderr) = validate(&args, &env);
         assert_eq!(code, Some(64), "{args:?}: {stderr}");

@@ -26,7 +26,7 @@ use bollard::models::{NetworkConnectRequest, NetworkCreateRequest, NetworkDiscon
 use bollard::query_parameters::{
     ListContainersOptionsBuilder, ListNetworksOptionsBuilder, RemoveContainerOptionsBuilder,
 };
-use e2e::topology::{Image, Kind, Place, Topology};
+use e2e::topology::{Image, Kind, Mount, Place, Topology};
 use simulator::cluster::ClusterReport;
 use testcontainers::core::WaitFor;
 use testcontainers::runners::AsyncRunner;
@@ -91,6 +91,28 @@ pub struct Container {
     inner: ContainerAsync<GenericImage>,
 }
 
+/// A topology mount as Docker's: a volume is anonymous (removed with its
+/// container), a tmpfs has its size.
+fn docker_mount(mount: &Mount) -> bollard::models::Mount {
+    use bollard::models::{MountTmpfsOptions, MountType as MountTypeEnum};
+    match mount {
+        Mount::Volume { path, .. } => bollard::models::Mount {
+            target: Some((*path).to_owned()),
+            typ: Some(MountTypeEnum::VOLUME),
+            ..Default::default()
+        },
+        Mount::Tmpfs { path, bytes } => bollard::models::Mount {
+            target: Some((*path).to_owned()),
+            typ: Some(MountTypeEnum::TMPFS),
+            tmpfs_options: Some(MountTmpfsOptions {
+                size_bytes: i64::try_from(*bytes).ok(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    }
+}
+
 /// How a container joins the cluster.
 enum Join<'a> {
     /// The cluster's network, under its own name.
@@ -107,7 +129,9 @@ impl Container {
         entrypoint: Option<&str>,
         args: Vec<String>,
         ready: Option<&str>,
+        mounts: &[Mount],
     ) -> Self {
+        let mounts: Vec<bollard::models::Mount> = mounts.iter().map(docker_mount).collect();
         let mut image = GenericImage::new(image, TAG);
         if let Some(entrypoint) = entrypoint {
             image = image.with_entrypoint(entrypoint);
@@ -123,7 +147,14 @@ impl Container {
         let (network, request) = match join {
             Join::Network(network) => (
                 network.to_owned(),
-                request.with_network(network).with_hostname(&name),
+                request
+                    .with_network(network)
+                    .with_hostname(&name)
+                    .with_host_config_modifier(move |host| {
+                        if !mounts.is_empty() {
+                            host.mounts = Some(mounts.clone());
+                        }
+                    }),
             ),
             // Set in the host config rather than through `with_network`,
             // which would also create a bridge network of that literal
@@ -137,6 +168,9 @@ impl Container {
                         host.network_mode = Some(mode.clone());
                         host.publish_all_ports = Some(false);
                         host.port_bindings = None;
+                        if !mounts.is_empty() {
+                            host.mounts = Some(mounts.clone());
+                        }
                     }),
                 )
             }
@@ -188,6 +222,26 @@ impl Container {
             .stop_with_timeout(Some(grace_secs))
             .await
             .unwrap_or_else(|error| panic!("stopping {}: {error}", self.name));
+    }
+
+    /// SIGKILL: no grace, no final line.
+    pub async fn kill(&self) {
+        docker()
+            .kill_container(
+                &self.name,
+                Some(
+                    bollard::query_parameters::KillContainerOptionsBuilder::default()
+                        .signal("SIGKILL")
+                        .build(),
+                ),
+            )
+            .await
+            .unwrap_or_else(|error| panic!("killing {}: {error}", self.name));
+        poll_until(docker_patience(), || async {
+            (!self.running().await).then_some(())
+        })
+        .await
+        .unwrap_or_else(|| panic!("{} still runs after SIGKILL", self.name));
     }
 
     /// Starts it again.
@@ -381,6 +435,7 @@ impl Cluster {
                 service.entrypoint,
                 service.args,
                 service.ready,
+                &service.mounts,
             )
             .await;
             if service.kind == Kind::Dns {
@@ -508,39 +563,57 @@ impl Cluster {
     /// until the verifier's balance holds: every generated datapoint is in
     /// Kafka or counted as dropped. Returns the final report.
     pub async fn finish(&self) -> ClusterReport {
+        self.finish_when("conservation", |c| c.holds).await
+    }
+
+    /// Stops a node's producers (they flush and report their final
+    /// counts), and has the verifier record them.
+    pub async fn stop_producers(&self, index: usize) {
+        let url = format!("http://{}:9100/stop", self.node_ip(index).await);
+        let response = self.http.post(&url).send().await;
+        assert!(
+            response.as_ref().is_ok_and(|r| r.status().is_success()),
+            "stopping node-{index}'s producers: {response:?}"
+        );
+        self.eventually(
+            docker_patience(),
+            &format!("the verifier has node-{index}'s final counts"),
+            || async { self.try_report().await.map(|_| ()) },
+        )
+        .await;
+    }
+
+    /// Stops every node's producers, then waits until `holds` says the
+    /// balance is what the scenario allows. Returns the final report.
+    pub async fn finish_when(
+        &self,
+        what: &str,
+        holds: impl Fn(&simulator::cluster::Conservation) -> bool,
+    ) -> ClusterReport {
         for node in &self.nodes {
-            let url = format!("http://{}:9100/stop", self.node_ip(node.index).await);
-            let response = self.http.post(&url).send().await;
-            assert!(
-                response.as_ref().is_ok_and(|r| r.status().is_success()),
-                "stopping node-{}'s producers: {response:?}",
-                node.index
-            );
+            self.stop_producers(node.index).await;
         }
         self.log("producers stopped; waiting for the balance");
         let patience = docker_patience();
-        let deadline = Instant::now() + patience;
-        loop {
-            let report = self.try_report().await;
-            match report {
-                Some(report) if report.conservation.holds => {
-                    self.log(&format!("final: {}", report.summary()));
-                    return report;
-                }
-                Some(report) if Instant::now() > deadline => {
-                    self.dump_logs().await;
-                    panic!(
-                        "conservation does not hold after {patience:?}: {}\nfailures: {:?}",
-                        report.summary(),
-                        report.conservation.failures
-                    );
-                }
-                None if Instant::now() > deadline => {
-                    self.dump_logs().await;
-                    panic!("the verifier does not answer");
-                }
-                _ => tokio::time::sleep(Duration::from_millis(500)).await,
-            }
+        let holding = poll_until(patience, || async {
+            self.try_report()
+                .await
+                .filter(|report| holds(&report.conservation))
+        })
+        .await;
+        if let Some(report) = holding {
+            self.log(&format!("final: {}", report.summary()));
+            return report;
+        }
+        let last = self.try_report().await;
+        self.dump_logs().await;
+        match last {
+            Some(report) => panic!(
+                "{what} does not hold after {patience:?}: {}\nfailures: {:?}",
+                report.summary(),
+                report.conservation.failures
+            ),
+            None => panic!("the verifier does not answer"),
         }
     }
 

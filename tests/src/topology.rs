@@ -62,6 +62,39 @@ pub enum Kind {
     Verifier,
 }
 
+/// Where the collectors keep their disk spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpoolStorage {
+    /// A volume of the node's own, kept across restarts of the collector
+    /// (a Marathon persistent volume, a host path).
+    Volume,
+    /// A tmpfs of this many bytes: small enough to fill.
+    Tmpfs(u64),
+}
+
+/// Storage mounted into a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mount {
+    /// A volume, named after the service's node in `docker-compose.yml`
+    /// (the Docker tier gives each container an anonymous one).
+    Volume {
+        /// Its name in `docker-compose.yml`.
+        name: String,
+        /// Where it is mounted.
+        path: &'static str,
+    },
+    /// A tmpfs.
+    Tmpfs {
+        /// Where it is mounted.
+        path: &'static str,
+        /// Its size.
+        bytes: u64,
+    },
+}
+
+/// Where the collectors' spool is, inside their containers.
+pub const SPOOL_DIR: &str = "/var/lib/metrics-collector/spool";
+
 /// One service of the cluster.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Service {
@@ -79,6 +112,8 @@ pub struct Service {
     pub place: Place,
     /// A line it prints once it serves, to wait for.
     pub ready: Option<&'static str>,
+    /// Storage mounted into it.
+    pub mounts: Vec<Mount>,
 }
 
 /// What a cluster is made of.
@@ -101,6 +136,9 @@ pub struct Topology {
     pub idempotence: Option<bool>,
     /// The collectors' API token.
     pub api_token: &'static str,
+    /// The collectors' disk spool (`buffer_type = disk`), or the memory
+    /// buffer.
+    pub spool: Option<SpoolStorage>,
 }
 
 impl Default for Topology {
@@ -114,6 +152,7 @@ impl Default for Topology {
             garbage_on_node_1: false,
             idempotence: None,
             api_token: "local-cluster-token",
+            spool: Some(SpoolStorage::Volume),
         }
     }
 }
@@ -135,6 +174,7 @@ impl Topology {
             args,
             place: Place::Cluster,
             ready,
+            mounts: Vec::new(),
         };
         let tansu = |name: &str| {
             cluster(
@@ -190,6 +230,7 @@ impl Topology {
                     args,
                     place: Place::Node(node.clone()),
                     ready,
+                    mounts: Vec::new(),
                 };
             services.push(cluster(
                 &node,
@@ -213,14 +254,33 @@ impl Topology {
                 "--librdkafka=compression.codec=lz4".into(),
             ];
             collector.extend(idempotence.iter().map(|o| format!("--librdkafka={o}")));
-            services.push(in_node(
+            if self.spool.is_some() {
+                collector.extend([
+                    "--buffer-type=disk".to_owned(),
+                    format!("--spool-dir={SPOOL_DIR}"),
+                ]);
+            }
+            let mut service = in_node(
                 format!("collector-{index}"),
                 Kind::Collector,
                 Image::Collector,
                 None,
                 collector,
                 Some("Collector started."),
-            ));
+            );
+            service
+                .mounts
+                .extend(self.spool.map(|storage| match storage {
+                    SpoolStorage::Volume => Mount::Volume {
+                        name: format!("spool-{index}"),
+                        path: SPOOL_DIR,
+                    },
+                    SpoolStorage::Tmpfs(bytes) => Mount::Tmpfs {
+                        path: SPOOL_DIR,
+                        bytes,
+                    },
+                }));
+            services.push(service);
             services.push(in_node(
                 format!("producers-{index}"),
                 Kind::Producers,
@@ -352,6 +412,16 @@ pub fn compose(topology: &Topology) -> String {
         for arg in &service.args {
             let _ = writeln!(out, "      - {}", quoted(arg));
         }
+        for mount in &service.mounts {
+            match mount {
+                Mount::Volume { name, path } => {
+                    let _ = writeln!(out, "    volumes: [\"{name}:{path}\"]");
+                }
+                Mount::Tmpfs { path, bytes } => {
+                    let _ = writeln!(out, "    tmpfs: [\"{path}:size={bytes}\"]");
+                }
+            }
+        }
         match &service.place {
             Place::Node(node) => {
                 let _ = writeln!(out, "    network_mode: service:{node}");
@@ -426,6 +496,13 @@ pub fn compose(topology: &Topology) -> String {
         out,
         "networks:\n  cluster:\n    ipam:\n      config:\n        - subnet: {COMPOSE_SUBNET}\n\nvolumes:\n  tansu-data:\n"
     );
+    for service in &services {
+        for mount in &service.mounts {
+            if let Mount::Volume { name, .. } = mount {
+                let _ = writeln!(out, "  {name}:");
+            }
+        }
+    }
     out
 }
 

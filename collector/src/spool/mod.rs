@@ -160,6 +160,9 @@ struct Segment {
     first_ms: u64,
     /// Found at start: its damage was counted by the scan.
     scanned: bool,
+    /// Written no more (the writer moved on, or the disk failed): once read
+    /// and acknowledged, it can go.
+    sealed: bool,
     reader: Option<Arc<File>>,
 }
 
@@ -403,6 +406,9 @@ impl Spool {
             retry_at: Instant::now() + self.settings.retry,
         };
         state.writer = None;
+        if let Some(last) = state.segments.back_mut() {
+            last.sealed = true;
+        }
         self.degraded.store(true, Relaxed);
         self.stats.spool_degraded.store(1, Relaxed);
     }
@@ -487,6 +493,7 @@ impl Spool {
                 last_seq: 0,
                 first_ms: 0,
                 scanned: true,
+                sealed: true,
                 reader: None,
             };
             self.scan_segment(&mut segment, watermark, last_read, &mut duplicates);
@@ -612,6 +619,9 @@ impl Spool {
         if let Some(writer) = state.writer.take() {
             state.unsynced.push(writer);
         }
+        if let Some(last) = state.segments.back_mut() {
+            last.sealed = true;
+        }
         let first_seq = state.next_seq;
         let path = self.settings.dir.join(segment_name(first_seq));
         let mut file = OpenOptions::new()
@@ -638,8 +648,9 @@ impl Spool {
         {
             state.bytes -= old.bytes;
         }
-        if state.segments.is_empty() {
-            state.read = 0;
+        if state.read >= state.segments.len() {
+            // The reader is past every segment: it starts on this one.
+            state.read = state.segments.len();
             state.read_pos = header;
         }
         state.segments.push_back(Segment {
@@ -654,6 +665,7 @@ impl Spool {
             last_seq: 0,
             first_ms: 0,
             scanned: false,
+            sealed: false,
             reader: None,
         });
         state.bytes += header;
@@ -826,11 +838,10 @@ impl Spool {
                 return;
             }
             let read = state.read;
-            let segments_len = state.segments.len();
             let Some(segment) = state.segments.get_mut(read) else {
                 return;
             };
-            let sealed = read + 1 < segments_len;
+            let sealed = segment.sealed;
             if state.read_pos >= segment.end || segment.unread().records == 0 && sealed {
                 if !sealed {
                     return;
@@ -1058,10 +1069,11 @@ impl Spool {
     /// False when there is none (the newest is the only one unread).
     pub fn drop_oldest(&self) -> bool {
         let mut state = self.state();
-        let last = state.segments.len().saturating_sub(1);
-        let candidate = (state.read..last).find(|&i| {
+        let candidate = (state.read..state.segments.len()).find(|&i| {
             let s = &state.segments[i];
-            s.read_records == 0 && !(i == state.read && state.read_pos > self.data_start(s))
+            s.sealed
+                && s.read_records == 0
+                && !(i == state.read && state.read_pos > self.data_start(s))
         });
         let Some(index) = candidate else {
             return false;
