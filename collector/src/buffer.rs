@@ -44,6 +44,18 @@ use crate::route::Records;
 use crate::spool::{Refused, Spool};
 use crate::stats::{Counts, DropReason, Stats};
 
+/// Runs a sync to disk from a task: on the multi-threaded runtime the
+/// worker hands its other tasks on meanwhile (`block_in_place`). Writes and
+/// reads, which the page cache serves, run in place: handing them to other
+/// threads made mimalloc keep each thread's freed pages (RSS 480 MiB for a
+/// buffer of 64 MiB, BENCHMARKS.md).
+fn blocking<T>(io: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(io),
+        _ => io(),
+    }
+}
+
 /// What the buffer holds: the records routed from one input block, with
 /// the lease on what they take.
 pub type Chunk = Records;
@@ -63,9 +75,6 @@ pub struct Buffer {
     stats: Arc<Stats>,
     spool: Option<Arc<Spool>>,
     closed: tokio_util::sync::CancellationToken,
-    /// A spool read is running (see `read_ahead`), and its end.
-    reading: Arc<std::sync::atomic::AtomicBool>,
-    read_done: Arc<Notify>,
 }
 
 impl Buffer {
@@ -82,8 +91,6 @@ impl Buffer {
             stats,
             spool: None,
             closed: tokio_util::sync::CancellationToken::new(),
-            reading: Arc::default(),
-            read_done: Arc::default(),
         }
     }
 
@@ -232,7 +239,7 @@ impl Buffer {
     async fn spool_push(
         &self,
         spool: &Arc<Spool>,
-        mut chunk: Chunk,
+        chunk: Chunk,
         give_up: impl std::future::Future<Output = ()>,
     ) -> Option<Chunk> {
         let mut give_up = pin!(give_up);
@@ -241,18 +248,14 @@ impl Buffer {
             let room = spool.room().notified();
             let mut room = pin!(room);
             room.as_mut().enable();
-            let writer = spool.clone();
-            let (result, back) = match tokio::task::spawn_blocking(move || {
-                let result = writer.append(&chunk.items);
-                (result, chunk)
-            })
-            .await
-            {
-                Ok(done) => done,
-                // The write panicked (a bug): the chunk went with it.
-                Err(error) => std::panic::resume_unwind(error.into_panic()),
+            // A write to the page cache is as quick as a copy: done in
+            // place. Only a sync (`always`) may wait on the disk.
+            let result = if spool.settings().fsync == crate::spool::FsyncMode::Always {
+                blocking(|| spool.append(&chunk.items))
+            } else {
+                spool.append(&chunk.items)
             };
-            chunk = back;
+            tokio::task::consume_budget().await;
             match result {
                 Ok(()) => {
                     // On disk: the memory goes back now.
@@ -314,6 +317,9 @@ impl Buffer {
                 }
             }
             if let Some(spool) = &self.spool {
+                // Disk I/O is no tokio resource: without this, a sink that
+                // always finds records on disk would never yield.
+                tokio::task::consume_budget().await;
                 if let Some((read, mut lease)) = spool.take_ready() {
                     let total = read.items.iter().map(|r| r.share as usize).sum();
                     return Some(Chunk {
@@ -332,15 +338,11 @@ impl Buffer {
     }
 
     /// Has the spool read its next records, under a lease of the budget.
-    /// Cancel-safe: the read runs apart, and what it reads waits in the
-    /// spool for the next `pop` even if this one stopped waiting.
+    /// Cancel-safe: once the lease is granted, the read runs to its end
+    /// without a pause, and what it reads waits in the spool for `pop`. A
+    /// read the page cache can't serve (a replay after a reboot) waits on
+    /// the disk in place: the sink has nothing else to do meanwhile.
     async fn read_ahead(&self, spool: &Arc<Spool>) {
-        let mut done = pin!(self.read_done.notified());
-        done.as_mut().enable();
-        if self.reading.load(std::sync::atomic::Ordering::Acquire) {
-            done.await;
-            return;
-        }
         // Twice the window covers each record's bookkeeping too; what the
         // read does not use goes back when it is taken.
         let window = spool.settings().read_window();
@@ -348,22 +350,7 @@ impl Buffer {
         let Some(lease) = self.budget.acquire(ask).await else {
             return;
         };
-        if self.reading.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            return;
-        }
-        let reader = spool.clone();
-        let reading = self.reading.clone();
-        let read_done = self.read_done.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            reader.read_ahead(lease);
-            reading.store(false, std::sync::atomic::Ordering::Release);
-            read_done.notify_waiters();
-        });
-        if let Err(error) = task.await
-            && error.is_panic()
-        {
-            std::panic::resume_unwind(error.into_panic());
-        }
+        spool.read_ahead(lease);
     }
 
     /// Takes the oldest chunk if there is one.

@@ -619,6 +619,13 @@ pub async fn run_point(
     }
     let elapsed = start.elapsed().as_secs_f64();
     let cpu = collector.cpu_time().saturating_sub(cpu_start).as_secs_f64();
+    // What was sent may still be in the sockets (a collector slower than
+    // the load, such as one syncing every write): let it read everything
+    // before it is stopped, as a producer that waits would.
+    let caught_up = std::time::Instant::now() + Duration::from_secs(120);
+    while collector.received().unwrap_or(0) < datapoints && std::time::Instant::now() < caught_up {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let final_counts = tokio::task::spawn_blocking(move || collector.stop()).await??;
     sampler.stop.store(true, Relaxed);
     let _ = sampler_task.join();

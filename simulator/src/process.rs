@@ -33,6 +33,8 @@ pub struct CollectorProcess {
     child: Child,
     /// Its TCP input.
     pub input: String,
+    /// Its HTTP API.
+    api: String,
     lines: mpsc::Receiver<String>,
     recent: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
 }
@@ -71,15 +73,36 @@ impl CollectorProcess {
                 .context("collector start-up line")?;
             if line.contains("Collector started") {
                 let value: serde_json::Value = serde_json::from_str(&line)?;
-                break value["input"].as_str().context("input address")?.to_owned();
+                let addr = |key: &str| value[key].as_str().map(str::to_owned);
+                break (
+                    addr("input").context("input address")?,
+                    addr("api").context("api address")?,
+                );
             }
         };
+        let (input, api) = input;
         Ok(Self {
             child,
             input,
+            api,
             lines,
             recent,
         })
+    }
+
+    /// Datapoints the collector has received so far (its `/metrics`).
+    pub fn received(&self) -> anyhow::Result<u64> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&self.api)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: collector\r\n\r\n")?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body)?;
+        Ok(body
+            .lines()
+            .filter(|l| l.starts_with("collector_received_datapoints_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum())
     }
 
     /// The collector's last log lines, for error reports.
