@@ -18,6 +18,8 @@ Needs: pip install -r scripts/requirements-test.txt  (fastavro)
   config_toml           small configuration files, as the README shows them
   config_patch          the patches the API tests send
   partner_line          the partner lines the README documents
+  spool_scan            fixtures/spool/segment.seg's frames, whole and cut,
+                        after the byte that says whether more follow
 """
 import io
 import json
@@ -95,6 +97,10 @@ def main():
 
     for i, line in enumerate(["topics=metrics-a,metrics-b", "topics=metrics-.*-prod", "", "topics=(", "hello"]):
         put("partner_line", f"line-{i}", line)
+
+    frames = (ROOT / "fixtures" / "spool" / "segment.seg").read_bytes()[8:]
+    put("spool_scan", "fixture-segment", b"\x00" + frames)
+    put("spool_scan", "fixture-segment-cut", b"\x01" + frames[:300])
 
 
 if __name__ == "__main__":

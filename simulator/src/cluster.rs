@@ -238,6 +238,7 @@ pub fn conservation(
                 total.received += counts.received;
                 total.delivered += counts.delivered;
                 total.dropped += counts.dropped;
+                total.replayed += counts.replayed;
             }
             None => c
                 .failures
@@ -436,11 +437,13 @@ mod tests {
                 },
             ),
         ]);
+        // The process now took in 130 and replayed 12 an earlier one
+        // left in its spool.
         let counts = CollectorCounts {
-            received: 142.0,
+            received: 130.0,
             delivered: 140.0,
             dropped: 2.0,
-            replayed: 0.0,
+            replayed: 12.0,
         };
         let collectors = BTreeMap::from([("m".to_owned(), Some(counts))]);
         // 150 generated = 5 + 140 + 2 + 3 dropped by an earlier process.
@@ -452,6 +455,27 @@ mod tests {
         let c = conservation(&seen, &producers, &collectors, 3);
         assert_eq!(c.unaccounted, 1);
         assert!(!c.holds);
+        // After a kill: what is lost within the allowance, and duplicates,
+        // hold there; beyond it, or another failure, do not.
+        seen.producers.entry("a-0".into()).or_default().duplicates = 4;
+        let c = conservation(&seen, &producers, &collectors, 3);
+        assert!(!c.holds);
+        assert!(c.holds_within(1), "{c:?}");
+        assert!(!c.holds_within(0));
+        let broken = CollectorCounts {
+            replayed: 0.0,
+            ..counts
+        };
+        let c = conservation(
+            &seen,
+            &producers,
+            &BTreeMap::from([("m".to_owned(), Some(broken))]),
+            3,
+        );
+        assert!(
+            !c.holds_within(1),
+            "the collector's identity does not hold: {c:?}"
+        );
     }
 
     #[tokio::test]

@@ -421,3 +421,26 @@ pub fn print_topics(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use collector::stats::{Input, Stats};
+
+    /// The counts read from a collector's `/metrics` are its accounting,
+    /// replayed datapoints included.
+    #[test]
+    fn parse_counts_reads_the_collectors_accounting() {
+        let stats = Stats::default();
+        stats.count_received(Input::Tcp, 3, 30);
+        stats.count_received(Input::Agent, 1, 5);
+        stats.replayed.add(2, 482);
+        stats.delivered.add(5, 500);
+        stats.count_drop(collector::stats::DropReason::TooLarge, 1, 17);
+        let body = collector::stats::prometheus::render(&stats, Default::default());
+        let counts = parse_counts(&body).unwrap();
+        assert_eq!(counts, CollectorCounts::from(&stats.accounting()));
+        assert_eq!(counts.replayed, 482.0);
+        assert_eq!(counts.received, 35.0);
+    }
+}

@@ -609,9 +609,10 @@ impl Cluster {
         self.dump_logs().await;
         match last {
             Some(report) => panic!(
-                "{what} does not hold after {patience:?}: {}\nfailures: {:?}",
+                "{what} does not hold after {patience:?}: {}\nfailures: {:?}\ncollectors: {:?}",
                 report.summary(),
-                report.conservation.failures
+                report.conservation.failures,
+                report.collectors
             ),
             None => panic!("the verifier does not answer"),
         }

@@ -411,6 +411,8 @@ impl Spool {
         }
         self.degraded.store(true, Relaxed);
         self.stats.spool_degraded.store(1, Relaxed);
+        // What is sealed and done goes now: a full disk needs the space.
+        self.delete_done(state);
     }
 
     /// Takes the directory: its lock, the segments an earlier run left, the
@@ -847,6 +849,7 @@ impl Spool {
                     return;
                 }
                 self.finish_segment(state);
+                self.delete_done(state);
                 continue;
             }
             let path = segment.path.clone();
@@ -996,7 +999,18 @@ impl Spool {
         if let Some(start) = data_start {
             state.read_pos = start;
         }
-        self.delete_done(state);
+    }
+
+    /// Moves the reader past sealed segments it has read to their end, so
+    /// that they can be deleted even when nothing more is read (a segment
+    /// sealed by a full disk, whose space is what the disk needs back).
+    fn pass_read_segments(&self, state: &mut State) {
+        while let Some(segment) = state.segments.get(state.read)
+            && segment.sealed
+            && state.read_pos >= segment.end
+        {
+            self.finish_segment(state);
+        }
     }
 
     /// All records below this are done (delivered or dropped and counted).
@@ -1011,6 +1025,7 @@ impl Spool {
 
     /// Deletes the segments the reader is past whose records are all done.
     fn delete_done(&self, state: &mut State) {
+        self.pass_read_segments(state);
         let mut freed = false;
         while state.read > 0 {
             let watermark = Self::watermark(state);
@@ -1416,6 +1431,31 @@ mod tests {
             expected,
             "what was written before is kept"
         );
+    }
+
+    /// The segment a full disk sealed is deleted once Kafka has reported
+    /// on it, with nothing more to read: its space is what lets the disk
+    /// be used again.
+    #[test]
+    fn a_segment_sealed_by_a_full_disk_frees_its_space_once_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(settings(dir.path()), Arc::new(Stats::default()));
+        spool.append(&records(0, 5, 1)).unwrap();
+        let read = read_all(&spool);
+        assert_eq!(read.len(), 5);
+        *spool.faults().write.lock().unwrap() = Some(io::ErrorKind::StorageFull);
+        assert_eq!(spool.append(&records(5, 5, 1)), Err(Refused::Unavailable));
+        assert_eq!(segment_files(dir.path()).len(), 1);
+        spool.ack(&read.iter().map(|r| r.seq).collect::<Vec<_>>());
+        assert_eq!(
+            segment_files(dir.path()).len(),
+            0,
+            "the sealed segment went"
+        );
+        *spool.faults().write.lock().unwrap() = None;
+        spool.append(&records(10, 5, 1)).unwrap();
+        assert_eq!(spool.degraded(), None);
+        assert_eq!(names(&read_all(&spool)), names(&records(10, 5, 1)));
     }
 
     #[test]
