@@ -269,3 +269,36 @@ async fn health_is_503_when_kafka_has_been_unreachable_too_long() {
         "{body}"
     );
 }
+
+/// With the disk spool: `/health` shows its state, and a spool that can't
+/// use its directory makes the collector `degraded` (still 200: it runs
+/// on memory), with the reason, and the gauge set.
+#[tokio::test]
+async fn health_shows_the_spool_and_is_degraded_when_its_disk_is_unusable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config();
+    config.buffer_type = collector::spool::BufferType::Disk;
+    config.spool_dir = Some(dir.path().join("spool"));
+    let good = app(config.clone()).await;
+    let (status, body) = call(&good, "GET", "/health", None, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(json(&body)["status"], "ok");
+    assert_eq!(json(&body)["details"]["spool"]["state"], "ok", "{body}");
+
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    config.spool_dir = Some(file.join("spool"));
+    let bad = app(config).await;
+    let (status, body) = call(&bad, "GET", "/health", None, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let body = json(&body);
+    assert_eq!(body["status"], "degraded");
+    assert!(
+        body["reasons"][0].as_str().unwrap().contains("disk spool"),
+        "{body}"
+    );
+    assert_eq!(body["details"]["spool"]["state"], "degraded");
+    assert_eq!(bad.stats().spool_degraded.load(Relaxed), 1);
+    let (_, metrics) = call(&bad, "GET", "/metrics", None, None).await;
+    assert!(metrics.contains("\ncollector_spool_degraded 1\n"), "{metrics}");
+}
