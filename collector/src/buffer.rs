@@ -44,6 +44,22 @@ use crate::route::Records;
 use crate::spool::{Refused, Spool};
 use crate::stats::{Counts, DropReason, Stats};
 
+/// Counts a push waiting for disk room while it lives.
+struct DiskWaiter<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> DiskWaiter<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for DiskWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Runs a sync to disk from a task: on the multi-threaded runtime the
 /// worker hands its other tasks on meanwhile (`block_in_place`). Writes and
 /// reads, which the page cache serves, run in place: handing them to other
@@ -75,6 +91,9 @@ pub struct Buffer {
     stats: Arc<Stats>,
     spool: Option<Arc<Spool>>,
     closed: tokio_util::sync::CancellationToken,
+    /// Pushes waiting for the spool's disk bound, holding their leases:
+    /// the reader must not wait for memory then (see `read_ahead`).
+    disk_waiters: std::sync::atomic::AtomicUsize,
 }
 
 impl Buffer {
@@ -91,6 +110,7 @@ impl Buffer {
             stats,
             spool: None,
             closed: tokio_util::sync::CancellationToken::new(),
+            disk_waiters: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -283,6 +303,7 @@ impl Buffer {
                     .buffer_full_waits
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
+            let _waiting = DiskWaiter::new(&self.disk_waiters);
             tokio::select! {
                 () = room => {}
                 () = self.closed.cancelled() => {
@@ -347,8 +368,26 @@ impl Buffer {
         // read does not use goes back when it is taken.
         let window = spool.settings().read_window();
         let ask = (2 * window).min(self.capacity().max(window));
-        let Some(lease) = self.budget.acquire(ask).await else {
-            return;
+        // While pushes wait for the disk bound, they hold the memory this
+        // read would wait for, and only this read frees the disk: it then
+        // goes over the bound, by one read at most, rather than deadlock.
+        let lease = loop {
+            if self.disk_waiters.load(std::sync::atomic::Ordering::Acquire) > 0 {
+                break self
+                    .budget
+                    .try_acquire(ask)
+                    .unwrap_or_else(|| self.budget.force(ask));
+            }
+            match tokio::time::timeout(
+                std::time::Duration::from_millis(200),
+                self.budget.acquire(ask),
+            )
+            .await
+            {
+                Ok(Some(lease)) => break lease,
+                Ok(None) => return,
+                Err(_) => {}
+            }
         };
         spool.read_ahead(lease);
     }

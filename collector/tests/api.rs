@@ -300,5 +300,8 @@ async fn health_shows_the_spool_and_is_degraded_when_its_disk_is_unusable() {
     assert_eq!(body["details"]["spool"]["state"], "degraded");
     assert_eq!(bad.stats().spool_degraded.load(Relaxed), 1);
     let (_, metrics) = call(&bad, "GET", "/metrics", None, None).await;
-    assert!(metrics.contains("\ncollector_spool_degraded 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("\ncollector_spool_degraded 1\n"),
+        "{metrics}"
+    );
 }

@@ -135,6 +135,9 @@ pub enum Refused {
 }
 
 const SEGMENT_SUFFIX: &str = ".seg";
+/// The widest range of sequence numbers one read chunk spans (its
+/// acknowledgement bitmap: 128 KiB).
+const MAX_CHUNK_SPAN: u64 = 1 << 20;
 const CURSOR: &str = "cursor";
 const LOCK: &str = "lock";
 /// How long a degraded spool waits before trying the disk again.
@@ -290,6 +293,9 @@ pub struct Spool {
     room: Notify,
     faults: Faults,
     degraded: AtomicBool,
+    /// One sync at a time (the syncer's and the last one at close share
+    /// `cursor.tmp`).
+    syncing: Mutex<()>,
 }
 
 impl std::fmt::Debug for Spool {
@@ -360,6 +366,7 @@ impl Spool {
             room: Notify::new(),
             faults: Faults::default(),
             degraded: AtomicBool::new(false),
+            syncing: Mutex::new(()),
         });
         let mut state = spool.state();
         if let Err(reason) = spool.recover(&mut state) {
@@ -498,8 +505,13 @@ impl Spool {
                 sealed: true,
                 reader: None,
             };
-            self.scan_segment(&mut segment, watermark, last_read, &mut duplicates);
-            state.next_seq = state.next_seq.max(segment.last_seq + 1);
+            let whole = self.scan_segment(&mut segment, watermark, last_read, &mut duplicates);
+            state.next_seq = state.next_seq.max(segment.last_seq.saturating_add(1));
+            // Its name says where its numbers start: new ones go past it.
+            state.next_seq = state.next_seq.max(first_seq.saturating_add(1));
+            if !whole {
+                continue;
+            }
             if segment.records == 0 {
                 let _ = fs::remove_file(&segment.path);
                 continue;
@@ -509,7 +521,10 @@ impl Spool {
             state.bytes += segment.bytes;
             state.segments.push_back(segment);
         }
-        state.next_seq = state.next_seq.max(watermark).max(last_read + 1);
+        state.next_seq = state
+            .next_seq
+            .max(watermark)
+            .max(last_read.saturating_add(1));
         state.read_pos = frame::SEGMENT_MAGIC.len() as u64;
         if let Some(first) = state.segments.front() {
             state.read_pos = if first.end > 0 {
@@ -544,12 +559,21 @@ impl Spool {
     }
 
     /// Reads a whole segment, window by window, for its ledger.
-    fn scan_segment(&self, segment: &mut Segment, watermark: u64, last_read: u64, dups: &mut u64) {
+    /// Returns false when the segment could not be read to its end (it is
+    /// then left on disk, untouched).
+    fn scan_segment(
+        &self,
+        segment: &mut Segment,
+        watermark: u64,
+        last_read: u64,
+        dups: &mut u64,
+    ) -> bool {
         let file = match File::open(&segment.path) {
             Ok(file) => file,
             Err(error) => {
-                warn!(segment = %segment.path.display(), %error, "A spool segment can't be read; it is skipped.");
-                return;
+                error!(segment = %segment.path.display(), %error,
+                    "A spool segment can't be read; it is left on disk and not replayed.");
+                return false;
             }
         };
         let len = file.metadata().map_or(0, |m| m.len());
@@ -575,10 +599,9 @@ impl Spool {
             let n = (len - pos).min(window as u64) as usize;
             buf.resize(n, 0);
             if let Err(error) = file.read_exact_at(&mut buf, pos) {
-                warn!(segment = %segment.path.display(), offset = pos, %error,
-                    "A spool segment could not be read to its end; the rest is skipped.");
-                segment.end = pos;
-                break;
+                error!(segment = %segment.path.display(), offset = pos, %error,
+                    "A spool segment could not be read to its end; it is left on disk and not replayed.");
+                return false;
             }
             let more = pos + (n as u64) < len;
             let mut scanner = Scanner::new(&buf, self.settings.max_frame(), more);
@@ -606,6 +629,7 @@ impl Spool {
             }
             pos += (scanner.pos() as u64).max(1);
         }
+        true
     }
 
     fn corrupt(&self, path: &Path, offset: u64, len: usize, why: &str) {
@@ -626,9 +650,19 @@ impl Spool {
         }
         let first_seq = state.next_seq;
         let path = self.settings.dir.join(segment_name(first_seq));
+        // An empty segment left behind by the last one started is replaced;
+        // any other file of that name is never overwritten.
+        if state
+            .segments
+            .back()
+            .is_some_and(|s| s.first_seq == first_seq)
+            && let Some(old) = state.segments.pop_back()
+        {
+            state.bytes -= old.bytes;
+            let _ = fs::remove_file(&old.path);
+        }
         let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .write(true)
             .read(true)
             .open(&path)?;
@@ -641,15 +675,6 @@ impl Spool {
             return Err(error);
         }
         let header = frame::SEGMENT_MAGIC.len() as u64;
-        // An empty segment left behind by the last one started is replaced.
-        if state
-            .segments
-            .back()
-            .is_some_and(|s| s.first_seq == first_seq)
-            && let Some(old) = state.segments.pop_back()
-        {
-            state.bytes -= old.bytes;
-        }
         if state.read >= state.segments.len() {
             // The reader is past every segment: it starts on this one.
             state.read = state.segments.len();
@@ -700,13 +725,13 @@ impl Spool {
         );
         let mut seq = state.next_seq;
         let (mut count, mut datapoints) = (0u64, 0u64);
+        // Records too large to send are dropped, and counted only once the
+        // write is taken: a refused write keeps them in its chunk.
+        let mut too_large = Vec::new();
         for record in records {
             if frame::frame_len(&record.topic, record.key.as_deref(), record.data.len()) > max_frame
             {
-                self.stats
-                    .count_drop(DropReason::TooLarge, 1, u64::from(record.datapoints));
-                error!(topic = %record.topic, bytes = record.data.len(), limit = self.settings.max_record_bytes,
-                    "Dropped a record too large for a Kafka message.");
+                too_large.push(record);
                 continue;
             }
             frame::encode(
@@ -720,11 +745,20 @@ impl Spool {
                     data: &record.data,
                 },
             );
-            seq += 1;
+            seq = seq.saturating_add(1);
             count += 1;
             datapoints += u64::from(record.datapoints);
         }
+        let count_too_large = || {
+            for record in &too_large {
+                self.stats
+                    .count_drop(DropReason::TooLarge, 1, u64::from(record.datapoints));
+                error!(topic = %record.topic, bytes = record.data.len(), limit = self.settings.max_record_bytes,
+                    "Dropped a record too large for a Kafka message.");
+            }
+        };
         if count == 0 {
+            count_too_large();
             return Ok(());
         }
         let len = out.len() as u64;
@@ -759,7 +793,7 @@ impl Spool {
             return Err(Refused::Unavailable);
         }
         let first = state.next_seq;
-        state.next_seq += count;
+        state.next_seq = state.next_seq.saturating_add(count);
         if let Some(segment) = state.segments.back_mut() {
             if segment.records == 0 {
                 segment.first_ms = written_ms;
@@ -768,10 +802,11 @@ impl Spool {
             segment.end += len;
             segment.records += count;
             segment.datapoints += datapoints;
-            segment.last_seq = first + count - 1;
+            segment.last_seq = first.saturating_add(count - 1);
         }
         state.bytes += len;
         self.stats.spool_bytes.store(state.bytes as i64, Relaxed);
+        count_too_large();
         if self.settings.fsync == FsyncMode::Always {
             drop(state);
             let started = Instant::now();
@@ -878,6 +913,7 @@ impl Spool {
                 segment.scanned,
             );
             let skip_below = state.skip_below;
+            let last_read_seq = state.last_read_seq;
             drop(guard);
 
             let n = (end - pos).min(window as u64) as usize;
@@ -902,12 +938,33 @@ impl Spool {
             let mut last_seq = 0;
             let mut scanner = Scanner::new(&buf, self.settings.max_frame(), pos + (n as u64) < end);
             let mut topic: Option<Arc<str>> = None;
+            // Sequence numbers only grow: one that does not (a file
+            // copied in, concatenated, restored) is damage, and a chunk
+            // ends before a gap too wide for its bookkeeping.
+            let mut prev_seq = last_read_seq;
+            let mut stop_at = None;
             for item in scanner.by_ref() {
                 match item {
                     Item::Frame { frame, len, offset } => {
                         if frame.seq < skip_below {
                             continue;
                         }
+                        if frame.seq <= prev_seq {
+                            if !scanned {
+                                self.corrupt(
+                                    &path,
+                                    pos + offset as u64,
+                                    len,
+                                    "sequence number out of order",
+                                );
+                            }
+                            continue;
+                        }
+                        if first.is_some_and(|(first, _)| frame.seq - first > MAX_CHUNK_SPAN) {
+                            stop_at = Some(offset);
+                            break;
+                        }
+                        prev_seq = frame.seq;
                         let topic = match &topic {
                             Some(t) if **t == *frame.topic => t.clone(),
                             _ => {
@@ -938,7 +995,7 @@ impl Spool {
                     Item::Incomplete { .. } => {}
                 }
             }
-            let consumed = scanner.pos() as u64;
+            let consumed = stop_at.unwrap_or_else(|| scanner.pos()) as u64;
             let mut guard = self.state();
             let state = &mut *guard;
             let read = state.read;
@@ -1019,7 +1076,7 @@ impl Spool {
             .in_flight
             .values()
             .next()
-            .map_or(state.last_read_seq + 1, |f| f.next_undone)
+            .map_or(state.last_read_seq.saturating_add(1), |f| f.next_undone)
             .max(state.skip_below)
     }
 
@@ -1112,6 +1169,7 @@ impl Spool {
     /// Syncs what was written since the last sync, the directory, and the
     /// cursor; updates the gauges.
     pub fn sync(&self) {
+        let _one_at_a_time = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
         let mut state = self.state();
         if matches!(state.health, Health::Degraded { .. }) {
             self.update_gauges(&state);
@@ -1456,6 +1514,77 @@ mod tests {
         spool.append(&records(10, 5, 1)).unwrap();
         assert_eq!(spool.degraded(), None);
         assert_eq!(names(&read_all(&spool)), names(&records(10, 5, 1)));
+    }
+
+    /// A record too large to send is counted once, when its write is
+    /// taken: a write the disk bound refused leaves it in its chunk.
+    #[test]
+    fn a_record_too_large_is_counted_once_even_when_its_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let mut settings = settings(dir.path());
+        settings.max_bytes = 512 * 1024;
+        let spool = Spool::open(settings, stats.clone());
+        let mut chunk = records(0, 10, 1);
+        chunk[3].data = Bytes::from(vec![0; 200 * 1024]);
+        while spool.append(&records(0, 9, 1)).is_ok() {}
+        assert_eq!(spool.append(&chunk), Err(Refused::Full));
+        assert_eq!(spool.append(&chunk), Err(Refused::Full));
+        assert_eq!(
+            stats.accounting().dropped_for(DropReason::TooLarge).records,
+            0
+        );
+        assert!(spool.drop_oldest());
+        spool.append(&chunk).unwrap();
+        assert_eq!(
+            stats.accounting().dropped_for(DropReason::TooLarge).records,
+            1
+        );
+    }
+
+    /// Frames whose sequence numbers go back, repeat or jump (segments
+    /// copied or concatenated by hand) are skipped as damage, never a panic
+    /// or a bookkeeping blow-up, and the others are read.
+    #[test]
+    fn sequence_numbers_out_of_order_are_damage_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = frame::SEGMENT_MAGIC.to_vec();
+        for seq in [5u64, 6, 3, 6, 7, 7 + 3 * MAX_CHUNK_SPAN, u64::MAX] {
+            frame::encode(
+                &mut seg,
+                &FrameRef {
+                    seq,
+                    written_ms: 1,
+                    datapoints: 1,
+                    topic: "metrics",
+                    key: None,
+                    data: b"x",
+                },
+            );
+        }
+        fs::write(dir.path().join(segment_name(5)), &seg).unwrap();
+        let stats = Arc::new(Stats::default());
+        let spool = Spool::open(settings(dir.path()), stats.clone());
+        assert_eq!(spool.degraded(), None);
+        let seqs: Vec<u64> = read_all(&spool).iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![5, 6, 7, 7 + 3 * MAX_CHUNK_SPAN, u64::MAX]);
+        let lost = stats.accounting().dropped_for(DropReason::SpoolCorrupt);
+        assert_eq!(lost.records, 2, "the two out of order");
+        assert_eq!(spool.append(&records(0, 1, 1)), Ok(()));
+    }
+
+    /// A segment that can't be read at start is left on disk, and no new
+    /// segment takes its name.
+    #[test]
+    fn an_unreadable_segment_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = dir.path().join(segment_name(1));
+        fs::create_dir(&name).unwrap();
+        let spool = Spool::open(settings(dir.path()), Arc::new(Stats::default()));
+        assert_eq!(spool.degraded(), None);
+        spool.append(&records(0, 3, 1)).unwrap();
+        assert!(name.is_dir(), "left alone");
+        assert_eq!(read_all(&spool).len(), 3);
     }
 
     #[test]
