@@ -147,6 +147,15 @@ fn arrived(bootstrap: &str) -> BTreeMap<i64, u32> {
     ids
 }
 
+/// Warm up: block 0 sent and delivered, so the topic exists and the
+/// producer is connected.
+fn warm_up(collector: &Running) {
+    send(collector, 0, 1);
+    eventually("the first block delivered", || {
+        collector.metric("collector_delivered_datapoints_total") as u64 == PER_BLOCK * POINTS
+    });
+}
+
 fn received(collector: &Running) -> u64 {
     collector.metric("collector_received_datapoints_total{input=\"tcp\"}") as u64
 }
@@ -163,11 +172,7 @@ fn sigkill_with_the_brokers_down_loses_only_what_the_last_sync_had_not_reached()
     let dir = tempfile::tempdir().unwrap();
 
     let first = start_spooling(&bootstrap, dir.path());
-    // Warm up: the topic exists, the producer is connected.
-    send(&first, 0, 1);
-    eventually("the first block delivered", || {
-        first.metric("collector_delivered_datapoints_total") as u64 == PER_BLOCK * POINTS
-    });
+    warm_up(&first);
     assert_eq!(arrived(&bootstrap).len() as u64, PER_BLOCK * POINTS);
     kafka.broker_down(1).unwrap();
 
@@ -258,10 +263,7 @@ fn sigterm_with_the_brokers_down_keeps_everything_for_the_next_start() {
     let bootstrap = kafka.bootstrap_servers();
     let dir = tempfile::tempdir().unwrap();
     let first = start_spooling(&bootstrap, dir.path());
-    send(&first, 0, 1);
-    eventually("the first block delivered", || {
-        first.metric("collector_delivered_datapoints_total") as u64 == PER_BLOCK * POINTS
-    });
+    warm_up(&first);
     kafka.broker_down(1).unwrap();
     send(&first, 1, 51);
     let total = 51 * PER_BLOCK * POINTS;

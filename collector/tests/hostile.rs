@@ -305,8 +305,19 @@ fn a_signal_during_start_up_stops_the_collector_cleanly() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // The process exists and is blocked opening the FIFO.
-    std::thread::sleep(Duration::from_millis(500));
+    // The process has installed its SIGTERM handler (bit 15 of the caught
+    // set, `SigCgt` in /proc) and is blocked opening the FIFO.
+    let status = format!("/proc/{}/status", child.id());
+    eventually("the SIGTERM handler installed", || {
+        std::fs::read_to_string(&status)
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("SigCgt:"))
+                    .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            })
+            .is_some_and(|caught| caught & (1 << 14) != 0)
+    });
     assert!(
         Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -314,6 +325,8 @@ fn a_signal_during_start_up_stops_the_collector_cleanly() {
             .unwrap()
             .success()
     );
+    // A window to see it not die: a default SIGTERM kills at once, so 200 ms
+    // is ample; this is an observation, not a wait for something to happen.
     std::thread::sleep(Duration::from_millis(200));
     assert!(child.try_wait().unwrap().is_none(), "killed by the signal");
     std::fs::OpenOptions::new()
