@@ -7,8 +7,11 @@
 //! - `PATCH /v1/config`: a JSON merge patch; 400 naming the field when
 //!   invalid, 409 listing the settings that need a restart.
 //! - `GET /metrics`: Prometheus text format.
-//! - `GET /health`: 200 when healthy; 503 while draining or when Kafka has
-//!   been unreachable for too long. The body says why.
+//! - `POST /v1/kafka/reload`: makes the Kafka clients anew, reading the
+//!   security settings' files again (as SIGHUP does).
+//! - `GET /health`: 200 when healthy; 503 while draining, at once on a
+//!   Kafka TLS or authentication failure, or when Kafka has been
+//!   unreachable for too long. The body says why.
 //!
 //! With a token configured, mutating requests need `Authorization: Bearer
 //! <token>`. Bodies are limited (413) and requests time out (408).
@@ -23,7 +26,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
@@ -90,6 +93,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/config", get(get_config).patch(patch_config))
         .route("/metrics", get(metrics))
         .route("/health", get(health))
+        .route("/v1/kafka/reload", post(reload_kafka))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(timeout))
@@ -203,6 +207,19 @@ async fn patch_config(State(state): State<ApiState>, body: Bytes) -> Response {
     }
 }
 
+/// Makes the Kafka clients anew, reading the security settings' files
+/// again (a rotated password or certificate): 200, or 400 naming the
+/// option whose file can't be used (the clients in use then stay).
+async fn reload_kafka(State(state): State<ApiState>) -> Response {
+    match state.runtime.reload_kafka() {
+        Ok(()) => Json(json!({"reloaded": true})).into_response(),
+        Err(e) => error(
+            StatusCode::BAD_REQUEST,
+            json!({"error": e.message, "field": e.field}),
+        ),
+    }
+}
+
 async fn health(State(state): State<ApiState>) -> Response {
     let config = state.runtime.config();
     let brokers = state.brokers.lock().map(|b| b.clone()).unwrap_or_default();
@@ -225,6 +242,15 @@ async fn health(State(state): State<ApiState>) -> Response {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"status": "draining", "reasons": ["shutting down: draining queued data"], "details": details}),
+        );
+    }
+    if config.kafka
+        && let Some((failure, reason)) = &brokers.security_failure
+    {
+        // Retrying will not mend it: unhealthy at once, naming the cause.
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "unhealthy", "reasons": [format!("{}: {reason}", failure.describe())], "details": details}),
         );
     }
     if config.kafka

@@ -216,6 +216,11 @@ impl App {
     /// [`shutdown`](mod@shutdown) owns, within `shutdown_grace_secs`
     /// whatever the state of the buffer and the brokers. Returns the final
     /// accounting, in which nothing is in flight.
+    /// The settings in force, for reloads (SIGHUP) from outside.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.clone()
+    }
+
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Accounting {
         let config = &self.config;
         let plan = self.shutdown.clone();

@@ -161,7 +161,7 @@ fn run(args: ConfigArgs) -> ExitCode {
     // Signals first, before the configuration is even read: from here on
     // a SIGTERM stops the collector cleanly, with its final count, instead
     // of killing it while it starts.
-    let signals = {
+    let mut signals = {
         let _context = runtime.enter();
         match collector::telemetry::Signals::install() {
             Ok(signals) => signals,
@@ -181,6 +181,12 @@ fn run(args: ConfigArgs) -> ExitCode {
     let log = collector::telemetry::init(&config.log_level, config.log_format);
     let result = runtime.block_on(async {
         let app = collector::App::bind(config).await?.with_log_control(log);
+        let runtime = app.runtime();
+        signals.on_hangup(move || {
+            if let Err(error) = runtime.reload_kafka() {
+                tracing::error!(%error, "SIGHUP: the Kafka security settings were not reloaded; the clients in use stay.");
+            }
+        });
         let stats = app.stats();
         app.run(signals.recv()).await;
         Ok::<_, collector::StartError>(stats)

@@ -120,8 +120,18 @@ impl Runtime {
             field: "(config)".into(),
             message: e.to_string(),
         })?;
+        // A secret sent back as GET /v1/config shows it stays as it is.
+        let mut patch = patch.clone();
+        if let Value::Object(fields) = &mut patch {
+            fields.retain(|key, value| {
+                !(value == crate::config::REDACTED
+                    && crate::config::OPTIONS
+                        .iter()
+                        .any(|o| o.secret && o.name == key.as_str()))
+            });
+        }
         let mut merged = old.clone();
-        merge_patch(&mut merged, patch);
+        merge_patch(&mut merged, &patch);
         let new: Config = serde_path_to_error::deserialize(merged.clone()).map_err(|error| {
             let message = error.inner().to_string();
             let field =
@@ -167,6 +177,23 @@ impl Runtime {
         Ok(new)
     }
 
+    /// Makes the Kafka clients anew, reading the security settings' files
+    /// again (SIGHUP and `POST /v1/kafka/reload`). The files are checked
+    /// first: a secret that can't be read or a certificate that doesn't
+    /// parse is refused, naming its option, and the clients in use stay.
+    pub fn reload_kafka(&self) -> Result<(), ConfigError> {
+        let config = self.config();
+        if config.kafka {
+            crate::config::security::KafkaSecurity::from(&config).check()?;
+        }
+        self.sink.send_modify(|s| s.reloads += 1);
+        self.stats
+            .kafka_reloads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!("Kafka security settings reloaded: the producer is made anew.");
+        Ok(())
+    }
+
     fn publish(&self, config: &Config) {
         let routing = Arc::new(Routing::from_config(config));
         self.routing.send_if_modified(|r| {
@@ -182,8 +209,9 @@ impl Runtime {
             *r = new;
             changed
         });
-        let sink = SinkRuntime::from(config);
+        let mut sink = SinkRuntime::from(config);
         self.sink.send_if_modified(|s| {
+            sink.reloads = s.reloads;
             let changed = *s != sink;
             *s = sink.clone();
             changed

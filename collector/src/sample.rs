@@ -30,6 +30,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
+use crate::config::ConfigError;
+use crate::config::librdkafka::ClientOptions;
+use crate::config::security::KafkaSecurity;
 use crate::discovery::{BrokerSource, discover};
 use crate::mesos::client::AgentClient;
 use crate::mesos::mapping::Naming;
@@ -62,6 +65,8 @@ pub struct SampleConfig {
     pub max_body_bytes: usize,
     /// librdkafka's `compression.codec` (the original used snappy).
     pub compression: String,
+    /// TLS and SASL for Kafka, as the collector's.
+    pub security: KafkaSecurity,
     /// Any other librdkafka producer option, applied last.
     pub librdkafka: Vec<(String, String)>,
 }
@@ -108,24 +113,14 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The sample-producer's librdkafka configuration.
-pub fn producer_config(brokers: &[String], options: &ProducerOptions) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", brokers.join(","))
-        .set("client.id", "sample-producer")
-        .set("compression.codec", &options.compression)
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("message.timeout.ms", "30000")
-        .set(
-            "message.max.bytes",
-            (options.max_message_bytes + 4096).to_string(),
-        );
-    for (key, value) in &options.librdkafka {
-        config.set(key, value);
-    }
-    config
+/// The sample-producer's librdkafka configuration: the collector's
+/// (`config::librdkafka`), as its own client, with its codec and a message
+/// timeout (a poll not delivered in time is kept and sent again).
+pub fn producer_config(
+    brokers: &[String],
+    options: &ProducerOptions,
+) -> Result<ClientConfig, ConfigError> {
+    crate::config::librdkafka::client_config(options.client_options(), brokers)
 }
 
 /// How the Kafka producer is configured.
@@ -135,25 +130,32 @@ pub struct ProducerOptions {
     pub compression: String,
     /// Largest message value sent.
     pub max_message_bytes: usize,
+    /// TLS and SASL, as the collector's.
+    pub security: KafkaSecurity,
     /// Any other librdkafka option, applied last.
     pub librdkafka: Vec<(String, String)>,
 }
 
 impl ProducerOptions {
-    /// Checks the options by making a producer connected to nothing:
-    /// librdkafka refuses a bad codec or option only then.
-    pub fn check(&self) -> Result<(), String> {
-        let mut config = producer_config(&[], self);
-        config.set("log_level", "0");
-        config
-            .create::<rdkafka::producer::BaseProducer>()
-            .map(drop)
-            .map_err(|error| match error {
-                rdkafka::error::KafkaError::ClientConfig(_, description, key, value) => {
-                    format!("{key}={value:?}: {description}")
-                }
-                other => other.to_string(),
-            })
+    fn client_options(&self) -> ClientOptions<'_> {
+        ClientOptions {
+            client_id: "sample-producer",
+            compression: &self.compression,
+            max_message_bytes: self.max_message_bytes,
+            queue_max_kbytes: SampleConfig::MAX_PENDING_BYTES / 1024,
+            require_all_acks: true,
+            message_timeout_ms: 30_000,
+            security: &self.security,
+            overrides: &self.librdkafka,
+        }
+    }
+
+    /// Checks the options: the security settings and their files, then
+    /// the librdkafka options, by making a producer connected to nothing
+    /// (librdkafka refuses a bad codec or option only then).
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.security.check()?;
+        crate::config::librdkafka::check_client_config(self.client_options())
     }
 }
 
@@ -284,7 +286,7 @@ async fn send_pending(
     grace: Duration,
 ) {
     let http = reqwest::Client::new();
-    let mut producer: Option<(FutureProducer, Vec<String>)> = None;
+    let mut producer: Option<(FutureProducer, ClientConfig)> = None;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
@@ -310,9 +312,14 @@ async fn send_pending(
         if producer.is_none() {
             match discover(&source, &http).await {
                 Ok(found) => {
-                    let config = producer_config(&found.brokers, &options);
-                    match config.create::<FutureProducer>() {
-                        Ok(p) => {
+                    let made = producer_config(&found.brokers, &options).and_then(|config| {
+                        config
+                            .create::<FutureProducer>()
+                            .map(|p| (p, config))
+                            .map_err(|e| ConfigError::new("librdkafka", e.to_string()))
+                    });
+                    match made {
+                        Ok((p, config)) => {
                             info!(brokers = ?found.brokers, method = %found.method, "Using Kafka brokers.");
                             // Brokers that do not auto-create topics (tansu, many
                             // production clusters) would time the send out.
@@ -326,7 +333,7 @@ async fn send_pending(
                                     warn!(%topic, "No answer to creating the Kafka topic within 5 s; sending anyway.")
                                 }
                             }
-                            producer = Some((p, found.brokers));
+                            producer = Some((p, config));
                         }
                         Err(error) => error!(%error, "Could not create the Kafka producer."),
                     }
@@ -335,7 +342,7 @@ async fn send_pending(
             }
         }
         let failure = match &producer {
-            Some((p, brokers)) => {
+            Some((p, config)) => {
                 // A send waits for its delivery report, up to the message
                 // timeout: shutdown's grace ends it sooner.
                 let sent = {
@@ -374,14 +381,7 @@ async fn send_pending(
                         if error.rdkafka_error_code()
                             == Some(RDKafkaErrorCode::UnknownTopicOrPartition)
                         {
-                            match crate::sink::kafka::create_topic(
-                                &producer_config(brokers, &options),
-                                &topic,
-                                1,
-                                1,
-                            )
-                            .await
-                            {
+                            match crate::sink::kafka::create_topic(config, &topic, 1, 1).await {
                                 Ok(()) => info!(%topic, "Created Kafka topic."),
                                 Err(error) => {
                                     error!(%topic, %error, "Could not create the Kafka topic.")
@@ -480,6 +480,7 @@ pub async fn run(config: SampleConfig, shutdown: CancellationToken) -> SampleRep
             ProducerOptions {
                 compression: config.compression.clone(),
                 max_message_bytes: config.max_message_bytes,
+                security: config.security.clone(),
                 librdkafka: config.librdkafka.clone(),
             },
             shared.clone(),

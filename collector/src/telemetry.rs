@@ -124,14 +124,17 @@ pub fn throttled_warn(reason: &'static str, log: impl FnOnce(u64)) {
     THROTTLE.hit(reason, log);
 }
 
-/// SIGINT and SIGTERM, listened for from the moment this is made: install
-/// it before binding anything, so that a signal that arrives while the
-/// collector starts ends it cleanly instead of killing it.
+/// SIGINT and SIGTERM (and SIGHUP, a reload), listened for from the moment
+/// this is made: install it before binding anything, so that a signal that
+/// arrives while the collector starts ends it cleanly (or waits to reload
+/// it) instead of killing it.
 pub struct Signals {
     #[cfg(unix)]
     terminate: Option<tokio::signal::unix::Signal>,
     #[cfg(unix)]
     interrupt: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
@@ -143,10 +146,26 @@ impl Signals {
             Ok(Self {
                 terminate: Some(signal(SignalKind::terminate())?),
                 interrupt: Some(signal(SignalKind::interrupt())?),
+                hangup: Some(signal(SignalKind::hangup())?),
             })
         }
         #[cfg(not(unix))]
         Ok(Self {})
+    }
+
+    /// Calls `reload` on every SIGHUP (also one that arrived before), in a
+    /// task of its own, for as long as the runtime runs.
+    pub fn on_hangup(&mut self, reload: impl Fn() + Send + 'static) {
+        #[cfg(unix)]
+        if let Some(mut hangup) = self.hangup.take() {
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    reload();
+                }
+            });
+        }
+        #[cfg(not(unix))]
+        drop(reload);
     }
 
     /// Resolves when SIGINT or SIGTERM has arrived (also one that arrived

@@ -21,5 +21,6 @@ pub mod listening;
 pub mod process;
 pub mod producer;
 pub mod scheduler;
+pub mod tls;
 pub mod up;
 pub mod verify;

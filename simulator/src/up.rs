@@ -197,6 +197,7 @@ pub async fn run(
             max_message_bytes: SampleConfig::MAX_MESSAGE_BYTES,
             max_body_bytes: SampleConfig::MAX_BODY_BYTES,
             compression: "snappy".into(),
+            security: Default::default(),
             librdkafka: Vec::new(),
         },
         stop_sample.clone(),

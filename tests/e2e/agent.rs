@@ -13,7 +13,7 @@ use simulator::agent::{AgentFault, mesos_agent, reference};
 use simulator::producer::producer;
 use tokio_util::sync::CancellationToken;
 
-fn sample_config(agent: String, bootstrap: &str) -> SampleConfig {
+pub(crate) fn sample_config(agent: String, bootstrap: &str) -> SampleConfig {
     SampleConfig {
         brokers: Some(BrokerSource::Static(
             bootstrap.split(',').map(str::to_owned).collect(),
@@ -29,6 +29,7 @@ fn sample_config(agent: String, bootstrap: &str) -> SampleConfig {
         max_message_bytes: SampleConfig::MAX_MESSAGE_BYTES,
         max_body_bytes: SampleConfig::MAX_BODY_BYTES,
         compression: "snappy".into(),
+        security: Default::default(),
         librdkafka: Vec::new(),
     }
 }

@@ -369,6 +369,7 @@ fn sample_config(agent: String, bootstrap: &str) -> collector::sample::SampleCon
         max_message_bytes: SampleConfig::MAX_MESSAGE_BYTES,
         max_body_bytes: SampleConfig::MAX_BODY_BYTES,
         compression: "none".into(),
+        security: Default::default(),
         librdkafka: Vec::new(),
     }
 }

@@ -9,4 +9,5 @@ mod discovery;
 mod faults;
 mod hostile;
 mod ingest_to_kafka;
+mod secured;
 mod up;

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test harness: failing loudly is the point
 
+pub mod secured;
 pub mod topology;
 
 use std::collections::{BTreeMap, BTreeSet};

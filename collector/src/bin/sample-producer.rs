@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
+use collector::config::security::{self, KafkaSecurity};
 use collector::discovery::BrokerSource;
 use collector::mesos::poller::AgentAddress;
 use collector::sample::{ProducerOptions, SampleConfig, run};
@@ -82,8 +83,9 @@ struct Args {
 }
 
 /// Checks what would otherwise fail only later, in a loop: the agent URL,
-/// the limits, and the librdkafka options (codec included).
-fn check(args: &Args) -> Result<(), String> {
+/// the limits, the security settings and their files, and the librdkafka
+/// options (codec included).
+fn check(args: &Args, security: &KafkaSecurity) -> Result<(), String> {
     if let Some(url) = &args.agent_url
         && reqwest::Url::parse(url).is_err()
     {
@@ -115,14 +117,15 @@ fn check(args: &Args) -> Result<(), String> {
         ProducerOptions {
             compression: args.compression.clone(),
             max_message_bytes: args.max_message_bytes,
+            security: security.clone(),
             librdkafka: args.librdkafka.clone(),
         }
         .check()
         .map_err(|e| {
-            if e.starts_with("compression.codec") {
-                format!("compression: {e}")
+            if e.message.starts_with("compression.codec") {
+                format!("compression: {}", e.message)
             } else {
-                format!("librdkafka: {e}")
+                format!("{}: {}", e.field, e.message)
             }
         })?;
     }
@@ -155,15 +158,27 @@ fn normalize(args: impl Iterator<Item = String>) -> Vec<String> {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse_from(normalize(std::env::args())) {
-        Ok(args) => args,
+    // The Kafka security options are the collector's, from its declaration.
+    let command = Args::command().args(security::clap_args());
+    let parsed = command
+        .try_get_matches_from(normalize(std::env::args()))
+        .and_then(|matches| Args::from_arg_matches(&matches).map(|args| (args, matches)));
+    let (args, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(error) => return collector::config::usage_error("sample-producer", error),
+    };
+    let security = match KafkaSecurity::from_matches(&matches) {
+        Ok(security) => security,
+        Err(error) => {
+            eprintln!("sample-producer: {error}");
+            return ExitCode::from(64);
+        }
     };
     if args.kafka && args.framework.is_empty() && args.brokers.is_empty() {
         eprintln!("Either -framework or -brokers must be specified, or -kafka must be false.");
         return ExitCode::from(64);
     }
-    if let Err(error) = check(&args) {
+    if let Err(error) = check(&args, &security) {
         eprintln!("sample-producer: invalid configuration: {error}");
         return ExitCode::from(64);
     }
@@ -205,6 +220,7 @@ fn main() -> ExitCode {
         max_message_bytes: args.max_message_bytes,
         max_body_bytes: args.max_body_bytes,
         compression: args.compression,
+        security,
         librdkafka: args.librdkafka,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

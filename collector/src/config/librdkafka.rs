@@ -1,5 +1,6 @@
 //! The librdkafka client configuration the options make: one for the sink's
-//! producer and its topic admin, and checked by `validate`, since
+//! producer, its topic admin and the sample-producer, and checked by
+//! `validate`, since
 //! librdkafka refuses unknown options, bad values and conflicting settings
 //! only when a client is made.
 
@@ -9,37 +10,68 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryResult, ProducerContext};
 
-use super::Config;
+use super::security::KafkaSecurity;
+use super::{Config, ConfigError};
 
-/// What of the configuration goes into the librdkafka client.
+/// What of the configuration goes into a librdkafka client. The collector's
+/// sink, its topic admin and the sample-producer all make theirs here.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientOptions<'a> {
-    /// `kafka_compress_snappy`.
-    pub compress_snappy: bool,
+    /// `client.id`.
+    pub client_id: &'a str,
+    /// `compression.codec` (`kafka_compress_snappy`: `snappy` or `none`).
+    pub compression: &'a str,
     /// `kafka_max_message_bytes` in force (it may change at runtime).
     pub max_message_bytes: usize,
     /// `kafka_queue_max_kbytes`.
     pub queue_max_kbytes: usize,
     /// `kafka_require_all_acks`.
     pub require_all_acks: bool,
+    /// `message.timeout.ms`: 0 (never) for the collector, whose outages
+    /// are held by its bounded buffer.
+    pub message_timeout_ms: u64,
+    /// TLS and SASL.
+    pub security: &'a KafkaSecurity,
     /// `librdkafka` pass-through options, applied last.
     pub overrides: &'a [(String, String)],
 }
 
-/// The librdkafka configuration for `brokers`.
-pub fn client_config(options: ClientOptions<'_>, brokers: &[String]) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", brokers.join(","))
-        .set("client.id", "metrics-collector")
-        .set(
-            "compression.codec",
-            if options.compress_snappy {
+impl<'a> ClientOptions<'a> {
+    /// The collector's options, from its configuration (`overrides` holds
+    /// its `librdkafka` pairs).
+    pub fn of(
+        config: &'a Config,
+        security: &'a KafkaSecurity,
+        overrides: &'a [(String, String)],
+    ) -> Self {
+        Self {
+            client_id: "metrics-collector",
+            compression: if config.kafka_compress_snappy {
                 "snappy"
             } else {
                 "none"
             },
-        )
+            max_message_bytes: config.kafka_max_message_bytes,
+            queue_max_kbytes: config.kafka_queue_max_kbytes,
+            require_all_acks: config.kafka_require_all_acks,
+            message_timeout_ms: 0,
+            security,
+            overrides,
+        }
+    }
+}
+
+/// The librdkafka configuration for `brokers`. Reads the secret files
+/// named by the security settings; the error names the option.
+pub fn client_config(
+    options: ClientOptions<'_>,
+    brokers: &[String],
+) -> Result<ClientConfig, ConfigError> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers.join(","))
+        .set("client.id", options.client_id)
+        .set("compression.codec", options.compression)
         .set(
             "message.max.bytes",
             (options.max_message_bytes + 4096).to_string(),
@@ -50,19 +82,20 @@ pub fn client_config(options: ClientOptions<'_>, brokers: &[String]) -> ClientCo
         )
         .set("queue.buffering.max.messages", "1000000")
         .set("linger.ms", "5")
-        // Never time a message out: an outage is held by the bounded
+        // 0 never times a message out: an outage is held by the bounded
         // queues and the buffer's full policy, not turned into loss.
-        .set("message.timeout.ms", "0")
+        .set("message.timeout.ms", options.message_timeout_ms.to_string())
         .set("reconnect.backoff.max.ms", "2000");
     if options.require_all_acks {
         config.set("acks", "all").set("enable.idempotence", "true");
     } else {
         config.set("acks", "1").set("enable.idempotence", "false");
     }
+    options.security.apply(&mut config)?;
     for (key, value) in options.overrides {
         config.set(key, value);
     }
-    config
+    Ok(config)
 }
 
 /// A client context that says nothing: for checking a configuration.
@@ -78,30 +111,33 @@ impl ProducerContext for Silent {
     fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
 }
 
-/// Checks `config`'s librdkafka configuration by making a producer that
-/// connects to nothing. The error names the option.
-pub fn check_client_config(config: &Config) -> Result<(), String> {
-    let overrides: Vec<(String, String)> = config
-        .librdkafka
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let options = ClientOptions {
-        compress_snappy: config.kafka_compress_snappy,
-        max_message_bytes: config.kafka_max_message_bytes,
-        queue_max_kbytes: config.kafka_queue_max_kbytes,
-        require_all_acks: config.kafka_require_all_acks,
-        overrides: &overrides,
-    };
-    let mut client = client_config(options, &[]);
+/// Checks a librdkafka configuration by making a producer that connects
+/// to nothing: librdkafka refuses unknown options, bad values and
+/// conflicting settings (a CA file it can't load, say) only then. The
+/// error names the librdkafka option.
+pub fn check_client_config(options: ClientOptions<'_>) -> Result<(), ConfigError> {
+    let mut client = client_config(options, &[])?;
     client.set("log_level", "0");
     client
         .create_with_context::<_, rdkafka::producer::BaseProducer<Silent>>(Silent)
         .map(drop)
-        .map_err(|error| match error {
-            KafkaError::ClientConfig(_, description, key, value) => {
-                format!("{key}={value:?}: {description}")
-            }
-            other => other.to_string(),
+        .map_err(|error| {
+            let message = match error {
+                KafkaError::ClientConfig(_, description, key, value) => {
+                    let value = if is_secret_key(&key) {
+                        super::REDACTED.to_owned()
+                    } else {
+                        value
+                    };
+                    format!("{key}={value:?}: {description}")
+                }
+                other => other.to_string(),
+            };
+            ConfigError::new("librdkafka", message)
         })
+}
+
+/// Whether a librdkafka option holds a secret (never shown).
+pub fn is_secret_key(key: &str) -> bool {
+    key.contains("password") || key.contains("secret") || key.contains("token")
 }

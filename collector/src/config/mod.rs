@@ -7,6 +7,7 @@
 
 pub mod librdkafka;
 mod options;
+pub mod security;
 
 pub use options::{
     Config, ConfigArgs, OPTIONS, OptionInfo, default_text, is_runtime, markdown_table,
@@ -40,6 +41,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// What every output shows in place of a secret.
+pub const REDACTED: &str = "<redacted>";
+
 /// A configuration value that is wrong, naming the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration: {field}: {message}")]
@@ -51,7 +55,8 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(field: &str, message: impl Into<String>) -> Self {
+    /// An error about `field`.
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
         Self {
             field: field.into(),
             message: message.into(),
@@ -514,10 +519,22 @@ impl Config {
             // librdkafka checks its options when a client is made: make one
             // (connected to nothing), so that a bad option is refused here
             // rather than logged in a loop by a daemon that delivers nothing.
-            librdkafka::check_client_config(self)
-                .map_err(|message| ConfigError::new("librdkafka", message))?;
+            let security = security::KafkaSecurity::from(self);
+            security.check()?;
+            let overrides = self.librdkafka_overrides();
+            librdkafka::check_client_config(librdkafka::ClientOptions::of(
+                self, &security, &overrides,
+            ))?;
         }
         Ok(())
+    }
+
+    /// The `librdkafka` pass-through options, as pairs.
+    pub fn librdkafka_overrides(&self) -> Vec<(String, String)> {
+        self.librdkafka
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Reads a TOML file. Errors name the key and give the file, line and

@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use clap::{ArgAction, Args};
 use serde::{Deserialize, Serialize};
 
+use super::security::{SaslMechanism, SecurityProtocol};
 use super::{ConfigError, FullPolicy, LogFormat, parse_bool, parse_pair};
 use crate::spool::{BufferType, FsyncMode};
 
@@ -112,8 +113,8 @@ macro_rules! options {
                 let mut config = self.clone();
                 $( options!(@redact config $name [$($secret)?]); )*
                 for (key, value) in &mut config.librdkafka {
-                    if key.contains("password") || key.contains("secret") || key.contains("token") {
-                        *value = "<redacted>".into();
+                    if super::librdkafka::is_secret_key(key) {
+                        *value = super::REDACTED.into();
                     }
                 }
                 config
@@ -225,7 +226,7 @@ macro_rules! options {
 
     (@redact $config:ident $name:ident [secret]) => {
         if $config.$name.is_some() {
-            $config.$name = Some("<redacted>".into());
+            $config.$name = Some(super::REDACTED.into());
         }
     };
     (@redact $config:ident $name:ident []) => {};
@@ -322,6 +323,36 @@ options! {
     /// Bound on librdkafka's own queue, KB; with the buffer it bounds memory during an outage.
     kafka_queue_max_kbytes: usize = 4 * 1024;
         plain, env "KAFKA_QUEUE_MAX_KBYTES", restart;
+    /// `plaintext`, `ssl` (TLS), `sasl_plaintext` or `sasl_ssl` (SASL over TLS), for every Kafka client.
+    kafka_security_protocol: SecurityProtocol = SecurityProtocol::Plaintext;
+        plain, env "KAFKA_SECURITY_PROTOCOL", runtime;
+    /// CA certificates (PEM) that the brokers' certificates must chain to (default: the system's).
+    kafka_ssl_ca_file: Option<PathBuf> = None;
+        some(PathBuf), env "KAFKA_SSL_CA_FILE", runtime;
+    /// Client certificate (PEM), for mutual TLS; with `kafka_ssl_key_file`.
+    kafka_ssl_certificate_file: Option<PathBuf> = None;
+        some(PathBuf), env "KAFKA_SSL_CERTIFICATE_FILE", runtime;
+    /// The client certificate's private key (PEM).
+    kafka_ssl_key_file: Option<PathBuf> = None;
+        some(PathBuf), env "KAFKA_SSL_KEY_FILE", runtime;
+    /// File holding the private key's password, if it is encrypted.
+    kafka_ssl_key_password_file: Option<PathBuf> = None;
+        some(PathBuf), env "KAFKA_SSL_KEY_PASSWORD_FILE", runtime;
+    /// Check that a broker's certificate names the host connected to.
+    kafka_ssl_verify_hostname: bool = true;
+        flag, env "KAFKA_SSL_VERIFY_HOSTNAME", runtime;
+    /// SASL mechanism: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    kafka_sasl_mechanism: Option<SaslMechanism> = None;
+        some(SaslMechanism), env "KAFKA_SASL_MECHANISM", runtime;
+    /// SASL username.
+    kafka_sasl_username: Option<String> = None;
+        maybe, env "KAFKA_SASL_USERNAME", runtime;
+    /// File holding the SASL password (re-read on SIGHUP and `POST /v1/kafka/reload`).
+    kafka_sasl_password_file: Option<PathBuf> = None;
+        some(PathBuf), env "KAFKA_SASL_PASSWORD_FILE", runtime;
+    /// The SASL password itself; prefer `kafka_sasl_password_file`, since the environment shows in `/proc`.
+    kafka_sasl_password: Option<String> = None;
+        maybe, env "KAFKA_SASL_PASSWORD", runtime [secret];
     /// Any librdkafka option `KEY=VALUE`, applied last (repeatable; env: a comma list).
     librdkafka: BTreeMap<String, String> = BTreeMap::new();
         pairs("librdkafka"), env "LIBRDKAFKA", restart;

@@ -308,6 +308,14 @@ stats! {
         discoveries,
         /// Broker discoveries that failed.
         discovery_failures,
+        /// Kafka SASL authentication failures (a wrong password or user, a mechanism the broker refuses).
+        kafka_authentication_failures,
+        /// Kafka TLS failures (an unknown CA, an expired certificate, a hostname mismatch, a refused client certificate, a protocol that does not match the listener).
+        kafka_tls_failures,
+        /// Kafka clients that could not be made (a secret file unreadable, an option librdkafka refused).
+        kafka_client_failures,
+        /// Reloads of the Kafka security settings and secret files (SIGHUP, `POST /v1/kafka/reload`).
+        kafka_reloads,
         /// Switches to a new broker set.
         producer_switches,
         /// Bytes written to partners.

@@ -17,6 +17,7 @@ use tracing::{debug, error, info, warn};
 
 use super::super::batch::Message;
 use super::BrokerState;
+use crate::config::security::SecurityFailure;
 use crate::memory::{Budget, allocated_size};
 use crate::route::Spooled;
 use crate::spool::Spool;
@@ -134,6 +135,27 @@ impl ClientContext for Context {
             debug!(%error, reason, "Kafka client error on a replaced producer.");
             return;
         }
+        if let Some(failure) = SecurityFailure::of(error.rdkafka_error_code(), reason) {
+            let counter = match failure {
+                SecurityFailure::Authentication => &self.stats.kafka_authentication_failures,
+                SecurityFailure::Tls | SecurityFailure::ProtocolMismatch => {
+                    &self.stats.kafka_tls_failures
+                }
+            };
+            counter.fetch_add(1, Relaxed);
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.security_failure = Some((failure, reason.to_owned()));
+            state
+                .unavailable_since
+                .get_or_insert_with(std::time::Instant::now);
+            drop(state);
+            crate::telemetry::throttled_warn("kafka_security_failure", |repeats| {
+                error!(%error, reason, repeats, "{}: check the Kafka security settings (kafka_security_protocol, kafka_ssl_*, kafka_sasl_*). Nothing is delivered until it is mended; data is buffered.", failure.describe());
+            });
+            if !all_down {
+                return;
+            }
+        }
         if all_down {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             state.all_brokers_down = true;
@@ -189,6 +211,7 @@ impl ProducerContext for Context {
                     let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
                     state.all_brokers_down = false;
                     state.unavailable_since = None;
+                    state.security_failure = None;
                 }
             }
             Err((error, message)) => {

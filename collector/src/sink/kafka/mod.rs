@@ -47,6 +47,8 @@ pub struct KafkaSink {
     batcher: Batcher,
     outbox: VecDeque<Message>,
     producer: Option<(Arc<KafkaProducer>, Discovered)>,
+    /// The topic admin's configuration, made with the producer.
+    admin: Option<rdkafka::ClientConfig>,
     retry_tx: mpsc::UnboundedSender<Message>,
     retry_rx: mpsc::UnboundedReceiver<Message>,
     /// Counts the bytes of messages handed back for a retry.
@@ -74,6 +76,8 @@ pub struct KafkaSink {
     source: tokio::sync::watch::Sender<BrokerSource>,
     partners: Option<Arc<crate::partner::PartnerHub>>,
     runtime: Option<tokio::sync::watch::Receiver<SinkRuntime>>,
+    /// The reloads taken in so far (see [`SinkRuntime::reloads`]).
+    reloads: u64,
     shutdown: Option<Arc<crate::shutdown::Shutdown>>,
 }
 
@@ -97,12 +101,14 @@ impl KafkaSink {
             retry_budget: Budget::for_gauge(stats.clone(), Gauge::KafkaRetryBytes),
             partners: None,
             runtime: None,
+            reloads: 0,
             shutdown: None,
             settings,
             stats,
             buffer,
             outbox: VecDeque::new(),
             producer: None,
+            admin: None,
             retry_tx,
             retry_rx,
             retiring: Vec::new(),
@@ -320,6 +326,11 @@ impl KafkaSink {
                     if change.source != self.settings.source {
                         self.settings.source = change.source.clone();
                         self.source.send_replace(change.source);
+                    }
+                    if change.security != self.settings.security || change.reloads != self.reloads {
+                        self.settings.security = change.security;
+                        self.reloads = change.reloads;
+                        self.remake_producer();
                     }
                 }
             }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
+use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{Producer, PurgeConfig};
 use tracing::{error, info};
@@ -15,10 +16,12 @@ use super::{BrokerState, KafkaSink};
 use crate::discovery::Discovered;
 
 impl KafkaSink {
+    /// A producer for `discovered`, and the configuration its topic admin
+    /// uses (the same, made once: it reads the secret files).
     pub(super) fn create_producer(
         &self,
         discovered: &Discovered,
-    ) -> Result<KafkaProducer, KafkaError> {
+    ) -> Result<(KafkaProducer, ClientConfig), String> {
         let generation = self.generation.load(Relaxed) + 1;
         let context = Context {
             stats: self.stats.clone(),
@@ -34,9 +37,14 @@ impl KafkaSink {
             final_purge: AtomicBool::new(false),
             spool: self.buffer.spool().cloned(),
         };
-        self.settings
+        let config = self
+            .settings
             .client_config(&discovered.brokers)
+            .map_err(|e| e.to_string())?;
+        let producer = config
             .create_with_context(context)
+            .map_err(|e: KafkaError| e.to_string())?;
+        Ok((producer, config))
     }
 
     pub(super) fn set_state(&self, update: impl FnOnce(&mut BrokerState)) {
@@ -66,10 +74,26 @@ impl KafkaSink {
         {
             return;
         }
-        let producer = match self.create_producer(&discovered) {
-            Ok(producer) => Arc::new(producer),
+        self.switch_producer(discovered);
+    }
+
+    /// Makes the producer anew for the same brokers, reading the secret
+    /// files again: after a reload or a change of the security settings.
+    pub(super) fn remake_producer(&mut self) {
+        if let Some((_, current)) = &self.producer {
+            let discovered = current.clone();
+            info!("Making the Kafka producer anew with the current security settings.");
+            self.switch_producer(discovered);
+        }
+    }
+
+    /// A new producer for `discovered`; the old one's messages move over.
+    fn switch_producer(&mut self, discovered: Discovered) {
+        let (producer, admin) = match self.create_producer(&discovered) {
+            Ok((producer, admin)) => (Arc::new(producer), admin),
             Err(error) => {
-                error!(%error, brokers = ?discovered.brokers, "Could not create the Kafka producer; check the librdkafka options.");
+                self.stats.kafka_client_failures.fetch_add(1, Relaxed);
+                error!(%error, brokers = ?discovered.brokers, "Could not create the Kafka producer; check the security settings and the librdkafka options.");
                 let has_producer = self.producer.is_some();
                 self.set_state(|s| {
                     s.last_error = Some(format!("could not create the Kafka producer: {error}"));
@@ -88,8 +112,10 @@ impl KafkaSink {
             s.current = Some(discovered.clone());
             s.all_brokers_down = false;
             s.unavailable_since = None;
+            s.security_failure = None;
         });
         self.topics.clear();
+        self.admin = Some(admin);
         let old = self.producer.replace((producer, discovered));
         // Topics are looked up again on the new brokers.
         let parked: Vec<Arc<str>> = self.parked.keys().cloned().collect();

@@ -6,7 +6,9 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 
 use super::super::batch::Thresholds;
+use crate::config::ConfigError;
 use crate::config::librdkafka::ClientOptions;
+use crate::config::security::{KafkaSecurity, SecurityFailure};
 use crate::discovery::{BrokerSource, Discovered};
 
 /// The producer settings (the Kafka part of the configuration).
@@ -28,6 +30,8 @@ pub struct KafkaSettings {
     pub topic_partitions: i32,
     /// Replication of created topics.
     pub topic_replication: i32,
+    /// TLS and SASL.
+    pub security: KafkaSecurity,
     /// Passthrough options, applied last.
     pub librdkafka: Vec<(String, String)>,
     /// How long shutdown may spend delivering.
@@ -45,11 +49,8 @@ impl From<&crate::config::Config> for KafkaSettings {
             queue_max_kbytes: config.kafka_queue_max_kbytes,
             topic_partitions: config.kafka_topic_partitions,
             topic_replication: config.kafka_topic_replication,
-            librdkafka: config
-                .librdkafka
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            security: KafkaSecurity::from(config),
+            librdkafka: config.librdkafka_overrides(),
             shutdown_grace: Duration::from_secs(config.shutdown_grace_secs),
         }
     }
@@ -60,20 +61,30 @@ impl From<&crate::config::Config> for SinkRuntime {
         Self {
             thresholds: Thresholds::from(config),
             source: BrokerSource::from(config),
+            security: KafkaSecurity::from(config),
+            reloads: 0,
         }
     }
 }
 
 impl KafkaSettings {
     /// The librdkafka configuration of the sink, for `brokers`. Its topic
-    /// admin uses the same.
-    pub fn client_config(&self, brokers: &[String]) -> ClientConfig {
+    /// admin uses the same. It reads the secret files now: an error names
+    /// the option whose file could not be read.
+    pub fn client_config(&self, brokers: &[String]) -> Result<ClientConfig, ConfigError> {
         crate::config::librdkafka::client_config(
             ClientOptions {
-                compress_snappy: self.compress_snappy,
+                client_id: "metrics-collector",
+                compression: if self.compress_snappy {
+                    "snappy"
+                } else {
+                    "none"
+                },
                 max_message_bytes: self.thresholds.max_message_bytes,
                 queue_max_kbytes: self.queue_max_kbytes,
                 require_all_acks: self.require_all_acks,
+                message_timeout_ms: 0,
+                security: &self.security,
                 overrides: &self.librdkafka,
             },
             brokers,
@@ -88,6 +99,11 @@ pub struct SinkRuntime {
     pub thresholds: Thresholds,
     /// Where brokers come from.
     pub source: BrokerSource,
+    /// TLS and SASL: a change makes the producer anew.
+    pub security: KafkaSecurity,
+    /// Bumped by each reload (SIGHUP, `POST /v1/kafka/reload`): the
+    /// producer is made anew, reading the secret files again.
+    pub reloads: u64,
 }
 
 /// The sink's view of the broker state, for the API and `/health`.
@@ -103,6 +119,10 @@ pub struct BrokerState {
     pub last_error: Option<String>,
     /// Whether librdkafka reports every broker down.
     pub all_brokers_down: bool,
+    /// A TLS or authentication failure that retrying will not mend: what
+    /// kind, and librdkafka's words. Cleared once a broker answers.
+    #[serde(skip)]
+    pub security_failure: Option<(SecurityFailure, String)>,
 }
 
 impl BrokerState {

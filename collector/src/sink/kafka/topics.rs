@@ -153,11 +153,11 @@ impl KafkaSink {
             Some(TopicState::RetryAt(at)) if Instant::now() < at => return false,
             _ => {}
         }
-        let Some((producer, discovered)) = &self.producer else {
+        let (Some((producer, _)), Some(admin)) = (&self.producer, &self.admin) else {
             return false;
         };
         let producer = producer.clone();
-        let admin = self.settings.client_config(&discovered.brokers);
+        let admin = admin.clone();
         let (partitions, replication) = (
             self.settings.topic_partitions,
             self.settings.topic_replication,
@@ -180,6 +180,10 @@ impl KafkaSink {
             return; // made with a producer since replaced
         }
         self.topics.insert(topic.clone(), state);
+        if state == TopicState::Ready {
+            // A broker answered: connected and authenticated.
+            self.set_state(|s| s.security_failure = None);
+        }
         if state == TopicState::Ready
             && let Some(waiting) = self.parked.remove(&topic)
         {

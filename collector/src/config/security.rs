@@ -1,0 +1,618 @@
+//! Kafka security: TLS and SASL for every librdkafka client the project
+//! makes (the collector's sink and topic admin, and the sample-producer).
+//!
+//! The settings are options like any other (declared in `options.rs`);
+//! [`KafkaSecurity`] is their view. It checks how they fit together and the
+//! files they name ([`KafkaSecurity::check`]: readable, PEM that parses, a
+//! key that matches its certificate, a certificate in its validity period),
+//! and sets them on a client configuration ([`KafkaSecurity::apply`]),
+//! reading the secret files each time a client is made, so that a reload
+//! (SIGHUP, `POST /v1/kafka/reload`) picks up rotated secrets.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use rdkafka::ClientConfig;
+use serde::{Deserialize, Serialize};
+
+use super::{Config, ConfigError};
+
+/// librdkafka's `security.protocol`.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    /// No TLS, no authentication (the original's only choice).
+    #[default]
+    Plaintext,
+    /// TLS, with a client certificate for mutual TLS if one is given.
+    Ssl,
+    /// SASL authentication without TLS.
+    SaslPlaintext,
+    /// SASL authentication over TLS.
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// Whether connections use TLS.
+    pub fn uses_tls(self) -> bool {
+        matches!(self, Self::Ssl | Self::SaslSsl)
+    }
+
+    /// Whether connections authenticate with SASL.
+    pub fn uses_sasl(self) -> bool {
+        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
+    }
+
+    /// The option's value, as librdkafka and the configuration spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plaintext => "plaintext",
+            Self::Ssl => "ssl",
+            Self::SaslPlaintext => "sasl_plaintext",
+            Self::SaslSsl => "sasl_ssl",
+        }
+    }
+}
+
+/// librdkafka's `sasl.mechanism` (GSSAPI only with the `gssapi` feature,
+/// through `librdkafka` pass-through options).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+pub enum SaslMechanism {
+    /// Username and password in the clear (use it over TLS only).
+    #[serde(rename = "PLAIN")]
+    #[value(name = "PLAIN")]
+    Plain,
+    /// SCRAM with SHA-256.
+    #[serde(rename = "SCRAM-SHA-256")]
+    #[value(name = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// SCRAM with SHA-512.
+    #[serde(rename = "SCRAM-SHA-512")]
+    #[value(name = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The name librdkafka and Kafka use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// A password given inline: never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(super::REDACTED)
+    }
+}
+
+/// The security settings of the Kafka clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaSecurity {
+    /// `kafka_security_protocol`.
+    pub protocol: SecurityProtocol,
+    /// `kafka_ssl_ca_file`.
+    pub ca_file: Option<PathBuf>,
+    /// `kafka_ssl_certificate_file`.
+    pub certificate_file: Option<PathBuf>,
+    /// `kafka_ssl_key_file`.
+    pub key_file: Option<PathBuf>,
+    /// `kafka_ssl_key_password_file`.
+    pub key_password_file: Option<PathBuf>,
+    /// `kafka_ssl_verify_hostname`.
+    pub verify_hostname: bool,
+    /// `kafka_sasl_mechanism`.
+    pub mechanism: Option<SaslMechanism>,
+    /// `kafka_sasl_username`.
+    pub username: Option<String>,
+    /// `kafka_sasl_password_file`.
+    pub password_file: Option<PathBuf>,
+    /// `kafka_sasl_password`.
+    pub password: Option<Secret>,
+}
+
+impl Default for KafkaSecurity {
+    fn default() -> Self {
+        Self::from(&Config::default())
+    }
+}
+
+impl From<&Config> for KafkaSecurity {
+    fn from(config: &Config) -> Self {
+        Self {
+            protocol: config.kafka_security_protocol,
+            ca_file: config.kafka_ssl_ca_file.clone(),
+            certificate_file: config.kafka_ssl_certificate_file.clone(),
+            key_file: config.kafka_ssl_key_file.clone(),
+            key_password_file: config.kafka_ssl_key_password_file.clone(),
+            verify_hostname: config.kafka_ssl_verify_hostname,
+            mechanism: config.kafka_sasl_mechanism,
+            username: config.kafka_sasl_username.clone(),
+            password_file: config.kafka_sasl_password_file.clone(),
+            password: config.kafka_sasl_password.clone().map(Secret),
+        }
+    }
+}
+
+/// The options [`KafkaSecurity`] is made of, by file key: the
+/// sample-producer takes exactly these from the declaration.
+pub const SECURITY_OPTIONS: &[&str] = &[
+    "kafka_security_protocol",
+    "kafka_ssl_ca_file",
+    "kafka_ssl_certificate_file",
+    "kafka_ssl_key_file",
+    "kafka_ssl_key_password_file",
+    "kafka_ssl_verify_hostname",
+    "kafka_sasl_mechanism",
+    "kafka_sasl_username",
+    "kafka_sasl_password_file",
+    "kafka_sasl_password",
+];
+
+/// The security options as command-line arguments (flag, env var and help
+/// from the declaration), for the sample-producer, which takes exactly
+/// these; [`KafkaSecurity::from_matches`] reads them back.
+pub fn clap_args() -> Vec<clap::Arg> {
+    SECURITY_OPTIONS
+        .iter()
+        .filter_map(|name| super::OPTIONS.iter().find(|o| o.name == *name))
+        .map(|option| {
+            clap::Arg::new(option.name)
+                .long(option.flag())
+                .env(option.env)
+                .hide_env_values(option.secret)
+                .value_name("VALUE")
+                .help(option.doc.trim().to_owned())
+        })
+        .collect()
+}
+
+impl KafkaSecurity {
+    /// The settings given as [`clap_args`], checked like a configuration
+    /// file's values: an error names the option.
+    pub fn from_matches(matches: &clap::ArgMatches) -> Result<Self, ConfigError> {
+        let defaults = serde_json::to_value(Config::default())
+            .map_err(|e| ConfigError::new("(config)", e.to_string()))?;
+        let mut given = serde_json::Map::new();
+        for name in SECURITY_OPTIONS {
+            let Some(value) = matches.get_one::<String>(name) else {
+                continue;
+            };
+            if value.is_empty() {
+                continue;
+            }
+            let value = if defaults
+                .get(*name)
+                .is_some_and(serde_json::Value::is_boolean)
+            {
+                serde_json::Value::Bool(
+                    super::parse_bool(value).map_err(|e| ConfigError::new(name, e))?,
+                )
+            } else {
+                serde_json::Value::String(value.clone())
+            };
+            given.insert((*name).to_owned(), value);
+        }
+        let config: Config = serde_path_to_error::deserialize(serde_json::Value::Object(given))
+            .map_err(|e| ConfigError::new(&e.path().to_string(), e.inner().to_string()))?;
+        Ok(Self::from(&config))
+    }
+}
+
+/// The largest secret file read.
+const MAX_SECRET_BYTES: u64 = 64 * 1024;
+/// The largest certificate or key file read.
+const MAX_PEM_BYTES: u64 = 4 * 1024 * 1024;
+
+fn read_file(field: &str, path: &Path, max: u64) -> Result<Vec<u8>, ConfigError> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)
+        .map_err(|e| ConfigError::new(field, format!("{}: {e}", path.display())))?;
+    let mut bytes = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| ConfigError::new(field, format!("{}: {e}", path.display())))?;
+    if bytes.len() as u64 > max {
+        return Err(ConfigError::new(
+            field,
+            format!("{}: larger than {max} bytes", path.display()),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Reads a secret from a file: one line of UTF-8, its line ending dropped
+/// (as `echo` or a DC/OS secret writes it). The error names `field` and the
+/// file, never the content.
+pub fn read_secret(field: &str, path: &Path) -> Result<String, ConfigError> {
+    let bytes = read_file(field, path, MAX_SECRET_BYTES)?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| ConfigError::new(field, format!("{}: not UTF-8 text", path.display())))?;
+    let secret = text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text);
+    if secret.is_empty() {
+        return Err(ConfigError::new(
+            field,
+            format!("{}: is empty", path.display()),
+        ));
+    }
+    if secret.contains(['\n', '\0']) {
+        return Err(ConfigError::new(
+            field,
+            format!("{}: holds more than one line", path.display()),
+        ));
+    }
+    Ok(secret.to_owned())
+}
+
+/// Seconds since the Unix epoch, as OpenSSL's time.
+fn asn1_now() -> Result<openssl::asn1::Asn1Time, ConfigError> {
+    openssl::asn1::Asn1Time::days_from_now(0)
+        .map_err(|e| ConfigError::new("kafka_ssl_certificate_file", e.to_string()))
+}
+
+/// Checks that `cert` is within its validity period; the error says which
+/// end it is past.
+fn check_validity(
+    field: &str,
+    path: &Path,
+    cert: &openssl::x509::X509Ref,
+) -> Result<(), ConfigError> {
+    let now = asn1_now()?;
+    if cert.not_after() < now {
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "{}: the certificate {} expired on {}",
+                path.display(),
+                subject(cert),
+                cert.not_after()
+            ),
+        ));
+    }
+    if cert.not_before() > now {
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "{}: the certificate {} is not valid before {}",
+                path.display(),
+                subject(cert),
+                cert.not_before()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A certificate's subject, for messages.
+fn subject(cert: &openssl::x509::X509Ref) -> String {
+    let names: Vec<String> = cert
+        .subject_name()
+        .entries()
+        .filter_map(|entry| {
+            let key = entry.object().nid().short_name().ok()?;
+            let value = entry.data().to_string().ok()?;
+            Some(format!("{key}={value}"))
+        })
+        .collect();
+    format!("\"{}\"", names.join(", "))
+}
+
+fn parse_certificates(field: &str, path: &Path) -> Result<Vec<openssl::x509::X509>, ConfigError> {
+    let pem = read_file(field, path, MAX_PEM_BYTES)?;
+    let certs = openssl::x509::X509::stack_from_pem(&pem).map_err(|e| {
+        ConfigError::new(
+            field,
+            format!("{}: not PEM certificates: {e}", path.display()),
+        )
+    })?;
+    if certs.is_empty() {
+        return Err(ConfigError::new(
+            field,
+            format!("{}: holds no PEM certificate", path.display()),
+        ));
+    }
+    Ok(certs)
+}
+
+impl KafkaSecurity {
+    /// Checks how the settings fit together and the files they name: every
+    /// file is readable; the CA file and the certificate are PEM
+    /// certificates in their validity period; the key parses (with its
+    /// password) and matches the certificate; a SASL password is given one
+    /// way, and is not empty. Each error names its option.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let protocol = self.protocol.as_str();
+        if !self.protocol.uses_tls() {
+            for (field, set) in [
+                ("kafka_ssl_ca_file", self.ca_file.is_some()),
+                (
+                    "kafka_ssl_certificate_file",
+                    self.certificate_file.is_some(),
+                ),
+                ("kafka_ssl_key_file", self.key_file.is_some()),
+                (
+                    "kafka_ssl_key_password_file",
+                    self.key_password_file.is_some(),
+                ),
+            ] {
+                if set {
+                    return Err(ConfigError::new(
+                        field,
+                        format!(
+                            "is set, but kafka_security_protocol = {protocol} does not use TLS: \
+                             set kafka_security_protocol to ssl or sasl_ssl"
+                        ),
+                    ));
+                }
+            }
+        }
+        if !self.protocol.uses_sasl() {
+            for (field, set) in [
+                ("kafka_sasl_mechanism", self.mechanism.is_some()),
+                ("kafka_sasl_username", self.username.is_some()),
+                ("kafka_sasl_password_file", self.password_file.is_some()),
+                ("kafka_sasl_password", self.password.is_some()),
+            ] {
+                if set {
+                    return Err(ConfigError::new(
+                        field,
+                        format!(
+                            "is set, but kafka_security_protocol = {protocol} does not use SASL: \
+                             set kafka_security_protocol to sasl_plaintext or sasl_ssl"
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.protocol.uses_sasl() {
+            if self.mechanism.is_none() {
+                return Err(ConfigError::new(
+                    "kafka_sasl_mechanism",
+                    format!(
+                        "kafka_security_protocol = {protocol} needs a mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+                    ),
+                ));
+            }
+            if self.username.as_deref().is_none_or(str::is_empty) {
+                return Err(ConfigError::new(
+                    "kafka_sasl_username",
+                    format!("kafka_security_protocol = {protocol} needs a username"),
+                ));
+            }
+            match (&self.password_file, &self.password) {
+                (None, None) => {
+                    return Err(ConfigError::new(
+                        "kafka_sasl_password_file",
+                        format!(
+                            "kafka_security_protocol = {protocol} needs a password: \
+                             set kafka_sasl_password_file (or kafka_sasl_password)"
+                        ),
+                    ));
+                }
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::new(
+                        "kafka_sasl_password",
+                        "set only one of kafka_sasl_password_file and kafka_sasl_password",
+                    ));
+                }
+                (Some(path), None) => {
+                    read_secret("kafka_sasl_password_file", path)?;
+                }
+                (None, Some(password)) => {
+                    if password.0.is_empty() {
+                        return Err(ConfigError::new("kafka_sasl_password", "is empty"));
+                    }
+                }
+            }
+        }
+        if self.protocol.uses_tls() {
+            self.check_tls_files()?;
+        }
+        Ok(())
+    }
+
+    fn check_tls_files(&self) -> Result<(), ConfigError> {
+        if let Some(path) = &self.ca_file {
+            let field = "kafka_ssl_ca_file";
+            let certs = parse_certificates(field, path)?;
+            // A bundle may hold an expired certificate among good ones; all
+            // of them expired is a mistake.
+            let mut last = Ok(());
+            if certs.iter().all(|cert| {
+                last = check_validity(field, path, cert);
+                last.is_err()
+            }) {
+                last?;
+            }
+        }
+        match (&self.certificate_file, &self.key_file) {
+            (None, None) => {
+                if self.key_password_file.is_some() {
+                    return Err(ConfigError::new(
+                        "kafka_ssl_key_password_file",
+                        "is set without kafka_ssl_key_file",
+                    ));
+                }
+            }
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "kafka_ssl_key_file",
+                    "kafka_ssl_certificate_file is set: its private key is needed too",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "kafka_ssl_certificate_file",
+                    "kafka_ssl_key_file is set: its certificate is needed too",
+                ));
+            }
+            (Some(cert_path), Some(key_path)) => {
+                let field = "kafka_ssl_certificate_file";
+                let certs = parse_certificates(field, cert_path)?;
+                let cert = &certs[0];
+                check_validity(field, cert_path, cert)?;
+                let key_pem = read_file("kafka_ssl_key_file", key_path, MAX_PEM_BYTES)?;
+                let key = match &self.key_password_file {
+                    Some(password_path) => {
+                        let password = read_secret("kafka_ssl_key_password_file", password_path)?;
+                        openssl::pkey::PKey::private_key_from_pem_passphrase(
+                            &key_pem,
+                            password.as_bytes(),
+                        )
+                        .map_err(|e| {
+                            ConfigError::new(
+                                "kafka_ssl_key_password_file",
+                                format!(
+                                    "{} could not be read with this password (or is not a PEM private key): {e}",
+                                    key_path.display()
+                                ),
+                            )
+                        })?
+                    }
+                    // No password: the callback gives none, where OpenSSL
+                    // would otherwise ask for one on the terminal.
+                    None => openssl::pkey::PKey::private_key_from_pem_callback(&key_pem, |_| {
+                        Ok(0)
+                    })
+                    .map_err(|e| {
+                        ConfigError::new(
+                            "kafka_ssl_key_file",
+                            format!(
+                                "{}: not a PEM private key, or encrypted (set kafka_ssl_key_password_file): {e}",
+                                key_path.display()
+                            ),
+                        )
+                    })?,
+                };
+                let public = cert
+                    .public_key()
+                    .map_err(|e| ConfigError::new(field, e.to_string()))?;
+                if !public.public_eq(&key) {
+                    return Err(ConfigError::new(
+                        "kafka_ssl_key_file",
+                        format!(
+                            "{} does not match the certificate {} in {}",
+                            key_path.display(),
+                            subject(cert),
+                            cert_path.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the security options on a librdkafka client configuration,
+    /// reading the secret files now. Errors name the option.
+    pub fn apply(&self, config: &mut ClientConfig) -> Result<(), ConfigError> {
+        config.set("security.protocol", self.protocol.as_str());
+        if self.protocol.uses_tls() {
+            let path = |p: &Path| p.to_string_lossy().into_owned();
+            if let Some(ca) = &self.ca_file {
+                config.set("ssl.ca.location", path(ca));
+            }
+            if let Some(cert) = &self.certificate_file {
+                config.set("ssl.certificate.location", path(cert));
+            }
+            if let Some(key) = &self.key_file {
+                config.set("ssl.key.location", path(key));
+            }
+            if let Some(file) = &self.key_password_file {
+                config.set(
+                    "ssl.key.password",
+                    read_secret("kafka_ssl_key_password_file", file)?,
+                );
+            }
+            config.set(
+                "ssl.endpoint.identification.algorithm",
+                if self.verify_hostname {
+                    "https"
+                } else {
+                    "none"
+                },
+            );
+        }
+        if self.protocol.uses_sasl() {
+            if let Some(mechanism) = self.mechanism {
+                config.set("sasl.mechanism", mechanism.as_str());
+            }
+            if let Some(username) = &self.username {
+                config.set("sasl.username", username);
+            }
+            match (&self.password_file, &self.password) {
+                (Some(file), _) => {
+                    config.set(
+                        "sasl.password",
+                        read_secret("kafka_sasl_password_file", file)?,
+                    );
+                }
+                (None, Some(password)) => {
+                    config.set("sasl.password", &password.0);
+                }
+                (None, None) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What kind of failure a librdkafka error is, when it is about security:
+/// these are reported at once in `/health`, not after
+/// `health_kafka_unavailable_secs`, because retrying does not mend them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecurityFailure {
+    /// SASL: a wrong password or user, or a mechanism the broker refuses.
+    Authentication,
+    /// TLS: an unknown CA, an expired certificate, a hostname mismatch, a
+    /// refused client certificate, or TLS spoken to a plaintext port.
+    Tls,
+    /// A plaintext client talking to a TLS port.
+    ProtocolMismatch,
+}
+
+impl SecurityFailure {
+    /// Classifies a librdkafka error by its code and text.
+    pub fn of(code: Option<rdkafka::error::RDKafkaErrorCode>, reason: &str) -> Option<Self> {
+        use rdkafka::error::RDKafkaErrorCode as C;
+        match code {
+            Some(
+                C::Authentication
+                | C::SaslAuthenticationFailed
+                | C::UnsupportedSASLMechanism
+                | C::IllegalSASLState,
+            ) => Some(Self::Authentication),
+            Some(C::SSL) => Some(Self::Tls),
+            _ if reason.contains("SASL") => Some(Self::Authentication),
+            _ if reason.contains("SSL handshake") || reason.contains("certificate") => {
+                Some(Self::Tls)
+            }
+            _ if reason.contains("security.protocol") => Some(Self::ProtocolMismatch),
+            _ => None,
+        }
+    }
+
+    /// How `/health` and the logs name it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Authentication => "Kafka authentication failed",
+            Self::Tls => "Kafka TLS handshake failed",
+            Self::ProtocolMismatch => {
+                "Kafka connection failed: kafka_security_protocol does not match the broker's listener"
+            }
+        }
+    }
+}
