@@ -245,12 +245,12 @@ async fn health(State(state): State<ApiState>) -> Response {
         );
     }
     if config.kafka
-        && let Some((failure, reason)) = &brokers.security_failure
+        && let Some(failure) = &brokers.security_failure
     {
         // Retrying will not mend it: unhealthy at once, naming the cause.
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
-            json!({"status": "unhealthy", "reasons": [format!("{}: {reason}", failure.describe())], "details": details}),
+            json!({"status": "unhealthy", "reasons": [failure.to_string()], "details": details}),
         );
     }
     if config.kafka

@@ -3,9 +3,15 @@
 //! 1. a static `kafka_brokers` list wins;
 //! 2. otherwise the DNS SRV record `_NAME._tcp.marathon.mesos` gives the
 //!    scheduler's port (Mesos-DNS);
-//! 3. `GET http://NAME.mesos:PORT/v1/connection` (or `kafka_scheduler_url`);
+//! 3. ask the scheduler (`http://NAME.mesos:PORT`, or `kafka_scheduler_url`,
+//!    such as DC/OS's `https://master.mesos/service/kafka` through Admin
+//!    Router): the SDK-era service's `/v1/endpoints/broker`, or
+//!    `/v1/endpoints/broker-tls` when the brokers are reached over TLS, and
+//!    the original framework's `/v1/connection` where those are not found
+//!    (404); with the DC/OS CA file and `Authorization: token=…` when set
+//!    ([`Credentials`]);
 //! 4. use `dns`, falling back to `address` and then `vip` when a key is
-//!    missing or empty.
+//!    missing or empty (both answers have the same keys).
 //!
 //! Every failure is a typed error with the name or URL it concerns; callers
 //! retry with capped exponential backoff and jitter ([`Backoff`]).
@@ -20,6 +26,7 @@ use hickory_resolver::proto::rr::RData;
 use serde::Serialize;
 
 use crate::backoff::Backoff;
+use crate::dcos::Credentials;
 
 /// Where brokers come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +41,10 @@ pub enum BrokerSource {
         scheduler_url: Option<String>,
         /// DNS server to ask instead of the system's.
         dns_server: Option<SocketAddr>,
+        /// The CA file and token for an HTTPS, authenticated scheduler.
+        credentials: Credentials,
+        /// Whether the brokers are reached over TLS (`broker-tls`).
+        tls: bool,
     },
 }
 
@@ -44,10 +55,26 @@ impl From<&crate::config::Config> for BrokerSource {
                 name: config.kafka_framework.clone(),
                 scheduler_url: config.kafka_scheduler_url.clone(),
                 dns_server: config.dns_server,
+                credentials: Credentials::from(config),
+                tls: config.kafka_security_protocol.uses_tls(),
             }
         } else {
             BrokerSource::Static(config.kafka_brokers.clone())
         }
+    }
+}
+
+impl BrokerSource {
+    /// The HTTP client [`discover`] asks the scheduler with: trusting the
+    /// DC/OS CA file, if any.
+    pub fn http_client(&self) -> Result<reqwest::Client, DiscoveryError> {
+        let credentials = match self {
+            BrokerSource::Framework { credentials, .. } => credentials.clone(),
+            BrokerSource::Static(_) => Credentials::default(),
+        };
+        credentials
+            .http_client(Duration::from_secs(10))
+            .map_err(|e| DiscoveryError::Credentials(e.to_string()))
     }
 }
 
@@ -90,6 +117,19 @@ pub enum DiscoveryError {
         /// The transport error.
         reason: String,
     },
+    /// The scheduler refused the credential (or there is none).
+    #[error(
+        "Kafka scheduler {url} answered HTTP {status}: set auth_credential_file to a token it accepts"
+    )]
+    Unauthorized {
+        /// The URL asked.
+        url: String,
+        /// 401 or 403.
+        status: u16,
+    },
+    /// The CA file or the token file could not be used.
+    #[error("Kafka scheduler credentials: {0}")]
+    Credentials(String),
     /// The scheduler answered with an error status.
     #[error("Kafka scheduler {url} answered HTTP {status}")]
     Status {
@@ -138,7 +178,7 @@ pub async fn discover(
     source: &BrokerSource,
     http: &reqwest::Client,
 ) -> Result<Discovered, DiscoveryError> {
-    let (name, scheduler_url, dns_server) = match source {
+    let (name, scheduler_url, dns_server, credentials, tls) = match source {
         BrokerSource::Static(brokers) => {
             return Ok(Discovered {
                 brokers: brokers.clone(),
@@ -149,14 +189,13 @@ pub async fn discover(
             name,
             scheduler_url,
             dns_server,
-        } => (name, scheduler_url, *dns_server),
+            credentials,
+            tls,
+        } => (name, scheduler_url, *dns_server, credentials, *tls),
     };
-    let (url, host_header) =
+    let (base, host_header) =
         match scheduler_url {
-            Some(base) => (
-                format!("{}/v1/connection", base.trim_end_matches('/')),
-                None,
-            ),
+            Some(base) => (base.trim_end_matches('/').to_owned(), None),
             None => {
                 let resolver = resolver(dns_server)?;
                 let srv_name = format!("_{name}._tcp.marathon.mesos.");
@@ -182,27 +221,53 @@ pub async fn discover(
                 let host = format!("{name}.mesos");
                 let ip = resolve_host(&resolver, &host).await?;
                 (
-                    format!("http://{}/v1/connection", SocketAddr::new(ip, port)),
+                    format!("http://{}", SocketAddr::new(ip, port)),
                     Some(format!("{host}:{port}")),
                 )
             }
         };
-    let mut request = http.get(&url).timeout(Duration::from_secs(5));
-    if let Some(host) = &host_header {
-        request = request.header(reqwest::header::HOST, host);
+    // The SDK-era service's endpoint first; the original's where it is not
+    // found.
+    let endpoint = if tls { "broker-tls" } else { "broker" };
+    let paths = [
+        format!("/v1/endpoints/{endpoint}"),
+        "/v1/connection".to_owned(),
+    ];
+    let mut answer = None;
+    for path in &paths {
+        let url = format!("{base}{path}");
+        let mut request = http.get(&url).timeout(Duration::from_secs(5));
+        if let Some(host) = &host_header {
+            request = request.header(reqwest::header::HOST, host);
+        }
+        let request = credentials
+            .authorize(request)
+            .map_err(|e| DiscoveryError::Credentials(e.to_string()))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| DiscoveryError::Unreachable {
+                url: url.clone(),
+                reason: crate::dcos::error_chain(&e),
+            })?;
+        match response.status().as_u16() {
+            404 => continue,
+            status @ (401 | 403) => return Err(DiscoveryError::Unauthorized { url, status }),
+            status if !(200..300).contains(&status) => {
+                return Err(DiscoveryError::Status { url, status });
+            }
+            _ => {
+                answer = Some((url, response));
+                break;
+            }
+        }
     }
-    let unreachable = |e: reqwest::Error| DiscoveryError::Unreachable {
-        url: url.clone(),
-        reason: e.to_string(),
-    };
-    let response = request.send().await.map_err(unreachable)?;
-    let status = response.status();
-    if !status.is_success() {
+    let Some((url, response)) = answer else {
         return Err(DiscoveryError::Status {
-            url,
-            status: status.as_u16(),
+            url: format!("{base}{}", paths[1]),
+            status: 404,
         });
-    }
+    };
     let body: serde_json::Value = response
         .json()
         .await
@@ -288,17 +353,16 @@ pub async fn watch(
     stop: tokio_util::sync::CancellationToken,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap_or_default();
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut last_kick: Option<tokio::time::Instant> = None;
     loop {
         let current = source.borrow_and_update().clone();
-        let result = tokio::select! {
-            result = discover(&current, &http) => result,
-            () = stop.cancelled() => return,
+        let result = match current.http_client() {
+            Ok(http) => tokio::select! {
+                result = discover(&current, &http) => result,
+                () = stop.cancelled() => return,
+            },
+            Err(error) => Err(error),
         };
         let next = match &result {
             Ok(_) => {

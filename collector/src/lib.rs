@@ -15,6 +15,8 @@
 //! - [`sink`]: the Kafka sink (batching, producing, delivery accounting) and the null sink.
 //! - [`backoff`]: capped exponential backoff with jitter, for every retry loop.
 //! - [`discovery`]: broker discovery through Mesos-DNS and the Kafka scheduler.
+//! - [`dcos`]: DC/OS's authenticated HTTPS (a CA file, a service account
+//!   token), for the scheduler and the agent.
 //! - [`mesos`]: the agent client, the JSON-to-MetricList mapping, and the
 //!   agent poller with its enrichment tags.
 //! - [`stats`]: every counter, and the accounting identity.
@@ -37,6 +39,7 @@ pub mod api;
 pub mod backoff;
 pub mod buffer;
 pub mod config;
+pub mod dcos;
 pub mod decode;
 pub mod discovery;
 pub mod enrich;

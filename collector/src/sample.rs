@@ -50,7 +50,7 @@ pub struct SampleConfig {
     /// The agent, or the command that finds its IP.
     pub agent: AgentAddress,
     /// Agent credential.
-    pub auth: Option<String>,
+    pub credentials: crate::dcos::Credentials,
     /// Agent request timeout.
     pub agent_timeout: Duration,
     /// Write each poll to `chunk-N.avro` in this folder.
@@ -285,7 +285,6 @@ async fn send_pending(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let http = reqwest::Client::new();
     let mut producer: Option<(FutureProducer, ClientConfig)> = None;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut deadline: Option<tokio::time::Instant> = None;
@@ -310,7 +309,11 @@ async fn send_pending(
             continue;
         };
         if producer.is_none() {
-            match discover(&source, &http).await {
+            let found = match source.http_client() {
+                Ok(http) => discover(&source, &http).await,
+                Err(error) => Err(error),
+            };
+            match found {
                 Ok(found) => {
                     let made = producer_config(&found.brokers, &options).and_then(|config| {
                         config
@@ -460,7 +463,7 @@ pub async fn run(config: SampleConfig, shutdown: CancellationToken) -> SampleRep
     };
     let client = match AgentClient::new(
         &url,
-        config.auth.clone(),
+        config.credentials.clone(),
         config.agent_timeout,
         config.max_body_bytes,
     ) {

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use collector::mesos::client::{AgentClient, AgentError, USER_AGENT};
+use collector::config::security::Secret;
+use collector::dcos::{Credentials, USER_AGENT};
+use collector::mesos::client::{AgentClient, AgentError};
 use collector::mesos::mapping::{Naming, map_entries};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -21,7 +23,10 @@ fn fixture(name: &str) -> String {
 async fn client(server: &MockServer) -> AgentClient {
     AgentClient::new(
         &server.uri(),
-        Some("s3cret".into()),
+        Credentials {
+            token: Some(Secret("s3cret".into())),
+            ..Credentials::default()
+        },
         Duration::from_millis(500),
         1 << 20,
     )
@@ -128,7 +133,7 @@ async fn server_errors_timeouts_malformed_and_401_are_typed() {
     ));
     let unreachable = AgentClient::new(
         "http://127.0.0.1:9",
-        None,
+        Credentials::default(),
         Duration::from_millis(500),
         1 << 20,
     )
@@ -204,7 +209,7 @@ async fn a_body_over_the_limit_is_refused_whether_or_not_its_length_is_announced
     });
     let client = AgentClient::new(
         &format!("http://{addr}"),
-        None,
+        Credentials::default(),
         Duration::from_secs(10),
         1 << 20,
     )

@@ -242,6 +242,7 @@ pub struct AgentBuilder {
     token: Option<String>,
     bind: SocketAddr,
     agent_id: String,
+    https: Option<crate::tls::Issued>,
 }
 
 /// An agent on 127.0.0.1 with an ephemeral port.
@@ -253,6 +254,7 @@ pub fn mesos_agent() -> AgentBuilder {
         token: None,
         bind: SocketAddr::from(([127, 0, 0, 1], 0)),
         agent_id: "4b2f7a29-8b3c-4d7e-9e5a-0c1f2e3d4a5b-S0".into(),
+        https: None,
     }
 }
 
@@ -278,6 +280,12 @@ impl AgentBuilder {
     /// Require `Authorization: token=<token>` (401 otherwise).
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
+        self
+    }
+
+    /// Serves HTTPS with this certificate, as a DC/OS strict-mode agent.
+    pub fn https(mut self, identity: crate::tls::Issued) -> Self {
+        self.https = Some(identity);
         self
     }
 
@@ -322,9 +330,12 @@ impl AgentBuilder {
         let listener = TcpListener::bind(self.bind).await?;
         let addr = listener.local_addr()?;
         let app = router(shared.clone());
+        let https = self.https.is_some();
+        let identity = self.https;
         Ok(Listening::spawn(addr, shared, async move {
-            let _ = axum::serve(listener, app).await;
-        }))
+            let _ = crate::tls::serve(listener, app, identity.as_ref()).await;
+        })
+        .https(https))
     }
 }
 

@@ -18,6 +18,7 @@ pub struct Listening<S> {
     pub addr: SocketAddr,
     pub(crate) state: S,
     task: Option<JoinHandle<()>>,
+    https: bool,
 }
 
 impl<S> Listening<S> {
@@ -31,12 +32,20 @@ impl<S> Listening<S> {
             addr,
             state,
             task: Some(tokio::spawn(server)),
+            https: false,
         }
     }
 
-    /// `http://addr`, for the HTTP fakes.
+    /// Marks it as serving HTTPS (for [`url`](Self::url)).
+    pub(crate) fn https(mut self, https: bool) -> Self {
+        self.https = https;
+        self
+    }
+
+    /// `http://addr` (or `https://`), for the HTTP fakes.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops serving. Raises the server task's panic if it had one.

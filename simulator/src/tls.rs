@@ -89,6 +89,12 @@ pub struct Issued {
     pub key_pem: Vec<u8>,
 }
 
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Issued { <certificate and key> }")
+    }
+}
+
 impl Issued {
     /// The key encrypted with `password` (AES-256-CBC, PKCS#8).
     pub fn encrypted_key_pem(&self, password: &str) -> Result<Vec<u8>, ErrorStack> {
@@ -210,5 +216,69 @@ impl TestCa {
             cert_pem: builder.build().to_pem()?,
             key_pem: key.private_key_to_pem_pkcs8()?,
         })
+    }
+}
+
+/// Serves `app` over HTTPS with `identity`, as `axum::serve` serves it
+/// over TCP. Handshakes happen one at a time, each within 10 s (a fake's
+/// few clients, not a server's many).
+pub async fn serve_https(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    identity: &Issued,
+) -> std::io::Result<()> {
+    let identity = native_tls::Identity::from_pkcs8(&identity.cert_pem, &identity.key_pem)
+        .map_err(std::io::Error::other)?;
+    let acceptor = native_tls::TlsAcceptor::new(identity).map_err(std::io::Error::other)?;
+    let listener = TlsListener {
+        tcp: listener,
+        acceptor: acceptor.into(),
+    };
+    axum::serve(listener, app).await
+}
+
+/// Serves `app` over HTTPS with `identity`, or over plain HTTP without.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    identity: Option<&Issued>,
+) -> std::io::Result<()> {
+    match identity {
+        Some(identity) => serve_https(listener, app, identity).await,
+        None => axum::serve(listener, app).await,
+    }
+}
+
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_native_tls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_native_tls::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (tcp, addr) = match self.tcp.accept().await {
+                Ok(accepted) => accepted,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let handshake = self.acceptor.accept(tcp);
+            // A client that refuses the certificate, or says nothing, is
+            // dropped; the next one is served.
+            if let Ok(Ok(tls)) =
+                tokio::time::timeout(std::time::Duration::from_secs(10), handshake).await
+            {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
     }
 }

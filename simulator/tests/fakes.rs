@@ -172,7 +172,13 @@ async fn the_agent_replays_the_real_responses_byte_for_byte() {
 #[tokio::test]
 async fn the_collector_reads_the_emulator_as_it_reads_a_real_agent() {
     let agent = mesos_agent().containers(6).run().await.unwrap();
-    let client = AgentClient::new(&agent.url(), None, Duration::from_secs(2), 1 << 20).unwrap();
+    let client = AgentClient::new(
+        &agent.url(),
+        Default::default(),
+        Duration::from_secs(2),
+        1 << 20,
+    )
+    .unwrap();
     let naming = Naming {
         topic: Some("t"),
         prefix: "",

@@ -21,7 +21,7 @@ pub(crate) fn sample_config(agent: String, bootstrap: &str) -> SampleConfig {
         topic: "sample_metrics".into(),
         period: Duration::from_millis(200),
         agent: AgentAddress::Url(agent),
-        auth: None,
+        credentials: Default::default(),
         agent_timeout: Duration::from_secs(2),
         file_dir: None,
         max_pending: SampleConfig::MAX_PENDING,
@@ -318,6 +318,8 @@ async fn sample_producer_survives_a_scheduler_outage() {
         name: "kafka".into(),
         scheduler_url: Some(scheduler.url()),
         dns_server: None,
+        credentials: Default::default(),
+        tls: false,
     });
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(run(config, shutdown.clone()));

@@ -361,7 +361,7 @@ fn sample_config(agent: String, bootstrap: &str) -> collector::sample::SampleCon
         topic: "sample_metrics".into(),
         period: Duration::from_millis(200),
         agent: collector::mesos::poller::AgentAddress::Url(agent),
-        auth: None,
+        credentials: Default::default(),
         agent_timeout: Duration::from_secs(2),
         file_dir: None,
         max_pending: SampleConfig::MAX_PENDING,

@@ -17,15 +17,21 @@ use tokio::process::{Child, Command};
 
 use crate::patience;
 
-/// The tansu binary: `$TANSU_BIN`, or where `scripts/install-tansu` put it.
+/// The tansu binary: `$TANSU_BIN`, or where `scripts/install-tansu` put it
+/// (`$TANSU_CACHE/bin/tansu`, by default under `~/.cache`).
 pub fn tansu_bin() -> PathBuf {
     let path = std::env::var_os("TANSU_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
+            let cache = std::env::var_os("TANSU_CACHE")
                 .map(PathBuf::from)
-                .unwrap_or_default();
-            home.join(".cache/metrics-collector/tansu/bin/tansu")
+                .unwrap_or_else(|| {
+                    let home = std::env::var_os("HOME")
+                        .map(PathBuf::from)
+                        .unwrap_or_default();
+                    home.join(".cache/metrics-collector/tansu")
+                });
+            cache.join("bin/tansu")
         });
     assert!(
         path.is_file(),

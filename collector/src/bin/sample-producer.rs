@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
-use collector::config::security::{self, KafkaSecurity};
+use collector::config::security::{KafkaSecurity, SECURITY_OPTIONS};
+use collector::dcos::Credentials;
 use collector::discovery::BrokerSource;
 use collector::mesos::poller::AgentAddress;
 use collector::sample::{ProducerOptions, SampleConfig, run};
@@ -53,9 +54,6 @@ struct Args {
     /// The agent's base URL, instead of -ipcmd and port 5051.
     #[arg(long, env = "AGENT_URL")]
     agent_url: Option<String>,
-    /// Agent credential, sent as `Authorization: token=<x>`.
-    #[arg(long, env = "AUTH_CREDENTIAL", hide_env_values = true)]
-    auth_credential: Option<String>,
     /// Kafka scheduler base URL, instead of the DNS lookup.
     #[arg(long, env = "KAFKA_SCHEDULER_URL")]
     kafka_scheduler_url: Option<String>,
@@ -80,6 +78,16 @@ struct Args {
     /// Largest agent answer read; a larger one is refused.
     #[arg(long, env = "AGENT_MAX_BODY_BYTES", default_value_t = SampleConfig::MAX_BODY_BYTES)]
     max_body_bytes: usize,
+}
+
+/// The collector's options the sample-producer takes too: Kafka security
+/// and the DC/OS credentials for the agent and the scheduler.
+fn shared() -> Vec<&'static str> {
+    SECURITY_OPTIONS
+        .iter()
+        .copied()
+        .chain(["auth_credential", "auth_credential_file", "dcos_ca_file"])
+        .collect()
 }
 
 /// Checks what would otherwise fail only later, in a loop: the agent URL,
@@ -158,8 +166,9 @@ fn normalize(args: impl Iterator<Item = String>) -> Vec<String> {
 }
 
 fn main() -> ExitCode {
-    // The Kafka security options are the collector's, from its declaration.
-    let command = Args::command().args(security::clap_args());
+    // The Kafka security options and the DC/OS credentials are the
+    // collector's, from its declaration.
+    let command = Args::command().args(collector::config::clap_args(&shared()));
     let parsed = command
         .try_get_matches_from(normalize(std::env::args()))
         .and_then(|matches| Args::from_arg_matches(&matches).map(|args| (args, matches)));
@@ -167,13 +176,19 @@ fn main() -> ExitCode {
         Ok(parsed) => parsed,
         Err(error) => return collector::config::usage_error("sample-producer", error),
     };
-    let security = match KafkaSecurity::from_matches(&matches) {
-        Ok(security) => security,
+    let shared = match collector::config::from_matches(&shared(), &matches) {
+        Ok(shared) => shared,
         Err(error) => {
             eprintln!("sample-producer: {error}");
             return ExitCode::from(64);
         }
     };
+    let security = KafkaSecurity::from(&shared);
+    let credentials = Credentials::from(&shared);
+    if let Err(error) = credentials.check() {
+        eprintln!("sample-producer: {error}");
+        return ExitCode::from(64);
+    }
     if args.kafka && args.framework.is_empty() && args.brokers.is_empty() {
         eprintln!("Either -framework or -brokers must be specified, or -kafka must be false.");
         return ExitCode::from(64);
@@ -190,6 +205,8 @@ fn main() -> ExitCode {
                 name: args.framework.clone(),
                 scheduler_url: args.kafka_scheduler_url.clone(),
                 dns_server: args.dns_server,
+                credentials: credentials.clone(),
+                tls: security.protocol.uses_tls(),
             }
         } else {
             BrokerSource::Static(
@@ -212,7 +229,7 @@ fn main() -> ExitCode {
                 port: 5051,
             },
         },
-        auth: args.auth_credential,
+        credentials,
         agent_timeout: Duration::from_secs(5),
         file_dir: args.file.then(|| PathBuf::from(".")),
         max_pending: args.max_pending,

@@ -91,6 +91,10 @@ pub fn client_config(
     } else {
         config.set("acks", "1").set("enable.idempotence", "false");
     }
+    // Connection failures come at info level ("Disconnected … in state
+    // APIVERSION_QUERY": a TLS listener spoken to in plaintext); the client
+    // context reads them whatever the log filter lets through.
+    config.set_log_level(RDKafkaLogLevel::Info);
     options.security.apply(&mut config)?;
     for (key, value) in options.overrides {
         config.set(key, value);

@@ -10,8 +10,8 @@ mod options;
 pub mod security;
 
 pub use options::{
-    Config, ConfigArgs, OPTIONS, OptionInfo, default_text, is_runtime, markdown_table,
-    with_defaults_in_help,
+    Config, ConfigArgs, OPTIONS, OptionInfo, clap_args, default_text, from_matches, is_runtime,
+    markdown_table, with_defaults_in_help,
 };
 
 use std::path::Path;
@@ -515,6 +515,7 @@ impl Config {
     /// [`validate_settings`]: Self::validate_settings
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_settings()?;
+        crate::dcos::Credentials::from(self).check()?;
         if self.kafka {
             // librdkafka checks its options when a client is made: make one
             // (connected to nothing), so that a bad option is refused here

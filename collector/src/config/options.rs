@@ -404,9 +404,15 @@ options! {
     /// Topic of the agent's `/metrics/snapshot` data.
     agent_metrics_topic: String = "agent".into();
         plain, env "AGENT_METRICS_TOPIC", restart;
-    /// Sent to the agent as `Authorization: token=<x>`.
+    /// Sent to the agent and the Kafka scheduler as `Authorization: token=<x>`; prefer `auth_credential_file`.
     auth_credential: Option<String> = None;
         maybe, env "AUTH_CREDENTIAL", restart [secret];
+    /// File holding the token for `Authorization: token=<x>` (DC/OS: the service account's), read at every request, so a refreshed token is used at once.
+    auth_credential_file: Option<PathBuf> = None;
+        some(PathBuf), env "AUTH_CREDENTIAL_FILE", restart;
+    /// CA certificates (PEM) for HTTPS to the agent and the Kafka scheduler, beside the system's (DC/OS: the cluster's CA bundle).
+    dcos_ca_file: Option<PathBuf> = None;
+        some(PathBuf), env "DCOS_CA_FILE", restart;
     /// HTTP API address; loopback by default, port 0 allowed.
     api_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8123));
         plain, env "API_LISTEN", restart;
@@ -453,6 +459,52 @@ impl ConfigArgs {
         config.validate()?;
         Ok(config)
     }
+}
+
+/// Some of the options as command-line arguments (flag, env var and help
+/// from the declaration), for another program that shares them (the
+/// sample-producer); [`from_matches`] reads them back.
+pub fn clap_args(names: &[&str]) -> Vec<clap::Arg> {
+    names
+        .iter()
+        .filter_map(|name| OPTIONS.iter().find(|o| o.name == *name))
+        .map(|option| {
+            clap::Arg::new(option.name)
+                .long(option.flag())
+                .env(option.env)
+                .hide_env_values(option.secret)
+                .value_name("VALUE")
+                .help(option.doc.trim().to_owned())
+        })
+        .collect()
+}
+
+/// The options `names` given as [`clap_args`], over the defaults, checked
+/// like a configuration file's values: an error names the option. An empty
+/// value means "not given".
+pub fn from_matches(names: &[&str], matches: &clap::ArgMatches) -> Result<Config, ConfigError> {
+    let defaults = serde_json::to_value(Config::default())
+        .map_err(|e| ConfigError::new("(config)", e.to_string()))?;
+    let mut given = serde_json::Map::new();
+    for name in names {
+        let Some(value) = matches.get_one::<String>(name) else {
+            continue;
+        };
+        if value.is_empty() {
+            continue;
+        }
+        let value = if defaults
+            .get(*name)
+            .is_some_and(serde_json::Value::is_boolean)
+        {
+            serde_json::Value::Bool(parse_bool(value).map_err(|e| ConfigError::new(name, e))?)
+        } else {
+            serde_json::Value::String(value.clone())
+        };
+        given.insert((*name).to_owned(), value);
+    }
+    serde_path_to_error::deserialize(serde_json::Value::Object(given))
+        .map_err(|e| ConfigError::new(&e.path().to_string(), e.inner().to_string()))
 }
 
 /// Shows each option's default in its `--help` line, from [`Config`]'s

@@ -144,8 +144,7 @@ impl From<&Config> for KafkaSecurity {
     }
 }
 
-/// The options [`KafkaSecurity`] is made of, by file key: the
-/// sample-producer takes exactly these from the declaration.
+/// The options [`KafkaSecurity`] is made of, by file key.
 pub const SECURITY_OPTIONS: &[&str] = &[
     "kafka_security_protocol",
     "kafka_ssl_ca_file",
@@ -158,56 +157,6 @@ pub const SECURITY_OPTIONS: &[&str] = &[
     "kafka_sasl_password_file",
     "kafka_sasl_password",
 ];
-
-/// The security options as command-line arguments (flag, env var and help
-/// from the declaration), for the sample-producer, which takes exactly
-/// these; [`KafkaSecurity::from_matches`] reads them back.
-pub fn clap_args() -> Vec<clap::Arg> {
-    SECURITY_OPTIONS
-        .iter()
-        .filter_map(|name| super::OPTIONS.iter().find(|o| o.name == *name))
-        .map(|option| {
-            clap::Arg::new(option.name)
-                .long(option.flag())
-                .env(option.env)
-                .hide_env_values(option.secret)
-                .value_name("VALUE")
-                .help(option.doc.trim().to_owned())
-        })
-        .collect()
-}
-
-impl KafkaSecurity {
-    /// The settings given as [`clap_args`], checked like a configuration
-    /// file's values: an error names the option.
-    pub fn from_matches(matches: &clap::ArgMatches) -> Result<Self, ConfigError> {
-        let defaults = serde_json::to_value(Config::default())
-            .map_err(|e| ConfigError::new("(config)", e.to_string()))?;
-        let mut given = serde_json::Map::new();
-        for name in SECURITY_OPTIONS {
-            let Some(value) = matches.get_one::<String>(name) else {
-                continue;
-            };
-            if value.is_empty() {
-                continue;
-            }
-            let value = if defaults
-                .get(*name)
-                .is_some_and(serde_json::Value::is_boolean)
-            {
-                serde_json::Value::Bool(
-                    super::parse_bool(value).map_err(|e| ConfigError::new(name, e))?,
-                )
-            } else {
-                serde_json::Value::String(value.clone())
-            };
-            given.insert((*name).to_owned(), value);
-        }
-        let config: Config = serde_path_to_error::deserialize(serde_json::Value::Object(given))
-            .map_err(|e| ConfigError::new(&e.path().to_string(), e.inner().to_string()))?;
-        Ok(Self::from(&config))
-    }
-}
 
 /// The largest secret file read.
 const MAX_SECRET_BYTES: u64 = 64 * 1024;
@@ -310,7 +259,10 @@ fn subject(cert: &openssl::x509::X509Ref) -> String {
     format!("\"{}\"", names.join(", "))
 }
 
-fn parse_certificates(field: &str, path: &Path) -> Result<Vec<openssl::x509::X509>, ConfigError> {
+pub(crate) fn parse_certificates(
+    field: &str,
+    path: &Path,
+) -> Result<Vec<openssl::x509::X509>, ConfigError> {
     let pem = read_file(field, path, MAX_PEM_BYTES)?;
     let certs = openssl::x509::X509::stack_from_pem(&pem).map_err(|e| {
         ConfigError::new(
@@ -597,7 +549,13 @@ impl SecurityFailure {
             ) => Some(Self::Authentication),
             Some(C::SSL) => Some(Self::Tls),
             _ if reason.contains("SASL") => Some(Self::Authentication),
-            _ if reason.contains("SSL handshake") || reason.contains("certificate") => {
+            // "SSL handshake failed", and a handshake that timed out
+            // ("in state SSL_HANDSHAKE"): a plaintext port that waits for
+            // the rest of what it took for a request.
+            _ if reason.contains("SSL handshake")
+                || reason.contains("SSL_HANDSHAKE")
+                || reason.contains("certificate") =>
+            {
                 Some(Self::Tls)
             }
             _ if reason.contains("security.protocol") => Some(Self::ProtocolMismatch),
@@ -613,6 +571,67 @@ impl SecurityFailure {
             Self::ProtocolMismatch => {
                 "Kafka connection failed: kafka_security_protocol does not match the broker's listener"
             }
+        }
+    }
+}
+
+impl KafkaSecurity {
+    /// Why a TLS handshake with `broker` (`HOST:PORT`) fails, in OpenSSL's
+    /// words for the certificate check ("certificate has expired",
+    /// "hostname mismatch", "unable to get local issuer certificate"):
+    /// librdkafka reports only "certificate verify failed". Connects with
+    /// these settings, blocking for at most about five seconds; `None` when
+    /// the handshake succeeds or TLS is off.
+    pub fn diagnose_tls(&self, broker: &str) -> Option<String> {
+        use openssl::ssl::{HandshakeError, SslConnector, SslFiletype, SslMethod, SslVerifyMode};
+        use std::net::ToSocketAddrs;
+        if !self.protocol.uses_tls() {
+            return None;
+        }
+        let address = broker.split_once("://").map_or(broker, |(_, rest)| rest);
+        let (host, _) = address.rsplit_once(':')?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let mut builder = SslConnector::builder(SslMethod::tls_client()).ok()?;
+        match &self.ca_file {
+            Some(ca) => builder.set_ca_file(ca).ok()?,
+            None => builder.set_default_verify_paths().ok()?,
+        }
+        if let (Some(cert), Some(key)) = (&self.certificate_file, &self.key_file) {
+            // An encrypted key can't be loaded here without its password
+            // callback; the server's certificate is checked all the same.
+            let _ = builder.set_certificate_chain_file(cert);
+            let _ = builder.set_private_key_file(key, SslFiletype::PEM);
+        }
+        builder.set_verify(SslVerifyMode::PEER);
+        let connector = builder.build();
+        let mut configuration = connector.configure().ok()?;
+        configuration.set_verify_hostname(self.verify_hostname);
+        let addrs: Vec<_> = address.to_socket_addrs().ok()?.collect();
+        let addr = addrs.iter().find(|a| a.is_ipv4()).or(addrs.first())?;
+        let timeout = std::time::Duration::from_secs(5);
+        let stream = std::net::TcpStream::connect_timeout(addr, timeout).ok()?;
+        stream.set_read_timeout(Some(timeout)).ok()?;
+        stream.set_write_timeout(Some(timeout)).ok()?;
+        match configuration.connect(host, stream) {
+            Ok(_) => None,
+            Err(HandshakeError::Failure(failed)) | Err(HandshakeError::WouldBlock(failed)) => {
+                let verify = failed.ssl().verify_result();
+                if verify == openssl::x509::X509VerifyResult::OK {
+                    Some(failed.error().to_string())
+                } else {
+                    let mut what = verify.error_string().to_owned();
+                    if let Some(cert) = failed.ssl().peer_certificate() {
+                        what.push_str(&format!(
+                            " (the broker's certificate {}, valid {} to {})",
+                            subject(&cert),
+                            cert.not_before(),
+                            cert.not_after()
+                        ));
+                    }
+                    Some(what)
+                }
+            }
+            Err(HandshakeError::SetupFailure(error)) => Some(error.to_string()),
         }
     }
 }

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::dcos::Credentials;
+
 /// Why an agent request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -79,15 +81,12 @@ impl AgentError {
     }
 }
 
-/// The User-Agent of every request.
-pub const USER_AGENT: &str = concat!("metrics-collector/", env!("CARGO_PKG_VERSION"));
-
 /// A client for one agent.
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     http: reqwest::Client,
     base: String,
-    auth: Option<String>,
+    credentials: Credentials,
     timeout: Duration,
     max_body: usize,
 }
@@ -103,12 +102,14 @@ pub fn parse_body(url: &str, body: &str) -> Result<Value, AgentError> {
 }
 
 impl AgentClient {
-    /// A client for `base_url` (e.g. `http://10.0.0.5:5051`). `auth` is sent
-    /// as `Authorization: token=<auth>`, like the original's `-auth-credential`.
-    /// A body larger than `max_body` bytes is refused, never held.
+    /// A client for `base_url` (e.g. `http://10.0.0.5:5051`, or `https://`
+    /// with the CA of `credentials`). The token of `credentials` is sent as
+    /// `Authorization: token=<token>`, like the original's
+    /// `-auth-credential`. A body larger than `max_body` bytes is refused,
+    /// never held.
     pub fn new(
         base_url: &str,
-        auth: Option<String>,
+        credentials: Credentials,
         timeout: Duration,
         max_body: usize,
     ) -> Result<Self, AgentError> {
@@ -116,10 +117,8 @@ impl AgentClient {
         if reqwest::Url::parse(&base).is_err() {
             return Err(AgentError::BadUrl(base_url.to_owned()));
         }
-        let http = reqwest::Client::builder()
-            .user_agent(USER_AGENT)
-            .timeout(timeout)
-            .build()
+        let http = credentials
+            .http_client(timeout)
             .map_err(|e| AgentError::Unreachable {
                 url: base.clone(),
                 reason: e.to_string(),
@@ -127,7 +126,7 @@ impl AgentClient {
         Ok(Self {
             http,
             base,
-            auth,
+            credentials,
             timeout,
             max_body,
         })
@@ -140,10 +139,13 @@ impl AgentClient {
 
     async fn get(&self, path: &str) -> Result<(u16, String), AgentError> {
         let url = format!("{}{path}", self.base);
-        let mut request = self.http.get(&url);
-        if let Some(token) = &self.auth {
-            request = request.header(reqwest::header::AUTHORIZATION, format!("token={token}"));
-        }
+        let request = self
+            .credentials
+            .authorize(self.http.get(&url))
+            .map_err(|e| AgentError::Unreachable {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
         let failed = |e: reqwest::Error| {
             if e.is_timeout() {
                 AgentError::Timeout {
@@ -153,7 +155,7 @@ impl AgentClient {
             } else {
                 AgentError::Unreachable {
                     url: url.clone(),
-                    reason: e.to_string(),
+                    reason: crate::dcos::error_chain(&e),
                 }
             }
         };
@@ -285,7 +287,12 @@ mod tests {
     #[test]
     fn bad_urls_are_errors() {
         assert!(matches!(
-            AgentClient::new("not a url", None, Duration::from_secs(1), 1 << 20),
+            AgentClient::new(
+                "not a url",
+                Credentials::default(),
+                Duration::from_secs(1),
+                1 << 20,
+            ),
             Err(AgentError::BadUrl(_))
         ));
     }

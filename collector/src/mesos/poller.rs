@@ -32,7 +32,7 @@ pub struct PollerSettings {
     /// The agent, or how to find it.
     pub agent: AgentAddress,
     /// Credential for `Authorization: token=<x>`.
-    pub auth: Option<String>,
+    pub credentials: crate::dcos::Credentials,
     /// Request timeout.
     pub timeout: Duration,
     /// Largest response body read.
@@ -55,7 +55,7 @@ impl From<&crate::config::Config> for PollerSettings {
                     port: config.agent_port,
                 },
             },
-            auth: config.auth_credential.clone(),
+            credentials: crate::dcos::Credentials::from(config),
             timeout: Duration::from_secs(config.agent_timeout_secs),
             max_body_bytes: config.agent_max_body_bytes,
             period: Duration::from_secs(config.agent_poll_period),
@@ -154,7 +154,7 @@ impl Poller {
         }
         match error {
             AgentError::Unauthorized { .. } => {
-                tracing::error!(%error, "Agent refused the collector's credential; set auth_credential.")
+                tracing::error!(%error, "Agent refused the collector's credential; set auth_credential_file (or auth_credential).")
             }
             _ => warn!(%error, what, "Agent poll failed; retrying next period."),
         }
@@ -225,7 +225,7 @@ impl Poller {
         };
         let client = match AgentClient::new(
             &url,
-            self.settings.auth.clone(),
+            self.settings.credentials.clone(),
             self.settings.timeout,
             self.settings.max_body_bytes,
         ) {

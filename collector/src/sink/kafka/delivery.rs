@@ -16,8 +16,8 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::super::batch::Message;
-use super::BrokerState;
-use crate::config::security::SecurityFailure;
+use super::{BrokerState, SecurityFailureState};
+use crate::config::security::{KafkaSecurity, SecurityFailure};
 use crate::memory::{Budget, allocated_size};
 use crate::route::Spooled;
 use crate::spool::Spool;
@@ -67,6 +67,13 @@ pub(super) struct Context {
     pub(super) final_purge: AtomicBool,
     /// The disk spool, told each final outcome.
     pub(super) spool: Option<Arc<Spool>>,
+    /// Whether this producer speaks TLS.
+    pub(super) tls: bool,
+    /// Its brokers and security settings, for the TLS diagnosis.
+    pub(super) brokers: Vec<String>,
+    pub(super) security: KafkaSecurity,
+    /// Set once the TLS diagnosis has been started.
+    pub(super) diagnosed: AtomicBool,
 }
 
 impl Context {
@@ -107,8 +114,108 @@ pub(super) fn retry_backoff(attempts: u32) -> Duration {
         .min(Duration::from_secs(5))
 }
 
+impl Context {
+    /// Finds out, once per producer and off librdkafka's threads, why the
+    /// TLS handshake fails: librdkafka says only "certificate verify
+    /// failed"; OpenSSL, connecting with the same settings, says whether
+    /// the certificate expired, names another host, or chains to no CA in
+    /// the CA file. `/health` shows it.
+    fn diagnose_tls(&self) {
+        let Some(broker) = self.brokers.first().cloned() else {
+            return;
+        };
+        let (security, state) = (self.security.clone(), self.state.clone());
+        let (generation, current) = (self.generation, self.current.clone());
+        let spawned = std::thread::Builder::new()
+            .name("tls-diagnosis".into())
+            .spawn(move || {
+                let Some(diagnosis) = security.diagnose_tls(&broker) else {
+                    return;
+                };
+                if current.load(Relaxed) != generation {
+                    return;
+                }
+                warn!(%broker, %diagnosis, "Kafka TLS: why the broker's certificate is refused.");
+                let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(failure) = &mut state.security_failure
+                    && failure.kind == SecurityFailure::Tls
+                {
+                    failure.diagnosis = Some(diagnosis);
+                }
+            });
+        if let Err(error) = spawned {
+            debug!(%error, "No thread for the TLS diagnosis.");
+        }
+    }
+
+    /// A TLS or authentication failure: counted, named at once in
+    /// `/health`, logged (at most once per throttle interval).
+    fn security_failure(
+        &self,
+        failure: SecurityFailure,
+        error: &dyn std::fmt::Display,
+        reason: &str,
+    ) {
+        let counter = match failure {
+            SecurityFailure::Authentication => &self.stats.kafka_authentication_failures,
+            SecurityFailure::Tls | SecurityFailure::ProtocolMismatch => {
+                &self.stats.kafka_tls_failures
+            }
+        };
+        counter.fetch_add(1, Relaxed);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let diagnosis = state
+            .security_failure
+            .take()
+            .filter(|known| known.kind == failure)
+            .and_then(|known| known.diagnosis);
+        state.security_failure = Some(SecurityFailureState {
+            kind: failure,
+            reason: reason.to_owned(),
+            diagnosis,
+        });
+        state
+            .unavailable_since
+            .get_or_insert_with(std::time::Instant::now);
+        drop(state);
+        if failure == SecurityFailure::Tls && !self.diagnosed.swap(true, Relaxed) {
+            self.diagnose_tls();
+        }
+        crate::telemetry::throttled_warn("kafka_security_failure", |repeats| {
+            error!(%error, reason, repeats, "{}: check the Kafka security settings (kafka_security_protocol, kafka_ssl_*, kafka_sasl_*). Nothing is delivered until it is mended; data is buffered.", failure.describe());
+        });
+    }
+}
+
 impl ClientContext for Context {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        if fac == "FAIL" {
+            // A connection failed: librdkafka retries at once and says so
+            // each time, up to 20 times a second; one line per throttle
+            // interval, with the count, says as much.
+            // Some failures come only this way: a TLS handshake that timed
+            // out ("in state SSL_HANDSHAKE"), and a broker that hangs up on
+            // the first request, which is a TLS listener talked to in
+            // plaintext (a TLS client at a plaintext port fails its
+            // handshake instead).
+            let failure = if !self.tls
+                && message.contains("Disconnected")
+                && message.contains("APIVERSION_QUERY")
+            {
+                Some(SecurityFailure::ProtocolMismatch)
+            } else {
+                SecurityFailure::of(None, message)
+            };
+            if let Some(failure) = failure
+                && self.is_current()
+            {
+                self.security_failure(failure, &"connection failed", message);
+            }
+            crate::telemetry::throttled_warn("librdkafka_connection_failed", |repeats| {
+                warn!(target: "librdkafka", facility = fac, repeats, "{message}");
+            });
+            return;
+        }
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
@@ -136,22 +243,7 @@ impl ClientContext for Context {
             return;
         }
         if let Some(failure) = SecurityFailure::of(error.rdkafka_error_code(), reason) {
-            let counter = match failure {
-                SecurityFailure::Authentication => &self.stats.kafka_authentication_failures,
-                SecurityFailure::Tls | SecurityFailure::ProtocolMismatch => {
-                    &self.stats.kafka_tls_failures
-                }
-            };
-            counter.fetch_add(1, Relaxed);
-            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.security_failure = Some((failure, reason.to_owned()));
-            state
-                .unavailable_since
-                .get_or_insert_with(std::time::Instant::now);
-            drop(state);
-            crate::telemetry::throttled_warn("kafka_security_failure", |repeats| {
-                error!(%error, reason, repeats, "{}: check the Kafka security settings (kafka_security_protocol, kafka_ssl_*, kafka_sasl_*). Nothing is delivered until it is mended; data is buffered.", failure.describe());
-            });
+            self.security_failure(failure, &error, reason);
             if !all_down {
                 return;
             }

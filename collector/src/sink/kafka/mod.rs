@@ -16,7 +16,7 @@ mod producer;
 mod settings;
 mod topics;
 
-pub use settings::{BrokerState, KafkaSettings, SinkRuntime};
+pub use settings::{BrokerState, KafkaSettings, SecurityFailureState, SinkRuntime};
 pub use topics::create_topic;
 
 use std::collections::{HashMap, VecDeque};

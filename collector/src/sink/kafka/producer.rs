@@ -36,6 +36,10 @@ impl KafkaSink {
             all_down: AtomicBool::new(false),
             final_purge: AtomicBool::new(false),
             spool: self.buffer.spool().cloned(),
+            tls: self.settings.security.protocol.uses_tls(),
+            brokers: discovered.brokers.clone(),
+            security: self.settings.security.clone(),
+            diagnosed: AtomicBool::new(false),
         };
         let config = self
             .settings

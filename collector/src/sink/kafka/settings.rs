@@ -119,10 +119,32 @@ pub struct BrokerState {
     pub last_error: Option<String>,
     /// Whether librdkafka reports every broker down.
     pub all_brokers_down: bool,
-    /// A TLS or authentication failure that retrying will not mend: what
-    /// kind, and librdkafka's words. Cleared once a broker answers.
+    /// A TLS or authentication failure that retrying will not mend.
+    /// Cleared once a broker answers.
     #[serde(skip)]
-    pub security_failure: Option<(SecurityFailure, String)>,
+    pub security_failure: Option<SecurityFailureState>,
+}
+
+/// A TLS or authentication failure, as `/health` tells it.
+#[derive(Debug, Clone)]
+pub struct SecurityFailureState {
+    /// What kind.
+    pub kind: SecurityFailure,
+    /// librdkafka's words.
+    pub reason: String,
+    /// For a TLS failure, why the certificate check failed, in OpenSSL's
+    /// words ([`KafkaSecurity::diagnose_tls`]), once known.
+    pub diagnosis: Option<String>,
+}
+
+impl std::fmt::Display for SecurityFailureState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.kind.describe())?;
+        if let Some(diagnosis) = &self.diagnosis {
+            write!(f, ": {diagnosis}")?;
+        }
+        write!(f, ": {}", self.reason)
+    }
 }
 
 impl BrokerState {

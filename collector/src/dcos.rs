@@ -1,0 +1,119 @@
+//! DC/OS's authenticated HTTPS (strict and permissive modes): Admin Router
+//! and the agents serve HTTPS with the cluster's CA and want
+//! `Authorization: token=<service account token>`. The agent poller, broker
+//! discovery and the sample-producer reach them through [`Credentials`]:
+//! a CA file (`dcos_ca_file`) and a token, inline (`auth_credential`) or,
+//! better, in a file (`auth_credential_file`) that is read at every
+//! request, so that a token refreshed by whoever writes the file is used at
+//! once.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::security::{Secret, parse_certificates, read_secret};
+use crate::config::{Config, ConfigError};
+
+/// The User-Agent of every request.
+pub const USER_AGENT: &str = concat!("metrics-collector/", env!("CARGO_PKG_VERSION"));
+
+/// An error with its causes, `outer: inner: innermost`: reqwest's own
+/// words ("error sending request") hide the TLS cause an operator needs
+/// ("certificate verify failed", "hostname mismatch").
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// How to reach DC/OS's HTTPS endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    /// `dcos_ca_file`: CA certificates the servers' certificates chain to.
+    pub ca_file: Option<PathBuf>,
+    /// `auth_credential_file`: the token, read at every request.
+    pub token_file: Option<PathBuf>,
+    /// `auth_credential`: the token itself.
+    pub token: Option<Secret>,
+}
+
+impl From<&Config> for Credentials {
+    fn from(config: &Config) -> Self {
+        Self {
+            ca_file: config.dcos_ca_file.clone(),
+            token_file: config.auth_credential_file.clone(),
+            token: config.auth_credential.clone().map(Secret),
+        }
+    }
+}
+
+impl Credentials {
+    /// Checks the files: the CA file holds PEM certificates, the token file
+    /// is readable and not empty, and the token is given one way only.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.token.is_some() && self.token_file.is_some() {
+            return Err(ConfigError::new(
+                "auth_credential",
+                "set only one of auth_credential_file and auth_credential",
+            ));
+        }
+        if let Some(path) = &self.ca_file {
+            parse_certificates("dcos_ca_file", path)?;
+        }
+        if let Some(path) = &self.token_file {
+            read_secret("auth_credential_file", path)?;
+        }
+        Ok(())
+    }
+
+    /// An HTTP client that trusts the CA file too (beside the system's
+    /// CAs), with `timeout` per request.
+    pub fn http_client(&self, timeout: Duration) -> Result<reqwest::Client, ConfigError> {
+        let mut builder = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .timeout(timeout);
+        if let Some(path) = &self.ca_file {
+            let certs = parse_certificates("dcos_ca_file", path)?;
+            for cert in certs {
+                let pem = cert
+                    .to_pem()
+                    .map_err(|e| ConfigError::new("dcos_ca_file", e.to_string()))?;
+                let cert = reqwest::Certificate::from_pem(&pem)
+                    .map_err(|e| ConfigError::new("dcos_ca_file", e.to_string()))?;
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        builder
+            .build()
+            .map_err(|e| ConfigError::new("dcos_ca_file", e.to_string()))
+    }
+
+    /// The `Authorization` header's value, `token=<token>`, reading the
+    /// token file now; `None` without a token.
+    pub fn authorization(&self) -> Result<Option<String>, ConfigError> {
+        let token = match (&self.token_file, &self.token) {
+            (Some(path), _) => read_secret("auth_credential_file", path)?,
+            (None, Some(token)) => token.0.clone(),
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(format!("token={token}")))
+    }
+
+    /// Adds the `Authorization` header to `request`, when there is a token.
+    pub fn authorize(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::RequestBuilder, ConfigError> {
+        Ok(match self.authorization()? {
+            Some(value) => request.header(reqwest::header::AUTHORIZATION, value),
+            None => request,
+        })
+    }
+}
