@@ -279,7 +279,14 @@ impl KafkaSink {
                 self.outbox.push_front(message);
             }
             let flowing = self.producer.is_some() && self.produce_outbox();
-            if input_done && flowing && self.outbox.is_empty() && self.parked.is_empty() {
+            // Done once input is, with nothing left here: delivered to
+            // librdkafka, or nothing to deliver at all (no producer was
+            // ever made, and nothing came in).
+            if input_done
+                && (flowing || self.producer.is_none())
+                && self.outbox.is_empty()
+                && self.parked.is_empty()
+            {
                 break;
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {

@@ -120,6 +120,10 @@ impl KafkaSink {
         });
         self.topics.clear();
         self.admin = Some(admin);
+        let same_brokers = self
+            .producer
+            .as_ref()
+            .is_some_and(|(_, old)| old.brokers == discovered.brokers);
         let old = self.producer.replace((producer, discovered));
         // Topics are looked up again on the new brokers.
         let parked: Vec<Arc<str>> = self.parked.keys().cloned().collect();
@@ -128,7 +132,11 @@ impl KafkaSink {
         }
         if let Some((old, old_brokers)) = old {
             self.stats.producer_switches.fetch_add(1, Relaxed);
-            info!(old = ?old_brokers.brokers, "Kafka brokers changed: moving queued messages to the new brokers.");
+            if same_brokers {
+                info!("Kafka producer made anew: moving queued messages to it.");
+            } else {
+                info!(old = ?old_brokers.brokers, "Kafka brokers changed: moving queued messages to the new brokers.");
+            }
             // What the old producer holds goes to the old brokers while
             // they answer: re-sending a request in flight blindly would
             // duplicate whatever they had written, and purging only the
