@@ -352,7 +352,9 @@ async fn security_settings_patch_redact_and_reload() {
         &app,
         "PATCH",
         "/v1/config",
-        Some(r#"{"kafka_sasl_password": null, "kafka_sasl_password_file": "/nonexistent/password"}"#),
+        Some(
+            r#"{"kafka_sasl_password": null, "kafka_sasl_password_file": "/nonexistent/password"}"#,
+        ),
         None,
     )
     .await;

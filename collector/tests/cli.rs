@@ -224,7 +224,11 @@ fn sigterm_drains_and_logs_the_final_count() {
 
 #[test]
 fn deploy_files_pin_one_instance_per_agent_on_port_8124() {
-    for app in ["collector.json", "sample-producer.json"] {
+    for app in [
+        "collector.json",
+        "collector-strict.json",
+        "sample-producer.json",
+    ] {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../deploy/marathon")
             .join(app);
@@ -296,5 +300,131 @@ fn deploy_files_enable_the_disk_spool_on_a_persistent_directory() {
             .unwrap();
         assert!(output.status.success(), "{output:?}");
     }
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// A CA certificate made by Debian's `openssl` CLI, for validating the
+/// deploy files' TLS settings.
+fn scratch_ca(dir: &std::path::Path) -> std::path::PathBuf {
+    let (cert, key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=deploy test CA",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    cert
+}
+
+/// The strict-mode Marathon app and the systemd drop-in: SASL_SSL with
+/// SCRAM-SHA-512, secrets read from files (DC/OS file secrets, systemd
+/// credentials), never inline, discovery over HTTPS with the token file;
+/// and with their files in place, both validate.
+#[test]
+fn deploy_files_for_a_secured_kafka_keep_secrets_in_files_and_validate() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let scratch = std::env::temp_dir().join(format!("collector-strict-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(scratch.join("secrets")).unwrap();
+    let ca = scratch_ca(&scratch);
+
+    let app: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy.join("marathon/collector-strict.json")).unwrap(),
+    )
+    .unwrap();
+    let env: std::collections::BTreeMap<String, String> = app["env"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(env["KAFKA_SECURITY_PROTOCOL"], "sasl_ssl");
+    assert_eq!(env["KAFKA_SASL_MECHANISM"], "SCRAM-SHA-512");
+    assert!(env["KAFKA_SCHEDULER_URL"].starts_with("https://"));
+    assert!(!env.contains_key("KAFKA_SASL_PASSWORD") && !env.contains_key("AUTH_CREDENTIAL"));
+    // Each secret file is a DC/OS secret mounted in the sandbox.
+    let volumes = app["container"]["volumes"].as_array().unwrap();
+    for key in ["KAFKA_SASL_PASSWORD_FILE", "AUTH_CREDENTIAL_FILE"] {
+        let volume = volumes
+            .iter()
+            .find(|v| v["containerPath"] == env[key].as_str())
+            .unwrap_or_else(|| panic!("{key} is not a mounted secret"));
+        let secret = volume["secret"].as_str().unwrap();
+        assert!(app["secrets"][secret]["source"].is_string(), "{secret}");
+        std::fs::write(scratch.join(&env[key]), "from-a-secret\n").unwrap();
+    }
+    let output = collector()
+        .current_dir(&scratch)
+        .arg("validate")
+        .envs(&env)
+        .env("SPOOL_DIR", scratch.join("spool"))
+        .env("KAFKA_SSL_CA_FILE", &ca)
+        .env("DCOS_CA_FILE", &ca)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+
+    let dropin = std::fs::read_to_string(
+        deploy.join("systemd/metrics-collector.service.d/secured-kafka.conf"),
+    )
+    .unwrap();
+    let credentials_dir = "/run/credentials/metrics-collector.service/";
+    let loaded: Vec<&str> = dropin
+        .lines()
+        .filter_map(|l| l.strip_prefix("LoadCredential="))
+        .filter_map(|l| l.split_once(':').map(|(name, _)| name))
+        .collect();
+    let unit_env: std::collections::BTreeMap<String, String> = dropin
+        .lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    assert_eq!(unit_env["KAFKA_SECURITY_PROTOCOL"], "sasl_ssl");
+    for key in ["KAFKA_SASL_PASSWORD_FILE", "AUTH_CREDENTIAL_FILE"] {
+        let name = unit_env[key]
+            .strip_prefix(credentials_dir)
+            .unwrap_or_else(|| panic!("{key} is not a systemd credential"));
+        assert!(loaded.contains(&name), "{name} is not loaded");
+    }
+    // Validate with the credentials directory at the scratch one.
+    let local: Vec<(String, String)> = unit_env
+        .iter()
+        .map(|(k, v)| {
+            let v = v.replace(credentials_dir, &format!("{}/secrets/", scratch.display()));
+            (k.clone(), v)
+        })
+        .collect();
+    for name in &loaded {
+        std::fs::write(scratch.join("secrets").join(name), "credential\n").unwrap();
+    }
+    let output = collector()
+        .arg("validate")
+        .envs(local)
+        .env("SPOOL_DIR", scratch.join("spool"))
+        .env("KAFKA_SSL_CA_FILE", &ca)
+        .env("DCOS_CA_FILE", &ca)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
     let _ = std::fs::remove_dir_all(&scratch);
 }

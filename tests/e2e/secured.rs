@@ -105,6 +105,7 @@ async fn unhealthy_naming(collector: &TestCollector, words: &[&str]) -> String {
         let (status, body) = health(collector).await;
         let reason = body["reasons"][0].as_str().unwrap_or("").to_owned();
         if status == 503 && words.iter().all(|w| reason.contains(w)) {
+            eprintln!("/health 503: {reason}");
             return reason;
         }
         assert!(

@@ -619,16 +619,7 @@ impl KafkaSecurity {
                 if verify == openssl::x509::X509VerifyResult::OK {
                     Some(failed.error().to_string())
                 } else {
-                    let mut what = verify.error_string().to_owned();
-                    if let Some(cert) = failed.ssl().peer_certificate() {
-                        what.push_str(&format!(
-                            " (the broker's certificate {}, valid {} to {})",
-                            subject(&cert),
-                            cert.not_before(),
-                            cert.not_after()
-                        ));
-                    }
-                    Some(what)
+                    Some(verify.error_string().to_owned())
                 }
             }
             Err(HandshakeError::SetupFailure(error)) => Some(error.to_string()),
