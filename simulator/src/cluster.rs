@@ -281,11 +281,12 @@ impl ClusterVerifier {
         bootstraps: &[String],
         producer_urls: Vec<String>,
         metrics_urls: Vec<String>,
+        security: collector::config::security::KafkaSecurity,
     ) -> anyhow::Result<Self> {
         let (first, rest) = bootstraps
             .split_first()
             .ok_or_else(|| anyhow::anyhow!("no --brokers given"))?;
-        let mut verifier = Verifier::start(first, "metrics-", "sample_metrics")?;
+        let mut verifier = Verifier::start(first, "metrics-", "sample_metrics", security)?;
         for bootstrap in rest {
             verifier.add_cluster(bootstrap)?;
         }

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use collector::config::security::{KafkaSecurity, SECURITY_OPTIONS};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -66,6 +67,22 @@ enum Command {
         /// the `address` list resolved to IP:PORT.
         #[arg(long, value_delimiter = ',')]
         brokers: Vec<String>,
+        /// Serve the SDK-era service's `/v1/endpoints/broker[-tls]` (also
+        /// under `/service/<framework>`) instead of `/v1/connection`.
+        #[arg(long)]
+        sdk: bool,
+        /// The brokers' TLS ports, HOST:PORT, for `/v1/endpoints/broker-tls`.
+        #[arg(long, value_delimiter = ',')]
+        tls_brokers: Vec<String>,
+        /// Serve HTTPS with this certificate (PEM), and `--https-key`.
+        #[arg(long, requires = "https_key")]
+        https_cert: Option<std::path::PathBuf>,
+        /// The certificate's private key (PEM, PKCS#8).
+        #[arg(long, requires = "https_cert")]
+        https_key: Option<std::path::PathBuf>,
+        /// Require `Authorization: token=<token>`.
+        #[arg(long)]
+        token: Option<String>,
     },
     /// The embedded broker: librdkafka's mock cluster, with a control API:
     /// POST /brokers/<id>/down, POST /brokers/<id>/up.
@@ -185,7 +202,9 @@ async fn ctrl_c() {
         .await;
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+/// `security`: the Kafka security settings given to `verify` (the
+/// collector's options, by the same flags and env vars).
+async fn run(command: Command, security: KafkaSecurity) -> anyhow::Result<()> {
     match command {
         Command::Up(options) => {
             let report = simulator::up::run(options, ctrl_c()).await?;
@@ -232,16 +251,37 @@ async fn run(command: Command) -> anyhow::Result<()> {
             listen,
             framework,
             brokers,
+            sdk,
+            tls_brokers,
+            https_cert,
+            https_key,
+            token,
         } => {
-            let scheduler = simulator::scheduler::kafka_scheduler(&framework)
-                .bind(listen)
-                .run()
-                .await?;
-            let mut addresses = Vec::new();
-            for broker in &brokers {
-                addresses.push(resolve(broker, Duration::from_secs(60)).await?.to_string());
+            let mut builder = simulator::scheduler::kafka_scheduler(&framework).bind(listen);
+            if sdk {
+                builder = builder.sdk();
             }
-            scheduler.set_lists(brokers.clone(), addresses);
+            if let (Some(cert), Some(key)) = (https_cert, https_key) {
+                builder = builder.https(simulator::tls::Issued {
+                    cert_pem: std::fs::read(&cert)?,
+                    key_pem: std::fs::read(&key)?,
+                });
+            }
+            if let Some(token) = token {
+                builder = builder.token(token);
+            }
+            let scheduler = builder.run().await?;
+            let resolve_all = |list: Vec<String>| async move {
+                let mut addresses = Vec::new();
+                for broker in &list {
+                    addresses.push(resolve(broker, Duration::from_secs(60)).await?.to_string());
+                }
+                anyhow::Ok((list, addresses))
+            };
+            let (brokers, addresses) = resolve_all(brokers).await?;
+            scheduler.set_lists(brokers, addresses);
+            let (tls_brokers, tls_addresses) = resolve_all(tls_brokers).await?;
+            scheduler.set_tls_lists(tls_brokers, tls_addresses);
             println!("Kafka scheduler listening on {}", scheduler.url());
             ctrl_c().await;
         }
@@ -296,7 +336,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let require_balance = !producers.is_empty();
             let require_identity = !metrics.is_empty();
             let verifier = Arc::new(simulator::cluster::ClusterVerifier::start(
-                &brokers, producers, metrics,
+                &brokers, producers, metrics, security,
             )?);
             if let Some(listen) = listen {
                 let addr = verifier.clone().serve(listen).await?;
@@ -412,7 +452,27 @@ fn kafka(brokers: i32, control: SocketAddr) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `verify` takes the collector's Kafka security options, from their
+    // declaration.
+    let matches = Cli::command()
+        .mut_subcommand("verify", |verify| {
+            verify.args(collector::config::clap_args(SECURITY_OPTIONS))
+        })
+        .get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    let security = match matches.subcommand_matches("verify") {
+        Some(verify) => match collector::config::from_matches(SECURITY_OPTIONS, verify) {
+            Ok(config) => KafkaSecurity::from(&config),
+            Err(error) => {
+                eprintln!("simulator verify: {error}");
+                return ExitCode::from(64);
+            }
+        },
+        None => KafkaSecurity::default(),
+    };
     if std::env::var_os("RUST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -424,7 +484,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
         {
-            Ok(runtime) => runtime.block_on(run(command)),
+            Ok(runtime) => runtime.block_on(run(command, security)),
             Err(error) => Err(error.into()),
         },
     };

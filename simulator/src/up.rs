@@ -214,7 +214,12 @@ pub async fn run(
             tokio::spawn(module.run(stop_producers.clone()))
         })
         .collect();
-    let mut verifier = Verifier::start(&kafka.bootstrap_servers(), "metrics-", "sample_metrics")?;
+    let mut verifier = Verifier::start(
+        &kafka.bootstrap_servers(),
+        "metrics-",
+        "sample_metrics",
+        Default::default(),
+    )?;
     println!(
         "simulator up: collector input {input}, Mesos-DNS {}, scheduler {}, agent {}, brokers {}",
         dns.addr,

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use collector::config::security::KafkaSecurity;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -111,17 +112,26 @@ pub struct Verifier {
     prefix: String,
     sample_topic: String,
     threads: Vec<std::thread::JoinHandle<()>>,
+    security: KafkaSecurity,
 }
 
 impl Verifier {
-    /// Starts consuming from `bootstrap`: topics starting with `prefix`, and `sample_topic`.
-    pub fn start(bootstrap: &str, prefix: &str, sample_topic: &str) -> anyhow::Result<Self> {
+    /// Starts consuming from `bootstrap`: topics starting with `prefix`,
+    /// and `sample_topic`; with TLS and SASL as `security` says (the
+    /// collector's settings, the same client configuration).
+    pub fn start(
+        bootstrap: &str,
+        prefix: &str,
+        sample_topic: &str,
+        security: KafkaSecurity,
+    ) -> anyhow::Result<Self> {
         let mut verifier = Self {
             seen: Arc::new(Mutex::new(Seen::default())),
             stop: Arc::new(AtomicBool::new(false)),
             prefix: prefix.to_owned(),
             sample_topic: sample_topic.to_owned(),
             threads: Vec::new(),
+            security,
         };
         verifier.add_cluster(bootstrap)?;
         Ok(verifier)
@@ -129,12 +139,14 @@ impl Verifier {
 
     /// Also consumes another cluster (brokers that moved, say).
     pub fn add_cluster(&mut self, bootstrap: &str) -> anyhow::Result<()> {
-        let consumer: BaseConsumer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", bootstrap)
             .set("group.id", "simulator-verifier")
             .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "20")
-            .create()?;
+            .set("fetch.wait.max.ms", "20");
+        self.security.apply(&mut config)?;
+        let consumer: BaseConsumer = config.create()?;
         let (seen, stop) = (self.seen.clone(), self.stop.clone());
         let (prefix, sample_topic) = (self.prefix.clone(), self.sample_topic.clone());
         self.threads.push(std::thread::spawn(move || {

@@ -110,6 +110,17 @@ fn docker_mount(mount: &Mount) -> bollard::models::Mount {
             }),
             ..Default::default()
         },
+        Mount::Bind {
+            host,
+            path,
+            read_only,
+        } => bollard::models::Mount {
+            source: Some(host.clone()),
+            target: Some((*path).to_owned()),
+            typ: Some(MountTypeEnum::BIND),
+            read_only: Some(*read_only),
+            ..Default::default()
+        },
     }
 }
 
@@ -339,6 +350,81 @@ pub struct Node {
     pub agent: Container,
 }
 
+/// Makes the secured cluster's SCRAM user in the setup broker: tansu's own
+/// CLI, run in its container, retried until the broker answers.
+async fn make_users(setup: &Container, topology: &Topology) {
+    use bollard::exec::{CreateExecOptions, StartExecResults};
+    let secured = topology.secured.as_ref().expect("a secured topology");
+    let password = std::fs::read_to_string(format!("{}/kafka-password", secured.secrets))
+        .expect("the password file");
+    let command = vec![
+        "/bin/tansu".to_owned(),
+        "user".into(),
+        "create".into(),
+        "--broker".into(),
+        "tcp://127.0.0.1:9092".into(),
+        secured.user.into(),
+        password.trim_end().into(),
+        "--mechanism".into(),
+        "scram512".into(),
+    ];
+    let docker = docker();
+    let made = poll_until(docker_patience(), || {
+        let (docker, command) = (docker.clone(), command.clone());
+        async move {
+            let exec = docker
+                .create_exec(
+                    &setup.name,
+                    CreateExecOptions {
+                        cmd: Some(command),
+                        attach_stdout: Some(true),
+                        attach_stderr: Some(true),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .ok()?;
+            if let Ok(StartExecResults::Attached { mut output, .. }) =
+                docker.start_exec(&exec.id, None).await
+            {
+                use futures::StreamExt as _;
+                while output.next().await.is_some() {}
+            }
+            let inspected = docker.inspect_exec(&exec.id).await.ok()?;
+            (inspected.exit_code == Some(0)).then_some(())
+        }
+    })
+    .await;
+    made.unwrap_or_else(|| panic!("no SCRAM user made in {}", setup.name));
+}
+
+/// Writes a secured cluster's files into `secrets` (see
+/// [`Secured::FILES`]): a CA made now, certificates for the broker's TLS
+/// port and the scheduler under their container names, the password, the
+/// token, and stunnel's configuration.
+pub fn write_secrets(secrets: &std::path::Path, cluster: &str, user_password: &str, token: &str) {
+    use simulator::tls::{CertSpec, TestCa};
+    let ca = TestCa::new("Docker tier CA").expect("a CA");
+    ca.write(&secrets.join("ca.crt")).expect("ca.crt");
+    for (service, file) in [("tansu", "tansu"), ("kafka-scheduler", "scheduler")] {
+        let host = format!("mct-{cluster}-{service}");
+        ca.issue(&CertSpec::server(&[&host]))
+            .expect("a certificate")
+            .write(secrets, file)
+            .expect("certificate files");
+    }
+    std::fs::write(secrets.join("kafka-password"), format!("{user_password}\n")).unwrap();
+    std::fs::write(secrets.join("token"), format!("{token}\n")).unwrap();
+    std::fs::write(
+        secrets.join("stunnel.conf"),
+        format!(
+            "foreground = yes\npid =\nsyslog = no\n[kafka]\naccept = 0.0.0.0:9093\nconnect = 127.0.0.1:9092\ncert = {dir}/tansu.crt\nkey = {dir}/tansu.key\n",
+            dir = e2e::topology::SECRETS_DIR
+        ),
+    )
+    .unwrap();
+}
+
 /// The topology the scenarios start from: `docker-compose.yml`'s, with
 /// the tests' API token and idempotent producers said explicitly.
 pub fn topology() -> Topology {
@@ -360,6 +446,8 @@ pub struct Cluster {
     pub dns: Container,
     /// The Kafka scheduler (:7000).
     pub scheduler: Container,
+    /// stunnel in the broker's namespace (:9093), in a secured cluster.
+    pub tls: Option<Container>,
     /// The broker (:9092).
     pub broker: Container,
     /// The spare broker (:9092).
@@ -370,9 +458,13 @@ pub struct Cluster {
     started: Instant,
 }
 
-async fn images_present() {
+async fn images_present(topology: &Topology) {
     let docker = docker();
-    for image in [Image::Collector, Image::Simulator, Image::Tansu] {
+    let mut images = vec![Image::Collector, Image::Simulator, Image::Tansu];
+    if topology.secured.is_some() {
+        images.push(Image::Stunnel);
+    }
+    for image in images {
         let image = format!("{}:{TAG}", image.name());
         if docker.inspect_image(&image).await.is_err() {
             panic!("image {image} is missing: run scripts/build-images first");
@@ -411,7 +503,7 @@ impl Cluster {
     /// own, and waits until every part answers. Containers are named
     /// `mct-<name>-<service>` and reach each other by those names.
     pub async fn start(name: &str, topology: Topology) -> Self {
-        images_present().await;
+        images_present(&topology).await;
         remove_leftovers().await;
         let started = Instant::now();
         let prefix = format!("mct-{name}");
@@ -441,6 +533,12 @@ impl Cluster {
             if service.kind == Kind::Dns {
                 dns_ip = container.ip().await;
             }
+            if service.kind == Kind::BrokerSetup {
+                make_users(&container, &topology).await;
+                // Removed on drop; the broker starts next on its database.
+                container.stop(10).await;
+                continue;
+            }
             containers.insert(service.name, container);
         }
         let mut take = |service: &str| {
@@ -463,6 +561,7 @@ impl Cluster {
             nodes,
             dns: take("mesos-dns"),
             scheduler: take("kafka-scheduler"),
+            tls: topology.secured.is_some().then(|| take("tls")),
             broker: take("tansu"),
             spare: topology.spare_broker.then(|| take("tansu-b")),
             network,
@@ -623,6 +722,7 @@ impl Cluster {
         let mut all: Vec<&Container> =
             vec![&self.verifier, &self.broker, &self.dns, &self.scheduler];
         all.extend(self.spare.iter());
+        all.extend(self.tls.iter());
         for node in &self.nodes {
             all.extend([&node.agent, &node.collector, &node.producers, &node.sample]);
             all.extend(node.garbage.iter());

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use collector::mesos::mapping::{Naming, map_entries};
-use e2e::topology::{SpoolStorage, Topology};
+use e2e::topology::{Secured, SpoolStorage, Topology};
 use harness::{Cluster, topology};
 
 /// Load before and after a fault.
@@ -428,4 +428,85 @@ async fn spool_disk_full_falls_back_to_memory_and_recovers() {
     cluster.run_for(LOAD).await;
     let report = cluster.finish().await;
     assert_nothing_dropped(&report);
+}
+
+/// DC/OS strict mode end to end, from inside the images: Kafka over
+/// SASL_SSL with SCRAM-SHA-512 (stunnel in front of tansu, whose users are
+/// made before authentication is switched on), brokers found through the
+/// Kafka service's SDK API (`/service/kafka/v1/endpoints/broker-tls`) over
+/// HTTPS with the CA and a token file. The collectors, the sample-producers
+/// and the verifier all connect that way, and the balance is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secured_kafka_over_sasl_ssl_found_over_https_with_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (secrets, data) = (dir.path().join("secrets"), dir.path().join("data"));
+    std::fs::create_dir_all(&secrets).unwrap();
+    std::fs::create_dir_all(&data).unwrap();
+    let secured = Secured {
+        secrets: secrets.to_str().unwrap().to_owned(),
+        data: data.to_str().unwrap().to_owned(),
+        user: "metrics",
+        token: "docker-tier-service-account-token",
+    };
+    harness::write_secrets(
+        &secrets,
+        "secured",
+        "docker-tier-scram-password",
+        secured.token,
+    );
+    let spec = Topology {
+        secured: Some(secured),
+        ..topology()
+    };
+    let cluster = Cluster::start("secured", spec).await;
+    cluster.run_for(LOAD).await;
+    let report = cluster.finish().await;
+    assert_nothing_dropped(&report);
+    assert!(
+        !report.seen.sample_executors.is_empty(),
+        "the sample-producers' messages arrived"
+    );
+    let http = reqwest::Client::new();
+    for node in &cluster.nodes {
+        let api = format!("http://{}:8123", cluster.node_ip(node.index).await);
+        let endpoints: serde_json::Value = http
+            .get(format!("{api}/v1/endpoints"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let kafka = &endpoints["outputs"][1];
+        assert!(
+            kafka["discovered_by"]
+                .as_str()
+                .is_some_and(|m| m.contains("https://")
+                    && m.contains("/service/kafka/v1/endpoints/broker-tls")),
+            "{kafka}"
+        );
+        assert_eq!(
+            kafka["brokers"],
+            serde_json::json!(["mct-secured-tansu:9093"])
+        );
+        let metrics = http
+            .get(format!("{api}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for failure in [
+            "collector_kafka_authentication_failures_total 0",
+            "collector_kafka_tls_failures_total 0",
+        ] {
+            assert!(
+                metrics.lines().any(|l| l == failure),
+                "node-{}: {failure}",
+                node.index
+            );
+        }
+    }
+    cluster.log("secured: SASL_SSL with SCRAM-SHA-512, broker-tls found over HTTPS with a token");
 }

@@ -16,6 +16,8 @@ pub enum Image {
     Simulator,
     /// The broker.
     Tansu,
+    /// stunnel, terminating TLS in front of the broker (Debian's stunnel4).
+    Stunnel,
 }
 
 impl Image {
@@ -25,6 +27,7 @@ impl Image {
             Self::Collector => "metrics-collector/collector",
             Self::Simulator => "metrics-collector/simulator",
             Self::Tansu => "metrics-collector/tansu",
+            Self::Stunnel => "metrics-collector/stunnel",
         }
     }
 }
@@ -44,6 +47,11 @@ pub enum Place {
 pub enum Kind {
     /// tansu.
     Broker,
+    /// tansu without authentication, on the broker's database, long
+    /// enough for the SCRAM users to be made in it (secured clusters).
+    BrokerSetup,
+    /// stunnel in the broker's namespace (secured clusters).
+    Tls,
     /// The Kafka scheduler fake.
     Scheduler,
     /// The Mesos-DNS fake.
@@ -90,6 +98,83 @@ pub enum Mount {
         /// Its size.
         bytes: u64,
     },
+    /// A directory of the host's.
+    Bind {
+        /// The host's directory.
+        host: String,
+        /// Where it is mounted.
+        path: &'static str,
+        /// Read-only.
+        read_only: bool,
+    },
+}
+
+/// Where a secured cluster's certificates and secrets are, inside its
+/// containers (read-only).
+pub const SECRETS_DIR: &str = "/etc/metrics-collector/secrets";
+
+/// A secured cluster: Kafka over SASL_SSL with SCRAM-SHA-512 (stunnel in
+/// front of tansu, which does not use its own `--cert`), found through the
+/// Kafka service's SDK API over HTTPS with a token, as in DC/OS strict mode.
+/// The collectors, the sample-producers and the verifier all connect that
+/// way, from inside their images.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Secured {
+    /// A host directory holding [`Secured::FILES`], mounted read-only at
+    /// [`SECRETS_DIR`].
+    pub secrets: String,
+    /// A host directory for tansu's database: the setup broker makes the
+    /// users in it, then the broker with authentication on serves it.
+    pub data: String,
+    /// The SCRAM-SHA-512 user everything connects as.
+    pub user: &'static str,
+    /// The token the scheduler requires.
+    pub token: &'static str,
+}
+
+impl Secured {
+    /// What [`Secured::secrets`] holds: the CA, the TLS port's and the
+    /// scheduler's certificates and keys, the user's password, the token,
+    /// and stunnel's configuration.
+    pub const FILES: [&'static str; 8] = [
+        "ca.crt",
+        "tansu.crt",
+        "tansu.key",
+        "scheduler.crt",
+        "scheduler.key",
+        "kafka-password",
+        "token",
+        "stunnel.conf",
+    ];
+
+    fn mount(&self) -> Mount {
+        Mount::Bind {
+            host: self.secrets.clone(),
+            path: SECRETS_DIR,
+            read_only: true,
+        }
+    }
+
+    /// The collector's Kafka security options (the sample-producer's and
+    /// the verifier's are the same).
+    fn kafka_options(&self, dash: &str) -> Vec<String> {
+        vec![
+            format!("{dash}-kafka-security-protocol=sasl_ssl"),
+            format!("{dash}-kafka-ssl-ca-file={SECRETS_DIR}/ca.crt"),
+            format!("{dash}-kafka-sasl-mechanism=SCRAM-SHA-512"),
+            format!("{dash}-kafka-sasl-username={}", self.user),
+            format!("{dash}-kafka-sasl-password-file={SECRETS_DIR}/kafka-password"),
+        ]
+    }
+
+    /// Discovery over HTTPS with the token, through `/service/kafka`.
+    fn discovery_options(&self, dash: &str, scheduler: &str) -> Vec<String> {
+        vec![
+            format!("{dash}-kafka-scheduler-url=https://{scheduler}:7000/service/kafka"),
+            format!("{dash}-dcos-ca-file={SECRETS_DIR}/ca.crt"),
+            format!("{dash}-auth-credential-file={SECRETS_DIR}/token"),
+        ]
+    }
 }
 
 /// Where the collectors' spool is, inside their containers.
@@ -139,6 +224,9 @@ pub struct Topology {
     /// The collectors' disk spool (`buffer_type = disk`), or the memory
     /// buffer.
     pub spool: Option<SpoolStorage>,
+    /// Kafka over SASL_SSL and discovery over HTTPS with a token, or
+    /// plaintext as in the original.
+    pub secured: Option<Secured>,
 }
 
 impl Default for Topology {
@@ -153,6 +241,7 @@ impl Default for Topology {
             idempotence: None,
             api_token: "local-cluster-token",
             spool: Some(SpoolStorage::Volume),
+            secured: None,
         }
     }
 }
@@ -190,11 +279,48 @@ impl Topology {
                 None,
             )
         };
-        let mut services = vec![tansu("tansu")];
+        let mut services = Vec::new();
+        match &self.secured {
+            None => services.push(tansu("tansu")),
+            Some(secured) => {
+                // The users are made while authentication is off and the
+                // broker advertises its own port; then the broker starts
+                // with authentication on the same database, advertising
+                // stunnel's TLS port.
+                let data = Mount::Bind {
+                    host: secured.data.clone(),
+                    path: "/data",
+                    read_only: false,
+                };
+                let mut setup = tansu("tansu-setup");
+                setup.kind = Kind::BrokerSetup;
+                setup.mounts.push(data.clone());
+                services.push(setup);
+                let mut broker = tansu("tansu");
+                for arg in &mut broker.args {
+                    if arg.starts_with("--advertised-listener-url=") {
+                        *arg = format!("--advertised-listener-url=tcp://{}:9093", host("tansu"));
+                    }
+                }
+                broker.args.push("--authentication".into());
+                broker.mounts.push(data);
+                services.push(broker);
+                services.push(Service {
+                    name: "tls".into(),
+                    kind: Kind::Tls,
+                    image: Image::Stunnel,
+                    entrypoint: None,
+                    args: vec![format!("{SECRETS_DIR}/stunnel.conf")],
+                    place: Place::Node("tansu".into()),
+                    ready: Some("Configuration successful"),
+                    mounts: vec![secured.mount()],
+                });
+            }
+        }
         if self.spare_broker {
             services.push(tansu("tansu-b"));
         }
-        services.push(cluster(
+        let mut scheduler = cluster(
             "kafka-scheduler",
             Kind::Scheduler,
             Image::Simulator,
@@ -204,7 +330,18 @@ impl Topology {
                 format!("--brokers={}:9092", host("tansu")),
             ],
             Some("Kafka scheduler listening on"),
-        ));
+        );
+        if let Some(secured) = &self.secured {
+            scheduler.args.extend([
+                "--sdk".to_owned(),
+                format!("--tls-brokers={}:9093", host("tansu")),
+                format!("--https-cert={SECRETS_DIR}/scheduler.crt"),
+                format!("--https-key={SECRETS_DIR}/scheduler.key"),
+                format!("--token={}", secured.token),
+            ]);
+            scheduler.mounts.push(secured.mount());
+        }
+        services.push(scheduler);
         services.push(cluster(
             "mesos-dns",
             Kind::Dns,
@@ -260,6 +397,10 @@ impl Topology {
                     format!("--spool-dir={SPOOL_DIR}"),
                 ]);
             }
+            if let Some(secured) = &self.secured {
+                collector.extend(secured.kafka_options("-"));
+                collector.extend(secured.discovery_options("-", &host("kafka-scheduler")));
+            }
             let mut service = in_node(
                 format!("collector-{index}"),
                 Kind::Collector,
@@ -280,6 +421,9 @@ impl Topology {
                         bytes,
                     },
                 }));
+            service
+                .mounts
+                .extend(self.secured.as_ref().map(Secured::mount));
             services.push(service);
             services.push(in_node(
                 format!("producers-{index}"),
@@ -311,14 +455,22 @@ impl Topology {
             if let Some(option) = &idempotence {
                 sample.extend(strings(&["-librdkafka", option]));
             }
-            services.push(in_node(
+            if let Some(secured) = &self.secured {
+                sample.extend(secured.kafka_options("-"));
+                sample.extend(secured.discovery_options("-", &host("kafka-scheduler")));
+            }
+            let mut sample = in_node(
                 format!("sample-{index}"),
                 Kind::Sample,
                 Image::Collector,
                 Some("/bin/sample-producer"),
                 sample,
                 None,
-            ));
+            );
+            sample
+                .mounts
+                .extend(self.secured.as_ref().map(Secured::mount));
+            services.push(sample);
             if self.garbage_on_node_1 && index == 1 {
                 services.push(in_node(
                     format!("garbage-{index}"),
@@ -330,7 +482,14 @@ impl Topology {
                 ));
             }
         }
-        let mut verify = vec!["verify".into(), format!("--brokers={}:9092", host("tansu"))];
+        let mut verify = vec!["verify".into()];
+        match &self.secured {
+            None => verify.push(format!("--brokers={}:9092", host("tansu"))),
+            Some(secured) => {
+                verify.push(format!("--brokers={}:9093", host("tansu")));
+                verify.extend(secured.kafka_options("-"));
+            }
+        }
         if self.spare_broker {
             verify.push(format!("--brokers={}:9092", host("tansu-b")));
         }
@@ -347,13 +506,17 @@ impl Topology {
             ));
         }
         verify.extend(strings(&["--listen=0.0.0.0:9200", "--interval=5s"]));
-        services.push(cluster(
+        let mut verifier = cluster(
             "verifier",
             Kind::Verifier,
             Image::Simulator,
             verify,
             Some("verifier report on"),
-        ));
+        );
+        verifier
+            .mounts
+            .extend(self.secured.as_ref().map(Secured::mount));
+        services.push(verifier);
         services
     }
 }
@@ -420,6 +583,14 @@ pub fn compose(topology: &Topology) -> String {
                 Mount::Tmpfs { path, bytes } => {
                     let _ = writeln!(out, "    tmpfs: [\"{path}:size={bytes}\"]");
                 }
+                Mount::Bind {
+                    host,
+                    path,
+                    read_only,
+                } => {
+                    let mode = if *read_only { ":ro" } else { "" };
+                    let _ = writeln!(out, "    volumes: [\"{host}:{path}{mode}\"]");
+                }
             }
         }
         match &service.place {
@@ -444,6 +615,8 @@ pub fn compose(topology: &Topology) -> String {
             Place::Cluster => "",
         };
         match service.kind {
+            // Secured clusters are the Docker tier's only.
+            Kind::BrokerSetup | Kind::Tls => {}
             Kind::Broker => {
                 out.push_str("    volumes: [tansu-data:/data]\n");
                 out.push_str(&probe(
