@@ -67,6 +67,9 @@ pub struct SampleConfig {
     pub compression: String,
     /// TLS and SASL for Kafka, as the collector's.
     pub security: KafkaSecurity,
+    /// Asks for the Kafka producer to be made anew, reading the secret
+    /// files again (the binary's SIGHUP).
+    pub reload: Reload,
     /// Any other librdkafka producer option, applied last.
     pub librdkafka: Vec<(String, String)>,
 }
@@ -80,6 +83,30 @@ impl SampleConfig {
     pub const MAX_MESSAGE_BYTES: usize = 1_000_000;
     /// Largest agent answer read, by default.
     pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+}
+
+/// A request to make the Kafka producer anew (SIGHUP): a send waiting for
+/// its delivery report is given up (its poll is kept and sent again), and
+/// the next send makes the producer, reading the secret files again. A
+/// message the old producer had already sent may then arrive twice.
+#[derive(Debug, Clone)]
+pub struct Reload(Arc<tokio::sync::watch::Sender<u64>>);
+
+impl Default for Reload {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::watch::Sender::new(0)))
+    }
+}
+
+impl Reload {
+    /// Asks for it.
+    pub fn request(&self) {
+        self.0.send_modify(|n| *n += 1);
+    }
+
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.subscribe()
+    }
 }
 
 /// What a run did, logged at shutdown.
@@ -284,8 +311,10 @@ async fn send_pending(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     grace: Duration,
+    reload: Reload,
 ) {
     let mut producer: Option<(FutureProducer, ClientConfig)> = None;
+    let mut reloads = reload.subscribe();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
@@ -297,6 +326,12 @@ async fn send_pending(
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             return;
+        }
+        if reloads.has_changed().unwrap_or(false) {
+            reloads.mark_unchanged();
+            if producer.take().is_some() {
+                info!("Reload: the Kafka producer is made anew, reading the secret files again.");
+            }
         }
         let Some(pending) = shared.take_front() else {
             if shutdown.is_cancelled() {
@@ -348,6 +383,7 @@ async fn send_pending(
             Some((p, config)) => {
                 // A send waits for its delivery report, up to the message
                 // timeout: shutdown's grace ends it sooner.
+                let mut reloading = false;
                 let sent = {
                     let record: FutureRecord<'_, (), [u8]> =
                         FutureRecord::to(&topic).payload(&pending.payload);
@@ -363,11 +399,20 @@ async fn send_pending(
                                 ));
                             }
                             () = sleep_until_or_never(deadline) => break None,
+                            Ok(()) = reloads.changed() => {
+                                reloading = true;
+                                break None;
+                            }
                         }
                     }
                 };
                 let Some(sent) = sent else {
                     shared.put_back(vec![pending]);
+                    if reloading {
+                        info!("Reload: the Kafka producer is made anew, reading the secret files again.");
+                        producer = None;
+                        continue;
+                    }
                     return;
                 };
                 match sent {
@@ -489,6 +534,7 @@ pub async fn run(config: SampleConfig, shutdown: CancellationToken) -> SampleRep
             shared.clone(),
             stop_sending.clone(),
             Duration::from_secs(5),
+            config.reload.clone(),
         ))
     });
     let mut poll_backoff = Backoff::new(

@@ -200,6 +200,7 @@ pub async fn run(
             max_body_bytes: SampleConfig::MAX_BODY_BYTES,
             compression: "snappy".into(),
             security: Default::default(),
+            reload: Default::default(),
             librdkafka: Vec::new(),
         },
         stop_sample.clone(),

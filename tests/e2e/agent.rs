@@ -30,6 +30,7 @@ pub(crate) fn sample_config(agent: String, bootstrap: &str) -> SampleConfig {
         max_body_bytes: SampleConfig::MAX_BODY_BYTES,
         compression: "snappy".into(),
         security: Default::default(),
+        reload: Default::default(),
         librdkafka: Vec::new(),
     }
 }

@@ -370,6 +370,7 @@ fn sample_config(agent: String, bootstrap: &str) -> collector::sample::SampleCon
         max_body_bytes: SampleConfig::MAX_BODY_BYTES,
         compression: "none".into(),
         security: Default::default(),
+        reload: Default::default(),
         librdkafka: Vec::new(),
     }
 }

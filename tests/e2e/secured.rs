@@ -291,6 +291,48 @@ async fn the_sample_producer_delivers_with_scram() {
     assert_eq!(report.datapoints_dropped, 0, "{report:?}");
 }
 
+/// The sample-producer with a wrong password delivers nothing and keeps
+/// its polls; the right password in the file and a reload (its SIGHUP)
+/// deliver them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sample_producer_reloads_a_mended_password() {
+    let pki = Pki::new();
+    let tansu = Tansu::start(&users(), None).await;
+    let agent = simulator::agent::mesos_agent().run().await.unwrap();
+    let mut config = crate::agent::sample_config(agent.url(), "unused:1");
+    config.brokers = Some(BrokerSource::Static(vec![format!(
+        "localhost:{}",
+        tansu.addr.port()
+    )]));
+    config.compression = "none".into();
+    config.librdkafka = vec![("broker.address.family".into(), "v4".into())];
+    let password = pki.file("alice.password", "wrong\n");
+    config.security = KafkaSecurity {
+        protocol: SecurityProtocol::SaslPlaintext,
+        mechanism: Some(SaslMechanism::ScramSha512),
+        username: Some("alice".into()),
+        password_file: Some(password.clone()),
+        ..KafkaSecurity::default()
+    };
+    let reload = config.reload.clone();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run_sample(config, shutdown.clone()));
+    // Its first send waits for its delivery report, which a producer that
+    // can't authenticate never gets: a few polls pile up meanwhile.
+    assert_eventually!(agent.requests() >= 4, "polled a few times");
+    std::fs::write(&password, "alice-secret-512\n").unwrap();
+    reload.request();
+    let before = agent.requests();
+    assert_eventually!(agent.requests() >= before + 3, "polled on");
+    shutdown.cancel();
+    let report = task.await.unwrap();
+    assert!(
+        report.messages_delivered >= 4,
+        "the waiting polls too: {report:?}"
+    );
+    assert_eq!(report.datapoints_dropped, 0, "{report:?}");
+}
+
 /// Server TLS through stunnel; then mutual TLS (stunnel `verify = 2`) with
 /// SASL_SSL, SCRAM-SHA-512 and zstd all at once; the same without the
 /// client certificate is refused, and named.

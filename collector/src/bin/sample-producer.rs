@@ -238,8 +238,10 @@ fn main() -> ExitCode {
         max_body_bytes: args.max_body_bytes,
         compression: args.compression,
         security,
+        reload: Default::default(),
         librdkafka: args.librdkafka,
     };
+    let reload = config.reload.clone();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -252,13 +254,14 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let signals = match collector::telemetry::Signals::install() {
+        let mut signals = match collector::telemetry::Signals::install() {
             Ok(signals) => signals,
             Err(error) => {
                 eprintln!("sample-producer: cannot install the signal handlers: {error}");
                 return ExitCode::FAILURE;
             }
         };
+        signals.on_hangup(move || reload.request());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run(config, shutdown.clone()));
         signals.recv().await;
