@@ -315,6 +315,8 @@ async fn send_pending(
 ) {
     let mut producer: Option<(FutureProducer, ClientConfig)> = None;
     let mut reloads = reload.subscribe();
+    // Set when a reload gave up a send.
+    let mut reload_now = false;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
@@ -327,7 +329,7 @@ async fn send_pending(
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             return;
         }
-        if reloads.has_changed().unwrap_or(false) {
+        if std::mem::take(&mut reload_now) || reloads.has_changed().unwrap_or(false) {
             reloads.mark_unchanged();
             if producer.take().is_some() {
                 info!("Reload: the Kafka producer is made anew, reading the secret files again.");
@@ -383,7 +385,6 @@ async fn send_pending(
             Some((p, config)) => {
                 // A send waits for its delivery report, up to the message
                 // timeout: shutdown's grace ends it sooner.
-                let mut reloading = false;
                 let sent = {
                     let record: FutureRecord<'_, (), [u8]> =
                         FutureRecord::to(&topic).payload(&pending.payload);
@@ -400,7 +401,7 @@ async fn send_pending(
                             }
                             () = sleep_until_or_never(deadline) => break None,
                             Ok(()) = reloads.changed() => {
-                                reloading = true;
+                                reload_now = true;
                                 break None;
                             }
                         }
@@ -408,9 +409,7 @@ async fn send_pending(
                 };
                 let Some(sent) = sent else {
                     shared.put_back(vec![pending]);
-                    if reloading {
-                        info!("Reload: the Kafka producer is made anew, reading the secret files again.");
-                        producer = None;
+                    if reload_now {
                         continue;
                     }
                     return;

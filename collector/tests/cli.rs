@@ -372,16 +372,21 @@ fn deploy_files_for_a_secured_kafka_keep_secrets_in_files_and_validate() {
         assert!(app["secrets"][secret]["source"].is_string(), "{secret}");
         std::fs::write(scratch.join(&env[key]), "from-a-secret\n").unwrap();
     }
-    let output = collector()
-        .current_dir(&scratch)
-        .arg("validate")
-        .envs(&env)
-        .env("SPOOL_DIR", scratch.join("spool"))
-        .env("KAFKA_SSL_CA_FILE", &ca)
-        .env("DCOS_CA_FILE", &ca)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
+    // Validates with the CA files and the spool in the scratch directory.
+    let validates = |dir: &std::path::Path, env: &[(String, String)]| {
+        let output = collector()
+            .current_dir(dir)
+            .arg("validate")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("SPOOL_DIR", scratch.join("spool"))
+            .env("KAFKA_SSL_CA_FILE", &ca)
+            .env("DCOS_CA_FILE", &ca)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+    };
+    let pairs: Vec<(String, String)> = env.clone().into_iter().collect();
+    validates(&scratch, &pairs);
 
     let dropin = std::fs::read_to_string(
         deploy.join("systemd/metrics-collector.service.d/secured-kafka.conf"),
@@ -417,14 +422,6 @@ fn deploy_files_for_a_secured_kafka_keep_secrets_in_files_and_validate() {
     for name in &loaded {
         std::fs::write(scratch.join("secrets").join(name), "credential\n").unwrap();
     }
-    let output = collector()
-        .arg("validate")
-        .envs(local)
-        .env("SPOOL_DIR", scratch.join("spool"))
-        .env("KAFKA_SSL_CA_FILE", &ca)
-        .env("DCOS_CA_FILE", &ca)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
+    validates(&std::env::temp_dir(), &local);
     let _ = std::fs::remove_dir_all(&scratch);
 }

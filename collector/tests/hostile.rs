@@ -349,17 +349,9 @@ fn tempdir(name: &str) -> std::path::PathBuf {
 }
 
 fn validate(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let output = binary("collector")
-        .arg("validate")
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let mut all = vec!["validate"];
+    all.extend(args);
+    common::output("collector", &all, env)
 }
 
 /// A value clap can't parse exits 64 (not clap's 2), naming the option,

@@ -7,20 +7,7 @@
 
 mod common;
 
-use common::{binary, eventually, start};
-
-fn run(program: &str, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let output = binary(program)
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
+use common::{eventually, output as run, start};
 
 fn scratch(name: &str) -> std::path::PathBuf {
     let dir =
@@ -40,7 +27,9 @@ fn collector_validate_explains_bad_security_settings() {
     let missing = dir.join("missing.pem");
     let missing = missing.to_str().unwrap();
     let password_file = format!("--kafka-sasl-password-file={}", password.display());
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    // Flags, env vars, and the option the error must name.
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         (
             vec!["--kafka-security-protocol=tls"],
             vec![],

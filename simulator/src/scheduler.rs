@@ -265,13 +265,17 @@ fn answer(
     }
 }
 
-/// The SDK service's `/v1/endpoints/broker`: `address`, `dns` and `vip`.
-async fn endpoints_broker(State(state): State<Shared>, headers: HeaderMap) -> Response {
-    let framework = state
+fn framework(state: &Shared) -> String {
+    state
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .framework
-        .clone();
+        .clone()
+}
+
+/// The SDK service's `/v1/endpoints/broker`: `address`, `dns` and `vip`.
+async fn endpoints_broker(State(state): State<Shared>, headers: HeaderMap) -> Response {
+    let framework = framework(&state);
     answer(&state, &headers, |b, fault| {
         sdk_endpoint(
             &b.address,
@@ -284,11 +288,7 @@ async fn endpoints_broker(State(state): State<Shared>, headers: HeaderMap) -> Re
 
 /// The SDK service's `/v1/endpoints/broker-tls`.
 async fn endpoints_broker_tls(State(state): State<Shared>, headers: HeaderMap) -> Response {
-    let framework = state
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .framework
-        .clone();
+    let framework = framework(&state);
     answer(&state, &headers, |b, fault| {
         sdk_endpoint(
             &b.tls_address,

@@ -84,7 +84,8 @@ pub struct ScramUser {
 pub struct Tansu {
     /// Where it listens.
     pub addr: SocketAddr,
-    child: Child,
+    /// Killed on drop.
+    _child: Child,
     _dir: TempDir,
 }
 
@@ -122,7 +123,7 @@ impl Tansu {
             wait_listening(addr, "tansu", &mut child).await;
             return Self {
                 addr,
-                child,
+                _child: child,
                 _dir: dir,
             };
         }
@@ -155,14 +156,9 @@ impl Tansu {
         wait_listening(addr, "tansu --authentication", &mut child).await;
         Self {
             addr,
-            child,
+            _child: child,
             _dir: dir,
         }
-    }
-
-    /// Whether it still runs.
-    pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
     }
 }
 
@@ -180,7 +176,8 @@ pub enum ClientAuth {
 pub struct Stunnel {
     /// Where it accepts TLS.
     pub addr: SocketAddr,
-    child: Child,
+    /// Killed on drop.
+    _child: Child,
     _dir: TempDir,
 }
 
@@ -218,13 +215,8 @@ impl Stunnel {
         wait_listening(addr, "stunnel", &mut child).await;
         Self {
             addr,
-            child,
+            _child: child,
             _dir: dir,
         }
-    }
-
-    /// Whether it still runs.
-    pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
     }
 }

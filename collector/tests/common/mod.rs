@@ -24,6 +24,21 @@ pub fn binary(name: &str) -> Command {
     command
 }
 
+/// Runs `program` with `args` and `env` to its end: its exit code, stdout
+/// and stderr.
+pub fn output(program: &str, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let output = binary(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 pub fn fixture(path: &str) -> Vec<u8> {
     std::fs::read(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
