@@ -130,6 +130,15 @@ pub enum DiscoveryError {
     /// The CA file or the token file could not be used.
     #[error("Kafka scheduler credentials: {0}")]
     Credentials(String),
+    /// Neither the SDK service's endpoint nor the original's was found.
+    #[error(
+        "Kafka scheduler answered 404 at each of {}: is it the Kafka service's scheduler (and, for broker-tls, is TLS on in the service)?",
+        .tried.join(", ")
+    )]
+    NotFound {
+        /// The URLs asked.
+        tried: Vec<String>,
+    },
     /// The scheduler answered with an error status.
     #[error("Kafka scheduler {url} answered HTTP {status}")]
     Status {
@@ -263,9 +272,8 @@ pub async fn discover(
         }
     }
     let Some((url, response)) = answer else {
-        return Err(DiscoveryError::Status {
-            url: format!("{base}{}", paths[1]),
-            status: 404,
+        return Err(DiscoveryError::NotFound {
+            tried: paths.iter().map(|path| format!("{base}{path}")).collect(),
         });
     };
     let body: serde_json::Value = response

@@ -120,7 +120,8 @@ impl Runtime {
             field: "(config)".into(),
             message: e.to_string(),
         })?;
-        // A secret sent back as GET /v1/config shows it stays as it is.
+        // A secret option sent back as GET /v1/config shows it stays as it
+        // is (a redacted `librdkafka` entry is not recognised this way).
         let mut patch = patch.clone();
         if let Value::Object(fields) = &mut patch {
             fields.retain(|key, value| {

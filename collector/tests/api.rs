@@ -347,7 +347,26 @@ async fn security_settings_patch_redact_and_reload() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(app.stats().kafka_reloads.load(Relaxed), 1);
 
-    // A password file that went missing: the reload is refused, named.
+    // A password file that goes missing: the reload is refused, named.
+    let dir = std::env::temp_dir().join(format!("collector-api-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("password");
+    std::fs::write(&file, "from-a-file\n").unwrap();
+    let patch = json!({"kafka_sasl_password": null, "kafka_sasl_password_file": file}).to_string();
+    let (status, body) = call(&app, "PATCH", "/v1/config", Some(&patch), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    std::fs::remove_file(&file).unwrap();
+    let (status, body) = call(&app, "POST", "/v1/kafka/reload", None, None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(json(&body)["field"], "kafka_sasl_password_file", "{body}");
+    assert_eq!(
+        app.stats().kafka_reloads.load(Relaxed),
+        1,
+        "a refused reload is not one"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Nor can PATCH name a file that is not there.
     let (status, body) = call(
         &app,
         "PATCH",

@@ -190,6 +190,9 @@ fn sighup_reloads_the_kafka_clients() {
         ],
         None,
     );
+    eventually("a producer made", || {
+        running.log_lines("Using Kafka brokers") >= 1
+    });
     let hup = || {
         let status = std::process::Command::new("kill")
             .args(["-HUP", &running.pid().to_string()])
@@ -198,8 +201,9 @@ fn sighup_reloads_the_kafka_clients() {
         assert!(status.success());
     };
     hup();
-    eventually("a reload counted", || {
+    eventually("a reload counted, and the producer made anew", || {
         running.metric("collector_kafka_reloads_total") >= 1.0
+            && running.metric("collector_producer_switches_total") >= 1.0
     });
     std::fs::write(&password, "").unwrap();
     hup();

@@ -402,6 +402,52 @@ async fn tls_and_mutual_tls_with_sasl_and_zstd_deliver() {
     fails_with(collector, &["Kafka TLS handshake failed"]).await;
 }
 
+/// A failure mended on the broker's side clears with no data to deliver:
+/// while it is reported, the collector asks the brokers for metadata, and
+/// an answer clears it. Here stunnel first requires a client certificate
+/// the collector does not have, then is started again without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_mended_on_the_brokers_side_clears_without_data() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", &CertSpec::localhost());
+    let port = free_port();
+    let tansu = Tansu::start(&[], Some(port)).await;
+    let stunnel = Stunnel::start(
+        port,
+        tansu.addr,
+        &cert,
+        &key,
+        &pki.ca_file,
+        ClientAuth::Required,
+    )
+    .await;
+    let mut config = secured_config(&format!("localhost:{port}"));
+    config.kafka_security_protocol = SecurityProtocol::Ssl;
+    config.kafka_ssl_ca_file = Some(pki.ca_file.clone());
+    let collector = spawn_collector(config).await;
+    unhealthy_naming(
+        &collector,
+        &["Kafka TLS handshake failed", "certificate required"],
+    )
+    .await;
+    drop(stunnel);
+    let _stunnel = Stunnel::start(
+        port,
+        tansu.addr,
+        &cert,
+        &key,
+        &pki.ca_file,
+        ClientAuth::None,
+    )
+    .await;
+    assert_eventually!(
+        health(&collector).await.0 == 200,
+        "healthy again, with no data sent"
+    );
+    assert_eq!(collector.accounting().received.datapoints, 0);
+    assert_balanced(&collector.shutdown().await);
+}
+
 /// Each TLS failure is counted and named at once in `/health`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_failures_are_named() {

@@ -141,7 +141,17 @@ pub fn check_client_config(options: ClientOptions<'_>) -> Result<(), ConfigError
         })
 }
 
-/// Whether a librdkafka option holds a secret (never shown).
+/// Whether a librdkafka option holds a secret (never shown): passwords,
+/// secrets and tokens, an inline private key (`ssl.key.pem`), OAuth's
+/// configuration.
 pub fn is_secret_key(key: &str) -> bool {
-    key.contains("password") || key.contains("secret") || key.contains("token")
+    [
+        "password",
+        "secret",
+        "token",
+        "key.pem",
+        "oauthbearer.config",
+    ]
+    .iter()
+    .any(|secret| key.contains(secret))
 }

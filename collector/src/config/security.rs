@@ -583,7 +583,7 @@ impl KafkaSecurity {
     /// these settings, blocking for at most about five seconds; `None` when
     /// the handshake succeeds or TLS is off.
     pub fn diagnose_tls(&self, broker: &str) -> Option<String> {
-        use openssl::ssl::{HandshakeError, SslConnector, SslFiletype, SslMethod, SslVerifyMode};
+        use openssl::ssl::{HandshakeError, SslConnector, SslMethod, SslVerifyMode};
         use std::net::ToSocketAddrs;
         if !self.protocol.uses_tls() {
             return None;
@@ -597,10 +597,27 @@ impl KafkaSecurity {
             None => builder.set_default_verify_paths().ok()?,
         }
         if let (Some(cert), Some(key)) = (&self.certificate_file, &self.key_file) {
-            // An encrypted key can't be loaded here without its password
-            // callback; the server's certificate is checked all the same.
+            // The key through its password file, if any (OpenSSL would
+            // otherwise ask on the terminal); what can't be loaded is left
+            // out, and the broker's certificate is checked all the same.
             let _ = builder.set_certificate_chain_file(cert);
-            let _ = builder.set_private_key_file(key, SslFiletype::PEM);
+            let password = self
+                .key_password_file
+                .as_ref()
+                .and_then(|file| read_secret("kafka_ssl_key_password_file", file).ok())
+                .unwrap_or_default();
+            let key = std::fs::read(key).ok().and_then(|pem| {
+                openssl::pkey::PKey::private_key_from_pem_callback(&pem, |buffer| {
+                    let bytes = password.as_bytes();
+                    let n = bytes.len().min(buffer.len());
+                    buffer[..n].copy_from_slice(&bytes[..n]);
+                    Ok(n)
+                })
+                .ok()
+            });
+            if let Some(key) = key {
+                let _ = builder.set_private_key(&key);
+            }
         }
         builder.set_verify(SslVerifyMode::PEER);
         let connector = builder.build();

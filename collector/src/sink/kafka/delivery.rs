@@ -74,6 +74,9 @@ pub(super) struct Context {
     pub(super) security: KafkaSecurity,
     /// Set once the TLS diagnosis has been started.
     pub(super) diagnosed: AtomicBool,
+    /// Wakes the sink when a security failure is reported, so that it
+    /// starts asking the brokers whether it has cleared.
+    pub(super) failure_reported: Arc<Notify>,
 }
 
 impl Context {
@@ -178,6 +181,7 @@ impl Context {
             .unavailable_since
             .get_or_insert_with(std::time::Instant::now);
         drop(state);
+        self.failure_reported.notify_one();
         if failure == SecurityFailure::Tls && !self.diagnosed.swap(true, Relaxed) {
             self.diagnose_tls();
         }

@@ -39,6 +39,10 @@ pub(crate) use delivery::is_permanent;
 use delivery::{KafkaProducer, Meta};
 use topics::{PARKED_SHARE, TopicCache, TopicResult};
 
+/// How often the brokers are asked for metadata while a TLS or
+/// authentication failure is reported (see `probe_brokers`).
+const SECURITY_PROBE_PERIOD: Duration = Duration::from_secs(5);
+
 /// The Kafka sink task's state.
 pub struct KafkaSink {
     settings: KafkaSettings,
@@ -49,6 +53,10 @@ pub struct KafkaSink {
     producer: Option<(Arc<KafkaProducer>, Discovered)>,
     /// The topic admin's configuration, made with the producer.
     admin: Option<rdkafka::ClientConfig>,
+    /// Brokers whose producer could not be made: a reload tries again.
+    unmade: Option<Discovered>,
+    /// Told when a TLS or authentication failure is reported.
+    failure_reported: Arc<Notify>,
     retry_tx: mpsc::UnboundedSender<Message>,
     retry_rx: mpsc::UnboundedReceiver<Message>,
     /// Counts the bytes of messages handed back for a retry.
@@ -109,6 +117,8 @@ impl KafkaSink {
             outbox: VecDeque::new(),
             producer: None,
             admin: None,
+            unmade: None,
+            failure_reported: Arc::new(Notify::new()),
             retry_tx,
             retry_rx,
             retiring: Vec::new(),
@@ -269,6 +279,7 @@ impl KafkaSink {
         ));
         let mut input_done = false;
         let mut deadline: Option<Instant> = None;
+        let mut next_probe = Instant::now();
         loop {
             // Shutdown: the grace ends at its deadline, even while Kafka
             // takes nothing (no producer, brokers down, a full outbox).
@@ -320,6 +331,13 @@ impl KafkaSink {
                     self.retry_topics();
                 }
                 _ = self.room.notified(), if wait_for_room => {}
+                // A failure reported while this select waits wakes it, so
+                // that the probe below is armed.
+                _ = self.failure_reported.notified() => {}
+                _ = tokio::time::sleep_until(next_probe), if self.producer.is_some() && self.security_failure_reported() => {
+                    self.probe_brokers();
+                    next_probe = Instant::now() + SECURITY_PROBE_PERIOD;
+                }
                 _ = tokio::time::sleep(Duration::from_millis(100)), if wait_for_room => {}
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
                 Some(change) = async {

@@ -40,6 +40,7 @@ impl KafkaSink {
             brokers: discovered.brokers.clone(),
             security: self.settings.security.clone(),
             diagnosed: AtomicBool::new(false),
+            failure_reported: self.failure_reported.clone(),
         };
         let config = self
             .settings
@@ -83,12 +84,52 @@ impl KafkaSink {
 
     /// Makes the producer anew for the same brokers, reading the secret
     /// files again: after a reload or a change of the security settings.
+    /// With no producer yet because making it failed (a secret file that
+    /// could not be read), tries again for the brokers it was for.
     pub(super) fn remake_producer(&mut self) {
-        if let Some((_, current)) = &self.producer {
-            let discovered = current.clone();
+        let discovered = self
+            .producer
+            .as_ref()
+            .map(|(_, current)| current.clone())
+            .or_else(|| self.unmade.clone());
+        if let Some(discovered) = discovered {
             info!("Making the Kafka producer anew with the current security settings.");
             self.switch_producer(discovered);
         }
+    }
+
+    /// Whether a TLS or authentication failure is being reported.
+    pub(super) fn security_failure_reported(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .security_failure
+            .is_some()
+    }
+
+    /// Asks the brokers for metadata, off the runtime's threads: an answer
+    /// means connected and authenticated, and clears a reported TLS or
+    /// authentication failure even with no data to deliver (after a broker
+    /// restart that looked like a protocol mismatch, or once the broker's
+    /// side was mended).
+    pub(super) fn probe_brokers(&self) {
+        let Some((producer, _)) = &self.producer else {
+            return;
+        };
+        let (producer, state) = (producer.clone(), self.state.clone());
+        let (generation, current) = (self.generation.load(Relaxed), self.generation.clone());
+        tokio::task::spawn_blocking(move || {
+            let answered = producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(5))
+                .is_ok();
+            if answered && current.load(Relaxed) == generation {
+                let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                state.security_failure = None;
+                state.all_brokers_down = false;
+                state.unavailable_since = None;
+            }
+        });
     }
 
     /// A new producer for `discovered`; the old one's messages move over.
@@ -96,6 +137,7 @@ impl KafkaSink {
         let (producer, admin) = match self.create_producer(&discovered) {
             Ok((producer, admin)) => (Arc::new(producer), admin),
             Err(error) => {
+                self.unmade = Some(discovered.clone());
                 self.stats.kafka_client_failures.fetch_add(1, Relaxed);
                 error!(%error, brokers = ?discovered.brokers, "Could not create the Kafka producer; check the security settings and the librdkafka options.");
                 let has_producer = self.producer.is_some();
@@ -109,6 +151,7 @@ impl KafkaSink {
                 return;
             }
         };
+        self.unmade = None;
         info!(brokers = ?discovered.brokers, method = %discovered.method, "Using Kafka brokers.");
         // From here on, only the new producer speaks for the broker state.
         self.generation.fetch_add(1, Relaxed);
