@@ -7,11 +7,11 @@
 //! request, so that a token refreshed by whoever writes the file is used at
 //! once.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::security::{Secret, parse_certificates, read_secret};
-use crate::config::{Config, ConfigError};
+use crate::config::ConfigError;
+pub use crate::config::security::Credentials;
+use crate::config::security::{parse_certificates, read_secret};
 
 /// The User-Agent of every request.
 pub const USER_AGENT: &str = concat!("metrics-collector/", env!("CARGO_PKG_VERSION"));
@@ -33,46 +33,7 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// How to reach DC/OS's HTTPS endpoints.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Credentials {
-    /// `dcos_ca_file`: CA certificates the servers' certificates chain to.
-    pub ca_file: Option<PathBuf>,
-    /// `auth_credential_file`: the token, read at every request.
-    pub token_file: Option<PathBuf>,
-    /// `auth_credential`: the token itself.
-    pub token: Option<Secret>,
-}
-
-impl From<&Config> for Credentials {
-    fn from(config: &Config) -> Self {
-        Self {
-            ca_file: config.dcos_ca_file.clone(),
-            token_file: config.auth_credential_file.clone(),
-            token: config.auth_credential.clone().map(Secret),
-        }
-    }
-}
-
 impl Credentials {
-    /// Checks the files: the CA file holds PEM certificates, the token file
-    /// is readable and not empty, and the token is given one way only.
-    pub fn check(&self) -> Result<(), ConfigError> {
-        if self.token.is_some() && self.token_file.is_some() {
-            return Err(ConfigError::new(
-                "auth_credential",
-                "set only one of auth_credential_file and auth_credential",
-            ));
-        }
-        if let Some(path) = &self.ca_file {
-            parse_certificates("dcos_ca_file", path)?;
-        }
-        if let Some(path) = &self.token_file {
-            read_secret("auth_credential_file", path)?;
-        }
-        Ok(())
-    }
-
     /// An HTTP client that trusts the CA file too (beside the system's
     /// CAs), with `timeout` per request.
     pub fn http_client(&self, timeout: Duration) -> Result<reqwest::Client, ConfigError> {

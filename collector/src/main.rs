@@ -81,7 +81,7 @@ fn main() -> ExitCode {
         None => run(cli.config),
         Some(Command::Run { config }) => run(config),
         Some(Command::Validate { config }) => match config.load(legacy_env).and_then(|config| {
-            config.check_spool_dir()?;
+            collector::spool::check_config_dir(&config)?;
             Ok(config)
         }) {
             Ok(config) => {

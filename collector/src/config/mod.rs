@@ -31,6 +31,28 @@ pub enum FullPolicy {
     DropOldest,
 }
 
+/// Where records wait between the inputs and the sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum BufferType {
+    /// In memory only: lost if the process dies.
+    Memory,
+    /// In segment files under `spool_dir`, replayed after a restart.
+    Disk,
+}
+
+/// When the spool syncs what it wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum FsyncMode {
+    /// Every `spool_fsync_ms`: a crash loses at most that last interval.
+    Interval,
+    /// Before each write returns: a crash loses nothing written.
+    Always,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -224,18 +246,6 @@ impl Config {
         }
     }
 
-    /// With `buffer_type = disk`: checks that `spool_dir` exists or can be
-    /// made, and can be written (`collector validate`; the daemon itself
-    /// runs on, degraded, when it can't).
-    pub fn check_spool_dir(&self) -> Result<(), ConfigError> {
-        match (&self.buffer_type, &self.spool_dir) {
-            (crate::spool::BufferType::Disk, Some(dir)) => {
-                crate::spool::check_dir(dir).map_err(|e| ConfigError::new("spool_dir", e))
-            }
-            _ => Ok(()),
-        }
-    }
-
     /// Checks every setting and how they fit together, without asking
     /// librdkafka about its options.
     pub fn validate_settings(&self) -> Result<(), ConfigError> {
@@ -399,7 +409,7 @@ impl Config {
                 "must be at least kafka_max_message_bytes",
             ));
         }
-        if self.buffer_type == crate::spool::BufferType::Disk {
+        if self.buffer_type == BufferType::Disk {
             match &self.spool_dir {
                 None => {
                     return Err(ConfigError::new(
@@ -515,7 +525,7 @@ impl Config {
     /// [`validate_settings`]: Self::validate_settings
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_settings()?;
-        crate::dcos::Credentials::from(self).check()?;
+        security::Credentials::from(self).check()?;
         if self.kafka {
             // librdkafka checks its options when a client is made: make one
             // (connected to nothing), so that a bad option is refused here

@@ -17,8 +17,7 @@ use clap::{ArgAction, Args};
 use serde::{Deserialize, Serialize};
 
 use super::security::{SaslMechanism, SecurityProtocol};
-use super::{ConfigError, FullPolicy, LogFormat, parse_bool, parse_pair};
-use crate::spool::{BufferType, FsyncMode};
+use super::{BufferType, ConfigError, FsyncMode, FullPolicy, LogFormat, parse_bool, parse_pair};
 
 /// What the declaration says of one option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -144,6 +144,49 @@ impl From<&Config> for KafkaSecurity {
     }
 }
 
+/// How to reach DC/OS's HTTPS endpoints (the agent, the Kafka scheduler
+/// through Admin Router): the settings; `crate::dcos` makes the HTTP
+/// client and the `Authorization` header from them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    /// `dcos_ca_file`: CA certificates the servers' certificates chain to.
+    pub ca_file: Option<PathBuf>,
+    /// `auth_credential_file`: the token, read at every request.
+    pub token_file: Option<PathBuf>,
+    /// `auth_credential`: the token itself.
+    pub token: Option<Secret>,
+}
+
+impl From<&Config> for Credentials {
+    fn from(config: &Config) -> Self {
+        Self {
+            ca_file: config.dcos_ca_file.clone(),
+            token_file: config.auth_credential_file.clone(),
+            token: config.auth_credential.clone().map(Secret),
+        }
+    }
+}
+
+impl Credentials {
+    /// Checks the files: the CA file holds PEM certificates, the token file
+    /// is readable and not empty, and the token is given one way only.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.token.is_some() && self.token_file.is_some() {
+            return Err(ConfigError::new(
+                "auth_credential",
+                "set only one of auth_credential_file and auth_credential",
+            ));
+        }
+        if let Some(path) = &self.ca_file {
+            parse_certificates("dcos_ca_file", path)?;
+        }
+        if let Some(path) = &self.token_file {
+            read_secret("auth_credential_file", path)?;
+        }
+        Ok(())
+    }
+}
+
 /// The options [`KafkaSecurity`] is made of, by file key.
 pub const SECURITY_OPTIONS: &[&str] = &[
     "kafka_security_protocol",

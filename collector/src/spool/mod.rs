@@ -42,7 +42,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
@@ -51,16 +50,8 @@ use crate::route::{RECORD_OVERHEAD, Routed};
 use crate::stats::{Counts, DropReason, Stats};
 use frame::{FrameRef, Item, Scanner};
 
-/// When the spool syncs what it wrote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-#[value(rename_all = "snake_case")]
-pub enum FsyncMode {
-    /// Every `spool_fsync_ms`: a crash loses at most that last interval.
-    Interval,
-    /// Before each write returns: a crash loses nothing written.
-    Always,
-}
+pub use crate::config::{BufferType, FsyncMode};
+use crate::config::{Config, ConfigError};
 
 /// What the spool needs to know.
 #[derive(Debug, Clone)]
@@ -112,17 +103,6 @@ impl SpoolSettings {
             .min(4 * 1024 * 1024)
             .max(self.max_frame())
     }
-}
-
-/// Where records wait between the inputs and the sink.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-#[value(rename_all = "snake_case")]
-pub enum BufferType {
-    /// In memory only: lost if the process dies.
-    Memory,
-    /// In segment files under `spool_dir`, replayed after a restart.
-    Disk,
 }
 
 /// Why a write was not taken.
@@ -321,6 +301,18 @@ fn parse_segment_name(name: &str) -> Option<u64> {
     (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
         .then(|| digits.parse().ok())
         .flatten()
+}
+
+/// With `buffer_type = disk`: checks that `spool_dir` exists or can be
+/// made, and can be written (`collector validate`; the daemon itself runs
+/// on, degraded, when it can't).
+pub fn check_config_dir(config: &Config) -> Result<(), ConfigError> {
+    match (&config.buffer_type, &config.spool_dir) {
+        (BufferType::Disk, Some(dir)) => {
+            check_dir(dir).map_err(|e| ConfigError::new("spool_dir", e))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Checks that `dir` can hold the spool: it exists or can be made, it is a
