@@ -330,8 +330,24 @@ impl KafkaSecurity {
     /// way, and is not empty. Each error names its option.
     pub fn check(&self) -> Result<(), ConfigError> {
         let protocol = self.protocol.as_str();
-        if !self.protocol.uses_tls() {
-            for (field, set) in [
+        // Settings the protocol does not use are a mistake, named.
+        let unused =
+            |used: bool, settings: &[(&str, bool)], what: &str, protocols: &str| match settings
+                .iter()
+                .find(|(_, set)| !used && *set)
+            {
+                Some((field, _)) => Err(ConfigError::new(
+                    field,
+                    format!(
+                        "is set, but kafka_security_protocol = {protocol} does not use {what}: \
+                         set kafka_security_protocol to {protocols}"
+                    ),
+                )),
+                None => Ok(()),
+            };
+        unused(
+            self.protocol.uses_tls(),
+            &[
                 ("kafka_ssl_ca_file", self.ca_file.is_some()),
                 (
                     "kafka_ssl_certificate_file",
@@ -342,36 +358,21 @@ impl KafkaSecurity {
                     "kafka_ssl_key_password_file",
                     self.key_password_file.is_some(),
                 ),
-            ] {
-                if set {
-                    return Err(ConfigError::new(
-                        field,
-                        format!(
-                            "is set, but kafka_security_protocol = {protocol} does not use TLS: \
-                             set kafka_security_protocol to ssl or sasl_ssl"
-                        ),
-                    ));
-                }
-            }
-        }
-        if !self.protocol.uses_sasl() {
-            for (field, set) in [
+            ],
+            "TLS",
+            "ssl or sasl_ssl",
+        )?;
+        unused(
+            self.protocol.uses_sasl(),
+            &[
                 ("kafka_sasl_mechanism", self.mechanism.is_some()),
                 ("kafka_sasl_username", self.username.is_some()),
                 ("kafka_sasl_password_file", self.password_file.is_some()),
                 ("kafka_sasl_password", self.password.is_some()),
-            ] {
-                if set {
-                    return Err(ConfigError::new(
-                        field,
-                        format!(
-                            "is set, but kafka_security_protocol = {protocol} does not use SASL: \
-                             set kafka_security_protocol to sasl_plaintext or sasl_ssl"
-                        ),
-                    ));
-                }
-            }
-        }
+            ],
+            "SASL",
+            "sasl_plaintext or sasl_ssl",
+        )?;
         if self.protocol.uses_sasl() {
             if self.mechanism.is_none() {
                 return Err(ConfigError::new(
