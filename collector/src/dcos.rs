@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::config::ConfigError;
 pub use crate::config::security::Credentials;
-use crate::config::security::{parse_certificates, read_secret};
+use crate::config::security::{read_pem, read_secret};
 
 /// The User-Agent of every request.
 pub const USER_AGENT: &str = concat!("metrics-collector/", env!("CARGO_PKG_VERSION"));
@@ -41,13 +41,11 @@ impl Credentials {
             .user_agent(USER_AGENT)
             .timeout(timeout);
         if let Some(path) = &self.ca_file {
-            let certs = parse_certificates("dcos_ca_file", path)?;
+            let pem = read_pem("dcos_ca_file", path)?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                ConfigError::new("dcos_ca_file", format!("{}: {e}", path.display()))
+            })?;
             for cert in certs {
-                let pem = cert
-                    .to_pem()
-                    .map_err(|e| ConfigError::new("dcos_ca_file", e.to_string()))?;
-                let cert = reqwest::Certificate::from_pem(&pem)
-                    .map_err(|e| ConfigError::new("dcos_ca_file", e.to_string()))?;
                 builder = builder.add_root_certificate(cert);
             }
         }

@@ -363,13 +363,23 @@ pub async fn watch(
     use std::sync::atomic::Ordering::Relaxed;
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut last_kick: Option<tokio::time::Instant> = None;
+    // Made again only when the source (and so its CA file) changes, or
+    // when making it failed.
+    let mut http: Option<(BrokerSource, reqwest::Client)> = None;
     loop {
         let current = source.borrow_and_update().clone();
-        let result = match current.http_client() {
-            Ok(http) => tokio::select! {
-                result = discover(&current, &http) => result,
-                () = stop.cancelled() => return,
-            },
+        let client = match &http {
+            Some((made_for, client)) if *made_for == current => Ok(client.clone()),
+            _ => current.http_client(),
+        };
+        let result = match client {
+            Ok(client) => {
+                http = Some((current.clone(), client.clone()));
+                tokio::select! {
+                    result = discover(&current, &client) => result,
+                    () = stop.cancelled() => return,
+                }
+            }
             Err(error) => Err(error),
         };
         let next = match &result {

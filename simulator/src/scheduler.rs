@@ -92,24 +92,6 @@ impl SchedulerHandle {
         state.brokers.address = address;
     }
 
-    /// Sets the brokers' TLS ports, served at `/v1/endpoints/broker-tls`
-    /// (SDK style: `dns` by name, `address` by IP).
-    pub fn set_tls_brokers(&self, brokers: &[SocketAddr]) {
-        let mut state = self.lock();
-        let framework = state.framework.clone();
-        state.brokers.tls_address = brokers.iter().map(ToString::to_string).collect();
-        state.brokers.tls_dns = brokers
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                format!(
-                    "{framework}-{i}-broker.{framework}.autoip.dcos.thisdcos.directory:{}",
-                    b.port()
-                )
-            })
-            .collect();
-    }
-
     /// Sets the literal `broker-tls` lists (e.g. `dns` entries that are
     /// `host:port` a test can resolve).
     pub fn set_tls_lists(&self, dns: Vec<String>, address: Vec<String>) {

@@ -120,8 +120,11 @@ pub const SECRETS_DIR: &str = "/etc/metrics-collector/secrets";
 /// way, from inside their images.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Secured {
-    /// A host directory holding [`Secured::FILES`], mounted read-only at
-    /// [`SECRETS_DIR`].
+    /// A host directory holding the CA (`ca.crt`), the TLS port's and the
+    /// scheduler's certificates and keys (`tansu.crt`, `tansu.key`,
+    /// `scheduler.crt`, `scheduler.key`), the user's password
+    /// (`kafka-password`), the token (`token`) and stunnel's configuration
+    /// (`stunnel.conf`), mounted read-only at [`SECRETS_DIR`].
     pub secrets: String,
     /// A host directory for tansu's database: the setup broker makes the
     /// users in it, then the broker with authentication on serves it.
@@ -133,20 +136,6 @@ pub struct Secured {
 }
 
 impl Secured {
-    /// What [`Secured::secrets`] holds: the CA, the TLS port's and the
-    /// scheduler's certificates and keys, the user's password, the token,
-    /// and stunnel's configuration.
-    pub const FILES: [&'static str; 8] = [
-        "ca.crt",
-        "tansu.crt",
-        "tansu.key",
-        "scheduler.crt",
-        "scheduler.key",
-        "kafka-password",
-        "token",
-        "stunnel.conf",
-    ];
-
     fn mount(&self) -> Mount {
         Mount::Bind {
             host: self.secrets.clone(),

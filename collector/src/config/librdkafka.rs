@@ -44,16 +44,33 @@ impl<'a> ClientOptions<'a> {
         security: &'a KafkaSecurity,
         overrides: &'a [(String, String)],
     ) -> Self {
+        Self::collector(
+            config.kafka_compress_snappy,
+            config.kafka_max_message_bytes,
+            config.kafka_queue_max_kbytes,
+            config.kafka_require_all_acks,
+            security,
+            overrides,
+        )
+    }
+
+    /// The collector's options, from its settings (the sink keeps them
+    /// apart from the configuration: `max_message_bytes` changes at
+    /// runtime).
+    pub fn collector(
+        compress_snappy: bool,
+        max_message_bytes: usize,
+        queue_max_kbytes: usize,
+        require_all_acks: bool,
+        security: &'a KafkaSecurity,
+        overrides: &'a [(String, String)],
+    ) -> Self {
         Self {
             client_id: "metrics-collector",
-            compression: if config.kafka_compress_snappy {
-                "snappy"
-            } else {
-                "none"
-            },
-            max_message_bytes: config.kafka_max_message_bytes,
-            queue_max_kbytes: config.kafka_queue_max_kbytes,
-            require_all_acks: config.kafka_require_all_acks,
+            compression: if compress_snappy { "snappy" } else { "none" },
+            max_message_bytes,
+            queue_max_kbytes,
+            require_all_acks,
             message_timeout_ms: 0,
             security,
             overrides,

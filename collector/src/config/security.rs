@@ -206,6 +206,12 @@ const MAX_SECRET_BYTES: u64 = 64 * 1024;
 /// The largest certificate or key file read.
 const MAX_PEM_BYTES: u64 = 4 * 1024 * 1024;
 
+/// Reads a certificate or key file (PEM, at most 4 MiB); errors name
+/// `field` and the file.
+pub(crate) fn read_pem(field: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    read_file(field, path, MAX_PEM_BYTES)
+}
+
 fn read_file(field: &str, path: &Path, max: u64) -> Result<Vec<u8>, ConfigError> {
     use std::io::Read;
     let file = std::fs::File::open(path)
@@ -306,7 +312,7 @@ pub(crate) fn parse_certificates(
     field: &str,
     path: &Path,
 ) -> Result<Vec<openssl::x509::X509>, ConfigError> {
-    let pem = read_file(field, path, MAX_PEM_BYTES)?;
+    let pem = read_pem(field, path)?;
     let certs = openssl::x509::X509::stack_from_pem(&pem).map_err(|e| {
         ConfigError::new(
             field,
@@ -460,7 +466,7 @@ impl KafkaSecurity {
                 let certs = parse_certificates(field, cert_path)?;
                 let cert = &certs[0];
                 check_validity(field, cert_path, cert)?;
-                let key_pem = read_file("kafka_ssl_key_file", key_path, MAX_PEM_BYTES)?;
+                let key_pem = read_pem("kafka_ssl_key_file", key_path)?;
                 let key = match &self.key_password_file {
                     Some(password_path) => {
                         let password = read_secret("kafka_ssl_key_password_file", password_path)?;

@@ -279,6 +279,9 @@ impl KafkaSink {
         ));
         let mut input_done = false;
         let mut deadline: Option<Instant> = None;
+        // Armed when a security failure is reported; disarmed once the
+        // state says it cleared (the lock is taken only then).
+        let mut probe_armed = false;
         let mut next_probe = Instant::now();
         loop {
             // Shutdown: the grace ends at its deadline, even while Kafka
@@ -331,12 +334,14 @@ impl KafkaSink {
                     self.retry_topics();
                 }
                 _ = self.room.notified(), if wait_for_room => {}
-                // A failure reported while this select waits wakes it, so
-                // that the probe below is armed.
-                _ = self.failure_reported.notified() => {}
-                _ = tokio::time::sleep_until(next_probe), if self.producer.is_some() && self.security_failure_reported() => {
-                    self.probe_brokers();
-                    next_probe = Instant::now() + SECURITY_PROBE_PERIOD;
+                _ = self.failure_reported.notified() => probe_armed = true,
+                _ = tokio::time::sleep_until(next_probe), if probe_armed && self.producer.is_some() => {
+                    if self.security_failure_reported() {
+                        self.probe_brokers();
+                        next_probe = Instant::now() + SECURITY_PROBE_PERIOD;
+                    } else {
+                        probe_armed = false;
+                    }
                 }
                 _ = tokio::time::sleep(Duration::from_millis(100)), if wait_for_room => {}
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}

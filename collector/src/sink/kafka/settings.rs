@@ -73,20 +73,14 @@ impl KafkaSettings {
     /// the option whose file could not be read.
     pub fn client_config(&self, brokers: &[String]) -> Result<ClientConfig, ConfigError> {
         crate::config::librdkafka::client_config(
-            ClientOptions {
-                client_id: "metrics-collector",
-                compression: if self.compress_snappy {
-                    "snappy"
-                } else {
-                    "none"
-                },
-                max_message_bytes: self.thresholds.max_message_bytes,
-                queue_max_kbytes: self.queue_max_kbytes,
-                require_all_acks: self.require_all_acks,
-                message_timeout_ms: 0,
-                security: &self.security,
-                overrides: &self.librdkafka,
-            },
+            ClientOptions::collector(
+                self.compress_snappy,
+                self.thresholds.max_message_bytes,
+                self.queue_max_kbytes,
+                self.require_all_acks,
+                &self.security,
+                &self.librdkafka,
+            ),
             brokers,
         )
     }
