@@ -172,12 +172,14 @@ fn the_sample_producer_takes_the_same_security_options() {
 
 /// SIGHUP makes the Kafka clients anew (counted), and the collector runs
 /// on; a secret file that can no longer be read is refused, and named, and
-/// the clients in use stay.
+/// the clients in use stay. Nothing it logs, at debug level, holds the
+/// password.
 #[test]
 fn sighup_reloads_the_kafka_clients() {
+    const PASSWORD: &str = "Sw0rdfish-in-a-file";
     let dir = scratch("sighup");
     let password = dir.join("password");
-    std::fs::write(&password, "first\n").unwrap();
+    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
     let password_file = format!("--kafka-sasl-password-file={}", password.display());
     let running = start(
         &[
@@ -187,6 +189,7 @@ fn sighup_reloads_the_kafka_clients() {
             "--kafka-sasl-mechanism=SCRAM-SHA-512",
             "--kafka-sasl-username=alice",
             &password_file,
+            "--log-level=debug",
         ],
         None,
     );
@@ -211,7 +214,14 @@ fn sighup_reloads_the_kafka_clients() {
         running.log_lines("kafka_sasl_password_file") >= 1
     });
     assert_eq!(running.metric("collector_kafka_reloads_total"), 1.0);
+    let log = running.log.clone();
     let (code, last) = running.stop();
     assert_eq!(code, Some(0));
     assert!(common::balanced(&last), "{last}");
+    let log = log.lock().unwrap();
+    assert!(log.len() > 5, "a debug log: {log:?}");
+    assert!(
+        log.iter().all(|line| !line.contains(PASSWORD)),
+        "the password is logged"
+    );
 }

@@ -248,7 +248,7 @@ impl Container {
             )
             .await
             .unwrap_or_else(|error| panic!("killing {}: {error}", self.name));
-        poll_until(docker_patience(), || async {
+        e2e::poll_until(docker_patience(), POLL, || async {
             (!self.running().await).then_some(())
         })
         .await
@@ -369,7 +369,7 @@ async fn make_users(setup: &Container, topology: &Topology) {
         "scram512".into(),
     ];
     let docker = docker();
-    let made = poll_until(docker_patience(), || {
+    let made = e2e::poll_until(docker_patience(), POLL, || {
         let (docker, command) = (docker.clone(), command.clone());
         async move {
             let exec = docker
@@ -399,7 +399,7 @@ async fn make_users(setup: &Container, topology: &Topology) {
 }
 
 /// Writes a secured cluster's files into `secrets` (see
-/// [`Secured::FILES`]): a CA made now, certificates for the broker's TLS
+/// `Secured::secrets`): a CA made now, certificates for the broker's TLS
 /// port and the scheduler under their container names, the password, the
 /// token, and stunnel's configuration.
 pub fn write_secrets(secrets: &std::path::Path, cluster: &str, user_password: &str, token: &str) {
@@ -479,24 +479,8 @@ pub fn docker_patience() -> Duration {
     e2e::patience() * 4
 }
 
-/// Polls `check` every 250 ms until it returns `Some`, or `None` after
-/// `timeout`.
-pub async fn poll_until<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return Some(value);
-        }
-        if start.elapsed() > timeout {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
+/// How often the Docker tier polls a condition (containers, HTTP).
+const POLL: Duration = Duration::from_millis(250);
 
 impl Cluster {
     /// Starts `topology` as a cluster named `name`, on a network of its
@@ -621,7 +605,7 @@ impl Cluster {
         F: FnMut() -> Fut,
         Fut: Future<Output = Option<T>>,
     {
-        match poll_until(timeout, check).await {
+        match e2e::poll_until(timeout, POLL, check).await {
             Some(value) => value,
             None => {
                 self.dump_logs().await;
@@ -694,7 +678,7 @@ impl Cluster {
         }
         self.log("producers stopped; waiting for the balance");
         let patience = docker_patience();
-        let holding = poll_until(patience, || async {
+        let holding = e2e::poll_until(patience, POLL, || async {
             self.try_report()
                 .await
                 .filter(|report| holds(&report.conservation))

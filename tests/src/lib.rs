@@ -56,6 +56,49 @@ macro_rules! assert_eventually {
     }};
 }
 
+/// Polls `check` every `every` until it returns `Some`, or `None` after
+/// `timeout`: the bounded wait every harness here shares (for a plain
+/// condition, [`assert_eventually!`]).
+pub async fn poll_until<T, F, Fut>(timeout: Duration, every: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Polls `check` until it returns `Ok`, and returns its value; after
+/// [`patience`], fails naming `what` and what `check` last said (its `Err`).
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let last = std::cell::RefCell::new(String::new());
+    let found = poll_until(patience(), Duration::from_millis(50), || {
+        let seen = check();
+        let last = &last;
+        async move { seen.await.map_err(|seen| *last.borrow_mut() = seen).ok() }
+    })
+    .await;
+    found.unwrap_or_else(|| {
+        panic!(
+            "not true after {:?}: {what}; last: {}",
+            patience(),
+            last.borrow()
+        )
+    })
+}
+
 /// Logs go to the test output only when `TEST_LOG` is set.
 pub fn trace_init() {
     static ONCE: Once = Once::new();

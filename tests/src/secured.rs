@@ -10,12 +10,9 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
 
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
-
-use crate::patience;
 
 /// The tansu binary: `$TANSU_BIN`, or where `scripts/install-tansu` put it
 /// (`$TANSU_CACHE/bin/tansu`, by default under `~/.cache`).
@@ -50,23 +47,23 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// Waits until `addr` accepts connections, or fails after [`patience`].
+/// Waits until `addr` accepts connections, or fails after
+/// [`crate::patience`]
+/// (at once if `child` exits first).
 pub async fn wait_listening(addr: SocketAddr, what: &str, child: &mut Child) {
-    let start = std::time::Instant::now();
-    loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return;
+    crate::eventually(&format!("{what} listening on {addr}"), || {
+        let exited = child.try_wait().ok().flatten();
+        async move {
+            if let Some(status) = exited {
+                panic!("{what} exited with {status} before listening on {addr}");
+            }
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
         }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited with {status} before listening on {addr}");
-        }
-        assert!(
-            start.elapsed() < patience(),
-            "{what} is not listening on {addr} after {:?}",
-            patience()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
 }
 
 /// A SCRAM user.
