@@ -67,6 +67,10 @@ fn legacy_env(name: &str) -> Option<String> {
 const EX_SOFTWARE: u8 = 70;
 
 fn main() -> ExitCode {
+    // Transparent huge pages would make every 2 MiB region the allocators
+    // touch resident in full (mimalloc is built not to ask for them; this
+    // covers hosts where they are on for every process).
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
     let command = with_defaults_in_help(Cli::command())
         .mut_subcommand("run", with_defaults_in_help)
         .mut_subcommand("validate", with_defaults_in_help);

@@ -3,14 +3,14 @@
 //! dropped for good), plus librdkafka's logs and errors.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
-use rdkafka::producer::{DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{DeliveryResult, ProducerContext};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
@@ -46,7 +46,10 @@ impl Meta {
 
 pub(super) struct Context {
     pub(super) stats: Arc<Stats>,
-    pub(super) partners: Option<Arc<crate::partner::PartnerHub>>,
+    /// Held weakly: a producer being destroyed after shutdown (see
+    /// [`KafkaProducer`](super::poll::KafkaProducer)) keeps neither the
+    /// partner hub nor the spool (and its lock).
+    pub(super) partners: Option<Weak<crate::partner::PartnerHub>>,
     /// Where messages to produce again go. Not bounded by count: only
     /// messages librdkafka held come back, so it never holds more than
     /// librdkafka's queue did; their bytes are counted
@@ -66,7 +69,7 @@ pub(super) struct Context {
     /// dropped instead of being retried.
     pub(super) final_purge: AtomicBool,
     /// The disk spool, told each final outcome.
-    pub(super) spool: Option<Arc<Spool>>,
+    pub(super) spool: Option<Weak<Spool>>,
     /// Whether this producer speaks TLS.
     pub(super) tls: bool,
     /// Its brokers and security settings, for the TLS diagnosis.
@@ -283,7 +286,7 @@ impl ProducerContext for Context {
             .kafka_in_flight_spooled
             .sub(spooled.records, spooled.datapoints);
         let done = |meta: &Meta| {
-            if let Some(spool) = &self.spool {
+            if let Some(spool) = self.spool.as_ref().and_then(Weak::upgrade) {
                 spool.ack(&meta.spooled.seqs);
             }
         };
@@ -298,7 +301,7 @@ impl ProducerContext for Context {
                     .observe(meta.created.elapsed().as_secs_f64() * 1000.0);
                 self.stats
                     .count_topic(&meta.topic, |c| c.delivered += meta.datapoints);
-                if let Some(partners) = &self.partners {
+                if let Some(partners) = self.partners.as_ref().and_then(Weak::upgrade) {
                     partners.publish(&meta.topic, message.payload().unwrap_or_default());
                 }
                 done(&meta);
@@ -386,8 +389,6 @@ pub(super) fn retry_of(
         spooled: meta.spooled,
     }
 }
-
-pub(super) type KafkaProducer = ThreadedProducer<Context>;
 
 #[cfg(test)]
 mod tests {

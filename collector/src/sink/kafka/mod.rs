@@ -12,6 +12,7 @@
 //!   changed set gets a new producer, and the old one's queue is moved over.
 
 mod delivery;
+mod poll;
 mod producer;
 mod settings;
 mod topics;
@@ -35,8 +36,9 @@ use crate::buffer::Buffer;
 use crate::discovery::{BrokerSource, Discovered};
 use crate::memory::{Budget, Gauge};
 use crate::stats::{Counts, DropReason, Stats};
+use delivery::Meta;
 pub(crate) use delivery::is_permanent;
-use delivery::{KafkaProducer, Meta};
+use poll::KafkaProducer;
 use topics::{PARKED_SHARE, TopicCache, TopicResult};
 
 /// How often the brokers are asked for metadata while a TLS or

@@ -11,7 +11,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{Producer, PurgeConfig};
 use tracing::{error, info};
 
-use super::delivery::{Context, KafkaProducer};
+use super::delivery::Context;
+use super::poll::KafkaProducer;
 use super::{BrokerState, KafkaSink};
 use crate::discovery::Discovered;
 
@@ -25,7 +26,7 @@ impl KafkaSink {
         let generation = self.generation.load(Relaxed) + 1;
         let context = Context {
             stats: self.stats.clone(),
-            partners: self.partners.clone(),
+            partners: self.partners.as_ref().map(Arc::downgrade),
             retry: self.retry_tx.clone(),
             retry_budget: self.retry_budget.clone(),
             room: self.room.clone(),
@@ -35,7 +36,7 @@ impl KafkaSink {
             current: self.generation.clone(),
             all_down: AtomicBool::new(false),
             final_purge: AtomicBool::new(false),
-            spool: self.buffer.spool().cloned(),
+            spool: self.buffer.spool().map(Arc::downgrade),
             tls: self.settings.security.protocol.uses_tls(),
             brokers: discovered.brokers.clone(),
             security: self.settings.security.clone(),
@@ -46,9 +47,8 @@ impl KafkaSink {
             .settings
             .client_config(&discovered.brokers)
             .map_err(|e| e.to_string())?;
-        let producer = config
-            .create_with_context(context)
-            .map_err(|e: KafkaError| e.to_string())?;
+        let producer =
+            KafkaProducer::create(&config, context).map_err(|e: KafkaError| e.to_string())?;
         Ok((producer, config))
     }
 
@@ -187,8 +187,16 @@ impl KafkaSink {
             // What has no answer after 30 s, or everything at once when the
             // old brokers are all down, is purged; it comes back to be
             // produced again at once to the new brokers.
-            self.retiring.retain(|p| p.in_flight_count() > 0);
+            // A producer's drop purges and flushes: off the runtime's
+            // threads.
+            let (done, flushing): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retiring)
+                .into_iter()
+                .partition(|p| p.in_flight_count() == 0);
+            self.retiring = flushing;
             self.retiring.push(old.clone());
+            if !done.is_empty() {
+                tokio::task::spawn_blocking(move || drop(done));
+            }
             tokio::task::spawn_blocking(move || {
                 let started = std::time::Instant::now();
                 loop {

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::KafkaSink;
-use super::delivery::KafkaProducer;
+use super::poll::KafkaProducer;
 
 /// Creates `topic` through the admin API; an existing topic is success.
 pub async fn create_topic(
