@@ -65,8 +65,17 @@ impl From<&crate::config::Config> for BrokerSource {
 }
 
 impl BrokerSource {
+    /// The brokers, when they are configured rather than discovered.
+    pub fn fixed(&self) -> Option<Discovered> {
+        match self {
+            BrokerSource::Static(brokers) => Some(configured(brokers)),
+            BrokerSource::Framework { .. } => None,
+        }
+    }
+
     /// The HTTP client [`discover`] asks the scheduler with: trusting the
-    /// DC/OS CA file, if any.
+    /// DC/OS CA file, if any. Static brokers need none: making one loads
+    /// the system's CA certificates (2 MiB resident).
     pub fn http_client(&self) -> Result<reqwest::Client, DiscoveryError> {
         let credentials = match self {
             BrokerSource::Framework { credentials, .. } => credentials.clone(),
@@ -182,18 +191,21 @@ fn resolver(dns_server: Option<SocketAddr>) -> Result<TokioResolver, DiscoveryEr
         .map_err(|e| DiscoveryError::Resolver(e.to_string()))
 }
 
+/// Brokers from the configuration.
+fn configured(brokers: &[String]) -> Discovered {
+    Discovered {
+        brokers: brokers.to_vec(),
+        method: "static kafka_brokers".into(),
+    }
+}
+
 /// Finds the brokers. `http` is reused across calls.
 pub async fn discover(
     source: &BrokerSource,
     http: &reqwest::Client,
 ) -> Result<Discovered, DiscoveryError> {
     let (name, scheduler_url, dns_server, credentials, tls) = match source {
-        BrokerSource::Static(brokers) => {
-            return Ok(Discovered {
-                brokers: brokers.clone(),
-                method: "static kafka_brokers".into(),
-            });
-        }
+        BrokerSource::Static(brokers) => return Ok(configured(brokers)),
         BrokerSource::Framework {
             name,
             scheduler_url,
@@ -368,19 +380,25 @@ pub async fn watch(
     let mut http: Option<(BrokerSource, reqwest::Client)> = None;
     loop {
         let current = source.borrow_and_update().clone();
-        let client = match &http {
-            Some((made_for, client)) if *made_for == current => Ok(client.clone()),
-            _ => current.http_client(),
-        };
-        let result = match client {
-            Ok(client) => {
-                http = Some((current.clone(), client.clone()));
-                tokio::select! {
-                    result = discover(&current, &client) => result,
-                    () = stop.cancelled() => return,
+        // Static brokers need no HTTP client.
+        let result = match current.fixed() {
+            Some(fixed) => Ok(fixed),
+            None => {
+                let client = match &http {
+                    Some((made_for, client)) if *made_for == current => Ok(client.clone()),
+                    _ => current.http_client(),
+                };
+                match client {
+                    Ok(client) => {
+                        http = Some((current.clone(), client.clone()));
+                        tokio::select! {
+                            result = discover(&current, &client) => result,
+                            () = stop.cancelled() => return,
+                        }
+                    }
+                    Err(error) => Err(error),
                 }
             }
-            Err(error) => Err(error),
         };
         let next = match &result {
             Ok(_) => {

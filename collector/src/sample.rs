@@ -346,9 +346,12 @@ async fn send_pending(
             continue;
         };
         if producer.is_none() {
-            let found = match source.http_client() {
-                Ok(http) => discover(&source, &http).await,
-                Err(error) => Err(error),
+            let found = match source.fixed() {
+                Some(fixed) => Ok(fixed),
+                None => match source.http_client() {
+                    Ok(http) => discover(&source, &http).await,
+                    Err(error) => Err(error),
+                },
             };
             match found {
                 Ok(found) => {
