@@ -92,6 +92,12 @@ impl CollectorProcess {
 
     /// Datapoints the collector has received so far (its `/metrics`).
     pub fn received(&self) -> anyhow::Result<u64> {
+        self.metric("collector_received_datapoints_total{")
+    }
+
+    /// The sum of the `/metrics` samples whose line starts with `prefix`
+    /// (a name, with `{` to take every label set, or with its labels).
+    pub fn metric(&self, prefix: &str) -> anyhow::Result<u64> {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(&self.api)?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -100,7 +106,7 @@ impl CollectorProcess {
         stream.read_to_string(&mut body)?;
         Ok(body
             .lines()
-            .filter(|l| l.starts_with("collector_received_datapoints_total{"))
+            .filter(|l| l.starts_with(prefix))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum())
     }
@@ -120,13 +126,7 @@ impl CollectorProcess {
 
     /// Resident set size now, in bytes.
     pub fn rss_bytes(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
+        crate::bench::rss_of(self.pid())
     }
 
     /// User + system CPU time so far (Linux clock ticks are 1/100 s).

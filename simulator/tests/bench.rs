@@ -74,3 +74,98 @@ async fn a_paced_point_reads_every_message() {
     assert!(latency.samples > 0, "the every-message reader read nothing");
     assert!(latency.p50 <= latency.p99 && latency.p99 <= latency.max);
 }
+
+/// `--profile node`, with every phase cut short: each goal gets a figure,
+/// the CPU is split by the thread groups it names, and the JSON and the
+/// chart are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_profile_measures_every_goal_and_draws_them() {
+    let dir = std::env::temp_dir().join(format!("node-profile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, svg) = (dir.join("node.json"), dir.join("node.svg"));
+    let options = options(&[
+        "--profile=node",
+        "--idle-secs=2",
+        "--busy-secs=3",
+        "--seconds=2",
+        &format!("--json={}", json.display()),
+        &format!("--chart={}", svg.display()),
+    ]);
+    let profile = simulator::bench::node::run(&options).await.unwrap();
+
+    // Idle: the collector's threads are its own and librdkafka's; the
+    // bare producer's are librdkafka's only, none of this process's others.
+    let idle = &profile.idle;
+    assert!(
+        idle.collector.by_name.contains_key("kafka-events"),
+        "{idle:?}"
+    );
+    assert!(
+        idle.collector
+            .by_name
+            .keys()
+            .any(|n| n.starts_with("rdk:broker"))
+    );
+    assert!(!idle.bare_producer.by_name.is_empty());
+    assert!(
+        idle.bare_producer
+            .by_name
+            .keys()
+            .all(|n| n.starts_with("rdk:")),
+        "{:?}",
+        idle.bare_producer.by_name
+    );
+    assert!(idle.rss_mib > 0.0);
+
+    // The busy node ran with each buffer and delivered what it received.
+    let buffers: Vec<_> = profile.busy.iter().map(|b| b.buffer).collect();
+    assert_eq!(buffers, ["memory", "disk"]);
+    for busy in &profile.busy {
+        assert!(busy.datapoints_per_sec > 0.0, "{busy:?}");
+        assert!(busy.collector.received > 0);
+        assert_eq!(busy.collector.delivered, busy.collector.received);
+        assert!(busy.cpu.librdkafka_ns > 0 && busy.cpu.own_ns > 0);
+        assert!(busy.rss_max_mib >= busy.rss_mean_mib && busy.rss_mean_mib > 0.0);
+    }
+
+    // Saturation: both groups of both producers have a cost per datapoint.
+    let saturation = &profile.saturation;
+    assert!(saturation.own_ns_per_datapoint > 0.0, "{saturation:?}");
+    assert!(saturation.librdkafka_ns_per_datapoint > 0.0);
+    assert!(saturation.bare_librdkafka_ns_per_datapoint > 0.0);
+    assert!(saturation.bare_sender_ns_per_datapoint > 0.0);
+    assert_eq!(
+        saturation.point.collector.delivered,
+        saturation.point.datapoints_sent
+    );
+
+    let settings: Vec<_> = profile.latency.iter().map(|l| l.setting).collect();
+    assert_eq!(settings, ["default", "low-latency"]);
+    for latency in &profile.latency {
+        assert!(latency.samples > 0 && latency.p50_ms <= latency.p99_ms);
+    }
+    assert!(profile.kept.null_gib_per_sec > 0.0);
+    assert!(profile.kept.rss_1000_connections_mib > 0.0 && profile.kept.outage_rss_mib > 0.0);
+
+    // Every goal has its figure, in the JSON too, and in the chart.
+    assert_eq!(profile.goals.len(), 13);
+    assert!(
+        profile
+            .goals
+            .iter()
+            .all(|g| g.measured.is_finite() && g.goal > 0.0)
+    );
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(written["goals"].as_array().unwrap().len(), 13);
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.contains("measured / goal"));
+    for goal in &profile.goals {
+        assert!(
+            chart.contains(&goal.name.replace('&', "&amp;")),
+            "{} not drawn",
+            goal.name
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -6,6 +6,13 @@
 //! the Kafka sink it runs, in the same invocation and against the same mock
 //! cluster, a bare rdkafka producer sending the same pre-encoded messages,
 //! and prints the ratio.
+//!
+//! `--profile node` runs instead what a node pays for a collector
+//! ([`node`]): idle, a busy node, CPU per datapoint by thread group,
+//! latency, and the figures already won.
+
+pub mod node;
+pub mod threads;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,9 +41,27 @@ pub enum SinkKind {
     Kafka,
 }
 
+/// A fixed set of measurements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// What a collector costs a node ([`node`]).
+    Node,
+}
+
 /// What to run.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
+    /// Run a fixed set of measurements instead of one sweep; `--sink`,
+    /// `--connections`, `--rate` and `--seconds` are then the profile's.
+    #[arg(long, value_enum)]
+    pub profile: Option<Profile>,
+    /// Node profile: seconds of idle measured.
+    #[arg(long, default_value_t = 60)]
+    pub idle_secs: u64,
+    /// Node profile: seconds of the busy node measured, per buffer type.
+    #[arg(long, default_value_t = 120)]
+    pub busy_secs: u64,
     /// The collector binary [default: `collector` next to this executable].
     #[arg(long)]
     pub collector_bin: Option<PathBuf>,
@@ -127,12 +152,28 @@ pub struct PointResult {
     pub rss_outage_max_mib: Option<f64>,
     /// Collector CPU, percent of one core, under load.
     pub cpu_percent: f64,
+    /// The collector's CPU under load by thread group.
+    pub cpu: threads::CpuSplit,
     /// Kafka sink: end-to-end latency from record time to consume time.
     pub latency_ms: Option<Latency>,
     /// Kafka sink: the bare rdkafka producer's datapoints/s on the same cluster.
     pub baseline_datapoints_per_sec: Option<f64>,
     /// Kafka sink: collector / baseline.
     pub ratio: Option<f64>,
+    /// Kafka sink: the baseline's run.
+    pub baseline: Option<Baseline>,
+}
+
+/// The bare producer's run: its rate, and the CPU of its threads (the
+/// sending thread counts as its own).
+#[derive(Debug, Clone, Serialize)]
+pub struct Baseline {
+    /// Datapoints acknowledged per second.
+    pub datapoints_per_sec: f64,
+    /// Datapoints acknowledged.
+    pub datapoints: u64,
+    /// CPU by thread group.
+    pub cpu: threads::CpuSplit,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -452,8 +493,11 @@ impl ProducerContext for CountAcks {
 
 /// The baseline: a bare rdkafka producer with the collector's settings
 /// sending pre-encoded OCF messages of the collector's batch shape.
-fn baseline(bootstrap: &str, options: &BenchOptions, seconds: u64) -> anyhow::Result<f64> {
+fn baseline(bootstrap: &str, options: &BenchOptions, seconds: u64) -> anyhow::Result<Baseline> {
     let acked = Arc::new(AtomicU64::new(0));
+    let me = std::process::id();
+    let sender = threads::current_tid();
+    let before = threads::sample(me);
     let producer: ThreadedProducer<CountAcks> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("acks", "all")
@@ -500,19 +544,41 @@ fn baseline(bootstrap: &str, options: &BenchOptions, seconds: u64) -> anyhow::Re
         }
     }
     producer.flush(Duration::from_secs(60))?;
-    Ok(acked.load(Relaxed) as f64 / start.elapsed().as_secs_f64())
+    let elapsed = start.elapsed().as_secs_f64();
+    // Its threads: those born since it was made, and this one.
+    let cpu = threads::sample(me).since(&before, |tid| {
+        Some(tid) == sender || before.tids().all(|t| t != tid)
+    });
+    let datapoints = acked.load(Relaxed);
+    Ok(Baseline {
+        datapoints_per_sec: datapoints as f64 / elapsed,
+        datapoints,
+        cpu,
+    })
 }
 
-/// Runs one point of the sweep.
-pub async fn run_point(
-    options: &BenchOptions,
-    connections: usize,
-    kafka: Option<&MockCluster<'_, rdkafka::producer::DefaultProducerContext>>,
-) -> anyhow::Result<PointResult> {
-    let binary = options
+/// The resident set size of `pid` now, bytes (0 once it has exited).
+pub(crate) fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The collector binary the bench runs.
+pub(crate) fn collector_bin(options: &BenchOptions) -> PathBuf {
+    options
         .collector_bin
         .clone()
-        .unwrap_or_else(crate::process::sibling_collector);
+        .unwrap_or_else(crate::process::sibling_collector)
+}
+
+/// The collector's arguments: ephemeral ports, no agent polling, no input
+/// limits, the buffer bound asked for, and Kafka at `bootstrap` (none: the
+/// null sink).
+pub(crate) fn collector_args(options: &BenchOptions, bootstrap: Option<&str>) -> Vec<String> {
     let mut args: Vec<String> = [
         "--listen-endpoint=127.0.0.1:0",
         "--api-listen=127.0.0.1:0",
@@ -527,14 +593,25 @@ pub async fn run_point(
     .map(|s| s.to_string())
     .collect();
     args.push(format!("--buffer-max-bytes={}", options.buffer_max_bytes));
-    match kafka {
-        Some(cluster) => {
-            args.push(format!("--kafka-brokers={}", cluster.bootstrap_servers()));
+    match bootstrap {
+        Some(bootstrap) => {
+            args.push(format!("--kafka-brokers={bootstrap}"));
             args.push("--kafka-topic-prefix=metrics-".into());
         }
         None => args.push("--kafka=false".into()),
     }
-    let collector = CollectorProcess::start(&binary, &args, &options.collector_env)?;
+    args
+}
+
+/// Runs one point of the sweep.
+pub async fn run_point(
+    options: &BenchOptions,
+    connections: usize,
+    kafka: Option<&MockCluster<'_, rdkafka::producer::DefaultProducerContext>>,
+) -> anyhow::Result<PointResult> {
+    let args = collector_args(options, kafka.map(|c| c.bootstrap_servers()).as_deref());
+    let collector =
+        CollectorProcess::start(&collector_bin(options), &args, &options.collector_env)?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_idle = collector.rss_bytes();
     let sampler = Arc::new(Sampler {
@@ -549,13 +626,7 @@ pub async fn run_point(
             (sampler.clone(), outage_max.clone(), in_outage.clone());
         std::thread::spawn(move || {
             while !sampler.stop.load(Relaxed) {
-                let status =
-                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                let rss = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                    .map_or(0, |kb| kb * 1024);
+                let rss = rss_of(pid);
                 sampler.max_rss.fetch_max(rss, Relaxed);
                 if in_outage.load(Relaxed) {
                     outage_max.fetch_max(rss, Relaxed);
@@ -575,6 +646,7 @@ pub async fn run_point(
         std::thread::spawn(move || sample_latency(bootstrap, "metrics-bench".into(), mode, stop))
     });
     let cpu_start = collector.cpu_time();
+    let threads_start = threads::sample(pid);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for connection in 0..connections {
@@ -619,6 +691,7 @@ pub async fn run_point(
     }
     let elapsed = start.elapsed().as_secs_f64();
     let cpu = collector.cpu_time().saturating_sub(cpu_start).as_secs_f64();
+    let split = threads::sample(pid).since(&threads_start, |_| true);
     // What was sent may still be in the sockets (a collector slower than
     // the load, such as one syncing every write): let it read everything
     // before it is stopped, as a producer that waits would.
@@ -663,14 +736,20 @@ pub async fn run_point(
         rss_max_mib: mib(sampler.max_rss.load(Relaxed)),
         rss_outage_max_mib: options.outage_secs.map(|_| mib(outage_max.load(Relaxed))),
         cpu_percent: 100.0 * cpu / elapsed,
+        cpu: split,
         latency_ms: latency,
-        baseline_datapoints_per_sec: baseline,
-        ratio: baseline.map(|b| rate / b),
+        baseline_datapoints_per_sec: baseline.as_ref().map(|b| b.datapoints_per_sec),
+        ratio: baseline.as_ref().map(|b| rate / b.datapoints_per_sec),
+        baseline,
     })
 }
 
 /// Runs the sweep, prints a table, and writes JSON and the chart.
 pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<PointResult>> {
+    if options.profile == Some(Profile::Node) {
+        node::run(&options).await?;
+        return Ok(Vec::new());
+    }
     let mut results = Vec::new();
     for &connections in &options.connections {
         let cluster = match options.sink {
