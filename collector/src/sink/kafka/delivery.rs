@@ -68,6 +68,10 @@ pub(super) struct Context {
     /// Set at the end of shutdown: purged messages are then counted as
     /// dropped instead of being retried.
     pub(super) final_purge: AtomicBool,
+    /// Set when shutdown has taken the final count while this producer's
+    /// event thread was still running (it did not stop within the reserve):
+    /// a report it serves afterwards is not counted a second time.
+    pub(super) counted: AtomicBool,
     /// The disk spool, told each final outcome.
     pub(super) spool: Option<Weak<Spool>>,
     /// Whether this producer speaks TLS.
@@ -278,6 +282,9 @@ impl ProducerContext for Context {
     type DeliveryOpaque = Box<Meta>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, meta: Box<Meta>) {
+        if self.counted.load(Relaxed) {
+            return;
+        }
         self.stats
             .kafka_in_flight
             .sub(u64::from(meta.records), meta.datapoints);

@@ -395,7 +395,7 @@ impl KafkaSink {
                 .map_or(Duration::from_secs(2), |s| s.reserve() / 2);
             let flushed = tokio::task::spawn_blocking(move || {
                 let mut all_flushed = true;
-                for producer in producers {
+                for producer in &producers {
                     let remaining = until.saturating_duration_since(std::time::Instant::now());
                     if producer.flush(remaining).is_err() {
                         all_flushed = false;
@@ -404,6 +404,19 @@ impl KafkaSink {
                         let _ = producer.flush(purge_time);
                     }
                 }
+                // The event threads let go of their producers (within half
+                // a second, their turn), so that dropping them here
+                // destroys them before the process exits. One that does not
+                // within the reserve is left to end on its own; what it
+                // reports from now on is not counted again.
+                let join_by = std::time::Instant::now() + purge_time;
+                for producer in &producers {
+                    let wait = join_by.saturating_duration_since(std::time::Instant::now());
+                    if !producer.stop_events(wait) {
+                        producer.context().counted.store(true, Relaxed);
+                    }
+                }
+                drop(producers);
                 all_flushed
             })
             .await;
@@ -413,7 +426,8 @@ impl KafkaSink {
                 );
             }
         }
-        // Every producer is gone: what got no delivery report never will.
+        // Every producer has served its reports, or will not count them:
+        // what got no delivery report is counted here.
         let unreported = self.stats.kafka_in_flight.take();
         let unreported_spooled = self.stats.kafka_in_flight_spooled.take();
         if unreported.records > 0 || unreported.datapoints > 0 {

@@ -7,11 +7,11 @@
 //! rounded down), so an idle collector with three brokers used 0.9 % of a
 //! core. This thread waits in turns of [`TURN`], a whole number of
 //! milliseconds and a few microseconds more, so that a turn with no event
-//! ends asleep: one wake-up a second when idle.
+//! ends asleep: two wake-ups a second when idle.
 
 use std::ops::Deref;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -22,7 +22,8 @@ use super::delivery::Context;
 
 /// One wait for events. A turn that saw no event costs one wake-up; one
 /// that did ends with less than a millisecond of polling without waiting.
-pub(super) const TURN: Duration = Duration::from_micros(1_000_005);
+/// Stopping the thread waits for the turn in progress to end.
+pub(super) const TURN: Duration = Duration::from_micros(500_005);
 
 /// A librdkafka producer and the thread that serves its events.
 ///
@@ -30,17 +31,21 @@ pub(super) const TURN: Duration = Duration::from_micros(1_000_005);
 /// reports on the dropping thread (as the producer's own drop does, so
 /// every report is counted before the drop returns), then tells the thread
 /// to stop without waiting for its turn to end: the thread destroys the
-/// producer within [`TURN`]. The context holds the spool and the partner
-/// hub weakly, so a producer being destroyed keeps neither.
+/// producer within [`TURN`]. At shutdown, [`stop_events`](Self::stop_events)
+/// waits for it. The context holds the spool and the partner hub weakly,
+/// so a producer being destroyed keeps neither.
 pub(super) struct KafkaProducer {
     producer: Arc<BaseProducer<Context>>,
     stop: Arc<AtomicBool>,
+    /// Disconnected once the thread has let go of the producer.
+    stopped: Mutex<mpsc::Receiver<()>>,
 }
 
 impl KafkaProducer {
     pub(super) fn create(config: &ClientConfig, context: Context) -> Result<Self, KafkaError> {
         let producer: Arc<BaseProducer<Context>> = Arc::new(config.create_with_context(context)?);
         let stop = Arc::new(AtomicBool::new(false));
+        let (done, stopped) = mpsc::channel::<()>();
         {
             let (producer, stop) = (producer.clone(), stop.clone());
             std::thread::Builder::new()
@@ -49,12 +54,30 @@ impl KafkaProducer {
                     while !stop.load(Relaxed) {
                         producer.poll(TURN);
                     }
+                    drop(producer);
+                    drop(done);
                 })
                 .map_err(|e| {
                     KafkaError::ClientCreation(format!("no thread for the producer's events: {e}"))
                 })?;
         }
-        Ok(Self { producer, stop })
+        Ok(Self {
+            producer,
+            stop,
+            stopped: Mutex::new(stopped),
+        })
+    }
+
+    /// Stops the event thread and waits up to `wait` for it to let go of
+    /// the producer (at most [`TURN`]): whether it did. Reports are then
+    /// served only by whoever flushes the producer.
+    pub(super) fn stop_events(&self, wait: Duration) -> bool {
+        self.stop.store(true, Relaxed);
+        let stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        matches!(
+            stopped.recv_timeout(wait),
+            Err(mpsc::RecvTimeoutError::Disconnected)
+        )
     }
 }
 

@@ -36,6 +36,7 @@ impl KafkaSink {
             current: self.generation.clone(),
             all_down: AtomicBool::new(false),
             final_purge: AtomicBool::new(false),
+            counted: AtomicBool::new(false),
             spool: self.buffer.spool().map(Arc::downgrade),
             tls: self.settings.security.protocol.uses_tls(),
             brokers: discovered.brokers.clone(),
