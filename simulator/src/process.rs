@@ -161,12 +161,16 @@ impl CollectorProcess {
                 .context("collector final line")?;
             if line.contains("Collector stopped") {
                 let value: serde_json::Value = serde_json::from_str(&line)?;
-                let get = |k: &str| value[k].as_u64().unwrap_or(0);
+                let get = |k: &str| {
+                    value[k]
+                        .as_u64()
+                        .with_context(|| format!("{k} in the collector's final line: {line}"))
+                };
                 break FinalCounts {
-                    received: get("received"),
-                    delivered: get("delivered"),
-                    dropped: get("dropped"),
-                    buffer_high_water_bytes: get("buffer_high_water_bytes"),
+                    received: get("received")?,
+                    delivered: get("delivered")?,
+                    dropped: get("dropped")?,
+                    buffer_high_water_bytes: get("buffer_high_water_bytes")?,
                 };
             }
         };

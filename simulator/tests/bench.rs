@@ -133,7 +133,7 @@ async fn the_node_profile_measures_every_goal_and_draws_them() {
     assert!(saturation.own_ns_per_datapoint > 0.0, "{saturation:?}");
     assert!(saturation.librdkafka_ns_per_datapoint > 0.0);
     assert!(saturation.bare_librdkafka_ns_per_datapoint > 0.0);
-    assert!(saturation.bare_sender_ns_per_datapoint > 0.0);
+    assert!(saturation.bare_own_ns_per_datapoint > 0.0);
     assert_eq!(
         saturation.point.collector.delivered,
         saturation.point.datapoints_sent

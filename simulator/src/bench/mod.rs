@@ -497,7 +497,7 @@ fn baseline(bootstrap: &str, options: &BenchOptions, seconds: u64) -> anyhow::Re
     let acked = Arc::new(AtomicU64::new(0));
     let me = std::process::id();
     let sender = threads::current_tid();
-    let before = threads::sample(me);
+    let before = threads::sample(me)?;
     let producer: ThreadedProducer<CountAcks> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("acks", "all")
@@ -527,6 +527,9 @@ fn baseline(bootstrap: &str, options: &BenchOptions, seconds: u64) -> anyhow::Re
         })
         .collect();
     let datapoints = (per_message * options.datapoints) as u64;
+    // From here on: what producing costs (its threads, and this one's share
+    // from now, not the encoding above).
+    let sending = threads::sample(me)?;
     let start = Instant::now();
     let end = start + Duration::from_secs(seconds);
     let mut next = 0usize;
@@ -546,7 +549,7 @@ fn baseline(bootstrap: &str, options: &BenchOptions, seconds: u64) -> anyhow::Re
     producer.flush(Duration::from_secs(60))?;
     let elapsed = start.elapsed().as_secs_f64();
     // Its threads: those born since it was made, and this one.
-    let cpu = threads::sample(me).since(&before, |tid| {
+    let cpu = threads::sample(me)?.since(&sending, |tid| {
         Some(tid) == sender || before.tids().all(|t| t != tid)
     });
     let datapoints = acked.load(Relaxed);
@@ -646,7 +649,7 @@ pub async fn run_point(
         std::thread::spawn(move || sample_latency(bootstrap, "metrics-bench".into(), mode, stop))
     });
     let cpu_start = collector.cpu_time();
-    let threads_start = threads::sample(pid);
+    let threads_start = threads::sample(pid)?;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for connection in 0..connections {
@@ -691,7 +694,6 @@ pub async fn run_point(
     }
     let elapsed = start.elapsed().as_secs_f64();
     let cpu = collector.cpu_time().saturating_sub(cpu_start).as_secs_f64();
-    let split = threads::sample(pid).since(&threads_start, |_| true);
     // What was sent may still be in the sockets (a collector slower than
     // the load, such as one syncing every write): let it read everything
     // before it is stopped, as a producer that waits would.
@@ -699,6 +701,18 @@ pub async fn run_point(
     while collector.received().unwrap_or(0) < datapoints && std::time::Instant::now() < caught_up {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The CPU it took to handle all of it: read once Kafka has it.
+    if kafka.is_some() {
+        while collector
+            .metric("collector_delivered_datapoints_total")
+            .unwrap_or(0)
+            < datapoints
+            && std::time::Instant::now() < caught_up
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let split = threads::sample(pid)?.since(&threads_start, |_| true);
     let final_counts = tokio::task::spawn_blocking(move || collector.stop()).await??;
     sampler.stop.store(true, Relaxed);
     let _ = sampler_task.join();
@@ -709,6 +723,9 @@ pub async fn run_point(
             final_counts.received,
             datapoints
         );
+    }
+    if final_counts.delivered != datapoints || final_counts.dropped != 0 {
+        bail!("the collector did not deliver everything it received: {final_counts:?}");
     }
     let baseline = match kafka {
         Some(cluster) => {

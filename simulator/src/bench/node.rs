@@ -14,8 +14,8 @@
 //! 5. the figures already won: TCP → null, RSS with 1,000 connections, RSS
 //!    during an outage.
 //!
-//! Every phase checks the collector's accounting: what was sent was
-//! received, and what was received was delivered.
+//! Every phase checks the collector's accounting: everything sent was
+//! received and delivered, nothing dropped.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -112,8 +112,10 @@ pub struct Saturation {
     pub librdkafka_ns_per_datapoint: f64,
     /// The bare producer's librdkafka threads, ns per datapoint.
     pub bare_librdkafka_ns_per_datapoint: f64,
-    /// The bare producer's sending thread, ns per datapoint.
-    pub bare_sender_ns_per_datapoint: f64,
+    /// The bare producer's other threads (its sending thread, and
+    /// rust-rdkafka's polling thread that serves its reports), ns per
+    /// datapoint.
+    pub bare_own_ns_per_datapoint: f64,
     /// Collector librdkafka / bare librdkafka, per datapoint.
     pub librdkafka_ratio: f64,
     /// The old throughput ratio, collector / bare producer.
@@ -139,6 +141,8 @@ pub struct LatencyPoint {
     pub max_ms: u64,
     /// Records sampled.
     pub samples: usize,
+    /// The collector's CPU, percent of one core: what the setting costs.
+    pub cpu_percent: f64,
 }
 
 /// The figures already won.
@@ -417,19 +421,19 @@ async fn idle(options: &BenchOptions) -> anyhow::Result<Idle> {
     // The bare producer, connected the same way: one message acknowledged.
     // It has no thread of its own beside librdkafka's (nothing to poll).
     let me = std::process::id();
-    let before = threads::sample(me);
+    let before = threads::sample(me)?;
     let bare: BaseProducer = bare_config(&bootstrap).create()?;
     bare.send(BaseRecord::<(), _>::to("metrics-baseline").payload(&[0u8; 64][..]))
         .map_err(|(e, _)| e)?;
     bare.flush(Duration::from_secs(30))?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pid = collector.pid();
-    let (collector_start, bare_start) = (threads::sample(pid), threads::sample(me));
+    let (collector_start, bare_start) = (threads::sample(pid)?, threads::sample(me)?);
     let start = std::time::Instant::now();
     tokio::time::sleep(Duration::from_secs(options.idle_secs)).await;
     let seconds = start.elapsed().as_secs_f64();
-    let collector_cpu = threads::sample(pid).since(&collector_start, |_| true);
-    let bare_cpu = threads::sample(me).since(&bare_start, |tid| before.tids().all(|t| t != tid));
+    let collector_cpu = threads::sample(pid)?.since(&collector_start, |_| true);
+    let bare_cpu = threads::sample(me)?.since(&bare_start, |tid| before.tids().all(|t| t != tid));
     let rss_mib = collector.rss_bytes() as f64 / MIB;
     drop(bare);
     stop_balanced(collector).await?;
@@ -510,29 +514,36 @@ async fn busy_run(
     let pid = collector.pid();
     let rss = RssSampler::start(pid);
     let received = |c: &CollectorProcess| c.metric("collector_received_datapoints_total{");
-    let (start_threads, start_received) = (threads::sample(pid), received(&collector)?);
+    let (start_threads, start_received) = (threads::sample(pid)?, received(&collector)?);
     let start = std::time::Instant::now();
     tokio::time::sleep(Duration::from_secs(options.busy_secs)).await;
     let seconds = start.elapsed().as_secs_f64();
-    let cpu = threads::sample(pid).since(&start_threads, |_| true);
+    let cpu = threads::sample(pid)?.since(&start_threads, |_| true);
     let window_received = received(&collector)?.saturating_sub(start_received);
     let (rss_max, rss_mean) = rss.stop();
     stop.store(true, Relaxed);
-    let mut sent = 0;
+    let (mut sent, mut dropped) = (0, 0);
     for module in modules {
-        sent += module.await?.sent;
+        let report = module.await?;
+        sent += report.sent;
+        dropped += report.dropped;
     }
+    ensure!(
+        sent > 0 && dropped == 0,
+        "the modules sent {sent} datapoints and dropped {dropped}"
+    );
     let tcp = |c: &CollectorProcess| c.metric("collector_received_datapoints_total{input=\"tcp\"}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while tcp(&collector)? < sent + warm_up && tokio::time::Instant::now() < deadline {
+    let mut over_tcp = tcp(&collector)?;
+    while over_tcp < sent + warm_up && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
+        over_tcp = tcp(&collector)?;
     }
-    let counts = stop_balanced(collector).await?;
     ensure!(
-        counts.received >= sent,
-        "the modules sent {sent} datapoints, the collector received {}",
-        counts.received
+        over_tcp == sent + warm_up,
+        "the modules sent {sent} datapoints (and the warm-up {warm_up}), the collector received {over_tcp} over TCP"
     );
+    let counts = stop_balanced(collector).await?;
     Ok(Busy {
         buffer: if disk { "disk" } else { "memory" },
         seconds,
@@ -602,6 +613,14 @@ async fn saturation(options: &BenchOptions) -> anyhow::Result<Saturation> {
     let point = point_options(options, SinkKind::Kafka, options.seconds, 0.0, &[]);
     let result = run_point(&point, 4, Some(&cluster)).await?;
     let baseline = result.baseline.clone().context("the baseline ran")?;
+    // The threads alive at the end hold what the process spent (the
+    // clock-tick total counts exited threads too).
+    let ticks = result.cpu_percent / 100.0 * result.seconds * 1e9;
+    ensure!(
+        result.cpu.total_ns() as f64 >= 0.9 * ticks,
+        "the collector's threads account for {} ns of the {ticks:.0} ns it used",
+        result.cpu.total_ns()
+    );
     let per = |ns: u64, datapoints: u64| ns as f64 / datapoints.max(1) as f64;
     let own = per(result.cpu.own_ns, result.datapoints_sent);
     let rdk = per(result.cpu.librdkafka_ns, result.datapoints_sent);
@@ -611,7 +630,7 @@ async fn saturation(options: &BenchOptions) -> anyhow::Result<Saturation> {
         own_ns_per_datapoint: own,
         librdkafka_ns_per_datapoint: rdk,
         bare_librdkafka_ns_per_datapoint: bare_rdk,
-        bare_sender_ns_per_datapoint: per(baseline.cpu.own_ns, baseline.datapoints),
+        bare_own_ns_per_datapoint: per(baseline.cpu.own_ns, baseline.datapoints),
         librdkafka_ratio: rdk / bare_rdk.max(1e-9),
         throughput_ratio: result.ratio.unwrap_or(0.0),
         point: result,
@@ -649,6 +668,7 @@ async fn latency_point(
         p99_ms: latency.p99,
         max_ms: latency.max,
         samples: latency.samples,
+        cpu_percent: result.cpu_percent,
     })
 }
 
@@ -683,25 +703,31 @@ async fn kept(options: &BenchOptions) -> anyhow::Result<Kept> {
 /// short of the line at 1 is met.
 fn chart(path: &std::path::Path, goals: &[Goal]) -> anyhow::Result<()> {
     use plotters::prelude::*;
-    let height = 60 + 34 * goals.len() as u32;
-    let root = SVGBackend::new(path, (980, height)).into_drawing_area();
+    let n = goals.len();
+    let height = 80 + 40 * n as u32;
+    let root = SVGBackend::new(path, (1100, height)).into_drawing_area();
     root.fill(&WHITE)?;
     let x_max = goals.iter().map(Goal::load).fold(1.2, f64::max) * 1.1;
-    let n = goals.len();
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "what a node pays: measured / goal (at most 1 is met; blue: reported, no goal)",
-            ("sans-serif", 18),
+            "what a node pays: measured / goal, or goal / measured for a lower bound (at most 1 is met)",
+            ("sans-serif", 17),
         )
         .margin(12)
         .x_label_area_size(30)
-        .y_label_area_size(430)
-        .build_cartesian_2d(0.0..x_max, 0.0..n as f64)?;
+        .y_label_area_size(560)
+        .build_cartesian_2d(0.0..x_max, (0..n).into_segmented())?;
     let labels: Vec<String> = goals
         .iter()
         .map(|g| {
+            let bound = if g.at_most { "≤" } else { "≥" };
+            let kind = if g.reported_only {
+                "reported beside"
+            } else {
+                "goal"
+            };
             format!(
-                "{} ({:.3} {} / {} {})",
+                "{}: {:.3} {} ({kind} {bound} {} {})",
                 g.name, g.measured, g.unit, g.goal, g.unit
             )
         })
@@ -709,27 +735,32 @@ fn chart(path: &std::path::Path, goals: &[Goal]) -> anyhow::Result<()> {
     chart
         .configure_mesh()
         .disable_y_mesh()
-        .y_labels(n * 2 + 1)
-        .y_label_formatter(&|y| {
-            let i = y.floor() as usize;
-            if (y - y.floor() - 0.5).abs() < 0.01 && i < n {
-                labels[n - 1 - i].clone()
-            } else {
-                String::new()
-            }
+        .y_labels(n)
+        .y_label_style(("sans-serif", 13))
+        .y_label_formatter(&|y| match y {
+            SegmentValue::CenterOf(i) if *i < n => labels[n - 1 - *i].clone(),
+            _ => String::new(),
         })
         .draw()?;
     chart.draw_series(goals.iter().enumerate().map(|(i, goal)| {
-        let y = (n - 1 - i) as f64;
+        let y = n - 1 - i;
         let color = match (goal.met, goal.reported_only) {
             (_, true) => BLUE.mix(0.5),
             (true, false) => GREEN.mix(0.7),
             (false, false) => RED.mix(0.7),
         };
-        Rectangle::new([(0.0, y + 0.2), (goal.load(), y + 0.8)], color.filled())
+        let mut bar = Rectangle::new(
+            [
+                (0.0, SegmentValue::Exact(y)),
+                (goal.load(), SegmentValue::Exact(y + 1)),
+            ],
+            color.filled(),
+        );
+        bar.set_margin(6, 6, 0, 0);
+        bar
     }))?;
     chart.draw_series(LineSeries::new(
-        [(1.0, 0.0), (1.0, n as f64)],
+        [(1.0, SegmentValue::Exact(0)), (1.0, SegmentValue::Exact(n))],
         BLACK.stroke_width(2),
     ))?;
     root.present()?;

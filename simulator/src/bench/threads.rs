@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 
+use anyhow::Context as _;
+
 use serde::Serialize;
 
 /// The CPU time of each live thread of a process at one moment.
@@ -11,25 +13,37 @@ use serde::Serialize;
 pub struct Threads(HashMap<u32, (String, u64)>);
 
 /// Reads every thread of `pid`. A thread that has exited is not there: a
-/// window's figures count the threads alive at its end.
-pub fn sample(pid: u32) -> Threads {
+/// window's figures count the threads alive at its end. An error when the
+/// process is gone or the kernel keeps no `schedstat` (a figure of 0 would
+/// pass every goal).
+pub fn sample(pid: u32) -> anyhow::Result<Threads> {
     let mut threads = HashMap::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Threads(threads);
-    };
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("reading the threads of process {pid}"))?;
     for task in tasks.flatten() {
         let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
             continue;
         };
         let path = task.path();
-        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-        let ns = std::fs::read_to_string(path.join("schedstat"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0);
+        // A thread that ends meanwhile has no files left: skipped.
+        let (Ok(name), Ok(stat)) = (
+            std::fs::read_to_string(path.join("comm")),
+            std::fs::read_to_string(path.join("schedstat")),
+        ) else {
+            continue;
+        };
+        let ns = stat
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("{}/schedstat: {stat:?}", path.display()))?;
         threads.insert(tid, (name.trim().to_owned(), ns));
     }
-    Threads(threads)
+    anyhow::ensure!(
+        !threads.is_empty(),
+        "no thread of process {pid} has a readable schedstat (CONFIG_SCHEDSTATS)"
+    );
+    Ok(Threads(threads))
 }
 
 /// The id of the calling thread.
@@ -99,7 +113,7 @@ mod tests {
 
     #[test]
     fn a_busy_thread_of_this_process_is_seen_by_name() {
-        let before = sample(std::process::id());
+        let before = sample(std::process::id()).unwrap();
         let worker = std::thread::Builder::new()
             .name("rdk:spinner".into())
             .spawn(|| {
@@ -108,7 +122,7 @@ mod tests {
                 while std::time::Instant::now() < end {
                     n = n.wrapping_add(1);
                 }
-                let after = sample(std::process::id());
+                let after = sample(std::process::id()).unwrap();
                 (n, after)
             })
             .unwrap();
