@@ -23,8 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::ClientConfig;
-use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::client::ClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext};
 use schema::{Codec, MetricList, OcfEncoder};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -37,6 +38,7 @@ use crate::discovery::{BrokerSource, discover};
 use crate::mesos::client::AgentClient;
 use crate::mesos::mapping::Naming;
 use crate::mesos::poller::{AgentAddress, agent_url};
+use crate::sink::kafka::KafkaProducer;
 
 /// What the sample-producer does.
 #[derive(Debug, Clone)]
@@ -302,6 +304,43 @@ fn classify(error: &rdkafka::error::KafkaError) -> Failure {
     }
 }
 
+/// Hands each delivery report to the send waiting for it. The producer's
+/// events are served by a thread that sleeps while there are none
+/// ([`KafkaProducer`]; rust-rdkafka's `FutureProducer` polled without
+/// waiting for part of every 100 ms: 0.8 % of a core, idle).
+struct Reports;
+
+impl ClientContext for Reports {}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = Box<tokio::sync::oneshot::Sender<Result<(), KafkaError>>>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, report: Self::DeliveryOpaque) {
+        let _ = report.send(
+            result
+                .as_ref()
+                .map(drop)
+                .map_err(|(error, _)| error.clone()),
+        );
+    }
+}
+
+/// Sends `payload` to `topic` and waits for its delivery report.
+async fn send(
+    producer: &KafkaProducer<Reports>,
+    topic: &str,
+    payload: &[u8],
+) -> Result<(), KafkaError> {
+    let (report, reported) = tokio::sync::oneshot::channel();
+    let record =
+        BaseRecord::<(), [u8], _>::with_opaque_to(topic, Box::new(report)).payload(payload);
+    match producer.send(record) {
+        // A producer dropped meanwhile purges the message: its report says so.
+        Ok(()) => reported.await.unwrap_or(Err(KafkaError::Canceled)),
+        Err((error, _)) => Err(error),
+    }
+}
+
 /// Delivers pending polls in order until `shutdown`, then for at most
 /// `grace` more. Brokers are looked up again when they stop answering.
 async fn send_pending(
@@ -313,7 +352,7 @@ async fn send_pending(
     grace: Duration,
     reload: Reload,
 ) {
-    let mut producer: Option<(FutureProducer, ClientConfig)> = None;
+    let mut producer: Option<(KafkaProducer<Reports>, ClientConfig)> = None;
     let mut reloads = reload.subscribe();
     // Set when a reload gave up a send.
     let mut reload_now = false;
@@ -356,8 +395,7 @@ async fn send_pending(
             match found {
                 Ok(found) => {
                     let made = producer_config(&found.brokers, &options).and_then(|config| {
-                        config
-                            .create::<FutureProducer>()
+                        KafkaProducer::create(&config, Reports)
                             .map(|p| (p, config))
                             .map_err(|e| ConfigError::new("librdkafka", e.to_string()))
                     });
@@ -389,13 +427,11 @@ async fn send_pending(
                 // A send waits for its delivery report, up to the message
                 // timeout: shutdown's grace ends it sooner.
                 let sent = {
-                    let record: FutureRecord<'_, (), [u8]> =
-                        FutureRecord::to(&topic).payload(&pending.payload);
-                    let send = p.send(record, Duration::from_secs(5));
+                    let send = send(p, &topic, &pending.payload);
                     tokio::pin!(send);
                     loop {
                         tokio::select! {
-                            sent = &mut send => break Some(sent.map(drop).map_err(|(e, _)| e)),
+                            sent = &mut send => break Some(sent),
                             () = shutdown.cancelled(), if deadline.is_none() => {
                                 deadline = Some(crate::shutdown::deadline_after(
                                     tokio::time::Instant::now(),

@@ -47,7 +47,7 @@ impl Meta {
 pub(super) struct Context {
     pub(super) stats: Arc<Stats>,
     /// Held weakly: a producer being destroyed after shutdown (see
-    /// [`KafkaProducer`](super::poll::KafkaProducer)) keeps neither the
+    /// [`KafkaProducer`](super::KafkaProducer)) keeps neither the
     /// partner hub nor the spool (and its lock).
     pub(super) partners: Option<Weak<crate::partner::PartnerHub>>,
     /// Where messages to produce again go. Not bounded by count: only

@@ -38,7 +38,10 @@ use crate::memory::{Budget, Gauge};
 use crate::stats::{Counts, DropReason, Stats};
 use delivery::Meta;
 pub(crate) use delivery::is_permanent;
-use poll::KafkaProducer;
+pub(crate) use poll::KafkaProducer;
+
+/// The sink's producer: its delivery reports go to [`delivery::Context`].
+type SinkProducer = KafkaProducer<delivery::Context>;
 use topics::{PARKED_SHARE, TopicCache, TopicResult};
 
 /// How often the brokers are asked for metadata while a TLS or
@@ -52,7 +55,7 @@ pub struct KafkaSink {
     buffer: Arc<Buffer>,
     batcher: Batcher,
     outbox: VecDeque<Message>,
-    producer: Option<(Arc<KafkaProducer>, Discovered)>,
+    producer: Option<(Arc<SinkProducer>, Discovered)>,
     /// The topic admin's configuration, made with the producer.
     admin: Option<rdkafka::ClientConfig>,
     /// Brokers whose producer could not be made: a reload tries again.
@@ -65,7 +68,7 @@ pub struct KafkaSink {
     retry_budget: Arc<Budget>,
     /// Producers replaced by a broker switch, still flushing to the old
     /// brokers; shutdown waits for them too, so the final count is exact.
-    retiring: Vec<Arc<KafkaProducer>>,
+    retiring: Vec<Arc<SinkProducer>>,
     /// The number of the producer in use (see `Context::generation`).
     generation: Arc<AtomicU64>,
     room: Arc<Notify>,

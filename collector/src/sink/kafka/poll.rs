@@ -16,14 +16,12 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{BaseProducer, Producer, PurgeConfig};
-
-use super::delivery::Context;
+use rdkafka::producer::{BaseProducer, Producer, ProducerContext, PurgeConfig};
 
 /// One wait for events. A turn that saw no event costs one wake-up; one
 /// that did ends with less than a millisecond of polling without waiting.
 /// Stopping the thread waits for the turn in progress to end.
-pub(super) const TURN: Duration = Duration::from_micros(500_005);
+pub(crate) const TURN: Duration = Duration::from_micros(500_005);
 
 /// A librdkafka producer and the thread that serves its events.
 ///
@@ -34,16 +32,19 @@ pub(super) const TURN: Duration = Duration::from_micros(500_005);
 /// producer within [`TURN`]. At shutdown, [`stop_events`](Self::stop_events)
 /// waits for it. The context holds the spool and the partner hub weakly,
 /// so a producer being destroyed keeps neither.
-pub(super) struct KafkaProducer {
-    producer: Arc<BaseProducer<Context>>,
+///
+/// The sink's producer and the sample-producer's are both of this kind.
+pub(crate) struct KafkaProducer<C: ProducerContext + 'static> {
+    producer: Arc<BaseProducer<C>>,
     stop: Arc<AtomicBool>,
     /// Disconnected once the thread has let go of the producer.
     stopped: Mutex<mpsc::Receiver<()>>,
 }
 
-impl KafkaProducer {
-    pub(super) fn create(config: &ClientConfig, context: Context) -> Result<Self, KafkaError> {
-        let producer: Arc<BaseProducer<Context>> = Arc::new(config.create_with_context(context)?);
+impl<C: ProducerContext + 'static> KafkaProducer<C> {
+    /// A producer for `config` and its event thread.
+    pub(crate) fn create(config: &ClientConfig, context: C) -> Result<Self, KafkaError> {
+        let producer: Arc<BaseProducer<C>> = Arc::new(config.create_with_context(context)?);
         let stop = Arc::new(AtomicBool::new(false));
         let (done, stopped) = mpsc::channel::<()>();
         {
@@ -71,7 +72,7 @@ impl KafkaProducer {
     /// Stops the event thread and waits up to `wait` for it to let go of
     /// the producer (at most [`TURN`]): whether it did. Reports are then
     /// served only by whoever flushes the producer.
-    pub(super) fn stop_events(&self, wait: Duration) -> bool {
+    pub(crate) fn stop_events(&self, wait: Duration) -> bool {
         self.stop.store(true, Relaxed);
         let stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
         matches!(
@@ -81,15 +82,15 @@ impl KafkaProducer {
     }
 }
 
-impl Deref for KafkaProducer {
-    type Target = BaseProducer<Context>;
+impl<C: ProducerContext + 'static> Deref for KafkaProducer<C> {
+    type Target = BaseProducer<C>;
 
     fn deref(&self) -> &Self::Target {
         &self.producer
     }
 }
 
-impl Drop for KafkaProducer {
+impl<C: ProducerContext + 'static> Drop for KafkaProducer<C> {
     fn drop(&mut self) {
         self.producer
             .purge(PurgeConfig::default().queue().inflight());

@@ -12,8 +12,8 @@ use rdkafka::producer::{Producer, PurgeConfig};
 use tracing::{error, info};
 
 use super::delivery::Context;
-use super::poll::KafkaProducer;
 use super::{BrokerState, KafkaSink};
+use super::{KafkaProducer, SinkProducer};
 use crate::discovery::Discovered;
 
 impl KafkaSink {
@@ -22,7 +22,7 @@ impl KafkaSink {
     pub(super) fn create_producer(
         &self,
         discovered: &Discovered,
-    ) -> Result<(KafkaProducer, ClientConfig), String> {
+    ) -> Result<(SinkProducer, ClientConfig), String> {
         let generation = self.generation.load(Relaxed) + 1;
         let context = Context {
             stats: self.stats.clone(),

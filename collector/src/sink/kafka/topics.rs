@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::KafkaSink;
-use super::poll::KafkaProducer;
+use super::SinkProducer;
 
 /// Creates `topic` through the admin API; an existing topic is success.
 pub async fn create_topic(
@@ -45,7 +45,7 @@ pub async fn create_topic(
 /// (tansu and many production clusters do not auto-create). Never longer
 /// than half a minute: a broker that does not answer means trying again.
 pub(super) async fn look_up_topic(
-    producer: Arc<KafkaProducer>,
+    producer: Arc<SinkProducer>,
     admin: &ClientConfig,
     topic: &str,
     partitions: i32,
