@@ -87,7 +87,6 @@ async fn the_node_profile_measures_every_goal_and_draws_them() {
         "--profile=node",
         "--idle-secs=2",
         "--busy-secs=3",
-        "--seconds=2",
         &format!("--json={}", json.display()),
         &format!("--chart={}", svg.display()),
     ]);
@@ -162,7 +161,7 @@ async fn the_node_profile_measures_every_goal_and_draws_them() {
     assert!(chart.contains("measured / goal"));
     for goal in &profile.goals {
         assert!(
-            chart.contains(&goal.name.replace('&', "&amp;")),
+            chart.contains(&goal.name.replace('&', "&amp;").replace('\'', "&apos;")),
             "{} not drawn",
             goal.name
         );

@@ -203,7 +203,7 @@ pub struct MemoryBound {
 pub const AGENT_BODY_FACTOR: u64 = 10;
 
 /// What the program takes before any input: code, runtime, librdkafka's
-/// threads and their buffers (idle RSS is 15 to 20 MiB; see BENCHMARKS.md).
+/// threads and their buffers (idle RSS is about 14.5 MiB with Kafka connected; see BENCHMARKS.md).
 pub const BASE_BYTES: u64 = 32 * 1024 * 1024;
 
 impl Config {
