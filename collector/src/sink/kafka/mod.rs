@@ -39,10 +39,10 @@ use crate::stats::{Counts, DropReason, Stats};
 use delivery::Meta;
 pub(crate) use delivery::is_permanent;
 pub(crate) use poll::KafkaProducer;
+use topics::{PARKED_SHARE, TopicCache, TopicResult};
 
 /// The sink's producer: its delivery reports go to [`delivery::Context`].
 type SinkProducer = KafkaProducer<delivery::Context>;
-use topics::{PARKED_SHARE, TopicCache, TopicResult};
 
 /// How often the brokers are asked for metadata while a TLS or
 /// authentication failure is reported (see `probe_brokers`).
