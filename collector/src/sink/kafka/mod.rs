@@ -410,16 +410,22 @@ impl KafkaSink {
                 // The event threads let go of their producers (within half
                 // a second, their turn), so that dropping them here
                 // destroys them before the process exits. One that does not
-                // within the reserve is left to end on its own; what it
-                // reports from now on is not counted again.
+                // within the reserve is left to end on a thread of its own;
+                // what it reports from now on is not counted again.
                 let join_by = std::time::Instant::now() + purge_time;
-                for producer in &producers {
+                let mut late = Vec::new();
+                for producer in producers {
                     let wait = join_by.saturating_duration_since(std::time::Instant::now());
                     if !producer.stop_events(wait) {
                         producer.context().counted.store(true, Relaxed);
+                        late.push(producer);
                     }
                 }
-                drop(producers);
+                if !late.is_empty() {
+                    let _ = std::thread::Builder::new()
+                        .name("kafka-late".into())
+                        .spawn(move || drop(late));
+                }
                 all_flushed
             })
             .await;

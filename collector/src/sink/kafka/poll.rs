@@ -27,11 +27,12 @@ pub(crate) const TURN: Duration = Duration::from_micros(500_005);
 ///
 /// Dropping it purges what librdkafka still holds and serves the delivery
 /// reports on the dropping thread (as the producer's own drop does, so
-/// every report is counted before the drop returns), then tells the thread
-/// to stop without waiting for its turn to end: the thread destroys the
-/// producer within [`TURN`]. At shutdown, [`stop_events`](Self::stop_events)
-/// waits for it. The context holds the spool and the partner hub weakly,
-/// so a producer being destroyed keeps neither.
+/// every report is counted before the drop returns), then stops the thread
+/// and waits for its turn to end (at most [`TURN`]): the producer is
+/// destroyed before the drop returns, as rust-rdkafka's producers are. At
+/// shutdown, [`stop_events`](Self::stop_events) bounds that wait by the
+/// shutdown's reserve. The sink's context holds the spool and the partner
+/// hub weakly, so a producer whose thread outlives that keeps neither.
 ///
 /// The sink's producer and the sample-producer's are both of this kind.
 pub(crate) struct KafkaProducer<C: ProducerContext + 'static> {
@@ -95,6 +96,6 @@ impl<C: ProducerContext + 'static> Drop for KafkaProducer<C> {
         self.producer
             .purge(PurgeConfig::default().queue().inflight());
         let _ = self.producer.flush(Duration::from_millis(500));
-        self.stop.store(true, Relaxed);
+        self.stop_events(TURN + Duration::from_millis(100));
     }
 }
