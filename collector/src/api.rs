@@ -224,15 +224,18 @@ async fn health(State(state): State<ApiState>) -> Response {
     let config = state.runtime.config();
     let brokers = state.brokers.lock().map(|b| b.clone()).unwrap_or_default();
     let accounting = state.stats.accounting();
+    let spool = state.spool.as_ref().map(|spool| spool.report());
     let details = json!({
         "brokers": brokers.current.as_ref().map(|c| c.brokers.clone()),
         "all_brokers_down": brokers.all_brokers_down,
         "connections_open": state.stats.connections_open.load(Relaxed),
         "buffer_bytes": state.stats.buffer_bytes.load(Relaxed),
         "in_flight_datapoints": accounting.in_flight().datapoints,
-        "spool": state.spool.as_ref().map(|spool| json!({
-            "state": if spool.degraded().is_some() { "degraded" } else { "ok" },
-            "reason": spool.degraded(),
+        "spool": spool.as_ref().map(|report| json!({
+            "state": if report.reason.is_some() { "degraded" } else { "ok" },
+            "reason": report.reason,
+            "bound_bytes": report.bound,
+            "bound_set_by": if report.limited_by_filesystem { "filesystem free space" } else { "spool_max_bytes" },
             "bytes": state.stats.spool_bytes.load(Relaxed),
             "segments": state.stats.spool_segments.load(Relaxed),
             "oldest_unacked_age_seconds": state.stats.spool_oldest_unacked_age_seconds.load(Relaxed),
@@ -274,7 +277,7 @@ async fn health(State(state): State<ApiState>) -> Response {
             json!({"status": "unhealthy", "reasons": [reason], "details": details}),
         );
     }
-    if let Some(reason) = state.spool.as_ref().and_then(|s| s.degraded()) {
+    if let Some(reason) = spool.and_then(|report| report.reason) {
         // Still delivering, from memory: degraded, not unhealthy.
         return (
             StatusCode::OK,

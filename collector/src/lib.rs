@@ -272,7 +272,10 @@ impl App {
             partner::spawn(self.partner, self.partner_hub.clone(), &plan),
         ];
         if let Some(spool) = self.buffer.spool() {
-            outputs.push(spool.spawn_syncer(&plan));
+            outputs.push(shutdown::Task::spawn(
+                "spool",
+                spool.clone().run_syncer(plan.outputs().clone()),
+            ));
         }
         info!(
             input = %self.endpoints.ingest,

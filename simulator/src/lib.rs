@@ -5,6 +5,8 @@
 //!
 //! - [`listening`]: the handle every fake returns (address, stop, join).
 //! - [`dns`]: Mesos-DNS (SRV and A records) on hickory's server crate.
+//! - [`kafka`]: the embedded broker (librdkafka's mock cluster) and the
+//!   faults a test puts on it: a broker down, a topic refused.
 //! - [`producer`]: TCP producers that emulate the mesos-agent module (its
 //!   exact header, fixed sync, null codec) and "other processes" (random
 //!   sync, deflate or snappy), plus malformed modes. Every MetricList carries
@@ -17,6 +19,7 @@ pub mod agent;
 pub mod bench;
 pub mod cluster;
 pub mod dns;
+pub mod kafka;
 pub mod listening;
 pub mod process;
 pub mod producer;

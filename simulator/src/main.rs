@@ -85,7 +85,10 @@ enum Command {
         token: Option<String>,
     },
     /// The embedded broker: librdkafka's mock cluster, with a control API:
-    /// POST /brokers/<id>/down, POST /brokers/<id>/up.
+    /// POST /brokers/<id>/down, POST /brokers/<id>/up; POST
+    /// /topics/<name>/error {"error": "TOPIC_AUTHORIZATION_FAILED"} (any
+    /// librdkafka error name) refuses a topic, DELETE /topics/<name>/error
+    /// mends it.
     Kafka {
         /// Brokers.
         #[arg(long, default_value_t = 3)]
@@ -393,64 +396,6 @@ async fn run(command: Command, security: KafkaSecurity) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The mock cluster is not `Send`: it lives on the main thread, and the
-/// control API (on its own runtime thread) sends it commands.
-fn kafka(brokers: i32, control: SocketAddr) -> anyhow::Result<()> {
-    use axum::extract::Path;
-    use axum::routing::post;
-    let cluster = rdkafka::mocking::MockCluster::new(brokers)?;
-    println!("bootstrap servers: {}", cluster.bootstrap_servers());
-    let (tx, rx) = std::sync::mpsc::channel::<Option<(i32, bool)>>();
-    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::bind(control).await?;
-            let _ = bound_tx.send(listener.local_addr()?);
-            let commands = tx.clone();
-            let app = axum::Router::new().route(
-                "/brokers/{id}/{state}",
-                post(move |Path((id, state)): Path<(i32, String)>| {
-                    let commands = commands.clone();
-                    async move {
-                        match state.as_str() {
-                            "down" | "up" => {
-                                let _ = commands.send(Some((id, state == "up")));
-                                axum::http::StatusCode::NO_CONTENT
-                            }
-                            _ => axum::http::StatusCode::NOT_FOUND,
-                        }
-                    }
-                }),
-            );
-            let server = axum::serve(listener, app);
-            tokio::select! {
-                _ = server => {}
-                _ = tokio::signal::ctrl_c() => { let _ = tx.send(None); }
-            }
-            Ok::<_, anyhow::Error>(())
-        })
-    });
-    println!(
-        "control API: http://{}/brokers/<id>/down|up",
-        bound_rx.recv()?
-    );
-    while let Ok(Some((id, up))) = rx.recv() {
-        let result = if up {
-            cluster.broker_up(id)
-        } else {
-            cluster.broker_down(id)
-        };
-        match result {
-            Ok(()) => println!("broker {id} {}", if up { "up" } else { "down" }),
-            Err(error) => eprintln!("broker {id}: {error}"),
-        }
-    }
-    Ok(())
-}
-
 fn main() -> ExitCode {
     // `verify` takes the collector's Kafka security options, from their
     // declaration.
@@ -479,7 +424,7 @@ fn main() -> ExitCode {
             .try_init();
     }
     let result = match cli.command {
-        Command::Kafka { brokers, control } => kafka(brokers, control),
+        Command::Kafka { brokers, control } => simulator::kafka::run(brokers, control),
         command => match tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

@@ -364,8 +364,10 @@ stats! {
         spool_segments,
         /// Age of the oldest record in the disk spool without a Kafka report, seconds.
         spool_oldest_unacked_age_seconds,
-        /// 1 while the disk spool can't be used and records are kept in memory.
+        /// 1 while the disk spool can't be used (it failed, or its filesystem is full) and records are kept in memory.
         spool_degraded,
+        /// The disk spool's bound in force, bytes: spool_max_bytes, or less where its filesystem has less room.
+        spool_bound_bytes,
     }
 }
 
