@@ -46,6 +46,7 @@ fn settings(dir: &std::path::Path, fsync: FsyncMode, bytes: u64) -> SpoolSetting
         max_record_bytes: 1_000_000,
         memory_bytes: 64 << 20,
         retry: Duration::from_secs(2),
+        parked_max_bytes: 0,
     }
 }
 
@@ -73,7 +74,7 @@ fn drain(spool: &Spool) -> (u64, f64) {
     while let Some(read) = spool.read() {
         records += read.items.len() as u64;
         let seqs: Vec<u64> = read.items.iter().map(|r| r.seq).collect();
-        spool.ack(&seqs);
+        spool.ack("metrics", &seqs);
     }
     (records, start.elapsed().as_secs_f64())
 }

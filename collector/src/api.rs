@@ -231,6 +231,13 @@ async fn health(State(state): State<ApiState>) -> Response {
         "connections_open": state.stats.connections_open.load(Relaxed),
         "buffer_bytes": state.stats.buffer_bytes.load(Relaxed),
         "in_flight_datapoints": accounting.in_flight().datapoints,
+        "refused_topics": brokers.refused_topics.iter().map(|r| json!({
+            "topic": r.topic,
+            "error": r.error,
+            "refused_for_secs": r.since.elapsed().as_secs(),
+            "kept_records": r.kept.records,
+            "kept_datapoints": r.kept.datapoints,
+        })).collect::<Vec<_>>(),
         "spool": spool.as_ref().map(|report| json!({
             "state": if report.reason.is_some() { "degraded" } else { "ok" },
             "reason": report.reason,
@@ -277,11 +284,32 @@ async fn health(State(state): State<ApiState>) -> Response {
             json!({"status": "unhealthy", "reasons": [reason], "details": details}),
         );
     }
-    if let Some(reason) = spool.and_then(|report| report.reason) {
-        // Still delivering, from memory: degraded, not unhealthy.
+    // Still delivering: degraded, not unhealthy.
+    let mut degraded: Vec<String> = spool
+        .and_then(|report| report.reason)
+        .map(|reason| format!("disk spool unusable, buffering in memory: {reason}"))
+        .into_iter()
+        .collect();
+    if config.kafka {
+        const LISTED: usize = 20;
+        degraded.extend(
+            brokers
+                .refused_topics
+                .iter()
+                .take(LISTED)
+                .map(|r| r.to_string()),
+        );
+        if brokers.refused_topics.len() > LISTED {
+            degraded.push(format!(
+                "and {} more topics Kafka refuses",
+                brokers.refused_topics.len() - LISTED
+            ));
+        }
+    }
+    if !degraded.is_empty() {
         return (
             StatusCode::OK,
-            Json(json!({"status": "degraded", "reasons": [format!("disk spool unusable, buffering in memory: {reason}")], "details": details})),
+            Json(json!({"status": "degraded", "reasons": degraded, "details": details})),
         )
             .into_response();
     }

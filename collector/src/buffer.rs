@@ -125,10 +125,11 @@ impl Buffer {
         self.spool.as_ref()
     }
 
-    /// Reports the final outcome of records read from the spool.
-    pub fn ack(&self, seqs: &[u64]) {
+    /// Reports the final outcome of records of `topic` read from the
+    /// spool.
+    pub fn ack(&self, topic: &str, seqs: &[u64]) {
         if let Some(spool) = &self.spool {
-            spool.ack(seqs);
+            spool.ack(topic, seqs);
         }
     }
 
@@ -534,6 +535,7 @@ mod tests {
                 max_record_bytes: 64 * 1024,
                 memory_bytes: 1 << 20,
                 retry: std::time::Duration::ZERO,
+                parked_max_bytes: 0,
             },
             stats.clone(),
         )
@@ -579,7 +581,7 @@ mod tests {
         assert_eq!(seqs, (1..=12).collect::<Vec<_>>());
         assert_eq!(popped.lease.bytes(), buffer.bytes(), "the read is leased");
         assert!(buffer.bytes() >= 12 * 1024);
-        buffer.ack(&seqs);
+        buffer.ack("t", &seqs);
         buffer.close();
         assert!(buffer.pop().await.is_none());
         assert_eq!(buffer.close_spool(), Counts::default());

@@ -9,5 +9,6 @@ mod discovery;
 mod faults;
 mod hostile;
 mod ingest_to_kafka;
+mod refused;
 mod secured;
 mod up;

@@ -186,7 +186,8 @@ pub struct MemoryBound {
     pub input_buffers: u64,
     /// The one buffer compressed blocks are decompressed into.
     pub inflating: u64,
-    /// librdkafka's queue, and messages it hands back to be produced again.
+    /// librdkafka's queue, messages it hands back to be produced again,
+    /// and each topic's state (in librdkafka and in the sink).
     pub kafka: u64,
     /// The partners' queues.
     pub partners: u64,
@@ -197,6 +198,11 @@ pub struct MemoryBound {
     /// All of it.
     pub total: u64,
 }
+
+/// What one topic's state takes at most: librdkafka's topic and partition
+/// objects and metadata, and the sink's lookup, cache and batch entries
+/// (see the topic flood test in `collector/tests/hostile.rs`).
+pub const TOPIC_STATE_BYTES: u64 = 16 * 1024;
 
 /// Heap an agent answer takes while it is parsed and mapped, per byte of
 /// it, at most (measured in the test that holds RSS to the bound).
@@ -213,7 +219,7 @@ impl Config {
     /// buffer_max_bytes
     ///   + input_buffer_max_bytes + max_connections × 16 KiB
     ///   + max_decompressed_block_bytes
-    ///   + 2 × kafka_queue_max_kbytes
+    ///   + 2 × kafka_queue_max_kbytes + kafka_max_topics × 16 KiB
     ///   + max_partners × partner_buffer_kbytes
     ///   + 10 × agent_max_body_bytes            (with agent polling)
     ///   + 32 MiB
@@ -225,6 +231,7 @@ impl Config {
         let inflating = self.max_decompressed_block_bytes as u64;
         let kafka = if self.kafka {
             2 * self.kafka_queue_max_kbytes as u64 * 1024
+                + self.kafka_max_topics as u64 * TOPIC_STATE_BYTES
         } else {
             0
         };
@@ -243,6 +250,15 @@ impl Config {
             agent,
             base: BASE_BYTES,
             total: buffer + input_buffers + inflating + kafka + partners + agent + BASE_BYTES,
+        }
+    }
+
+    /// The bound on records waiting for their topic (`kafka_parked_max_bytes`,
+    /// by default a quarter of `buffer_max_bytes`).
+    pub fn parked_max_bytes(&self) -> usize {
+        match self.kafka_parked_max_bytes {
+            0 => self.buffer_max_bytes / 4,
+            bytes => bytes,
         }
     }
 
@@ -407,6 +423,27 @@ impl Config {
             return Err(ConfigError::new(
                 "buffer_max_bytes",
                 "must be at least kafka_max_message_bytes",
+            ));
+        }
+        if self.kafka_parked_max_bytes != 0 && self.kafka_parked_max_bytes < 64 * 1024 {
+            return Err(ConfigError::new(
+                "kafka_parked_max_bytes",
+                "must be 0 (a quarter of buffer_max_bytes) or at least 65536",
+            ));
+        }
+        if self.kafka_parked_max_bytes > self.buffer_max_bytes / 2 {
+            return Err(ConfigError::new(
+                "kafka_parked_max_bytes",
+                format!(
+                    "must be at most half of buffer_max_bytes ({}), so that a refused topic leaves the others room",
+                    self.buffer_max_bytes / 2
+                ),
+            ));
+        }
+        if !(1..=100_000).contains(&self.kafka_max_topics) {
+            return Err(ConfigError::new(
+                "kafka_max_topics",
+                "must be between 1 and 100000",
             ));
         }
         if self.buffer_type == BufferType::Disk {

@@ -322,6 +322,12 @@ options! {
     /// Bound on librdkafka's own queue, KB; with the buffer it bounds memory during an outage.
     kafka_queue_max_kbytes: usize = 4 * 1024;
         plain, env "KAFKA_QUEUE_MAX_KBYTES", restart;
+    /// Records of topics the brokers refuse (an ACL) kept until the topic can be written, bytes (0: a quarter of `buffer_max_bytes`): in memory, or on disk in `spool_dir/parked` with `buffer_type = disk`; past it the oldest are dropped (`topic_refused`). Records of topics still being looked up wait within the same bound in memory.
+    kafka_parked_max_bytes: usize = 0;
+        plain, env "KAFKA_PARKED_MAX_BYTES", restart;
+    /// Topics the Kafka producer keeps state for (librdkafka lets go of a topic's only with the producer): past it, the producer is made anew.
+    kafka_max_topics: usize = 1000;
+        plain, env "KAFKA_MAX_TOPICS", restart;
     /// `plaintext`, `ssl` (TLS), `sasl_plaintext` or `sasl_ssl` (SASL over TLS), for every Kafka client.
     kafka_security_protocol: SecurityProtocol = SecurityProtocol::Plaintext;
         plain, env "KAFKA_SECURITY_PROTOCOL", runtime;

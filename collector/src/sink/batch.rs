@@ -94,7 +94,11 @@ struct Pending {
     spooled: Spooled,
 }
 
-type BatchKey = (Arc<str>, Option<Arc<str>>);
+/// Topic, key, and whether the records came from the disk spool: a batch
+/// never mixes records with sequence numbers and records without, so that a
+/// message handed back can be taken apart again record by record
+/// ([`unbatch`]).
+type BatchKey = (Arc<str>, Option<Arc<str>>, bool);
 
 /// Batches routed records per (topic, key).
 #[derive(Debug)]
@@ -159,7 +163,7 @@ impl Batcher {
             });
         }
         let (seq, datapoints) = (item.seq, item.datapoints);
-        let key = (item.topic, item.key);
+        let key = (item.topic, item.key, seq != 0);
         if let Some(pending) = self.pending.get(&key)
             && pending.bytes + item.data.len() + self.overhead() > limit
         {
@@ -233,7 +237,13 @@ impl Batcher {
         self.pending.is_empty()
     }
 
-    fn message(&mut self, (topic, key): BatchKey, pending: Pending) -> Message {
+    /// Takes back the share of a record that is not added (it waits for
+    /// its topic instead): it goes with the record.
+    pub fn release(&mut self, share: u32) -> Lease {
+        self.held.split(share as usize)
+    }
+
+    fn message(&mut self, (topic, key, _): BatchKey, pending: Pending) -> Message {
         let payload = self
             .encoder
             .file_from_parts(pending.records as usize, &pending.parts);
@@ -251,6 +261,70 @@ impl Batcher {
             spooled: pending.spooled,
         }
     }
+}
+
+/// Takes a message apart into its records again, each with its sequence
+/// number (when its records came from the disk spool) and a part of the
+/// message's lease; `None` when its payload is not a file the batcher
+/// writes (it never is).
+pub fn unbatch(message: Message) -> Option<Vec<(Routed, Lease)>> {
+    let Message {
+        topic,
+        key,
+        payload,
+        mut lease,
+        records,
+        spooled,
+        ..
+    } = message;
+    let payload = Bytes::from(payload);
+    let mut decoder = schema::StreamDecoder::new(schema::Limits {
+        max_block_bytes: payload.len(),
+        max_decompressed_block_bytes: payload.len(),
+        ..schema::Limits::default()
+    });
+    let mut out = Vec::with_capacity(records as usize);
+    let mut at = 0;
+    while at < payload.len() {
+        let (used, block) = decoder.decode_view(&payload[at..]).ok()?;
+        let base = at;
+        at += used;
+        let Some(schema::ocf::BlockView::Raw(block)) = block else {
+            if used == 0 {
+                return None;
+            }
+            continue;
+        };
+        for record in block.records {
+            let bytes = record.bytes();
+            let start = bytes.as_ptr() as usize - payload[base..].as_ptr() as usize + base;
+            out.push(Routed {
+                topic: topic.clone(),
+                key: key.clone(),
+                data: payload.slice(start..start + bytes.len()),
+                datapoints: record.datapoints(),
+                share: u32::try_from(bytes.len() + crate::route::RECORD_OVERHEAD)
+                    .unwrap_or(u32::MAX),
+                seq: 0,
+            });
+        }
+    }
+    if out.len() != records as usize
+        || !(spooled.seqs.is_empty() || spooled.seqs.len() == out.len())
+    {
+        return None;
+    }
+    for (record, &seq) in out.iter_mut().zip(&spooled.seqs) {
+        record.seq = seq;
+    }
+    Some(
+        out.into_iter()
+            .map(|record| {
+                let share = lease.split(record.share as usize);
+                (record, share)
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -349,6 +423,44 @@ mod tests {
         assert_eq!(&*err.topic, "big");
         assert_eq!(err.datapoints, 400);
         assert!(batcher.is_empty());
+    }
+
+    #[test]
+    fn a_message_taken_apart_gives_back_its_records_in_order_with_their_sequence_numbers() {
+        let mut batcher = Batcher::new(Thresholds {
+            max_records: 100,
+            ..thresholds()
+        });
+        let mut out = Vec::new();
+        let now = Instant::now();
+        let records: Vec<Routed> = (1..=5)
+            .map(|i| Routed {
+                seq: 40 + i as u64,
+                ..routed("a", i)
+            })
+            .collect();
+        for record in records.clone() {
+            batcher.add(record, now, &mut out).unwrap();
+        }
+        // One from memory: a batch of its own.
+        batcher.add(routed("a", 9), now, &mut out).unwrap();
+        batcher.flush_all(&mut out);
+        assert_eq!(out.len(), 2);
+        out.sort_by_key(|m| std::cmp::Reverse(m.records));
+        let apart = unbatch(out.remove(0)).expect("a batcher's file");
+        let back: Vec<Routed> = apart.into_iter().map(|(r, _)| r).collect();
+        assert_eq!(
+            back.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![41, 42, 43, 44, 45]
+        );
+        for (got, sent) in back.iter().zip(&records) {
+            assert_eq!((&got.data, got.datapoints), (&sent.data, sent.datapoints));
+        }
+        let alone = unbatch(out.remove(0)).expect("a batcher's file");
+        assert_eq!(
+            (alone.len(), alone[0].0.seq, alone[0].0.datapoints),
+            (1, 0, 9)
+        );
     }
 
     #[test]

@@ -31,6 +31,7 @@ async fn run_null(buffer: Arc<Buffer>, stats: Arc<Stats>) {
             .map(|r| r.seq)
             .filter(|&s| s != 0)
             .collect();
-        buffer.ack(&seqs);
+        // Read from the main spool only: the null sink parks nothing.
+        buffer.ack("", &seqs);
     }
 }

@@ -41,7 +41,7 @@ impl Spool {
             last.sealed = true;
         }
         self.degraded.store(true, Relaxed);
-        self.stats.spool_degraded.store(1, Relaxed);
+        self.set_degraded_gauge(1);
         // What is sealed and done goes now: a full disk needs the space.
         self.delete_done(state);
     }

@@ -388,8 +388,8 @@ impl Spool {
     }
 
     /// Records a final outcome (delivered, or dropped and counted) for
-    /// these sequence numbers.
-    pub fn ack(&self, seqs: &[u64]) {
+    /// these sequence numbers of this spool.
+    pub(super) fn ack_seqs(&self, seqs: &[u64]) {
         if seqs.is_empty() {
             return;
         }
@@ -410,11 +410,14 @@ impl Spool {
             if !chunk.ack(seq) {
                 continue;
             }
-            let finished = chunk.remaining == 0;
             state.ledger_changed = true;
-            if finished {
-                state.in_flight.remove(&key);
-            }
+        }
+        // A chunk done ahead of an earlier one stays, for the cursor to
+        // save what it holds; chunks go once all before them are done.
+        while let Some(entry) = state.in_flight.first_entry()
+            && entry.get().remaining == 0
+        {
+            entry.remove();
         }
         self.delete_done(&mut state);
     }

@@ -33,6 +33,7 @@
 mod faults;
 pub mod frame;
 mod ledger;
+mod parked;
 mod reader;
 mod replay;
 mod segment;
@@ -58,6 +59,7 @@ use frame::FrameRef;
 pub use faults::Faults;
 use faults::Health;
 use ledger::InFlight;
+pub use parked::PARKED_SEQ;
 use segment::Segment;
 
 pub use crate::config::{BufferType, FsyncMode};
@@ -80,6 +82,9 @@ pub struct SpoolSettings {
     pub memory_bytes: usize,
     /// How long a degraded spool waits before trying the disk again.
     pub retry: Duration,
+    /// Bound on the parked area, where the records of topics the brokers
+    /// refuse wait (0: no parked area; see [`parked`]).
+    pub parked_max_bytes: u64,
 }
 
 impl SpoolSettings {
@@ -93,6 +98,7 @@ impl SpoolSettings {
             max_record_bytes: config.kafka_max_message_bytes,
             memory_bytes: config.buffer_max_bytes,
             retry: RETRY,
+            parked_max_bytes: config.parked_max_bytes() as u64,
         })
     }
 
@@ -193,9 +199,21 @@ pub struct ReadChunk {
     pub heap: usize,
 }
 
+/// What a spool is for: the gauges and `/health` speak of the main one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The spool of every record routed (`spool_dir`).
+    Main,
+    /// A refused topic's records, moved aside (see [`parked`]).
+    Parked,
+}
+
 /// The disk spool.
 pub struct Spool {
     settings: SpoolSettings,
+    role: Role,
+    /// The parked topics' spools (the main spool's, with a parked bound).
+    area: Option<Mutex<parked::Area>>,
     stats: Arc<Stats>,
     state: Mutex<State>,
     /// Space came back (a segment was deleted).
@@ -251,7 +269,15 @@ impl Spool {
     /// (counted as `replayed`). Never fails: a directory that can't be used
     /// leaves the spool degraded, to be tried again.
     pub fn open(settings: SpoolSettings, stats: Arc<Stats>) -> Arc<Self> {
+        Self::open_as(settings, stats, Role::Main)
+    }
+
+    fn open_as(settings: SpoolSettings, stats: Arc<Stats>, role: Role) -> Arc<Self> {
+        let area = (role == Role::Main && settings.parked_max_bytes > 0)
+            .then(|| Mutex::new(parked::Area::open(&settings, &stats)));
         let spool = Arc::new(Self {
+            role,
+            area,
             state: Mutex::new(State {
                 health: Health::Ok,
                 lock: None,
@@ -408,7 +434,7 @@ impl Spool {
             // kernel refuses a write. The records wait in memory.
             if !state.fs_full {
                 state.fs_full = true;
-                self.stats.spool_degraded.store(1, Relaxed);
+                self.set_degraded_gauge(1);
                 warn!(dir = %self.settings.dir.display(), bytes = state.bytes, bound = state.bound,
                     "The disk spool's filesystem is full; records wait in memory until Kafka frees a segment.");
             }
@@ -417,7 +443,7 @@ impl Spool {
         if state.fs_full {
             state.fs_full = false;
             if matches!(state.health, Health::Ok) {
-                self.stats.spool_degraded.store(0, Relaxed);
+                self.set_degraded_gauge(0);
             }
             info!(dir = %self.settings.dir.display(), "The disk spool has room again.");
         }
@@ -460,7 +486,9 @@ impl Spool {
             segment.last_seq = first.saturating_add(count - 1);
         }
         state.bytes += len;
-        self.stats.spool_bytes.store(state.bytes as i64, Relaxed);
+        if self.role == Role::Main {
+            self.stats.spool_bytes.store(state.bytes as i64, Relaxed);
+        }
         count_too_large();
         if self.settings.fsync == FsyncMode::Always {
             drop(state);
@@ -488,11 +516,55 @@ impl Spool {
     /// Records read but never taken count as left too.
     pub fn close(&self) -> Counts {
         self.sync();
+        let parked = self.close_parked();
         let mut state = self.state();
         state.closed = true;
         let ready = state
             .ready
             .take()
+            .map_or(Counts::default(), |(chunk, _)| Counts {
+                records: chunk.items.len() as u64,
+                datapoints: chunk.items.iter().map(|r| u64::from(r.datapoints)).sum(),
+            });
+        let ready = Counts {
+            records: ready.records + parked.records,
+            datapoints: ready.datapoints + parked.datapoints,
+        };
+        state.segments.iter().skip(state.read).fold(ready, |a, s| {
+            let u = s.unread();
+            Counts {
+                records: a.records + u.records,
+                datapoints: a.datapoints + u.datapoints,
+            }
+        })
+    }
+
+    /// Records a final outcome (delivered, or dropped and counted) for
+    /// these records of `topic`: read back from the main spool, or from
+    /// the topic's parked spool ([`PARKED_SEQ`] set).
+    pub fn ack(&self, topic: &str, seqs: &[u64]) {
+        if seqs.iter().any(|s| s & PARKED_SEQ != 0) {
+            let (parked, main): (Vec<u64>, Vec<u64>) =
+                seqs.iter().partition(|&&s| s & PARKED_SEQ != 0);
+            let parked: Vec<u64> = parked.into_iter().map(|s| s & !PARKED_SEQ).collect();
+            self.ack_parked(topic, &parked);
+            self.ack_seqs(&main);
+        } else {
+            self.ack_seqs(seqs);
+        }
+    }
+
+    /// Bytes of its segments.
+    fn bytes(&self) -> u64 {
+        self.state().bytes
+    }
+
+    /// What it holds unread (read back and not yet taken counts as unread).
+    fn unread(&self) -> Counts {
+        let state = self.state();
+        let ready = state
+            .ready
+            .as_ref()
             .map_or(Counts::default(), |(chunk, _)| Counts {
                 records: chunk.items.len() as u64,
                 datapoints: chunk.items.iter().map(|r| u64::from(r.datapoints)).sum(),
@@ -504,6 +576,22 @@ impl Spool {
                 datapoints: a.datapoints + u.datapoints,
             }
         })
+    }
+
+    /// Whether it holds nothing: nothing unread, nothing read without an
+    /// outcome.
+    fn is_empty(&self) -> bool {
+        let state = self.state();
+        state.in_flight.is_empty()
+            && state.ready.is_none()
+            && state.segments.iter().all(|s| s.unread().records == 0)
+    }
+
+    /// `collector_spool_degraded`, for the main spool.
+    fn set_degraded_gauge(&self, value: i64) {
+        if self.role == Role::Main {
+            self.stats.spool_degraded.store(value, Relaxed);
+        }
     }
 }
 

@@ -46,7 +46,7 @@ impl Spool {
         }
         state.health = Health::Ok;
         self.degraded.store(false, Relaxed);
-        self.stats.spool_degraded.store(0, Relaxed);
+        self.set_degraded_gauge(0);
         Ok(())
     }
 

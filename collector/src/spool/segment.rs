@@ -113,7 +113,9 @@ impl Spool {
         }
         state.bound = bound;
         state.fs_limited = limited;
-        self.stats.spool_bound_bytes.store(bound as i64, Relaxed);
+        if self.role == super::Role::Main {
+            self.stats.spool_bound_bytes.store(bound as i64, Relaxed);
+        }
     }
 
     /// A segment is sealed past this many bytes: an eighth of the bound in
@@ -244,7 +246,25 @@ impl Spool {
     /// has been read from, counting its records as `buffer_full` drops.
     /// False when there is none (the newest is the only one unread).
     pub fn drop_oldest(&self) -> bool {
+        self.drop_oldest_segment(DropReason::BufferFull, false)
+    }
+
+    /// Deletes the oldest segment nothing has been read from, counting its
+    /// records as dropped for `reason`; with `seal_active`, the segment
+    /// being written may go too (sealed first). False when there is none.
+    pub(super) fn drop_oldest_segment(&self, reason: DropReason, seal_active: bool) -> bool {
         let mut state = self.state();
+        if seal_active
+            && state.segments.len() == state.read + 1
+            && state
+                .segments
+                .back()
+                .is_some_and(|s| !s.sealed && s.records > 0 && s.read_records == 0)
+            && state.read_pos <= self.data_start(&state.segments[state.read])
+            && self.start_segment(&mut state).is_err()
+        {
+            return false;
+        }
         let candidate = (state.read..state.segments.len()).find(|&i| {
             let s = &state.segments[i];
             s.sealed
@@ -258,8 +278,7 @@ impl Spool {
             return false;
         };
         let lost = segment.unread();
-        self.stats
-            .count_drop(DropReason::BufferFull, lost.records, lost.datapoints);
+        self.stats.count_drop(reason, lost.records, lost.datapoints);
         state.bytes -= segment.bytes;
         Self::let_go(&mut state, &segment);
         if index == state.read {

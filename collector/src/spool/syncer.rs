@@ -22,6 +22,9 @@ impl Spool {
     /// its space from the full disk that needs it.
     pub fn sync(&self) {
         let _one_at_a_time = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        // What moved to the parked area is synced there before the cursor
+        // here says it is done.
+        self.sync_parked();
         let mut state = self.state();
         let degraded = matches!(state.health, Health::Degraded { .. });
         let files = std::mem::take(&mut state.unsynced);
@@ -75,6 +78,9 @@ impl Spool {
     }
 
     pub(super) fn update_gauges(&self, state: &State) {
+        if self.role != super::Role::Main {
+            return;
+        }
         let stats = &self.stats;
         stats.spool_bytes.store(state.bytes as i64, Relaxed);
         stats

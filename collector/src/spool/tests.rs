@@ -17,6 +17,7 @@ fn settings(dir: &Path) -> SpoolSettings {
         max_record_bytes: 4096,
         memory_bytes: 1 << 20,
         retry: Duration::ZERO,
+        parked_max_bytes: 256 * 1024,
     }
 }
 
@@ -103,9 +104,9 @@ fn a_segment_is_deleted_only_once_every_record_in_it_is_acknowledged() {
     // Everything but one early record: nothing from its segment on can go.
     let held = read[10].seq;
     let others: Vec<u64> = read.iter().map(|r| r.seq).filter(|&s| s != held).collect();
-    spool.ack(&others);
+    spool.ack("metrics", &others);
     assert_eq!(segment_files(dir.path()).len(), before);
-    spool.ack(&[held]);
+    spool.ack("metrics", &[held]);
     // Only the newest (still written to) stays.
     assert_eq!(segment_files(dir.path()).len(), 1);
 }
@@ -119,7 +120,10 @@ fn a_restart_replays_what_was_not_acknowledged_and_counts_possible_duplicates() 
     let first = spool.read().unwrap().items;
     assert_eq!(first.len(), 30);
     // The first ten acknowledged; the rest read (sent) but not.
-    spool.ack(&first[..10].iter().map(|r| r.seq).collect::<Vec<_>>());
+    spool.ack(
+        "metrics",
+        &first[..10].iter().map(|r| r.seq).collect::<Vec<_>>(),
+    );
     spool.append(&records(30, 5, 3)).unwrap();
     spool.sync();
     drop(spool);
@@ -225,7 +229,7 @@ fn a_segment_sealed_by_a_full_disk_frees_its_space_once_acknowledged() {
     *spool.faults().write.lock().unwrap() = Some(io::ErrorKind::StorageFull);
     assert_eq!(spool.append(&records(5, 5, 1)), Err(Refused::Unavailable));
     assert_eq!(segment_files(dir.path()).len(), 1);
-    spool.ack(&read.iter().map(|r| r.seq).collect::<Vec<_>>());
+    spool.ack("metrics", &read.iter().map(|r| r.seq).collect::<Vec<_>>());
     assert_eq!(
         segment_files(dir.path()).len(),
         0,
@@ -476,7 +480,7 @@ fn a_segment_deleted_while_degraded_is_let_go_of_so_its_space_comes_back() {
     *spool.faults().write.lock().unwrap() = Some(io::ErrorKind::StorageFull);
     assert_eq!(spool.append(&records(5, 5, 1)), Err(Refused::Unavailable));
     spool.sync();
-    spool.ack(&read.iter().map(|r| r.seq).collect::<Vec<_>>());
+    spool.ack("metrics", &read.iter().map(|r| r.seq).collect::<Vec<_>>());
     spool.sync();
     assert_eq!(segment_files(dir.path()), Vec::<PathBuf>::new());
     assert_eq!(deleted_but_open(dir.path()), Vec::<String>::new());
@@ -503,7 +507,12 @@ fn a_restart_replays_nothing_that_got_its_outcome_above_the_watermark() {
         .filter(|r| r.seq != read[15].seq)
         .map(|r| r.seq)
         .collect();
-    spool.ack(&done);
+    spool.ack("metrics", &done);
+    // A later read, all of it done: done ahead of the first.
+    spool.append(&records(30, 10, 2)).unwrap();
+    let later = spool.read().unwrap().items;
+    assert_eq!(later.len(), 10);
+    spool.ack("metrics", &later.iter().map(|r| r.seq).collect::<Vec<_>>());
     let left = spool.close();
     assert_eq!(left, Counts::default(), "everything was read");
     drop(spool);
@@ -528,7 +537,7 @@ fn a_restart_replays_nothing_that_got_its_outcome_above_the_watermark() {
         if restart == 2 {
             let again = read_all(&spool);
             assert_eq!(names(&again), pending(&read), "restart {restart}");
-            spool.ack(&again.iter().map(|r| r.seq).collect::<Vec<_>>());
+            spool.ack("metrics", &again.iter().map(|r| r.seq).collect::<Vec<_>>());
         }
         spool.close();
     }
@@ -587,7 +596,10 @@ fn a_filesystem_smaller_than_the_bound_is_used_steadily_without_write_errors() {
     // Kafka acknowledges what was read: the disk is written again.
     for _ in 0..3 {
         let chunk = spool.read().unwrap();
-        spool.ack(&chunk.items.iter().map(|r| r.seq).collect::<Vec<_>>());
+        spool.ack(
+            "metrics",
+            &chunk.items.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        );
         appended -= chunk.items.len() as u64;
     }
     spool.append(&records(0, 20, 1)).unwrap();

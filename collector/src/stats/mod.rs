@@ -42,11 +42,14 @@ pub enum DropReason {
     /// Written to the disk spool and damaged there (a flipped bit, a
     /// truncated or deleted segment) before it could be read back.
     SpoolCorrupt,
+    /// For a topic the brokers refuse (an ACL), kept apart until it can be
+    /// written, and the oldest past `kafka_parked_max_bytes`.
+    TopicRefused,
 }
 
 impl DropReason {
     /// Every reason, in a fixed order.
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::RateLimited,
         DropReason::BufferFull,
         DropReason::TooLarge,
@@ -54,6 +57,7 @@ impl DropReason {
         DropReason::Shutdown,
         DropReason::InternalError,
         DropReason::SpoolCorrupt,
+        DropReason::TopicRefused,
     ];
 
     /// The label used in logs and metrics.
@@ -66,6 +70,7 @@ impl DropReason {
             DropReason::Shutdown => "shutdown",
             DropReason::InternalError => "internal_error",
             DropReason::SpoolCorrupt => "spool_corrupt",
+            DropReason::TopicRefused => "topic_refused",
         }
     }
 }
@@ -344,6 +349,10 @@ stats! {
         spool_write_errors,
         /// Spool syncs (fsync) done.
         spool_fsyncs,
+        /// Topics the brokers began to refuse (TOPIC_AUTHORIZATION_FAILED): their records wait apart.
+        kafka_topics_refused,
+        /// Topic lookups put off because too many topics were waiting for one.
+        topic_lookups_deferred,
     }
     gauges {
         /// Input connections open.
@@ -368,6 +377,10 @@ stats! {
         spool_degraded,
         /// The disk spool's bound in force, bytes: spool_max_bytes, or less where its filesystem has less room.
         spool_bound_bytes,
+        /// Topics the brokers refuse now.
+        kafka_topics_refused_now,
+        /// Bytes of records waiting for their topic (looked up, or refused), in memory and in the spool's parked area.
+        parked_bytes,
     }
 }
 

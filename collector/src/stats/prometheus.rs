@@ -53,7 +53,7 @@ impl Text {
 }
 
 /// What the sink reports of the brokers, for the `collector_kafka_*` gauges.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct BrokerGauges {
     /// Brokers in use.
     pub brokers: usize,
@@ -61,6 +61,9 @@ pub struct BrokerGauges {
     pub all_down: bool,
     /// Seconds Kafka has been unreachable (0 when reachable).
     pub unavailable_secs: u64,
+    /// Topics the brokers refuse, with the datapoints kept for each (at
+    /// most [`super::TOPIC_CARDINALITY_CAP`]).
+    pub refused_topics: Vec<(String, u64)>,
 }
 
 /// Renders every counter in Prometheus text format.
@@ -183,6 +186,18 @@ pub fn render(stats: &Stats, brokers: BrokerGauges) -> String {
         "seconds Kafka has been unreachable (0 when reachable)",
         brokers.unavailable_secs,
     );
+    t.family(
+        "collector_kafka_topic_refused_kept_datapoints",
+        "gauge",
+        "datapoints kept for a topic the brokers refuse, until it can be written (at most 200 topics)",
+    );
+    for (topic, kept) in &brokers.refused_topics {
+        t.sample(
+            "collector_kafka_topic_refused_kept_datapoints",
+            &format!("topic=\"{}\"", escape(topic)),
+            *kept,
+        );
+    }
     t.histogram(
         "collector_kafka_batch_records",
         "records per Kafka message",

@@ -50,11 +50,12 @@ pub(super) struct Context {
     /// [`KafkaProducer`](super::KafkaProducer)) keeps neither the
     /// partner hub nor the spool (and its lock).
     pub(super) partners: Option<Weak<crate::partner::PartnerHub>>,
-    /// Where messages to produce again go. Not bounded by count: only
-    /// messages librdkafka held come back, so it never holds more than
-    /// librdkafka's queue did; their bytes are counted
-    /// (`kafka_retry_bytes`, see [`retry_budget`](KafkaSink::retry_budget)).
-    pub(super) retry: mpsc::UnboundedSender<Message>,
+    /// Where messages to produce again, and messages of a topic the
+    /// brokers refuse, go. Not bounded by count: only messages librdkafka
+    /// held come back, so it never holds more than librdkafka's queue did;
+    /// their bytes are counted (`kafka_retry_bytes`, see
+    /// [`retry_budget`](KafkaSink::retry_budget)).
+    pub(super) retry: mpsc::UnboundedSender<Returned>,
     pub(super) retry_budget: Arc<Budget>,
     pub(super) room: Arc<Notify>,
     pub(super) brokers_down: Arc<Notify>,
@@ -89,6 +90,24 @@ pub(super) struct Context {
 impl Context {
     pub(super) fn is_current(&self) -> bool {
         self.current.load(Relaxed) == self.generation
+    }
+}
+
+/// A message librdkafka handed back to the sink.
+#[derive(Debug)]
+pub(super) enum Returned {
+    /// To produce again (after its backoff).
+    Retry(Message),
+    /// Its topic is refused by the brokers: its records wait apart until it
+    /// can be written.
+    Refused(Message, RDKafkaErrorCode),
+}
+
+impl Returned {
+    fn message(self) -> Message {
+        match self {
+            Returned::Retry(message) | Returned::Refused(message, _) => message,
+        }
     }
 }
 
@@ -294,7 +313,7 @@ impl ProducerContext for Context {
             .sub(spooled.records, spooled.datapoints);
         let done = |meta: &Meta| {
             if let Some(spool) = self.spool.as_ref().and_then(Weak::upgrade) {
-                spool.ack(&meta.spooled.seqs);
+                spool.ack(&meta.topic, &meta.spooled.seqs);
             }
         };
         match result {
@@ -328,6 +347,16 @@ impl ProducerContext for Context {
                 if self.final_purge.load(Relaxed) {
                     self.stats
                         .count_left_at_shutdown(meta.counts(), meta.spooled.counts());
+                } else if super::topics::is_refusal(code) {
+                    // Not this message's fault: its topic waits apart until
+                    // the brokers let it be written.
+                    let refused = retry_of(
+                        *meta,
+                        message.payload().unwrap_or_default(),
+                        true,
+                        &self.retry_budget,
+                    );
+                    self.hand_back(Returned::Refused(refused, code));
                 } else if is_permanent(code) || meta.attempts + 1 >= MAX_ATTEMPTS {
                     self.stats.count_drop(
                         DropReason::KafkaRejected,
@@ -350,20 +379,28 @@ impl ProducerContext for Context {
                         purged,
                         &self.retry_budget,
                     );
-                    if let Err(mpsc::error::SendError(lost)) = self.retry.send(retry) {
-                        // The sink is gone (only after shutdown): count it.
-                        self.stats.count_left_at_shutdown(
-                            Counts {
-                                records: u64::from(lost.records),
-                                datapoints: lost.datapoints,
-                            },
-                            lost.spooled.counts(),
-                        );
-                    }
+                    self.hand_back(Returned::Retry(retry));
                 }
             }
         }
         self.room.notify_one();
+    }
+}
+
+impl Context {
+    /// Hands a message back to the sink; after shutdown, when the sink is
+    /// gone, it is counted instead.
+    fn hand_back(&self, returned: Returned) {
+        if let Err(mpsc::error::SendError(lost)) = self.retry.send(returned) {
+            let lost = lost.message();
+            self.stats.count_left_at_shutdown(
+                Counts {
+                    records: u64::from(lost.records),
+                    datapoints: lost.datapoints,
+                },
+                lost.spooled.counts(),
+            );
+        }
     }
 }
 

@@ -3,24 +3,31 @@
 //!
 //! - `QueueFull`: the sink stops taking from the buffer until librdkafka has
 //!   room, so the buffer fills and its full policy applies.
-//! - Permanent errors (message too large, invalid topic, authorization) drop
-//!   the message, counted as `kafka_rejected`, with its topic and size logged.
-//!   They are never retried.
+//! - Permanent errors (message too large, invalid topic) drop the message,
+//!   counted as `kafka_rejected`, with its topic and size logged. They are
+//!   never retried.
+//! - A topic the brokers refuse (`TOPIC_AUTHORIZATION_FAILED`, at lookup,
+//!   at produce or in a delivery report) costs only its own records: they
+//!   wait apart (`parked`; with the disk spool, in its parked area), up to
+//!   `kafka_parked_max_bytes`, the oldest past it dropped as
+//!   `topic_refused`, and go once the topic can be written. `/health` names
+//!   the refused topics.
 //! - Purged or timed-out messages (a producer switch, or the rare transient
 //!   failure) are produced again.
 //! - Brokers are rediscovered periodically and when all brokers are down; a
 //!   changed set gets a new producer, and the old one's queue is moved over.
 
 mod delivery;
+mod parked;
 mod poll;
 mod producer;
 mod settings;
 mod topics;
 
-pub use settings::{BrokerState, KafkaSettings, SecurityFailureState, SinkRuntime};
+pub use settings::{BrokerState, KafkaSettings, RefusedTopic, SecurityFailureState, SinkRuntime};
 pub use topics::create_topic;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,17 +36,19 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, Producer, PurgeConfig};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
-use super::batch::{Batcher, Message};
+use super::batch::{Batcher, Message, unbatch};
 use crate::buffer::Buffer;
 use crate::discovery::{BrokerSource, Discovered};
-use crate::memory::{Budget, Gauge};
+use crate::memory::{Budget, Gauge, Lease};
+use crate::route::Routed;
 use crate::stats::{Counts, DropReason, Stats};
-use delivery::Meta;
 pub(crate) use delivery::is_permanent;
+use delivery::{Meta, Returned};
+use parked::Parked;
 pub(crate) use poll::KafkaProducer;
-use topics::{PARKED_SHARE, TopicCache, TopicResult};
+use topics::{AdminCell, Gate, Lookup, Refusal, TopicCache, TopicResult};
 
 /// The sink's producer: its delivery reports go to [`delivery::Context`].
 type SinkProducer = KafkaProducer<delivery::Context>;
@@ -47,6 +56,17 @@ type SinkProducer = KafkaProducer<delivery::Context>;
 /// How often the brokers are asked for metadata while a TLS or
 /// authentication failure is reported (see `probe_brokers`).
 const SECURITY_PROBE_PERIOD: Duration = Duration::from_secs(5);
+
+/// Producers alive at once, at most: the one in use and those still
+/// flushing to their brokers after a switch or a reload. A reload storm
+/// waits for them rather than multiplying Kafka clients.
+const MAX_PRODUCERS: usize = 3;
+/// A new producer is made at most this often; what asks for one meanwhile
+/// is taken in at the next (the latest brokers, the latest settings).
+const REMAKE_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the sink tidies up: idle topics, emptied parked spools,
+/// producers done flushing, the refused topics `/health` shows.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 /// The Kafka sink task's state.
 pub struct KafkaSink {
@@ -62,8 +82,8 @@ pub struct KafkaSink {
     unmade: Option<Discovered>,
     /// Told when a TLS or authentication failure is reported.
     failure_reported: Arc<Notify>,
-    retry_tx: mpsc::UnboundedSender<Message>,
-    retry_rx: mpsc::UnboundedReceiver<Message>,
+    retry_tx: mpsc::UnboundedSender<Returned>,
+    retry_rx: mpsc::UnboundedReceiver<Returned>,
     /// Counts the bytes of messages handed back for a retry.
     retry_budget: Arc<Budget>,
     /// Producers replaced by a broker switch, still flushing to the old
@@ -75,16 +95,30 @@ pub struct KafkaSink {
     brokers_down: Arc<Notify>,
     state: Arc<Mutex<BrokerState>>,
     topics: TopicCache,
+    /// Topics waiting for a lookup slot, in order (see `topics`).
+    lookups: VecDeque<Arc<str>>,
+    /// Lookups running.
+    lookups_running: usize,
+    /// The admin client topics are created with, for this producer.
+    admin_cell: Arc<AdminCell>,
     /// Topic lookups report here (see [`TopicResult`]).
     topic_tx: mpsc::UnboundedSender<TopicResult>,
     topic_rx: mpsc::UnboundedReceiver<TopicResult>,
-    /// Messages waiting for their topic's lookup, per topic, in order: a
-    /// topic being created never holds up the others.
-    parked: HashMap<Arc<str>, VecDeque<Message>>,
-    /// Bytes of the parked messages: past [`PARKED_SHARE`] of the buffer,
-    /// the sink takes no more from the buffer, so that what waits stays
-    /// where the full policy can reach it.
-    parked_bytes: usize,
+    /// Records waiting for their topic, in memory: a topic being looked
+    /// up or refused never holds up the others.
+    parked: Parked,
+    /// Topics with records in the disk spool's parked area.
+    disk_parked: HashSet<Arc<str>>,
+    /// Topics whose parked records are being read back, now that they can
+    /// be written.
+    releasing: VecDeque<Arc<str>>,
+    /// Topics the producer in use has produced to (see `kafka_max_topics`).
+    produced_topics: HashSet<Arc<str>>,
+    /// A new producer is wanted (a reload, a settings change, too many
+    /// topics), for these brokers when they changed.
+    remake: Option<Option<Discovered>>,
+    /// When the last producer was made.
+    last_made: Option<Instant>,
     /// The broker source the discovery task follows.
     source: tokio::sync::watch::Sender<BrokerSource>,
     partners: Option<Arc<crate::partner::PartnerHub>>,
@@ -107,8 +141,15 @@ impl KafkaSink {
         Self {
             topic_tx,
             topic_rx,
-            parked: HashMap::new(),
-            parked_bytes: 0,
+            lookups: VecDeque::new(),
+            lookups_running: 0,
+            admin_cell: Arc::default(),
+            parked: Parked::new(settings.parked_max_bytes),
+            disk_parked: HashSet::new(),
+            releasing: VecDeque::new(),
+            produced_topics: HashSet::new(),
+            remake: None,
+            last_made: None,
             source: tokio::sync::watch::Sender::new(settings.source.clone()),
             batcher: Batcher::new(settings.thresholds),
             retry_budget: Budget::for_gauge(stats.clone(), Gauge::KafkaRetryBytes),
@@ -174,20 +215,17 @@ impl KafkaSink {
                 self.outbox.push_front(message);
                 return false;
             }
-            if self.parked.contains_key(&message.topic) || !self.ensure_topic(&message.topic) {
-                // Its topic is being looked up: it waits apart, and the
-                // other topics go on.
-                self.parked_bytes += message.payload.len();
-                self.parked
-                    .entry(message.topic.clone())
-                    .or_default()
-                    .push_back(message);
-                continue;
-            }
             let Some((producer, _)) = &self.producer else {
                 self.outbox.push_front(message);
                 return false;
             };
+            let producer = producer.clone();
+            if self.gate(&message.topic) != Gate::Open {
+                // Its topic is being looked up again, or refused: its
+                // records wait apart, and the other topics go on.
+                self.hold_back(message, None);
+                continue;
+            }
             let meta = Box::new(Meta {
                 topic: message.topic.clone(),
                 key: message.key.clone(),
@@ -220,6 +258,12 @@ impl KafkaSink {
                 Ok(()) => {
                     self.stats.kafka_messages_produced.fetch_add(1, Relaxed);
                     self.stats.batch_records.observe(f64::from(message.records));
+                    if !self.produced_topics.contains(&message.topic) {
+                        self.produced_topics.insert(message.topic.clone());
+                        if self.produced_topics.len() > self.settings.max_topics {
+                            self.too_many_topics();
+                        }
+                    }
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     self.stats.kafka_queue_full_waits.fetch_add(1, Relaxed);
@@ -230,7 +274,10 @@ impl KafkaSink {
                     let code = error
                         .rdkafka_error_code()
                         .unwrap_or(RDKafkaErrorCode::Unknown);
-                    if is_permanent(code) {
+                    if topics::is_refusal(code) {
+                        self.topic_refused(&message.topic, code);
+                        self.hold_back(message, Some(code));
+                    } else if is_permanent(code) {
                         self.stats.count_drop(
                             DropReason::KafkaRejected,
                             u64::from(message.records),
@@ -238,10 +285,12 @@ impl KafkaSink {
                         );
                         error!(topic = %message.topic, bytes = message.payload.len(), %error,
                             "Kafka refused a message; its datapoints are dropped.");
-                        self.buffer.ack(&message.spooled.seqs);
+                        self.buffer.ack(&message.topic, &message.spooled.seqs);
                     } else {
                         warn!(topic = %message.topic, %error, "Could not produce a Kafka message; will retry.");
-                        self.topics.remove(&message.topic);
+                        // Looked up again before it goes.
+                        self.topics
+                            .set(&message.topic, Lookup::RetryAt(Instant::now()));
                         self.outbox.push_front(message);
                         return false;
                     }
@@ -251,22 +300,326 @@ impl KafkaSink {
         true
     }
 
-    fn batch(&mut self, chunk: crate::buffer::Chunk) {
-        let now = Instant::now();
-        let mut out = Vec::new();
-        self.batcher.hold(chunk.lease);
-        for item in chunk.items {
-            if let Err(too_large) = self.batcher.add(item, now, &mut out) {
-                self.stats
-                    .count_drop(DropReason::TooLarge, 1, u64::from(too_large.datapoints));
-                if too_large.seq != 0 {
-                    self.buffer.ack(&[too_large.seq]);
+    /// The producer in use has produced to more topics than
+    /// `kafka_max_topics`: librdkafka keeps each topic's state until the
+    /// producer goes, so a new one is made.
+    fn too_many_topics(&mut self) {
+        crate::telemetry::throttled_warn("kafka_max_topics", |repeats| {
+            warn!(
+                limit = self.settings.max_topics,
+                repeats,
+                "The Kafka producer has produced to more topics than kafka_max_topics; it is made anew to let go of their state."
+            );
+        });
+        self.produced_topics.clear();
+        self.remake.get_or_insert(None);
+    }
+
+    /// Adds one record to its topic's batch, or parks it while its topic
+    /// can't be written. `lease` is its share of the buffer's bound.
+    fn add_record(&mut self, item: Routed, lease: Lease, out: &mut Vec<Message>) {
+        match self.gate(&item.topic) {
+            Gate::Open => {
+                self.batcher.hold(lease);
+                if let Err(too_large) = self.batcher.add(item, Instant::now(), out) {
+                    self.stats
+                        .count_drop(DropReason::TooLarge, 1, u64::from(too_large.datapoints));
+                    if too_large.seq != 0 {
+                        self.buffer.ack(&too_large.topic, &[too_large.seq]);
+                    }
+                    error!(topic = %too_large.topic, bytes = too_large.size, limit = too_large.limit,
+                        "Dropped a record too large for a Kafka message.");
                 }
-                error!(topic = %too_large.topic, bytes = too_large.size, limit = too_large.limit,
-                    "Dropped a record too large for a Kafka message.");
+            }
+            Gate::Wait => self.parked.park(item, lease, false),
+            Gate::Refused => self.park_refused(vec![(item, lease)]),
+        }
+    }
+
+    fn batch(&mut self, chunk: crate::buffer::Chunk) {
+        let mut out = Vec::new();
+        let mut lease = chunk.lease;
+        for item in chunk.items {
+            let share = lease.split(item.share as usize);
+            self.add_record(item, share, &mut out);
+        }
+        // What no record took (rounding) goes with the batches.
+        self.batcher.hold(lease);
+        self.outbox.extend(out);
+    }
+
+    /// Takes a message whose topic can't be written now apart into its
+    /// records, and parks them: refused (`refusal`), or waiting for the
+    /// topic's lookup.
+    fn hold_back(&mut self, message: Message, refusal: Option<RDKafkaErrorCode>) {
+        let (topic, records, datapoints) =
+            (message.topic.clone(), message.records, message.datapoints);
+        let seqs = message.spooled.seqs.clone();
+        let Some(records) = unbatch(message) else {
+            // Never: every message is a file the batcher wrote.
+            self.stats
+                .count_drop(DropReason::InternalError, u64::from(records), datapoints);
+            self.buffer.ack(&topic, &seqs);
+            error!(%topic, "A Kafka message could not be taken apart to wait for its topic; its datapoints are dropped (internal_error).");
+            return;
+        };
+        // Their shares move from the retry budget (or the message) to the
+        // buffer's bound, as records in the buffer hold them.
+        let budget = self.buffer.budget().clone();
+        let records: Vec<(Routed, Lease)> = records
+            .into_iter()
+            .map(|(record, held)| {
+                let lease = budget.force(held.bytes());
+                drop(held);
+                (record, lease)
+            })
+            .collect();
+        if refusal.is_some() || self.topics.get(&topic).is_some_and(|e| e.refusal.is_some()) {
+            self.park_refused(records);
+        } else {
+            for (record, lease) in records {
+                self.parked.park(record, lease, false);
             }
         }
-        self.outbox.extend(out);
+    }
+
+    /// Parks records of a refused topic: with the disk spool, in its parked
+    /// area (their memory goes back); else in memory. Past
+    /// `kafka_parked_max_bytes` the oldest go, counted as `topic_refused`.
+    fn park_refused(&mut self, records: Vec<(Routed, Lease)>) {
+        let Some(topic) = records.first().map(|(r, _)| r.topic.clone()) else {
+            return;
+        };
+        if let Some(spool) = self.buffer.spool().cloned() {
+            let items: Vec<Routed> = records.iter().map(|(r, _)| r.clone()).collect();
+            match spool.park(&topic, &items) {
+                Ok(()) => {
+                    self.disk_parked.insert(topic);
+                    return;
+                }
+                Err(crate::spool::Refused::Full) => {
+                    // The parked area can't make room: these, the newest,
+                    // go.
+                    for (record, _) in &records {
+                        self.drop_refused(record);
+                    }
+                    return;
+                }
+                // Its disk can't be used: they wait in memory.
+                Err(crate::spool::Refused::Unavailable) => {}
+            }
+        }
+        for (record, lease) in records {
+            self.parked.park(record, lease, true);
+        }
+        while let Some((record, _lease)) = self.parked.over_bound() {
+            self.drop_refused(&record);
+        }
+    }
+
+    /// Drops a record of a refused topic for want of room, counted.
+    fn drop_refused(&self, record: &Routed) {
+        self.stats
+            .count_drop(DropReason::TopicRefused, 1, u64::from(record.datapoints));
+        if record.seq != 0 {
+            self.buffer.ack(&record.topic, &[record.seq]);
+        }
+        crate::telemetry::throttled_warn("topic_refused_dropped", |repeats| {
+            warn!(topic = %record.topic, repeats, limit = self.settings.parked_max_bytes,
+                "Records kept for a topic the brokers refuse reached kafka_parked_max_bytes; the oldest are dropped (topic_refused).");
+        });
+    }
+
+    /// The brokers refuse `topic`: its records wait apart from now on, and
+    /// it is asked after again later.
+    fn topic_refused(&mut self, topic: &Arc<str>, error: RDKafkaErrorCode) {
+        let now = Instant::now();
+        let known = self.topics.get(topic);
+        let refusal = Refusal {
+            error,
+            since: known
+                .and_then(|e| e.refusal)
+                .map_or_else(std::time::Instant::now, |r| r.since),
+            attempts: known.and_then(|e| e.refusal).map_or(1, |r| r.attempts + 1),
+        };
+        if known.and_then(|e| e.refusal).is_none() {
+            self.stats.kafka_topics_refused.fetch_add(1, Relaxed);
+        }
+        self.topics
+            .set(topic, Lookup::RetryAt(now + refusal.retry_after()));
+        self.topics.set_refusal(topic, Some(refusal));
+        crate::telemetry::throttled_warn("topic_refused", |repeats| {
+            error!(%topic, %error, repeats, limit = self.settings.parked_max_bytes,
+                "Kafka refuses a topic; its records are kept apart until it can be written (up to kafka_parked_max_bytes, then the oldest are dropped as topic_refused), and the other topics go on.");
+        });
+        self.parked.set_refused(topic, true);
+        if self.buffer.spool().is_some() {
+            // To the parked area: no segment of the spool stays for them.
+            let waiting = self.parked.take(topic);
+            if !waiting.is_empty() {
+                self.park_refused(waiting);
+            }
+        }
+        self.publish_refused();
+    }
+
+    /// `topic` can be written: what waited for it goes to its batches, in
+    /// order, and what its parked area holds is read back.
+    fn topic_ready(&mut self, topic: &Arc<str>) {
+        self.topics.set(topic, Lookup::Ready);
+        if let Some(refusal) = self.topics.get(topic).and_then(|e| e.refusal) {
+            info!(%topic, refused_for_secs = refusal.since.elapsed().as_secs(),
+                "Kafka accepts a topic it refused; what was kept for it is delivered.");
+            self.topics.set_refusal(topic, None);
+            self.publish_refused();
+        }
+        let waiting = self.parked.take(topic);
+        if !waiting.is_empty() {
+            let mut out = Vec::new();
+            for (record, lease) in waiting {
+                self.add_record(record, lease, &mut out);
+            }
+            self.outbox.extend(out);
+        }
+        if self.disk_parked.contains(topic) && !self.releasing.contains(topic) {
+            self.releasing.push_back(topic.clone());
+        }
+    }
+
+    /// Reads back one window of a released topic's parked records, when
+    /// the budget has room for it; true when it read something.
+    fn release_parked(&mut self) -> bool {
+        let Some(spool) = self.buffer.spool().cloned() else {
+            self.releasing.clear();
+            return false;
+        };
+        while let Some(topic) = self.releasing.front().cloned() {
+            if self.gate(&topic) != Gate::Open {
+                // Refused again: it stays parked.
+                self.releasing.pop_front();
+                continue;
+            }
+            let window = spool.settings().read_window();
+            let Some(lease) = self.buffer.budget().try_acquire(2 * window) else {
+                return false;
+            };
+            match spool.release(&topic, lease) {
+                Some((read, mut lease)) => {
+                    let total = read.items.iter().map(|r| r.share as usize).sum();
+                    self.batch(crate::buffer::Chunk {
+                        items: read.items,
+                        heap: read.heap,
+                        lease: lease.split(total),
+                    });
+                    return true;
+                }
+                None => {
+                    self.releasing.pop_front();
+                }
+            }
+        }
+        false
+    }
+
+    /// The refused topics, for `/health` and `/metrics`.
+    fn publish_refused(&self) {
+        let parked_disk: std::collections::HashMap<Arc<str>, Counts> = self
+            .buffer
+            .spool()
+            .map(|spool| spool.parked_topics().into_iter().collect())
+            .unwrap_or_default();
+        let refused: Vec<RefusedTopic> = self
+            .topics
+            .refused()
+            .map(|(topic, refusal)| {
+                let memory = self.parked.counts(topic);
+                let disk = parked_disk.get(topic).copied().unwrap_or_default();
+                RefusedTopic {
+                    topic: topic.to_string(),
+                    error: refusal.error.to_string(),
+                    since: refusal.since,
+                    kept: Counts {
+                        records: memory.records + disk.records,
+                        datapoints: memory.datapoints + disk.datapoints,
+                    },
+                }
+            })
+            .collect();
+        let (waiting, refused_bytes) = self.parked.bytes();
+        let disk_bytes = self.buffer.spool().map_or(0, |s| s.parked_bytes());
+        self.stats
+            .kafka_topics_refused_now
+            .store(refused.len() as i64, Relaxed);
+        self.stats.parked_bytes.store(
+            (waiting + refused_bytes) as i64 + disk_bytes as i64,
+            Relaxed,
+        );
+        self.set_state(|s| s.refused_topics = refused);
+    }
+
+    /// Tidies up once a second: forgets idle topics, emptied parked spools
+    /// and producers done flushing; refreshes what `/health` shows.
+    fn housekeeping(&mut self) {
+        let now = Instant::now();
+        let parked = &self.parked;
+        let disk_parked = &self.disk_parked;
+        let releasing = &self.releasing;
+        self.topics.forget_idle(now, |topic| {
+            parked.counts(topic).records > 0
+                || disk_parked.contains(topic)
+                || releasing.iter().any(|t| &**t == topic)
+        });
+        if let Some(spool) = self.buffer.spool().cloned() {
+            let held: HashSet<Arc<str>> = spool
+                .parked_topics()
+                .into_iter()
+                .filter(|(_, counts)| counts.records > 0)
+                .map(|(topic, _)| topic)
+                .collect();
+            // A topic that can be written and holds nothing more parked
+            // loses its parked spool once every record in it has an outcome.
+            for topic in spool.parked_topics().into_iter().map(|(t, _)| t) {
+                if !held.contains(&topic)
+                    && !self.releasing.contains(&topic)
+                    && self
+                        .topics
+                        .get(&topic)
+                        .is_some_and(|e| e.lookup == Lookup::Ready)
+                {
+                    spool.forget_parked(&topic);
+                }
+            }
+            for topic in &held {
+                if !self.disk_parked.contains(topic) {
+                    self.disk_parked.insert(topic.clone());
+                }
+            }
+            self.disk_parked.retain(|topic| held.contains(topic));
+        }
+        let (done, flushing): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retiring)
+            .into_iter()
+            .partition(|p| p.in_flight_count() == 0);
+        self.retiring = flushing;
+        if !done.is_empty() {
+            // A producer's drop purges and flushes: off the runtime's threads.
+            tokio::task::spawn_blocking(move || drop(done));
+        }
+        self.publish_refused();
+    }
+
+    /// Takes a message librdkafka handed back: produced again (`first`:
+    /// before what is queued), or its records parked when its topic is
+    /// refused.
+    fn returned(&mut self, returned: Returned, first: bool) {
+        match returned {
+            Returned::Retry(message) if first => self.outbox.push_front(message),
+            Returned::Retry(message) => self.outbox.push_back(message),
+            Returned::Refused(message, code) => {
+                let topic = message.topic.clone();
+                self.topic_refused(&topic, code);
+                self.hold_back(message, Some(code));
+            }
+        }
     }
 
     /// Runs until the buffer is closed and drained, then delivers what it
@@ -288,23 +641,39 @@ impl KafkaSink {
         // state says it cleared (the lock is taken only then).
         let mut probe_armed = false;
         let mut next_probe = Instant::now();
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // What an earlier run parked on disk is looked up first.
+        if let Some(spool) = self.buffer.spool() {
+            self.disk_parked = spool
+                .parked_topics()
+                .into_iter()
+                .filter(|(_, counts)| counts.records > 0)
+                .map(|(topic, _)| topic)
+                .collect();
+        }
         loop {
             // Shutdown: the grace ends at its deadline, even while Kafka
             // takes nothing (no producer, brokers down, a full outbox).
             if deadline.is_none() && self.buffer.is_closed() {
                 deadline = Some(self.stop_delivering_at());
             }
-            while let Ok(message) = self.retry_rx.try_recv() {
-                self.outbox.push_front(message);
+            while let Ok(returned) = self.retry_rx.try_recv() {
+                self.returned(returned, true);
             }
+            self.remake_when_allowed();
             let flowing = self.producer.is_some() && self.produce_outbox();
+            if flowing && !input_done && !self.releasing.is_empty() && self.release_parked() {
+                continue;
+            }
             // Done once input is, with nothing left here: delivered to
             // librdkafka, or nothing to deliver at all (no producer was
-            // ever made, and nothing came in).
+            // ever made, and nothing came in). Records of refused topics
+            // are not waited for.
             if input_done
                 && (flowing || self.producer.is_none())
                 && self.outbox.is_empty()
-                && self.parked.is_empty()
+                && self.parked.bytes().0 == 0
             {
                 break;
             }
@@ -313,8 +682,12 @@ impl KafkaSink {
             }
             let batch_deadline = self.batcher.next_deadline();
             let topic_retry = self.next_topic_retry();
-            let wait_for_room = !self.outbox.is_empty()
-                || self.parked_bytes > self.buffer.capacity() / PARKED_SHARE;
+            let remake_at = self
+                .remake
+                .as_ref()
+                .and(self.last_made)
+                .map(|t| t + REMAKE_INTERVAL);
+            let wait_for_room = !self.outbox.is_empty() || self.parked.waiting_full();
             tokio::select! {
                 chunk = self.buffer.pop(), if !wait_for_room && !input_done => match chunk {
                     Some(chunk) => self.batch(chunk),
@@ -332,13 +705,15 @@ impl KafkaSink {
                     self.batcher.flush_due(Instant::now(), &mut out);
                     self.outbox.extend(out);
                 }
-                Some(message) = self.retry_rx.recv() => self.outbox.push_back(message),
+                Some(returned) = self.retry_rx.recv() => self.returned(returned, false),
                 Some(result) = self.topic_rx.recv() => self.topic_known(result),
                 Some(result) = found.recv() => self.apply_discovery(result),
                 _ = tokio::time::sleep_until(topic_retry.unwrap_or_else(Instant::now)), if topic_retry.is_some() => {
                     self.retry_topics();
                 }
-                _ = self.room.notified(), if wait_for_room => {}
+                _ = tokio::time::sleep_until(remake_at.unwrap_or_else(Instant::now)), if remake_at.is_some() => {}
+                _ = housekeeping.tick() => self.housekeeping(),
+                _ = self.room.notified(), if wait_for_room || !self.releasing.is_empty() => {}
                 _ = self.failure_reported.notified() => probe_armed = true,
                 _ = tokio::time::sleep_until(next_probe), if probe_armed && self.producer.is_some() => {
                     if self.security_failure_reported() {
@@ -348,7 +723,7 @@ impl KafkaSink {
                         probe_armed = false;
                     }
                 }
-                _ = tokio::time::sleep(Duration::from_millis(100)), if wait_for_room => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)), if wait_for_room || !self.releasing.is_empty() => {}
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
                 Some(change) = async {
                     match self.runtime.as_mut() {
@@ -365,7 +740,7 @@ impl KafkaSink {
                     if change.security != self.settings.security || change.reloads != self.reloads {
                         self.settings.security = change.security;
                         self.reloads = change.reloads;
-                        self.remake_producer();
+                        self.remake.get_or_insert(None);
                     }
                 }
             }
@@ -451,16 +826,33 @@ impl KafkaSink {
         }
         // Whatever a delivery callback sent back, and whatever never got out.
         self.retry_rx.close();
-        while let Ok(message) = self.retry_rx.try_recv() {
-            self.outbox.push_back(message);
+        while let Ok(returned) = self.retry_rx.try_recv() {
+            self.outbox.push_back(match returned {
+                Returned::Retry(message) | Returned::Refused(message, _) => message,
+            });
         }
         let mut out = Vec::new();
         self.batcher.flush_all(&mut out);
         self.outbox.extend(out);
-        for (_, waiting) in self.parked.drain() {
-            self.outbox.extend(waiting);
+        // Records waiting for their topic: those from the disk spool stay
+        // there (spooled), the others are counted as dropped for shutdown.
+        for (record, _) in self.parked.take_all() {
+            let spooled = if record.seq != 0 {
+                Counts {
+                    records: 1,
+                    datapoints: u64::from(record.datapoints),
+                }
+            } else {
+                Counts::default()
+            };
+            self.stats.count_left_at_shutdown(
+                Counts {
+                    records: 1,
+                    datapoints: u64::from(record.datapoints),
+                },
+                spooled,
+            );
         }
-        self.parked_bytes = 0;
         for message in self.outbox.drain(..) {
             self.stats.count_left_at_shutdown(
                 Counts {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{Producer, PurgeConfig};
+use tokio::time::Instant;
 use tracing::{error, info};
 
 use super::delivery::Context;
@@ -80,21 +81,35 @@ impl KafkaSink {
         {
             return;
         }
-        self.switch_producer(discovered);
+        self.remake = Some(Some(discovered));
+        self.remake_when_allowed();
     }
 
-    /// Makes the producer anew for the same brokers, reading the secret
-    /// files again: after a reload or a change of the security settings.
-    /// With no producer yet because making it failed (a secret file that
-    /// could not be read), tries again for the brokers it was for.
-    pub(super) fn remake_producer(&mut self) {
-        let discovered = self
-            .producer
-            .as_ref()
-            .map(|(_, current)| current.clone())
+    /// Makes the producer wanted (`remake`), unless the last one was made
+    /// less than `REMAKE_INTERVAL` ago or `MAX_PRODUCERS` are alive: then
+    /// the loop comes back to it, with whatever was asked for last.
+    pub(super) fn remake_when_allowed(&mut self) {
+        let Some(wanted) = &self.remake else {
+            return;
+        };
+        let now = Instant::now();
+        if self
+            .last_made
+            .is_some_and(|t| now < t + super::REMAKE_INTERVAL)
+            || self.retiring.len() + 1 >= super::MAX_PRODUCERS
+        {
+            return;
+        }
+        let discovered = wanted
+            .clone()
+            .or_else(|| self.producer.as_ref().map(|(_, current)| current.clone()))
             .or_else(|| self.unmade.clone());
+        if wanted.is_none() {
+            info!("Making the Kafka producer anew with the current settings.");
+        }
+        self.remake = None;
         if let Some(discovered) = discovered {
-            info!("Making the Kafka producer anew with the current security settings.");
+            self.last_made = Some(now);
             self.switch_producer(discovered);
         }
     }
@@ -163,6 +178,9 @@ impl KafkaSink {
             s.security_failure = None;
         });
         self.topics.clear();
+        self.lookups.clear();
+        self.admin_cell = Arc::default();
+        self.produced_topics.clear();
         self.admin = Some(admin);
         let same_brokers = self
             .producer
@@ -170,9 +188,14 @@ impl KafkaSink {
             .is_some_and(|(_, old)| old.brokers == discovered.brokers);
         let old = self.producer.replace((producer, discovered));
         // Topics are looked up again on the new brokers.
-        let parked: Vec<Arc<str>> = self.parked.keys().cloned().collect();
-        for topic in parked {
-            self.ensure_topic(&topic);
+        let waiting: Vec<Arc<str>> = self
+            .parked
+            .topics()
+            .chain(self.disk_parked.iter())
+            .cloned()
+            .collect();
+        for topic in waiting {
+            self.gate(&topic);
         }
         if let Some((old, old_brokers)) = old {
             self.stats.producer_switches.fetch_add(1, Relaxed);

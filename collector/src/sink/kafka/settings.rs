@@ -36,6 +36,11 @@ pub struct KafkaSettings {
     pub librdkafka: Vec<(String, String)>,
     /// How long shutdown may spend delivering.
     pub shutdown_grace: Duration,
+    /// Bound on the records of refused topics (`kafka_parked_max_bytes`).
+    pub parked_max_bytes: usize,
+    /// Topics a producer keeps state for before it is made anew
+    /// (`kafka_max_topics`).
+    pub max_topics: usize,
 }
 
 impl From<&crate::config::Config> for KafkaSettings {
@@ -52,6 +57,8 @@ impl From<&crate::config::Config> for KafkaSettings {
             security: KafkaSecurity::from(config),
             librdkafka: config.librdkafka_overrides(),
             shutdown_grace: Duration::from_secs(config.shutdown_grace_secs),
+            parked_max_bytes: config.parked_max_bytes(),
+            max_topics: config.kafka_max_topics,
         }
     }
 }
@@ -117,6 +124,35 @@ pub struct BrokerState {
     /// Cleared once a broker answers.
     #[serde(skip)]
     pub security_failure: Option<SecurityFailureState>,
+    /// Topics the brokers refuse, with what is kept for each.
+    #[serde(skip)]
+    pub refused_topics: Vec<RefusedTopic>,
+}
+
+/// A topic the brokers refuse, as `/health` tells it.
+#[derive(Debug, Clone)]
+pub struct RefusedTopic {
+    /// The topic.
+    pub topic: String,
+    /// The brokers' error.
+    pub error: String,
+    /// Since when.
+    pub since: std::time::Instant,
+    /// Its records kept until it can be written (in memory and on disk).
+    pub kept: crate::stats::Counts,
+}
+
+impl std::fmt::Display for RefusedTopic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Kafka refuses topic {} ({}) for {} s; {} datapoints kept for it",
+            self.topic,
+            self.error,
+            self.since.elapsed().as_secs(),
+            self.kept.datapoints
+        )
+    }
 }
 
 /// A TLS or authentication failure, as `/health` tells it.
@@ -150,6 +186,12 @@ impl BrokerState {
             unavailable_secs: self
                 .unavailable_since
                 .map_or(0, |since| since.elapsed().as_secs()),
+            refused_topics: self
+                .refused_topics
+                .iter()
+                .take(crate::stats::TOPIC_CARDINALITY_CAP)
+                .map(|r| (r.topic.clone(), r.kept.datapoints))
+                .collect(),
         }
     }
 }

@@ -1,10 +1,22 @@
-//! Topics: known to exist, or looked up (and created where the brokers do
-//! not auto-create) in tasks of their own, so that a topic being created
-//! holds up only its own messages.
+//! Topics: known to exist, looked up (and created where the brokers do not
+//! auto-create), refused by the brokers, or forgotten once idle.
+//!
+//! - Lookups run a few at a time ([`LOOKUP_CONCURRENCY`], each on a
+//!   blocking thread for at most a few seconds), from a queue of at most
+//!   [`LOOKUP_QUEUE`] topics: a sender inventing topics gets its lookups in
+//!   turn, a topic that finds the queue full is deferred and counted, and
+//!   a topic known before flows on meanwhile. Topics are created through
+//!   one admin client per producer, made when first needed.
+//! - A topic the brokers refuse (`TOPIC_AUTHORIZATION_FAILED`: an ACL) is
+//!   looked up again every 5 s, backing off to 30 s; its records wait
+//!   apart meanwhile (see `parked`), and go once it can be written.
+//! - The cache is bounded ([`TopicCache::CAPACITY`]): topics unused for
+//!   [`IDLE`] are forgotten, and when it is full the least recently used
+//!   tenth goes, never one being looked up or refused.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -18,6 +30,21 @@ use tracing::{error, info, warn};
 use super::KafkaSink;
 use super::SinkProducer;
 
+/// Lookups running at once (each holds a blocking thread while it waits).
+pub(super) const LOOKUP_CONCURRENCY: usize = 4;
+/// Topics waiting for a lookup, at most; more are deferred, and counted.
+pub(super) const LOOKUP_QUEUE: usize = 4096;
+/// A topic unused this long is forgotten (looked up again if it comes back).
+pub(super) const IDLE: Duration = Duration::from_secs(600);
+/// How often a refused topic is asked after again: from this, doubling...
+const REFUSED_RETRY: Duration = Duration::from_secs(5);
+/// ...to this.
+const REFUSED_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The admin client topics are created with: one per producer, made the
+/// first time a topic must be created.
+pub(super) type AdminCell = OnceLock<Result<AdminClient<DefaultClientContext>, String>>;
+
 /// Creates `topic` through the admin API; an existing topic is success.
 pub async fn create_topic(
     config: &ClientConfig,
@@ -26,19 +53,58 @@ pub async fn create_topic(
     replication: i32,
 ) -> Result<(), String> {
     let admin: AdminClient<DefaultClientContext> = config.create().map_err(|e| e.to_string())?;
+    create_with(&admin, topic, partitions, replication)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// What creating a topic can fail with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum CreateError {
+    /// The brokers answered with this error.
+    #[error("{0}")]
+    Refused(RDKafkaErrorCode),
+    /// No answer, or the client failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+async fn create_with(
+    admin: &AdminClient<DefaultClientContext>,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+) -> Result<(), CreateError> {
     let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     match admin
         .create_topics(&[new_topic], &options)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| CreateError::Failed(e.to_string()))?
         .into_iter()
         .next()
     {
         Some(Ok(_)) | Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(()),
-        Some(Err((_, code))) => Err(code.to_string()),
-        None => Err("no result".into()),
+        Some(Err((_, code))) => Err(CreateError::Refused(code)),
+        None => Err(CreateError::Failed("no result".into())),
     }
+}
+
+/// Errors that say the brokers refuse the topic to this client: its
+/// records wait apart until it can be written.
+pub(super) fn is_refusal(code: RDKafkaErrorCode) -> bool {
+    matches!(code, RDKafkaErrorCode::TopicAuthorizationFailed)
+}
+
+/// What a lookup found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// The topic exists and can be written.
+    Ready,
+    /// The brokers refuse it.
+    Refused(RDKafkaErrorCode),
+    /// No answer, or an error that may pass: again after this.
+    Retry(Duration),
 }
 
 /// Looks `topic` up on the brokers and creates it where it does not exist
@@ -46,13 +112,12 @@ pub async fn create_topic(
 /// than half a minute: a broker that does not answer means trying again.
 pub(super) async fn look_up_topic(
     producer: Arc<SinkProducer>,
-    admin: &ClientConfig,
-    topic: &str,
+    admin: (Arc<AdminCell>, ClientConfig),
+    topic: Arc<str>,
     partitions: i32,
     replication: i32,
-) -> TopicState {
-    let later = |secs| TopicState::RetryAt(Instant::now() + Duration::from_secs(secs));
-    let name = topic.to_owned();
+) -> Outcome {
+    let name = topic.clone();
     let lookup = tokio::task::spawn_blocking(move || {
         producer
             .client()
@@ -61,180 +126,398 @@ pub(super) async fn look_up_topic(
                 metadata
                     .topics()
                     .iter()
-                    .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty())
+                    .find(|t| t.name() == &*name)
+                    .map(|t| (t.error().map(RDKafkaErrorCode::from), t.partitions().len()))
             })
     })
     .await;
     match lookup {
-        Ok(Ok(true)) => return TopicState::Ready,
-        Ok(Ok(false)) => {}
+        Ok(Ok(Some((None, partitions)))) if partitions > 0 => return Outcome::Ready,
+        Ok(Ok(Some((Some(code), _)))) if is_refusal(code) => return Outcome::Refused(code),
+        Ok(Ok(Some((None | Some(RDKafkaErrorCode::UnknownTopicOrPartition), _)) | None)) => {}
+        Ok(Ok(Some((Some(code), _)))) => {
+            crate::telemetry::throttled_warn("kafka topic metadata", |repeats| {
+                warn!(%topic, error = %code, repeats, "Kafka metadata for a topic has an error; will look again.");
+            });
+            return Outcome::Retry(Duration::from_secs(2));
+        }
         Ok(Err(error)) => {
             crate::telemetry::throttled_warn("kafka metadata", |repeats| {
                 warn!(%topic, %error, repeats, "Could not read Kafka metadata for a topic; will retry.");
             });
-            return later(2);
+            return Outcome::Retry(Duration::from_secs(2));
         }
-        Err(_) => return later(2),
+        Err(_) => return Outcome::Retry(Duration::from_secs(2)),
     }
-    let create = create_topic(admin, topic, partitions, replication);
+    let (cell, config) = admin;
+    let admin = match cell.get_or_init(|| config.create().map_err(|e| e.to_string())) {
+        Ok(admin) => admin,
+        Err(error) => {
+            error!(%topic, %error, "Could not make the Kafka admin client to create a topic; will retry.");
+            return Outcome::Retry(Duration::from_secs(5));
+        }
+    };
+    let create = create_with(admin, &topic, partitions, replication);
     match tokio::time::timeout(Duration::from_secs(20), create).await {
         Ok(Ok(())) => {
             info!(%topic, partitions, replication, "Created Kafka topic.");
-            TopicState::Ready
+            Outcome::Ready
+        }
+        Ok(Err(CreateError::Refused(code)))
+            if is_refusal(code) || code == RDKafkaErrorCode::ClusterAuthorizationFailed =>
+        {
+            Outcome::Refused(code)
         }
         Ok(Err(error)) => {
-            error!(%topic, %error, "Kafka topic does not exist and could not be created; its data is held and creation retried.");
-            later(5)
+            crate::telemetry::throttled_warn("kafka topic create", |repeats| {
+                error!(%topic, %error, repeats, "Kafka topic does not exist and could not be created; its data is held and creation retried.");
+            });
+            Outcome::Retry(Duration::from_secs(5))
         }
         Err(_) => {
             warn!(%topic, "No answer to creating a Kafka topic within 20 s; will retry.");
-            later(5)
+            Outcome::Retry(Duration::from_secs(5))
         }
     }
 }
 
+/// Where a topic's lookup stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum TopicState {
+pub(super) enum Lookup {
+    /// It exists and can be written.
     Ready,
-    /// A lookup (and creation, if need be) is running in a task of its own.
+    /// Waiting for a lookup slot.
+    Queued,
+    /// A lookup is running.
     Pending,
+    /// To look up (again) from then on.
     RetryAt(Instant),
 }
 
-/// Messages waiting for their topics' lookups may hold a quarter of the
-/// buffer; beyond, the sink stops taking from the buffer (whose full policy
-/// then applies) until a topic is known.
-pub(super) const PARKED_SHARE: usize = 4;
+/// The brokers refuse a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Refusal {
+    /// Their error.
+    pub(super) error: RDKafkaErrorCode,
+    /// Since when.
+    pub(super) since: std::time::Instant,
+    /// Lookups that found it refused in a row.
+    pub(super) attempts: u32,
+}
 
-/// The outcome of a topic lookup: the producer generation it was made
-/// with, the topic, and what is known of it now.
-pub(super) type TopicResult = (u64, Arc<str>, TopicState);
+impl Refusal {
+    /// When to ask again.
+    pub(super) fn retry_after(&self) -> Duration {
+        REFUSED_RETRY
+            .saturating_mul(1 << self.attempts.saturating_sub(1).min(8))
+            .min(REFUSED_RETRY_MAX)
+    }
+}
 
-/// Topics the sink has seen: known to exist, or to look up again at a time.
-/// Bounded, so that a sender inventing topics can't grow it forever: when
-/// it is full, it forgets everything, and each topic is looked up again.
+/// What the sink knows of a topic.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Entry {
+    pub(super) lookup: Lookup,
+    pub(super) refusal: Option<Refusal>,
+    used: Instant,
+}
+
+/// Whether a topic's records can go now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Gate {
+    /// Batched and produced.
+    Open,
+    /// Wait in memory for its lookup.
+    Wait,
+    /// Wait apart: the brokers refuse it.
+    Refused,
+}
+
+/// Topics the sink has seen. Bounded, so that a sender inventing topics
+/// can't grow it forever.
 #[derive(Debug, Default)]
 pub(super) struct TopicCache {
-    pub(super) map: HashMap<Arc<str>, TopicState>,
+    map: HashMap<Arc<str>, Entry>,
 }
 
 impl TopicCache {
     pub(super) const CAPACITY: usize = 10_000;
 
-    pub(super) fn get(&self, topic: &str) -> Option<TopicState> {
+    pub(super) fn get(&self, topic: &str) -> Option<Entry> {
         self.map.get(topic).copied()
     }
 
-    pub(super) fn insert(&mut self, topic: Arc<str>, state: TopicState) {
-        if self.map.len() >= Self::CAPACITY && !self.map.contains_key(&topic) {
-            self.map.clear();
+    /// Sets `topic`'s lookup state (its refusal stays).
+    pub(super) fn set(&mut self, topic: &Arc<str>, lookup: Lookup) {
+        let now = Instant::now();
+        if !self.map.contains_key(topic) && self.map.len() >= Self::CAPACITY {
+            self.evict();
         }
-        self.map.insert(topic, state);
+        let entry = self.map.entry(topic.clone()).or_insert(Entry {
+            lookup,
+            refusal: None,
+            used: now,
+        });
+        entry.lookup = lookup;
+        entry.used = now;
     }
 
-    pub(super) fn remove(&mut self, topic: &str) {
-        self.map.remove(topic);
+    /// Marks `topic` refused (or no longer, with `None`).
+    pub(super) fn set_refusal(&mut self, topic: &Arc<str>, refusal: Option<Refusal>) {
+        if let Some(entry) = self.map.get_mut(topic) {
+            entry.refusal = refusal;
+        }
     }
 
+    /// Notes a use of a ready topic.
+    pub(super) fn touch(&mut self, topic: &str, now: Instant) {
+        if let Some(entry) = self.map.get_mut(topic) {
+            entry.used = now;
+        }
+    }
+
+    /// Forgets the least recently used tenth of what can be forgotten.
+    fn evict(&mut self) {
+        let mut idle: Vec<(Instant, Arc<str>)> = self
+            .map
+            .iter()
+            .filter(|(_, e)| Self::forgettable(e))
+            .map(|(t, e)| (e.used, t.clone()))
+            .collect();
+        idle.sort_unstable_by_key(|(used, _)| *used);
+        for (_, topic) in idle.into_iter().take(Self::CAPACITY / 10) {
+            self.map.remove(&topic);
+        }
+    }
+
+    fn forgettable(entry: &Entry) -> bool {
+        entry.refusal.is_none() && matches!(entry.lookup, Lookup::Ready | Lookup::RetryAt(_))
+    }
+
+    /// Forgets the topics not used for [`IDLE`], but those `keep` names
+    /// (they have records waiting).
+    pub(super) fn forget_idle(&mut self, now: Instant, keep: impl Fn(&str) -> bool) {
+        self.map.retain(|topic, entry| {
+            !Self::forgettable(entry) || now.duration_since(entry.used) < IDLE || keep(topic)
+        });
+    }
+
+    /// After a producer switch: everything is looked up again on the new
+    /// brokers; what is known to be refused stays so until then.
     pub(super) fn clear(&mut self) {
-        self.map.clear();
+        let now = Instant::now();
+        self.map.retain(|_, entry| entry.refusal.is_some());
+        for entry in self.map.values_mut() {
+            entry.lookup = Lookup::RetryAt(now);
+        }
+    }
+
+    /// The refused topics.
+    pub(super) fn refused(&self) -> impl Iterator<Item = (&Arc<str>, &Refusal)> {
+        self.map
+            .iter()
+            .filter_map(|(t, e)| e.refusal.as_ref().map(|r| (t, r)))
+    }
+
+    /// Topics known.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.map.len()
     }
 }
 
 impl KafkaSink {
-    /// Whether `topic` is known to exist. When it is not known yet, a task
-    /// looks it up (and creates it through the admin API where the broker
-    /// does not auto-create) and reports back; meanwhile its messages wait,
-    /// and every other topic goes on.
-    pub(super) fn ensure_topic(&mut self, topic: &Arc<str>) -> bool {
+    /// Whether `topic`'s records can go now; when it is not known, or its
+    /// next lookup is due, a lookup is queued. Every other topic goes on
+    /// meanwhile.
+    pub(super) fn gate(&mut self, topic: &Arc<str>) -> Gate {
+        let now = Instant::now();
         match self.topics.get(topic) {
-            Some(TopicState::Ready) => return true,
-            Some(TopicState::Pending) => return false,
-            Some(TopicState::RetryAt(at)) if Instant::now() < at => return false,
-            _ => {}
-        }
-        let (Some((producer, _)), Some(admin)) = (&self.producer, &self.admin) else {
-            return false;
-        };
-        let producer = producer.clone();
-        let admin = admin.clone();
-        let (partitions, replication) = (
-            self.settings.topic_partitions,
-            self.settings.topic_replication,
-        );
-        let generation = self.generation.load(Relaxed);
-        let results = self.topic_tx.clone();
-        let name = topic.clone();
-        self.topics.insert(topic.clone(), TopicState::Pending);
-        tokio::spawn(async move {
-            let state = look_up_topic(producer, &admin, &name, partitions, replication).await;
-            let _ = results.send((generation, name, state));
-        });
-        false
-    }
-
-    /// Takes in a topic lookup's outcome: a topic ready releases its
-    /// waiting messages.
-    pub(super) fn topic_known(&mut self, (generation, topic, state): TopicResult) {
-        if generation != self.generation.load(Relaxed) {
-            return; // made with a producer since replaced
-        }
-        self.topics.insert(topic.clone(), state);
-        if state == TopicState::Ready {
-            // A broker answered: connected and authenticated.
-            self.set_state(|s| s.security_failure = None);
-        }
-        if state == TopicState::Ready
-            && let Some(waiting) = self.parked.remove(&topic)
-        {
-            for message in waiting.into_iter().rev() {
-                self.parked_bytes -= message.payload.len();
-                self.outbox.push_front(message);
+            Some(Entry {
+                lookup: Lookup::Ready,
+                ..
+            }) => {
+                self.topics.touch(topic, now);
+                Gate::Open
+            }
+            Some(entry) => {
+                if matches!(entry.lookup, Lookup::RetryAt(at) if now >= at) {
+                    self.queue_lookup(topic);
+                }
+                if entry.refusal.is_some() {
+                    Gate::Refused
+                } else {
+                    Gate::Wait
+                }
+            }
+            None => {
+                self.queue_lookup(topic);
+                Gate::Wait
             }
         }
     }
 
-    /// The next time a parked topic may be looked up again.
+    /// Queues a lookup of `topic` (deferred, counted, when the queue is
+    /// full), and starts what the concurrency allows.
+    fn queue_lookup(&mut self, topic: &Arc<str>) {
+        let now = Instant::now();
+        if self.producer.is_none() {
+            // Looked up once a producer is made (see `switch_producer`).
+            self.topics
+                .set(topic, Lookup::RetryAt(now + Duration::from_secs(1)));
+            return;
+        }
+        if self.lookups.len() >= LOOKUP_QUEUE {
+            self.stats.topic_lookups_deferred.fetch_add(1, Relaxed);
+            crate::telemetry::throttled_warn("topic_lookups_deferred", |repeats| {
+                warn!(%topic, repeats, queued = LOOKUP_QUEUE,
+                    "Too many Kafka topics waiting for a lookup; this one is looked up later.");
+            });
+            self.topics
+                .set(topic, Lookup::RetryAt(now + Duration::from_secs(1)));
+            return;
+        }
+        self.topics.set(topic, Lookup::Queued);
+        self.lookups.push_back(topic.clone());
+        self.start_lookups();
+    }
+
+    /// Starts queued lookups while fewer than [`LOOKUP_CONCURRENCY`] run.
+    pub(super) fn start_lookups(&mut self) {
+        let (Some((producer, _)), Some(admin)) = (&self.producer, &self.admin) else {
+            return;
+        };
+        while self.lookups_running < LOOKUP_CONCURRENCY {
+            let Some(topic) = self.lookups.pop_front() else {
+                return;
+            };
+            if !matches!(
+                self.topics.get(&topic),
+                Some(Entry {
+                    lookup: Lookup::Queued,
+                    ..
+                })
+            ) {
+                continue;
+            }
+            self.topics.set(&topic, Lookup::Pending);
+            self.lookups_running += 1;
+            let producer = producer.clone();
+            let admin = (self.admin_cell.clone(), admin.clone());
+            let (partitions, replication) = (
+                self.settings.topic_partitions,
+                self.settings.topic_replication,
+            );
+            let generation = self.generation.load(Relaxed);
+            let results = self.topic_tx.clone();
+            tokio::spawn(async move {
+                let outcome =
+                    look_up_topic(producer, admin, topic.clone(), partitions, replication).await;
+                let _ = results.send((generation, topic, outcome));
+            });
+        }
+    }
+
+    /// Takes in a lookup's outcome: a topic ready releases its waiting
+    /// records; a refused one keeps them apart.
+    pub(super) fn topic_known(&mut self, (generation, topic, outcome): TopicResult) {
+        self.lookups_running = self.lookups_running.saturating_sub(1);
+        if generation == self.generation.load(Relaxed) {
+            match outcome {
+                Outcome::Ready => {
+                    // A broker answered: connected and authenticated.
+                    self.set_state(|s| s.security_failure = None);
+                    self.topic_ready(&topic);
+                }
+                Outcome::Refused(code) => self.topic_refused(&topic, code),
+                Outcome::Retry(after) => {
+                    self.topics
+                        .set(&topic, Lookup::RetryAt(Instant::now() + after));
+                }
+            }
+        }
+        self.start_lookups();
+    }
+
+    /// The next time a topic with records waiting may be looked up again.
     pub(super) fn next_topic_retry(&self) -> Option<Instant> {
-        self.parked
-            .keys()
-            .filter_map(|topic| match self.topics.get(topic) {
-                Some(TopicState::RetryAt(at)) => Some(at),
+        self.waiting_topics()
+            .filter_map(|topic| match self.topics.get(topic)?.lookup {
+                Lookup::RetryAt(at) => Some(at),
                 _ => None,
             })
             .min()
     }
 
+    /// Topics with records waiting, in memory or parked on disk.
+    fn waiting_topics(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.parked.topics().chain(self.disk_parked.iter())
+    }
+
+    /// Looks up again the topics with records waiting whose time has come.
     pub(super) fn retry_topics(&mut self) {
-        let due: Vec<Arc<str>> = self.parked.keys().cloned().collect();
+        let due: Vec<Arc<str>> = self.waiting_topics().cloned().collect();
         for topic in due {
-            if self.ensure_topic(&topic) {
-                self.topic_known((self.generation.load(Relaxed), topic, TopicState::Ready));
+            if self.gate(&topic) == Gate::Open {
+                self.topic_ready(&topic);
             }
         }
     }
 }
+
+/// The outcome of a topic lookup: the producer generation it was made
+/// with, the topic, and what was found.
+pub(super) type TopicResult = (u64, Arc<str>, Outcome);
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn the_topic_cache_is_bounded_and_forgets_rather_than_grows() {
+    fn the_topic_cache_is_bounded_and_forgets_the_least_used_not_everything() {
         let mut cache = TopicCache::default();
         for i in 0..TopicCache::CAPACITY {
-            cache.insert(Arc::from(format!("t{i}")), TopicState::Ready);
+            cache.set(&Arc::from(format!("t{i}")), Lookup::Ready);
         }
-        assert_eq!(cache.map.len(), TopicCache::CAPACITY);
-        // A known topic changes state in place.
-        let later = Instant::now() + Duration::from_secs(5);
-        cache.insert(Arc::from("t7"), TopicState::RetryAt(later));
-        assert_eq!(cache.get("t7"), Some(TopicState::RetryAt(later)));
-        assert_eq!(cache.map.len(), TopicCache::CAPACITY);
-        // One more topic: the rest are forgotten, to be looked up again.
-        cache.insert(Arc::from("new"), TopicState::Ready);
-        assert_eq!(cache.map.len(), 1);
-        assert_eq!(cache.get("new"), Some(TopicState::Ready));
-        assert_eq!(cache.get("t0"), None);
+        // Being looked up, or refused: never forgotten.
+        cache.set(&Arc::from("t0"), Lookup::Pending);
+        cache.set_refusal(
+            &Arc::from("t1"),
+            Some(Refusal {
+                error: RDKafkaErrorCode::TopicAuthorizationFailed,
+                since: std::time::Instant::now(),
+                attempts: 1,
+            }),
+        );
+        cache.set(&Arc::from("new"), Lookup::Ready);
+        assert_eq!(
+            cache.len(),
+            TopicCache::CAPACITY - TopicCache::CAPACITY / 10 + 1
+        );
+        assert!(cache.get("t0").is_some() && cache.get("t1").is_some());
+        assert!(cache.get("new").is_some());
+        // Idle ones go, but for those with records waiting.
+        let later = Instant::now() + IDLE + Duration::from_secs(1);
+        cache.forget_idle(later, |t| t == "new");
+        assert_eq!(cache.len(), 3, "t0, t1 and new stay");
+        // A producer switch: refusals stay, to be looked up again.
+        cache.clear();
+        assert_eq!(cache.len(), 1);
+        assert!(matches!(
+            cache.get("t1").unwrap().lookup,
+            Lookup::RetryAt(_)
+        ));
+    }
+
+    #[test]
+    fn a_refused_topic_is_asked_again_every_5_s_backing_off_to_30() {
+        let refusal = |attempts| Refusal {
+            error: RDKafkaErrorCode::TopicAuthorizationFailed,
+            since: std::time::Instant::now(),
+            attempts,
+        };
+        assert_eq!(refusal(1).retry_after(), Duration::from_secs(5));
+        assert_eq!(refusal(2).retry_after(), Duration::from_secs(10));
+        assert_eq!(refusal(40).retry_after(), Duration::from_secs(30));
     }
 }
