@@ -14,7 +14,11 @@
 //!   unreachable for too long. The body says why.
 //!
 //! With a token configured, mutating requests need `Authorization: Bearer
-//! <token>`. Bodies are limited (413) and requests time out (408).
+//! <token>`. Bodies are limited (413) and requests time out (408). At most
+//! a fitted number of connections are open at once (see
+//! [`crate::net::fit_descriptors`]; more are closed at once and counted),
+//! and a request's head must arrive within [`HEAD_TIMEOUT`]: half-open
+//! connections can't hold the descriptors the inputs need.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -40,6 +44,9 @@ use crate::stats::Stats;
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Longest a request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request's head (its line and headers) must arrive within this, and
+/// an idle kept-alive connection is closed after it.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Bound addresses, for `/v1/endpoints`.
 #[derive(Debug, Clone, Copy)]
@@ -71,19 +78,64 @@ pub struct ApiState {
     pub spool: Option<Arc<crate::spool::Spool>>,
 }
 
-/// Spawns the API server; it stops with the outputs, last, so that
-/// `/health` answers "draining" while the others stop.
-pub fn spawn(listener: tokio::net::TcpListener, state: ApiState) -> Task {
+/// Spawns the API server, holding at most `max_connections` at once; it
+/// stops with the outputs, last, so that `/health` answers "draining" while
+/// the others stop.
+pub fn spawn(listener: tokio::net::TcpListener, state: ApiState, max_connections: usize) -> Task {
     let stop = state.shutdown.outputs().clone();
+    let stats = state.stats.clone();
     let app = router(state);
-    Task::spawn("api", async move {
-        if let Err(error) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-        {
-            tracing::error!(%error, "The HTTP API stopped serving.");
-        }
+    Task::spawn("api", serve(listener, app, max_connections, stop, stats))
+}
+
+/// Accepts connections until `stop`, at most `max_connections` open (one
+/// more is closed as soon as it is accepted, counted); each is served over
+/// HTTP/1 with [`HEAD_TIMEOUT`] for a request's head. At `stop`, what is
+/// being answered gets half a second.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    max_connections: usize,
+    stop: tokio_util::sync::CancellationToken,
+    stats: Arc<Stats>,
+) {
+    let open = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let mut connections = tokio::task::JoinSet::new();
+    let mut failures = 0;
+    while let Some((stream, peer)) =
+        crate::net::accept(&listener, "api accept", &mut failures, &stats, &stop).await
+    {
+        while connections.try_join_next().is_some() {}
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            stats.api_connections_refused.fetch_add(1, Relaxed);
+            crate::telemetry::throttled_warn("api refused", |repeats| {
+                tracing::warn!(%peer, max_connections, repeats, "Refused an API connection: at the connection limit.");
+            });
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let _open = permit;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT);
+            let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_millis(500), connection).await;
+                }
+            }
+        });
+    }
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while connections.join_next().await.is_some() {}
     })
+    .await;
+    connections.abort_all();
 }
 
 /// The API's routes, testable with `oneshot`.

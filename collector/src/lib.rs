@@ -106,12 +106,15 @@ pub struct App {
     shutdown: Arc<Shutdown>,
     enrichment: watch::Sender<Arc<Enrichment>>,
     partner_hub: Arc<PartnerHub>,
+    /// The connections each listener may hold.
+    descriptors: net::Descriptors,
 }
 
 impl App {
     /// Validates the configuration and binds every listener (port 0 allowed).
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         config.validate()?;
+        let descriptors = net::fit_descriptors(config.max_connections, config.max_partners);
         let (ingest, ingest_addr) = net::bind(config.listen_endpoint).await?;
         let (api, api_addr) = net::bind(config.api_listen).await?;
         let (partner, partner_addr) = net::bind(config.partner_listen).await?;
@@ -162,6 +165,7 @@ impl App {
             ))),
             enrichment,
             partner_hub,
+            descriptors,
             config,
         })
     }
@@ -241,7 +245,10 @@ impl App {
             Arc::new(ingest::Shared::new(
                 pipeline.clone(),
                 self.runtime.rate_limits.subscribe(),
-                ingest::IngestSettings::from(config),
+                ingest::IngestSettings {
+                    max_connections: self.descriptors.input,
+                    ..ingest::IngestSettings::from(config)
+                },
             )),
             &plan,
         )];
@@ -268,7 +275,7 @@ impl App {
             sink::spawn_null(self.buffer.clone(), self.stats.clone())
         };
         let mut outputs = vec![
-            api::spawn(self.api, api_state),
+            api::spawn(self.api, api_state, self.descriptors.api),
             partner::spawn(self.partner, self.partner_hub.clone(), &plan),
         ];
         if let Some(spool) = self.buffer.spool() {

@@ -195,6 +195,9 @@ fn run(args: ConfigArgs) -> ExitCode {
         app.run(signals.recv()).await;
         Ok::<_, collector::StartError>(stats)
     });
+    // What is left (a topic lookup waiting on its brokers, a producer being
+    // dropped) is not waited for: the shutdown grace is over.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     match result {
         Ok(stats) if stats.task_panics.load(std::sync::atomic::Ordering::Relaxed) > 0 => {
             ExitCode::from(EX_SOFTWARE)

@@ -1,6 +1,8 @@
-//! Listening sockets: binding (port 0 allowed, reported back) and an accept
+//! Listening sockets: binding (port 0 allowed, reported back), an accept
 //! loop that backs off when accepting fails, out of file descriptors for
-//! example, instead of spinning and logging in a loop.
+//! example, instead of spinning and logging in a loop, and the descriptor
+//! budget every listener is held to, so that no flood of one starves
+//! another or the rest of the collector.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -84,5 +86,69 @@ pub async fn accept(
                 }
             }
         }
+    }
+}
+
+/// Descriptors kept for what is not a listener's connection: librdkafka's
+/// broker connections (up to three producers and their admin clients, a few
+/// per broker each), the spool's files (its segments, cursor and lock, and
+/// each parked topic's), the agent and scheduler clients, DNS, the logs.
+pub const RESERVED_DESCRIPTORS: u64 = 256;
+
+/// HTTP API connections open at once, at most: more are closed as soon as
+/// they are accepted, and counted.
+pub const API_MAX_CONNECTIONS: usize = 64;
+
+/// The connections each listener may hold, fitted to the process's
+/// descriptor limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Descriptors {
+    /// The descriptor limit in force (RLIMIT_NOFILE, raised to its hard
+    /// limit).
+    pub limit: u64,
+    /// TCP input connections (`max_connections`, or fewer where the limit
+    /// leaves less).
+    pub input: usize,
+    /// HTTP API connections.
+    pub api: usize,
+}
+
+/// Raises the descriptor limit to its hard limit, and fits the listeners
+/// into it: the partners take `max_partners`, the API at most
+/// [`API_MAX_CONNECTIONS`], and the input what is left of the limit less
+/// [`RESERVED_DESCRIPTORS`] and what is open now, at most
+/// `max_connections`. A flood of any listener then ends at its own limit,
+/// refused and counted there, and the others keep their descriptors.
+pub fn fit_descriptors(max_connections: usize, max_partners: usize) -> Descriptors {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if let (Some(current), hard) = (limit.current, limit.maximum)
+        && hard.is_none_or(|hard| hard > current)
+    {
+        let raised = rustix::process::Rlimit {
+            current: Some(hard.unwrap_or(1 << 20).min(1 << 20)),
+            maximum: hard,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            limit = raised;
+        }
+    }
+    let nofile = limit.current.unwrap_or(u64::MAX);
+    let open = std::fs::read_dir("/proc/self/fd").map_or(16, |d| d.count() as u64);
+    let left = nofile.saturating_sub(RESERVED_DESCRIPTORS + open) as usize;
+    let api = API_MAX_CONNECTIONS.min((left / 8).max(4));
+    let input = max_connections.min(left.saturating_sub(api + max_partners).max(1));
+    if input < max_connections {
+        warn!(
+            max_connections,
+            taken = input,
+            descriptor_limit = nofile,
+            "The descriptor limit leaves fewer input connections than max_connections; raise the limit (LimitNOFILE=) or lower max_connections."
+        );
+    }
+    Descriptors {
+        limit: nofile,
+        input,
+        api,
     }
 }

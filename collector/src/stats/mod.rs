@@ -331,6 +331,8 @@ stats! {
         partners_disconnected_slow,
         /// Partner connections refused at the partner limit.
         partners_refused,
+        /// HTTP API connections refused at the API's connection limit.
+        api_connections_refused,
         /// Collector tasks that panicked (a bug; what they held is counted as internal_error).
         task_panics,
         /// Configuration changes applied through the API.
@@ -351,7 +353,7 @@ stats! {
         spool_fsyncs,
         /// Topics the brokers began to refuse (TOPIC_AUTHORIZATION_FAILED): their records wait apart.
         kafka_topics_refused,
-        /// Topic lookups put off because too many topics were waiting for one.
+        /// Topics whose first lookup was put off because too many topics were waiting for one.
         topic_lookups_deferred,
     }
     gauges {

@@ -318,7 +318,12 @@ impl KafkaSink {
     /// Adds one record to its topic's batch, or parks it while its topic
     /// can't be written. `lease` is its share of the buffer's bound.
     fn add_record(&mut self, item: Routed, lease: Lease, out: &mut Vec<Message>) {
-        match self.gate(&item.topic) {
+        let gate = self.gate(&item.topic);
+        self.add_gated(gate, item, lease, out);
+    }
+
+    fn add_gated(&mut self, gate: Gate, item: Routed, lease: Lease, out: &mut Vec<Message>) {
+        match gate {
             Gate::Open => {
                 self.batcher.hold(lease);
                 if let Err(too_large) = self.batcher.add(item, Instant::now(), out) {
@@ -339,9 +344,18 @@ impl KafkaSink {
     fn batch(&mut self, chunk: crate::buffer::Chunk) {
         let mut out = Vec::new();
         let mut lease = chunk.lease;
+        // A block's records mostly share one topic: it is looked at once.
+        let mut open: Option<Arc<str>> = None;
         for item in chunk.items {
             let share = lease.split(item.share as usize);
-            self.add_record(item, share, &mut out);
+            let gate = match &open {
+                Some(topic) if Arc::ptr_eq(topic, &item.topic) || *topic == item.topic => {
+                    Gate::Open
+                }
+                _ => self.gate(&item.topic),
+            };
+            open = (gate == Gate::Open).then(|| item.topic.clone());
+            self.add_gated(gate, item, share, &mut out);
         }
         // What no record took (rounding) goes with the batches.
         self.batcher.hold(lease);

@@ -177,15 +177,17 @@ impl KafkaSink {
             s.unavailable_since = None;
             s.security_failure = None;
         });
-        self.topics.clear();
-        self.lookups.clear();
-        self.admin_cell = Arc::default();
-        self.produced_topics.clear();
-        self.admin = Some(admin);
         let same_brokers = self
             .producer
             .as_ref()
             .is_some_and(|(_, old)| old.brokers == discovered.brokers);
+        // The same brokers know the same topics: only lookups under way are
+        // made again. New brokers: every topic is looked up again.
+        self.topics.reset(same_brokers);
+        self.lookups.clear();
+        self.admin_cell = Arc::default();
+        self.produced_topics.clear();
+        self.admin = Some(admin);
         let old = self.producer.replace((producer, discovered));
         // Topics are looked up again on the new brokers.
         let waiting: Vec<Arc<str>> = self

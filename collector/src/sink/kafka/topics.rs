@@ -238,6 +238,8 @@ pub(super) enum Gate {
 #[derive(Debug, Default)]
 pub(super) struct TopicCache {
     map: HashMap<Arc<str>, Entry>,
+    /// The earliest time a topic is to be looked up again.
+    next_retry: Option<Instant>,
 }
 
 impl TopicCache {
@@ -260,6 +262,9 @@ impl TopicCache {
         });
         entry.lookup = lookup;
         entry.used = now;
+        if let Lookup::RetryAt(at) = lookup {
+            self.next_retry = Some(self.next_retry.map_or(at, |next| next.min(at)));
+        }
     }
 
     /// Marks `topic` refused (or no longer, with `None`).
@@ -302,13 +307,20 @@ impl TopicCache {
         });
     }
 
-    /// After a producer switch: everything is looked up again on the new
-    /// brokers; what is known to be refused stays so until then.
-    pub(super) fn clear(&mut self) {
+    /// After a producer switch: lookups under way are made again (their
+    /// results, for the producer before, are not taken); with new brokers
+    /// everything is looked up again. What is known to be refused stays so
+    /// until then.
+    pub(super) fn reset(&mut self, same_brokers: bool) {
         let now = Instant::now();
-        self.map.retain(|_, entry| entry.refusal.is_some());
+        if !same_brokers {
+            self.map.retain(|_, entry| entry.refusal.is_some());
+        }
         for entry in self.map.values_mut() {
-            entry.lookup = Lookup::RetryAt(now);
+            if !same_brokers || matches!(entry.lookup, Lookup::Queued | Lookup::Pending) {
+                entry.lookup = Lookup::RetryAt(now);
+                self.next_retry = Some(now);
+            }
         }
     }
 
@@ -368,7 +380,9 @@ impl KafkaSink {
             return;
         }
         if self.lookups.len() >= LOOKUP_QUEUE {
-            self.stats.topic_lookups_deferred.fetch_add(1, Relaxed);
+            if self.topics.get(topic).is_none() {
+                self.stats.topic_lookups_deferred.fetch_add(1, Relaxed);
+            }
             crate::telemetry::throttled_warn("topic_lookups_deferred", |repeats| {
                 warn!(%topic, repeats, queued = LOOKUP_QUEUE,
                     "Too many Kafka topics waiting for a lookup; this one is looked up later.");
@@ -439,14 +453,9 @@ impl KafkaSink {
         self.start_lookups();
     }
 
-    /// The next time a topic with records waiting may be looked up again.
+    /// The next time a topic may be looked up again (its records wait).
     pub(super) fn next_topic_retry(&self) -> Option<Instant> {
-        self.waiting_topics()
-            .filter_map(|topic| match self.topics.get(topic)?.lookup {
-                Lookup::RetryAt(at) => Some(at),
-                _ => None,
-            })
-            .min()
+        self.topics.next_retry
     }
 
     /// Topics with records waiting, in memory or parked on disk.
@@ -454,12 +463,23 @@ impl KafkaSink {
         self.parked.topics().chain(self.disk_parked.iter())
     }
 
-    /// Looks up again the topics with records waiting whose time has come.
+    /// Looks up again the topics with records waiting whose time has come;
+    /// notes when the next one's comes.
     pub(super) fn retry_topics(&mut self) {
-        let due: Vec<Arc<str>> = self.waiting_topics().cloned().collect();
-        for topic in due {
-            if self.gate(&topic) == Gate::Open {
-                self.topic_ready(&topic);
+        self.topics.next_retry = None;
+        let now = Instant::now();
+        let waiting: Vec<Arc<str>> = self.waiting_topics().cloned().collect();
+        for topic in waiting {
+            match self.topics.get(&topic).map(|e| e.lookup) {
+                Some(Lookup::RetryAt(at)) if at > now => {
+                    self.topics.next_retry =
+                        Some(self.topics.next_retry.map_or(at, |next| next.min(at)));
+                }
+                _ => {
+                    if self.gate(&topic) == Gate::Open {
+                        self.topic_ready(&topic);
+                    }
+                }
             }
         }
     }
@@ -500,8 +520,17 @@ mod tests {
         let later = Instant::now() + IDLE + Duration::from_secs(1);
         cache.forget_idle(later, |t| t == "new");
         assert_eq!(cache.len(), 3, "t0, t1 and new stay");
-        // A producer switch: refusals stay, to be looked up again.
-        cache.clear();
+        // A producer made anew for the same brokers: what is ready stays,
+        // lookups under way are made again.
+        cache.reset(true);
+        assert_eq!(cache.len(), 3);
+        assert_eq!(cache.get("new").unwrap().lookup, Lookup::Ready);
+        assert!(matches!(
+            cache.get("t0").unwrap().lookup,
+            Lookup::RetryAt(_)
+        ));
+        // New brokers: refusals stay, to be looked up again.
+        cache.reset(false);
         assert_eq!(cache.len(), 1);
         assert!(matches!(
             cache.get("t1").unwrap().lookup,
