@@ -20,10 +20,13 @@ Needs: pip install -r scripts/requirements-test.txt  (fastavro)
   partner_line          the partner lines the README documents
   spool_scan            fixtures/spool/segment.seg's frames, whole and cut,
                         after the byte that says whether more follow
+  spool_cursor          cursor slots (an empty one, one with bitmaps), whole
+                        (first byte 0) and without their CRC (first byte 1)
 """
 import io
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import fastavro
@@ -36,6 +39,24 @@ def put(target, name, data):
     folder = SEEDS / target
     folder.mkdir(parents=True, exist_ok=True)
     (folder / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+
+
+def crc32c(data):
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def cursor_body(generation, watermark, last_read, chunks):
+    """A cursor slot without its CRC (collector/src/spool/ledger.rs)."""
+    out = b"MCCURSR2" + struct.pack("<QQQI", generation, watermark, last_read, len(chunks))
+    for first, last, words in chunks:
+        out += struct.pack("<QQI", first, last, len(words))
+        out += b"".join(struct.pack("<Q", w) for w in words)
+    return out
 
 
 def concatenated_json(path):
@@ -101,6 +122,12 @@ def main():
     frames = (ROOT / "fixtures" / "spool" / "segment.seg").read_bytes()[8:]
     put("spool_scan", "fixture-segment", b"\x00" + frames)
     put("spool_scan", "fixture-segment-cut", b"\x01" + frames[:300])
+    for name, body in [
+        ("empty", cursor_body(1, 0, 0, [])),
+        ("bitmaps", cursor_body(7, 90, 180, [(100, 170, [0b1011, 1 << 6]), (200, 210, [1])])),
+    ]:
+        put("spool_cursor", name, b"\x00" + body + struct.pack("<I", crc32c(body)))
+        put("spool_cursor", name + "-body", b"\x01" + body)
 
 
 if __name__ == "__main__":

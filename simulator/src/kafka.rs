@@ -2,11 +2,16 @@
 //! switches on and off: a broker down, and a topic the cluster refuses.
 //!
 //! A refused topic answers metadata requests with the error given (as an
-//! ACL refusal does: `TOPIC_AUTHORIZATION_FAILED`), and its partitions have
-//! no leader, so that a producer that knew the topic before fails its next
-//! produce, asks for metadata again and sees the error. The mock cluster
-//! has no CreateTopics at all: a client creating the topic fails there
-//! whatever the fault.
+//! ACL refusal does: `TOPIC_AUTHORIZATION_FAILED`). The mock cluster has
+//! no per-topic error for Produce: a producer that knew the topic before
+//! learns of the refusal from its next metadata refresh (librdkafka then
+//! fails the topic's messages with the error, as a real broker's Produce
+//! answer would), so a test sets `topic.metadata.refresh.interval.ms`
+//! short. (Taking the partitions' leader away instead would fail the
+//! produces at once, but the mock cluster then crashes answering Produce
+//! and Fetch requests for a partition without a leader.) It has no
+//! CreateTopics at all: a client creating the topic fails there whatever
+//! the fault.
 
 use std::net::SocketAddr;
 
@@ -51,48 +56,20 @@ pub enum Fault {
     TopicMended { topic: String },
 }
 
-/// The most partitions a refused topic's leaders are taken from.
-const MAX_PARTITIONS: i32 = 256;
-
 /// Applies `fault` to `cluster` (brokers numbered from 1).
 pub fn apply(
     cluster: &MockCluster<'_, DefaultProducerContext>,
-    brokers: i32,
     fault: &Fault,
 ) -> Result<(), String> {
     match fault {
         Fault::Broker { id, up: true } => cluster.broker_up(*id).map_err(|e| e.to_string()),
         Fault::Broker { id, up: false } => cluster.broker_down(*id).map_err(|e| e.to_string()),
-        Fault::TopicError { topic, error } => {
-            cluster
-                .topic_error(topic, *error)
-                .map_err(|e| e.to_string())?;
-            // No leader: a producer that knew the topic fails its next
-            // produce and asks for the metadata again, which says why.
-            // Setting a leader makes the topic if need be; the partitions
-            // end where the cluster says there is none.
-            for partition in 0..MAX_PARTITIONS {
-                if cluster.partition_leader(topic, partition, None).is_err() {
-                    break;
-                }
-            }
-            Ok(())
-        }
-        Fault::TopicMended { topic } => {
-            cluster
-                .topic_error(topic, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
-                .map_err(|e| e.to_string())?;
-            for partition in 0..MAX_PARTITIONS {
-                let leader = partition % brokers.max(1) + 1;
-                if cluster
-                    .partition_leader(topic, partition, Some(leader))
-                    .is_err()
-                {
-                    break;
-                }
-            }
-            Ok(())
-        }
+        Fault::TopicError { topic, error } => cluster
+            .topic_error(topic, *error)
+            .map_err(|e| e.to_string()),
+        Fault::TopicMended { topic } => cluster
+            .topic_error(topic, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
+            .map_err(|e| e.to_string()),
     }
 }
 
@@ -100,9 +77,14 @@ pub fn apply(
 /// control API on `control`, until Ctrl-C. The mock cluster is not `Send`:
 /// it lives on this thread, and the control API (on a runtime thread of its
 /// own) sends it faults.
-pub fn run(brokers: i32, control: SocketAddr) -> anyhow::Result<()> {
+pub fn run(brokers: i32, control: SocketAddr, bootstrap: Option<SocketAddr>) -> anyhow::Result<()> {
     let cluster = MockCluster::new(brokers)?;
-    println!("bootstrap servers: {}", cluster.bootstrap_servers());
+    let first: SocketAddr = cluster
+        .bootstrap_servers()
+        .split(',')
+        .next()
+        .and_then(|b| b.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("the mock cluster has no broker address"))?;
     let (tx, rx) = std::sync::mpsc::channel::<Option<Fault>>();
     let (bound_tx, bound_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -111,7 +93,16 @@ pub fn run(brokers: i32, control: SocketAddr) -> anyhow::Result<()> {
             .build()?;
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::bind(control).await?;
-            let _ = bound_tx.send(listener.local_addr()?);
+            let fixed = match bootstrap {
+                Some(addr) => {
+                    let forward = tokio::net::TcpListener::bind(addr).await?;
+                    let bound = forward.local_addr()?;
+                    tokio::spawn(forward_to(forward, first));
+                    Some(bound)
+                }
+                None => None,
+            };
+            let _ = bound_tx.send((listener.local_addr()?, fixed));
             let server = axum::serve(listener, router(tx.clone()));
             tokio::select! {
                 _ = server => {}
@@ -120,17 +111,35 @@ pub fn run(brokers: i32, control: SocketAddr) -> anyhow::Result<()> {
             Ok::<_, anyhow::Error>(())
         })
     });
-    let control = bound_rx.recv()?;
+    let (control, fixed) = bound_rx.recv()?;
+    match fixed {
+        Some(fixed) => println!(
+            "bootstrap servers: {fixed} (to {first}; brokers {})",
+            cluster.bootstrap_servers()
+        ),
+        None => println!("bootstrap servers: {}", cluster.bootstrap_servers()),
+    }
     println!(
         "control API: http://{control}/brokers/<id>/down|up, http://{control}/topics/<name>/error"
     );
     while let Ok(Some(fault)) = rx.recv() {
-        match apply(&cluster, brokers, &fault) {
+        match apply(&cluster, &fault) {
             Ok(()) => println!("{fault:?}"),
             Err(error) => eprintln!("{fault:?}: {error}"),
         }
     }
     Ok(())
+}
+
+/// Passes every connection to `listener` on to `to`, both ways.
+async fn forward_to(listener: tokio::net::TcpListener, to: SocketAddr) {
+    while let Ok((mut client, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            if let Ok(mut broker) = tokio::net::TcpStream::connect(to).await {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+            }
+        });
+    }
 }
 
 /// The control API: each request becomes a [`Fault`] sent to the cluster.

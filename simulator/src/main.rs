@@ -96,6 +96,12 @@ enum Command {
         /// Control API address.
         #[arg(long, default_value = "127.0.0.1:0")]
         control: SocketAddr,
+        /// Also take Kafka clients' first connection here, passed on to
+        /// the first broker: a fixed bootstrap address for clients in this
+        /// network namespace (the brokers themselves listen on 127.0.0.1,
+        /// on ports of their own).
+        #[arg(long)]
+        bootstrap: Option<SocketAddr>,
     },
     /// Module producers sending to a collector, until Ctrl-C.
     Producers {
@@ -424,7 +430,11 @@ fn main() -> ExitCode {
             .try_init();
     }
     let result = match cli.command {
-        Command::Kafka { brokers, control } => simulator::kafka::run(brokers, control),
+        Command::Kafka {
+            brokers,
+            control,
+            bootstrap,
+        } => simulator::kafka::run(brokers, control, bootstrap),
         command => match tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

@@ -126,7 +126,7 @@ impl CollectorProcess {
 
     /// Resident set size now, in bytes.
     pub fn rss_bytes(&self) -> u64 {
-        crate::bench::rss_of(self.pid())
+        rss_of(self.pid())
     }
 
     /// User + system CPU time so far (Linux clock ticks are 1/100 s).
@@ -187,4 +187,14 @@ impl Drop for CollectorProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The resident set size of `pid` now, bytes (0 once it has exited).
+pub(crate) fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }

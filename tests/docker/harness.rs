@@ -26,7 +26,7 @@ use bollard::models::{NetworkConnectRequest, NetworkCreateRequest, NetworkDiscon
 use bollard::query_parameters::{
     ListContainersOptionsBuilder, ListNetworksOptionsBuilder, RemoveContainerOptionsBuilder,
 };
-use e2e::topology::{Image, Kind, Mount, Place, Topology};
+use e2e::topology::{Broker, Image, Kind, Mount, Place, Topology};
 use simulator::cluster::ClusterReport;
 use testcontainers::core::WaitFor;
 use testcontainers::runners::AsyncRunner;
@@ -88,6 +88,8 @@ pub struct Container {
     /// Its name, which is also how the others address it.
     pub name: String,
     network: String,
+    /// The container whose network namespace it joined, if it did.
+    owner: Option<String>,
     inner: ContainerAsync<GenericImage>,
 }
 
@@ -155,6 +157,10 @@ impl Container {
             .with_container_name(&name)
             .with_label(LABEL.0, LABEL.1)
             .with_startup_timeout(docker_patience());
+        let owner = match &join {
+            Join::Network(_) => None,
+            Join::Namespace(owner) => Some(owner.name.clone()),
+        };
         let (network, request) = match join {
             Join::Network(network) => (
                 network.to_owned(),
@@ -193,6 +199,7 @@ impl Container {
         Self {
             name,
             network,
+            owner,
             inner,
         }
     }
@@ -200,7 +207,7 @@ impl Container {
     /// Its IP address on the cluster's network (a namespace's owner's).
     pub async fn ip(&self) -> String {
         let details = docker()
-            .inspect_container(&self.name, None)
+            .inspect_container(self.owner.as_deref().unwrap_or(&self.name), None)
             .await
             .unwrap_or_else(|error| panic!("inspecting {}: {error}", self.name));
         details
@@ -448,7 +455,8 @@ pub struct Cluster {
     pub scheduler: Container,
     /// stunnel in the broker's namespace (:9093), in a secured cluster.
     pub tls: Option<Container>,
-    /// The broker (:9092).
+    /// The broker (:9092): tansu, or the embedded broker in node-1's
+    /// namespace (its control API on :9300).
     pub broker: Container,
     /// The spare broker (:9092).
     pub spare: Option<Container>,
@@ -460,7 +468,10 @@ pub struct Cluster {
 
 async fn images_present(topology: &Topology) {
     let docker = docker();
-    let mut images = vec![Image::Collector, Image::Simulator, Image::Tansu];
+    let mut images = vec![Image::Collector, Image::Simulator];
+    if topology.broker == Broker::Tansu {
+        images.push(Image::Tansu);
+    }
     if topology.secured.is_some() {
         images.push(Image::Stunnel);
     }
@@ -546,7 +557,10 @@ impl Cluster {
             dns: take("mesos-dns"),
             scheduler: take("kafka-scheduler"),
             tls: topology.secured.is_some().then(|| take("tls")),
-            broker: take("tansu"),
+            broker: take(match topology.broker {
+                Broker::Tansu => "tansu",
+                Broker::Mock => "kafka",
+            }),
             spare: topology.spare_broker.then(|| take("tansu-b")),
             network,
             http: reqwest::Client::builder()

@@ -19,7 +19,6 @@ const REFUSED: &str = "metrics-framework-refused";
 fn refuse(kafka: &MockCluster<'_, DefaultProducerContext>, topic: &str) {
     simulator::kafka::apply(
         kafka,
-        3,
         &Fault::TopicError {
             topic: topic.into(),
             error: RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
@@ -31,7 +30,6 @@ fn refuse(kafka: &MockCluster<'_, DefaultProducerContext>, topic: &str) {
 fn mend(kafka: &MockCluster<'_, DefaultProducerContext>, topic: &str) {
     simulator::kafka::apply(
         kafka,
-        3,
         &Fault::TopicMended {
             topic: topic.into(),
         },

@@ -52,6 +52,8 @@ pub enum Kind {
     BrokerSetup,
     /// stunnel in the broker's namespace (secured clusters).
     Tls,
+    /// The embedded broker, in node-1's namespace ([`Broker::Mock`]).
+    MockBroker,
     /// The Kafka scheduler fake.
     Scheduler,
     /// The Mesos-DNS fake.
@@ -68,6 +70,20 @@ pub enum Kind {
     Garbage,
     /// The verifier.
     Verifier,
+}
+
+/// The Kafka broker the cluster runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broker {
+    /// tansu on the cluster network (`tansu:9092`), found through the
+    /// scheduler as on a real cluster.
+    Tansu,
+    /// The simulator's embedded broker (librdkafka's mock cluster) in
+    /// node-1's namespace, at `127.0.0.1:9092`, with its control API on
+    /// `:9300` (a topic refused, a broker down): for faults tansu can't
+    /// play, such as an ACL refusing a topic. The cluster then has one
+    /// node, and the verifier runs in its namespace.
+    Mock,
 }
 
 /// Where the collectors keep their disk spool.
@@ -216,6 +232,10 @@ pub struct Topology {
     /// Kafka over SASL_SSL and discovery over HTTPS with a token, or
     /// plaintext as in the original.
     pub secured: Option<Secured>,
+    /// The broker.
+    pub broker: Broker,
+    /// Collector options added last (`--name=value`).
+    pub collector_options: Vec<String>,
 }
 
 impl Default for Topology {
@@ -231,6 +251,8 @@ impl Default for Topology {
             api_token: "local-cluster-token",
             spool: Some(SpoolStorage::Volume),
             secured: None,
+            broker: Broker::Tansu,
+            collector_options: Vec::new(),
         }
     }
 }
@@ -269,7 +291,12 @@ impl Topology {
             )
         };
         let mut services = Vec::new();
+        let mock = self.broker == Broker::Mock;
+        // What every Kafka client in node-1's namespace dials with the
+        // embedded broker.
+        const MOCK_BOOTSTRAP: &str = "127.0.0.1:9092";
         match &self.secured {
+            None if mock => {}
             None => services.push(tansu("tansu")),
             Some(secured) => {
                 // The users are made while authentication is off and the
@@ -316,7 +343,13 @@ impl Topology {
             vec![
                 "scheduler".into(),
                 "--listen=0.0.0.0:7000".into(),
-                format!("--brokers={}:9092", host("tansu")),
+                // With the embedded broker the collectors are given its
+                // address; the scheduler only has to start.
+                if mock {
+                    format!("--brokers={MOCK_BOOTSTRAP}")
+                } else {
+                    format!("--brokers={}:9092", host("tansu"))
+                },
             ],
             Some("Kafka scheduler listening on"),
         );
@@ -365,9 +398,31 @@ impl Topology {
                 strings(&["agent", "--listen=0.0.0.0:5051", "--containers=3"]),
                 Some("agent listening on"),
             ));
-            let mut collector = vec![
-                "--kafka-framework=kafka".into(),
-                format!("--dns-server={dns_ip}:53"),
+            if mock && index == 1 {
+                services.push(in_node(
+                    "kafka".into(),
+                    Kind::MockBroker,
+                    Image::Simulator,
+                    None,
+                    vec![
+                        "kafka".into(),
+                        "--brokers=1".into(),
+                        "--control=0.0.0.0:9300".into(),
+                        format!("--bootstrap={MOCK_BOOTSTRAP}"),
+                    ],
+                    Some("control API"),
+                ));
+            }
+            let discovery = if mock {
+                vec![format!("--kafka-brokers={MOCK_BOOTSTRAP}")]
+            } else {
+                vec![
+                    "--kafka-framework=kafka".into(),
+                    format!("--dns-server={dns_ip}:53"),
+                ]
+            };
+            let mut collector: Vec<String> = discovery;
+            collector.extend([
                 "--kafka-rediscover-secs=10".into(),
                 "--api-listen=0.0.0.0:8123".into(),
                 format!("--api-token={}", self.api_token),
@@ -378,7 +433,7 @@ impl Topology {
                 // snappy-compressed batches (README, "Known limits").
                 "--kafka-compress-snappy=false".into(),
                 "--librdkafka=compression.codec=lz4".into(),
-            ];
+            ]);
             collector.extend(idempotence.iter().map(|o| format!("--librdkafka={o}")));
             if self.spool.is_some() {
                 collector.extend([
@@ -390,6 +445,7 @@ impl Topology {
                 collector.extend(secured.kafka_options("-"));
                 collector.extend(secured.discovery_options("-", &host("kafka-scheduler")));
             }
+            collector.extend(self.collector_options.iter().cloned());
             let mut service = in_node(
                 format!("collector-{index}"),
                 Kind::Collector,
@@ -429,18 +485,24 @@ impl Topology {
                 ],
                 None,
             ));
-            let mut sample = strings(&[
-                "-framework",
-                "kafka",
-                "-dns-server",
-                &format!("{dns_ip}:53"),
+            let mut sample = if mock {
+                strings(&["-brokers", MOCK_BOOTSTRAP])
+            } else {
+                strings(&[
+                    "-framework",
+                    "kafka",
+                    "-dns-server",
+                    &format!("{dns_ip}:53"),
+                ])
+            };
+            sample.extend(strings(&[
                 "-agent-url",
                 "http://127.0.0.1:5051",
                 "-period",
                 "5",
                 "-compression",
                 "lz4",
-            ]);
+            ]));
             if let Some(option) = &idempotence {
                 sample.extend(strings(&["-librdkafka", option]));
             }
@@ -472,7 +534,17 @@ impl Topology {
             }
         }
         let mut verify = vec!["verify".into()];
+        // With the embedded broker, the verifier joins node-1's namespace
+        // and reaches everything on 127.0.0.1.
+        let at = |node: &str| {
+            if mock {
+                "127.0.0.1".to_owned()
+            } else {
+                host(node)
+            }
+        };
         match &self.secured {
+            None if mock => verify.push(format!("--brokers={MOCK_BOOTSTRAP}")),
             None => verify.push(format!("--brokers={}:9092", host("tansu"))),
             Some(secured) => {
                 verify.push(format!("--brokers={}:9093", host("tansu")));
@@ -485,13 +557,13 @@ impl Topology {
         for index in 1..=self.nodes {
             verify.push(format!(
                 "--producers=http://{}:9100",
-                host(&format!("node-{index}"))
+                at(&format!("node-{index}"))
             ));
         }
         for index in 1..=self.nodes {
             verify.push(format!(
                 "--metrics=http://{}:8123/metrics",
-                host(&format!("node-{index}"))
+                at(&format!("node-{index}"))
             ));
         }
         verify.extend(strings(&["--listen=0.0.0.0:9200", "--interval=5s"]));
@@ -505,6 +577,9 @@ impl Topology {
         verifier
             .mounts
             .extend(self.secured.as_ref().map(Secured::mount));
+        if mock {
+            verifier.place = Place::Node("node-1".into());
+        }
         services.push(verifier);
         services
     }
@@ -605,7 +680,7 @@ pub fn compose(topology: &Topology) -> String {
         };
         match service.kind {
             // Secured clusters are the Docker tier's only.
-            Kind::BrokerSetup | Kind::Tls => {}
+            Kind::BrokerSetup | Kind::Tls | Kind::MockBroker => {}
             Kind::Broker => {
                 out.push_str("    volumes: [tansu-data:/data]\n");
                 out.push_str(&probe(

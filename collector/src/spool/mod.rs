@@ -58,6 +58,7 @@ use frame::FrameRef;
 
 pub use faults::Faults;
 use faults::Health;
+pub use ledger::Cursor;
 use ledger::InFlight;
 pub use parked::PARKED_SEQ;
 use segment::Segment;

@@ -560,16 +560,6 @@ fn baseline(bootstrap: &str, options: &BenchOptions, seconds: u64) -> anyhow::Re
     })
 }
 
-/// The resident set size of `pid` now, bytes (0 once it has exited).
-pub(crate) fn rss_of(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
 /// The collector binary the bench runs.
 pub(crate) fn collector_bin(options: &BenchOptions) -> PathBuf {
     options
@@ -629,7 +619,7 @@ pub async fn run_point(
             (sampler.clone(), outage_max.clone(), in_outage.clone());
         std::thread::spawn(move || {
             while !sampler.stop.load(Relaxed) {
-                let rss = rss_of(pid);
+                let rss = crate::process::rss_of(pid);
                 sampler.max_rss.fetch_max(rss, Relaxed);
                 if in_outage.load(Relaxed) {
                     outage_max.fetch_max(rss, Relaxed);

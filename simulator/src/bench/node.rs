@@ -569,7 +569,7 @@ impl RssSampler {
         let thread = std::thread::spawn(move || {
             let (mut max, mut sum, mut n) = (0u64, 0u64, 0u64);
             while !flag.load(Relaxed) {
-                let rss = super::rss_of(pid);
+                let rss = crate::process::rss_of(pid);
                 max = max.max(rss);
                 sum += rss;
                 n += 1;
