@@ -65,7 +65,7 @@ impl Drop for DiskWaiter<'_> {
 /// reads, which the page cache serves, run in place: handing them to other
 /// threads made mimalloc keep each thread's freed pages (RSS 480 MiB for a
 /// buffer of 64 MiB, BENCHMARKS.md).
-fn blocking<T>(io: impl FnOnce() -> T) -> T {
+pub(crate) fn blocking<T>(io: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(io),
         _ => io(),

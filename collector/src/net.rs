@@ -122,12 +122,14 @@ pub struct Descriptors {
 pub fn fit_descriptors(max_connections: usize, max_partners: usize) -> Descriptors {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let mut limit = getrlimit(Resource::Nofile);
-    if let (Some(current), hard) = (limit.current, limit.maximum)
-        && hard.is_none_or(|hard| hard > current)
+    // Up to the hard limit (an unlimited one taken as 2^20); never lower.
+    let target = limit.maximum.unwrap_or(1 << 20);
+    if let Some(current) = limit.current
+        && target > current
     {
         let raised = rustix::process::Rlimit {
-            current: Some(hard.unwrap_or(1 << 20).min(1 << 20)),
-            maximum: hard,
+            current: Some(target),
+            maximum: limit.maximum,
         };
         if setrlimit(Resource::Nofile, raised).is_ok() {
             limit = raised;

@@ -355,3 +355,57 @@ async fn a_restart_replays_nothing_that_got_its_outcome_before_it() {
         "across both runs, exactly what was sent"
     );
 }
+
+/// A topic refused while it is in use (the ACL changes under a running
+/// collector): what librdkafka held for it comes back refused, in delivery
+/// reports or at produce, is taken apart into its records and kept with
+/// what follows; the other topic flows on; once mended, everything sent
+/// arrives, none dropped, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_refused_while_in_use_keeps_what_was_in_flight() {
+    let kafka = MockCluster::new(3).unwrap();
+    let mut config = refused_config(&kafka);
+    // The embedded broker refuses a topic's metadata only: the producer
+    // learns of it at its next refresh.
+    config
+        .librdkafka
+        .insert("topic.metadata.refresh.interval.ms".into(), "200".into());
+    let collector = spawn_collector(config).await;
+    let before = collector
+        .deliver(producer(collector.addr, "refused").blocks(5))
+        .await;
+    refuse(&kafka, REFUSED);
+    // Paced, so that some of it is in librdkafka's hands when the refusal
+    // is learnt.
+    let during = send(
+        producer(collector.addr, "during")
+            .topic("framework-refused")
+            .blocks(40)
+            .interval(std::time::Duration::from_millis(20)),
+    )
+    .await;
+    assert_eventually!(
+        health(collector.api).await.1["reasons"]
+            .to_string()
+            .contains(REFUSED),
+        "the refusal is learnt"
+    );
+    let flowing = collector
+        .deliver(producer(collector.addr, "flowing").blocks(20))
+        .await;
+    mend(&kafka, REFUSED);
+    let sent = before.datapoints + during.datapoints + flowing.datapoints;
+    assert_eventually!(
+        collector.accounting().delivered.datapoints == sent,
+        "everything arrives once mended: {:?}",
+        collector.accounting()
+    );
+    let accounting = collector.shutdown().await;
+    assert_balanced(&accounting);
+    assert_eq!(accounting.dropped_total(), Counts::default());
+    let collected = e2e::consume(kafka.bootstrap_servers(), "metrics-").await;
+    let (sequences, duplicates) = collected.sequences();
+    assert_eq!(duplicates, 0);
+    assert_eq!(sequences["flowing"].len() as u64, flowing.records);
+    assert_eq!(sequences["during"].len() as u64, during.records);
+}

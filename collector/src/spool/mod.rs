@@ -275,7 +275,7 @@ impl Spool {
 
     fn open_as(settings: SpoolSettings, stats: Arc<Stats>, role: Role) -> Arc<Self> {
         let area = (role == Role::Main && settings.parked_max_bytes > 0)
-            .then(|| Mutex::new(parked::Area::open(&settings, &stats)));
+            .then(|| Mutex::new(parked::Area::new(&settings)));
         let spool = Arc::new(Self {
             role,
             area,
@@ -577,6 +577,22 @@ impl Spool {
                 datapoints: a.datapoints + u.datapoints,
             }
         })
+    }
+
+    /// Whether it holds its lock, is in use, and its directory holds no
+    /// segment it does not know of (one it could not read, say).
+    fn owns_its_files(&self) -> bool {
+        let state = self.state();
+        if state.lock.is_none() || !matches!(state.health, Health::Ok) {
+            return false;
+        }
+        let on_disk = fs::read_dir(&self.settings.dir).map_or(usize::MAX, |entries| {
+            entries
+                .flatten()
+                .filter(|e| segment::parse_segment_name(&e.file_name().to_string_lossy()).is_some())
+                .count()
+        });
+        on_disk == state.segments.len()
     }
 
     /// Whether it holds nothing: nothing unread, nothing read without an

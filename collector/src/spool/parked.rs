@@ -32,12 +32,38 @@ use crate::stats::{Counts, DropReason, Stats};
 /// spool: its outcome is reported there, not to the main spool.
 pub const PARKED_SEQ: u64 = 1 << 63;
 
+/// Topics parked on disk at once, at most: each spool keeps a few
+/// descriptors open (its lock, its newest segment). The records of more
+/// refused topics wait in memory, under the same bound.
+pub const MAX_PARKED_TOPICS: usize = 32;
+
+/// The file in each parked topic's directory that names the topic.
+const TOPIC_FILE: &str = "topic";
+
 /// The parked topics' spools.
 #[derive(Debug)]
 pub(super) struct Area {
     dir: PathBuf,
     max_bytes: u64,
     spools: HashMap<Arc<str>, Arc<Spool>>,
+    /// What an earlier run left was read: only once the main spool holds
+    /// its lock, so that a collector denied the directory never touches
+    /// another's parked records.
+    loaded: bool,
+}
+
+/// A parked topic's directory name: the topic in hex, or, for a name too
+/// long for a directory, a hash of it (its `topic` file names it either
+/// way).
+fn dir_name(topic: &str) -> String {
+    if topic.len() <= 120 {
+        return hex(topic);
+    }
+    // FNV-1a, 64 bits: stable across runs and versions.
+    let hash = topic.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("h{hash:016x}")
 }
 
 fn hex(topic: &str) -> String {
@@ -56,29 +82,42 @@ fn unhex(name: &str) -> Option<String> {
 }
 
 impl Area {
-    /// The area of the main spool in `settings.dir`, with the topics'
-    /// spools an earlier run left (their records counted as replayed).
-    pub(super) fn open(settings: &SpoolSettings, stats: &Arc<Stats>) -> Self {
-        let mut area = Self {
+    /// The parked area of the main spool in `settings.dir`, not read yet
+    /// (see [`load`](Self::load)).
+    pub(super) fn new(settings: &SpoolSettings) -> Self {
+        Self {
             dir: settings.dir.join("parked"),
             max_bytes: settings.parked_max_bytes,
             spools: HashMap::new(),
-        };
-        let Ok(entries) = fs::read_dir(&area.dir) else {
-            return area;
+            loaded: false,
+        }
+    }
+
+    /// Opens the topics' spools an earlier run left (their records counted
+    /// as replayed), once: the main spool holds its lock.
+    pub(super) fn load(&mut self, settings: &SpoolSettings, stats: &Arc<Stats>) {
+        if std::mem::replace(&mut self.loaded, true) {
+            return;
+        }
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
         };
         for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(topic) = unhex(&name.to_string_lossy()) else {
-                warn!(file = %entry.path().display(),
+            let path = entry.path();
+            let topic = fs::read_to_string(path.join(TOPIC_FILE))
+                .ok()
+                .or_else(|| unhex(&entry.file_name().to_string_lossy()));
+            let Some(topic) = topic.filter(|t| dir_name(t) == entry.file_name().to_string_lossy())
+            else {
+                warn!(file = %path.display(),
                     "A file in the spool's parked area is not a parked topic; it is left alone.");
                 continue;
             };
             let topic: Arc<str> = Arc::from(topic.as_str());
-            let spool = area.topic_spool(settings, stats, &topic);
+            let spool = self.topic_spool(settings, stats, &topic);
             match spool.unread().records {
                 0 => {
-                    area.remove_if_empty(&topic);
+                    self.remove_if_empty(&topic);
                 }
                 records => {
                     info!(%topic, records,
@@ -86,7 +125,6 @@ impl Area {
                 }
             }
         }
-        area
     }
 
     fn topic_spool(
@@ -98,9 +136,11 @@ impl Area {
         if let Some(spool) = self.spools.get(topic) {
             return spool.clone();
         }
+        let dir = self.dir.join(dir_name(topic));
+        let new = !dir.exists();
         let spool = Spool::open_as(
             SpoolSettings {
-                dir: self.dir.join(hex(topic)),
+                dir: dir.clone(),
                 max_bytes: self.max_bytes,
                 parked_max_bytes: 0,
                 ..settings.clone()
@@ -108,6 +148,16 @@ impl Area {
             stats.clone(),
             Role::Parked,
         );
+        if new {
+            // Its name, and the directories that hold it, durable before
+            // anything is moved there.
+            let _ = fs::write(dir.join(TOPIC_FILE), topic.as_bytes());
+            for made in [&dir, &self.dir, &settings.dir] {
+                if let Ok(made) = fs::File::open(made) {
+                    let _ = made.sync_all();
+                }
+            }
+        }
         self.spools.insert(topic.clone(), spool.clone());
         spool
     }
@@ -122,7 +172,10 @@ impl Area {
         let Some(spool) = self.spools.get(topic) else {
             return false;
         };
-        if !spool.is_empty() {
+        // Only a spool that holds its lock, is in use and has nothing on
+        // disk but what it knows of: never one that could not be read,
+        // nor another collector's.
+        if !spool.is_empty() || !spool.owns_its_files() {
             return false;
         }
         let dir = spool.settings.dir.clone();
@@ -170,6 +223,10 @@ impl Spool {
         if self.area.is_none() || records.is_empty() {
             return Err(Refused::Unavailable);
         }
+        if !self.area().loaded {
+            // The main spool is not ours (yet): nothing is moved.
+            return Err(Refused::Unavailable);
+        }
         let len: u64 = records
             .iter()
             .map(|r| super::frame::frame_len(&r.topic, r.key.as_deref(), r.data.len()) as u64)
@@ -183,6 +240,13 @@ impl Spool {
                     }
                     break;
                 }
+            }
+            if !area.spools.contains_key(topic) && area.spools.len() >= MAX_PARKED_TOPICS {
+                crate::telemetry::throttled_warn("parked_topics", |repeats| {
+                    warn!(%topic, repeats, limit = MAX_PARKED_TOPICS,
+                        "Too many refused topics parked on disk; this one's records wait in memory.");
+                });
+                return Err(Refused::Unavailable);
             }
             area.topic_spool(&self.settings, &self.stats, topic)
         };

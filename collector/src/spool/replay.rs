@@ -38,6 +38,12 @@ impl Spool {
                 }
             }
             self.scan(state)?;
+            // The parked area is read once the directory is ours.
+            if let Some(area) = &self.area {
+                area.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .load(&self.settings, &self.stats);
+            }
         }
         self.start_segment(state)
             .map_err(|e| format!("{}: can't write a segment: {e}", dir.display()))?;
@@ -67,7 +73,7 @@ impl Spool {
             let name = name.to_string_lossy();
             match parse_segment_name(&name) {
                 Some(first) => found.push((first, entry.path())),
-                None if is_cursor_file(&name) || name == LOCK => {}
+                None if is_cursor_file(&name) || [LOCK, "parked", "topic"].contains(&&*name) => {}
                 None => {
                     warn!(dir = %dir.display(), file = %name,
                         "A file in the spool directory is not a spool segment; it is left alone.");

@@ -22,21 +22,25 @@ impl Spool {
     /// its space from the full disk that needs it.
     pub fn sync(&self) {
         let _one_at_a_time = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
-        // What moved to the parked area is synced there before the cursor
-        // here says it is done.
-        self.sync_parked();
         let mut state = self.state();
         let degraded = matches!(state.health, Health::Degraded { .. });
         let files = std::mem::take(&mut state.unsynced);
         let dir = std::mem::take(&mut state.dir_unsynced);
         let cursor = Self::cursor(&mut state);
-        let cursor_changed =
-            state.ledger_changed || (cursor.watermark, cursor.last_read) != state.saved_cursor;
-        state.ledger_changed = false;
+        // A spool that never took its directory's lock saves no cursor: the
+        // directory may be another collector's, or not read yet.
+        let cursor_changed = state.lock.is_some()
+            && (state.ledger_changed || (cursor.watermark, cursor.last_read) != state.saved_cursor);
+        if cursor_changed {
+            state.ledger_changed = false;
+        }
         let generation = state.cursor_generation;
         self.measure_room(&mut state);
         self.update_gauges(&state);
         drop(state);
+        // What moved to the parked area before this cursor was taken is
+        // synced there before the cursor says it is done here.
+        self.sync_parked();
         if !files.is_empty() {
             let started = Instant::now();
             let failed = files.iter().find_map(|(_, file)| file.sync_data().err());

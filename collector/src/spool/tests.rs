@@ -608,3 +608,67 @@ fn a_filesystem_smaller_than_the_bound_is_used_steadily_without_write_errors() {
     assert_eq!(stats.spool_write_errors.load(Relaxed), 0);
     assert_eq!(read_all(&spool).len() as u64, appended + 20);
 }
+
+/// Records moved to the parked area are marked done in the main spool,
+/// kept on disk across a restart (replayed, named by their topic), read
+/// back with their parked sequence numbers, and the topic's spool goes once
+/// they are all done. A second collector on the same directory, refused its
+/// lock, never touches them.
+#[test]
+fn parked_records_survive_a_restart_and_a_second_collector_leaves_them_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic: Arc<str> = Arc::from("metrics-refused");
+    let stats = Arc::new(Stats::default());
+    let spool = Spool::open(settings(dir.path()), stats.clone());
+    spool.append(&records(0, 10, 2)).unwrap();
+    let read = read_all(&spool);
+    let moved: Vec<Routed> = read
+        .iter()
+        .map(|r| Routed {
+            topic: topic.clone(),
+            ..r.clone()
+        })
+        .collect();
+    spool.park(&topic, &moved).unwrap();
+    assert_eq!(
+        segment_files(dir.path()).len(),
+        1,
+        "the main spool's records are done"
+    );
+    let second = Spool::open(settings(dir.path()), Arc::new(Stats::default()));
+    assert!(second.degraded().is_some());
+    assert_eq!(second.park(&topic, &moved), Err(Refused::Unavailable));
+    drop(second);
+    assert!(dir.path().join("parked").read_dir().unwrap().count() == 1);
+    assert_eq!(
+        spool.close().records,
+        10,
+        "what is parked is left for the next start"
+    );
+    drop(spool);
+
+    let stats = Arc::new(Stats::default());
+    let spool = Spool::open(settings(dir.path()), stats.clone());
+    assert_eq!(stats.replayed.get().records, 10);
+    assert_eq!(
+        spool.parked_topics(),
+        vec![(
+            topic.clone(),
+            Counts {
+                records: 10,
+                datapoints: 20
+            }
+        )]
+    );
+    let (released, _lease) = spool.release(&topic, Lease::detached()).unwrap();
+    assert_eq!(released.items.len(), 10);
+    assert!(released.items.iter().all(|r| r.seq & PARKED_SEQ != 0));
+    assert_eq!(names(&released.items), names(&records(0, 10, 2)));
+    spool.ack(
+        &topic,
+        &released.items.iter().map(|r| r.seq).collect::<Vec<_>>(),
+    );
+    spool.forget_parked(&topic);
+    assert!(spool.parked_topics().is_empty());
+    assert_eq!(dir.path().join("parked").read_dir().unwrap().count(), 0);
+}

@@ -85,11 +85,49 @@ pub(super) struct Context {
     /// Wakes the sink when a security failure is reported, so that it
     /// starts asking the brokers whether it has cleared.
     pub(super) failure_reported: Arc<Notify>,
+    /// Refused topics waiting for a delivery, and where to say one came.
+    pub(super) probing: Arc<Probing>,
+    pub(super) confirmed: mpsc::UnboundedSender<Arc<str>>,
 }
 
 impl Context {
     pub(super) fn is_current(&self) -> bool {
         self.current.load(Relaxed) == self.generation
+    }
+}
+
+/// Refused topics whose metadata answers again: the first delivery to one
+/// says it can be written (the sink then releases what was kept for it).
+#[derive(Debug, Default)]
+pub(super) struct Probing {
+    /// Whether any topic is probed: one load per delivery report, no lock,
+    /// when none is.
+    any: AtomicBool,
+    topics: Mutex<std::collections::HashSet<Arc<str>>>,
+}
+
+impl Probing {
+    pub(super) fn begin(&self, topic: &Arc<str>) {
+        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        topics.insert(topic.clone());
+        self.any.store(true, Relaxed);
+    }
+
+    pub(super) fn end(&self, topic: &str) {
+        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        topics.remove(topic);
+        self.any.store(!topics.is_empty(), Relaxed);
+    }
+
+    /// Whether `topic` was probed (it is no more).
+    fn delivered(&self, topic: &str) -> bool {
+        if !self.any.load(Relaxed) {
+            return false;
+        }
+        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        let was = topics.remove(topic);
+        self.any.store(!topics.is_empty(), Relaxed);
+        was
     }
 }
 
@@ -331,6 +369,9 @@ impl ProducerContext for Context {
                     partners.publish(&meta.topic, message.payload().unwrap_or_default());
                 }
                 done(&meta);
+                if self.probing.delivered(&meta.topic) {
+                    let _ = self.confirmed.send(meta.topic.clone());
+                }
                 self.all_down.store(false, Relaxed);
                 if self.is_current() {
                     let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());

@@ -119,6 +119,12 @@ pub struct KafkaSink {
     remake: Option<Option<Discovered>>,
     /// When the last producer was made.
     last_made: Option<Instant>,
+    /// Refused topics whose lookup answers again, waiting for a delivery
+    /// to say they can be written; the delivery reports tell.
+    probing: Arc<delivery::Probing>,
+    /// Topics a delivery confirmed (see `probing`).
+    confirmed_tx: mpsc::UnboundedSender<Arc<str>>,
+    confirmed_rx: mpsc::UnboundedReceiver<Arc<str>>,
     /// The broker source the discovery task follows.
     source: tokio::sync::watch::Sender<BrokerSource>,
     partners: Option<Arc<crate::partner::PartnerHub>>,
@@ -138,7 +144,11 @@ impl KafkaSink {
     ) -> Self {
         let (retry_tx, retry_rx) = mpsc::unbounded_channel();
         let (topic_tx, topic_rx) = mpsc::unbounded_channel();
+        let (confirmed_tx, confirmed_rx) = mpsc::unbounded_channel();
         Self {
+            probing: Arc::default(),
+            confirmed_tx,
+            confirmed_rx,
             topic_tx,
             topic_rx,
             lookups: VecDeque::new(),
@@ -406,7 +416,14 @@ impl KafkaSink {
         };
         if let Some(spool) = self.buffer.spool().cloned() {
             let items: Vec<Routed> = records.iter().map(|(r, _)| r.clone()).collect();
-            match spool.park(&topic, &items) {
+            // With `spool_fsync = always` the write is synced before it is
+            // taken: the worker hands its other tasks on meanwhile.
+            let parked = if spool.settings().fsync == crate::spool::FsyncMode::Always {
+                crate::buffer::blocking(|| spool.park(&topic, &items))
+            } else {
+                spool.park(&topic, &items)
+            };
+            match parked {
                 Ok(()) => {
                     self.disk_parked.insert(topic);
                     return;
@@ -449,19 +466,29 @@ impl KafkaSink {
     fn topic_refused(&mut self, topic: &Arc<str>, error: RDKafkaErrorCode) {
         let now = Instant::now();
         let known = self.topics.get(topic);
+        let previous = known.and_then(|e| e.refusal);
+        // More refusals before the next lookup (messages that were in
+        // flight) are the same round: the lookup is not put off for them.
+        let same_round = previous.is_some()
+            && matches!(known.map(|e| e.lookup), Some(Lookup::RetryAt(at)) if at > now);
         let refusal = Refusal {
             error,
-            since: known
-                .and_then(|e| e.refusal)
-                .map_or_else(std::time::Instant::now, |r| r.since),
-            attempts: known.and_then(|e| e.refusal).map_or(1, |r| r.attempts + 1),
+            since: previous.map_or_else(std::time::Instant::now, |r| r.since),
+            attempts: match previous {
+                None => 1,
+                Some(r) if same_round => r.attempts,
+                Some(r) => r.attempts + 1,
+            },
         };
-        if known.and_then(|e| e.refusal).is_none() {
+        if previous.is_none() {
             self.stats.kafka_topics_refused.fetch_add(1, Relaxed);
         }
-        self.topics
-            .set(topic, Lookup::RetryAt(now + refusal.retry_after()));
+        if !same_round {
+            self.topics
+                .set(topic, Lookup::RetryAt(now + refusal.retry_after()));
+        }
         self.topics.set_refusal(topic, Some(refusal));
+        self.probing.end(topic);
         crate::telemetry::throttled_warn("topic_refused", |repeats| {
             error!(%topic, %error, repeats, limit = self.settings.parked_max_bytes,
                 "Kafka refuses a topic; its records are kept apart until it can be written (up to kafka_parked_max_bytes, then the oldest are dropped as topic_refused), and the other topics go on.");
@@ -474,19 +501,55 @@ impl KafkaSink {
                 self.park_refused(waiting);
             }
         }
-        self.publish_refused();
+        // `/health` says so at once while the refused are few; a flood of
+        // them is told by the housekeeping, once a second.
+        if self.stats.kafka_topics_refused_now.load(Relaxed) < 100 {
+            self.publish_refused();
+        }
     }
 
     /// `topic` can be written: what waited for it goes to its batches, in
     /// order, and what its parked area holds is read back.
     fn topic_ready(&mut self, topic: &Arc<str>) {
         self.topics.set(topic, Lookup::Ready);
+        if self.topics.get(topic).and_then(|e| e.refusal).is_some() {
+            // Its metadata answers, but only a delivery says it can be
+            // written (an ACL may let it be described and not written):
+            // one record goes first, the rest once it is delivered.
+            self.probing.begin(topic);
+            if let Some((record, lease)) = self.parked.take_first(topic) {
+                let mut out = Vec::new();
+                self.add_record(record, lease, &mut out);
+                self.outbox.extend(out);
+            } else if self.disk_parked.contains(topic) && !self.releasing.contains(topic) {
+                self.releasing.push_back(topic.clone());
+            }
+            return;
+        }
+        self.release_all(topic);
+    }
+
+    /// A delivery to a topic that was refused: it can be written again.
+    fn topic_confirmed(&mut self, topic: &Arc<str>) {
         if let Some(refusal) = self.topics.get(topic).and_then(|e| e.refusal) {
             info!(%topic, refused_for_secs = refusal.since.elapsed().as_secs(),
                 "Kafka accepts a topic it refused; what was kept for it is delivered.");
             self.topics.set_refusal(topic, None);
+            self.parked.set_refused(topic, false);
             self.publish_refused();
         }
+        if self
+            .topics
+            .get(topic)
+            .is_some_and(|e| e.lookup == Lookup::Ready)
+        {
+            self.release_all(topic);
+        }
+    }
+
+    /// Everything kept for `topic` goes to its batches: what waits in
+    /// memory at once, in order, and what its parked area holds, read back.
+    fn release_all(&mut self, topic: &Arc<str>) {
         let waiting = self.parked.take(topic);
         if !waiting.is_empty() {
             let mut out = Vec::new();
@@ -514,7 +577,8 @@ impl KafkaSink {
                 continue;
             }
             let window = spool.settings().read_window();
-            let Some(lease) = self.buffer.budget().try_acquire(2 * window) else {
+            let ask = (2 * window).min(self.buffer.capacity().max(window));
+            let Some(lease) = self.buffer.budget().try_acquire(ask) else {
                 return false;
             };
             match spool.release(&topic, lease) {
@@ -525,6 +589,10 @@ impl KafkaSink {
                         heap: read.heap,
                         lease: lease.split(total),
                     });
+                    if self.topics.get(&topic).is_some_and(|e| e.refusal.is_some()) {
+                        // A probe: the rest once it is delivered.
+                        self.releasing.pop_front();
+                    }
                     return true;
                 }
                 None => {
@@ -678,6 +746,7 @@ impl KafkaSink {
             self.remake_when_allowed();
             let flowing = self.producer.is_some() && self.produce_outbox();
             if flowing && !input_done && !self.releasing.is_empty() && self.release_parked() {
+                tokio::task::consume_budget().await;
                 continue;
             }
             // Done once input is, with nothing left here: delivered to
@@ -696,11 +765,7 @@ impl KafkaSink {
             }
             let batch_deadline = self.batcher.next_deadline();
             let topic_retry = self.next_topic_retry();
-            let remake_at = self
-                .remake
-                .as_ref()
-                .and(self.last_made)
-                .map(|t| t + REMAKE_INTERVAL);
+            let remake_at = self.remake_at();
             let wait_for_room = !self.outbox.is_empty() || self.parked.waiting_full();
             tokio::select! {
                 chunk = self.buffer.pop(), if !wait_for_room && !input_done => match chunk {
@@ -721,6 +786,7 @@ impl KafkaSink {
                 }
                 Some(returned) = self.retry_rx.recv() => self.returned(returned, false),
                 Some(result) = self.topic_rx.recv() => self.topic_known(result),
+                Some(topic) = self.confirmed_rx.recv() => self.topic_confirmed(&topic),
                 Some(result) = found.recv() => self.apply_discovery(result),
                 _ = tokio::time::sleep_until(topic_retry.unwrap_or_else(Instant::now)), if topic_retry.is_some() => {
                     self.retry_topics();

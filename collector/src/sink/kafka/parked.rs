@@ -95,6 +95,20 @@ impl Parked {
         queue.records.into()
     }
 
+    /// Takes the oldest record parked for `topic`.
+    pub(super) fn take_first(&mut self, topic: &str) -> Option<(Routed, Lease)> {
+        let queue = self.topics.get_mut(topic)?;
+        let (record, lease) = queue.records.pop_front()?;
+        let bytes = lease.bytes().max(record.data.len());
+        queue.bytes -= bytes;
+        let refused = queue.refused;
+        if queue.records.is_empty() {
+            self.topics.remove(topic);
+        }
+        *self.tally(refused) -= bytes;
+        Some((record, lease))
+    }
+
     /// Takes everything, at shutdown.
     pub(super) fn take_all(&mut self) -> Vec<(Routed, Lease)> {
         let topics: Vec<Arc<str>> = self.topics.keys().cloned().collect();

@@ -44,6 +44,8 @@ impl KafkaSink {
             security: self.settings.security.clone(),
             diagnosed: AtomicBool::new(false),
             failure_reported: self.failure_reported.clone(),
+            probing: self.probing.clone(),
+            confirmed: self.confirmed_tx.clone(),
         };
         let config = self
             .settings
@@ -83,6 +85,20 @@ impl KafkaSink {
         }
         self.remake = Some(Some(discovered));
         self.remake_when_allowed();
+    }
+
+    /// When the wanted producer may be made: `REMAKE_INTERVAL` after the
+    /// last, and while `MAX_PRODUCERS` are alive, every 200 ms (the
+    /// housekeeping lets go of those done flushing).
+    pub(super) fn remake_at(&self) -> Option<Instant> {
+        self.remake.as_ref()?;
+        let now = Instant::now();
+        let after = self.last_made.map_or(now, |t| t + super::REMAKE_INTERVAL);
+        if self.retiring.len() + 1 >= super::MAX_PRODUCERS {
+            Some(after.max(now + Duration::from_millis(200)))
+        } else {
+            Some(after)
+        }
     }
 
     /// Makes the producer wanted (`remake`), unless the last one was made

@@ -96,6 +96,25 @@ pub(super) fn is_refusal(code: RDKafkaErrorCode) -> bool {
     matches!(code, RDKafkaErrorCode::TopicAuthorizationFailed)
 }
 
+/// Errors of a topic's creation that may pass by themselves.
+fn is_transient(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::RequestTimedOut
+            | C::NotController
+            | C::BrokerNotAvailable
+            | C::LeaderNotAvailable
+            | C::NetworkException
+            | C::NotEnoughReplicas
+            | C::CoordinatorNotAvailable
+            | C::OperationTimedOut
+            | C::BrokerTransportFailure
+            | C::AllBrokersDown
+            | C::Unknown
+    )
+}
+
 /// What a lookup found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Outcome {
@@ -163,9 +182,14 @@ pub(super) async fn look_up_topic(
             info!(%topic, partitions, replication, "Created Kafka topic.");
             Outcome::Ready
         }
-        Ok(Err(CreateError::Refused(code)))
-            if is_refusal(code) || code == RDKafkaErrorCode::ClusterAuthorizationFailed =>
-        {
+        // The brokers answered no: the topic can't be written until an
+        // operator acts (an ACL, a creation policy, a bad replication
+        // factor). Its records are kept apart meanwhile, as for a refused
+        // topic, rather than pin the spool.
+        Ok(Err(CreateError::Refused(code))) if !is_transient(code) => {
+            crate::telemetry::throttled_warn("kafka topic create", |repeats| {
+                error!(%topic, error = %code, repeats, "Kafka topic does not exist and the brokers refuse to create it; its records are kept apart and creation retried.");
+            });
             Outcome::Refused(code)
         }
         Ok(Err(error)) => {
@@ -295,8 +319,11 @@ impl TopicCache {
         }
     }
 
+    /// Not being looked up: its entry can go (a refused topic with
+    /// records waiting is kept by `forget_idle`'s caller, and when the
+    /// cache is full one is looked up again if it comes back).
     fn forgettable(entry: &Entry) -> bool {
-        entry.refusal.is_none() && matches!(entry.lookup, Lookup::Ready | Lookup::RetryAt(_))
+        matches!(entry.lookup, Lookup::Ready | Lookup::RetryAt(_))
     }
 
     /// Forgets the topics not used for [`IDLE`], but those `keep` names
@@ -499,8 +526,10 @@ mod tests {
         for i in 0..TopicCache::CAPACITY {
             cache.set(&Arc::from(format!("t{i}")), Lookup::Ready);
         }
-        // Being looked up, or refused: never forgotten.
+        // Being looked up (here, one of them refused before): never
+        // forgotten.
         cache.set(&Arc::from("t0"), Lookup::Pending);
+        cache.set(&Arc::from("t1"), Lookup::Queued);
         cache.set_refusal(
             &Arc::from("t1"),
             Some(Refusal {
