@@ -409,3 +409,30 @@ async fn a_topic_refused_while_in_use_keeps_what_was_in_flight() {
     assert_eq!(sequences["flowing"].len() as u64, flowing.records);
     assert_eq!(sequences["during"].len() as u64, during.records);
 }
+
+/// A topic whose lookup answers only after shutdown has begun: what the
+/// lookup releases still goes before the grace ends. (It went to a batch
+/// that waited for its period, a week here, and was counted as a shutdown
+/// drop: `collector/tests/hostile.rs`'s largest-durations test failed so
+/// one run in a few.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_released_by_a_lookup_during_shutdown_are_delivered() {
+    let kafka = MockCluster::new(1).unwrap();
+    kafka
+        .broker_round_trip_time(1, std::time::Duration::from_millis(300))
+        .unwrap();
+    let mut config = test_config(&kafka.bootstrap_servers());
+    config.kafka_produce_period_ms = 7 * 24 * 3600 * 1000;
+    let collector = spawn_collector(config).await;
+    let sent = send(producer(collector.addr, "late").blocks(3)).await;
+    assert_eventually!(
+        collector.accounting().received.datapoints == sent.datapoints,
+        "received"
+    );
+    let accounting = collector.shutdown().await;
+    assert_balanced(&accounting);
+    assert_eq!(
+        accounting.delivered.datapoints, sent.datapoints,
+        "{accounting:?}"
+    );
+}

@@ -744,6 +744,13 @@ impl KafkaSink {
                 self.returned(returned, true);
             }
             self.remake_when_allowed();
+            if input_done && !self.batcher.is_empty() {
+                // Once input has stopped, what a topic's lookup released
+                // into its batch since goes at once, not at its period.
+                let mut out = Vec::new();
+                self.batcher.flush_all(&mut out);
+                self.outbox.extend(out);
+            }
             let flowing = self.producer.is_some() && self.produce_outbox();
             if flowing && !input_done && !self.releasing.is_empty() && self.release_parked() {
                 tokio::task::consume_budget().await;
