@@ -2,34 +2,41 @@
 //! checksummed segment files as they are read, read back by the sink, and
 //! deleted only once Kafka has reported on every record in them.
 //!
-//! - **Segments.** `spool_dir` holds `<first seq>.seg` files (the format is
-//!   in [`frame`]), a `cursor` file and a `lock` file. Writes go to the
-//!   newest segment, which is sealed at an eighth of `spool_max_bytes` (at
-//!   most 64 MiB) so that space comes back in steps.
-//! - **Acknowledgement.** Every record gets a sequence number. The sink
-//!   reads records in that order and reports each final outcome
-//!   (delivered, or dropped and counted) with [`Spool::ack`]. All records
-//!   below the *watermark* are done; a segment is deleted once the reader
-//!   is past it and its last record is below the watermark.
-//! - **Durability.** `spool_fsync = interval` syncs the newest segment (and
-//!   segments just sealed, the directory and the cursor) every
-//!   `spool_fsync_ms`; `always` syncs each write before the input goes on.
-//! - **Restart.** [`Spool::open`] scans every segment, counts what is not
-//!   below the saved watermark as `replayed`, and the reader delivers it
-//!   before anything newer. Records read before the restart but not yet
-//!   acknowledged may have reached Kafka: they are counted as
+//! - **Segments** (`segment.rs`). `spool_dir` holds `<first seq>.seg` files
+//!   (the format is in [`frame`]), the cursor's two slots and a `lock`
+//!   file. Writes go to the newest segment, which is sealed at an eighth of
+//!   the bound in force (at most 64 MiB) so that space comes back in
+//!   steps. The bound is `spool_max_bytes`, or less where the filesystem
+//!   has less room (statvfs): a small disk fills by the spool's own bound,
+//!   and then records wait in memory, with no write failing.
+//! - **Acknowledgement** (`ledger.rs`). Every record gets a sequence number.
+//!   The sink reads records in that order (`reader.rs`) and reports each
+//!   final outcome (delivered, or dropped and counted) with [`Spool::ack`].
+//!   All records below the *watermark* are done; a segment is deleted once
+//!   the reader is past it and its last record is below the watermark. The
+//!   cursor saves the watermark and a bitmap of the records done above it.
+//! - **Durability** (`syncer.rs`). `spool_fsync = interval` syncs the
+//!   newest segment (and segments just sealed, the directory, the parked
+//!   area and the cursor) every `spool_fsync_ms`; `always` syncs each write
+//!   before the input goes on.
+//! - **Restart** (`replay.rs`). [`Spool::open`] scans every segment, counts
+//!   what the cursor does not say is done as `replayed`, and the reader
+//!   delivers it before anything newer. Records read before the restart but
+//!   not yet acknowledged may have reached Kafka: they are counted as
 //!   `spool_possible_duplicates`.
+//! - **Parked area** (`parked.rs`). The records of topics the brokers refuse
+//!   are moved to a spool of their own per topic, so that they pin none of
+//!   the main spool's segments, and read back once the topic can be written.
 //! - **Damage.** A torn, flipped or foreign byte costs the frames it
 //!   spoils: the scanner skips to the next frame marker, logs the offset
 //!   and counts `spool_corrupt`. Each segment keeps a ledger of the records
 //!   and datapoints it holds; what the reader could not read back of them
 //!   is counted as dropped (`spool_corrupt`), so the identity stays exact.
-//! - **No disk.** A directory that is missing and can't be made, is read
-//!   only, is used by another collector, or a write failing (ENOSPC, EIO):
-//!   the spool is *degraded*, the buffer keeps records in memory under its
-//!   own bound, `/health` says why, and the spool is tried again every
-//!   few seconds.
-
+//! - **No disk** (`faults.rs`). A directory that is missing and can't be
+//!   made, is read only, is used by another collector, or a write failing
+//!   (ENOSPC, EIO): the spool is *degraded*, the buffer keeps records in
+//!   memory under its own bound, `/health` says why, and the spool is tried
+//!   again every few seconds.
 mod faults;
 pub mod frame;
 mod ledger;
@@ -84,7 +91,7 @@ pub struct SpoolSettings {
     /// How long a degraded spool waits before trying the disk again.
     pub retry: Duration,
     /// Bound on the parked area, where the records of topics the brokers
-    /// refuse wait (0: no parked area; see [`parked`]).
+    /// refuse wait (0: no parked area; see `parked.rs`).
     pub parked_max_bytes: u64,
 }
 
@@ -520,24 +527,12 @@ impl Spool {
         let parked = self.close_parked();
         let mut state = self.state();
         state.closed = true;
-        let ready = state
-            .ready
-            .take()
-            .map_or(Counts::default(), |(chunk, _)| Counts {
-                records: chunk.items.len() as u64,
-                datapoints: chunk.items.iter().map(|r| u64::from(r.datapoints)).sum(),
-            });
-        let ready = Counts {
-            records: ready.records + parked.records,
-            datapoints: ready.datapoints + parked.datapoints,
-        };
-        state.segments.iter().skip(state.read).fold(ready, |a, s| {
-            let u = s.unread();
-            Counts {
-                records: a.records + u.records,
-                datapoints: a.datapoints + u.datapoints,
-            }
-        })
+        let left = Self::unread_in(&state);
+        state.ready = None;
+        Counts {
+            records: left.records + parked.records,
+            datapoints: left.datapoints + parked.datapoints,
+        }
     }
 
     /// Records a final outcome (delivered, or dropped and counted) for
@@ -562,7 +557,10 @@ impl Spool {
 
     /// What it holds unread (read back and not yet taken counts as unread).
     fn unread(&self) -> Counts {
-        let state = self.state();
+        Self::unread_in(&self.state())
+    }
+
+    fn unread_in(state: &State) -> Counts {
         let ready = state
             .ready
             .as_ref()

@@ -84,21 +84,7 @@ impl Spool {
         let mut replayed = Counts::default();
         let mut duplicates = 0;
         for (first_seq, path) in found {
-            let mut segment = Segment {
-                first_seq,
-                path,
-                bytes: 0,
-                end: 0,
-                records: 0,
-                datapoints: 0,
-                read_records: 0,
-                read_datapoints: 0,
-                last_seq: 0,
-                first_ms: 0,
-                scanned: true,
-                sealed: true,
-                reader: None,
-            };
+            let mut segment = Segment::new(first_seq, path, 0, true);
             let whole = self.scan_segment(&mut segment, &cursor, &mut duplicates);
             state.next_seq = state.next_seq.max(segment.last_seq.saturating_add(1));
             // Its name says where its numbers start: new ones go past it.

@@ -40,6 +40,26 @@ pub(super) struct Segment {
 }
 
 impl Segment {
+    /// A segment of `bytes` (its header), nothing in its ledger yet;
+    /// `scanned` when an earlier run left it (sealed then).
+    pub(super) fn new(first_seq: u64, path: PathBuf, bytes: u64, scanned: bool) -> Self {
+        Self {
+            first_seq,
+            path,
+            bytes,
+            end: bytes,
+            records: 0,
+            datapoints: 0,
+            read_records: 0,
+            read_datapoints: 0,
+            last_seq: 0,
+            first_ms: 0,
+            scanned,
+            sealed: scanned,
+            reader: None,
+        }
+    }
+
     pub(super) fn unread(&self) -> Counts {
         Counts {
             records: self.records.saturating_sub(self.read_records),
@@ -169,21 +189,9 @@ impl Spool {
             state.read = state.segments.len();
             state.read_pos = header;
         }
-        state.segments.push_back(Segment {
-            first_seq,
-            path,
-            bytes: header,
-            end: header,
-            records: 0,
-            datapoints: 0,
-            read_records: 0,
-            read_datapoints: 0,
-            last_seq: 0,
-            first_ms: 0,
-            scanned: false,
-            sealed: false,
-            reader: None,
-        });
+        state
+            .segments
+            .push_back(Segment::new(first_seq, path, header, false));
         state.bytes += header;
         state.writer = Some(Arc::new(file));
         state.dir_unsynced = true;

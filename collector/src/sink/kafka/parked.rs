@@ -109,6 +109,15 @@ impl Parked {
         Some((record, lease))
     }
 
+    /// The refused topic holding the most.
+    fn largest_refused(&self) -> Option<Arc<str>> {
+        self.topics
+            .iter()
+            .filter(|(_, q)| q.refused)
+            .max_by_key(|(_, q)| q.bytes)
+            .map(|(t, _)| t.clone())
+    }
+
     /// Takes everything, at shutdown.
     pub(super) fn take_all(&mut self) -> Vec<(Routed, Lease)> {
         let topics: Vec<Arc<str>> = self.topics.keys().cloned().collect();
@@ -128,21 +137,8 @@ impl Parked {
         if self.refused_bytes <= self.max_bytes {
             return None;
         }
-        let topic = self
-            .topics
-            .iter()
-            .filter(|(_, q)| q.refused)
-            .max_by_key(|(_, q)| q.bytes)
-            .map(|(t, _)| t.clone())?;
-        let queue = self.topics.get_mut(&topic)?;
-        let (record, lease) = queue.records.pop_front()?;
-        let bytes = lease.bytes().max(record.data.len());
-        queue.bytes -= bytes;
-        if queue.records.is_empty() {
-            self.topics.remove(&topic);
-        }
-        self.refused_bytes -= bytes;
-        Some((record, lease))
+        let topic = self.largest_refused()?;
+        self.take_first(&topic)
     }
 
     /// Whether anything is parked.
