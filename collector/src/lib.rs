@@ -20,7 +20,10 @@
 //! - [`mesos`]: the agent client, the JSON-to-MetricList mapping, and the
 //!   agent poller with its enrichment tags.
 //! - [`stats`]: every counter, and the accounting identity.
-//! - [`api`]: the HTTP API (endpoints, config, metrics, health).
+//! - [`api`]: the HTTP API (endpoints, config, metrics, health), and the
+//!   Prometheus listener.
+//! - [`store`]: the node store (the latest value of every series, for
+//!   Prometheus) and its Prometheus text.
 //! - [`runtime`]: configuration changes while running.
 //! - [`partner`]: the partner output.
 //! - [`telemetry`]: logging, with a runtime-changeable filter.
@@ -56,6 +59,7 @@ pub mod shutdown;
 pub mod sink;
 pub mod spool;
 pub mod stats;
+pub mod store;
 pub mod telemetry;
 
 use std::future::Future;
@@ -99,6 +103,8 @@ pub struct App {
     ingest: TcpListener,
     api: TcpListener,
     partner: TcpListener,
+    prometheus: Option<TcpListener>,
+    store: Option<Arc<store::Store>>,
     endpoints: api::Endpoints,
     broker_state: Arc<Mutex<BrokerState>>,
     buffer: Arc<Buffer>,
@@ -114,14 +120,28 @@ impl App {
     /// Validates the configuration and binds every listener (port 0 allowed).
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         config.validate()?;
-        let descriptors = net::fit_descriptors(config.max_connections, config.max_partners);
+        let descriptors = net::fit_descriptors(
+            config.max_connections,
+            config.max_partners,
+            usize::from(config.prometheus_listen.is_on()),
+        );
         let (ingest, ingest_addr) = net::bind(config.listen_endpoint).await?;
         let (api, api_addr) = net::bind(config.api_listen).await?;
         let (partner, partner_addr) = net::bind(config.partner_listen).await?;
+        let (prometheus, prometheus_addr) = match &config.prometheus_listen {
+            config::Listen::Tcp(addr) => {
+                let (listener, addr) = net::bind(*addr).await?;
+                (Some(listener), Some(addr))
+            }
+            _ => (None, None),
+        };
         if !ingest_addr.ip().is_loopback() {
             warn!(%ingest_addr, "The TCP input listens beyond loopback; the original listened on loopback only.");
         }
         let stats = Arc::new(Stats::default());
+        let store = config
+            .store_settings()
+            .map(|settings| Arc::new(store::Store::new(settings, stats.clone())));
         let mut buffer = Buffer::new(
             config.buffer_max_bytes,
             config.buffer_full_policy,
@@ -152,11 +172,14 @@ impl App {
                 ingest: ingest_addr,
                 api: api_addr,
                 partner: partner_addr,
+                prometheus: prometheus_addr,
             },
             stats,
             ingest,
             api,
             partner,
+            prometheus,
+            store,
             broker_state: Arc::default(),
             buffer,
             runtime,
@@ -204,6 +227,11 @@ impl App {
         self.endpoints.partner
     }
 
+    /// The Prometheus listener's bound address, when it listens.
+    pub fn prometheus_addr(&self) -> Option<SocketAddr> {
+        self.endpoints.prometheus
+    }
+
     /// The counters, readable while the collector runs.
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()
@@ -239,6 +267,7 @@ impl App {
             routing: self.runtime.routing.subscribe(),
             enrichment: self.enrichment.subscribe(),
             refresh: refresh.clone(),
+            store: self.store.clone(),
         });
         let mut inputs = vec![ingest::spawn(
             self.ingest,
@@ -278,6 +307,22 @@ impl App {
             api::spawn(self.api, api_state, self.descriptors.api),
             partner::spawn(self.partner, self.partner_hub.clone(), &plan),
         ];
+        if let (Some(listener), Some(store)) = (self.prometheus, &self.store) {
+            outputs.push(api::prometheus::spawn(
+                listener,
+                api::prometheus::PrometheusState::new(
+                    store.clone(),
+                    self.stats.clone(),
+                    self.broker_state.clone(),
+                ),
+                self.descriptors.api,
+                plan.outputs().clone(),
+            ));
+            outputs.push(shutdown::Task::spawn(
+                "store",
+                store.clone().run_janitor(plan.outputs().clone()),
+            ));
+        }
         if let Some(spool) = self.buffer.spool() {
             outputs.push(shutdown::Task::spawn(
                 "spool",
@@ -288,6 +333,7 @@ impl App {
             input = %self.endpoints.ingest,
             api = %self.endpoints.api,
             partner = %self.endpoints.partner,
+            prometheus = self.endpoints.prometheus.map(|a| a.to_string()).unwrap_or_default(),
             sink = if config.kafka { "kafka" } else { "null" },
             buffer = if self.buffer.spool().is_some() { "disk" } else { "memory" },
             "Collector started."

@@ -114,12 +114,17 @@ pub struct Descriptors {
 }
 
 /// Raises the descriptor limit to its hard limit, and fits the listeners
-/// into it: the partners take `max_partners`, the API at most
-/// [`API_MAX_CONNECTIONS`], and the input what is left of the limit less
+/// into it: the partners take `max_partners`, the API and each other
+/// served listener (Prometheus) at most [`API_MAX_CONNECTIONS`], and the
+/// input what is left of the limit less
 /// [`RESERVED_DESCRIPTORS`] and what is open now, at most
 /// `max_connections`. A flood of any listener then ends at its own limit,
 /// refused and counted there, and the others keep their descriptors.
-pub fn fit_descriptors(max_connections: usize, max_partners: usize) -> Descriptors {
+pub fn fit_descriptors(
+    max_connections: usize,
+    max_partners: usize,
+    served_listeners: usize,
+) -> Descriptors {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let mut limit = getrlimit(Resource::Nofile);
     // Up to the hard limit (an unlimited one taken as 2^20); never lower.
@@ -139,7 +144,10 @@ pub fn fit_descriptors(max_connections: usize, max_partners: usize) -> Descripto
     let open = std::fs::read_dir("/proc/self/fd").map_or(16, |d| d.count() as u64);
     let left = nofile.saturating_sub(RESERVED_DESCRIPTORS + open) as usize;
     let api = API_MAX_CONNECTIONS.min((left / 8).max(4));
-    let input = max_connections.min(left.saturating_sub(api + max_partners).max(1));
+    let input = max_connections.min(
+        left.saturating_sub(api * (1 + served_listeners) + max_partners)
+            .max(1),
+    );
     if input < max_connections {
         warn!(
             max_connections,

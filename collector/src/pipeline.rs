@@ -17,6 +17,7 @@ use crate::enrich::Enrichment;
 use crate::memory::Lease;
 use crate::route::{Records, Router, Routing};
 use crate::stats::{DropReason, Input, Stats};
+use crate::store::{Source, Store};
 
 /// What every input shares to reach the buffer.
 pub struct Pipeline {
@@ -30,6 +31,8 @@ pub struct Pipeline {
     pub enrichment: watch::Receiver<Arc<Enrichment>>,
     /// Told when a record names a framework id `/state` doesn't know.
     pub refresh: Arc<Notify>,
+    /// The node store, when an output reads it.
+    pub store: Option<Arc<Store>>,
 }
 
 impl Pipeline {
@@ -42,7 +45,10 @@ impl Pipeline {
         )
     }
 
-    fn counted(&self, records: &Records, sanitized: u64, unknown_framework: bool) {
+    fn counted(&self, source: Source, records: &Records, sanitized: u64, unknown_framework: bool) {
+        if let Some(store) = &self.store {
+            store.observe(source, &records.items);
+        }
         if unknown_framework {
             self.refresh.notify_one();
         }
@@ -68,7 +74,12 @@ impl Pipeline {
             unknown_framework |= unknown;
             extra
         });
-        self.counted(&routed.records, routed.sanitized, unknown_framework);
+        self.counted(
+            Source::Input,
+            &routed.records,
+            routed.sanitized,
+            unknown_framework,
+        );
         routed.records
     }
 
@@ -76,6 +87,7 @@ impl Pipeline {
     /// agent's JSON), into `lease`.
     pub fn route_owned(
         &self,
+        source: Source,
         router: &mut Router,
         routing: &Routing,
         enrichment: &Enrichment,
@@ -95,7 +107,7 @@ impl Pipeline {
             })
             .collect();
         let records = crate::route::encode_all(prepared, lease);
-        self.counted(&records, sanitized, unknown_framework);
+        self.counted(source, &records, sanitized, unknown_framework);
         records
     }
 
@@ -148,7 +160,14 @@ impl Pipeline {
                 );
                 return false;
             };
-            let chunk: Chunk = self.route_owned(router, &routing, &enrichment, piece, &mut lease);
+            let chunk: Chunk = self.route_owned(
+                Source::Agent,
+                router,
+                &routing,
+                &enrichment,
+                piece,
+                &mut lease,
+            );
             drop(lease);
             self.buffer.push(chunk, &mut give_up).await;
         }
@@ -173,6 +192,7 @@ mod tests {
             routing: watch::channel(Arc::new(Routing::from_config(&config))).1,
             enrichment: watch::channel(Arc::new(Enrichment::default())).1,
             refresh: Arc::new(Notify::new()),
+            store: None,
         };
         let list = |topic: &str| MetricList {
             topic: topic.into(),

@@ -231,7 +231,7 @@ async fn metrics_parse_as_prometheus_text_and_hold_the_identity() {
         scrape
             .samples
             .iter()
-            .any(|s| s.metric == "collector_delivery_latency_ms")
+            .any(|s| s.metric == "collector_delivery_latency_seconds")
     );
 }
 

@@ -882,3 +882,109 @@ fn the_sample_producer_asks_for_its_topic_before_creating_it() {
     assert!(said("Kafka topic exists."), "{:?}", lines.lock().unwrap());
     assert!(!said("No answer to creating the Kafka topic"));
 }
+
+/// A sender inventing series (a new name per datapoint, long tag values,
+/// new tag keys) against a collector serving Prometheus, scraped all along:
+/// the store holds at most `store_max_series`, every series it did not
+/// take is counted with its reason, every scrape answers, and the peak RSS
+/// stays under the bound `collector validate` prints, which has the store's
+/// part.
+#[test]
+fn a_sender_inventing_series_is_held_to_the_store_bounds() {
+    const MAX_SERIES: usize = 50_000;
+    let max_series = format!("--store-max-series={MAX_SERIES}");
+    let collector = start(
+        &["--prometheus-listen=127.0.0.1:0", max_series.as_str()],
+        None,
+    );
+    let target = collector.prometheus.unwrap();
+    let (blocks, per_block, points) = (100, 500, 4);
+    let mut stream = OcfEncoder::new(Codec::Null);
+    let mut bytes = stream.header().to_vec();
+    for block in 0..blocks {
+        let records: Vec<MetricList> = (0..per_block)
+            .map(|i| {
+                let n = block * per_block + i;
+                MetricList {
+                    topic: "invented".into(),
+                    tags: vec![
+                        Tag::new("container_id", format!("container-{n}")),
+                        Tag::new(format!("key.{}", n % 97), "v".repeat(120)),
+                    ],
+                    datapoints: (0..points)
+                        .map(|p| schema::Datapoint::new(format!("invented.{n}.{p}"), 1, n as f64))
+                        .collect(),
+                }
+            })
+            .collect();
+        stream.write_block(&records, &mut bytes);
+    }
+    let sent = (blocks * per_block * points) as f64;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scrapers: Vec<_> = (0..3)
+        .map(|_| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut scrapes = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (status, body) = http_get(target, "/metrics").unwrap();
+                    assert!(status == 200 || status == 503, "{status}");
+                    if status == 200 {
+                        assert!(body.contains("# TYPE collector_store_series gauge"));
+                        scrapes += 1;
+                    }
+                }
+                scrapes
+            })
+        })
+        .collect();
+    TcpStream::connect(collector.input)
+        .unwrap()
+        .write_all(&bytes)
+        .unwrap();
+    eventually("every datapoint received", || {
+        collector.metric("collector_received_datapoints_total{input=\"tcp\"}") >= sent
+    });
+    eventually("every datapoint taken by the sink", || {
+        collector.metric("collector_in_flight_datapoints") == 0.0
+    });
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let scrapes: usize = scrapers.into_iter().map(|s| s.join().unwrap()).sum();
+    let held = collector.metric("collector_store_series");
+    let refused: f64 = ["series", "bytes", "labels"]
+        .iter()
+        .map(|r| {
+            collector.metric(&format!(
+                "collector_store_series_refused_total{{reason=\"{r}\"}}"
+            ))
+        })
+        .sum();
+    let peak_rss = collector.peak_rss();
+    let config = collector::config::Config {
+        agent_polling: false,
+        kafka: false,
+        input_limit_amount_kbytes: 0,
+        global_limit_amount_kbytes: 0,
+        prometheus_listen: "127.0.0.1:0".parse().unwrap(),
+        store_max_series: MAX_SERIES,
+        ..collector::config::Config::default()
+    };
+    let bound = config.memory_bound();
+    eprintln!(
+        "{held} series held, {refused} refused, {scrapes} scrapes; peak RSS {:.1} MiB, bound {:.1} MiB (store {:.1} MiB)",
+        peak_rss as f64 / 1048576.0,
+        bound.total as f64 / 1048576.0,
+        bound.store as f64 / 1048576.0,
+    );
+    assert!(held as usize <= MAX_SERIES);
+    assert!(held > 0.0);
+    assert_eq!(held + refused, sent, "each series held or counted");
+    assert!(scrapes > 0);
+    assert!(
+        peak_rss <= bound.total,
+        "peak RSS {peak_rss} > bound {bound:?}"
+    );
+    let (code, last) = collector.stop();
+    assert_eq!(code, Some(0));
+    assert!(balanced(&last), "{last}");
+}

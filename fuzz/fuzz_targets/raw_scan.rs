@@ -1,6 +1,6 @@
 //! The in-place scan of a record (`schema::raw`) accepts and refuses
 //! exactly what the full reader does, at the same offset, with the same
-//! error; what it accepts reads back the same.
+//! error; what it accepts reads back the same, tags and datapoints.
 
 #![no_main]
 
@@ -26,6 +26,16 @@ fuzz_target!(|data: &[u8]| {
                 .map(|t| (t.key.as_str(), t.value.as_str()))
                 .collect();
             assert_eq!(tags, want);
+            let points: Vec<(&str, i64, u64)> = scanned
+                .datapoint_values()
+                .map(|(name, time, value)| (name, time, value.to_bits()))
+                .collect();
+            let want: Vec<(&str, i64, u64)> = decoded
+                .datapoints
+                .iter()
+                .map(|d| (d.name.as_str(), d.time_ms, d.value.to_bits()))
+                .collect();
+            assert_eq!(points, want);
             // Splicing no tags writes the record as it was.
             let mut out = Vec::new();
             scanned.write_with_tags(&[], &mut out);

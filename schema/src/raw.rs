@@ -126,6 +126,35 @@ impl<'a> RawRecord<'a> {
         })
     }
 
+    /// The datapoints, in wire order, as `(name, time_ms, value)`.
+    pub fn datapoint_values(&self) -> impl Iterator<Item = (&'a str, i64, f64)> + use<'a> {
+        let mut c = Cursor::new(&self.bytes[self.tags_end..]);
+        // Validated by scan_metric_list: the tags' terminating zero count,
+        // then the datapoints' blocks.
+        let _ = c.read_long();
+        let mut left = 0u64;
+        std::iter::from_fn(move || {
+            while left == 0 {
+                let count = c.read_long().ok()?;
+                if count == 0 {
+                    return None;
+                }
+                left = if count < 0 {
+                    c.read_long().ok()?;
+                    count.unsigned_abs()
+                } else {
+                    count as u64
+                };
+            }
+            left -= 1;
+            Some((
+                c.read_str().ok()?,
+                c.read_long().ok()?,
+                c.read_double().ok()?,
+            ))
+        })
+    }
+
     /// The value of the first tag named `key`.
     pub fn tag(&self, key: &str) -> Option<&'a str> {
         self.tags().find(|(k, _)| *k == key).map(|(_, v)| v)
@@ -217,6 +246,11 @@ mod tests {
             vec![("framework_id", "fw-1"), ("k", "v")]
         );
         assert_eq!(raw.tag("k"), Some("v"));
+        let points: Vec<_> = raw.datapoint_values().collect();
+        assert_eq!(points.len(), 2);
+        assert_eq!((points[0].0, points[0].1, points[0].2), ("cpus", 5, 0.5));
+        assert_eq!((points[1].0, points[1].1), ("mem", -1));
+        assert!(points[1].2.is_nan());
         assert_eq!(raw.tag("nope"), None);
     }
 

@@ -63,6 +63,70 @@ pub enum LogFormat {
     Json,
 }
 
+/// A listener's address, or none: `IP:PORT`, `unix:PATH`, or empty (off).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Listen {
+    /// Not listening.
+    #[default]
+    Off,
+    /// A TCP address (port 0: one the kernel picks, reported back).
+    Tcp(std::net::SocketAddr),
+    /// A unix socket's path.
+    Unix(std::path::PathBuf),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Ok(Self::Off);
+        }
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path (unix:/run/x.sock)".into());
+            }
+            return Ok(Self::Unix(path.into()));
+        }
+        s.parse()
+            .map(Self::Tcp)
+            .map_err(|_| format!("{s:?} is not IP:PORT (0.0.0.0:61091), unix:PATH, or empty (off)"))
+    }
+}
+
+impl TryFrom<String> for Listen {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Listen> for String {
+    fn from(listen: Listen) -> Self {
+        listen.to_string()
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Off => Ok(()),
+            Self::Tcp(addr) => write!(f, "{addr}"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl Listen {
+    /// Whether it listens at all.
+    pub fn is_on(&self) -> bool {
+        *self != Self::Off
+    }
+}
+
 /// What every output shows in place of a secret.
 pub const REDACTED: &str = "<redacted>";
 
@@ -193,6 +257,8 @@ pub struct MemoryBound {
     pub partners: u64,
     /// An agent answer being parsed and mapped.
     pub agent: u64,
+    /// The node store, and the scrapes reading it (with Prometheus on).
+    pub store: u64,
     /// The program itself: code, runtime, librdkafka's threads and buffers.
     pub base: u64,
     /// All of it.
@@ -212,7 +278,21 @@ pub const AGENT_BODY_FACTOR: u64 = 10;
 /// threads and their buffers (idle RSS is about 14.5 MiB with Kafka connected; see BENCHMARKS.md).
 pub const BASE_BYTES: u64 = 32 * 1024 * 1024;
 
+/// The most series `store_max_series` may ask for.
+pub const MAX_STORE_SERIES: u64 = 10_000_000;
+
 impl Config {
+    /// Whether an output reads the node store (Prometheus): otherwise there
+    /// is none, and nothing is decoded for it.
+    pub fn store_settings(&self) -> Option<crate::store::StoreSettings> {
+        self.prometheus_listen
+            .is_on()
+            .then(|| crate::store::StoreSettings {
+                max_series: self.store_max_series,
+                expiry: std::time::Duration::from_secs(self.store_expiry_secs),
+            })
+    }
+
     /// The memory the collector may take at most, whatever its input:
     ///
     /// ```text
@@ -222,6 +302,7 @@ impl Config {
     ///   + 2 × kafka_queue_max_kbytes + kafka_max_topics × 16 KiB
     ///   + max_partners × partner_buffer_kbytes
     ///   + 10 × agent_max_body_bytes            (with agent polling)
+    ///   + store_max_series × (352 B + 2 × 128 B) (with prometheus_listen)
     ///   + 32 MiB
     /// ```
     pub fn memory_bound(&self) -> MemoryBound {
@@ -241,6 +322,12 @@ impl Config {
         } else {
             0
         };
+        let store = self.store_settings().map_or(0, |store| {
+            (store.memory_bound()
+                + crate::api::prometheus::MAX_SCRAPES
+                    * store.max_series
+                    * crate::store::prometheus::SCRAPE_BYTES_PER_SERIES) as u64
+        });
         MemoryBound {
             buffer,
             input_buffers,
@@ -248,8 +335,16 @@ impl Config {
             kafka,
             partners,
             agent,
+            store,
             base: BASE_BYTES,
-            total: buffer + input_buffers + inflating + kafka + partners + agent + BASE_BYTES,
+            total: buffer
+                + input_buffers
+                + inflating
+                + kafka
+                + partners
+                + agent
+                + store
+                + BASE_BYTES,
         }
     }
 
@@ -318,6 +413,26 @@ impl Config {
             self.partner_write_timeout_secs,
         )?;
         positive("max_partners", self.max_partners as u64)?;
+        if let Listen::Unix(_) = self.prometheus_listen {
+            return Err(ConfigError::new(
+                "prometheus_listen",
+                "Prometheus scrapes over TCP: give IP:PORT (0.0.0.0:61091), or leave it empty",
+            ));
+        }
+        positive("store_max_series", self.store_max_series as u64)?;
+        at_most(
+            "store_max_series",
+            self.store_max_series as u64,
+            MAX_STORE_SERIES,
+            "series",
+        )?;
+        positive("store_expiry_secs", self.store_expiry_secs)?;
+        at_most(
+            "store_expiry_secs",
+            self.store_expiry_secs,
+            MAX_PERIOD_SECS,
+            "seconds (7 days)",
+        )?;
         for (field, value, min) in [
             ("max_block_bytes", self.max_block_bytes, 1024),
             (

@@ -17,7 +17,9 @@ use clap::{ArgAction, Args};
 use serde::{Deserialize, Serialize};
 
 use super::security::{SaslMechanism, SecurityProtocol};
-use super::{BufferType, ConfigError, FsyncMode, FullPolicy, LogFormat, parse_bool, parse_pair};
+use super::{
+    BufferType, ConfigError, FsyncMode, FullPolicy, Listen, LogFormat, parse_bool, parse_pair,
+};
 
 /// What the declaration says of one option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -424,6 +426,15 @@ options! {
     /// Bearer token for mutating API requests; required when the API listens beyond loopback.
     api_token: Option<String> = None;
         maybe, env "API_TOKEN", restart [secret];
+    /// Prometheus exposition address, `IP:PORT` (empty: off): `GET /metrics` serves the latest value of every series of the node's inputs, and the collector's own families. DC/OS used `0.0.0.0:61091`.
+    prometheus_listen: Listen = Listen::Off;
+        plain, env "PROMETHEUS_LISTEN", restart;
+    /// Most series the node store holds for Prometheus; new ones beyond it are refused and counted.
+    store_max_series: usize = 100_000;
+        plain, env "STORE_MAX_SERIES", restart;
+    /// A series not updated for this long leaves the node store, seconds.
+    store_expiry_secs: u64 = 120;
+        plain, env "STORE_EXPIRY_SECS", restart;
     /// Partner output address; loopback by default, port 0 allowed.
     partner_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8126));
         plain, env "PARTNER_LISTEN", restart;

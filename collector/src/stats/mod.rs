@@ -217,6 +217,14 @@ macro_rules! stats {
             pub batch_records: Histogram,
             /// Milliseconds each spool sync took.
             pub spool_fsync_ms: Histogram,
+            /// New series the node store refused, by reason (indexed like
+            /// [`crate::store::Refusal::ALL`]).
+            pub store_refused: [AtomicU64; crate::store::Refusal::ALL.len()],
+            /// Samples left out of Prometheus scrapes: duplicates, and
+            /// families named like the collector's own.
+            pub store_skipped_duplicate: AtomicU64,
+            /// See `store_skipped_duplicate`.
+            pub store_skipped_name_taken: AtomicU64,
         }
 
         impl Default for Stats {
@@ -236,6 +244,9 @@ macro_rules! stats {
                     delivery_latency_ms: Histogram::new(LATENCY_BOUNDS_MS),
                     batch_records: Histogram::new(BATCH_BOUNDS),
                     spool_fsync_ms: Histogram::new(FSYNC_BOUNDS_MS),
+                    store_refused: Default::default(),
+                    store_skipped_duplicate: AtomicU64::new(0),
+                    store_skipped_name_taken: AtomicU64::new(0),
                 }
             }
         }
@@ -355,6 +366,8 @@ stats! {
         kafka_topics_refused,
         /// Topics whose first lookup was put off because too many topics were waiting for one.
         topic_lookups_deferred,
+        /// Series the node store forgot, not updated within store_expiry_secs.
+        store_series_expired,
     }
     gauges {
         /// Input connections open.
@@ -383,6 +396,10 @@ stats! {
         kafka_topics_refused_now,
         /// Bytes of records waiting for their topic (looked up, or refused), in memory and in the spool's parked area.
         parked_bytes,
+        /// Series the node store holds.
+        store_series,
+        /// Bytes the node store holds (names, tags and each series' overhead).
+        store_bytes,
     }
 }
 
@@ -471,6 +488,11 @@ impl Stats {
         } else {
             update(topics.entry(topic.clone()).or_default());
         }
+    }
+
+    /// Counts a new series the node store refused.
+    pub fn count_store_refusal(&self, refusal: crate::store::Refusal) {
+        self.store_refused[refusal as usize].fetch_add(1, Relaxed);
     }
 
     /// Counts a drop.

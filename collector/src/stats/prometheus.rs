@@ -34,20 +34,26 @@ impl Text {
         self.sample(name, "", value);
     }
 
-    fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram) {
+    /// A histogram kept in `scale`s of its unit (1000 for one kept in
+    /// milliseconds and shown in seconds, Prometheus's base unit).
+    fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram, scale: f64) {
         self.family(name, "histogram", help);
         let mut cumulative = 0;
         for (i, bound) in histogram.bounds.iter().enumerate() {
             cumulative += histogram.counts[i].load(Relaxed);
             self.sample(
                 &format!("{name}_bucket"),
-                &format!("le=\"{bound}\""),
+                &format!("le=\"{}\"", bound / scale),
                 cumulative,
             );
         }
         cumulative += histogram.counts[histogram.bounds.len()].load(Relaxed);
         self.sample(&format!("{name}_bucket"), "le=\"+Inf\"", cumulative);
-        self.sample(&format!("{name}_sum"), "", histogram.sum.load(Relaxed));
+        self.sample(
+            &format!("{name}_sum"),
+            "",
+            histogram.sum.load(Relaxed) as f64 / scale,
+        );
         self.sample(&format!("{name}_count"), "", cumulative);
     }
 }
@@ -198,20 +204,50 @@ pub fn render(stats: &Stats, brokers: BrokerGauges) -> String {
             *kept,
         );
     }
+    t.family(
+        "collector_store_series_refused_total",
+        "counter",
+        "new series the node store refused, by the bound reached",
+    );
+    for reason in crate::store::Refusal::ALL {
+        t.sample(
+            "collector_store_series_refused_total",
+            &format!("reason=\"{}\"", reason.as_str()),
+            stats.store_refused[reason as usize].load(Relaxed),
+        );
+    }
+    t.family(
+        "collector_store_samples_skipped_total",
+        "counter",
+        "samples left out of Prometheus scrapes: the same family and labels as an earlier one, or a family named like one of the collector's own",
+    );
+    t.sample(
+        "collector_store_samples_skipped_total",
+        "reason=\"duplicate\"",
+        stats.store_skipped_duplicate.load(Relaxed),
+    );
+    t.sample(
+        "collector_store_samples_skipped_total",
+        "reason=\"name_taken\"",
+        stats.store_skipped_name_taken.load(Relaxed),
+    );
     t.histogram(
         "collector_kafka_batch_records",
         "records per Kafka message",
         &stats.batch_records,
+        1.0,
     );
     t.histogram(
-        "collector_delivery_latency_ms",
-        "milliseconds from batching to Kafka's acknowledgement",
+        "collector_delivery_latency_seconds",
+        "seconds from batching to Kafka's acknowledgement",
         &stats.delivery_latency_ms,
+        1000.0,
     );
     t.histogram(
-        "collector_spool_fsync_ms",
-        "milliseconds each disk spool sync took",
+        "collector_spool_fsync_seconds",
+        "seconds each disk spool sync took",
         &stats.spool_fsync_ms,
+        1000.0,
     );
     t.0
 }

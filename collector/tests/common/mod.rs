@@ -67,6 +67,8 @@ pub struct Running {
     pub input: SocketAddr,
     pub api: SocketAddr,
     pub partner: SocketAddr,
+    /// The Prometheus listener, when on.
+    pub prometheus: Option<SocketAddr>,
 }
 
 /// The flags every test collector gets: ports chosen by the kernel, JSON
@@ -143,6 +145,7 @@ pub fn start(args: &[&str], nofile: Option<u32>) -> Running {
         input: addr("input"),
         api: addr("api"),
         partner: addr("partner"),
+        prometheus: value["prometheus"].as_str().and_then(|a| a.parse().ok()),
         child,
         log,
     }

@@ -20,6 +20,8 @@
 //! and a request's head must arrive within [`HEAD_TIMEOUT`]: half-open
 //! connections can't hold the descriptors the inputs need.
 
+pub mod prometheus;
+
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -57,6 +59,8 @@ pub struct Endpoints {
     pub api: SocketAddr,
     /// Partner output.
     pub partner: SocketAddr,
+    /// Prometheus listener, when on.
+    pub prometheus: Option<SocketAddr>,
 }
 
 /// What the handlers share.
@@ -88,11 +92,20 @@ pub fn spawn(listener: tokio::net::TcpListener, state: ApiState, max_connections
     Task::spawn("api", serve(listener, app, max_connections, stop, stats))
 }
 
+/// A connection older than this is closed once its answer in progress is
+/// written (a client reconnects), and at most [`CLOSING_GRACE`] later
+/// whatever it is doing: a reader that stalls can't hold what its answer
+/// holds for ever.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
+/// How long a connection being closed for its age may take to finish.
+pub const CLOSING_GRACE: Duration = Duration::from_secs(30);
+
 /// Accepts connections until `stop`, at most `max_connections` open (one
 /// more is closed as soon as it is accepted, counted); each is served over
-/// HTTP/1 with [`HEAD_TIMEOUT`] for a request's head. At `stop`, what is
-/// being answered gets half a second.
-async fn serve(
+/// HTTP/1 with [`HEAD_TIMEOUT`] for a request's head, for at most
+/// [`MAX_CONNECTION_AGE`]. At `stop`, what is being answered gets half a
+/// second.
+pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     max_connections: usize,
@@ -127,6 +140,13 @@ async fn serve(
                 () = stop.cancelled() => {
                     connection.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(Duration::from_millis(500), connection).await;
+                }
+                () = tokio::time::sleep(MAX_CONNECTION_AGE) => {
+                    connection.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        _ = tokio::time::timeout(CLOSING_GRACE, connection) => {}
+                        () = stop.cancelled() => {}
+                    }
                 }
             }
         });
@@ -194,6 +214,38 @@ async fn authorize(
 async fn endpoints(State(state): State<ApiState>) -> Json<Value> {
     let config = state.runtime.config();
     let brokers = state.brokers.lock().map(|b| b.clone()).unwrap_or_default();
+    let mut outputs = vec![
+        json!({
+            "name": "partner",
+            "address": state.endpoints.partner.to_string(),
+            "protocol": "tcp",
+            "format": "avro-ocf",
+            "filter": "send `topics=<comma list or regex>\\n` first (optional)",
+            "connected": state.partners.count(),
+        }),
+        json!({
+            "name": "kafka",
+            "protocol": "kafka",
+            "format": "avro-ocf, one file per message",
+            "enabled": config.kafka,
+            "brokers": brokers.current.as_ref().map(|c| c.brokers.clone()).unwrap_or_default(),
+            "discovered_by": brokers.current.as_ref().map(|c| c.method.clone()),
+            "discovery_error": brokers.last_error,
+            "topic_mapping": match &config.kafka_single_topic {
+                Some(topic) => json!({"single_topic": topic}),
+                None => json!({"prefix": config.kafka_topic_prefix, "topic": "<prefix><record.topic>"}),
+            },
+        }),
+    ];
+    if let Some(address) = state.endpoints.prometheus {
+        outputs.push(json!({
+            "name": "prometheus",
+            "address": address.to_string(),
+            "protocol": "http",
+            "path": "/metrics",
+            "format": "prometheus text 0.0.4",
+        }));
+    }
     Json(json!({
         "inputs": [{
             "name": "tcp",
@@ -203,29 +255,7 @@ async fn endpoints(State(state): State<ApiState>) -> Json<Value> {
             "schema": "dcos.metrics.MetricList",
             "codecs": ["null", "deflate", "snappy"],
         }],
-        "outputs": [
-            {
-                "name": "partner",
-                "address": state.endpoints.partner.to_string(),
-                "protocol": "tcp",
-                "format": "avro-ocf",
-                "filter": "send `topics=<comma list or regex>\\n` first (optional)",
-                "connected": state.partners.count(),
-            },
-            {
-                "name": "kafka",
-                "protocol": "kafka",
-                "format": "avro-ocf, one file per message",
-                "enabled": config.kafka,
-                "brokers": brokers.current.as_ref().map(|c| c.brokers.clone()).unwrap_or_default(),
-                "discovered_by": brokers.current.as_ref().map(|c| c.method.clone()),
-                "discovery_error": brokers.last_error,
-                "topic_mapping": match &config.kafka_single_topic {
-                    Some(topic) => json!({"single_topic": topic}),
-                    None => json!({"prefix": config.kafka_topic_prefix, "topic": "<prefix><record.topic>"}),
-                },
-            },
-        ],
+        "outputs": outputs,
         "api": {"address": state.endpoints.api.to_string(), "protocol": "http"},
     }))
 }

@@ -1,0 +1,277 @@
+//! The store in Prometheus text format (version 0.0.4), as dcos-metrics
+//! served it on `:61091/metrics`, without its bugs.
+//!
+//! - A family's name is the datapoint's name with every character outside
+//!   `[a-zA-Z0-9_:]` as `_`, and `_` before a leading digit (or for an
+//!   empty name): `cpus.user.time` gives `cpus_user_time`, `123abc` gives
+//!   `_123abc`. Names are not lowercased, nor renamed otherwise.
+//! - A label's name is a tag's key the same way, with `:` as `_` too (label
+//!   names may not hold one). Keys that begin with `__` are left out:
+//!   Prometheus reserves them (`__name__` would clash with the name).
+//! - Every family is a `gauge`, with one label set: the union of its series'
+//!   label names, `""` where a series lacks one (so Prometheus drops no
+//!   series, DCOS_OSS-3863).
+//! - A label never appears twice in a sample (prometheus/prometheus#6853):
+//!   a record's own tag wins over one the collector adds (enrichment and
+//!   static tags are added only where the record lacks the key), and of two
+//!   keys that sanitize to the same name (`task.name` and `task_name`), the
+//!   one already spelled as the label wins, else the first in byte order.
+//! - Two series that come out the same (the same family and labels once
+//!   sanitized) are given once, the first in the order of their original
+//!   names and tags; the rest are counted
+//!   (`collector_store_samples_skipped_total{reason="duplicate"}`).
+//! - A family whose name is one of the collector's own (`collector_*`) is
+//!   left out and counted (`reason="name_taken"`).
+//! - NaN and infinities are written as Prometheus spells them: `NaN`,
+//!   `+Inf`, `-Inf`. No timestamp is given: a series is there while it is
+//!   fresh (see `store_expiry_secs`).
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::hash::BuildHasher;
+
+use super::{Key, Sample, parse_key};
+
+/// The HELP line of every family from the store.
+pub const HELP: &str =
+    "latest value of a datapoint the node's inputs sent (see docs/prometheus-and-v0.md)";
+
+fn sanitize_with(name: &str, colon: bool) -> String {
+    let mut out = String::with_capacity(name.len() + 1);
+    if name.chars().next().is_none_or(|c| c.is_ascii_digit()) {
+        out.push('_');
+    }
+    out.extend(name.chars().map(|c| {
+        if c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':') {
+            c
+        } else {
+            '_'
+        }
+    }));
+    out
+}
+
+/// A datapoint's name as a Prometheus metric name.
+pub fn sanitize(name: &str) -> String {
+    sanitize_with(name, true)
+}
+
+/// A tag's key as a Prometheus label name, or `None` for a key Prometheus
+/// reserves (beginning with `__`).
+pub fn label_name(key: &str) -> Option<String> {
+    let name = sanitize_with(key, false);
+    (!name.starts_with("__")).then_some(name)
+}
+
+/// Appends a value as Prometheus spells it.
+pub fn write_value(out: &mut String, value: f64) {
+    if value.is_nan() {
+        out.push_str("NaN");
+    } else if value.is_infinite() {
+        out.push_str(if value > 0.0 { "+Inf" } else { "-Inf" });
+    } else if value == 0.0 || (1e-5..1e15).contains(&value.abs()) {
+        let _ = write!(out, "{value}");
+    } else {
+        let _ = write!(out, "{value:e}");
+    }
+}
+
+fn write_escaped(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// What a rendering left out.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Skipped {
+    /// Samples that came out the same as an earlier one.
+    pub duplicate: u64,
+    /// Samples of a family named like one of the collector's own.
+    pub name_taken: u64,
+}
+
+/// Heap a scrape takes per series, at most: its place in the snapshot
+/// (the family's name, the shared key, the sample) and in the set of
+/// samples already written.
+pub const SCRAPE_BYTES_PER_SERIES: usize = 128;
+
+/// The family being written: its label names, and the samples already
+/// written (hashes of their names and labels).
+struct Current {
+    end: usize,
+    labels: Vec<String>,
+    seen: HashSet<u64>,
+}
+
+/// Renders a snapshot of the store chunk by chunk, so that a scrape of any
+/// size is written out without holding the store or its whole text.
+pub struct Renderer {
+    /// The snapshot, sorted by family, then by key.
+    series: Vec<(String, Key, Sample)>,
+    next: usize,
+    current: Option<Current>,
+    reserved: HashSet<String>,
+    hasher: std::collections::hash_map::RandomState,
+    skipped: Skipped,
+}
+
+impl Renderer {
+    /// A renderer of `snapshot`, leaving out the families named in
+    /// `reserved` (the collector's own).
+    pub fn new(snapshot: Vec<(Key, Sample)>, reserved: HashSet<String>) -> Self {
+        let mut series: Vec<(String, Key, Sample)> = snapshot
+            .into_iter()
+            .map(|(key, sample)| {
+                let family = sanitize(parse_key(&key).0);
+                (family, key, sample)
+            })
+            .collect();
+        series.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+        Self {
+            series,
+            next: 0,
+            current: None,
+            reserved,
+            hasher: std::collections::hash_map::RandomState::new(),
+            skipped: Skipped::default(),
+        }
+    }
+
+    /// What was left out so far.
+    pub fn skipped(&self) -> Skipped {
+        self.skipped
+    }
+
+    /// Begins the family at `self.next`: its HELP and TYPE lines, and its
+    /// label names (the union of its series' keys, sanitized). Returns
+    /// false for a family left out.
+    fn begin_family(&mut self, out: &mut String) -> bool {
+        let start = self.next;
+        let family = &self.series[start].0;
+        let end = start
+            + self.series[start..]
+                .iter()
+                .take_while(|(f, _, _)| f == family)
+                .count();
+        if self.reserved.contains(family) {
+            self.skipped.name_taken += (end - start) as u64;
+            self.next = end;
+            return false;
+        }
+        let mut labels: Vec<String> = self.series[start..end]
+            .iter()
+            .flat_map(|(_, key, _)| parse_key(key).1.filter_map(|(k, _)| label_name(k)))
+            .collect();
+        labels.sort_unstable();
+        labels.dedup();
+        let _ = writeln!(out, "# HELP {family} {HELP}\n# TYPE {family} gauge");
+        self.current = Some(Current {
+            end,
+            labels,
+            seen: HashSet::new(),
+        });
+        true
+    }
+
+    /// The next stretch of text, at least `at_least` bytes unless the end
+    /// comes first (it ends at a line's end); `None` at the end.
+    pub fn next_chunk(&mut self, at_least: usize) -> Option<String> {
+        if self.next >= self.series.len() {
+            return None;
+        }
+        let mut out = String::with_capacity(at_least.min(1 << 20) + 4096);
+        while self.next < self.series.len() && out.len() < at_least {
+            if self.current.is_none() && !self.begin_family(&mut out) {
+                continue;
+            }
+            let Some(current) = self.current.as_mut() else {
+                continue;
+            };
+            let (family, key, sample) = &self.series[self.next];
+            self.next += 1;
+            if !write_sample(current, &self.hasher, family, key, sample, &mut out) {
+                self.skipped.duplicate += 1;
+            }
+            if self.next >= current.end {
+                self.current = None;
+            }
+        }
+        Some(out)
+    }
+}
+
+/// Writes one sample of the current family, unless one with the same
+/// labels was written: then returns false.
+fn write_sample(
+    current: &mut Current,
+    hasher: &std::collections::hash_map::RandomState,
+    family: &str,
+    key: &Key,
+    sample: &Sample,
+    out: &mut String,
+) -> bool {
+    let mut values: Vec<Option<(&str, bool)>> = vec![None; current.labels.len()];
+    for (k, v) in parse_key(key).1 {
+        let Some(name) = label_name(k) else { continue };
+        let Ok(at) = current.labels.binary_search(&name) else {
+            continue;
+        };
+        let exact = name == k;
+        if values[at].is_none_or(|(_, held_exact)| exact && !held_exact) {
+            values[at] = Some((v, exact));
+        }
+    }
+    let start = out.len();
+    out.push_str(family);
+    if !current.labels.is_empty() {
+        out.push('{');
+        for (i, (name, value)) in current.labels.iter().zip(&values).enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(name);
+            out.push_str("=\"");
+            write_escaped(out, value.map_or("", |(v, _)| v));
+            out.push('"');
+        }
+        out.push('}');
+    }
+    if current.seen.insert(hasher.hash_one(&out[start..])) {
+        out.push(' ');
+        write_value(out, sample.value);
+        out.push('\n');
+        true
+    } else {
+        out.truncate(start);
+        false
+    }
+}
+
+/// The families a text in Prometheus format declares, with the names its
+/// histograms' and summaries' samples take: a family from the store may
+/// take none of them.
+pub fn declared_names(text: &str) -> HashSet<String> {
+    let mut names = HashSet::new();
+    for line in text.lines() {
+        let mut words = line
+            .strip_prefix("# TYPE ")
+            .into_iter()
+            .flat_map(str::split_whitespace);
+        let (Some(name), Some(kind)) = (words.next(), words.next()) else {
+            continue;
+        };
+        if matches!(kind, "histogram" | "summary") {
+            for suffix in ["_bucket", "_sum", "_count", "_created"] {
+                names.insert(format!("{name}{suffix}"));
+            }
+        }
+        names.insert(name.to_owned());
+    }
+    names
+}

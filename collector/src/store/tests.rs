@@ -1,0 +1,448 @@
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use schema::{Datapoint, MetricList, Tag};
+
+use super::prometheus::{Renderer, declared_names, label_name, sanitize};
+use super::*;
+use crate::route::Routed;
+
+fn routed(name_values: &[(&str, f64)], tags: &[(&str, &str)]) -> Routed {
+    let list = MetricList {
+        topic: "t".into(),
+        tags: tags.iter().map(|(k, v)| Tag::new(*k, *v)).collect(),
+        datapoints: name_values
+            .iter()
+            .map(|(n, v)| Datapoint::new(*n, 1_000, *v))
+            .collect(),
+    };
+    let mut data = Vec::new();
+    schema::datum::write_metric_list(&mut data, &list);
+    Routed {
+        topic: "t".into(),
+        key: None,
+        data: data.into(),
+        datapoints: name_values.len() as u32,
+        share: 0,
+        seq: 0,
+    }
+}
+
+fn store(max_series: usize) -> (Store, Arc<Stats>) {
+    let stats = Arc::new(Stats::default());
+    let store = Store::new(
+        StoreSettings {
+            max_series,
+            expiry: Duration::from_secs(120),
+        },
+        stats.clone(),
+    );
+    (store, stats)
+}
+
+fn render_all(
+    store: &Store,
+    reserved: HashSet<String>,
+    chunk: usize,
+) -> (String, prometheus::Skipped) {
+    let mut renderer = Renderer::new(store.snapshot(), reserved);
+    let mut text = String::new();
+    while let Some(part) = renderer.next_chunk(chunk) {
+        assert!(
+            part.is_empty() || part.ends_with('\n'),
+            "a chunk ends a line"
+        );
+        text.push_str(&part);
+    }
+    (text, renderer.skipped())
+}
+
+#[test]
+fn the_latest_value_of_each_series_is_kept_with_its_sorted_tags() {
+    let (store, stats) = store(100);
+    store.observe(
+        Source::Input,
+        &[routed(
+            &[("a", 1.0), ("b", 2.0)],
+            &[("z", "1"), ("k", "v"), ("k", "later")],
+        )],
+    );
+    store.observe(
+        Source::Input,
+        &[routed(&[("a", 3.0)], &[("k", "v"), ("z", "1")])],
+    );
+    let snapshot = store.snapshot();
+    assert_eq!(
+        snapshot.len(),
+        2,
+        "the same tags in another order are the same series"
+    );
+    let a = snapshot
+        .iter()
+        .find(|(key, _)| parse_key(key).0 == "a")
+        .unwrap();
+    assert_eq!(a.1.value, 3.0);
+    assert_eq!(
+        parse_key(&a.0).1.collect::<Vec<_>>(),
+        vec![("k", "v"), ("z", "1")],
+        "sorted by key; of a key given twice the first is kept"
+    );
+    assert_eq!(stats.store_series.load(Relaxed), 2);
+    assert!(stats.store_bytes.load(Relaxed) > 0);
+}
+
+#[test]
+fn names_and_tags_with_any_bytes_make_distinct_keys() {
+    let (store, _) = store(100);
+    // Without length prefixes these two would make the same key.
+    store.observe(Source::Input, &[routed(&[("a\0b", 1.0)], &[])]);
+    store.observe(Source::Input, &[routed(&[("a", 2.0)], &[("b", "")])]);
+    assert_eq!(store.len(), 2);
+}
+
+#[test]
+fn new_series_beyond_each_bound_are_refused_and_counted_while_held_ones_update() {
+    let (store, stats) = store(3);
+    let names: Vec<String> = (0..5).map(|i| format!("s{i}")).collect();
+    for name in &names {
+        store.observe(Source::Input, &[routed(&[(name, 1.0)], &[])]);
+    }
+    assert_eq!(store.len(), 3);
+    assert_eq!(
+        stats.store_refused[Refusal::Series as usize].load(Relaxed),
+        2
+    );
+    store.observe(Source::Input, &[routed(&[("s0", 9.0)], &[])]);
+    assert!(
+        store
+            .snapshot()
+            .iter()
+            .any(|(k, s)| parse_key(k).0 == "s0" && s.value == 9.0)
+    );
+
+    // Bytes: 4 series of 256 bytes on average; one long key takes them.
+    let (store, stats) = store_with(4);
+    let long = "x".repeat(900);
+    store.observe(Source::Input, &[routed(&[("long", 1.0)], &[("k", &long)])]);
+    store.observe(Source::Input, &[routed(&[("other", 1.0)], &[("k", &long)])]);
+    assert_eq!(store.len(), 1);
+    assert_eq!(
+        stats.store_refused[Refusal::Bytes as usize].load(Relaxed),
+        1
+    );
+
+    // Labels: a family's label names are bounded.
+    let (store, stats) = store_with(10_000);
+    for i in 0..MAX_FAMILY_LABELS + 5 {
+        store.observe(
+            Source::Input,
+            &[routed(&[("f", 1.0)], &[(&format!("k{i}"), "v")])],
+        );
+    }
+    assert_eq!(store.len(), MAX_FAMILY_LABELS);
+    assert_eq!(
+        stats.store_refused[Refusal::Labels as usize].load(Relaxed),
+        5
+    );
+    let long_key = "k".repeat(MAX_FAMILY_LABEL_BYTES + 1);
+    store.observe(Source::Input, &[routed(&[("g", 1.0)], &[(&long_key, "v")])]);
+    assert_eq!(
+        stats.store_refused[Refusal::Labels as usize].load(Relaxed),
+        6
+    );
+}
+
+fn store_with(max_series: usize) -> (Store, Arc<Stats>) {
+    store(max_series)
+}
+
+#[test]
+fn expired_series_go_and_take_their_labels_out_of_the_family() {
+    let stats = Arc::new(Stats::default());
+    let store = Store::new(
+        StoreSettings {
+            max_series: 100,
+            expiry: Duration::ZERO,
+        },
+        stats.clone(),
+    );
+    for i in 0..MAX_FAMILY_LABELS {
+        store.observe(
+            Source::Input,
+            &[routed(&[("f", 1.0)], &[(&format!("k{i}"), "v")])],
+        );
+    }
+    assert_eq!(store.expire(), MAX_FAMILY_LABELS);
+    assert!(store.is_empty());
+    assert_eq!(
+        stats.store_series_expired.load(Relaxed),
+        MAX_FAMILY_LABELS as u64
+    );
+    assert_eq!(stats.store_series.load(Relaxed), 0);
+    assert_eq!(stats.store_bytes.load(Relaxed), 0);
+    // The family's label names went with its series: new ones fit again.
+    for i in 0..MAX_FAMILY_LABELS {
+        store.observe(
+            Source::Input,
+            &[routed(&[("f", 1.0)], &[(&format!("new{i}"), "v")])],
+        );
+    }
+    assert_eq!(store.len(), MAX_FAMILY_LABELS);
+    assert_eq!(
+        stats.store_refused[Refusal::Labels as usize].load(Relaxed),
+        0
+    );
+}
+
+#[test]
+fn names_are_sanitized_as_dcos_metrics_did_without_lowercasing() {
+    for (name, want) in [
+        ("abc", "abc"),
+        ("abc123", "abc123"),
+        ("123abc", "_123abc"),
+        ("foo-bar", "foo_bar"),
+        ("foo bar", "foo_bar"),
+        ("cpus.user.time", "cpus_user_time"),
+        ("CPU.Total", "CPU_Total"),
+        ("foo:bar", "foo:bar"),
+        ("", "_"),
+        ("é", "_"),
+    ] {
+        assert_eq!(sanitize(name), want, "{name:?}");
+    }
+    assert_eq!(label_name("foo:bar").as_deref(), Some("foo_bar"));
+    assert_eq!(label_name("9lives").as_deref(), Some("_9lives"));
+    assert_eq!(label_name("__name__"), None);
+    assert_eq!(
+        label_name("_.x").as_deref(),
+        None,
+        "`_.x` becomes `__x`, reserved"
+    );
+}
+
+#[test]
+fn a_family_has_one_label_set_and_no_label_twice() {
+    let (store, _) = store(100);
+    store.observe(
+        Source::Agent,
+        &[
+            routed(
+                &[("cpus.user.time", 1.5)],
+                &[("container_id", "c1"), ("source", "s")],
+            ),
+            routed(
+                &[("cpus.user.time", 2.5)],
+                &[("container_id", "c2"), ("task_name", "t")],
+            ),
+            // Two keys that sanitize to one label: the exact spelling wins.
+            routed(
+                &[("mem", 1.0)],
+                &[("task.name", "dotted"), ("task_name", "exact")],
+            ),
+            // Neither exact: the first in byte order wins.
+            routed(&[("disk", 1.0)], &[("a-b", "dash"), ("a.b", "dot")]),
+        ],
+    );
+    let (text, skipped) = render_all(&store, HashSet::new(), 1);
+    assert_eq!(skipped, prometheus::Skipped::default());
+    assert!(
+        text.contains("cpus_user_time{container_id=\"c1\",source=\"s\",task_name=\"\"} 1.5\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cpus_user_time{container_id=\"c2\",source=\"\",task_name=\"t\"} 2.5\n"),
+        "{text}"
+    );
+    assert!(text.contains("mem{task_name=\"exact\"} 1\n"), "{text}");
+    assert!(text.contains("disk{a_b=\"dash\"} 1\n"), "{text}");
+    assert_eq!(text.matches("# TYPE cpus_user_time gauge\n").count(), 1);
+}
+
+#[test]
+fn non_finite_values_are_spelled_as_prometheus_spells_them_and_names_taken_are_left_out() {
+    let (store, _) = store(100);
+    store.observe(
+        Source::Input,
+        &[routed(
+            &[
+                ("nan", f64::NAN),
+                ("inf", f64::INFINITY),
+                ("neg", f64::NEG_INFINITY),
+                ("big", 1e300),
+                ("tiny", 1e-300),
+                ("collector.spool.bytes", 1.0),
+                ("collector_kafka_batch_records_bucket", 1.0),
+            ],
+            &[],
+        )],
+    );
+    let own = crate::stats::prometheus::render(&Stats::default(), Default::default());
+    let (text, skipped) = render_all(&store, declared_names(&own), 64 * 1024);
+    assert!(text.contains("\nnan NaN\n"), "{text}");
+    assert!(text.contains("\ninf +Inf\n"), "{text}");
+    assert!(text.contains("\nneg -Inf\n"), "{text}");
+    assert!(text.contains("\nbig 1e300\n"), "{text}");
+    assert!(text.contains("\ntiny 1e-300\n"), "{text}");
+    assert!(!text.contains("collector_"), "{text}");
+    assert_eq!(skipped.name_taken, 2);
+}
+
+#[test]
+fn series_that_come_out_the_same_are_given_once() {
+    let (store, _) = store(100);
+    store.observe(
+        Source::Input,
+        &[
+            routed(&[("a.b", 1.0), ("a_b", 2.0)], &[]),
+            routed(&[("x", 1.0)], &[("k.1", "v")]),
+            routed(&[("x", 2.0)], &[("k_1", "v")]),
+        ],
+    );
+    let (text, skipped) = render_all(&store, HashSet::new(), 1);
+    assert_eq!(skipped.duplicate, 2, "{text}");
+    assert!(
+        text.contains("\na_b 1\n"),
+        "the first in the order of the original names: {text}"
+    );
+    assert!(text.contains("x{k_1=\"v\"} 1\n"), "{text}");
+}
+
+#[test]
+fn label_values_are_escaped() {
+    let (store, _) = store(100);
+    store.observe(
+        Source::Input,
+        &[routed(&[("m", 1.0)], &[("k", "a\"b\\c\nd")])],
+    );
+    let (text, _) = render_all(&store, HashSet::new(), 1);
+    assert!(text.contains(r#"m{k="a\"b\\c\nd"} 1"#), "{text}");
+}
+
+/// Reads one sample line strictly as the text format says: a name, the
+/// labels with their escapes, one space, a value.
+fn parse_sample(line: &str) -> (String, Vec<(String, String)>, f64) {
+    let name_end = line.find(['{', ' ']).expect("a name");
+    let name = line[..name_end].to_owned();
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(after) = rest.strip_prefix('{') {
+        rest = after;
+        loop {
+            let eq = rest.find('=').expect("label=");
+            let label = rest[..eq].to_owned();
+            assert!(
+                label
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "label name {label:?}"
+            );
+            rest = rest[eq + 1..].strip_prefix('"').expect("a quoted value");
+            let mut value = String::new();
+            let mut chars = rest.char_indices();
+            let end = loop {
+                match chars.next().expect("a closing quote") {
+                    (i, '"') => break i,
+                    (_, '\\') => match chars.next().expect("an escape").1 {
+                        '\\' => value.push('\\'),
+                        '"' => value.push('"'),
+                        'n' => value.push('\n'),
+                        c => panic!("unknown escape \\{c}"),
+                    },
+                    (_, '\n') => panic!("a raw newline in a value"),
+                    (_, c) => value.push(c),
+                }
+            };
+            labels.push((label, value));
+            rest = &rest[end + 1..];
+            if let Some(after) = rest.strip_prefix(',') {
+                rest = after;
+            } else {
+                rest = rest.strip_prefix('}').expect("} after the labels");
+                break;
+            }
+        }
+    }
+    let value = rest.strip_prefix(' ').expect("one space before the value");
+    let value = match value {
+        "NaN" => f64::NAN,
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().expect("a number"),
+    };
+    (name, labels, value)
+}
+
+/// Checks what a Prometheus text parser needs: every sample belongs to the
+/// family declared just before it, each family once, each label once in a
+/// sample and the same label set across a family, no sample twice.
+fn check_exposition(text: &str) {
+    let mut families = HashSet::new();
+    let mut family = String::new();
+    let mut label_set: Option<Vec<String>> = None;
+    let mut samples = HashSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            family = rest.split(' ').next().unwrap().to_owned();
+            assert!(families.insert(family.clone()), "{family} declared twice");
+            label_set = None;
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let (name, labels, _) = parse_sample(line);
+        assert_eq!(name, family, "{line}");
+        assert!(
+            name.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "{name}"
+        );
+        let keys: Vec<String> = labels.iter().map(|(k, _)| k.clone()).collect();
+        let distinct: BTreeSet<&String> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len(), "a label twice: {line}");
+        assert!(keys.iter().all(|k| !k.starts_with("__")), "{line}");
+        let held = label_set.get_or_insert_with(|| keys.clone());
+        assert_eq!(held, &keys, "one label set per family: {line}");
+        assert!(
+            samples.insert(line.rsplit_once(' ').unwrap().0.to_owned()),
+            "twice: {line}"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    #[test]
+    fn any_names_tags_and_values_render_to_text_a_parser_reads(
+        records in prop::collection::vec(
+            (
+                prop::collection::vec(("[a-c.:_0-9é -]{0,6}", any::<f64>()), 1..5),
+                prop::collection::vec(("[a-c._:0-9A-]{0,4}", "[a\"\\\\\n ]{0,4}"), 0..4),
+            ),
+            1..12,
+        ),
+        chunk in 1usize..4096,
+    ) {
+        let (store, _) = store(10_000);
+        for (points, tags) in &records {
+            let points: Vec<(&str, f64)> = points.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+            let tags: Vec<(&str, &str)> = tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            store.observe(Source::Input, &[routed(&points, &tags)]);
+        }
+        let (text, skipped) = render_all(&store, HashSet::new(), chunk);
+        let (whole, _) = render_all(&store, HashSet::new(), usize::MAX);
+        prop_assert_eq!(&text, &whole, "chunking changes nothing");
+        check_exposition(&text);
+        let samples = text.lines().filter(|l| !l.starts_with('#')).count() as u64;
+        prop_assert_eq!(samples + skipped.duplicate, store.len() as u64, "every series given or counted");
+    }
+}
