@@ -19,6 +19,7 @@
 //!   token), for the scheduler and the agent.
 //! - [`mesos`]: the agent client, the JSON-to-MetricList mapping, and the
 //!   agent poller with its enrichment tags.
+//! - [`node`]: the node's own metrics (CPU, memory, filesystems, network…).
 //! - [`stats`]: every counter, and the accounting identity.
 //! - [`api`]: the HTTP API (endpoints, config, metrics, health), and the
 //!   Prometheus listener.
@@ -50,6 +51,7 @@ pub mod ingest;
 pub mod memory;
 pub mod mesos;
 pub mod net;
+pub mod node;
 pub mod partner;
 pub mod pipeline;
 pub mod route;
@@ -281,6 +283,15 @@ impl App {
             )),
             &plan,
         )];
+        if config.node_metrics {
+            inputs.push(
+                node::NodeSource {
+                    settings: node::NodeSettings::from(config),
+                    pipeline: pipeline.clone(),
+                }
+                .spawn(&plan),
+            );
+        }
         if config.agent_polling {
             let poller = Poller {
                 settings: PollerSettings::from(config),

@@ -111,7 +111,7 @@ impl Pipeline {
         records
     }
 
-    /// The agent poller's path: counts `records` as received from `input`,
+    /// The agent poller's and the node source's path: counts `records` as received from `input`,
     /// then routes and pushes them in pieces that each fit the buffer's
     /// bound, each reserved before it is routed (waiting for room under
     /// `block`). When `give_up` resolves first, or the buffer closes, what
@@ -160,14 +160,13 @@ impl Pipeline {
                 );
                 return false;
             };
-            let chunk: Chunk = self.route_owned(
-                Source::Agent,
-                router,
-                &routing,
-                &enrichment,
-                piece,
-                &mut lease,
-            );
+            let source = match input {
+                Input::Node => Source::Node,
+                Input::Agent => Source::Agent,
+                Input::Tcp => Source::Input,
+            };
+            let chunk: Chunk =
+                self.route_owned(source, router, &routing, &enrichment, piece, &mut lease);
             drop(lease);
             self.buffer.push(chunk, &mut give_up).await;
         }

@@ -18,6 +18,7 @@ fn config() -> Config {
         partner_listen: "127.0.0.1:0".parse().unwrap(),
         kafka_brokers: vec!["127.0.0.1:9".into()],
         agent_polling: false,
+        node_metrics: false,
         auth_credential: Some("agent-secret".into()),
         ..Config::default()
     }

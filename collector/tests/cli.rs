@@ -124,6 +124,8 @@ fn sigterm_drains_and_logs_the_final_count() {
             "127.0.0.1:0",
             "--agent-polling",
             "false",
+            "--node-metrics",
+            "false",
             "--kafka",
             "false",
             "--log-format",
@@ -282,6 +284,17 @@ fn deploy_files_enable_the_disk_spool_on_a_persistent_directory() {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     assert_eq!(get(&unit_env, "BUFFER_TYPE"), "disk");
+    // Prometheus on DC/OS's port, in both.
+    assert_eq!(get(&env, "PROMETHEUS_LISTEN"), "0.0.0.0:61091");
+    assert_eq!(get(&unit_env, "PROMETHEUS_LISTEN"), "0.0.0.0:61091");
+    assert!(
+        app["portDefinitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["port"] == 61091),
+        "the app reserves 61091"
+    );
     assert_eq!(get(&unit_env, "SPOOL_DIR"), spool);
     assert!(
         unit.lines()

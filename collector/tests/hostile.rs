@@ -679,6 +679,7 @@ fn a_topic_flood_is_looked_up_a_few_at_a_time_while_a_known_topic_flows() {
     let peak_rss = collector.peak_rss();
     let config = collector::config::Config {
         agent_polling: false,
+        node_metrics: false,
         input_limit_amount_kbytes: 0,
         global_limit_amount_kbytes: 0,
         ..collector::config::Config::default()
@@ -883,24 +884,44 @@ fn the_sample_producer_asks_for_its_topic_before_creating_it() {
     assert!(!said("No answer to creating the Kafka topic"));
 }
 
-/// A sender inventing series (a new name per datapoint, long tag values,
-/// new tag keys) against a collector serving Prometheus, scraped all along:
-/// the store holds at most `store_max_series`, every series it did not
-/// take is counted with its reason, every scrape answers, and the peak RSS
-/// stays under the bound `collector validate` prints, which has the store's
-/// part.
+/// A sender inventing series against a collector serving Prometheus with a
+/// small buffer, so that the store's part weighs in the bound: first
+/// 20,000 families of one series with 60 tag keys each (what a family's
+/// label names take), then 200,000 series with long tag values, while
+/// three clients scrape all along. The store holds at most
+/// `store_max_series`, every datapoint of a series it did not take is
+/// counted with its reason, and the peak RSS stays under the bound
+/// `collector validate` prints.
 #[test]
 fn a_sender_inventing_series_is_held_to_the_store_bounds() {
     const MAX_SERIES: usize = 50_000;
     let max_series = format!("--store-max-series={MAX_SERIES}");
-    let collector = start(
-        &["--prometheus-listen=127.0.0.1:0", max_series.as_str()],
-        None,
-    );
+    let args = [
+        "--prometheus-listen=127.0.0.1:0",
+        max_series.as_str(),
+        "--buffer-max-bytes=4194304",
+        "--max-connections=16",
+    ];
+    let collector = start(&args, None);
     let target = collector.prometheus.unwrap();
-    let (blocks, per_block, points) = (100, 500, 4);
     let mut stream = OcfEncoder::new(Codec::Null);
     let mut bytes = stream.header().to_vec();
+    let keys: Vec<String> = (0..60).map(|k| format!("k{k}")).collect();
+    for block in 0..40 {
+        let records: Vec<MetricList> = (0..500)
+            .map(|i| MetricList {
+                topic: "invented".into(),
+                tags: keys.iter().map(|k| Tag::new(k.as_str(), "")).collect(),
+                datapoints: vec![schema::Datapoint::new(
+                    format!("family.{block}.{i}"),
+                    1,
+                    1.0,
+                )],
+            })
+            .collect();
+        stream.write_block(&records, &mut bytes);
+    }
+    let (blocks, per_block, points) = (100, 500, 4);
     for block in 0..blocks {
         let records: Vec<MetricList> = (0..per_block)
             .map(|i| {
@@ -912,14 +933,16 @@ fn a_sender_inventing_series_is_held_to_the_store_bounds() {
                         Tag::new(format!("key.{}", n % 97), "v".repeat(120)),
                     ],
                     datapoints: (0..points)
-                        .map(|p| schema::Datapoint::new(format!("invented.{n}.{p}"), 1, n as f64))
+                        .map(|p| {
+                            schema::Datapoint::new(format!("invented.{}.{p}", n % 50), 1, n as f64)
+                        })
                         .collect(),
                 }
             })
             .collect();
         stream.write_block(&records, &mut bytes);
     }
-    let sent = (blocks * per_block * points) as f64;
+    let sent = (40 * 500 + blocks * per_block * points) as f64;
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let scrapers: Vec<_> = (0..3)
         .map(|_| {
@@ -951,39 +974,148 @@ fn a_sender_inventing_series_is_held_to_the_store_bounds() {
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let scrapes: usize = scrapers.into_iter().map(|s| s.join().unwrap()).sum();
     let held = collector.metric("collector_store_series");
-    let refused: f64 = ["series", "bytes", "labels"]
+    let refused: Vec<f64> = ["series", "bytes", "labels"]
         .iter()
         .map(|r| {
             collector.metric(&format!(
                 "collector_store_series_refused_total{{reason=\"{r}\"}}"
             ))
         })
-        .sum();
+        .collect();
     let peak_rss = collector.peak_rss();
     let config = collector::config::Config {
         agent_polling: false,
+        node_metrics: false,
         kafka: false,
         input_limit_amount_kbytes: 0,
         global_limit_amount_kbytes: 0,
         prometheus_listen: "127.0.0.1:0".parse().unwrap(),
         store_max_series: MAX_SERIES,
+        buffer_max_bytes: 4 << 20,
+        max_connections: 16,
         ..collector::config::Config::default()
     };
     let bound = config.memory_bound();
     eprintln!(
-        "{held} series held, {refused} refused, {scrapes} scrapes; peak RSS {:.1} MiB, bound {:.1} MiB (store {:.1} MiB)",
+        "{held} series held ({} bytes), refused by series/bytes/labels {refused:?}, {scrapes} scrapes; peak RSS {:.1} MiB, bound {:.1} MiB (store {:.1} MiB)",
+        collector.metric("collector_store_bytes"),
         peak_rss as f64 / 1048576.0,
         bound.total as f64 / 1048576.0,
         bound.store as f64 / 1048576.0,
     );
     assert!(held as usize <= MAX_SERIES);
     assert!(held > 0.0);
-    assert_eq!(held + refused, sent, "each series held or counted");
+    assert!(
+        refused[1] > 0.0,
+        "the families' label names reach the byte bound"
+    );
+    assert_eq!(
+        held + refused.iter().sum::<f64>(),
+        sent,
+        "each series held or counted"
+    );
     assert!(scrapes > 0);
     assert!(
         peak_rss <= bound.total,
         "peak RSS {peak_rss} > bound {bound:?}"
     );
+
+    let (code, last) = collector.stop();
+    assert_eq!(code, Some(0));
+    assert!(balanced(&last), "{last}");
+}
+
+/// Two scrapers that ask for a large scrape (20 MB, more than their small
+/// receive windows and this host's send buffers hold) and never read: after the write timeout they
+/// hold no turn, so a third scrape is answered, and their own scrapes end
+/// without the last chunk, so they see a failure, never a short scrape.
+#[test]
+fn stalled_scrapers_lose_their_turn_and_see_a_failed_scrape() {
+    let collector = start(
+        &[
+            "--prometheus-listen=127.0.0.1:0",
+            "--store-max-series=100000",
+        ],
+        None,
+    );
+    let target = collector.prometheus.unwrap();
+    let mut stream = OcfEncoder::new(Codec::Null);
+    let mut bytes = stream.header().to_vec();
+    let long = "v".repeat(150);
+    for block in 0..200 {
+        let records: Vec<MetricList> = (0..500)
+            .map(|i| MetricList {
+                topic: "many".into(),
+                tags: vec![
+                    Tag::new("container_id", format!("container-{block}-{i}")),
+                    Tag::new("long", long.as_str()),
+                ],
+                datapoints: vec![schema::Datapoint::new(
+                    "many.series.with.a.longish.name",
+                    1,
+                    1.0,
+                )],
+            })
+            .collect();
+        stream.write_block(&records, &mut bytes);
+    }
+    TcpStream::connect(collector.input)
+        .unwrap()
+        .write_all(&bytes)
+        .unwrap();
+    eventually("every datapoint taken", || {
+        collector.metric("collector_received_datapoints_total{input=\"tcp\"}") == 100_000.0
+            && collector.metric("collector_in_flight_datapoints") == 0.0
+    });
+    let (_, whole) = http_get(target, "/metrics").unwrap();
+    assert!(
+        whole.len() > 8 << 20,
+        "a scrape of {} bytes could fit the sockets' buffers",
+        whole.len()
+    );
+    let stalled: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            // A small receive window, as a stalled scraper on another host
+            // would leave: the scrape can't all sit in this host's buffers.
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            socket.connect(&target.into()).unwrap();
+            let mut stream: TcpStream = socket.into();
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: collector\r\n\r\n")
+                .unwrap();
+            stream
+        })
+        .collect();
+    eventually("both stalled scrapes cut", || {
+        collector.metric("collector_prometheus_scrapes_cut_total") == 2.0
+    });
+    let asked = std::time::Instant::now();
+    eventually("a scrape answered beside two stalled scrapers", || {
+        http_get(target, "/metrics").is_ok_and(|(status, body)| {
+            status == 200 && body.contains("# TYPE collector_store_series gauge")
+        })
+    });
+    eprintln!(
+        "a scrape answered {:?} after the stalled ones were cut",
+        asked.elapsed()
+    );
+    // Their scrapes were cut short: the connection ends without the last
+    // chunk, so a scraper sees a failure, never a short scrape.
+    for mut stream in stalled {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response);
+        assert!(response.starts_with(b"HTTP/1.1 200"));
+        assert!(
+            !response.ends_with(b"\r\n0\r\n\r\n"),
+            "a stalled scrape ended whole ({} bytes)",
+            response.len()
+        );
+    }
     let (code, last) = collector.stop();
     assert_eq!(code, Some(0));
     assert!(balanced(&last), "{last}");

@@ -134,6 +134,7 @@ pub fn test_config(brokers: &str) -> Config {
         shutdown_grace_secs: 10,
         kafka_rediscover_secs: 1,
         agent_polling: false,
+        node_metrics: false,
         ..Config::default()
     }
 }

@@ -383,6 +383,7 @@ impl Config {
             ("global_limit_period", self.global_limit_period),
             ("kafka_rediscover_secs", self.kafka_rediscover_secs),
             ("agent_poll_period", self.agent_poll_period),
+            ("node_poll_period", self.node_poll_period),
             ("agent_timeout_secs", self.agent_timeout_secs),
             (
                 "health_kafka_unavailable_secs",
@@ -427,6 +428,9 @@ impl Config {
             "series",
         )?;
         positive("store_expiry_secs", self.store_expiry_secs)?;
+        if self.node_metrics {
+            positive("node_poll_period", self.node_poll_period)?;
+        }
         at_most(
             "store_expiry_secs",
             self.store_expiry_secs,

@@ -408,6 +408,15 @@ options! {
     /// Largest agent answer read, bytes; a larger one is refused and counted.
     agent_max_body_bytes: usize = 8 * 1024 * 1024;
         plain, env "AGENT_MAX_BODY_BYTES", restart;
+    /// Read the node's own metrics (CPU, load, memory, swap, filesystems, network, processes) as dcos-metrics named them, to topic `node` and the node store.
+    node_metrics: bool = true;
+        flag, env "NODE_METRICS", restart;
+    /// Node metrics poll period, seconds.
+    node_poll_period: u64 = 60;
+        plain, env "NODE_POLL_PERIOD", restart;
+    /// Where the node's procfs is mounted (a host's `/proc` mounted into a container, for example).
+    node_proc_path: PathBuf = PathBuf::from("/proc");
+        plain, env "NODE_PROC_PATH", restart;
     /// Topic of the agent's `/metrics/snapshot` data.
     agent_metrics_topic: String = "agent".into();
         plain, env "AGENT_METRICS_TOPIC", restart;

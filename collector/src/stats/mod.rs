@@ -163,6 +163,8 @@ pub enum Input {
     Tcp,
     /// The agent poller.
     Agent,
+    /// The node's own metrics.
+    Node,
 }
 
 /// Per-topic counts are kept for at most this many topics; the rest are
@@ -197,6 +199,8 @@ macro_rules! stats {
             pub received_tcp: Amount,
             /// Received from the agent poller, before any drop.
             pub received_agent: Amount,
+            /// Node metrics read, before any drop.
+            pub received_node: Amount,
             /// Acknowledged by Kafka (or taken by the null sink).
             pub delivered: Amount,
             /// Dropped, by reason (indexed like [`DropReason::ALL`]).
@@ -234,6 +238,7 @@ macro_rules! stats {
                     $( $gauge: AtomicI64::new(0), )*
                     received_tcp: Amount::default(),
                     received_agent: Amount::default(),
+                    received_node: Amount::default(),
                     delivered: Amount::default(),
                     dropped: Default::default(),
                     kafka_in_flight: Amount::default(),
@@ -368,6 +373,12 @@ stats! {
         topic_lookups_deferred,
         /// Series the node store forgot, not updated within store_expiry_secs.
         store_series_expired,
+        /// Prometheus scrapes written whole.
+        prometheus_scrapes,
+        /// Prometheus scrapes cut short: the scraper took nothing for 10 s (its connection is aborted, so it sees a failed scrape).
+        prometheus_scrapes_cut,
+        /// Prometheus scrapes refused with 503: two others were being written for 10 s.
+        prometheus_scrapes_refused,
     }
     gauges {
         /// Input connections open.
@@ -477,6 +488,7 @@ impl Stats {
         match input {
             Input::Tcp => self.received_tcp.add(records, datapoints),
             Input::Agent => self.received_agent.add(records, datapoints),
+            Input::Node => self.received_node.add(records, datapoints),
         }
     }
 
@@ -502,11 +514,15 @@ impl Stats {
 
     /// Reads the accounting counters.
     pub fn accounting(&self) -> Accounting {
-        let (tcp, agent) = (self.received_tcp.get(), self.received_agent.get());
+        let (tcp, agent, node) = (
+            self.received_tcp.get(),
+            self.received_agent.get(),
+            self.received_node.get(),
+        );
         Accounting {
             received: Counts {
-                records: tcp.records + agent.records,
-                datapoints: tcp.datapoints + agent.datapoints,
+                records: tcp.records + agent.records + node.records,
+                datapoints: tcp.datapoints + agent.datapoints + node.datapoints,
             },
             delivered: self.delivered.get(),
             dropped: DropReason::ALL

@@ -76,17 +76,19 @@ pub struct BrokerGauges {
 pub fn render(stats: &Stats, brokers: BrokerGauges) -> String {
     let mut t = Text(String::with_capacity(8192));
     let acc = stats.accounting();
-    for (unit, received_tcp, received_agent, delivered) in [
+    for (unit, received_tcp, received_agent, received_node, delivered) in [
         (
             "datapoints",
             stats.received_tcp.datapoints.load(Relaxed),
             stats.received_agent.datapoints.load(Relaxed),
+            stats.received_node.datapoints.load(Relaxed),
             acc.delivered.datapoints,
         ),
         (
             "records",
             stats.received_tcp.records.load(Relaxed),
             stats.received_agent.records.load(Relaxed),
+            stats.received_node.records.load(Relaxed),
             acc.delivered.records,
         ),
     ] {
@@ -98,6 +100,7 @@ pub fn render(stats: &Stats, brokers: BrokerGauges) -> String {
         );
         t.sample(&name, "input=\"tcp\"", received_tcp);
         t.sample(&name, "input=\"agent\"", received_agent);
+        t.sample(&name, "input=\"node\"", received_node);
         t.one(
             &format!("collector_delivered_{unit}_total"),
             "counter",

@@ -7,14 +7,20 @@
 //! waits for Kafka and Kafka never waits for it. It exists only when an
 //! output reads it: otherwise nothing is decoded for it.
 //!
-//! Bounded: at most `store_max_series` series, whose names and tags take at
-//! most [`SERIES_BUDGET_BYTES`] each on average, and at most
-//! [`MAX_FAMILY_LABELS`] label names (and [`MAX_FAMILY_LABEL_BYTES`] of
-//! them) in one Prometheus family, so that one scrape's text stays bounded
-//! too. A new series beyond a bound is refused and counted
-//! (`collector_store_series_refused_total{reason}`); the series already held
-//! keep being updated. A series not updated for `store_expiry_secs` is
-//! forgotten.
+//! Bounded: at most `store_max_series` series, and at most
+//! [`StoreSettings::memory_bound`] bytes for everything it holds (each
+//! series' name, tags and entry, each family's name and label names, by
+//! the allocator's size classes), and at most [`MAX_FAMILY_LABELS`] label
+//! names ([`MAX_FAMILY_LABEL_BYTES`] of them) in one Prometheus family, so
+//! that one scrape's text stays bounded too. A datapoint of a series not
+//! held is refused past a bound and counted
+//! (`collector_store_series_refused_total{reason}`), each time; the series
+//! already held keep being updated. A series not updated for
+//! `store_expiry_secs` is forgotten.
+//!
+//! The lock is held only for map updates: keys are built before it is
+//! taken, expired series are removed a batch at a time, and a scrape
+//! works on a snapshot whose keys are shared, not copied.
 
 pub mod prometheus;
 
@@ -25,20 +31,28 @@ use std::time::{Duration, Instant};
 
 use schema::datum::Cursor;
 
+use crate::memory::allocated_size;
 use crate::route::Routed;
 use crate::stats::Stats;
 
-/// The average bytes of name and tags a series may take: the store's byte
-/// bound is `store_max_series` times this.
+/// The average bytes of name and tags a series may take: with
+/// [`SERIES_OVERHEAD_BYTES`], what `store_max_series` series may take in
+/// all, families included.
 pub const SERIES_BUDGET_BYTES: usize = 256;
-/// What a series takes beyond its key: its entry in the map, its value and
-/// times, and the key's allocation header.
+/// What a series takes beyond its key: its entry in the map (the key's and
+/// family's pointers, its value and times) and the key's allocation header.
 pub const SERIES_OVERHEAD_BYTES: usize = 96;
+/// What a family takes beyond its name: its entry and its label map.
+pub const FAMILY_OVERHEAD_BYTES: usize = 128;
+/// What one of a family's label names takes beyond its bytes.
+pub const LABEL_OVERHEAD_BYTES: usize = 64;
 /// Label names one Prometheus family may have (the union of its series'
 /// tag keys, sanitized).
 pub const MAX_FAMILY_LABELS: usize = 64;
 /// Bytes of those label names together.
 pub const MAX_FAMILY_LABEL_BYTES: usize = 1024;
+/// Expired series removed under one hold of the lock.
+const EXPIRY_BATCH: usize = 1024;
 
 /// Where a series came from: the v0 API serves each kind on its own route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -47,9 +61,11 @@ pub enum Source {
     Input,
     /// The agent poller (containers and the agent itself).
     Agent,
+    /// The node's own metrics.
+    Node,
 }
 
-/// Why a new series was refused.
+/// Why a datapoint of a series not held was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// `store_max_series` series are held.
@@ -84,15 +100,10 @@ pub struct StoreSettings {
 }
 
 impl StoreSettings {
-    /// The bytes of names and tags the store holds at most.
-    pub fn max_key_bytes(&self) -> usize {
-        self.max_series.saturating_mul(SERIES_BUDGET_BYTES)
-    }
-
-    /// What the store takes at most: its keys, and each series' overhead.
+    /// What the store takes at most, everything it holds counted.
     pub fn memory_bound(&self) -> usize {
-        self.max_key_bytes()
-            .saturating_add(self.max_series.saturating_mul(SERIES_OVERHEAD_BYTES))
+        self.max_series
+            .saturating_mul(SERIES_BUDGET_BYTES + SERIES_OVERHEAD_BYTES)
     }
 }
 
@@ -113,6 +124,14 @@ pub struct Sample {
 /// length-prefixed (so that any byte, NUL included, may appear in them).
 pub type Key = Arc<[u8]>;
 
+/// A series held: its latest value, and its Prometheus family (shared with
+/// the family's entry).
+#[derive(Debug)]
+struct Entry {
+    sample: Sample,
+    family: Arc<str>,
+}
+
 /// A family's label names, with how many series use each.
 #[derive(Debug, Default)]
 struct Family {
@@ -123,9 +142,10 @@ struct Family {
 
 #[derive(Debug, Default)]
 struct Inner {
-    series: HashMap<Key, Sample>,
-    key_bytes: usize,
-    families: HashMap<Box<str>, Family>,
+    series: HashMap<Key, Entry>,
+    /// What everything held takes, by [`Store::cost`]'s reckoning.
+    bytes: usize,
+    families: HashMap<Arc<str>, Family>,
 }
 
 /// The node store (see the module's doc).
@@ -165,6 +185,12 @@ pub fn parse_key(key: &[u8]) -> (&str, impl Iterator<Item = (&str, &str)>) {
     (name, tags)
 }
 
+/// One datapoint of a block, its key built before the lock is taken.
+struct Pending {
+    key: std::ops::Range<usize>,
+    sample: Sample,
+}
+
 impl Store {
     /// An empty store.
     pub fn new(settings: StoreSettings, stats: Arc<Stats>) -> Self {
@@ -190,14 +216,29 @@ impl Store {
         u32::try_from(self.began.elapsed().as_secs()).unwrap_or(u32::MAX)
     }
 
+    /// What a series with a key of `key_len` bytes takes.
+    fn series_cost(key_len: usize) -> usize {
+        allocated_size(key_len + 16) + SERIES_OVERHEAD_BYTES
+    }
+
+    /// What a family named `name` takes, without its labels.
+    fn family_cost(name: &str) -> usize {
+        allocated_size(name.len() + 16) + FAMILY_OVERHEAD_BYTES
+    }
+
+    /// What one label name of a family takes.
+    fn label_cost(label: &str) -> usize {
+        allocated_size(label.len()) + LABEL_OVERHEAD_BYTES
+    }
+
     /// Takes the latest value of every datapoint of `records` (routed, with
     /// every tag they carry to Kafka).
     pub fn observe(&self, source: Source, records: &[Routed]) {
         let now = self.now();
         let mut tags: Vec<(&str, &str)> = Vec::new();
         let mut tag_part = Vec::new();
-        let mut key = Vec::new();
-        let mut inner = self.lock();
+        let mut keys = Vec::new();
+        let mut pending = Vec::new();
         for routed in records {
             let Ok(record) = schema::raw::scan_metric_list(&mut Cursor::new(&routed.data)) else {
                 continue;
@@ -214,58 +255,81 @@ impl Store {
                 put(&mut tag_part, v);
             }
             for (name, time_ms, value) in record.datapoint_values() {
-                key.clear();
-                put(&mut key, name);
-                key.extend_from_slice(&tag_part);
-                let sample = Sample {
-                    value,
-                    time_ms,
-                    source,
-                    seen: now,
-                };
-                if let Some(held) = inner.series.get_mut(key.as_slice()) {
-                    *held = sample;
-                    continue;
+                let start = keys.len();
+                put(&mut keys, name);
+                keys.extend_from_slice(&tag_part);
+                pending.push(Pending {
+                    key: start..keys.len(),
+                    sample: Sample {
+                        value,
+                        time_ms,
+                        source,
+                        seen: now,
+                    },
+                });
+            }
+        }
+        let mut inner = self.lock();
+        for point in pending {
+            let key = &keys[point.key];
+            if let Some(held) = inner.series.get_mut(key) {
+                held.sample = point.sample;
+                continue;
+            }
+            match self.admit(&mut inner, key) {
+                Ok(family) => {
+                    inner.series.insert(
+                        Key::from(key),
+                        Entry {
+                            sample: point.sample,
+                            family,
+                        },
+                    );
                 }
-                if let Err(refusal) = self.admit(&mut inner, name, &tags, key.len()) {
-                    self.stats.count_store_refusal(refusal);
-                    continue;
-                }
-                inner.key_bytes += key.len();
-                inner.series.insert(Key::from(key.as_slice()), sample);
+                Err(refusal) => self.stats.count_store_refusal(refusal),
             }
         }
         self.publish(&inner);
     }
 
-    /// Checks the bounds for a new series and registers its labels.
-    fn admit(
-        &self,
-        inner: &mut Inner,
-        name: &str,
-        tags: &[(&str, &str)],
-        key_len: usize,
-    ) -> Result<(), Refusal> {
+    /// Checks the bounds for a new series with `key`, registers its family
+    /// and labels and counts what they take; returns its family.
+    fn admit(&self, inner: &mut Inner, key: &[u8]) -> Result<Arc<str>, Refusal> {
         if inner.series.len() >= self.settings.max_series {
             return Err(Refusal::Series);
         }
-        if inner.key_bytes + key_len > self.settings.max_key_bytes() {
-            return Err(Refusal::Bytes);
-        }
+        let (name, tags) = parse_key(key);
         let family_name = prometheus::sanitize(name);
-        let labels = label_names(tags.iter().map(|(k, _)| *k));
-        let family = inner.families.get(family_name.as_str());
-        let (mut count, mut bytes) = family.map_or((0, 0), |f| (f.labels.len(), f.label_bytes));
+        let labels = label_names(tags.map(|(k, _)| k));
+        let family = inner.families.get_key_value(family_name.as_str());
+        let mut cost = Self::series_cost(key.len());
+        let (mut count, mut label_bytes) = (0, 0);
+        match family {
+            Some((_, f)) => {
+                count = f.labels.len();
+                label_bytes = f.label_bytes;
+            }
+            None => cost += Self::family_cost(&family_name),
+        }
         for label in &labels {
-            if family.is_none_or(|f| !f.labels.contains_key(label.as_str())) {
+            if family.is_none_or(|(_, f)| !f.labels.contains_key(label.as_str())) {
                 count += 1;
-                bytes += label.len();
+                label_bytes += label.len();
+                cost += Self::label_cost(label);
             }
         }
-        if count > MAX_FAMILY_LABELS || bytes > MAX_FAMILY_LABEL_BYTES {
+        if inner.bytes + cost > self.settings.memory_bound() {
+            return Err(Refusal::Bytes);
+        }
+        if count > MAX_FAMILY_LABELS || label_bytes > MAX_FAMILY_LABEL_BYTES {
             return Err(Refusal::Labels);
         }
-        let family = inner.families.entry(family_name.into()).or_default();
+        inner.bytes += cost;
+        let shared: Arc<str> = match inner.families.get_key_value(family_name.as_str()) {
+            Some((shared, _)) => shared.clone(),
+            None => Arc::from(family_name),
+        };
+        let family = inner.families.entry(shared.clone()).or_default();
         family.series += 1;
         for label in labels {
             let len = label.len();
@@ -275,7 +339,7 @@ impl Store {
             }
             *uses += 1;
         }
-        Ok(())
+        Ok(shared)
     }
 
     /// Forgets the series not updated within the expiry; returns how many.
@@ -285,62 +349,82 @@ impl Store {
         self.remove_where(|_, sample| now.saturating_sub(sample.seen) >= expiry)
     }
 
-    /// Forgets every series for which `gone` is true.
+    /// Forgets every series for which `gone` is true (asked again under the
+    /// lock that removes it), a batch at a time.
     pub fn remove_where(&self, mut gone: impl FnMut(&[u8], &Sample) -> bool) -> usize {
-        let mut inner = self.lock();
-        let doomed: Vec<Key> = inner
-            .series
-            .iter()
-            .filter(|(key, sample)| gone(key, sample))
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in &doomed {
-            inner.series.remove(key);
-            inner.key_bytes -= key.len();
-            let (name, tags) = parse_key(key);
-            let family_name = prometheus::sanitize(name);
-            let labels = label_names(tags.map(|(k, _)| k));
-            if let Some(family) = inner.families.get_mut(family_name.as_str()) {
-                family.series -= 1;
-                for label in labels {
-                    if let Some(uses) = family.labels.get_mut(label.as_str()) {
-                        *uses -= 1;
-                        if *uses == 0 {
-                            family.labels.remove(label.as_str());
-                            family.label_bytes -= label.len();
+        let doomed: Vec<Key> = {
+            let inner = self.lock();
+            inner
+                .series
+                .iter()
+                .filter(|(key, entry)| gone(key, &entry.sample))
+                .map(|(key, _)| key.clone())
+                .collect()
+        };
+        let mut removed = 0;
+        for batch in doomed.chunks(EXPIRY_BATCH) {
+            // The label names of each, worked out before the lock.
+            let labels: Vec<Vec<String>> = batch
+                .iter()
+                .map(|key| label_names(parse_key(key).1.map(|(k, _)| k)))
+                .collect();
+            let mut inner = self.lock();
+            for (key, labels) in batch.iter().zip(labels) {
+                if !inner
+                    .series
+                    .get(key)
+                    .is_some_and(|entry| gone(key, &entry.sample))
+                {
+                    continue;
+                }
+                let Some(entry) = inner.series.remove(key) else {
+                    continue;
+                };
+                removed += 1;
+                let mut freed = Self::series_cost(key.len());
+                if let Some(family) = inner.families.get_mut(&entry.family) {
+                    family.series -= 1;
+                    for label in labels {
+                        if let Some(uses) = family.labels.get_mut(label.as_str()) {
+                            *uses -= 1;
+                            if *uses == 0 {
+                                family.labels.remove(label.as_str());
+                                family.label_bytes -= label.len();
+                                freed += Self::label_cost(&label);
+                            }
                         }
                     }
+                    if family.series == 0 {
+                        inner.families.remove(&entry.family);
+                        freed += Self::family_cost(&entry.family);
+                    }
                 }
-                if family.series == 0 {
-                    inner.families.remove(family_name.as_str());
-                }
+                inner.bytes = inner.bytes.saturating_sub(freed);
             }
+            self.publish(&inner);
         }
         self.stats
             .store_series_expired
-            .fetch_add(doomed.len() as u64, Relaxed);
-        self.publish(&inner);
-        doomed.len()
+            .fetch_add(removed as u64, Relaxed);
+        removed
     }
 
     fn publish(&self, inner: &Inner) {
         self.stats
             .store_series
             .store(inner.series.len() as i64, Relaxed);
-        self.stats.store_bytes.store(
-            (inner.key_bytes + inner.series.len() * SERIES_OVERHEAD_BYTES) as i64,
-            Relaxed,
-        );
+        self.stats.store_bytes.store(inner.bytes as i64, Relaxed);
     }
 
-    /// Every series held, with its latest value: a snapshot (the keys are
-    /// shared, not copied), so that a slow reader never holds the store.
-    pub fn snapshot(&self) -> Vec<(Key, Sample)> {
+    /// Every series held, with its family and latest value: a snapshot
+    /// whose keys and family names are shared, not copied, so that a slow
+    /// reader never holds the store.
+    pub fn snapshot(&self) -> Vec<(Arc<str>, Key, Sample)> {
         let inner = self.lock();
         inner
             .series
             .iter()
-            .map(|(key, sample)| (key.clone(), *sample))
+            .map(|(key, entry)| (entry.family.clone(), key.clone(), entry.sample))
             .collect()
     }
 
@@ -366,7 +450,8 @@ impl Store {
                 () = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            self.expire();
+            let store = self.clone();
+            let _ = tokio::task::spawn_blocking(move || store.expire()).await;
         }
     }
 }

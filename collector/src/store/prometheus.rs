@@ -11,14 +11,16 @@
 //! - Every family is a `gauge`, with one label set: the union of its series'
 //!   label names, `""` where a series lacks one (so Prometheus drops no
 //!   series, DCOS_OSS-3863).
-//! - A label never appears twice in a sample (prometheus/prometheus#6853):
-//!   a record's own tag wins over one the collector adds (enrichment and
-//!   static tags are added only where the record lacks the key), and of two
-//!   keys that sanitize to the same name (`task.name` and `task_name`), the
-//!   one already spelled as the label wins, else the first in byte order.
+//! - A label never appears twice in a sample (prometheus/prometheus#6853).
+//!   A key appears once in a record: the collector adds its static and
+//!   enrichment tags only where the record lacks that exact key, so a
+//!   record's own `container_id` wins. Of two keys that sanitize to the
+//!   same name (`task.name` and `task_name`), the one already spelled as
+//!   the label wins, wherever it came from; when neither is, the first in
+//!   byte order.
 //! - Two series that come out the same (the same family and labels once
-//!   sanitized) are given once, the first in the order of their original
-//!   names and tags; the rest are counted
+//!   sanitized) are given once: the first by original name, then tags, in
+//!   byte order. The rest are counted
 //!   (`collector_store_samples_skipped_total{reason="duplicate"}`).
 //! - A family whose name is one of the collector's own (`collector_*`) is
 //!   left out and counted (`reason="name_taken"`).
@@ -29,6 +31,7 @@
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::hash::BuildHasher;
+use std::sync::Arc;
 
 use super::{Key, Sample, parse_key};
 
@@ -97,8 +100,8 @@ pub struct Skipped {
 }
 
 /// Heap a scrape takes per series, at most: its place in the snapshot
-/// (the family's name, the shared key, the sample) and in the set of
-/// samples already written.
+/// (the shared family name and key, the sample: 64 bytes) and in the set
+/// of samples already written (a hash, with the set's spare room).
 pub const SCRAPE_BYTES_PER_SERIES: usize = 128;
 
 /// The family being written: its label names, and the samples already
@@ -109,11 +112,19 @@ struct Current {
     seen: HashSet<u64>,
 }
 
+/// Orders two keys by their original name, then their tags, each compared
+/// as strings (the keys' own bytes put a length before each string).
+fn by_original(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    let (name_a, tags_a) = parse_key(a);
+    let (name_b, tags_b) = parse_key(b);
+    name_a.cmp(name_b).then_with(|| tags_a.cmp(tags_b))
+}
+
 /// Renders a snapshot of the store chunk by chunk, so that a scrape of any
 /// size is written out without holding the store or its whole text.
 pub struct Renderer {
-    /// The snapshot, sorted by family, then by key.
-    series: Vec<(String, Key, Sample)>,
+    /// The snapshot, sorted by family, then by original name and tags.
+    series: Vec<(Arc<str>, Key, Sample)>,
     next: usize,
     current: Option<Current>,
     reserved: HashSet<String>,
@@ -124,15 +135,8 @@ pub struct Renderer {
 impl Renderer {
     /// A renderer of `snapshot`, leaving out the families named in
     /// `reserved` (the collector's own).
-    pub fn new(snapshot: Vec<(Key, Sample)>, reserved: HashSet<String>) -> Self {
-        let mut series: Vec<(String, Key, Sample)> = snapshot
-            .into_iter()
-            .map(|(key, sample)| {
-                let family = sanitize(parse_key(&key).0);
-                (family, key, sample)
-            })
-            .collect();
-        series.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+    pub fn new(mut series: Vec<(Arc<str>, Key, Sample)>, reserved: HashSet<String>) -> Self {
+        series.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| by_original(&a.1, &b.1)));
         Self {
             series,
             next: 0,
@@ -159,17 +163,16 @@ impl Renderer {
                 .iter()
                 .take_while(|(f, _, _)| f == family)
                 .count();
-        if self.reserved.contains(family) {
+        if self.reserved.contains(&**family) {
             self.skipped.name_taken += (end - start) as u64;
             self.next = end;
             return false;
         }
-        let mut labels: Vec<String> = self.series[start..end]
+        let labels: std::collections::BTreeSet<String> = self.series[start..end]
             .iter()
             .flat_map(|(_, key, _)| parse_key(key).1.filter_map(|(k, _)| label_name(k)))
             .collect();
-        labels.sort_unstable();
-        labels.dedup();
+        let labels: Vec<String> = labels.into_iter().collect();
         let _ = writeln!(out, "# HELP {family} {HELP}\n# TYPE {family} gauge");
         self.current = Some(Current {
             end,

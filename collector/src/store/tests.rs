@@ -1,4 +1,4 @@
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -82,11 +82,12 @@ fn the_latest_value_of_each_series_is_kept_with_its_sorted_tags() {
     );
     let a = snapshot
         .iter()
-        .find(|(key, _)| parse_key(key).0 == "a")
+        .find(|(_, key, _)| parse_key(key).0 == "a")
         .unwrap();
-    assert_eq!(a.1.value, 3.0);
+    assert_eq!(a.2.value, 3.0);
+    assert_eq!(&*a.0, "a");
     assert_eq!(
-        parse_key(&a.0).1.collect::<Vec<_>>(),
+        parse_key(&a.1).1.collect::<Vec<_>>(),
         vec![("k", "v"), ("z", "1")],
         "sorted by key; of a key given twice the first is kept"
     );
@@ -120,7 +121,7 @@ fn new_series_beyond_each_bound_are_refused_and_counted_while_held_ones_update()
         store
             .snapshot()
             .iter()
-            .any(|(k, s)| parse_key(k).0 == "s0" && s.value == 9.0)
+            .any(|(_, k, s)| parse_key(k).0 == "s0" && s.value == 9.0)
     );
 
     // Bytes: 4 series of 256 bytes on average; one long key takes them.
@@ -194,6 +195,52 @@ fn expired_series_go_and_take_their_labels_out_of_the_family() {
     assert_eq!(
         stats.store_refused[Refusal::Labels as usize].load(Relaxed),
         0
+    );
+}
+
+#[test]
+fn a_family_keeps_the_labels_its_remaining_series_use() {
+    let (store, stats) = store(100);
+    store.observe(
+        Source::Input,
+        &[
+            routed(&[("f", 1.0)], &[("shared", "a"), ("only_b", "x")]),
+            routed(&[("f", 2.0)], &[("shared", "b")]),
+        ],
+    );
+    let bytes_with_both = stats.store_bytes.load(Relaxed);
+    assert_eq!(
+        store.remove_where(|key, _| parse_key(key).1.any(|(k, _)| k == "only_b")),
+        1
+    );
+    let (text, _) = render_all(&store, HashSet::new(), 1);
+    assert!(text.contains("f{shared=\"b\"} 2\n"), "{text}");
+    assert!(!text.contains("only_b"), "{text}");
+    assert!(stats.store_bytes.load(Relaxed) < bytes_with_both);
+    // Every label name but `shared` is free again: 63 new ones fit.
+    for i in 0..MAX_FAMILY_LABELS - 1 {
+        store.observe(
+            Source::Input,
+            &[routed(&[("f", 1.0)], &[(&format!("n{i}"), "v")])],
+        );
+    }
+    assert_eq!(
+        stats.store_refused[Refusal::Labels as usize].load(Relaxed),
+        0
+    );
+    store.observe(
+        Source::Input,
+        &[routed(&[("f", 1.0)], &[("one_more", "v")])],
+    );
+    assert_eq!(
+        stats.store_refused[Refusal::Labels as usize].load(Relaxed),
+        1
+    );
+    assert_eq!(store.remove_where(|_, _| true), MAX_FAMILY_LABELS);
+    assert_eq!(
+        stats.store_bytes.load(Relaxed),
+        0,
+        "every byte counted in is counted out"
     );
 }
 
@@ -419,6 +466,74 @@ fn check_exposition(text: &str) {
     }
 }
 
+/// The rules of the module's doc, written again without its code: each
+/// series' last value, by family and labels (the union, `""` where
+/// missing), the first by original name and tags where two come out the
+/// same.
+#[allow(clippy::type_complexity)]
+fn model(
+    records: &[(Vec<(String, f64)>, Vec<(String, String)>)],
+) -> BTreeMap<(String, Vec<(String, String)>), f64> {
+    fn clean(s: &str, colon: bool) -> String {
+        let mut out: String = s
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if out.is_empty() || out.starts_with(|c: char| c.is_ascii_digit()) {
+            out.insert(0, '_');
+        }
+        out
+    }
+    let label = |k: &str| Some(clean(k, false)).filter(|l| !l.starts_with("__"));
+    // Each series' last value; a record's tags deduplicated, the first kept.
+    let mut series: BTreeMap<(String, Vec<(String, String)>), f64> = BTreeMap::new();
+    for (points, tags) in records {
+        let mut kept: Vec<(String, String)> = Vec::new();
+        for (k, v) in tags {
+            if !kept.iter().any(|(held, _)| held == k) {
+                kept.push((k.clone(), v.clone()));
+            }
+        }
+        kept.sort();
+        for (name, value) in points {
+            series.insert((name.clone(), kept.clone()), *value);
+        }
+    }
+    let mut families: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (name, tags) in series.keys() {
+        let union = families.entry(clean(name, true)).or_default();
+        union.extend(tags.iter().filter_map(|(k, _)| label(k)));
+    }
+    let mut out = BTreeMap::new();
+    // In the order of the original name, then tags: the first one stays.
+    for ((name, tags), value) in &series {
+        let family = clean(name, true);
+        let mut labels: BTreeMap<String, (String, bool)> = families[&family]
+            .iter()
+            .map(|l| (l.clone(), (String::new(), false)))
+            .collect();
+        let mut set: BTreeSet<String> = BTreeSet::new();
+        for (k, v) in tags {
+            let Some(l) = label(k) else { continue };
+            let exact = &l == k;
+            let held = labels.get_mut(&l).unwrap();
+            if !set.contains(&l) || (exact && !held.1) {
+                *held = (v.clone(), exact);
+                set.insert(l);
+            }
+        }
+        let labels: Vec<(String, String)> = labels.into_iter().map(|(k, (v, _))| (k, v)).collect();
+        out.entry((family, labels)).or_insert(*value);
+    }
+    out
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
     #[test]
@@ -444,5 +559,17 @@ proptest! {
         check_exposition(&text);
         let samples = text.lines().filter(|l| !l.starts_with('#')).count() as u64;
         prop_assert_eq!(samples + skipped.duplicate, store.len() as u64, "every series given or counted");
+        // What was written is what a model of the rules, written apart,
+        // says from the input alone.
+        let mut served = BTreeMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, labels, value) = parse_sample(line);
+            served.insert((name, labels), value.to_bits());
+        }
+        let expected: BTreeMap<_, _> = model(&records)
+            .into_iter()
+            .map(|(k, v)| (k, v.to_bits()))
+            .collect();
+        prop_assert_eq!(served, expected);
     }
 }

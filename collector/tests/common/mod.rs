@@ -72,7 +72,7 @@ pub struct Running {
 }
 
 /// The flags every test collector gets: ports chosen by the kernel, JSON
-/// logs, no agent polling, the null sink (unless `args` says otherwise).
+/// logs, no agent polling, no node metrics, the null sink (unless `args` says otherwise).
 pub fn base_args() -> Vec<String> {
     [
         "--listen-endpoint=127.0.0.1:0",
@@ -80,6 +80,7 @@ pub fn base_args() -> Vec<String> {
         "--partner-listen=127.0.0.1:0",
         "--log-format=json",
         "--agent-polling=false",
+        "--node-metrics=false",
         "--kafka=false",
         "--input-limit-amount-kbytes=0",
         "--global-limit-amount-kbytes=0",

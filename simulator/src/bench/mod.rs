@@ -577,6 +577,7 @@ pub(crate) fn collector_args(options: &BenchOptions, bootstrap: Option<&str>) ->
         "--api-listen=127.0.0.1:0",
         "--partner-listen=127.0.0.1:0",
         "--agent-polling=false",
+        "--node-metrics=false",
         "--input-limit-amount-kbytes=0",
         "--global-limit-amount-kbytes=0",
         "--max-connections=100000",
