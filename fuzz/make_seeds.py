@@ -22,6 +22,9 @@ Needs: pip install -r scripts/requirements-test.txt  (fastavro)
                         after the byte that says whether more follow
   spool_cursor          cursor slots (an empty one, one with bitmaps), whole
                         (first byte 0) and without their CRC (first byte 1)
+  prometheus_render     fixtures/wire/current.expected.jsonl's datapoints as
+                        `name|key=value|...|value` lines, and lines that meet
+                        the rendering's rules (collisions, reserved names)
 """
 import io
 import json
@@ -128,6 +131,25 @@ def main():
     ]:
         put("spool_cursor", name, b"\x00" + body + struct.pack("<I", crc32c(body)))
         put("spool_cursor", name + "-body", b"\x01" + body)
+
+    lines = []
+    for record in (ROOT / "fixtures" / "wire" / "current.expected.jsonl").read_text().splitlines():
+        record = json.loads(record)
+        tags = "".join(f"|{t['key']}={t['value']}" for t in record["tags"])
+        for point in record["datapoints"]:
+            value = str(point["value"]).lower().replace("infinity", "inf")
+            lines.append(f"{point['name']}{tags}|{value}")
+    put("prometheus_render", "fixture", b"\x07" + "\n".join(lines).encode())
+    put("prometheus_render", "rules", b"\x00" + "\n".join([
+        "cpus.user.time|container_id=c1|source=s|1.5",
+        "cpus.user.time|container_id=c2|task_name=t|2.5",
+        "mem|task.name=dotted|task_name=exact|1",
+        "disk|a-b=dash|a.b=dot|nan",
+        "123abc|__name__=x|inf",
+        "a.b|-1",
+        "a_b|2",
+        'collector_x|k:1=v"\\|3',
+    ]).encode())
 
 
 if __name__ == "__main__":

@@ -278,3 +278,123 @@ pub fn declared_names(text: &str) -> HashSet<String> {
     }
     names
 }
+
+/// One sample line: its name, its labels in order, its value.
+pub type ParsedSample = (String, Vec<(String, String)>, f64);
+
+/// Reads one sample line strictly as the text format says: a name, the
+/// labels with their escapes, one space, a value. For the tests and the
+/// fuzz target, which check what the renderer writes.
+pub fn parse_sample(line: &str) -> Result<ParsedSample, String> {
+    let name_end = line.find(['{', ' ']).ok_or("no name")?;
+    let name = line[..name_end].to_owned();
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(after) = rest.strip_prefix('{') {
+        rest = after;
+        loop {
+            let eq = rest.find('=').ok_or("no = after a label")?;
+            let label = rest[..eq].to_owned();
+            let valid = label
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(format!("label name {label:?}"));
+            }
+            rest = rest[eq + 1..]
+                .strip_prefix('"')
+                .ok_or("an unquoted value")?;
+            let mut value = String::new();
+            let mut chars = rest.char_indices();
+            let end = loop {
+                match chars.next().ok_or("no closing quote")? {
+                    (i, '"') => break i,
+                    (_, '\\') => match chars.next().ok_or("a lone backslash")?.1 {
+                        '\\' => value.push('\\'),
+                        '"' => value.push('"'),
+                        'n' => value.push('\n'),
+                        c => return Err(format!("unknown escape \\{c}")),
+                    },
+                    (_, '\n') => return Err("a raw newline in a value".into()),
+                    (_, c) => value.push(c),
+                }
+            };
+            labels.push((label, value));
+            rest = &rest[end + 1..];
+            if let Some(after) = rest.strip_prefix(',') {
+                rest = after;
+            } else {
+                rest = rest.strip_prefix('}').ok_or("no } after the labels")?;
+                break;
+            }
+        }
+    }
+    let value = rest.strip_prefix(' ').ok_or("no space before the value")?;
+    let value = match value {
+        "NaN" => f64::NAN,
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().map_err(|_| format!("value {v:?}"))?,
+    };
+    Ok((name, labels, value))
+}
+
+/// Checks what a Prometheus text parser needs of a rendering: every sample
+/// belongs to the family declared just before it, each family is declared
+/// once with a valid name, each label appears once in a sample and the
+/// label set is the same across a family, no sample is given twice, no
+/// label is reserved. Returns the samples.
+pub fn check_text(text: &str) -> Result<Vec<ParsedSample>, String> {
+    let mut families = HashSet::new();
+    let mut family = String::new();
+    let mut label_set: Option<Vec<String>> = None;
+    let mut lines = HashSet::new();
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            family = rest.split(' ').next().unwrap_or_default().to_owned();
+            if !families.insert(family.clone()) {
+                return Err(format!("{family} declared twice"));
+            }
+            label_set = None;
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let (name, labels, value) = parse_sample(line)?;
+        if name != family {
+            return Err(format!("{name} under the family {family}"));
+        }
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':');
+        if !valid {
+            return Err(format!("metric name {name:?}"));
+        }
+        let keys: Vec<String> = labels.iter().map(|(k, _)| k.clone()).collect();
+        let distinct: HashSet<&String> = keys.iter().collect();
+        if distinct.len() != keys.len() {
+            return Err(format!("a label twice: {line}"));
+        }
+        if keys.iter().any(|k| k.starts_with("__")) {
+            return Err(format!("a reserved label: {line}"));
+        }
+        let held = label_set.get_or_insert_with(|| keys.clone());
+        if *held != keys {
+            return Err(format!("two label sets in {family}: {line}"));
+        }
+        let series = line.rsplit_once(' ').map_or(line, |(s, _)| s);
+        if !lines.insert(series.to_owned()) {
+            return Err(format!("a sample twice: {line}"));
+        }
+        samples.push((name, labels, value));
+    }
+    Ok(samples)
+}

@@ -368,101 +368,13 @@ fn label_values_are_escaped() {
     assert!(text.contains(r#"m{k="a\"b\\c\nd"} 1"#), "{text}");
 }
 
-/// Reads one sample line strictly as the text format says: a name, the
-/// labels with their escapes, one space, a value.
 fn parse_sample(line: &str) -> (String, Vec<(String, String)>, f64) {
-    let name_end = line.find(['{', ' ']).expect("a name");
-    let name = line[..name_end].to_owned();
-    let mut rest = &line[name_end..];
-    let mut labels = Vec::new();
-    if let Some(after) = rest.strip_prefix('{') {
-        rest = after;
-        loop {
-            let eq = rest.find('=').expect("label=");
-            let label = rest[..eq].to_owned();
-            assert!(
-                label
-                    .chars()
-                    .next()
-                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
-                "label name {label:?}"
-            );
-            rest = rest[eq + 1..].strip_prefix('"').expect("a quoted value");
-            let mut value = String::new();
-            let mut chars = rest.char_indices();
-            let end = loop {
-                match chars.next().expect("a closing quote") {
-                    (i, '"') => break i,
-                    (_, '\\') => match chars.next().expect("an escape").1 {
-                        '\\' => value.push('\\'),
-                        '"' => value.push('"'),
-                        'n' => value.push('\n'),
-                        c => panic!("unknown escape \\{c}"),
-                    },
-                    (_, '\n') => panic!("a raw newline in a value"),
-                    (_, c) => value.push(c),
-                }
-            };
-            labels.push((label, value));
-            rest = &rest[end + 1..];
-            if let Some(after) = rest.strip_prefix(',') {
-                rest = after;
-            } else {
-                rest = rest.strip_prefix('}').expect("} after the labels");
-                break;
-            }
-        }
-    }
-    let value = rest.strip_prefix(' ').expect("one space before the value");
-    let value = match value {
-        "NaN" => f64::NAN,
-        "+Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        v => v.parse().expect("a number"),
-    };
-    (name, labels, value)
+    prometheus::parse_sample(line).unwrap_or_else(|e| panic!("{e}: {line}"))
 }
 
-/// Checks what a Prometheus text parser needs: every sample belongs to the
-/// family declared just before it, each family once, each label once in a
-/// sample and the same label set across a family, no sample twice.
 fn check_exposition(text: &str) {
-    let mut families = HashSet::new();
-    let mut family = String::new();
-    let mut label_set: Option<Vec<String>> = None;
-    let mut samples = HashSet::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            family = rest.split(' ').next().unwrap().to_owned();
-            assert!(families.insert(family.clone()), "{family} declared twice");
-            label_set = None;
-            continue;
-        }
-        if line.starts_with('#') {
-            continue;
-        }
-        let (name, labels, _) = parse_sample(line);
-        assert_eq!(name, family, "{line}");
-        assert!(
-            name.chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
-            "{name}"
-        );
-        let keys: Vec<String> = labels.iter().map(|(k, _)| k.clone()).collect();
-        let distinct: BTreeSet<&String> = keys.iter().collect();
-        assert_eq!(distinct.len(), keys.len(), "a label twice: {line}");
-        assert!(keys.iter().all(|k| !k.starts_with("__")), "{line}");
-        let held = label_set.get_or_insert_with(|| keys.clone());
-        assert_eq!(held, &keys, "one label set per family: {line}");
-        assert!(
-            samples.insert(line.rsplit_once(' ').unwrap().0.to_owned()),
-            "twice: {line}"
-        );
+    if let Err(e) = prometheus::check_text(text) {
+        panic!("{e}\n{text}");
     }
 }
 
