@@ -28,7 +28,11 @@ fn record(line: &str) -> MetricList {
         "-inf" => f64::NEG_INFINITY,
         v => v.parse().unwrap_or(v.len() as f64),
     };
-    let name = if parts.is_empty() { "" } else { parts.remove(0) };
+    let name = if parts.is_empty() {
+        ""
+    } else {
+        parts.remove(0)
+    };
     MetricList {
         topic: "t".into(),
         tags: parts
