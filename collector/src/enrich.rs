@@ -29,6 +29,10 @@ pub struct Enrichment {
     /// executor id → application name (label `MARATHON_APP_ID` or
     /// `DCOS_SPACE`, leading `/` trimmed).
     pub applications: HashMap<String, String>,
+    /// The agent's host, as the poller reaches it: the node's address,
+    /// which the v0 API gives as `hostname` (as dcos-metrics gave
+    /// `detect_ip`'s).
+    pub node_host: Option<String>,
 }
 
 impl Enrichment {

@@ -96,6 +96,15 @@ pub enum StartError {
     /// A listener could not be bound.
     #[error(transparent)]
     Bind(#[from] net::BindError),
+    /// A unix socket could not be bound.
+    #[error(transparent)]
+    BindUnix(#[from] net::UnixBindError),
+}
+
+/// The v0 metrics API's listener.
+enum V0Listener {
+    Tcp(TcpListener),
+    Unix(tokio::net::UnixListener),
 }
 
 /// A collector with its listeners bound, ready to run.
@@ -106,6 +115,7 @@ pub struct App {
     api: TcpListener,
     partner: TcpListener,
     prometheus: Option<TcpListener>,
+    metrics_api: Option<V0Listener>,
     store: Option<Arc<store::Store>>,
     endpoints: api::Endpoints,
     broker_state: Arc<Mutex<BrokerState>>,
@@ -125,7 +135,8 @@ impl App {
         let descriptors = net::fit_descriptors(
             config.max_connections,
             config.max_partners,
-            usize::from(config.prometheus_listen.is_on()),
+            usize::from(config.prometheus_listen.is_on())
+                + usize::from(config.metrics_api_listen.is_on()),
         );
         let (ingest, ingest_addr) = net::bind(config.listen_endpoint).await?;
         let (api, api_addr) = net::bind(config.api_listen).await?;
@@ -136,6 +147,17 @@ impl App {
                 (Some(listener), Some(addr))
             }
             _ => (None, None),
+        };
+        let (metrics_api, metrics_api_addr) = match &config.metrics_api_listen {
+            config::Listen::Tcp(addr) => {
+                let (listener, addr) = net::bind(*addr).await?;
+                (Some(V0Listener::Tcp(listener)), Some(addr.to_string()))
+            }
+            config::Listen::Unix(path) => (
+                Some(V0Listener::Unix(net::bind_unix(path)?)),
+                Some(format!("unix:{}", path.display())),
+            ),
+            config::Listen::Off => (None, None),
         };
         if !ingest_addr.ip().is_loopback() {
             warn!(%ingest_addr, "The TCP input listens beyond loopback; the original listened on loopback only.");
@@ -175,12 +197,14 @@ impl App {
                 api: api_addr,
                 partner: partner_addr,
                 prometheus: prometheus_addr,
+                metrics_api: metrics_api_addr,
             },
             stats,
             ingest,
             api,
             partner,
             prometheus,
+            metrics_api,
             store,
             broker_state: Arc::default(),
             buffer,
@@ -207,7 +231,7 @@ impl App {
             runtime: self.runtime.clone(),
             stats: self.stats.clone(),
             brokers: self.broker_state.clone(),
-            endpoints: self.endpoints,
+            endpoints: self.endpoints.clone(),
             shutdown: self.shutdown.clone(),
             partners: self.partner_hub.clone(),
             spool: self.buffer.spool().cloned(),
@@ -232,6 +256,11 @@ impl App {
     /// The Prometheus listener's bound address, when it listens.
     pub fn prometheus_addr(&self) -> Option<SocketAddr> {
         self.endpoints.prometheus
+    }
+
+    /// The v0 metrics API's address (`IP:PORT` or `unix:PATH`), when on.
+    pub fn metrics_api_addr(&self) -> Option<String> {
+        self.endpoints.metrics_api.clone()
     }
 
     /// The counters, readable while the collector runs.
@@ -318,6 +347,28 @@ impl App {
             api::spawn(self.api, api_state, self.descriptors.api),
             partner::spawn(self.partner, self.partner_hub.clone(), &plan),
         ];
+        if let (Some(listener), Some(store)) = (self.metrics_api, &self.store) {
+            let state = api::v0::V0State {
+                store: store.clone(),
+                enrichment: self.enrichment.subscribe(),
+                cluster_id: config.cluster_id.clone().or_else(|| {
+                    std::fs::read_to_string("/var/lib/dcos/cluster-id")
+                        .ok()
+                        .map(|id| id.trim().to_owned())
+                        .filter(|id| !id.is_empty())
+                }),
+                turns: Arc::new(tokio::sync::Semaphore::new(api::v0::MAX_ANSWERS)),
+            };
+            let router = api::v0::router(state);
+            let (stop, stats) = (plan.outputs().clone(), self.stats.clone());
+            let max = self.descriptors.api;
+            outputs.push(shutdown::Task::spawn("metrics api", async move {
+                match listener {
+                    V0Listener::Tcp(l) => api::serve(l, router, max, stop, stats).await,
+                    V0Listener::Unix(l) => api::serve(l, router, max, stop, stats).await,
+                }
+            }));
+        }
         if let (Some(listener), Some(store)) = (self.prometheus, &self.store) {
             outputs.push(api::prometheus::spawn(
                 listener,
@@ -345,6 +396,7 @@ impl App {
             api = %self.endpoints.api,
             partner = %self.endpoints.partner,
             prometheus = self.endpoints.prometheus.map(|a| a.to_string()).unwrap_or_default(),
+            metrics_api = self.endpoints.metrics_api.clone().unwrap_or_default(),
             sink = if config.kafka { "kafka" } else { "null" },
             buffer = if self.buffer.spool().is_some() { "disk" } else { "memory" },
             "Collector started."

@@ -46,6 +46,64 @@ pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BindErr
     Ok((listener, bound))
 }
 
+/// A listening socket [`accept`] takes connections from: TCP, or a unix
+/// socket.
+pub trait Acceptor: Send + Sync {
+    /// A connection.
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+
+    /// The next connection, with its peer's address for the logs.
+    fn accept_one(
+        &self,
+    ) -> impl std::future::Future<Output = std::io::Result<(Self::Stream, String)>> + Send;
+}
+
+impl Acceptor for TcpListener {
+    type Stream = TcpStream;
+
+    async fn accept_one(&self) -> std::io::Result<(TcpStream, String)> {
+        let (stream, peer) = self.accept().await?;
+        Ok((stream, peer.to_string()))
+    }
+}
+
+impl Acceptor for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+
+    async fn accept_one(&self) -> std::io::Result<(tokio::net::UnixStream, String)> {
+        let (stream, _) = self.accept().await?;
+        Ok((stream, "unix".into()))
+    }
+}
+
+/// Binds a unix socket at `path`. A socket file left there by a process
+/// that is gone (nothing answers on it) is replaced; anything else there
+/// is an error.
+pub fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, UnixBindError> {
+    let error = |source| UnixBindError {
+        path: path.to_owned(),
+        source,
+    };
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && meta.file_type().is_socket()
+        && std::os::unix::net::UnixStream::connect(path).is_err()
+    {
+        std::fs::remove_file(path).map_err(error)?;
+    }
+    tokio::net::UnixListener::bind(path).map_err(error)
+}
+
+/// A unix socket that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on unix:{}: {source}", path.display())]
+pub struct UnixBindError {
+    /// The path.
+    pub path: std::path::PathBuf,
+    /// The OS error.
+    pub source: std::io::Error,
+}
+
 /// The longest pause after failed accepts.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -54,17 +112,17 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// interval with the count, and followed by a pause that doubles from 10 ms
 /// to a second while failures go on: the descriptors a spinning loop would
 /// burn are the ones the rest of the collector needs.
-pub async fn accept(
-    listener: &TcpListener,
+pub async fn accept<L: Acceptor>(
+    listener: &L,
     which: &'static str,
     failures: &mut u32,
     stats: &Stats,
     shutdown: &CancellationToken,
-) -> Option<(TcpStream, SocketAddr)> {
+) -> Option<(L::Stream, String)> {
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return None,
-            accepted = listener.accept() => accepted,
+            accepted = listener.accept_one() => accepted,
         };
         match accepted {
             Ok(pair) => {

@@ -15,7 +15,6 @@
 //! refused and counted.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -109,7 +108,7 @@ struct Queue {
 }
 
 struct Partner {
-    peer: SocketAddr,
+    peer: String,
     filter: TopicFilter,
     queue: Mutex<Queue>,
     ready: Notify,
@@ -252,7 +251,7 @@ async fn closed(reader: &mut tokio::net::tcp::OwnedReadHalf) {
 
 async fn serve_partner(
     mut stream: TcpStream,
-    peer: SocketAddr,
+    peer: String,
     hub: Arc<PartnerHub>,
     shutdown: CancellationToken,
 ) {
@@ -265,7 +264,7 @@ async fn serve_partner(
     };
     info!(%peer, filter = ?filter, "Partner connected.");
     let partner = Arc::new(Partner {
-        peer,
+        peer: peer.clone(),
         filter,
         queue: Mutex::new(Queue::default()),
         ready: Notify::new(),
@@ -372,10 +371,14 @@ async fn serve(listener: TcpListener, hub: Arc<PartnerHub>, shutdown: Cancellati
         let hub = hub.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let served =
-                std::panic::AssertUnwindSafe(serve_partner(stream, peer, hub.clone(), shutdown))
-                    .catch_unwind()
-                    .await;
+            let served = std::panic::AssertUnwindSafe(serve_partner(
+                stream,
+                peer.clone(),
+                hub.clone(),
+                shutdown,
+            ))
+            .catch_unwind()
+            .await;
             if let Err(panic) = served {
                 hub.stats.task_panics.fetch_add(1, Relaxed);
                 tracing::error!(%peer, panic = %crate::shutdown::panic_message(panic), "A partner connection's task panicked; it was closed.");
@@ -410,7 +413,7 @@ mod tests {
         let stats = Arc::new(Stats::default());
         let hub = PartnerHub::new(limits, stats.clone());
         let partner = Arc::new(Partner {
-            peer: "127.0.0.1:1".parse().unwrap(),
+            peer: "127.0.0.1:1".into(),
             filter: TopicFilter::All,
             queue: Mutex::new(Queue::default()),
             ready: Notify::new(),

@@ -21,6 +21,7 @@
 //! connections can't hold the descriptors the inputs need.
 
 pub mod prometheus;
+pub mod v0;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -51,7 +52,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Bound addresses, for `/v1/endpoints`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Endpoints {
     /// TCP input.
     pub ingest: SocketAddr,
@@ -61,6 +62,8 @@ pub struct Endpoints {
     pub partner: SocketAddr,
     /// Prometheus listener, when on.
     pub prometheus: Option<SocketAddr>,
+    /// The v0 metrics API, when on (`IP:PORT` or `unix:PATH`).
+    pub metrics_api: Option<String>,
 }
 
 /// What the handlers share.
@@ -100,13 +103,70 @@ pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 /// How long a connection being closed for its age may take to finish.
 pub const CLOSING_GRACE: Duration = Duration::from_secs(30);
 
+/// A reader must take each chunk of a streamed answer (a scrape, a v0
+/// message) within this; one that stalls longer has its answer cut short
+/// (the connection is aborted, so it sees a failure, never a short
+/// answer), and its turn and snapshot are let go of at once.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits up to [`REQUEST_TIMEOUT`] for a turn to write a large answer.
+pub(crate) async fn take_turn(
+    turns: &Arc<tokio::sync::Semaphore>,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    tokio::time::timeout(REQUEST_TIMEOUT, turns.clone().acquire_owned())
+        .await
+        .ok()?
+        .ok()
+}
+
+/// A body streamed from a task holding `turn`: the chunks `next` makes,
+/// each sent as the reader takes the last (two wait at most). A reader
+/// that takes nothing for [`WRITE_TIMEOUT`] ends it early, and the body
+/// then ends with an error, so the connection is aborted. `done` is told
+/// whether all was sent.
+pub(crate) fn chunked_body(
+    turn: tokio::sync::OwnedSemaphorePermit,
+    mut next: impl FnMut() -> Option<String> + Send + 'static,
+    done: impl FnOnce(bool) + Send + 'static,
+) -> axum::body::Body {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (chunks, receiver) = tokio::sync::mpsc::channel::<Bytes>(2);
+    let finished = Arc::new(AtomicBool::new(false));
+    let finishing = finished.clone();
+    tokio::spawn(async move {
+        let _turn = turn;
+        let mut complete = true;
+        while let Some(chunk) = next() {
+            let sent = tokio::time::timeout(WRITE_TIMEOUT, chunks.send(Bytes::from(chunk))).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                complete = false;
+                break;
+            }
+        }
+        finishing.store(complete, Ordering::Release);
+        done(complete);
+    });
+    let body = futures::stream::unfold(Some(receiver), move |receiver| {
+        let finished = finished.clone();
+        async move {
+            let mut receiver = receiver?;
+            match receiver.recv().await {
+                Some(chunk) => Some((Ok(chunk), Some(receiver))),
+                None if finished.load(Ordering::Acquire) => None,
+                None => Some((Err(std::io::Error::other("the answer was cut short")), None)),
+            }
+        }
+    });
+    axum::body::Body::from_stream(body)
+}
+
 /// Accepts connections until `stop`, at most `max_connections` open (one
 /// more is closed as soon as it is accepted, counted); each is served over
 /// HTTP/1 with [`HEAD_TIMEOUT`] for a request's head, for at most
 /// [`MAX_CONNECTION_AGE`]. At `stop`, what is being answered gets half a
 /// second.
-pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
+pub(crate) async fn serve<L: crate::net::Acceptor>(
+    listener: L,
     app: Router,
     max_connections: usize,
     stop: tokio_util::sync::CancellationToken,
@@ -237,6 +297,15 @@ async fn endpoints(State(state): State<ApiState>) -> Json<Value> {
             },
         }),
     ];
+    if let Some(address) = &state.endpoints.metrics_api {
+        outputs.push(json!({
+            "name": "metrics_api",
+            "address": address,
+            "protocol": "http",
+            "path": "/v0/",
+            "format": "dcos-metrics v0 JSON",
+        }));
+    }
     if let Some(address) = state.endpoints.prometheus {
         outputs.push(json!({
             "name": "prometheus",

@@ -7,23 +7,21 @@
 //! client reads: it never holds the store while it writes, and never holds
 //! its whole text. At most [`MAX_SCRAPES`] are rendered at once; another
 //! waits for its turn up to [`crate::api::REQUEST_TIMEOUT`], then gets 503.
-//! A scraper that takes nothing for [`WRITE_TIMEOUT`] loses its turn.
+//! A scraper that takes nothing for [`super::WRITE_TIMEOUT`] loses its
+//! turn.
 //! Connections are held as the API's are (a limit, a head timeout, a
 //! maximum age).
 
 use std::collections::HashSet;
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering::{self, Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 
 use crate::shutdown::Task;
 use crate::sink::kafka::BrokerState;
@@ -83,19 +81,8 @@ pub fn spawn(
     )
 }
 
-/// A scraper must take each chunk within this; one that stalls longer has
-/// its scrape cut short (the connection is aborted, so the scraper sees a
-/// failed scrape, never a short one), and its turn and snapshot are let go
-/// of at once.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-
 async fn metrics(State(state): State<PrometheusState>) -> Response {
-    let turn = tokio::time::timeout(
-        super::REQUEST_TIMEOUT,
-        state.scrapes.clone().acquire_owned(),
-    )
-    .await;
-    let Ok(Ok(turn)) = turn else {
+    let Some(turn) = super::take_turn(&state.scrapes).await else {
         state.stats.prometheus_scrapes_refused.fetch_add(1, Relaxed);
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -103,90 +90,58 @@ async fn metrics(State(state): State<PrometheusState>) -> Response {
         )
             .into_response();
     };
-    let (chunks, from_renderer) = mpsc::channel::<Bytes>(2);
-    let finished = Arc::new(AtomicBool::new(false));
-    tokio::spawn(render(state, turn, chunks, finished.clone()));
-    let body = futures::stream::unfold(Some(from_renderer), move |receiver| {
-        let finished = finished.clone();
-        async move {
-            let mut receiver = receiver?;
-            match receiver.recv().await {
-                Some(chunk) => Some((Ok(chunk), Some(receiver))),
-                None if finished.load(Ordering::Acquire) => None,
-                None => Some((Err(std::io::Error::other("the scrape was cut short")), None)),
-            }
+    let brokers = state.brokers.lock().map(|b| b.gauges()).unwrap_or_default();
+    let own = crate::stats::prometheus::render(&state.stats, brokers);
+    let reserved: HashSet<String> = declared_names(&own);
+    // The snapshot and its sort, off the runtime's threads.
+    let store = state.store.clone();
+    let Ok(renderer) =
+        tokio::task::spawn_blocking(move || Renderer::new(store.snapshot(), reserved)).await
+    else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let renderer = Arc::new(std::sync::Mutex::new(renderer));
+    let mut own = Some(own);
+    let next = {
+        let renderer = renderer.clone();
+        move || {
+            own.take().or_else(|| {
+                renderer
+                    .lock()
+                    .ok()
+                    .and_then(|mut r| r.next_chunk(CHUNK_BYTES))
+            })
         }
-    });
+    };
+    let stats = state.stats.clone();
+    let done = move |complete: bool| {
+        if let Ok(renderer) = renderer.lock() {
+            let skipped = renderer.skipped();
+            stats
+                .store_skipped_duplicate
+                .fetch_add(skipped.duplicate, Relaxed);
+            stats
+                .store_skipped_name_taken
+                .fetch_add(skipped.name_taken, Relaxed);
+        }
+        if complete {
+            stats.prometheus_scrapes.fetch_add(1, Relaxed);
+        } else {
+            stats.prometheus_scrapes_cut.fetch_add(1, Relaxed);
+            crate::telemetry::throttled_warn("prometheus scrape cut", |repeats| {
+                tracing::warn!(
+                    repeats,
+                    "Cut a Prometheus scrape short: the scraper took nothing for 10 s."
+                );
+            });
+        }
+    };
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        Body::from_stream(body),
+        super::chunked_body(turn, next, done),
     )
         .into_response()
-}
-
-/// Renders one scrape into `chunks`: the collector's own families, then
-/// the store, a chunk at a time as the scraper takes them. Sets `finished`
-/// once all is sent; a scraper that takes nothing for [`WRITE_TIMEOUT`]
-/// ends it early.
-async fn render(
-    state: PrometheusState,
-    turn: tokio::sync::OwnedSemaphorePermit,
-    chunks: mpsc::Sender<Bytes>,
-    finished: Arc<AtomicBool>,
-) {
-    let _turn = turn;
-    let send = |chunk: String| {
-        let chunks = chunks.clone();
-        async move {
-            matches!(
-                tokio::time::timeout(WRITE_TIMEOUT, chunks.send(Bytes::from(chunk))).await,
-                Ok(Ok(()))
-            )
-        }
-    };
-    let brokers = state.brokers.lock().map(|b| b.gauges()).unwrap_or_default();
-    let own = crate::stats::prometheus::render(&state.stats, brokers);
-    let reserved: HashSet<String> = declared_names(&own);
-    if !send(own).await {
-        state.stats.prometheus_scrapes_cut.fetch_add(1, Relaxed);
-        return;
-    }
-    // The snapshot and its sort, off the runtime's threads.
-    let store = state.store.clone();
-    let Ok(mut renderer) =
-        tokio::task::spawn_blocking(move || Renderer::new(store.snapshot(), reserved)).await
-    else {
-        return;
-    };
-    let mut complete = true;
-    while let Some(chunk) = renderer.next_chunk(CHUNK_BYTES) {
-        if !send(chunk).await {
-            complete = false;
-            break;
-        }
-    }
-    let skipped = renderer.skipped();
-    state
-        .stats
-        .store_skipped_duplicate
-        .fetch_add(skipped.duplicate, Relaxed);
-    state
-        .stats
-        .store_skipped_name_taken
-        .fetch_add(skipped.name_taken, Relaxed);
-    if complete {
-        state.stats.prometheus_scrapes.fetch_add(1, Relaxed);
-        finished.store(true, Ordering::Release);
-    } else {
-        state.stats.prometheus_scrapes_cut.fetch_add(1, Relaxed);
-        crate::telemetry::throttled_warn("prometheus scrape cut", |repeats| {
-            tracing::warn!(
-                repeats,
-                "Cut a Prometheus scrape short: the scraper took nothing for 10 s."
-            );
-        });
-    }
 }

@@ -282,15 +282,15 @@ pub const BASE_BYTES: u64 = 32 * 1024 * 1024;
 pub const MAX_STORE_SERIES: u64 = 10_000_000;
 
 impl Config {
-    /// Whether an output reads the node store (Prometheus): otherwise there
-    /// is none, and nothing is decoded for it.
+    /// Whether an output reads the node store (Prometheus, the v0 API):
+    /// otherwise there is none, and nothing is decoded for it.
     pub fn store_settings(&self) -> Option<crate::store::StoreSettings> {
-        self.prometheus_listen
-            .is_on()
-            .then(|| crate::store::StoreSettings {
+        (self.prometheus_listen.is_on() || self.metrics_api_listen.is_on()).then(|| {
+            crate::store::StoreSettings {
                 max_series: self.store_max_series,
                 expiry: std::time::Duration::from_secs(self.store_expiry_secs),
-            })
+            }
+        })
     }
 
     /// The memory the collector may take at most, whatever its input:
@@ -302,7 +302,8 @@ impl Config {
     ///   + 2 × kafka_queue_max_kbytes + kafka_max_topics × 16 KiB
     ///   + max_partners × partner_buffer_kbytes
     ///   + 10 × agent_max_body_bytes            (with agent polling)
-    ///   + store_max_series × (352 B + 2 × 128 B) (with prometheus_listen)
+    ///   + store_max_series × 352 B              (with prometheus_listen or metrics_api_listen)
+    ///   + store_max_series × 2 × 128 B         (each of them on: two answers' snapshots)
     ///   + 32 MiB
     /// ```
     pub fn memory_bound(&self) -> MemoryBound {
@@ -323,10 +324,12 @@ impl Config {
             0
         };
         let store = self.store_settings().map_or(0, |store| {
+            let readers = usize::from(self.prometheus_listen.is_on())
+                * crate::api::prometheus::MAX_SCRAPES
+                + usize::from(self.metrics_api_listen.is_on()) * crate::api::v0::MAX_ANSWERS;
             (store.memory_bound()
-                + crate::api::prometheus::MAX_SCRAPES
-                    * store.max_series
-                    * crate::store::prometheus::SCRAPE_BYTES_PER_SERIES) as u64
+                + readers * store.max_series * crate::store::prometheus::SCRAPE_BYTES_PER_SERIES)
+                as u64
         });
         MemoryBound {
             buffer,

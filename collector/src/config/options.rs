@@ -438,7 +438,13 @@ options! {
     /// Prometheus exposition address, `IP:PORT` (empty: off): `GET /metrics` serves the latest value of every series of the node's inputs, and the collector's own families. DC/OS used `0.0.0.0:61091`.
     prometheus_listen: Listen = Listen::Off;
         plain, env "PROMETHEUS_LISTEN", restart;
-    /// Most series the node store holds for Prometheus; new ones beyond it are refused and counted.
+    /// The DC/OS v0 metrics API's address, `IP:PORT` or `unix:PATH` (empty: off), as dcos-metrics served it; DC/OS's Admin Router proxies `/system/v1/metrics/` to a unix socket.
+    metrics_api_listen: Listen = Listen::Off;
+        plain, env "METRICS_API_LISTEN", restart;
+    /// The cluster's id in the v0 API's `cluster_id` (default: `/var/lib/dcos/cluster-id`, when there).
+    cluster_id: Option<String> = None;
+        maybe, env "CLUSTER_ID", restart;
+    /// Most series the node store holds for Prometheus and the v0 API; new ones beyond it are refused and counted.
     store_max_series: usize = 100_000;
         plain, env "STORE_MAX_SERIES", restart;
     /// A series not updated for this long leaves the node store, seconds.

@@ -189,7 +189,10 @@ impl Poller {
         match client.state().await {
             Ok(state) => {
                 *last_ok = Some(Instant::now());
-                let enrichment = Enrichment::from_state(&state);
+                let mut enrichment = Enrichment::from_state(&state);
+                enrichment.node_host = reqwest::Url::parse(client.base())
+                    .ok()
+                    .and_then(|url| url.host_str().map(str::to_owned));
                 if self.enrichment.borrow().agent_id.is_none() {
                     info!(
                         agent_id = enrichment.agent_id.as_deref().unwrap_or("?"),

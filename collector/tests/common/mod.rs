@@ -69,6 +69,8 @@ pub struct Running {
     pub partner: SocketAddr,
     /// The Prometheus listener, when on.
     pub prometheus: Option<SocketAddr>,
+    /// The v0 metrics API (`IP:PORT` or `unix:PATH`), when on.
+    pub metrics_api: Option<String>,
 }
 
 /// The flags every test collector gets: ports chosen by the kernel, JSON
@@ -147,6 +149,10 @@ pub fn start(args: &[&str], nofile: Option<u32>) -> Running {
         api: addr("api"),
         partner: addr("partner"),
         prometheus: value["prometheus"].as_str().and_then(|a| a.parse().ok()),
+        metrics_api: value["metrics_api"]
+            .as_str()
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned),
         child,
         log,
     }

@@ -1,0 +1,374 @@
+//! The DC/OS v0 metrics API (`metrics_api_listen`), as dcos-metrics'
+//! code served it (`producers/http`), read from the node store: the API
+//! the DC/OS CLI and UI read, behind Admin Router's
+//! `/system/v1/metrics/`.
+//!
+//! | route | answer |
+//! | --- | --- |
+//! | `GET /v0/ping` | `{"ok":true,"timestamp":…}` |
+//! | `GET /v0/node` | the node metrics, or 204 |
+//! | `GET /v0/containers` | the ids of the containers with metrics, `[]` when none (never 204) |
+//! | `GET /v0/containers/{id}` | the container's metrics from the agent, or 204 |
+//! | `GET /v0/containers/{id}/app` | the container's app metrics (records from the TCP input with its `container_id` tag), or 204 |
+//! | `GET /v0/containers/{id}/app/{metric-id}` | those named `metric-id`, or 204 |
+//! | `GET /v0/debug` | every series in one message, or 204 |
+//!
+//! A message is `{"datapoints":[{"name","value","unit","timestamp","tags"?}],
+//! "dimensions":{…}}`. `dimensions` has `mesos_id` (the agent's id) and
+//! `hostname` (the node's address) always, `cluster_id` when known, and,
+//! for a container, the ids and names its records carry (`container_id`,
+//! `executor_id`, `framework_id`, `framework_name`, `framework_role`,
+//! `framework_principal`, `task_id`, `task_name`). A datapoint's `tags` are
+//! its record's other tags. Values: numbers; NaN as the string `"NaN"` (as
+//! dcos-metrics did), the infinities as `"Infinity"` and `"-Infinity"`
+//! (JSON has no number for them). Node and container timestamps are
+//! RFC 3339 with nanoseconds, app timestamps in whole seconds, as
+//! dcos-metrics gave them. Where dcos-metrics matched `{id}` and
+//! `{metric-id}` as prefixes (so `/app/foo` also gave `foobar`), these
+//! match whole ids and names. 204 answers have an empty body.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Map, Value, json};
+use tokio::sync::watch;
+
+use crate::enrich::Enrichment;
+use crate::store::{Key, Sample, Source, Store, parse_key};
+
+/// Tags that become a message's dimensions rather than datapoint tags.
+pub const DIMENSION_TAGS: &[&str] = &[
+    "container_id",
+    "executor_id",
+    "framework_id",
+    "framework_name",
+    "framework_role",
+    "framework_principal",
+    "task_id",
+    "task_name",
+];
+
+/// Tags that name the node, which `mesos_id` and `hostname` already give.
+const NODE_TAGS: &[&str] = &["agent_id"];
+
+/// What the routes read.
+#[derive(Clone)]
+pub struct V0State {
+    /// The node store.
+    pub store: Arc<Store>,
+    /// The agent's `/state`, for `mesos_id` and `hostname`.
+    pub enrichment: watch::Receiver<Arc<Enrichment>>,
+    /// The cluster's id (`cluster_id`, or `/var/lib/dcos/cluster-id`).
+    pub cluster_id: Option<String>,
+    /// Turns to write a message ([`MAX_ANSWERS`] at once).
+    pub turns: Arc<tokio::sync::Semaphore>,
+}
+
+/// The API's routes.
+pub fn router(state: V0State) -> Router {
+    Router::new()
+        .route("/v0/ping", get(ping))
+        .route("/v0/node", get(node))
+        .route("/v0/containers", get(containers))
+        .route("/v0/containers/{id}", get(container))
+        .route("/v0/containers/{id}/app", get(app))
+        .route("/v0/containers/{id}/app/{metric}", get(app_metric))
+        .route("/v0/debug", get(debug))
+        .with_state(state)
+}
+
+/// Days since 1970-01-01 to a civil date (proleptic Gregorian).
+fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// A time in ms since the epoch as RFC 3339 in UTC: with the fraction Go's
+/// `RFC3339Nano` gives (trailing zeros dropped), or in whole seconds.
+pub fn rfc3339(ms: i64, fraction: bool) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let (y, m, d) = civil(secs.div_euclid(86_400));
+    let t = secs.rem_euclid(86_400);
+    let mut out = format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+        t / 3600,
+        t % 3600 / 60,
+        t % 60
+    );
+    if fraction && millis != 0 {
+        let digits = format!("{millis:03}");
+        out.push('.');
+        out.push_str(digits.trim_end_matches('0'));
+    }
+    out.push('Z');
+    out
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A JSON answer, as Go's encoder wrote it: with a newline.
+fn json_answer(value: &Value) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json; charset=UTF-8")],
+        format!("{value}\n"),
+    )
+        .into_response()
+}
+
+fn no_content() -> Response {
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// What a message is made of.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Node,
+    Container,
+    App,
+    Any,
+}
+
+/// Messages written at once, at most.
+pub const MAX_ANSWERS: usize = 2;
+
+/// One datapoint as the v0 API writes it.
+#[derive(serde::Serialize)]
+struct Point<'a> {
+    name: &'a str,
+    value: Value,
+    unit: &'a str,
+    timestamp: String,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    tags: BTreeMap<&'a str, &'a str>,
+}
+
+fn point_value(value: f64) -> Value {
+    if value.is_nan() {
+        Value::from("NaN")
+    } else if value.is_infinite() {
+        Value::from(if value > 0.0 { "Infinity" } else { "-Infinity" })
+    } else {
+        Value::from(value)
+    }
+}
+
+/// Writes one datapoint's JSON to `out`; its dimension tags go to
+/// `dimensions` (the first value of each is kept).
+fn write_point(out: &mut Vec<u8>, key: &Key, sample: &Sample) {
+    let (name, tags) = parse_key(key);
+    let tags = tags
+        .filter(|(k, _)| !DIMENSION_TAGS.contains(k) && !NODE_TAGS.contains(k))
+        .collect();
+    let point = Point {
+        name,
+        value: point_value(sample.value),
+        unit: match sample.source {
+            Source::Node => crate::node::unit(name).unwrap_or(""),
+            _ => "",
+        },
+        timestamp: rfc3339(sample.time_ms, sample.source != Source::Input),
+        tags,
+    };
+    let _ = serde_json::to_writer(out, &point);
+}
+
+impl V0State {
+    /// The series of `kind` for which `select` holds, in key order.
+    fn series(
+        &self,
+        kind: Kind,
+        select: impl Fn(&str, &BTreeMap<&str, &str>) -> bool,
+    ) -> Vec<(Key, Sample)> {
+        let mut out: Vec<(Key, Sample)> = self
+            .store
+            .snapshot()
+            .into_iter()
+            .filter(|(_, key, sample)| {
+                let (name, tags) = parse_key(key);
+                let tags: BTreeMap<&str, &str> = tags.collect();
+                let fits = match kind {
+                    Kind::Node => sample.source == Source::Node,
+                    Kind::Container => {
+                        sample.source == Source::Agent && tags.contains_key("container_id")
+                    }
+                    Kind::App => {
+                        sample.source == Source::Input && tags.contains_key("container_id")
+                    }
+                    Kind::Any => true,
+                };
+                fits && select(name, &tags)
+            })
+            .map(|(_, key, sample)| (key, sample))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// The message's dimensions: the node's, then the first value of each
+    /// dimension tag its series carry.
+    fn dimensions(&self, series: &[(Key, Sample)]) -> Map<String, Value> {
+        let enrichment = self.enrichment.borrow().clone();
+        let mut dimensions = Map::new();
+        dimensions.insert(
+            "mesos_id".into(),
+            enrichment.agent_id.clone().unwrap_or_default().into(),
+        );
+        if let Some(cluster) = &self.cluster_id {
+            dimensions.insert("cluster_id".into(), cluster.clone().into());
+        }
+        dimensions.insert(
+            "hostname".into(),
+            enrichment.node_host.clone().unwrap_or_default().into(),
+        );
+        for (key, _) in series {
+            for (k, v) in parse_key(key).1 {
+                if DIMENSION_TAGS.contains(&k) && !dimensions.contains_key(k) {
+                    dimensions.insert(k.to_owned(), v.to_owned().into());
+                }
+            }
+        }
+        dimensions
+    }
+
+    /// A MetricsMessage of the series `select` picks, written as the
+    /// reader takes it; 204 when there are none, 503 when others are being
+    /// written for too long.
+    async fn message(
+        &self,
+        kind: Kind,
+        select: impl Fn(&str, &BTreeMap<&str, &str>) -> bool + Send + 'static,
+    ) -> Response {
+        let Some(turn) = super::take_turn(&self.turns).await else {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "other answers are being written; try again\n",
+            )
+                .into_response();
+        };
+        let state = self.clone();
+        let Ok(series) = tokio::task::spawn_blocking(move || state.series(kind, select)).await
+        else {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        };
+        if series.is_empty() {
+            return no_content();
+        }
+        let dimensions = Value::Object(self.dimensions(&series));
+        let mut next_point = 0;
+        let mut head = Some(String::from("{\"datapoints\":["));
+        let mut tail = Some(format!("],\"dimensions\":{dimensions}}}\n"));
+        let next = move || {
+            if let Some(head) = head.take() {
+                return Some(head);
+            }
+            if next_point < series.len() {
+                let mut out = Vec::with_capacity(CHUNK_BYTES + 1024);
+                while next_point < series.len() && out.len() < CHUNK_BYTES {
+                    if next_point > 0 {
+                        out.push(b',');
+                    }
+                    let (key, sample) = &series[next_point];
+                    write_point(&mut out, key, sample);
+                    next_point += 1;
+                }
+                return Some(String::from_utf8_lossy(&out).into_owned());
+            }
+            tail.take()
+        };
+        (
+            [(header::CONTENT_TYPE, "application/json; charset=UTF-8")],
+            super::chunked_body(turn, next, |_| {}),
+        )
+            .into_response()
+    }
+}
+
+/// Bytes of a message written at a time, at least.
+const CHUNK_BYTES: usize = 64 * 1024;
+
+async fn ping() -> Response {
+    json_answer(&json!({"ok": true, "timestamp": rfc3339(now_ms(), false)}))
+}
+
+async fn node(State(state): State<V0State>) -> Response {
+    state.message(Kind::Node, |_, _| true).await
+}
+
+async fn containers(State(state): State<V0State>) -> Response {
+    let ids: BTreeSet<String> = state
+        .store
+        .snapshot()
+        .into_iter()
+        .filter(|(_, _, sample)| sample.source != Source::Node)
+        .filter_map(|(_, key, _)| {
+            parse_key(&key)
+                .1
+                .find(|(k, _)| *k == "container_id")
+                .map(|(_, v)| v.to_owned())
+        })
+        .collect();
+    json_answer(&json!(ids))
+}
+
+async fn container(State(state): State<V0State>, Path(id): Path<String>) -> Response {
+    state
+        .message(Kind::Container, move |_, tags| {
+            tags.get("container_id") == Some(&id.as_str())
+        })
+        .await
+}
+
+async fn app(State(state): State<V0State>, Path(id): Path<String>) -> Response {
+    state
+        .message(Kind::App, move |_, tags| {
+            tags.get("container_id") == Some(&id.as_str())
+        })
+        .await
+}
+
+async fn app_metric(
+    State(state): State<V0State>,
+    Path((id, metric)): Path<(String, String)>,
+) -> Response {
+    state
+        .message(Kind::App, move |name, tags| {
+            name == metric && tags.get("container_id") == Some(&id.as_str())
+        })
+        .await
+}
+
+async fn debug(State(state): State<V0State>) -> Response {
+    state.message(Kind::Any, |_, _| true).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_written_as_go_wrote_them() {
+        assert_eq!(rfc3339(0, true), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_523_317_576_834, true), "2018-04-09T23:46:16.834Z");
+        assert_eq!(rfc3339(1_523_317_576_800, true), "2018-04-09T23:46:16.8Z");
+        assert_eq!(rfc3339(1_523_317_576_834, false), "2018-04-09T23:46:16Z");
+        assert_eq!(rfc3339(951_782_400_000, true), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(-1, true), "1969-12-31T23:59:59.999Z");
+    }
+}
