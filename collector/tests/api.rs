@@ -381,3 +381,31 @@ async fn security_settings_patch_redact_and_reload() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(json(&body)["field"], "kafka_sasl_password_file", "{body}");
 }
+
+/// Without Kafka (`kafka = false`) nothing of Kafka is reported: no Kafka
+/// output in `/v1/endpoints`, no broker state in `/health`.
+#[tokio::test]
+async fn without_kafka_no_kafka_state_is_reported() {
+    let app = app(Config {
+        kafka: false,
+        ..config()
+    })
+    .await;
+    let (status, body) = call(&app, "GET", "/v1/endpoints", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let endpoints = json(&body);
+    let names: Vec<&str> = endpoints["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["partner"]);
+    let (status, body) = call(&app, "GET", "/health", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let health = json(&body);
+    assert_eq!(health["status"], "ok");
+    for key in ["brokers", "all_brokers_down", "refused_topics"] {
+        assert!(health["details"].get(key).is_none(), "{key}: {health}");
+    }
+}

@@ -274,16 +274,17 @@ async fn authorize(
 async fn endpoints(State(state): State<ApiState>) -> Json<Value> {
     let config = state.runtime.config();
     let brokers = state.brokers.lock().map(|b| b.clone()).unwrap_or_default();
-    let mut outputs = vec![
-        json!({
-            "name": "partner",
-            "address": state.endpoints.partner.to_string(),
-            "protocol": "tcp",
-            "format": "avro-ocf",
-            "filter": "send `topics=<comma list or regex>\\n` first (optional)",
-            "connected": state.partners.count(),
-        }),
-        json!({
+    let mut outputs = vec![json!({
+        "name": "partner",
+        "address": state.endpoints.partner.to_string(),
+        "protocol": "tcp",
+        "format": "avro-ocf",
+        "filter": "send `topics=<comma list or regex>\\n` first (optional)",
+        "connected": state.partners.count(),
+    })];
+    // Without Kafka (kafka = false) there is no Kafka output to show.
+    if config.kafka {
+        outputs.push(json!({
             "name": "kafka",
             "protocol": "kafka",
             "format": "avro-ocf, one file per message",
@@ -295,8 +296,8 @@ async fn endpoints(State(state): State<ApiState>) -> Json<Value> {
                 Some(topic) => json!({"single_topic": topic}),
                 None => json!({"prefix": config.kafka_topic_prefix, "topic": "<prefix><record.topic>"}),
             },
-        }),
-    ];
+        }));
+    }
     if let Some(address) = &state.endpoints.metrics_api {
         outputs.push(json!({
             "name": "metrics_api",
@@ -376,7 +377,7 @@ async fn health(State(state): State<ApiState>) -> Response {
     let brokers = state.brokers.lock().map(|b| b.clone()).unwrap_or_default();
     let accounting = state.stats.accounting();
     let spool = state.spool.as_ref().map(|spool| spool.report());
-    let details = json!({
+    let mut details = json!({
         "brokers": brokers.current.as_ref().map(|c| c.brokers.clone()),
         "all_brokers_down": brokers.all_brokers_down,
         "connections_open": state.stats.connections_open.load(Relaxed),
@@ -399,6 +400,14 @@ async fn health(State(state): State<ApiState>) -> Response {
             "oldest_unacked_age_seconds": state.stats.spool_oldest_unacked_age_seconds.load(Relaxed),
         })),
     });
+    if !config.kafka
+        && let Some(details) = details.as_object_mut()
+    {
+        // Without Kafka there is no Kafka state to report.
+        for key in ["brokers", "all_brokers_down", "refused_topics"] {
+            details.remove(key);
+        }
+    }
     if state.shutdown.begun().is_cancelled() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
