@@ -7,10 +7,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use common::{balanced, eventually, http_get, start};
 
@@ -77,28 +76,9 @@ impl Drop for NodeExporter {
 
 impl NodeExporter {
     fn start() -> Self {
-        let mut child = Command::new("prometheus-node-exporter")
-            .arg("--web.listen-address=127.0.0.1:0")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("prometheus-node-exporter (Debian's package; scripts/test installs it)");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("msg=\"Listening on\"")
-                    && let Some(addr) = line.rsplit("address=").next()
-                {
-                    let _ = tx.send(addr.trim().to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("node-exporter listening")
-            .parse()
-            .unwrap();
+        let mut command = Command::new("prometheus-node-exporter");
+        command.arg("--web.listen-address=127.0.0.1:0");
+        let (child, addr) = common::spawn_listening(command, "prometheus-node-exporter");
         Self { child, addr }
     }
 

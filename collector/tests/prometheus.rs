@@ -9,10 +9,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use common::{balanced, eventually, fixture, http_get, start};
 
@@ -123,33 +122,15 @@ impl PrometheusServer {
             ),
         )
         .unwrap();
-        let mut child = Command::new("prometheus")
+        let mut command = Command::new("prometheus");
+        command
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
                 dir.path().join("data").display()
             ))
-            .arg("--web.listen-address=127.0.0.1:0")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("prometheus (Debian's prometheus package; scripts/test installs it)");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("msg=\"Listening on\"")
-                    && let Some(addr) = line.rsplit("address=").next()
-                {
-                    let _ = tx.send(addr.trim().to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("prometheus listening")
-            .parse()
-            .unwrap();
+            .arg("--web.listen-address=127.0.0.1:0");
+        let (child, addr) = common::spawn_listening(command, "prometheus");
         eventually("Prometheus ready", || {
             http_get(addr, "/-/ready").is_ok_and(|(status, _)| status == 200)
         });

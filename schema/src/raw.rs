@@ -110,20 +110,7 @@ impl<'a> RawRecord<'a> {
         let mut c = Cursor::new(&self.bytes[..self.tags_end]);
         // Validated by scan_metric_list: skip to the tags and read them back.
         let _ = c.read_bytes();
-        let mut left = 0u64;
-        std::iter::from_fn(move || {
-            while left == 0 {
-                let count = c.read_long().ok()?;
-                left = if count < 0 {
-                    c.read_long().ok()?;
-                    count.unsigned_abs()
-                } else {
-                    count as u64
-                };
-            }
-            left -= 1;
-            Some((c.read_str().ok()?, c.read_str().ok()?))
-        })
+        array_items(c, |c| Some((c.read_str().ok()?, c.read_str().ok()?)))
     }
 
     /// The datapoints, in wire order, as `(name, time_ms, value)`.
@@ -132,21 +119,7 @@ impl<'a> RawRecord<'a> {
         // Validated by scan_metric_list: the tags' terminating zero count,
         // then the datapoints' blocks.
         let _ = c.read_long();
-        let mut left = 0u64;
-        std::iter::from_fn(move || {
-            while left == 0 {
-                let count = c.read_long().ok()?;
-                if count == 0 {
-                    return None;
-                }
-                left = if count < 0 {
-                    c.read_long().ok()?;
-                    count.unsigned_abs()
-                } else {
-                    count as u64
-                };
-            }
-            left -= 1;
+        array_items(c, |c| {
             Some((
                 c.read_str().ok()?,
                 c.read_long().ok()?,
@@ -207,6 +180,32 @@ impl<'a> RawRecord<'a> {
         // The terminating zero count, then the datapoints.
         out.extend_from_slice(&self.bytes[self.tags_end..]);
     }
+}
+
+/// The items of an array validated before, read block by block from `c`
+/// (at the array's first block count) with `item`, until its terminating
+/// zero count or the end of `c`.
+fn array_items<'a, T>(
+    mut c: Cursor<'a>,
+    mut item: impl FnMut(&mut Cursor<'a>) -> Option<T>,
+) -> impl Iterator<Item = T> {
+    let mut left = 0u64;
+    std::iter::from_fn(move || {
+        while left == 0 {
+            let count = c.read_long().ok()?;
+            if count == 0 {
+                return None;
+            }
+            left = if count < 0 {
+                c.read_long().ok()?;
+                count.unsigned_abs()
+            } else {
+                count as u64
+            };
+        }
+        left -= 1;
+        item(&mut c)
+    })
 }
 
 fn bytes_len(len: usize) -> usize {

@@ -289,3 +289,32 @@ pub fn balanced(last: &serde_json::Value) -> bool {
     let n = |k: &str| last[k].as_u64().unwrap();
     n("received") + n("replayed") == n("delivered") + n("dropped") + n("spooled")
 }
+
+/// Starts a server from Debian's packages (Prometheus, the node exporter)
+/// told to listen on port 0, and returns it with the address it logged
+/// (`msg="Listening on" address=…`). `what` names its package, for the
+/// message when it is missing.
+pub fn spawn_listening(mut command: Command, what: &str) -> (Child, SocketAddr) {
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what} (Debian's package; scripts/test installs it): {e}"));
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("msg=\"Listening on\"")
+                && let Some(addr) = line.rsplit("address=").next()
+            {
+                let _ = tx.send(addr.trim().to_owned());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(PATIENCE)
+        .unwrap_or_else(|_| panic!("{what} did not say where it listens"))
+        .parse()
+        .unwrap();
+    (child, addr)
+}
