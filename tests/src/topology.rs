@@ -426,6 +426,8 @@ impl Topology {
                 "--kafka-rediscover-secs=10".into(),
                 "--api-listen=0.0.0.0:8123".into(),
                 format!("--api-token={}", self.api_token),
+                // Prometheus on DC/OS's port, as the deploy files set it.
+                "--prometheus-listen=0.0.0.0:61091".into(),
                 "--agent-url=http://127.0.0.1:5051".into(),
                 "--agent-poll-period=5".into(),
                 format!("--static-tag=node={node}"),
