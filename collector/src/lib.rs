@@ -154,7 +154,7 @@ impl App {
                 (Some(V0Listener::Tcp(listener)), Some(addr.to_string()))
             }
             config::Listen::Unix(path) => (
-                Some(V0Listener::Unix(net::bind_unix(path)?)),
+                Some(V0Listener::Unix(net::bind_unix(path).await?)),
                 Some(format!("unix:{}", path.display())),
             ),
             config::Listen::Off => (None, None),

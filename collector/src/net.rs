@@ -76,22 +76,33 @@ impl Acceptor for tokio::net::UnixListener {
     }
 }
 
-/// Binds a unix socket at `path`. A socket file left there by a process
-/// that is gone (nothing answers on it) is replaced; anything else there
-/// is an error.
-pub fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, UnixBindError> {
+/// Binds a unix socket at `path`, readable and writable by its owner and
+/// group (0660, as DC/OS's sockets were: give the reader the group). A
+/// socket file left there by a process that is gone (a connection is
+/// refused) is replaced; anything else there is an error.
+pub async fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, UnixBindError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let error = |source| UnixBindError {
         path: path.to_owned(),
         source,
     };
-    use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path)
         && meta.file_type().is_socket()
-        && std::os::unix::net::UnixStream::connect(path).is_err()
     {
-        std::fs::remove_file(path).map_err(error)?;
+        let probe = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::UnixStream::connect(path),
+        )
+        .await;
+        if let Ok(Err(e)) = probe
+            && e.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            std::fs::remove_file(path).map_err(error)?;
+        }
     }
-    tokio::net::UnixListener::bind(path).map_err(error)
+    let listener = tokio::net::UnixListener::bind(path).map_err(error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(error)?;
+    Ok(listener)
 }
 
 /// A unix socket that could not be bound.

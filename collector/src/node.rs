@@ -88,7 +88,6 @@ pub const PSEUDO_FILESYSTEMS: &[&str] = &[
     "devpts",
     "devtmpfs",
     "efivarfs",
-    "fuse.lxcfs",
     "fusectl",
     "hugetlbfs",
     "mqueue",
@@ -105,6 +104,34 @@ pub const PSEUDO_FILESYSTEMS: &[&str] = &[
     "tmpfs",
     "tracefs",
 ];
+
+/// Network filesystems, left out as dcos-metrics left them out (gopsutil's
+/// physical partitions drop every `nodev` type): a hung server would hang
+/// the poll, and their space is the server's, not the node's. Any FUSE
+/// filesystem (`fuse`, `fuse.*`) is left out too.
+pub const NETWORK_FILESYSTEMS: &[&str] = &[
+    "9p",
+    "afs",
+    "ceph",
+    "cifs",
+    "glusterfs",
+    "gpfs",
+    "lustre",
+    "ncpfs",
+    "nfs",
+    "nfs4",
+    "smb3",
+    "smbfs",
+    "sshfs",
+];
+
+/// Whether a filesystem of `fs_type` is measured.
+pub fn measured(fs_type: &str) -> bool {
+    !PSEUDO_FILESYSTEMS.contains(&fs_type)
+        && !NETWORK_FILESYSTEMS.contains(&fs_type)
+        && fs_type != "fuse"
+        && !fs_type.starts_with("fuse.")
+}
 
 /// The node source's settings.
 #[derive(Debug, Clone)]
@@ -234,9 +261,11 @@ impl NodeReader {
         }
         match self.read::<LoadAverage>("loadavg") {
             Ok(load) => {
-                point(&mut node, "load.1min", f64::from(load.one));
-                point(&mut node, "load.5min", f64::from(load.five));
-                point(&mut node, "load.15min", f64::from(load.fifteen));
+                // procfs reads them as f32; the file has two decimals.
+                let two = |v: f32| (f64::from(v) * 100.0).round() / 100.0;
+                point(&mut node, "load.1min", two(load.one));
+                point(&mut node, "load.5min", two(load.five));
+                point(&mut node, "load.15min", two(load.fifteen));
             }
             Err(e) => errors.push(e),
         }
@@ -276,13 +305,14 @@ impl NodeReader {
         let mut lists = vec![self.list(Vec::new(), node)];
         match self.read::<procfs::process::MountInfos>("self/mountinfo") {
             Ok(mounts) => {
-                let mut seen = std::collections::HashSet::new();
+                // The last mount at a path is the one on top: its type
+                // decides, and it is what statvfs measures.
+                let mut top: Vec<procfs::process::MountInfo> = Vec::new();
                 for mount in mounts.0 {
-                    if PSEUDO_FILESYSTEMS.contains(&mount.fs_type.as_str())
-                        || !seen.insert(mount.mount_point.clone())
-                    {
-                        continue;
-                    }
+                    top.retain(|m| m.mount_point != mount.mount_point);
+                    top.push(mount);
+                }
+                for mount in top.into_iter().filter(|m| measured(&m.fs_type)) {
                     match filesystem(&mount.mount_point, now_ms) {
                         Ok(points) => lists.push(self.list(
                             vec![Tag::new("path", mount.mount_point.to_string_lossy())],
@@ -338,9 +368,9 @@ impl NodeReader {
 fn filesystem(mount_point: &Path, now_ms: i64) -> std::io::Result<Vec<Datapoint>> {
     let fs = rustix::fs::statvfs(mount_point)?;
     let size = fs.f_frsize.max(1);
-    let total = fs.f_blocks * size;
-    let free = fs.f_bavail * size;
-    let used = fs.f_blocks.saturating_sub(fs.f_bfree) * size;
+    let total = fs.f_blocks.saturating_mul(size);
+    let free = fs.f_bavail.saturating_mul(size);
+    let used = fs.f_blocks.saturating_sub(fs.f_bfree).saturating_mul(size);
     Ok([
         ("filesystem.capacity.total", total),
         ("filesystem.capacity.used", used),
@@ -383,50 +413,58 @@ impl NodeSource {
 
     async fn run(self, shutdown: CancellationToken) {
         info!(period = ?self.settings.period, proc = %self.settings.proc_root.display(), "Collecting node metrics.");
-        let mut reader = Some(NodeReader::new(
-            self.settings.proc_root.clone(),
-            self.settings.topic.clone(),
-        ));
+        let fresh =
+            || NodeReader::new(self.settings.proc_root.clone(), self.settings.topic.clone());
+        let mut reader = Some(fresh());
         let mut router = Router::default();
         let mut tick = tokio::time::interval(self.settings.period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut running: Option<tokio::task::JoinHandle<_>> = None;
+        // A poll that has not returned within its period (a hung mount):
+        // the next ones wait for it, on no other thread.
+        let mut running: Option<tokio::task::JoinHandle<Polled>> = None;
         let mut reported: std::collections::HashSet<String> = std::collections::HashSet::new();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if let Some(poll) = running.take() {
-                if !poll.is_finished() {
+            let mut poll = match (running.take(), reader.take()) {
+                (Some(poll), _) => poll,
+                (None, Some(mut polling)) => tokio::task::spawn_blocking(move || {
+                    let result = polling.poll(now_ms());
+                    (polling, result)
+                }),
+                (None, None) => {
+                    reader = Some(fresh());
+                    continue;
+                }
+            };
+            let joined = tokio::select! {
+                () = shutdown.cancelled() => return,
+                joined = &mut poll => joined,
+                () = tokio::time::sleep(self.settings.period) => {
                     crate::telemetry::throttled_warn("node poll stuck", |repeats| {
                         warn!(
                             repeats,
-                            "The last node poll has not returned (a hung mount?); skipping this one."
+                            "A node poll has not returned within its period (a hung mount?); the node's metrics wait for it."
                         );
                     });
                     running = Some(poll);
                     continue;
                 }
-                if let Ok(back) = poll.await {
-                    reader = Some(back);
-                }
-            }
-            let Some(mut polling) = reader.take() else {
-                continue;
             };
-            let handle = tokio::task::spawn_blocking(move || {
-                let result = polling.poll(now_ms());
-                (polling, result)
-            });
-            let (back, (lists, errors)) = tokio::select! {
-                () = shutdown.cancelled() => return,
-                joined = handle => match joined {
-                    Ok(done) => done,
-                    Err(_) => continue,
-                },
+            let (back, (lists, errors)) = match joined {
+                Ok(done) => done,
+                Err(error) => {
+                    tracing::error!(%error, "A node poll failed (a bug); polling on with a new reader.");
+                    reader = Some(fresh());
+                    continue;
+                }
             };
             reader = Some(back);
+            if reported.len() > 256 {
+                reported.clear();
+            }
             for error in errors {
                 if reported.insert(error.path.clone()) {
                     warn!(%error, "A node metric could not be read; left out until it can.");
@@ -447,6 +485,9 @@ impl NodeSource {
         }
     }
 }
+
+/// A poll's reader given back, with what it read.
+type Polled = (NodeReader, (Vec<MetricList>, Vec<NodeError>));
 
 #[cfg(test)]
 mod tests {
@@ -475,7 +516,7 @@ mod tests {
         );
         write(
             "self/mountinfo",
-            "22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n23 22 0:5 / /proc rw - proc proc rw\n24 22 0:6 / /tmp rw - tmpfs tmpfs rw\n",
+            "22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n23 22 0:5 / /proc rw - proc proc rw\n24 22 0:6 / /tmp rw - tmpfs tmpfs rw\n25 22 0:7 / /mnt rw - nfs4 server:/x rw\n26 22 0:8 / /fuse rw - fuse.sshfs h:/ rw\n27 22 8:1 / /data rw - ext4 /dev/sda1 rw\n28 27 0:9 / /data rw - tmpfs tmpfs rw\n",
         );
         for pid in ["1", "42", "self-not-a-pid"] {
             std::fs::create_dir_all(dir.path().join(pid)).unwrap();
@@ -521,7 +562,7 @@ mod tests {
         assert_eq!(node["cpu.idle"], 80.0);
         assert_eq!(node["cpu.wait"], 5.0);
         assert_eq!(node["load.1min"], 0.5);
-        assert_eq!(node["load.15min"], f64::from(0.1f32));
+        assert_eq!(node["load.15min"], 0.1);
         assert_eq!(node["memory.total"], 1000.0 * 1024.0);
         assert_eq!(node["memory.free"], 400.0 * 1024.0);
         assert_eq!(node["memory.buffers"], 10.0 * 1024.0);
@@ -533,7 +574,8 @@ mod tests {
         assert_eq!(lo["network.out"], 2000.0);
         assert_eq!(lo["network.in.errors"], 1.0);
         assert_eq!(lo["network.out.dropped"], 4.0);
-        // Only the ext4 root: /proc and /tmp are pseudo filesystems.
+        // Only the ext4 root: /proc and /tmp are pseudo filesystems, /mnt
+        // a network one, /fuse a FUSE one, and /data has a tmpfs on top.
         let paths: Vec<&str> = lists
             .iter()
             .flat_map(|l| &l.tags)
@@ -568,6 +610,78 @@ mod tests {
         assert_eq!(node["cpu.system"], 0.0);
         assert_eq!(node["cpu.idle"], 25.0);
         assert_eq!(node["cpu.wait"], 25.0);
+    }
+
+    /// A poll that hangs (here on a FIFO, as on a hung mount) holds its one
+    /// thread: nothing is read meanwhile, the polls after wait for it, it
+    /// is taken as soon as it returns, and shutdown does not wait for it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hung_poll_holds_one_thread_and_shutdown_does_not_wait_for_it() {
+        use std::sync::Arc;
+        let proc = fake_proc();
+        let fifo = proc.path().join("uptime");
+        std::fs::remove_file(&fifo).unwrap();
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let stats = Arc::new(crate::stats::Stats::default());
+        let config = crate::config::Config::default();
+        let buffer = Arc::new(crate::buffer::Buffer::new(
+            1 << 20,
+            crate::config::FullPolicy::Block,
+            stats.clone(),
+        ));
+        let pipeline = Arc::new(Pipeline {
+            stats: stats.clone(),
+            buffer: buffer.clone(),
+            routing: tokio::sync::watch::channel(Arc::new(crate::route::Routing::from_config(
+                &config,
+            )))
+            .1,
+            enrichment: tokio::sync::watch::channel(Arc::new(crate::enrich::Enrichment::default()))
+                .1,
+            refresh: Arc::new(tokio::sync::Notify::new()),
+            store: None,
+        });
+        let source = NodeSource {
+            settings: NodeSettings {
+                period: Duration::from_millis(100),
+                proc_root: proc.path().to_owned(),
+                topic: NODE_TOPIC.into(),
+            },
+            pipeline,
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(source.run(shutdown.clone()));
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(
+            stats.received_node.get().records,
+            0,
+            "nothing while the poll hangs"
+        );
+        let writer = fifo.clone();
+        std::thread::spawn(move || std::fs::write(writer, "5.0 1.0\n"));
+        let start = std::time::Instant::now();
+        while stats.received_node.get().records == 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the poll taken once it returned"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The next poll hangs on the FIFO again: shutdown does not wait.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the source stops at once")
+            .unwrap();
+        // Let the blocked poll go, so that the runtime's blocking pool ends.
+        std::thread::spawn(move || std::fs::write(fifo, ""));
     }
 
     #[test]

@@ -220,6 +220,44 @@ fn the_v0_api_serves_what_dcos_metrics_served_and_its_swagger_allows() {
     assert_eq!(status, 200);
     answers.push(("MetricsMessage", serde_json::from_str(&body).unwrap()));
 
+    // A message larger than a chunk (64 KiB), and a series the agent's
+    // state completed later: given once, its newest.
+    let mut encoder = schema::OcfEncoder::new(schema::Codec::Null);
+    let mut bytes = encoder.header().to_vec();
+    let big = |framework: &str, time: i64, value: f64| schema::MetricList {
+        topic: "big".into(),
+        tags: vec![
+            schema::Tag::new("container_id", "big"),
+            schema::Tag::new("framework_name", framework),
+        ],
+        datapoints: (0..3000)
+            .map(|i| schema::Datapoint::new(format!("app.metric.{i:04}"), time, value))
+            .collect(),
+    };
+    encoder.write_block(&[big("UNKNOWN_FRAMEWORK_ID", 1_000, 1.0)], &mut bytes);
+    encoder.write_block(&[big("marathon", 2_000, 2.0)], &mut bytes);
+    TcpStream::connect(collector.input)
+        .unwrap()
+        .write_all(&bytes)
+        .unwrap();
+    eventually("the big container served", || {
+        let (status, _, body) = get(socket, "/v0/containers/big/app");
+        status == 200
+            && serde_json::from_str::<Value>(&body).is_ok_and(|m| {
+                m["datapoints"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|p| p["value"] == 2.0)
+            })
+    });
+    let (_, _, body) = get(socket, "/v0/containers/big/app");
+    assert!(body.len() > 64 * 1024);
+    let message: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(message["datapoints"].as_array().unwrap().len(), 3000);
+    assert_eq!(message["dimensions"]["framework_name"], "marathon");
+    answers.push(("MetricsMessage", message));
+
     let answers: Vec<(&str, &Value)> = answers.iter().map(|(d, v)| (*d, v)).collect();
     swagger(&answers);
 

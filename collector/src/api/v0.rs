@@ -19,7 +19,9 @@
 //! for a container, the ids and names its records carry (`container_id`,
 //! `executor_id`, `framework_id`, `framework_name`, `framework_role`,
 //! `framework_principal`, `task_id`, `task_name`). A datapoint's `tags` are
-//! its record's other tags. Values: numbers; NaN as the string `"NaN"` (as
+//! its record's tags but `agent_id` (and, for an app datapoint, but the
+//! dimensions). A series whose tags the agent's `/state` completed later
+//! is given once, its newest. Values: numbers; NaN as the string `"NaN"` (as
 //! dcos-metrics did), the infinities as `"Infinity"` and `"-Infinity"`
 //! (JSON has no number for them). Node and container timestamps are
 //! RFC 3339 with nanoseconds, app timestamps in whole seconds, as
@@ -55,6 +57,10 @@ pub const DIMENSION_TAGS: &[&str] = &[
 
 /// Tags that name the node, which `mesos_id` and `hostname` already give.
 const NODE_TAGS: &[&str] = &["agent_id"];
+
+/// Tags the collector adds from the agent's `/state`, which change once it
+/// answers.
+const ENRICHED_TAGS: &[&str] = &["agent_id", "framework_name", "application_name"];
 
 /// What the routes read.
 #[derive(Clone)]
@@ -169,12 +175,14 @@ fn point_value(value: f64) -> Value {
     }
 }
 
-/// Writes one datapoint's JSON to `out`; its dimension tags go to
-/// `dimensions` (the first value of each is kept).
+/// Writes one datapoint's JSON to `out`. Its tags are its record's but
+/// the node's (`mesos_id` and `hostname` give them); an app datapoint's
+/// also leave out what the dimensions give, as dcos-metrics' did.
 fn write_point(out: &mut Vec<u8>, key: &Key, sample: &Sample) {
     let (name, tags) = parse_key(key);
+    let app = sample.source == Source::Input;
     let tags = tags
-        .filter(|(k, _)| !DIMENSION_TAGS.contains(k) && !NODE_TAGS.contains(k))
+        .filter(|(k, _)| !(NODE_TAGS.contains(k) || app && DIMENSION_TAGS.contains(k)))
         .collect();
     let point = Point {
         name,
@@ -196,7 +204,7 @@ impl V0State {
         kind: Kind,
         select: impl Fn(&str, &BTreeMap<&str, &str>) -> bool,
     ) -> Vec<(Key, Sample)> {
-        let mut out: Vec<(Key, Sample)> = self
+        let out: Vec<(Key, Sample)> = self
             .store
             .snapshot()
             .into_iter()
@@ -217,13 +225,36 @@ impl V0State {
             })
             .map(|(_, key, sample)| (key, sample))
             .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        // A series whose tags the agent's `/state` completed later (the
+        // first records of a node or container carry `UNKNOWN_*` values
+        // until it answers) is the same datapoint: the newest is given.
+        let same = |key: &Key| {
+            let (name, tags) = parse_key(key);
+            let tags: Vec<(&str, &str)> =
+                tags.filter(|(k, _)| !ENRICHED_TAGS.contains(k)).collect();
+            (
+                name.to_owned(),
+                tags.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let mut newest: BTreeMap<(String, Vec<String>), (Key, Sample)> = BTreeMap::new();
+        for (key, sample) in out {
+            let held = newest
+                .entry(same(&key))
+                .or_insert_with(|| (key.clone(), sample));
+            if sample.time_ms > held.1.time_ms {
+                *held = (key, sample);
+            }
+        }
+        newest.into_values().collect()
     }
 
-    /// The message's dimensions: the node's, then the first value of each
-    /// dimension tag its series carry.
-    fn dimensions(&self, series: &[(Key, Sample)]) -> Map<String, Value> {
+    /// The message's dimensions: the node's, then, for one container's
+    /// message, the first value of each dimension tag its series carry
+    /// (`/v0/debug` mixes containers: its datapoints keep their tags).
+    fn dimensions(&self, kind: Kind, series: &[(Key, Sample)]) -> Map<String, Value> {
         let enrichment = self.enrichment.borrow().clone();
         let mut dimensions = Map::new();
         dimensions.insert(
@@ -237,6 +268,9 @@ impl V0State {
             "hostname".into(),
             enrichment.node_host.clone().unwrap_or_default().into(),
         );
+        if kind == Kind::Any || kind == Kind::Node {
+            return dimensions;
+        }
         for (key, _) in series {
             for (k, v) in parse_key(key).1 {
                 if DIMENSION_TAGS.contains(&k) && !dimensions.contains_key(k) {
@@ -263,14 +297,19 @@ impl V0State {
                 .into_response();
         };
         let state = self.clone();
-        let Ok(series) = tokio::task::spawn_blocking(move || state.series(kind, select)).await
+        let Ok((series, dimensions)) = tokio::task::spawn_blocking(move || {
+            let series = state.series(kind, select);
+            let dimensions = state.dimensions(kind, &series);
+            (series, dimensions)
+        })
+        .await
         else {
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
         };
         if series.is_empty() {
             return no_content();
         }
-        let dimensions = Value::Object(self.dimensions(&series));
+        let dimensions = Value::Object(dimensions);
         let mut next_point = 0;
         let mut head = Some(String::from("{\"datapoints\":["));
         let mut tail = Some(format!("],\"dimensions\":{dimensions}}}\n"));
@@ -312,18 +351,31 @@ async fn node(State(state): State<V0State>) -> Response {
 }
 
 async fn containers(State(state): State<V0State>) -> Response {
-    let ids: BTreeSet<String> = state
-        .store
-        .snapshot()
-        .into_iter()
-        .filter(|(_, _, sample)| sample.source != Source::Node)
-        .filter_map(|(_, key, _)| {
-            parse_key(&key)
-                .1
-                .find(|(k, _)| *k == "container_id")
-                .map(|(_, v)| v.to_owned())
-        })
-        .collect();
+    let Some(_turn) = super::take_turn(&state.turns).await else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "other answers are being written; try again\n",
+        )
+            .into_response();
+    };
+    let store = state.store.clone();
+    let Ok(ids) = tokio::task::spawn_blocking(move || {
+        store
+            .snapshot()
+            .into_iter()
+            .filter(|(_, _, sample)| sample.source != Source::Node)
+            .filter_map(|(_, key, _)| {
+                parse_key(&key)
+                    .1
+                    .find(|(k, _)| *k == "container_id")
+                    .map(|(_, v)| v.to_owned())
+            })
+            .collect::<BTreeSet<String>>()
+    })
+    .await
+    else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
     json_answer(&json!(ids))
 }
 

@@ -209,8 +209,9 @@ impl Poller {
                         "Agent state expired: records get UNKNOWN_* tags until /state answers again."
                     );
                     *last_ok = None;
-                    self.enrichment
-                        .send_replace(Arc::new(Enrichment::pending()));
+                    let mut pending = Enrichment::pending();
+                    pending.node_host = self.enrichment.borrow().node_host.clone();
+                    self.enrichment.send_replace(Arc::new(pending));
                 }
             }
         }
