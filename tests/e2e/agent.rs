@@ -341,3 +341,48 @@ async fn sample_producer_survives_a_scheduler_outage() {
     let report = task.await.unwrap();
     assert_eq!(report.datapoints_dropped, 0, "{report:?}");
 }
+
+/// The `container_id` label values a Prometheus scrape of `addr` holds.
+async fn scraped_containers(addr: std::net::SocketAddr) -> std::collections::BTreeSet<String> {
+    let Ok(response) = reqwest::get(format!("http://{addr}/metrics")).await else {
+        return Default::default();
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split("container_id=\"").nth(1))
+        .filter_map(|rest| rest.split('"').next())
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A container the agent stops listing takes its series out of the node
+/// store, and so out of Prometheus, at once (not after
+/// `store_expiry_secs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_containers_series_leave_prometheus_at_once() {
+    let kafka = MockCluster::new(1).unwrap();
+    let agent = mesos_agent().containers(3).run().await.unwrap();
+    let mut config = test_config(&kafka.bootstrap_servers());
+    config.agent_polling = true;
+    config.agent_url = Some(agent.url());
+    config.agent_poll_period = 1;
+    config.prometheus_listen = "127.0.0.1:0".parse().unwrap();
+    let collector = spawn_collector(config).await;
+    let prometheus = collector.prometheus.expect("Prometheus on");
+    assert_eventually!(
+        scraped_containers(prometheus).await.len() == 3,
+        "three containers' series served"
+    );
+    let before = scraped_containers(prometheus).await;
+    agent.set_containers(1);
+    assert_eventually!(
+        scraped_containers(prometheus).await.len() == 1,
+        "the stopped containers' series gone"
+    );
+    let after = scraped_containers(prometheus).await;
+    assert!(after.is_subset(&before), "{after:?} of {before:?}");
+    let accounting = collector.shutdown().await;
+    assert!(accounting.balanced(), "{accounting:?}");
+}

@@ -147,6 +147,8 @@ pub struct TestCollector {
     pub api: SocketAddr,
     /// Its partner output.
     pub partner: SocketAddr,
+    /// Its Prometheus listener, when on.
+    pub prometheus: Option<SocketAddr>,
     /// Its counters.
     pub stats: Arc<Stats>,
     /// Its broker state.
@@ -163,7 +165,7 @@ pub async fn spawn_collector(config: Config) -> TestCollector {
         .expect("collector starts");
     let (stop, stopped) = oneshot::channel();
     let addr = app.ingest_addr();
-    let (api, partner) = (app.api_addr(), app.partner_addr());
+    let (api, partner, prometheus) = (app.api_addr(), app.partner_addr(), app.prometheus_addr());
     let stats = app.stats();
     let brokers = app.broker_state();
     let task = tokio::spawn(app.run(async {
@@ -173,6 +175,7 @@ pub async fn spawn_collector(config: Config) -> TestCollector {
         addr,
         api,
         partner,
+        prometheus,
         stats,
         brokers,
         stop,

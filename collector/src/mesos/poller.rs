@@ -245,6 +245,7 @@ impl Poller {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_refresh = Instant::now();
         let mut last_ok: Option<Instant> = None;
+        let mut containers_seen = std::collections::HashSet::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -262,13 +263,47 @@ impl Poller {
             }
             let span = tracing::info_span!("agent poll", agent = %url);
             if !self
-                .poll(&client, &mut router, &mut last_ok, &shutdown)
+                .poll(
+                    &client,
+                    &mut router,
+                    &mut last_ok,
+                    &mut containers_seen,
+                    &shutdown,
+                )
                 .instrument(span)
                 .await
             {
                 return;
             }
             last_refresh = Instant::now();
+        }
+    }
+
+    /// Forgets, in the node store, the series of the containers the agent
+    /// listed last time and no longer lists: a stopped container's series
+    /// go at once, not after `store_expiry_secs`.
+    fn forget_stopped(
+        &self,
+        seen: &mut std::collections::HashSet<String>,
+        now: std::collections::HashSet<String>,
+    ) {
+        let gone: std::collections::HashSet<String> = seen.difference(&now).cloned().collect();
+        *seen = now;
+        if gone.is_empty() {
+            return;
+        }
+        if let Some(store) = &self.pipeline.store {
+            let removed = store.remove_where(|key, sample| {
+                sample.source != crate::store::Source::Node
+                    && crate::store::parse_key(key)
+                        .1
+                        .any(|(k, v)| k == "container_id" && gone.contains(v))
+            });
+            tracing::debug!(
+                containers = gone.len(),
+                series = removed,
+                "Forgot the series of stopped containers."
+            );
         }
     }
 
@@ -279,6 +314,7 @@ impl Poller {
         client: &AgentClient,
         router: &mut Router,
         last_ok: &mut Option<Instant>,
+        containers_seen: &mut std::collections::HashSet<String>,
         shutdown: &CancellationToken,
     ) -> bool {
         tokio::select! {
@@ -302,6 +338,12 @@ impl Poller {
                 for reason in &mapped.skipped {
                     warn!(reason, "Skipped a /containers entry.");
                 }
+                let now: std::collections::HashSet<String> = mapped
+                    .lists
+                    .iter()
+                    .filter_map(|l| l.tag("container_id").map(str::to_owned))
+                    .collect();
+                self.forget_stopped(containers_seen, now);
                 self.push(router, mapped.lists, shutdown).await;
             }
             Err(error) => self.failed("/containers", &error),
