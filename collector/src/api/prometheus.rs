@@ -29,8 +29,7 @@ use crate::stats::Stats;
 use crate::store::Store;
 use crate::store::prometheus::{Renderer, declared_names};
 
-/// Scrapes rendered at once, at most.
-pub const MAX_SCRAPES: usize = 2;
+pub use crate::store::limits::MAX_SCRAPES;
 /// Text written to the client at a time, at least (a line is never split).
 pub const CHUNK_BYTES: usize = 64 * 1024;
 

@@ -151,8 +151,7 @@ enum Kind {
     Any,
 }
 
-/// Messages written at once, at most.
-pub const MAX_ANSWERS: usize = 2;
+pub use crate::store::limits::MAX_ANSWERS;
 
 /// One datapoint as the v0 API writes it.
 #[derive(serde::Serialize)]

@@ -284,9 +284,9 @@ pub const MAX_STORE_SERIES: u64 = 10_000_000;
 impl Config {
     /// Whether an output reads the node store (Prometheus, the v0 API):
     /// otherwise there is none, and nothing is decoded for it.
-    pub fn store_settings(&self) -> Option<crate::store::StoreSettings> {
+    pub fn store_settings(&self) -> Option<crate::store::limits::StoreSettings> {
         (self.prometheus_listen.is_on() || self.metrics_api_listen.is_on()).then(|| {
-            crate::store::StoreSettings {
+            crate::store::limits::StoreSettings {
                 max_series: self.store_max_series,
                 expiry: std::time::Duration::from_secs(self.store_expiry_secs),
             }
@@ -325,10 +325,10 @@ impl Config {
         };
         let store = self.store_settings().map_or(0, |store| {
             let readers = usize::from(self.prometheus_listen.is_on())
-                * crate::api::prometheus::MAX_SCRAPES
-                + usize::from(self.metrics_api_listen.is_on()) * crate::api::v0::MAX_ANSWERS;
+                * crate::store::limits::MAX_SCRAPES
+                + usize::from(self.metrics_api_listen.is_on()) * crate::store::limits::MAX_ANSWERS;
             (store.memory_bound()
-                + readers * store.max_series * crate::store::prometheus::SCRAPE_BYTES_PER_SERIES)
+                + readers * store.max_series * crate::store::limits::SCRAPE_BYTES_PER_SERIES)
                 as u64
         });
         MemoryBound {

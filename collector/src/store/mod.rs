@@ -22,7 +22,13 @@
 //! taken, expired series are removed a batch at a time, and a scrape
 //! works on a snapshot whose keys are shared, not copied.
 
+pub mod limits;
 pub mod prometheus;
+
+pub use limits::{
+    FAMILY_OVERHEAD_BYTES, LABEL_OVERHEAD_BYTES, MAX_FAMILY_LABEL_BYTES, MAX_FAMILY_LABELS,
+    Refusal, SERIES_BUDGET_BYTES, SERIES_OVERHEAD_BYTES, StoreSettings,
+};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering::Relaxed;
@@ -35,22 +41,6 @@ use crate::memory::allocated_size;
 use crate::route::Routed;
 use crate::stats::Stats;
 
-/// The average bytes of name and tags a series may take: with
-/// [`SERIES_OVERHEAD_BYTES`], what `store_max_series` series may take in
-/// all, families included.
-pub const SERIES_BUDGET_BYTES: usize = 256;
-/// What a series takes beyond its key: its entry in the map (the key's and
-/// family's pointers, its value and times) and the key's allocation header.
-pub const SERIES_OVERHEAD_BYTES: usize = 96;
-/// What a family takes beyond its name: its entry and its label map.
-pub const FAMILY_OVERHEAD_BYTES: usize = 128;
-/// What one of a family's label names takes beyond its bytes.
-pub const LABEL_OVERHEAD_BYTES: usize = 64;
-/// Label names one Prometheus family may have (the union of its series'
-/// tag keys, sanitized).
-pub const MAX_FAMILY_LABELS: usize = 64;
-/// Bytes of those label names together.
-pub const MAX_FAMILY_LABEL_BYTES: usize = 1024;
 /// Expired series removed under one hold of the lock.
 const EXPIRY_BATCH: usize = 1024;
 
@@ -63,48 +53,6 @@ pub enum Source {
     Agent,
     /// The node's own metrics.
     Node,
-}
-
-/// Why a datapoint of a series not held was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// `store_max_series` series are held.
-    Series,
-    /// The byte bound is reached.
-    Bytes,
-    /// Its family would have too many label names.
-    Labels,
-}
-
-impl Refusal {
-    /// Every reason, for the counters.
-    pub const ALL: [Refusal; 3] = [Refusal::Series, Refusal::Bytes, Refusal::Labels];
-
-    /// The reason's label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::Series => "series",
-            Refusal::Bytes => "bytes",
-            Refusal::Labels => "labels",
-        }
-    }
-}
-
-/// The store's bounds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StoreSettings {
-    /// Most series held.
-    pub max_series: usize,
-    /// A series not updated for this long is forgotten.
-    pub expiry: Duration,
-}
-
-impl StoreSettings {
-    /// What the store takes at most, everything it holds counted.
-    pub fn memory_bound(&self) -> usize {
-        self.max_series
-            .saturating_mul(SERIES_BUDGET_BYTES + SERIES_OVERHEAD_BYTES)
-    }
 }
 
 /// One series' latest value.

@@ -99,10 +99,7 @@ pub struct Skipped {
     pub name_taken: u64,
 }
 
-/// Heap a scrape takes per series, at most: its place in the snapshot
-/// (the shared family name and key, the sample: 64 bytes) and in the set
-/// of samples already written (a hash, with the set's spare room).
-pub const SCRAPE_BYTES_PER_SERIES: usize = 128;
+pub use super::limits::SCRAPE_BYTES_PER_SERIES;
 
 /// The family being written: its label names, and the samples already
 /// written (hashes of their names and labels).
