@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What serving the node's metrics costs (BENCHMARKS.md section 7):
+# What serving the node's metrics costs (BENCHMARKS.md section 6):
 #  1. the node store: RSS with 10,000 and 100,000 series held, and the time
 #     and CPU of a Prometheus scrape of them (the release collector, no
 #     Kafka, fed series by fastavro over its TCP input);
