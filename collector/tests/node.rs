@@ -7,9 +7,8 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use common::{balanced, eventually, http_get, start};
 
@@ -197,25 +196,7 @@ fn node_metrics_agree_with_node_exporter_and_promtool_reads_them() {
     // promtool reads the scrape; its only lints are on names dcos-metrics
     // chose and the collector keeps, for the dashboards built on them.
     let (_, text) = http_get(target, "/metrics").unwrap();
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_, report) = common::promtool(&text);
     assert!(!report.contains("error"), "{report}");
     let kept = [
         "cpu_total",

@@ -11,7 +11,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use common::{balanced, eventually, fixture, http_get, start};
 
@@ -56,37 +56,11 @@ fn expected_series() -> BTreeMap<(String, BTreeMap<String, String>), serde_json:
     series
 }
 
-/// Runs `promtool check metrics` on `text`: its exit code and output.
-fn promtool(text: &str) -> (i32, String) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus package; scripts/test installs it)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// Checks a scrape with promtool: it parses (exit 0, or 3 for lint
 /// problems only), and no lint problem names a family the collector names
 /// itself.
 fn assert_promtool_reads(text: &str) {
-    let (code, out) = promtool(text);
+    let (code, out) = common::promtool(text);
     assert!(code == 0 || code == 3, "promtool exit {code}: {out}");
     assert!(!out.contains("error"), "{out}");
     for line in out.lines() {
@@ -184,7 +158,7 @@ fn a_real_prometheus_reads_every_series_a_fastavro_stream_carried() {
         .expect("the start-up line names the listener");
     // Before any input: the collector's own families, which promtool reads
     // without a lint.
-    let (code, out) = promtool(&scrape(target));
+    let (code, out) = common::promtool(&scrape(target));
     assert_eq!(code, 0, "{out}");
 
     TcpStream::connect(collector.input)
