@@ -15,7 +15,7 @@ use std::process::{Child, Command};
 
 use common::{balanced, eventually, fixture, http_get, start};
 
-/// The rule the issue states, written here on its own: every character
+/// The naming rule (docs/prometheus-and-v0.md), written here on its own: every character
 /// outside `[a-zA-Z0-9_:]` (`[a-zA-Z0-9_]` for a label) as `_`, and `_`
 /// before a leading digit or for an empty name.
 fn prometheus_name(name: &str, label: bool) -> String {
