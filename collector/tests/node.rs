@@ -123,17 +123,36 @@ fn node_metrics_agree_with_node_exporter_and_promtool_reads_them() {
     };
     same("memory_total", &[], "node_memory_MemTotal_bytes", &[]);
     same("swap_total", &[], "node_memory_SwapTotal_bytes", &[]);
+    // A filesystem both measure: `/` where both have it (a root on overlay
+    // is left out by both), else the first both have.
+    let paths =
+        |all: &BTreeMap<(String, BTreeMap<String, String>), f64>, name: &str, label: &str| {
+            all.keys()
+                .filter(|(n, _)| n == name)
+                .filter_map(|(_, l)| l.get(label).cloned())
+                .collect::<std::collections::BTreeSet<String>>()
+        };
+    let ours_paths = paths(&ours, "filesystem_capacity_total", "path");
+    let both: Vec<String> = paths(&theirs, "node_filesystem_size_bytes", "mountpoint")
+        .intersection(&ours_paths)
+        .cloned()
+        .collect();
+    let path = if both.iter().any(|p| p == "/") {
+        "/".to_owned()
+    } else {
+        both.first().cloned().expect("a filesystem both measure")
+    };
     same(
         "filesystem_capacity_total",
-        &[("path", "/")],
+        &[("path", &path)],
         "node_filesystem_size_bytes",
-        &[("mountpoint", "/")],
+        &[("mountpoint", &path)],
     );
     same(
         "filesystem_inode_total",
-        &[("path", "/")],
+        &[("path", &path)],
         "node_filesystem_files",
-        &[("mountpoint", "/")],
+        &[("mountpoint", &path)],
     );
     let cpus: std::collections::BTreeSet<&String> = theirs
         .keys()
