@@ -357,7 +357,7 @@ impl App {
                         .map(|id| id.trim().to_owned())
                         .filter(|id| !id.is_empty())
                 }),
-                turns: Arc::new(tokio::sync::Semaphore::new(api::v0::MAX_ANSWERS)),
+                turns: Arc::new(tokio::sync::Semaphore::new(store::limits::MAX_ANSWERS)),
             };
             let router = api::v0::router(state);
             let (stop, stats) = (plan.outputs().clone(), self.stats.clone());

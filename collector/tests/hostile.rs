@@ -219,6 +219,9 @@ fn out_of_descriptors_the_collector_backs_off_and_recovers() {
             held.push(stream);
         }
     }
+    // A window of starvation to watch the logging in: nothing outside the
+    // collector can see its failed accepts while it has no descriptor for
+    // the API either, so this is an observation, not a wait for an event.
     std::thread::sleep(Duration::from_secs(3));
     let lines = collector.log_lines("Failed to accept a connection");
     assert!(

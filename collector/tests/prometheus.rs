@@ -250,6 +250,18 @@ fn off_by_default_no_port_is_opened_and_nothing_is_stored() {
         collector.metric("collector_blocks_received_total") >= 1.0
     });
     assert_eq!(collector.metric("collector_store_series"), 0.0);
+    let log = collector.log.clone();
     let (code, _) = collector.stop();
     assert_eq!(code, Some(0));
+    // Without Kafka (these collectors run with kafka = false), nothing of
+    // Kafka is warned about.
+    let kafka_warnings: Vec<String> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\""))
+        .filter(|l| l.to_lowercase().contains("kafka") || l.contains("broker"))
+        .cloned()
+        .collect();
+    assert!(kafka_warnings.is_empty(), "{kafka_warnings:?}");
 }

@@ -119,15 +119,26 @@ pub(crate) async fn take_turn(
         .ok()
 }
 
-/// A body streamed from a task holding `turn`: the chunks `next` makes,
+/// A large answer written a chunk at a time (a scrape, a v0 message).
+pub(crate) trait Chunks: Send + 'static {
+    /// The next chunk, or `None` at the end.
+    fn next_chunk(&mut self) -> Option<String>;
+
+    /// Told, once writing ends, whether all was sent.
+    fn finished(self, _complete: bool)
+    where
+        Self: Sized,
+    {
+    }
+}
+
+/// A body streamed from a task holding `turn`: the chunks of `answer`,
 /// each sent as the reader takes the last (two wait at most). A reader
 /// that takes nothing for [`WRITE_TIMEOUT`] ends it early, and the body
-/// then ends with an error, so the connection is aborted. `done` is told
-/// whether all was sent.
+/// then ends with an error, so the connection is aborted.
 pub(crate) fn chunked_body(
     turn: tokio::sync::OwnedSemaphorePermit,
-    mut next: impl FnMut() -> Option<String> + Send + 'static,
-    done: impl FnOnce(bool) + Send + 'static,
+    mut answer: impl Chunks,
 ) -> axum::body::Body {
     use std::sync::atomic::{AtomicBool, Ordering};
     let (chunks, receiver) = tokio::sync::mpsc::channel::<Bytes>(2);
@@ -136,7 +147,7 @@ pub(crate) fn chunked_body(
     tokio::spawn(async move {
         let _turn = turn;
         let mut complete = true;
-        while let Some(chunk) = next() {
+        while let Some(chunk) = answer.next_chunk() {
             let sent = tokio::time::timeout(WRITE_TIMEOUT, chunks.send(Bytes::from(chunk))).await;
             if !matches!(sent, Ok(Ok(()))) {
                 complete = false;
@@ -144,7 +155,7 @@ pub(crate) fn chunked_body(
             }
         }
         finishing.store(complete, Ordering::Release);
-        done(complete);
+        answer.finished(complete);
     });
     let body = futures::stream::unfold(Some(receiver), move |receiver| {
         let finished = finished.clone();

@@ -29,7 +29,7 @@ use crate::stats::Stats;
 use crate::store::Store;
 use crate::store::prometheus::{Renderer, declared_names};
 
-pub use crate::store::limits::MAX_SCRAPES;
+use crate::store::limits::MAX_SCRAPES;
 /// Text written to the client at a time, at least (a line is never split).
 pub const CHUNK_BYTES: usize = 64 * 1024;
 
@@ -99,30 +99,44 @@ async fn metrics(State(state): State<PrometheusState>) -> Response {
     else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
-    let renderer = Arc::new(std::sync::Mutex::new(renderer));
-    let mut own = Some(own);
-    let next = {
-        let renderer = renderer.clone();
-        move || {
-            own.take().or_else(|| {
-                renderer
-                    .lock()
-                    .ok()
-                    .and_then(|mut r| r.next_chunk(CHUNK_BYTES))
-            })
-        }
+    let scrape = Scrape {
+        own: Some(own),
+        renderer,
+        stats: state.stats.clone(),
     };
-    let stats = state.stats.clone();
-    let done = move |complete: bool| {
-        if let Ok(renderer) = renderer.lock() {
-            let skipped = renderer.skipped();
-            stats
-                .store_skipped_duplicate
-                .fetch_add(skipped.duplicate, Relaxed);
-            stats
-                .store_skipped_name_taken
-                .fetch_add(skipped.name_taken, Relaxed);
-        }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        super::chunked_body(turn, scrape),
+    )
+        .into_response()
+}
+
+/// One scrape: the collector's own families, then the store's.
+struct Scrape {
+    own: Option<String>,
+    renderer: Renderer,
+    stats: Arc<Stats>,
+}
+
+impl super::Chunks for Scrape {
+    fn next_chunk(&mut self) -> Option<String> {
+        self.own
+            .take()
+            .or_else(|| self.renderer.next_chunk(CHUNK_BYTES))
+    }
+
+    fn finished(self, complete: bool) {
+        let skipped = self.renderer.skipped();
+        let stats = &self.stats;
+        stats
+            .store_skipped_duplicate
+            .fetch_add(skipped.duplicate, Relaxed);
+        stats
+            .store_skipped_name_taken
+            .fetch_add(skipped.name_taken, Relaxed);
         if complete {
             stats.prometheus_scrapes.fetch_add(1, Relaxed);
         } else {
@@ -134,13 +148,5 @@ async fn metrics(State(state): State<PrometheusState>) -> Response {
                 );
             });
         }
-    };
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        super::chunked_body(turn, next, done),
-    )
-        .into_response()
+    }
 }

@@ -71,7 +71,8 @@ pub struct V0State {
     pub enrichment: watch::Receiver<Arc<Enrichment>>,
     /// The cluster's id (`cluster_id`, or `/var/lib/dcos/cluster-id`).
     pub cluster_id: Option<String>,
-    /// Turns to write a message ([`MAX_ANSWERS`] at once).
+    /// Turns to write a message
+    /// ([`MAX_ANSWERS`](crate::store::limits::MAX_ANSWERS) at once).
     pub turns: Arc<tokio::sync::Semaphore>,
 }
 
@@ -150,8 +151,6 @@ enum Kind {
     App,
     Any,
 }
-
-pub use crate::store::limits::MAX_ANSWERS;
 
 /// One datapoint as the v0 API writes it.
 #[derive(serde::Serialize)]
@@ -308,33 +307,54 @@ impl V0State {
         if series.is_empty() {
             return no_content();
         }
-        let dimensions = Value::Object(dimensions);
-        let mut next_point = 0;
-        let mut head = Some(String::from("{\"datapoints\":["));
-        let mut tail = Some(format!("],\"dimensions\":{dimensions}}}\n"));
-        let next = move || {
-            if let Some(head) = head.take() {
-                return Some(head);
-            }
-            if next_point < series.len() {
-                let mut out = Vec::with_capacity(CHUNK_BYTES + 1024);
-                while next_point < series.len() && out.len() < CHUNK_BYTES {
-                    if next_point > 0 {
-                        out.push(b',');
-                    }
-                    let (key, sample) = &series[next_point];
-                    write_point(&mut out, key, sample);
-                    next_point += 1;
-                }
-                return Some(String::from_utf8_lossy(&out).into_owned());
-            }
-            tail.take()
+        let message = Message {
+            head: Some(String::from("{\"datapoints\":[")),
+            series,
+            next: 0,
+            tail: Some(format!(
+                "],\"dimensions\":{}}}\n",
+                Value::Object(dimensions)
+            )),
         };
         (
             [(header::CONTENT_TYPE, "application/json; charset=UTF-8")],
-            super::chunked_body(turn, next, |_| {}),
+            super::chunked_body(turn, message),
         )
             .into_response()
+    }
+}
+
+/// One MetricsMessage being written: its head, its datapoints a chunk at
+/// a time, then its dimensions.
+struct Message {
+    head: Option<String>,
+    series: Vec<(Key, Sample)>,
+    next: usize,
+    tail: Option<String>,
+}
+
+impl super::Chunks for Message {
+    fn next_chunk(&mut self) -> Option<String> {
+        if let Some(head) = self.head.take() {
+            return Some(head);
+        }
+        if self.next >= self.series.len() {
+            return self.tail.take();
+        }
+        let mut out = Vec::with_capacity(CHUNK_BYTES + 1024);
+        while self.next < self.series.len() && out.len() < CHUNK_BYTES {
+            if self.next > 0 {
+                out.push(b',');
+            }
+            let (key, sample) = &self.series[self.next];
+            write_point(&mut out, key, sample);
+            self.next += 1;
+        }
+        // serde_json writes UTF-8.
+        Some(
+            String::from_utf8(out)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        )
     }
 }
 

@@ -99,8 +99,6 @@ pub struct Skipped {
     pub name_taken: u64,
 }
 
-pub use super::limits::SCRAPE_BYTES_PER_SERIES;
-
 /// The family being written: its label names, and the samples already
 /// written (hashes of their names and labels).
 struct Current {
