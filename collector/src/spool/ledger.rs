@@ -239,13 +239,15 @@ impl Cursor {
         };
         let count = take_u32(&mut rest)?;
         let mut done = DoneSet::default();
-        let mut end = 0;
+        // The lowest first the next bitmap may have; none once one ends at
+        // u64::MAX.
+        let mut next_first = Some(0);
         for _ in 0..count {
             let first = take_u64(&mut rest)?;
             let last = take_u64(&mut rest)?;
             let words = take_u32(&mut rest)? as usize;
             // In order, not overlapping, and sized to their span.
-            if last < first || (first < end && !done.chunks.is_empty()) {
+            if last < first || first < next_first? {
                 return None;
             }
             if (words as u64) != (last - first) / 64 + 1 || words * 8 > rest.len() {
@@ -254,7 +256,7 @@ impl Cursor {
             let words = (0..words)
                 .map(|_| take_u64(&mut rest))
                 .collect::<Option<Vec<u64>>>()?;
-            end = last.saturating_add(1);
+            next_first = last.checked_add(1);
             done.chunks.insert(first, Bitmap { last, words });
         }
         rest.is_empty().then_some((
@@ -479,6 +481,42 @@ mod tests {
         let done: Vec<u64> = (0..300).filter(|&s| cursor.done.contains(s)).collect();
         assert_eq!(done, vec![100, 101, 103, 170, 200]);
         assert!(cursor.is_done(89) && !cursor.is_done(90));
+    }
+
+    /// Found by the fuzzer: a bitmap ending at u64::MAX leaves no room
+    /// for another; a second one from u64::MAX overlaps it and is refused
+    /// (it was taken, and replaced the first in the map).
+    #[test]
+    fn no_bitmap_follows_one_that_ends_at_the_last_sequence_number() {
+        let mut body = MAGIC.to_vec();
+        for value in [1u64, 0, 0] {
+            body.extend_from_slice(&value.to_le_bytes());
+        }
+        body.extend_from_slice(&2u32.to_le_bytes());
+        for _ in 0..2 {
+            body.extend_from_slice(&u64::MAX.to_le_bytes());
+            body.extend_from_slice(&u64::MAX.to_le_bytes());
+            body.extend_from_slice(&1u32.to_le_bytes());
+            body.extend_from_slice(&1u64.to_le_bytes());
+        }
+        let mut slot = body.clone();
+        slot.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        assert_eq!(Cursor::decode(&slot), None);
+        // One such bitmap alone is a cursor, and re-encodes to its bytes.
+        let mut one = DoneSet::default();
+        one.chunks.insert(
+            u64::MAX,
+            Bitmap {
+                last: u64::MAX,
+                words: vec![1],
+            },
+        );
+        let cursor = Cursor {
+            done: one,
+            ..Cursor::default()
+        };
+        let bytes = cursor.encode(1);
+        assert_eq!(Cursor::decode(&bytes), Some((cursor, 1)));
     }
 
     #[test]
