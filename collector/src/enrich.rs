@@ -1,8 +1,24 @@
 //! Enrichment: the tags a record gets from what the agent's `/state` says
-//! about its source (agent id, framework name, application name), added
-//! where the record lacks them, as the original did.
+//! about its source, added where the record lacks them, as the original
+//! did: the agent id, the framework's name, the application's name, and,
+//! for a record with a `container_id`, its task's metadata (as dcos-metrics
+//! and DC/OS's Telegraf added it):
+//!
+//! | tag | container metrics (the agent's `/containers`) | app metrics (records from the TCP input) |
+//! | --- | --- | --- |
+//! | `task_id`, `task_name` | the task whose status names the container | the same |
+//! | `framework_name`, `framework_role`, `framework_principal` | the task's (or executor's) framework | the same |
+//! | `executor_name` | the executor whose `container` is the container | the task's executor |
+//! | labels | the executor's labels | the task's labels |
+//!
+//! A task is matched by its first status's `container_status.container_id`,
+//! then by any later status's. The Cosmos bookkeeping labels
+//! ([`COSMOS_LABELS`]) are left out; so is a label whose key or value is
+//! over [`MAX_LABEL_LEN`] bytes, and every label past [`MAX_LABELS`] of one
+//! container: both counted ([`LabelsLeftOut`]), as the agent's `/state`
+//! is read.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use schema::{MetricList, Tag};
 use serde_json::Value;
@@ -13,6 +29,82 @@ use crate::route::ExtraTags;
 pub const UNKNOWN_AGENT: &str = "UNKNOWN_AGENT_STATE";
 /// The original's value for a framework id `/state` doesn't list.
 pub const UNKNOWN_FRAMEWORK: &str = "UNKNOWN_FRAMEWORK_ID";
+
+/// Labels Cosmos (the DC/OS package manager) sets for its own bookkeeping:
+/// never copied to metrics (dcos-metrics #152).
+pub const COSMOS_LABELS: &[&str] = &[
+    "DCOS_PACKAGE_DEFINITION",
+    "DCOS_PACKAGE_FRAMEWORK_NAME",
+    "DCOS_PACKAGE_METADATA",
+    "DCOS_PACKAGE_OPTIONS",
+    "DCOS_PACKAGE_SOURCE",
+    "DCOS_SERVICE_PORT_INDEX",
+    "DCOS_SERVICE_SCHEME",
+    "MARATHON_SINGLE_INSTANCE_APP",
+];
+
+/// A label whose key or value is longer than this, in bytes, is left out
+/// (dcos-metrics' `maxLabelLength`).
+pub const MAX_LABEL_LEN: usize = 128;
+
+/// At most this many labels of one container are copied; the rest are
+/// left out (a task's labels are otherwise unbounded).
+pub const MAX_LABELS: usize = 32;
+
+/// Which metrics of a container a record holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The agent's statistics of the container.
+    Container,
+    /// What the container's task sends itself (the TCP input).
+    App,
+}
+
+/// Labels the latest `/state` had that are left off the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LabelsLeftOut {
+    /// A key or value over [`MAX_LABEL_LEN`] bytes.
+    pub too_long: u64,
+    /// Past [`MAX_LABELS`] of one container.
+    pub too_many: u64,
+}
+
+/// The tags one container's records get, by [`Kind`]: the task's metadata
+/// first, then the labels.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContainerTags {
+    container: Vec<(String, String)>,
+    container_labels: usize,
+    app: Vec<(String, String)>,
+    app_labels: usize,
+}
+
+impl ContainerTags {
+    /// The tags of `kind`.
+    pub fn tags(&self, kind: Kind) -> &[(String, String)] {
+        match kind {
+            Kind::Container => &self.container,
+            Kind::App => &self.app,
+        }
+    }
+
+    /// The labels among [`tags`](Self::tags) (the executor's, or the task's).
+    pub fn labels(&self, kind: Kind) -> &[(String, String)] {
+        let tags = self.tags(kind);
+        let count = match kind {
+            Kind::Container => self.container_labels,
+            Kind::App => self.app_labels,
+        };
+        &tags[tags.len() - count..]
+    }
+
+    fn len(&self) -> usize {
+        let bytes = |tags: &[(String, String)]| -> usize {
+            tags.iter().map(|(k, v)| k.len() + v.len() + 2 * 5).sum()
+        };
+        bytes(&self.container).max(bytes(&self.app))
+    }
+}
 
 /// What `/state` tells about the records' sources.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -29,10 +121,104 @@ pub struct Enrichment {
     /// executor id → application name (label `MARATHON_APP_ID` or
     /// `DCOS_SPACE`, leading `/` trimmed).
     pub applications: HashMap<String, String>,
+    /// container id → its task's metadata and labels.
+    pub containers: HashMap<String, ContainerTags>,
+    /// Labels left out of `containers`.
+    pub labels_left_out: LabelsLeftOut,
     /// The agent's host, as the poller reaches it: the node's address,
     /// which the v0 API gives as `hostname` (as dcos-metrics gave
     /// `detect_ip`'s).
     pub node_host: Option<String>,
+}
+
+/// The `{key, value}` labels of a `/state` object.
+fn labels_of(object: &Value) -> impl Iterator<Item = (&str, &str)> {
+    object
+        .get("labels")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|l| Some((l.get("key")?.as_str()?, l.get("value")?.as_str()?)))
+}
+
+fn str_of<'v>(object: &'v Value, key: &str) -> Option<&'v str> {
+    object.get(key).and_then(Value::as_str)
+}
+
+/// A framework's role: `role`, or the first of `roles` (multi-role
+/// frameworks).
+fn role_of(framework: &Value) -> Option<&str> {
+    str_of(framework, "role").or_else(|| {
+        framework
+            .get("roles")
+            .and_then(Value::as_array)
+            .and_then(|roles| roles.first())
+            .and_then(Value::as_str)
+    })
+}
+
+/// Appends `object`'s labels to `tags`, but the Cosmos ones, the too long
+/// and those past the bound; counts what is left out.
+fn push_labels(
+    object: &Value,
+    tags: &mut Vec<(String, String)>,
+    left_out: &mut LabelsLeftOut,
+    counted: &mut HashSet<*const Value>,
+) -> usize {
+    // A task named by several statuses is read for each: counted once.
+    let counted = counted.insert(std::ptr::from_ref(object));
+    let mut count = 0;
+    for (key, value) in labels_of(object) {
+        if COSMOS_LABELS.contains(&key) || tags.iter().any(|(k, _)| k == key) {
+            continue;
+        }
+        if key.len() > MAX_LABEL_LEN || value.len() > MAX_LABEL_LEN {
+            left_out.too_long += u64::from(counted);
+        } else if count >= MAX_LABELS {
+            left_out.too_many += u64::from(counted);
+        } else {
+            tags.push((key.to_owned(), value.to_owned()));
+            count += 1;
+        }
+    }
+    count
+}
+
+/// The metadata tags (those of them `/state` gives) of a framework, an
+/// executor and a task.
+fn metadata(
+    framework: &Value,
+    executor: Option<&Value>,
+    task: Option<&Value>,
+) -> Vec<(String, String)> {
+    let mut tags = Vec::new();
+    let mut push = |key: &str, value: Option<&str>| {
+        if let Some(value) = value.filter(|v| !v.is_empty() && v.len() <= MAX_LABEL_LEN) {
+            tags.push((key.to_owned(), value.to_owned()));
+        }
+    };
+    push("task_id", task.and_then(|t| str_of(t, "id")));
+    push("task_name", task.and_then(|t| str_of(t, "name")));
+    push("framework_name", str_of(framework, "name"));
+    push("framework_role", role_of(framework));
+    push("framework_principal", str_of(framework, "principal"));
+    push("executor_name", executor.and_then(|e| str_of(e, "name")));
+    tags
+}
+
+/// The container ids a task's statuses name, the first status's first.
+fn task_containers(task: &Value) -> impl Iterator<Item = &str> {
+    task.get("statuses")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|status| {
+            status
+                .get("container_status")?
+                .get("container_id")?
+                .get("value")?
+                .as_str()
+        })
 }
 
 impl Enrichment {
@@ -70,6 +256,12 @@ impl Enrichment {
                 "framework_name",
                 longest(&self.frameworks, UNKNOWN_FRAMEWORK),
             ) + tag("application_name", longest(&self.applications, ""))
+                + self
+                    .containers
+                    .values()
+                    .map(ContainerTags::len)
+                    .max()
+                    .unwrap_or(0)
         } else {
             0
         };
@@ -79,17 +271,20 @@ impl Enrichment {
     /// Reads a `/state` body; tolerant of missing parts.
     pub fn from_state(state: &Value) -> Self {
         let mut enrichment = Self::pending();
-        enrichment.agent_id = state.get("id").and_then(Value::as_str).map(str::to_owned);
-        for framework in state
+        enrichment.agent_id = str_of(state, "id").map(str::to_owned);
+        let frameworks = state
             .get("frameworks")
             .and_then(Value::as_array)
             .into_iter()
-            .flatten()
-        {
-            let (Some(id), Some(name)) = (
-                framework.get("id").and_then(Value::as_str),
-                framework.get("name").and_then(Value::as_str),
-            ) else {
+            .flatten();
+        // container id → (framework, executor, task, whether by the first
+        // status).
+        let mut tasks: HashMap<&str, (&Value, &Value, &Value, bool)> = HashMap::new();
+        // container id → (framework, executor).
+        let mut executors: HashMap<&str, (&Value, &Value)> = HashMap::new();
+        for framework in frameworks {
+            let (Some(id), Some(name)) = (str_of(framework, "id"), str_of(framework, "name"))
+            else {
                 continue;
             };
             enrichment.frameworks.insert(id.to_owned(), name.to_owned());
@@ -99,16 +294,29 @@ impl Enrichment {
                 .into_iter()
                 .flatten()
             {
-                let Some(executor_id) = executor.get("id").and_then(Value::as_str) else {
-                    continue;
-                };
-                let labels = executor
-                    .get("labels")
+                if let Some(container) = str_of(executor, "container") {
+                    executors.entry(container).or_insert((framework, executor));
+                }
+                for task in executor
+                    .get("tasks")
                     .and_then(Value::as_array)
                     .into_iter()
-                    .flatten();
-                let app = labels
-                    .filter_map(|l| Some((l.get("key")?.as_str()?, l.get("value")?.as_str()?)))
+                    .flatten()
+                {
+                    for (i, container) in task_containers(task).enumerate() {
+                        let first = i == 0;
+                        let held = tasks
+                            .entry(container)
+                            .or_insert((framework, executor, task, first));
+                        if first && !held.3 {
+                            *held = (framework, executor, task, first);
+                        }
+                    }
+                }
+                let Some(executor_id) = str_of(executor, "id") else {
+                    continue;
+                };
+                let app = labels_of(executor)
                     .filter(|(k, _)| *k == "MARATHON_APP_ID" || *k == "DCOS_SPACE")
                     .min_by_key(|(k, _)| *k != "MARATHON_APP_ID")
                     .map(|(_, v)| v.trim_start_matches('/').to_owned());
@@ -117,27 +325,56 @@ impl Enrichment {
                 }
             }
         }
+        let mut left_out = LabelsLeftOut::default();
+        let mut counted = HashSet::new();
+        let mut ids: Vec<&str> = tasks.keys().chain(executors.keys()).copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            let task = tasks.get(id);
+            let executor = executors.get(id);
+            let mut entry = ContainerTags::default();
+            // Container metrics: the task, and the executor that runs in
+            // this container, with its labels.
+            let runs_here = executor.map(|&(_, executor)| executor);
+            if let Some(framework) = executor.map(|e| e.0).or(task.map(|t| t.0)) {
+                entry.container = metadata(framework, runs_here, task.map(|t| t.2));
+            }
+            if let Some(runs_here) = runs_here {
+                entry.container_labels =
+                    push_labels(runs_here, &mut entry.container, &mut left_out, &mut counted);
+            }
+            // App metrics: the task, its executor, its labels.
+            if let Some(&(framework, executor, task, _)) = task {
+                entry.app = metadata(framework, Some(executor), Some(task));
+                entry.app_labels = push_labels(task, &mut entry.app, &mut left_out, &mut counted);
+            }
+            enrichment.containers.insert(id.to_owned(), entry);
+        }
+        enrichment.labels_left_out = left_out;
         enrichment.measured()
     }
 
     /// The tags to add to `record` (added only where absent), and whether its
     /// framework id is unknown to the cached state.
-    pub fn tags_for(&self, record: &MetricList) -> (Vec<Tag>, bool) {
-        let (extra, unknown) = self.tags_for_lookup(|key| record.tag(key));
-        (
-            extra
-                .as_slice()
-                .iter()
-                .map(|(k, v)| Tag::new(*k, *v))
-                .collect(),
-            unknown,
-        )
+    pub fn tags_for(&self, kind: Kind, record: &MetricList) -> (Vec<Tag>, bool) {
+        let (extra, unknown) = self.tags_for_lookup(kind, |key| record.tag(key));
+        (extra.iter().map(|(k, v)| Tag::new(k, v)).collect(), unknown)
+    }
+
+    /// The labels `/state` gives the metrics of `kind` of `container_id`
+    /// (the executor's, or the task's).
+    pub fn labels(&self, kind: Kind, container_id: &str) -> &[(String, String)] {
+        self.containers
+            .get(container_id)
+            .map_or(&[], |c| c.labels(kind))
     }
 
     /// [`tags_for`](Self::tags_for) for a record known only by a tag
     /// lookup, without allocating: the tags borrow from `self`.
     pub fn tags_for_lookup<'r>(
         &self,
+        kind: Kind,
         tag: impl Fn(&str) -> Option<&'r str>,
     ) -> (ExtraTags<'_>, bool) {
         let mut extra = ExtraTags::default();
@@ -161,6 +398,9 @@ impl Enrichment {
         if let Some(app) = tag("executor_id").and_then(|e| self.applications.get(e)) {
             extra.push("application_name", app);
         }
+        if let Some(container) = tag("container_id").and_then(|c| self.containers.get(c)) {
+            extra.extend(container.tags(kind));
+        }
         (extra, unknown)
     }
 }
@@ -180,7 +420,7 @@ mod tests {
             tags: vec![Tag::new("framework_id", framework_id)],
             ..MetricList::default()
         };
-        let (tags, unknown) = enrichment.tags_for(&record);
+        let (tags, unknown) = enrichment.tags_for(Kind::App, &record);
         assert!(!unknown);
         assert!(tags.contains(&Tag::new("framework_name", "kafka")));
         assert_eq!(tags[0].key, "agent_id");
@@ -198,7 +438,7 @@ mod tests {
             tags: vec![Tag::new("framework_id", "nope")],
             ..MetricList::default()
         };
-        let (tags, unknown) = enrichment.tags_for(&stranger);
+        let (tags, unknown) = enrichment.tags_for(Kind::App, &stranger);
         assert!(unknown);
         assert!(tags.contains(&Tag::new("framework_name", UNKNOWN_FRAMEWORK)));
     }
@@ -209,7 +449,7 @@ mod tests {
             tags: vec![Tag::new("framework_id", "f")],
             ..MetricList::default()
         };
-        let (tags, unknown) = Enrichment::pending().tags_for(&record);
+        let (tags, unknown) = Enrichment::pending().tags_for(Kind::App, &record);
         assert!(!unknown, "no refresh storm before the first state");
         assert_eq!(
             tags,
@@ -219,9 +459,165 @@ mod tests {
             ]
         );
         assert!(
-            Enrichment::default().tags_for(&record).0.is_empty(),
+            Enrichment::default()
+                .tags_for(Kind::App, &record)
+                .0
+                .is_empty(),
             "disabled: nothing added"
         );
+    }
+
+    fn fixture(name: &str) -> Value {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fixtures/mesos")
+            .join(name);
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    /// The container's record from `/containers`, mapped as the poller maps
+    /// it, with the tags of `kind` added.
+    fn enriched(enrichment: &Enrichment, kind: Kind) -> Vec<(String, String)> {
+        let containers = fixture("mesos-agent-containers-testdata.json");
+        let mapped = crate::mesos::mapping::map_entries(
+            &containers,
+            crate::mesos::mapping::Naming {
+                topic: None,
+                prefix: "",
+            },
+            0,
+        );
+        let mut record = mapped.lists[0].clone();
+        for tag in enrichment.tags_for(kind, &record).0 {
+            record.add_tag_if_absent(&tag.key, &tag.value);
+        }
+        record.tags.into_iter().map(|t| (t.key, t.value)).collect()
+    }
+
+    fn get<'t>(tags: &'t [(String, String)], key: &str) -> Option<&'t str> {
+        tags.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// dcos-metrics' own test data: the task's status names the container
+    /// `/containers` lists, so its task joins; the executor's `container`
+    /// names another id, so its labels join only once it names this one.
+    #[test]
+    fn the_task_whose_status_names_the_container_gives_its_metadata() {
+        let mut state = fixture("mesos-agent-state-with-tasks-testdata.json");
+        let enrichment = Enrichment::from_state(&state);
+        let tags = enriched(&enrichment, Kind::Container);
+        assert_eq!(
+            get(&tags, "task_id"),
+            Some("foo.124b1048-a17a-11e6-9182-080027fb5b88")
+        );
+        assert_eq!(get(&tags, "task_name"), Some("foo"));
+        assert_eq!(get(&tags, "framework_name"), Some("marathon"));
+        assert_eq!(get(&tags, "framework_role"), Some("*"));
+        assert_eq!(get(&tags, "framework_principal"), Some("dcos_marathon"));
+        assert_eq!(
+            get(&tags, "executor_name"),
+            Some(
+                "Command Executor (Task: foo.adf2b6f4-a171-11e6-9182-080027fb5b88) (Command: sh -c 'sleep 900')"
+            ),
+            "the record's own executor_name is kept"
+        );
+        assert_eq!(
+            get(&tags, "somekey"),
+            None,
+            "the executor runs in another container"
+        );
+        let app = enriched(&enrichment, Kind::App);
+        assert_eq!(get(&app, "task_name"), Some("foo"));
+        assert_eq!(get(&app, "somekey"), Some("someval"), "the task's labels");
+        assert_eq!(
+            enrichment.labels(Kind::App, "e4faacb2-f69f-4ea1-9d96-eb06fea75eef"),
+            [("somekey".to_owned(), "someval".to_owned())]
+        );
+
+        state["frameworks"][0]["executors"][0]["container"] =
+            "e4faacb2-f69f-4ea1-9d96-eb06fea75eef".into();
+        state["frameworks"][0]["executors"][0]["labels"] = serde_json::json!([
+            {"key": "executor_label", "value": "yes"},
+            {"key": "DCOS_PACKAGE_METADATA", "value": "cosmos"},
+        ]);
+        let enrichment = Enrichment::from_state(&state);
+        let tags = enriched(&enrichment, Kind::Container);
+        assert_eq!(
+            get(&tags, "executor_label"),
+            Some("yes"),
+            "the executor's labels"
+        );
+        assert_eq!(get(&tags, "somekey"), None, "not the task's");
+        assert_eq!(
+            get(&tags, "DCOS_PACKAGE_METADATA"),
+            None,
+            "Cosmos's are left out"
+        );
+        assert_eq!(get(&tags, "task_name"), Some("foo"));
+        assert_eq!(enrichment.labels_left_out, LabelsLeftOut::default());
+    }
+
+    #[test]
+    fn cosmos_long_and_surplus_labels_are_left_out_and_counted() {
+        let mut labels: Vec<Value> = COSMOS_LABELS
+            .iter()
+            .map(|k| serde_json::json!({"key": k, "value": "x"}))
+            .collect();
+        labels.push(serde_json::json!({"key": "long", "value": "v".repeat(MAX_LABEL_LEN + 1)}));
+        labels.push(serde_json::json!({"key": "k".repeat(MAX_LABEL_LEN + 1), "value": "v"}));
+        labels.push(serde_json::json!({"key": "edge", "value": "v".repeat(MAX_LABEL_LEN)}));
+        for i in 0..MAX_LABELS + 5 {
+            labels.push(serde_json::json!({"key": format!("l{i:02}"), "value": "v"}));
+        }
+        let state = serde_json::json!({
+            "id": "agent-1",
+            "frameworks": [{
+                "id": "f", "name": "marathon", "roles": ["slave_public"],
+                "executors": [{
+                    "id": "e", "name": "exec", "container": "c",
+                    "labels": labels,
+                    "tasks": [{
+                        "id": "t", "name": "task", "labels": labels,
+                        "statuses": [
+                            {"container_status": {"container_id": {"value": "c"}}},
+                            {"container_status": {"container_id": {"value": "c-later"}}},
+                        ],
+                    }],
+                }],
+            }],
+        });
+        let enrichment = Enrichment::from_state(&state);
+        for kind in [Kind::Container, Kind::App] {
+            let labels = enrichment.labels(kind, "c");
+            assert_eq!(labels.len(), MAX_LABELS, "{kind:?}");
+            assert_eq!(labels[0], ("edge".to_owned(), "v".repeat(MAX_LABEL_LEN)));
+            assert!(
+                labels
+                    .iter()
+                    .all(|(k, _)| !COSMOS_LABELS.contains(&k.as_str()))
+            );
+            let tags = enrichment.containers["c"].tags(kind);
+            assert_eq!(
+                get(tags, "framework_role"),
+                Some("slave_public"),
+                "the first of roles"
+            );
+        }
+        // Each of the two lists leaves out the same: two too long, and the
+        // labels past the bound (the Cosmos ones are not counted).
+        assert_eq!(
+            enrichment.labels_left_out,
+            LabelsLeftOut {
+                too_long: 4,
+                too_many: 2 * 6,
+            }
+        );
+        // A later status names the container too (app metrics of a task
+        // whose container changed).
+        assert_eq!(
+            get(enrichment.containers["c-later"].tags(Kind::App), "task_id"),
+            Some("t")
+        );
+        assert!(enrichment.labels(Kind::Container, "c-later").is_empty());
     }
 
     #[test]
@@ -236,13 +632,12 @@ mod tests {
             .keys()
             .flat_map(|f| enrichment.applications.keys().map(move |e| (f, e)))
         {
-            let (extra, _) = enrichment.tags_for_lookup(|key| match key {
+            let (extra, _) = enrichment.tags_for_lookup(Kind::App, |key| match key {
                 "framework_id" => Some(framework.as_str()),
                 "executor_id" => Some(executor.as_str()),
                 _ => None,
             });
             let len: usize = extra
-                .as_slice()
                 .iter()
                 .map(|(k, v)| {
                     bytes.clear();
@@ -252,6 +647,29 @@ mod tests {
                 })
                 .sum();
             assert!(len <= enrichment.max_extra_len(), "{len}");
+        }
+        // With the task metadata and labels of a container.
+        let state = fixture("mesos-agent-state-with-tasks-testdata.json");
+        let enrichment = Enrichment::from_state(&state);
+        for kind in [Kind::Container, Kind::App] {
+            let mut most = 0;
+            for container in enrichment.containers.keys() {
+                let (extra, _) = enrichment.tags_for_lookup(kind, |key| match key {
+                    "framework_id" => Some("5349f49b-68b3-4638-aab2-fc4ec845f993-0000"),
+                    "container_id" => Some(container.as_str()),
+                    _ => None,
+                });
+                let mut len = 0;
+                for (k, v) in extra.iter() {
+                    bytes.clear();
+                    schema::datum::write_bytes(&mut bytes, k.as_bytes());
+                    schema::datum::write_bytes(&mut bytes, v.as_bytes());
+                    len += bytes.len();
+                }
+                most = most.max(extra.iter().count());
+                assert!(len <= enrichment.max_extra_len(), "{len}");
+            }
+            assert!(most > 5, "{kind:?}: the task's metadata is counted");
         }
         assert_eq!(Enrichment::default().max_extra_len(), 0);
         assert!(

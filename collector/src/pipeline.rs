@@ -13,7 +13,7 @@ use schema::raw::RawRecord;
 use tokio::sync::{Notify, watch};
 
 use crate::buffer::{Buffer, Chunk};
-use crate::enrich::Enrichment;
+use crate::enrich::{Enrichment, Kind};
 use crate::memory::Lease;
 use crate::route::{Records, Router, Routing};
 use crate::stats::{DropReason, Input, Stats};
@@ -70,7 +70,7 @@ impl Pipeline {
     ) -> Records {
         let mut unknown_framework = false;
         let routed = router.route_block(routing, records, lease, |record| {
-            let (extra, unknown) = enrichment.tags_for_lookup(|key| record.tag(key));
+            let (extra, unknown) = enrichment.tags_for_lookup(Kind::App, |key| record.tag(key));
             unknown_framework |= unknown;
             extra
         });
@@ -96,10 +96,16 @@ impl Pipeline {
     ) -> Records {
         let mut unknown_framework = false;
         let mut sanitized = 0;
+        // The agent's records of a container are its statistics; a record
+        // from the TCP input with a container id is what its task sent.
+        let kind = match source {
+            Source::Agent => Kind::Container,
+            Source::Input | Source::Node => Kind::App,
+        };
         let prepared = records
             .into_iter()
             .map(|record| {
-                let (extra, unknown) = enrichment.tags_for(&record);
+                let (extra, unknown) = enrichment.tags_for(kind, &record);
                 unknown_framework |= unknown;
                 let (prepared, was_sanitized) = router.prepare(routing, &extra, record);
                 sanitized += u64::from(was_sanitized);

@@ -283,11 +283,13 @@ pub fn encode_all(prepared: Vec<Prepared>, lease: &mut Lease) -> Records {
     })
 }
 
-/// The enrichment tags of one record (at most three), borrowed.
+/// The enrichment tags of one record, borrowed: at most three of the
+/// agent and framework, then those of its container.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ExtraTags<'a> {
     tags: [(&'a str, &'a str); 3],
     len: usize,
+    container: &'a [(String, String)],
 }
 
 impl<'a> ExtraTags<'a> {
@@ -299,9 +301,18 @@ impl<'a> ExtraTags<'a> {
         }
     }
 
+    /// Adds the tags of the record's container, after the others.
+    pub fn extend(&mut self, container: &'a [(String, String)]) {
+        self.container = container;
+    }
+
     /// The tags, in the order they were added.
-    pub fn as_slice(&self) -> &[(&'a str, &'a str)] {
-        &self.tags[..self.len]
+    pub fn iter(&self) -> impl Iterator<Item = (&'a str, &'a str)> + use<'a> {
+        let container = self.container;
+        self.tags
+            .into_iter()
+            .take(self.len)
+            .chain(container.iter().map(|(k, v)| (k.as_str(), v.as_str())))
     }
 }
 
@@ -375,9 +386,11 @@ impl Routing {
         let allocations = written
             .saturating_add(written / 4)
             .saturating_add(records.saturating_mul(8));
+        // Each tag spliced in takes at least 10 of `enrichment_len`'s bytes.
         let per_record = RECORD_OVERHEAD
             + ROUTING_PER_RECORD
-            + (self.static_tags.len() + 3) * std::mem::size_of::<(&str, &str)>();
+            + (self.static_tags.len() + 3 + enrichment_len / 10)
+                * std::mem::size_of::<(&str, &str)>();
         let mut total = allocations.saturating_add(records.saturating_mul(per_record));
         if cost.decompressed {
             total = total.saturating_add(cost.data_len);
@@ -503,7 +516,7 @@ impl Router {
                 .iter()
                 .map(|t| (t.key.as_str(), t.value.as_str()));
             let enrichment = extra(record);
-            for (key, value) in statics.chain(enrichment.as_slice().iter().copied()) {
+            for (key, value) in statics.chain(enrichment.iter()) {
                 if record.tag(key).is_none() && !adds[start..].iter().any(|(k, _)| *k == key) {
                     adds.push((key, value));
                 }
@@ -758,11 +771,7 @@ mod tests {
         let mut sanitized = 0;
         let mut prepared = Vec::new();
         for (r, raw) in records.iter().zip(&raw) {
-            let tags: Vec<Tag> = extra(raw)
-                .as_slice()
-                .iter()
-                .map(|(k, v)| Tag::new(*k, *v))
-                .collect();
+            let tags: Vec<Tag> = extra(raw).iter().map(|(k, v)| Tag::new(k, v)).collect();
             let (p, s) = router.prepare(&routing, &tags, r.clone());
             sanitized += u64::from(s);
             prepared.push(p);

@@ -206,11 +206,36 @@ impl AgentState {
                     .filter(|c| c.framework == f)
                     .map(|c| {
                         let label = if f % 2 == 0 { "MARATHON_APP_ID" } else { "DCOS_SPACE" };
+                        // As Marathon launches a command task: the task's
+                        // id is its executor's, its labels are the app's
+                        // (with one Cosmos bookkeeping label, which the
+                        // collector leaves out), and its running status
+                        // names the executor's container.
+                        let labels = json!([
+                            {"key": label, "value": app},
+                            {"key": "DCOS_SERVICE_NAME", "value": app.trim_start_matches('/')},
+                            {"key": "DCOS_PACKAGE_FRAMEWORK_NAME", "value": name},
+                        ]);
+                        let task = json!({
+                            "id": c.executor_id,
+                            "name": app.trim_start_matches('/'),
+                            "framework_id": id,
+                            "executor_id": "",
+                            "state": "TASK_RUNNING",
+                            "labels": labels,
+                            "statuses": [{
+                                "state": "TASK_RUNNING",
+                                "timestamp": now_secs(),
+                                "container_status": {"container_id": {"value": c.container_id}},
+                            }],
+                        });
                         json!({"id": c.executor_id, "name": c.executor_name, "source": app.trim_start_matches('/'),
-                               "labels": [{"key": label, "value": app}]})
+                               "container": c.container_id, "labels": labels, "tasks": [task],
+                               "queued_tasks": [], "completed_tasks": []})
                     })
                     .collect();
-                json!({"id": id, "name": name, "executors": executors, "completed_executors": []})
+                json!({"id": id, "name": name, "role": "slave_public", "principal": format!("{name}-principal"),
+                       "executors": executors, "completed_executors": []})
             })
             .collect();
         json!({"id": self.agent_id, "hostname": "agent.sim", "version": "1.0.1", "frameworks": frameworks, "completed_frameworks": []})

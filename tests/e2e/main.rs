@@ -11,4 +11,5 @@ mod hostile;
 mod ingest_to_kafka;
 mod refused;
 mod secured;
+mod served;
 mod up;

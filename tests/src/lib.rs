@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test harness: failing loudly is the point
 
+pub mod prometheus;
 pub mod secured;
 pub mod topology;
 
@@ -149,6 +150,8 @@ pub struct TestCollector {
     pub partner: SocketAddr,
     /// Its Prometheus listener, when on.
     pub prometheus: Option<SocketAddr>,
+    /// Its v0 metrics API (`IP:PORT` or `unix:PATH`), when on.
+    pub metrics_api: Option<String>,
     /// Its counters.
     pub stats: Arc<Stats>,
     /// Its broker state.
@@ -166,6 +169,7 @@ pub async fn spawn_collector(config: Config) -> TestCollector {
     let (stop, stopped) = oneshot::channel();
     let addr = app.ingest_addr();
     let (api, partner, prometheus) = (app.api_addr(), app.partner_addr(), app.prometheus_addr());
+    let metrics_api = app.metrics_api_addr();
     let stats = app.stats();
     let brokers = app.broker_state();
     let task = tokio::spawn(app.run(async {
@@ -176,6 +180,7 @@ pub async fn spawn_collector(config: Config) -> TestCollector {
         api,
         partner,
         prometheus,
+        metrics_api,
         stats,
         brokers,
         stop,

@@ -18,7 +18,9 @@
 //! `hostname` (the node's address) always, `cluster_id` when known, and,
 //! for a container, the ids and names its records carry (`container_id`,
 //! `executor_id`, `framework_id`, `framework_name`, `framework_role`,
-//! `framework_principal`, `task_id`, `task_name`). A datapoint's `tags` are
+//! `framework_principal`, `task_id`, `task_name`), and a container's
+//! message its executor's `labels` (left out of its datapoints' tags).
+//! A datapoint's `tags` are
 //! its record's tags but `agent_id` (and, for an app datapoint, but the
 //! dimensions). A series whose tags the agent's `/state` completed later
 //! is given once, its newest. Values: numbers; NaN as the string `"NaN"` (as
@@ -40,7 +42,7 @@ use axum::routing::get;
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
-use crate::enrich::Enrichment;
+use crate::enrich::{Enrichment, Kind as EnrichKind};
 use crate::store::{Key, Sample, Source, Store, parse_key};
 
 /// Tags that become a message's dimensions rather than datapoint tags.
@@ -59,8 +61,17 @@ pub const DIMENSION_TAGS: &[&str] = &[
 const NODE_TAGS: &[&str] = &["agent_id"];
 
 /// Tags the collector adds from the agent's `/state`, which change once it
-/// answers.
-const ENRICHED_TAGS: &[&str] = &["agent_id", "framework_name", "application_name"];
+/// answers (and so do the labels it adds).
+const ENRICHED_TAGS: &[&str] = &[
+    "agent_id",
+    "framework_name",
+    "application_name",
+    "task_id",
+    "task_name",
+    "framework_role",
+    "framework_principal",
+    "executor_name",
+];
 
 /// What the routes read.
 #[derive(Clone)]
@@ -176,11 +187,15 @@ fn point_value(value: f64) -> Value {
 /// Writes one datapoint's JSON to `out`. Its tags are its record's but
 /// the node's (`mesos_id` and `hostname` give them); an app datapoint's
 /// also leave out what the dimensions give, as dcos-metrics' did.
-fn write_point(out: &mut Vec<u8>, key: &Key, sample: &Sample) {
+fn write_point(out: &mut Vec<u8>, key: &Key, sample: &Sample, hidden: &[(String, String)]) {
     let (name, tags) = parse_key(key);
     let app = sample.source == Source::Input;
     let tags = tags
-        .filter(|(k, _)| !(NODE_TAGS.contains(k) || app && DIMENSION_TAGS.contains(k)))
+        .filter(|(k, _)| {
+            !(NODE_TAGS.contains(k)
+                || app && DIMENSION_TAGS.contains(k)
+                || hidden.iter().any(|(h, _)| h == k))
+        })
         .collect();
     let point = Point {
         name,
@@ -224,12 +239,31 @@ impl V0State {
             .map(|(_, key, sample)| (key, sample))
             .collect();
         // A series whose tags the agent's `/state` completed later (the
-        // first records of a node or container carry `UNKNOWN_*` values
-        // until it answers) is the same datapoint: the newest is given.
+        // first records of a node or container carry `UNKNOWN_*` values,
+        // and no task metadata, until it answers) is the same datapoint:
+        // the newest is given.
+        let enrichment = self.enrichment.borrow().clone();
         let same = |key: &Key| {
             let (name, tags) = parse_key(key);
-            let tags: Vec<(&str, &str)> =
-                tags.filter(|(k, _)| !ENRICHED_TAGS.contains(k)).collect();
+            let tags: Vec<(&str, &str)> = tags.collect();
+            let container = tags
+                .iter()
+                .find(|(k, _)| *k == "container_id")
+                .map_or("", |(_, v)| *v);
+            let labelled = |k: &str| {
+                [EnrichKind::Container, EnrichKind::App]
+                    .iter()
+                    .any(|&kind| {
+                        enrichment
+                            .labels(kind, container)
+                            .iter()
+                            .any(|(l, _)| l == k)
+                    })
+            };
+            let tags: Vec<(&str, &str)> = tags
+                .into_iter()
+                .filter(|(k, _)| !ENRICHED_TAGS.contains(k) && !labelled(k))
+                .collect();
             (
                 name.to_owned(),
                 tags.iter()
@@ -276,6 +310,18 @@ impl V0State {
                 }
             }
         }
+        // A container's message has its executor's labels, as dcos-metrics'
+        // did (an app message's task labels are its datapoints' tags).
+        if kind == Kind::Container {
+            let labels = container_labels(&enrichment, &dimensions);
+            if !labels.is_empty() {
+                let labels: Map<String, Value> = labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone().into()))
+                    .collect();
+                dimensions.insert("labels".into(), labels.into());
+            }
+        }
         dimensions
     }
 
@@ -295,10 +341,15 @@ impl V0State {
                 .into_response();
         };
         let state = self.clone();
-        let Ok((series, dimensions)) = tokio::task::spawn_blocking(move || {
+        let Ok((series, dimensions, hidden)) = tokio::task::spawn_blocking(move || {
             let series = state.series(kind, select);
             let dimensions = state.dimensions(kind, &series);
-            (series, dimensions)
+            let hidden = if kind == Kind::Container {
+                container_labels(&state.enrichment.borrow(), &dimensions).to_vec()
+            } else {
+                Vec::new()
+            };
+            (series, dimensions, hidden)
         })
         .await
         else {
@@ -310,6 +361,7 @@ impl V0State {
         let message = Message {
             head: Some(String::from("{\"datapoints\":[")),
             series,
+            hidden,
             next: 0,
             tail: Some(format!(
                 "],\"dimensions\":{}}}\n",
@@ -329,6 +381,8 @@ impl V0State {
 struct Message {
     head: Option<String>,
     series: Vec<(Key, Sample)>,
+    /// Tags given in the dimensions' `labels` instead.
+    hidden: Vec<(String, String)>,
     next: usize,
     tail: Option<String>,
 }
@@ -347,7 +401,7 @@ impl super::Chunks for Message {
                 out.push(b',');
             }
             let (key, sample) = &self.series[self.next];
-            write_point(&mut out, key, sample);
+            write_point(&mut out, key, sample, &self.hidden);
             self.next += 1;
         }
         // serde_json writes UTF-8.
@@ -356,6 +410,17 @@ impl super::Chunks for Message {
                 .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
         )
     }
+}
+
+/// The executor labels of the container a message's dimensions name.
+fn container_labels<'e>(
+    enrichment: &'e Enrichment,
+    dimensions: &Map<String, Value>,
+) -> &'e [(String, String)] {
+    dimensions
+        .get("container_id")
+        .and_then(Value::as_str)
+        .map_or(&[], |id| enrichment.labels(EnrichKind::Container, id))
 }
 
 /// Bytes of a message written at a time, at least.

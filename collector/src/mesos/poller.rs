@@ -20,7 +20,7 @@ use tracing::{Instrument, info, warn};
 use super::client::{AgentClient, AgentError};
 use super::mapping::{Naming, map_snapshot};
 use crate::backoff::Backoff;
-use crate::enrich::Enrichment;
+use crate::enrich::{Enrichment, UNKNOWN_AGENT};
 use crate::pipeline::Pipeline;
 use crate::route::Router;
 use crate::shutdown::{Shutdown, Task};
@@ -133,6 +133,17 @@ fn now_ms() -> i64 {
 /// has begun: the TCP inputs' drain time.
 const DRAIN: Duration = Duration::from_secs(1);
 
+/// What the poller remembers of `/state` between polls.
+#[derive(Debug, Default)]
+struct StateClock {
+    /// When it last answered.
+    last_ok: Option<Instant>,
+    /// How many more answers take the series recorded before the agent's
+    /// id was known out of the store: two, so that records routed with the
+    /// state before are gone too.
+    forget_unknown: u8,
+}
+
 /// Everything the poller task needs.
 pub struct Poller {
     /// Settings.
@@ -184,31 +195,60 @@ impl Poller {
 
     /// Fetches `/state`. A cached state older than four poll periods expires:
     /// records then get the `UNKNOWN_*` values again rather than stale tags.
-    async fn poll_state(&self, client: &AgentClient, last_ok: &mut Option<Instant>) {
+    async fn poll_state(&self, client: &AgentClient, clock: &mut StateClock) {
         self.pipeline.stats.agent_requests.fetch_add(1, Relaxed);
         match client.state().await {
             Ok(state) => {
-                *last_ok = Some(Instant::now());
+                clock.last_ok = Some(Instant::now());
                 let mut enrichment = Enrichment::from_state(&state);
                 enrichment.node_host = reqwest::Url::parse(client.base())
                     .ok()
                     .and_then(|url| url.host_str().map(str::to_owned));
+                let left_out = enrichment.labels_left_out;
+                let stats = &self.pipeline.stats;
+                let was = (
+                    stats
+                        .agent_labels_too_long
+                        .swap(left_out.too_long as i64, Relaxed),
+                    stats
+                        .agent_labels_too_many
+                        .swap(left_out.too_many as i64, Relaxed),
+                );
+                if was != (left_out.too_long as i64, left_out.too_many as i64)
+                    && (left_out.too_long, left_out.too_many) != (0, 0)
+                {
+                    warn!(
+                        too_long = left_out.too_long,
+                        too_many = left_out.too_many,
+                        "Agent state: task and executor labels left off the metrics (a key or value over {} bytes, or past {} labels of one container).",
+                        crate::enrich::MAX_LABEL_LEN,
+                        crate::enrich::MAX_LABELS,
+                    );
+                }
                 if self.enrichment.borrow().agent_id.is_none() {
                     info!(
                         agent_id = enrichment.agent_id.as_deref().unwrap_or("?"),
                         frameworks = enrichment.frameworks.len(),
                         "Agent state received; enrichment is on."
                     );
+                    clock.forget_unknown = 2;
                 }
                 self.enrichment.send_replace(Arc::new(enrichment));
+                if clock.forget_unknown > 0 {
+                    clock.forget_unknown -= 1;
+                    self.forget_unknown_agent();
+                }
             }
             Err(error) => {
                 self.failed("/state", &error);
-                if last_ok.is_some_and(|at| at.elapsed() >= self.settings.period * 4) {
+                if clock
+                    .last_ok
+                    .is_some_and(|at| at.elapsed() >= self.settings.period * 4)
+                {
                     warn!(
                         "Agent state expired: records get UNKNOWN_* tags until /state answers again."
                     );
-                    *last_ok = None;
+                    clock.last_ok = None;
                     let mut pending = Enrichment::pending();
                     pending.node_host = self.enrichment.borrow().node_host.clone();
                     self.enrichment.send_replace(Arc::new(pending));
@@ -244,7 +284,7 @@ impl Poller {
         let mut tick = tokio::time::interval(self.settings.period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_refresh = Instant::now();
-        let mut last_ok: Option<Instant> = None;
+        let mut clock = StateClock::default();
         let mut containers_seen = std::collections::HashSet::new();
         loop {
             tokio::select! {
@@ -254,7 +294,7 @@ impl Poller {
                     if last_refresh.elapsed() >= Duration::from_secs(5) {
                         last_refresh = Instant::now();
                         tokio::select! {
-                            () = self.poll_state(&client, &mut last_ok) => {}
+                            () = self.poll_state(&client, &mut clock) => {}
                             () = shutdown.cancelled() => return,
                         }
                     }
@@ -266,7 +306,7 @@ impl Poller {
                 .poll(
                     &client,
                     &mut router,
-                    &mut last_ok,
+                    &mut clock,
                     &mut containers_seen,
                     &shutdown,
                 )
@@ -282,6 +322,24 @@ impl Poller {
     /// Forgets, in the node store, the series of the containers the agent
     /// listed last time and no longer lists: a stopped container's series
     /// go at once, not after `store_expiry_secs`.
+    /// Takes out of the node store the series recorded before the agent's
+    /// id was known (tagged `agent_id` [`UNKNOWN_AGENT`]): the same
+    /// datapoints now come with the agent's id and their task's metadata,
+    /// and would otherwise be served twice until they expire.
+    fn forget_unknown_agent(&self) {
+        if let Some(store) = &self.pipeline.store {
+            let removed = store.remove_where(|key, _| {
+                crate::store::parse_key(key)
+                    .1
+                    .any(|(k, v)| k == "agent_id" && v == UNKNOWN_AGENT)
+            });
+            tracing::debug!(
+                series = removed,
+                "Forgot the series recorded before the agent's state."
+            );
+        }
+    }
+
     fn forget_stopped(
         &self,
         seen: &mut std::collections::HashSet<String>,
@@ -313,12 +371,12 @@ impl Poller {
         &self,
         client: &AgentClient,
         router: &mut Router,
-        last_ok: &mut Option<Instant>,
+        clock: &mut StateClock,
         containers_seen: &mut std::collections::HashSet<String>,
         shutdown: &CancellationToken,
     ) -> bool {
         tokio::select! {
-            () = self.poll_state(client, last_ok) => {}
+            () = self.poll_state(client, clock) => {}
             () = shutdown.cancelled() => return false,
         }
         if !self.settings.metrics {

@@ -381,6 +381,10 @@ stats! {
         prometheus_scrapes_refused,
     }
     gauges {
+        /// Task and executor labels in the agent's latest /state left off the metrics: a key or value over 128 bytes.
+        agent_labels_too_long,
+        /// Task and executor labels in the agent's latest /state left off the metrics: past 32 of one container.
+        agent_labels_too_many,
         /// Input connections open.
         connections_open,
         /// Bytes input read buffers hold from the shared pool.

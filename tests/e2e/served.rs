@@ -1,0 +1,249 @@
+//! Every metric of the node served where operators read it, without Kafka:
+//! a real Prometheus server (Debian's package) scrapes the collector, which
+//! polls the simulator's agent, reads the node, and takes a task's own
+//! metrics on its TCP input; Prometheus's query API and the v0 API answer
+//! with the task metadata and labels the agent's `/state` gave.
+
+use std::collections::BTreeMap;
+
+use e2e::prometheus::{PrometheusServer, scrape_failures};
+use e2e::{assert_balanced, eventually, spawn_collector, test_config};
+use schema::{Codec, Datapoint, MetricList, OcfEncoder, Tag};
+use serde_json::Value;
+use simulator::agent::mesos_agent;
+use tokio::io::AsyncWriteExt;
+
+/// What the test expects of one container, read from the agent's answers
+/// here, apart from the collector's own reading of them.
+#[derive(Debug)]
+struct Expected {
+    framework_id: String,
+    executor_id: String,
+    task_id: String,
+    task_name: String,
+    role: String,
+    /// The executor's labels, but the Cosmos bookkeeping ones.
+    labels: BTreeMap<String, String>,
+    mem_limit_bytes: f64,
+}
+
+async fn agent_json(url: &str, path: &str) -> Value {
+    reqwest::get(format!("{url}{path}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn expected(url: &str) -> BTreeMap<String, Expected> {
+    let state = agent_json(url, "/state").await;
+    let containers = agent_json(url, "/containers").await;
+    let mut out = BTreeMap::new();
+    for entry in containers.as_array().unwrap() {
+        let container = entry["container_id"].as_str().unwrap();
+        for framework in state["frameworks"].as_array().unwrap() {
+            for executor in framework["executors"].as_array().unwrap() {
+                for task in executor["tasks"].as_array().unwrap() {
+                    let named = task["statuses"][0]["container_status"]["container_id"]["value"]
+                        == container;
+                    if !named {
+                        continue;
+                    }
+                    let labels = executor["labels"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|l| {
+                            (
+                                l["key"].as_str().unwrap().to_owned(),
+                                l["value"].as_str().unwrap().to_owned(),
+                            )
+                        })
+                        .filter(|(k, _)| {
+                            !k.starts_with("DCOS_PACKAGE_") && k != "DCOS_SERVICE_PORT_INDEX"
+                        })
+                        .collect();
+                    out.insert(
+                        container.to_owned(),
+                        Expected {
+                            framework_id: framework["id"].as_str().unwrap().to_owned(),
+                            executor_id: executor["id"].as_str().unwrap().to_owned(),
+                            task_id: task["id"].as_str().unwrap().to_owned(),
+                            task_name: task["name"].as_str().unwrap().to_owned(),
+                            role: framework["role"].as_str().unwrap().to_owned(),
+                            labels,
+                            mem_limit_bytes: entry["statistics"]["mem_limit_bytes"]
+                                .as_f64()
+                                .unwrap(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The Prometheus label matchers for `labels`.
+fn matchers(name: &str, labels: &[(&str, &str)]) -> String {
+    let labels: Vec<String> = std::iter::once(("__name__", name))
+        .chain(labels.iter().copied())
+        .map(|(k, v)| format!("{k}={}", Value::from(v)))
+        .collect();
+    format!("{{{}}}", labels.join(","))
+}
+
+/// `value` of an instant query's only sample.
+fn only_value(result: &[Value]) -> Option<f64> {
+    match result {
+        [sample] => sample["value"][1].as_str()?.parse().ok(),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_and_v0_carry_each_containers_task_name_and_labels_without_kafka() {
+    let agent = mesos_agent().containers(3).run().await.unwrap();
+    let mut config = test_config("127.0.0.1:1");
+    config.kafka = false;
+    config.agent_polling = true;
+    config.agent_url = Some(agent.url());
+    config.agent_poll_period = 1;
+    config.node_metrics = true;
+    config.node_poll_period = 1;
+    config.prometheus_listen = "127.0.0.1:0".parse().unwrap();
+    config.metrics_api_listen = "127.0.0.1:0".parse().unwrap();
+    let collector = spawn_collector(config).await;
+    let target = collector.prometheus.expect("Prometheus on");
+    let v0 = format!("http://{}", collector.metrics_api.clone().expect("v0 on"));
+    let containers = expected(&agent.url()).await;
+    assert_eq!(containers.len(), 3, "{containers:?}");
+
+    // A task's own metric, sent as the module sends it: its container's id
+    // is what ties it to the task.
+    let (first, task) = containers.iter().next().unwrap();
+    let mut encoder = OcfEncoder::new(Codec::Null);
+    let mut bytes = encoder.header().to_vec();
+    encoder.write_block(
+        &[MetricList {
+            topic: task.framework_id.clone(),
+            tags: vec![
+                Tag::new("container_id", first),
+                Tag::new("executor_id", &task.executor_id),
+                Tag::new("framework_id", &task.framework_id),
+            ],
+            datapoints: vec![Datapoint::new("app.requests", 1_000, 42.0)],
+        }],
+        &mut bytes,
+    );
+    let mut input = tokio::net::TcpStream::connect(collector.addr)
+        .await
+        .unwrap();
+    input.write_all(&bytes).await.unwrap();
+    input.shutdown().await.unwrap();
+
+    let prometheus = PrometheusServer::start(&[target]).await;
+    eventually("Prometheus scraped the collector", || async {
+        let up = only_value(&prometheus.query("up{job=\"collector\"}").await);
+        (up == Some(1.0)).then_some(()).ok_or(format!("{up:?}"))
+    })
+    .await;
+
+    // Every container's metric, asked by its task's name, has the value the
+    // agent served, and the executor's labels but Cosmos's.
+    for (container, want) in &containers {
+        let query = matchers(
+            "dcos_metrics_container_mem_limit_bytes",
+            &[("task_name", &want.task_name), ("container_id", container)],
+        );
+        let sample = eventually(&query, || async {
+            let result = prometheus.query(&query).await;
+            match result.as_slice() {
+                [sample] => Ok(sample.clone()),
+                _ => Err(format!("{result:?}")),
+            }
+        })
+        .await;
+        assert_eq!(
+            sample["value"][1].as_str().unwrap().parse::<f64>().unwrap(),
+            want.mem_limit_bytes
+        );
+        let labels = &sample["metric"];
+        assert_eq!(labels["task_id"], want.task_id.as_str());
+        assert_eq!(labels["framework_role"], want.role.as_str());
+        for (key, value) in &want.labels {
+            assert_eq!(labels[key.as_str()], value.as_str(), "{key}: {labels}");
+        }
+        assert!(
+            labels.get("DCOS_PACKAGE_FRAMEWORK_NAME").is_none(),
+            "{labels}"
+        );
+    }
+
+    // The task's own metric carries its task's name and labels.
+    let query = matchers("app_requests", &[("task_name", &task.task_name)]);
+    let app = eventually(&query, || async {
+        let result = prometheus.query(&query).await;
+        match result.as_slice() {
+            [sample] => Ok(sample.clone()),
+            _ => Err(format!("{result:?}")),
+        }
+    })
+    .await;
+    assert_eq!(app["value"][1], "42");
+    assert_eq!(app["metric"]["task_id"], task.task_id.as_str());
+    assert_eq!(app["metric"]["DCOS_SERVICE_NAME"], task.task_name.as_str());
+
+    // A node metric: the node's memory as the kernel says it.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let total_kib: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let memory = eventually("memory_total", || async {
+        only_value(&prometheus.query("memory_total").await).ok_or_else(|| "none".to_owned())
+    })
+    .await;
+    assert_eq!(memory, total_kib * 1024.0);
+
+    // The v0 API: the container's message has the task's dimensions and the
+    // executor's labels; the app message's datapoints carry the task's.
+    let message: Value = reqwest::get(format!("{v0}/v0/containers/{first}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let dimensions = &message["dimensions"];
+    assert_eq!(dimensions["task_name"], task.task_name.as_str());
+    assert_eq!(dimensions["task_id"], task.task_id.as_str());
+    assert_eq!(dimensions["framework_role"], task.role.as_str());
+    let labels: BTreeMap<String, String> =
+        serde_json::from_value(dimensions["labels"].clone()).unwrap();
+    assert_eq!(labels, task.labels);
+    for point in message["datapoints"].as_array().unwrap() {
+        assert!(
+            point["tags"].get("DCOS_SERVICE_NAME").is_none(),
+            "the labels are in the dimensions: {point}"
+        );
+    }
+    let app: Value = reqwest::get(format!("{v0}/v0/containers/{first}/app"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(app["dimensions"]["task_name"], task.task_name.as_str());
+    assert_eq!(
+        app["datapoints"][0]["tags"]["DCOS_SERVICE_NAME"],
+        task.task_name.as_str()
+    );
+
+    for (failure, value) in scrape_failures(&format!("http://{}", prometheus.addr)).await {
+        assert_eq!(value, 0.0, "{failure}");
+    }
+    let accounting = collector.shutdown().await;
+    assert_balanced(&accounting);
+}
