@@ -14,8 +14,8 @@
 //! A task is matched by its first status's `container_status.container_id`,
 //! then by any later status's. The Cosmos bookkeeping labels
 //! ([`COSMOS_LABELS`]) are left out; so is a label whose key or value is
-//! over [`MAX_LABEL_LEN`] bytes, and every label past [`MAX_LABELS`] of one
-//! container: both counted ([`LabelsLeftOut`]), as the agent's `/state`
+//! over [`MAX_LABEL_LEN`] bytes, and every label past [`MAX_LABELS`] (or
+//! [`MAX_LABELS_BYTES`]) of one container: both counted ([`LabelsLeftOut`]), as the agent's `/state`
 //! is read.
 
 use std::collections::{HashMap, HashSet};
@@ -51,6 +51,12 @@ pub const MAX_LABEL_LEN: usize = 128;
 /// left out (a task's labels are otherwise unbounded).
 pub const MAX_LABELS: usize = 32;
 
+/// At most this many bytes of labels (keys and values) of one container
+/// are copied; the rest are left out. What enrichment may add to a record
+/// is reserved for every record of a block before it is read, so one
+/// container's labels cost every record that much room.
+pub const MAX_LABELS_BYTES: usize = 2048;
+
 /// Which metrics of a container a record holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -65,7 +71,7 @@ pub enum Kind {
 pub struct LabelsLeftOut {
     /// A key or value over [`MAX_LABEL_LEN`] bytes.
     pub too_long: u64,
-    /// Past [`MAX_LABELS`] of one container.
+    /// Past [`MAX_LABELS`], or [`MAX_LABELS_BYTES`], of one container.
     pub too_many: u64,
 }
 
@@ -168,17 +174,19 @@ fn push_labels(
     // A task named by several statuses is read for each: counted once.
     let counted = counted.insert(std::ptr::from_ref(object));
     let mut count = 0;
+    let mut bytes = 0;
     for (key, value) in labels_of(object) {
         if COSMOS_LABELS.contains(&key) || tags.iter().any(|(k, _)| k == key) {
             continue;
         }
         if key.len() > MAX_LABEL_LEN || value.len() > MAX_LABEL_LEN {
             left_out.too_long += u64::from(counted);
-        } else if count >= MAX_LABELS {
+        } else if count >= MAX_LABELS || bytes + key.len() + value.len() > MAX_LABELS_BYTES {
             left_out.too_many += u64::from(counted);
         } else {
             tags.push((key.to_owned(), value.to_owned()));
             count += 1;
+            bytes += key.len() + value.len();
         }
     }
     count
@@ -610,6 +618,24 @@ mod tests {
                 too_long: 4,
                 too_many: 2 * 6,
             }
+        );
+        // Labels of 128-byte values: the byte bound comes first.
+        let wide: Vec<Value> = (0..MAX_LABELS)
+            .map(|i| serde_json::json!({"key": format!("w{i:02}"), "value": "v".repeat(MAX_LABEL_LEN)}))
+            .collect();
+        let mut state = state.clone();
+        state["frameworks"][0]["executors"][0]["labels"] = wide.into();
+        let enrichment_wide = Enrichment::from_state(&state);
+        let labels = enrichment_wide.labels(Kind::Container, "c");
+        let bytes: usize = labels.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert!(
+            bytes <= MAX_LABELS_BYTES && labels.len() < MAX_LABELS,
+            "{bytes}"
+        );
+        assert_eq!(
+            enrichment_wide.labels_left_out.too_many as usize,
+            (MAX_LABELS - labels.len()) + 6,
+            "the executor's past the bytes, the task's past the count"
         );
         // A later status names the container too (app metrics of a task
         // whose container changed).

@@ -220,9 +220,10 @@ impl Poller {
                     warn!(
                         too_long = left_out.too_long,
                         too_many = left_out.too_many,
-                        "Agent state: task and executor labels left off the metrics (a key or value over {} bytes, or past {} labels of one container).",
+                        "Agent state: task and executor labels left off the metrics (a key or value over {} bytes, or past {} labels or {} bytes of one container).",
                         crate::enrich::MAX_LABEL_LEN,
                         crate::enrich::MAX_LABELS,
+                        crate::enrich::MAX_LABELS_BYTES,
                     );
                 }
                 if self.enrichment.borrow().agent_id.is_none() {

@@ -383,7 +383,7 @@ stats! {
     gauges {
         /// Task and executor labels in the agent's latest /state left off the metrics: a key or value over 128 bytes.
         agent_labels_too_long,
-        /// Task and executor labels in the agent's latest /state left off the metrics: past 32 of one container.
+        /// Task and executor labels in the agent's latest /state left off the metrics: past 32, or 2 KiB, of one container.
         agent_labels_too_many,
         /// Input connections open.
         connections_open,
