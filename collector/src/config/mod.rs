@@ -289,6 +289,7 @@ impl Config {
             crate::store::limits::StoreSettings {
                 max_series: self.store_max_series,
                 expiry: std::time::Duration::from_secs(self.store_expiry_secs),
+                drop_tags: self.store_drop_tags.clone(),
             }
         })
     }

@@ -450,6 +450,9 @@ options! {
     /// A series not updated for this long leaves the node store, seconds.
     store_expiry_secs: u64 = 120;
         plain, env "STORE_EXPIRY_SECS", restart;
+    /// Tag keys left out of the series the node store serves (Prometheus labels, v0 tags), comma-separated: a tag unique to each record, such as a sequence number, would make every record a series of its own. Kafka records keep them.
+    store_drop_tags: Vec<String> = Vec::new();
+        list, env "STORE_DROP_TAGS", restart;
     /// Partner output address; loopback by default, port 0 allowed.
     partner_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8126));
         plain, env "PARTNER_LISTEN", restart;

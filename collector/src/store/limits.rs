@@ -45,13 +45,15 @@ impl Refusal {
     }
 }
 
-/// The store's bounds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The store's bounds, and the tags it leaves out.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreSettings {
     /// Most series held.
     pub max_series: usize,
     /// A series not updated for this long is forgotten.
     pub expiry: Duration,
+    /// Tag keys left out of every series (`store_drop_tags`).
+    pub drop_tags: Vec<String>,
 }
 
 impl StoreSettings {

@@ -151,8 +151,8 @@ impl Store {
     }
 
     /// The bounds in force.
-    pub fn settings(&self) -> StoreSettings {
-        self.settings
+    pub fn settings(&self) -> &StoreSettings {
+        &self.settings
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -192,7 +192,8 @@ impl Store {
                 continue;
             };
             tags.clear();
-            tags.extend(record.tags());
+            let drop = &self.settings.drop_tags;
+            tags.extend(record.tags().filter(|(k, _)| !drop.iter().any(|d| d == k)));
             // Sorted by key; of a key given twice, the first is kept (a
             // record's own tag comes before the ones added to it).
             tags.sort_by(|a, b| a.0.cmp(b.0));

@@ -37,6 +37,7 @@ fn store(max_series: usize) -> (Store, Arc<Stats>) {
         StoreSettings {
             max_series,
             expiry: Duration::from_secs(120),
+            drop_tags: Vec::new(),
         },
         stats.clone(),
     );
@@ -167,6 +168,7 @@ fn expired_series_go_and_take_their_labels_out_of_the_family() {
         StoreSettings {
             max_series: 100,
             expiry: Duration::ZERO,
+            drop_tags: Vec::new(),
         },
         stats.clone(),
     );
@@ -484,4 +486,44 @@ proptest! {
             .collect();
         prop_assert_eq!(served, expected);
     }
+}
+
+/// `store_drop_tags`: a tag unique to each record (a sequence number) is
+/// left out, so that the records are one series, its latest value; the
+/// other tags stay.
+#[test]
+fn dropped_tags_leave_records_that_differ_only_by_them_one_series() {
+    let stats = Arc::new(Stats::default());
+    let store = Store::new(
+        StoreSettings {
+            max_series: 100,
+            expiry: Duration::from_secs(120),
+            drop_tags: vec!["seq".into(), "absent".into()],
+        },
+        stats.clone(),
+    );
+    for seq in 0..50 {
+        store.observe(
+            Source::Input,
+            &[routed(
+                &[("a", f64::from(seq))],
+                &[("seq", &seq.to_string()), ("k", "v")],
+            )],
+        );
+    }
+    let snapshot = store.snapshot();
+    assert_eq!(snapshot.len(), 1, "{snapshot:?}");
+    let (_, key, sample) = &snapshot[0];
+    let (name, tags) = parse_key(key);
+    assert_eq!(name, "a");
+    assert_eq!(tags.collect::<Vec<_>>(), vec![("k", "v")]);
+    assert_eq!(sample.value, 49.0);
+    assert_eq!(
+        stats
+            .store_refused
+            .iter()
+            .map(|r| r.load(Relaxed))
+            .sum::<u64>(),
+        0
+    );
 }
