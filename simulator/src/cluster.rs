@@ -189,6 +189,9 @@ pub struct ClusterReport {
     pub latency: crate::verify::Percentiles,
     /// The balance.
     pub conservation: Conservation,
+    /// What the Prometheus server has, when the verifier was given one.
+    #[serde(default)]
+    pub prometheus: Option<crate::prometheus::PrometheusSeen>,
 }
 
 impl ClusterReport {
@@ -273,6 +276,9 @@ pub struct ClusterVerifier {
     /// restarted (rebooted) reports new producers, and the old ones' final
     /// counts are kept.
     producers_seen: Mutex<BTreeMap<String, BTreeMap<String, ModuleReport>>>,
+    /// A Prometheus server scraping the collectors (`http://HOST:PORT`),
+    /// asked at every report.
+    pub prometheus: Option<String>,
 }
 
 impl ClusterVerifier {
@@ -300,6 +306,7 @@ impl ClusterVerifier {
             last: Mutex::new(BTreeMap::new()),
             carried_dropped: Mutex::new(0),
             producers_seen: Mutex::new(BTreeMap::new()),
+            prometheus: None,
         })
     }
 
@@ -359,12 +366,17 @@ impl ClusterVerifier {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let conservation = conservation(&seen, &producers, &collectors, carried);
+        let prometheus = match &self.prometheus {
+            Some(base) => Some(crate::prometheus::seen(&self.http, base).await),
+            None => None,
+        };
         ClusterReport {
             latency: seen.latency(),
             seen,
             producers,
             collectors,
             conservation,
+            prometheus,
         }
     }
 

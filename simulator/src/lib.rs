@@ -11,6 +11,8 @@
 //!   exact header, fixed sync, null codec) and "other processes" (random
 //!   sync, deflate or snappy), plus malformed modes. Every MetricList carries
 //!   a producer id and a sequence number so a verifier can account for it.
+//! - [`prometheus`]: a real Prometheus server in the cluster, configured by
+//!   `simulator prometheus`, and what the verifier asks of it.
 //! - [`cluster`]: the same pieces as separate processes (docker-compose and
 //!   the Docker tests): the producers' control API, the verifier's report
 //!   and the balance across nodes, a health probe.
@@ -23,6 +25,7 @@ pub mod kafka;
 pub mod listening;
 pub mod process;
 pub mod producer;
+pub mod prometheus;
 pub mod scheduler;
 pub mod tls;
 pub mod up;

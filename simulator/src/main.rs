@@ -151,6 +151,10 @@ enum Command {
         /// Serve GET /report (JSON) here.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// A Prometheus server scraping the collectors (http://HOST:PORT):
+        /// the report says what its query API has of every module producer.
+        #[arg(long)]
+        prometheus: Option<String>,
         /// Summary line interval.
         #[arg(long, default_value = "5s", value_parser = simulator::up::parse_duration)]
         interval: Duration,
@@ -171,6 +175,26 @@ enum Command {
         /// Stop once nothing arrives for this long (e.g. 5s).
         #[arg(long, default_value = "5s", value_parser = simulator::up::parse_duration)]
         idle: Duration,
+    },
+    /// Writes a Prometheus configuration scraping the targets and runs
+    /// Prometheus on it in this process's place (the prometheus image has
+    /// no shell).
+    Prometheus {
+        /// A target, HOST:PORT (repeatable).
+        #[arg(long, required = true)]
+        target: Vec<String>,
+        /// Scrape interval (e.g. 5s).
+        #[arg(long, default_value = "5s", value_parser = simulator::up::parse_duration)]
+        interval: Duration,
+        /// Prometheus's HTTP listener.
+        #[arg(long, default_value = "0.0.0.0:9090")]
+        listen: String,
+        /// Where its configuration and data go.
+        #[arg(long, default_value = "/data")]
+        data: std::path::PathBuf,
+        /// The Prometheus binary.
+        #[arg(long, default_value = "/bin/prometheus")]
+        binary: std::path::PathBuf,
     },
     /// Health probe for images without a shell: exits 0 when an http://
     /// URL answers 2xx or a tcp://HOST:PORT accepts.
@@ -340,13 +364,15 @@ async fn run(command: Command, security: KafkaSecurity) -> anyhow::Result<()> {
             metrics,
             producers,
             listen,
+            prometheus,
             interval,
         } => {
             let require_balance = !producers.is_empty();
             let require_identity = !metrics.is_empty();
-            let verifier = Arc::new(simulator::cluster::ClusterVerifier::start(
-                &brokers, producers, metrics, security,
-            )?);
+            let mut verifier =
+                simulator::cluster::ClusterVerifier::start(&brokers, producers, metrics, security)?;
+            verifier.prometheus = prometheus;
+            let verifier = Arc::new(verifier);
             if let Some(listen) = listen {
                 let addr = verifier.clone().serve(listen).await?;
                 println!("verifier report on http://{addr}/report");
@@ -386,6 +412,17 @@ async fn run(command: Command, security: KafkaSecurity) -> anyhow::Result<()> {
             }
         }
         Command::Probe { target } => simulator::cluster::probe(&target).await?,
+        Command::Prometheus {
+            target,
+            interval,
+            listen,
+            data,
+            binary,
+        } => {
+            return Err(simulator::prometheus::exec(
+                &binary, &target, interval, &listen, &data,
+            ));
+        }
         Command::Consume {
             brokers,
             topic,

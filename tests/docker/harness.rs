@@ -447,6 +447,8 @@ pub fn topology() -> Topology {
 pub struct Cluster {
     /// The verifier (report on :9200).
     pub verifier: Container,
+    /// The Prometheus server scraping the collectors (:9090).
+    pub prometheus: Option<Container>,
     /// The nodes.
     pub nodes: Vec<Node>,
     /// Mesos-DNS.
@@ -474,6 +476,9 @@ async fn images_present(topology: &Topology) {
     }
     if topology.secured.is_some() {
         images.push(Image::Stunnel);
+    }
+    if topology.prometheus {
+        images.push(Image::Prometheus);
     }
     for image in images {
         let image = format!("{}:{TAG}", image.name());
@@ -553,6 +558,7 @@ impl Cluster {
             .collect();
         let cluster = Self {
             verifier: take("verifier"),
+            prometheus: topology.prometheus.then(|| take("prometheus")),
             nodes,
             dns: take("mesos-dns"),
             scheduler: take("kafka-scheduler"),

@@ -49,6 +49,7 @@ fn assert_every_producer_arrived(report: &simulator::cluster::ClusterReport, nod
 async fn happy_path_every_datapoint_from_three_nodes_and_the_sample_producer() {
     let cluster = Cluster::start("happy", topology()).await;
     cluster.run_for(LOAD).await;
+    prometheus_has_every_node_container_and_producer(&cluster).await;
     let report = cluster.finish().await;
     assert_nothing_dropped(&report);
 
@@ -102,6 +103,100 @@ async fn happy_path_every_datapoint_from_three_nodes_and_the_sample_producer() {
     cluster.log(&format!(
         "sample topic: {} executors with the agents' datapoint names",
         expected.len()
+    ));
+}
+
+/// The cluster's Prometheus server (Debian's, in its image) answers,
+/// through its own query API: every collector up; every node's node
+/// metrics; every container of every agent by its task's name, with the
+/// value the agent served; every module producer's latest datapoints (the
+/// verifier asks); and no failed scrape.
+async fn prometheus_has_every_node_container_and_producer(cluster: &Cluster) {
+    let base = format!(
+        "http://{}:9090",
+        cluster
+            .prometheus
+            .as_ref()
+            .expect("Prometheus runs")
+            .ip()
+            .await
+    );
+    let http = reqwest::Client::new();
+    let nodes = cluster.nodes.len();
+    let (seen, producers) = cluster
+        .eventually(
+            harness::docker_patience(),
+            "Prometheus has every collector up and every producer's datapoints",
+            || async {
+                let report = cluster.try_report().await?;
+                let seen = report.prometheus?;
+                let producers: Vec<simulator::producer::ModuleReport> = report
+                    .producers
+                    .values()
+                    .flat_map(|r| r.producers.clone())
+                    .collect();
+                let all = seen.up.len() == nodes
+                    && seen.up.values().all(|up| *up == 1.0)
+                    && producers.len() == nodes * 2
+                    && producers.iter().all(|p| {
+                        seen.producers
+                            .get(&p.id)
+                            .is_some_and(|s| s.series > 0 && s.newest > 0.0)
+                    });
+                all.then_some((seen, producers))
+            },
+        )
+        .await;
+    for producer in &producers {
+        // Its values count its datapoints from 0: the newest Prometheus has
+        // is one it generated.
+        let newest = seen.producers[&producer.id].newest;
+        assert!(
+            newest < producer.generated as f64,
+            "{}: {newest} of {}",
+            producer.id,
+            producer.generated
+        );
+    }
+    let memory = e2e::prometheus::mem_total_bytes();
+    for node in &cluster.nodes {
+        let name = format!("node-{}", node.index);
+        let query = e2e::prometheus::selector("memory_total", &[("node", &name)]);
+        let value = cluster
+            .eventually(harness::docker_patience(), &query, || async {
+                let result = simulator::prometheus::query(&http, &base, &query).await?;
+                e2e::prometheus::only_value(&result)
+            })
+            .await;
+        assert_eq!(value, memory, "{query}");
+        let agent = format!("http://{}:5051", cluster.node_ip(node.index).await);
+        let tasks = e2e::prometheus::agent_tasks(&agent).await;
+        assert_eq!(tasks.len(), 3, "{name}: {tasks:?}");
+        for (container, task) in &tasks {
+            let query = e2e::prometheus::selector(
+                "dcos_metrics_container_mem_limit_bytes",
+                &[
+                    ("node", &name),
+                    ("task_name", &task.task_name),
+                    ("container_id", container),
+                    ("task_id", &task.task_id),
+                ],
+            );
+            let value = cluster
+                .eventually(harness::docker_patience(), &query, || async {
+                    let result = simulator::prometheus::query(&http, &base, &query).await?;
+                    e2e::prometheus::only_value(&result)
+                })
+                .await;
+            assert_eq!(value, task.mem_limit_bytes, "{query}");
+        }
+    }
+    for (failure, value) in e2e::prometheus::scrape_failures(&base).await {
+        assert_eq!(value, 0.0, "{failure}");
+    }
+    cluster.log(&format!(
+        "Prometheus: {nodes} collectors up, node and container metrics by task name, {} producers' latest datapoints",
+        producers.len()
     ));
 }
 

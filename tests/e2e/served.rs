@@ -6,101 +6,14 @@
 
 use std::collections::BTreeMap;
 
-use e2e::prometheus::{PrometheusServer, scrape_failures};
+use e2e::prometheus::{
+    PrometheusServer, agent_tasks, mem_total_bytes, only_value, scrape_failures, selector,
+};
 use e2e::{assert_balanced, eventually, spawn_collector, test_config};
 use schema::{Codec, Datapoint, MetricList, OcfEncoder, Tag};
 use serde_json::Value;
 use simulator::agent::mesos_agent;
 use tokio::io::AsyncWriteExt;
-
-/// What the test expects of one container, read from the agent's answers
-/// here, apart from the collector's own reading of them.
-#[derive(Debug)]
-struct Expected {
-    framework_id: String,
-    executor_id: String,
-    task_id: String,
-    task_name: String,
-    role: String,
-    /// The executor's labels, but the Cosmos bookkeeping ones.
-    labels: BTreeMap<String, String>,
-    mem_limit_bytes: f64,
-}
-
-async fn agent_json(url: &str, path: &str) -> Value {
-    reqwest::get(format!("{url}{path}"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-async fn expected(url: &str) -> BTreeMap<String, Expected> {
-    let state = agent_json(url, "/state").await;
-    let containers = agent_json(url, "/containers").await;
-    let mut out = BTreeMap::new();
-    for entry in containers.as_array().unwrap() {
-        let container = entry["container_id"].as_str().unwrap();
-        for framework in state["frameworks"].as_array().unwrap() {
-            for executor in framework["executors"].as_array().unwrap() {
-                for task in executor["tasks"].as_array().unwrap() {
-                    let named = task["statuses"][0]["container_status"]["container_id"]["value"]
-                        == container;
-                    if !named {
-                        continue;
-                    }
-                    let labels = executor["labels"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|l| {
-                            (
-                                l["key"].as_str().unwrap().to_owned(),
-                                l["value"].as_str().unwrap().to_owned(),
-                            )
-                        })
-                        .filter(|(k, _)| {
-                            !k.starts_with("DCOS_PACKAGE_") && k != "DCOS_SERVICE_PORT_INDEX"
-                        })
-                        .collect();
-                    out.insert(
-                        container.to_owned(),
-                        Expected {
-                            framework_id: framework["id"].as_str().unwrap().to_owned(),
-                            executor_id: executor["id"].as_str().unwrap().to_owned(),
-                            task_id: task["id"].as_str().unwrap().to_owned(),
-                            task_name: task["name"].as_str().unwrap().to_owned(),
-                            role: framework["role"].as_str().unwrap().to_owned(),
-                            labels,
-                            mem_limit_bytes: entry["statistics"]["mem_limit_bytes"]
-                                .as_f64()
-                                .unwrap(),
-                        },
-                    );
-                }
-            }
-        }
-    }
-    out
-}
-
-/// The Prometheus label matchers for `labels`.
-fn matchers(name: &str, labels: &[(&str, &str)]) -> String {
-    let labels: Vec<String> = std::iter::once(("__name__", name))
-        .chain(labels.iter().copied())
-        .map(|(k, v)| format!("{k}={}", Value::from(v)))
-        .collect();
-    format!("{{{}}}", labels.join(","))
-}
-
-/// `value` of an instant query's only sample.
-fn only_value(result: &[Value]) -> Option<f64> {
-    match result {
-        [sample] => sample["value"][1].as_str()?.parse().ok(),
-        _ => None,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_and_v0_carry_each_containers_task_name_and_labels_without_kafka() {
@@ -117,7 +30,7 @@ async fn prometheus_and_v0_carry_each_containers_task_name_and_labels_without_ka
     let collector = spawn_collector(config).await;
     let target = collector.prometheus.expect("Prometheus on");
     let v0 = format!("http://{}", collector.metrics_api.clone().expect("v0 on"));
-    let containers = expected(&agent.url()).await;
+    let containers = agent_tasks(&agent.url()).await;
     assert_eq!(containers.len(), 3, "{containers:?}");
 
     // A task's own metric, sent as the module sends it: its container's id
@@ -153,7 +66,7 @@ async fn prometheus_and_v0_carry_each_containers_task_name_and_labels_without_ka
     // Every container's metric, asked by its task's name, has the value the
     // agent served, and the executor's labels but Cosmos's.
     for (container, want) in &containers {
-        let query = matchers(
+        let query = selector(
             "dcos_metrics_container_mem_limit_bytes",
             &[("task_name", &want.task_name), ("container_id", container)],
         );
@@ -182,7 +95,7 @@ async fn prometheus_and_v0_carry_each_containers_task_name_and_labels_without_ka
     }
 
     // The task's own metric carries its task's name and labels.
-    let query = matchers("app_requests", &[("task_name", &task.task_name)]);
+    let query = selector("app_requests", &[("task_name", &task.task_name)]);
     let app = eventually(&query, || async {
         let result = prometheus.query(&query).await;
         match result.as_slice() {
@@ -196,17 +109,11 @@ async fn prometheus_and_v0_carry_each_containers_task_name_and_labels_without_ka
     assert_eq!(app["metric"]["DCOS_SERVICE_NAME"], task.task_name.as_str());
 
     // A node metric: the node's memory as the kernel says it.
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let total_kib: f64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
     let memory = eventually("memory_total", || async {
         only_value(&prometheus.query("memory_total").await).ok_or_else(|| "none".to_owned())
     })
     .await;
-    assert_eq!(memory, total_kib * 1024.0);
+    assert_eq!(memory, mem_total_bytes());
 
     // The v0 API: the container's message has the task's dimensions and the
     // executor's labels; the app message's datapoints carry the task's.

@@ -18,6 +18,8 @@ pub enum Image {
     Tansu,
     /// stunnel, terminating TLS in front of the broker (Debian's stunnel4).
     Stunnel,
+    /// Debian's Prometheus server, with the simulator to configure it.
+    Prometheus,
 }
 
 impl Image {
@@ -28,6 +30,7 @@ impl Image {
             Self::Simulator => "metrics-collector/simulator",
             Self::Tansu => "metrics-collector/tansu",
             Self::Stunnel => "metrics-collector/stunnel",
+            Self::Prometheus => "metrics-collector/prometheus",
         }
     }
 }
@@ -68,6 +71,8 @@ pub enum Kind {
     Sample,
     /// A garbage producer.
     Garbage,
+    /// The Prometheus server scraping the collectors.
+    Prometheus,
     /// The verifier.
     Verifier,
 }
@@ -236,6 +241,9 @@ pub struct Topology {
     pub broker: Broker,
     /// Collector options added last (`--name=value`).
     pub collector_options: Vec<String>,
+    /// A Prometheus server (`prometheus`, :9090) scraping every collector
+    /// on DC/OS's port 61091, which the verifier asks.
+    pub prometheus: bool,
 }
 
 impl Default for Topology {
@@ -253,6 +261,7 @@ impl Default for Topology {
             secured: None,
             broker: Broker::Tansu,
             collector_options: Vec::new(),
+            prometheus: true,
         }
     }
 }
@@ -426,8 +435,11 @@ impl Topology {
                 "--kafka-rediscover-secs=10".into(),
                 "--api-listen=0.0.0.0:8123".into(),
                 format!("--api-token={}", self.api_token),
-                // Prometheus on DC/OS's port, as the deploy files set it.
+                // Prometheus on DC/OS's port, as the deploy files set it;
+                // the producers' per-record sequence tag is for the
+                // verifier's Kafka accounting, not a series of its own.
                 "--prometheus-listen=0.0.0.0:61091".into(),
+                format!("--store-drop-tags={}", simulator::producer::SEQ_TAG),
                 "--agent-url=http://127.0.0.1:5051".into(),
                 "--agent-poll-period=5".into(),
                 format!("--static-tag=node={node}"),
@@ -568,6 +580,26 @@ impl Topology {
                 at(&format!("node-{index}"))
             ));
         }
+        if self.prometheus {
+            let targets = (1..=self.nodes)
+                .map(|index| format!("--target={}:61091", host(&format!("node-{index}"))));
+            let mut prometheus = cluster(
+                "prometheus",
+                Kind::Prometheus,
+                Image::Prometheus,
+                std::iter::once("prometheus".to_owned())
+                    .chain(targets)
+                    .chain([
+                        "--interval=5s".to_owned(),
+                        "--listen=0.0.0.0:9090".to_owned(),
+                    ])
+                    .collect(),
+                Some("Server is ready to receive web requests."),
+            );
+            prometheus.entrypoint = Some("/bin/simulator");
+            services.push(prometheus);
+            verify.push(format!("--prometheus=http://{}:9090", host("prometheus")));
+        }
         verify.extend(strings(&["--listen=0.0.0.0:9200", "--interval=5s"]));
         let mut verifier = cluster(
             "verifier",
@@ -597,12 +629,14 @@ const COMPOSE_HEADER: &str = "\
 # edit that, then `UPDATE_COMPOSE=1 cargo test -p e2e --lib compose`.
 #
 # The local cluster: Mesos-DNS, the Kafka scheduler, tansu (a real
-# Kafka-protocol broker), three agent nodes and the verifier, all offline.
+# Kafka-protocol broker), three agent nodes, a Prometheus server scraping
+# every collector on DC/OS's port 61091, and the verifier, all offline.
 #
 #   scripts/build-images          # once; seconds when nothing changed
 #   docker-compose up -d
 #   docker-compose logs -f verifier
 #   curl -s localhost:9200/report  # the verifier's balance, as JSON
+#   open http://localhost:9090     # Prometheus: try {task_name!=\"\"} or memory_total
 #   docker-compose down -v
 #
 # Each node is one network namespace, owned by its agent emulator (node-N):
@@ -717,6 +751,12 @@ pub fn compose(topology: &Topology) -> String {
             Kind::Sample => {
                 out.push_str(&healthy(&[node, "mesos-dns"]));
                 out.push_str("    restart: unless-stopped\n");
+            }
+            Kind::Prometheus => {
+                out.push_str("    ports: [\"127.0.0.1:9090:9090\"]\n");
+                out.push_str(&probe(
+                    "\"/bin/simulator\", \"probe\", \"http://127.0.0.1:9090/-/ready\"",
+                ));
             }
             Kind::Verifier => {
                 out.push_str("    ports: [\"127.0.0.1:9200:9200\"]\n    depends_on:\n");
