@@ -397,6 +397,9 @@ fn now_ms() -> i64 {
 /// has begun: the TCP inputs' drain time.
 const DRAIN: Duration = Duration::from_secs(1);
 
+/// How long the first poll waits for the agent's `/state`, at most.
+const FIRST_STATE_WAIT: Duration = Duration::from_secs(10);
+
 /// The node source's task.
 pub struct NodeSource {
     /// Settings.
@@ -423,6 +426,18 @@ impl NodeSource {
         // the next ones wait for it, on no other thread.
         let mut running: Option<tokio::task::JoinHandle<Polled>> = None;
         let mut reported: std::collections::HashSet<String> = std::collections::HashSet::new();
+        // With the agent polled, the first poll waits a while for its
+        // `/state`, so that the node's series carry the agent's id from the
+        // start: series recorded before it are forgotten once it answers,
+        // and the node's would then be missing for a whole period.
+        let mut enrichment = self.pipeline.enrichment.clone();
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tokio::time::timeout(
+                FIRST_STATE_WAIT,
+                enrichment.wait_for(|e| !e.enabled || e.agent_id.is_some()),
+            ) => {}
+        }
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,

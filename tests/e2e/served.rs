@@ -24,7 +24,10 @@ async fn prometheus_and_v0_carry_each_containers_task_name_and_labels_without_ka
     config.agent_url = Some(agent.url());
     config.agent_poll_period = 1;
     config.node_metrics = true;
-    config.node_poll_period = 1;
+    // One node poll in the test: the first waits for the agent's /state,
+    // so that the node's series carry its id from the start (series
+    // recorded before /state are forgotten once it answers).
+    config.node_poll_period = 3600;
     config.prometheus_listen = "127.0.0.1:0".parse().unwrap();
     config.metrics_api_listen = "127.0.0.1:0".parse().unwrap();
     let collector = spawn_collector(config).await;
@@ -108,9 +111,18 @@ async fn prometheus_and_v0_carry_each_containers_task_name_and_labels_without_ka
     assert_eq!(app["metric"]["task_id"], task.task_id.as_str());
     assert_eq!(app["metric"]["DCOS_SERVICE_NAME"], task.task_name.as_str());
 
-    // A node metric: the node's memory as the kernel says it.
-    let memory = eventually("memory_total", || async {
-        only_value(&prometheus.query("memory_total").await).ok_or_else(|| "none".to_owned())
+    // A node metric: the node's memory as the kernel says it, with the
+    // agent's id.
+    let state: Value = reqwest::get(format!("{}/state", agent.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let agent_id = state["id"].as_str().unwrap();
+    let query = selector("memory_total", &[("agent_id", agent_id)]);
+    let memory = eventually(&query, || async {
+        only_value(&prometheus.query(&query).await).ok_or_else(|| "none".to_owned())
     })
     .await;
     assert_eq!(memory, mem_total_bytes());
