@@ -181,6 +181,7 @@ impl Shutdown {
             received = accounting.received.datapoints,
             replayed = accounting.replayed.datapoints,
             delivered = accounting.delivered.datapoints,
+            served = accounting.served.datapoints,
             dropped = dropped.datapoints,
             spooled = accounting.spooled.datapoints,
             buffer_high_water_bytes = stats.buffer_high_water_bytes.load(Relaxed),
@@ -192,7 +193,7 @@ impl Shutdown {
                 .map(|(r, c)| format!("{}={}", r.as_str(), c.datapoints))
                 .collect::<Vec<_>>()
                 .join(","),
-            "Collector stopped: datapoints received and replayed, delivered, dropped and spooled."
+            "Collector stopped: datapoints received and replayed, delivered, served, dropped and spooled."
         );
         accounting
     }

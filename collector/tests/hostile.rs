@@ -39,7 +39,7 @@ fn deflate_stream(records: usize, tag_bytes: usize) -> Vec<u8> {
 fn deflate_bombs_on_many_connections_stay_under_the_memory_bound() {
     // 100 records of 300 KB: 30 MB inflated, too large for the buffer.
     let bomb = deflate_stream(100, 300_000);
-    // 100 records of 20 KB: 2 MB inflated, routed and delivered.
+    // 100 records of 20 KB: 2 MB inflated, routed and served.
     let fits = deflate_stream(100, 20_000);
     assert!(bomb.len() < 100_000 && fits.len() < 20_000);
     let args = [
@@ -61,7 +61,7 @@ fn deflate_bombs_on_many_connections_stay_under_the_memory_bound() {
     }
     eventually("every block taken in or refused", || {
         collector.metric("collector_connections_oversized_total") == 50.0
-            && collector.metric("collector_delivered_records_total") == 50.0 * 100.0
+            && collector.metric("collector_served_records_total") == 50.0 * 100.0
     });
     let peak = collector.peak_rss();
     let mut config = collector::config::Config {
@@ -170,8 +170,8 @@ fn huge_agent_answers_stay_under_the_memory_bound() {
                 collector.metric("collector_agent_responses_too_large_total") >= 2.0
             });
         } else {
-            eventually("a whole /containers delivered", || {
-                collector.metric("collector_delivered_records_total") > 5000.0
+            eventually("a whole /containers served", || {
+                collector.metric("collector_served_records_total") > 5000.0
             });
         }
         let peak = collector.peak_rss();
@@ -833,7 +833,7 @@ fn half_open_api_connections_starve_neither_the_input_nor_health() {
         || {
             http_get(collector.api, "/health").is_ok_and(|(status, _)| status == 200)
                 && collector
-                    .try_metric("collector_delivered_datapoints_total")
+                    .try_metric("collector_served_datapoints_total")
                     .is_some_and(|n| n >= 100.0)
         },
     );

@@ -20,8 +20,10 @@ pub fn sibling_collector() -> PathBuf {
 pub struct FinalCounts {
     /// Datapoints received.
     pub received: u64,
-    /// Datapoints delivered.
+    /// Datapoints delivered to Kafka.
     pub delivered: u64,
+    /// Datapoints served without Kafka (`kafka = false`).
+    pub served: u64,
     /// Datapoints dropped.
     pub dropped: u64,
     /// The buffer's high-water mark, bytes.
@@ -169,6 +171,7 @@ impl CollectorProcess {
                 break FinalCounts {
                     received: get("received")?,
                     delivered: get("delivered")?,
+                    served: get("served")?,
                     dropped: get("dropped")?,
                     buffer_high_water_bytes: get("buffer_high_water_bytes")?,
                 };

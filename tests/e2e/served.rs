@@ -165,4 +165,12 @@ async fn prometheus_and_v0_carry_each_containers_task_name_and_labels_without_ka
     }
     let accounting = collector.shutdown().await;
     assert_balanced(&accounting);
+    // Without Kafka, every datapoint is served (or dropped and counted);
+    // none is said to be delivered.
+    assert_eq!(accounting.delivered.datapoints, 0, "{accounting:?}");
+    assert_eq!(accounting.dropped_total().datapoints, 0, "{accounting:?}");
+    assert_eq!(
+        accounting.served.datapoints, accounting.received.datapoints,
+        "{accounting:?}"
+    );
 }

@@ -276,7 +276,7 @@ options! {
     /// Tags `KEY=VALUE` added to every record that lacks them (repeatable; env: a comma list).
     static_tags: BTreeMap<String, String> = BTreeMap::new();
         pairs("static-tag"), env "STATIC_TAGS", runtime;
-    /// Send to Kafka; false: no Kafka at all (serve the node's metrics over Prometheus and the v0 API only; `/health` and `/v1/endpoints` show no Kafka state; routed records count as delivered to the null sink).
+    /// Send to Kafka; false: no Kafka at all (serve the node's metrics over Prometheus and the v0 API only; `/health` and `/v1/endpoints` show no Kafka state; what reaches the end of the pipeline counts as served, not delivered).
     kafka: bool = true;
         flag, env "KAFKA", restart;
     /// Static comma-separated broker list; wins over framework discovery.

@@ -3,7 +3,9 @@
 //!
 //! - [`kafka`]: batches per topic, produces OCF files, and counts what Kafka
 //!   acknowledged as delivered.
-//! - the null sink: counts and discards (`kafka = false`), for benchmarks.
+//! - the null sink (`kafka = false`): the end of the pipeline when the
+//!   node's own outputs (the store, the partners) are all there is; it
+//!   counts what reaches it as served.
 
 pub mod batch;
 pub mod kafka;
@@ -19,11 +21,12 @@ pub fn spawn_null(buffer: Arc<Buffer>, stats: Arc<Stats>) -> Task {
     Task::spawn("sink", run_null(buffer, stats))
 }
 
-/// Takes everything from the buffer and discards it, counting it as delivered.
+/// Takes everything from the buffer, counting it as served: the store and
+/// the partners had it before it was buffered.
 async fn run_null(buffer: Arc<Buffer>, stats: Arc<Stats>) {
     while let Some(chunk) = buffer.pop().await {
         stats
-            .delivered
+            .served
             .add(chunk.items.len() as u64, chunk.datapoints());
         let seqs: Vec<u64> = chunk
             .items

@@ -201,8 +201,12 @@ macro_rules! stats {
             pub received_agent: Amount,
             /// Node metrics read, before any drop.
             pub received_node: Amount,
-            /// Acknowledged by Kafka (or taken by the null sink).
+            /// Acknowledged by Kafka.
             pub delivered: Amount,
+            /// Without Kafka (`kafka = false`): at the end of the
+            /// pipeline, served by the node's own outputs (the store, the
+            /// partners) and sent no further.
+            pub served: Amount,
             /// Dropped, by reason (indexed like [`DropReason::ALL`]).
             pub dropped: [Amount; DropReason::ALL.len()],
             /// Produced to librdkafka and not yet reported on.
@@ -240,6 +244,7 @@ macro_rules! stats {
                     received_agent: Amount::default(),
                     received_node: Amount::default(),
                     delivered: Amount::default(),
+                    served: Amount::default(),
                     dropped: Default::default(),
                     kafka_in_flight: Amount::default(),
                     kafka_in_flight_spooled: Amount::default(),
@@ -432,8 +437,10 @@ pub struct Counts {
 pub struct Accounting {
     /// Decoded input.
     pub received: Counts,
-    /// Delivered.
+    /// Delivered to Kafka.
     pub delivered: Counts,
+    /// Served by the node's own outputs, without Kafka (`kafka = false`).
+    pub served: Counts,
     /// Dropped, by reason.
     pub dropped: Vec<(DropReason, Counts)>,
     /// Found in the disk spool at start.
@@ -462,27 +469,38 @@ impl Accounting {
             .unwrap_or_default()
     }
 
-    /// received + replayed − delivered − dropped − spooled: what is still
-    /// queued.
-    pub fn in_flight(&self) -> Counts {
+    /// delivered + served + dropped + spooled: what got its outcome.
+    fn done(&self) -> Counts {
         let dropped = self.dropped_total();
         Counts {
-            records: (self.received.records + self.replayed.records)
-                .saturating_sub(self.delivered.records + dropped.records + self.spooled.records),
-            datapoints: (self.received.datapoints + self.replayed.datapoints).saturating_sub(
-                self.delivered.datapoints + dropped.datapoints + self.spooled.datapoints,
-            ),
+            records: self.delivered.records
+                + self.served.records
+                + dropped.records
+                + self.spooled.records,
+            datapoints: self.delivered.datapoints
+                + self.served.datapoints
+                + dropped.datapoints
+                + self.spooled.datapoints,
         }
     }
 
-    /// Whether everything received or replayed is delivered, counted as
-    /// dropped, or left in the spool.
+    /// received + replayed − delivered − served − dropped − spooled: what
+    /// is still queued.
+    pub fn in_flight(&self) -> Counts {
+        let done = self.done();
+        Counts {
+            records: (self.received.records + self.replayed.records).saturating_sub(done.records),
+            datapoints: (self.received.datapoints + self.replayed.datapoints)
+                .saturating_sub(done.datapoints),
+        }
+    }
+
+    /// Whether everything received or replayed is delivered, served,
+    /// counted as dropped, or left in the spool.
     pub fn balanced(&self) -> bool {
-        let dropped = self.dropped_total();
-        self.received.records + self.replayed.records
-            == self.delivered.records + dropped.records + self.spooled.records
-            && self.received.datapoints + self.replayed.datapoints
-                == self.delivered.datapoints + dropped.datapoints + self.spooled.datapoints
+        let done = self.done();
+        self.received.records + self.replayed.records == done.records
+            && self.received.datapoints + self.replayed.datapoints == done.datapoints
     }
 }
 
@@ -529,6 +547,7 @@ impl Stats {
                 datapoints: tcp.datapoints + agent.datapoints + node.datapoints,
             },
             delivered: self.delivered.get(),
+            served: self.served.get(),
             dropped: DropReason::ALL
                 .iter()
                 .map(|r| (*r, self.dropped[*r as usize].get()))

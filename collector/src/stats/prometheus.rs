@@ -76,13 +76,14 @@ pub struct BrokerGauges {
 pub fn render(stats: &Stats, brokers: BrokerGauges) -> String {
     let mut t = Text(String::with_capacity(8192));
     let acc = stats.accounting();
-    for (unit, received_tcp, received_agent, received_node, delivered) in [
+    for (unit, received_tcp, received_agent, received_node, delivered, served) in [
         (
             "datapoints",
             stats.received_tcp.datapoints.load(Relaxed),
             stats.received_agent.datapoints.load(Relaxed),
             stats.received_node.datapoints.load(Relaxed),
             acc.delivered.datapoints,
+            acc.served.datapoints,
         ),
         (
             "records",
@@ -90,6 +91,7 @@ pub fn render(stats: &Stats, brokers: BrokerGauges) -> String {
             stats.received_agent.records.load(Relaxed),
             stats.received_node.records.load(Relaxed),
             acc.delivered.records,
+            acc.served.records,
         ),
     ] {
         let name = format!("collector_received_{unit}_total");
@@ -106,6 +108,14 @@ pub fn render(stats: &Stats, brokers: BrokerGauges) -> String {
             "counter",
             &format!("{unit} acknowledged by Kafka"),
             delivered,
+        );
+        t.one(
+            &format!("collector_served_{unit}_total"),
+            "counter",
+            &format!(
+                "{unit} served by the node's own outputs (Prometheus, the v0 API, partners) and sent no further: kafka = false"
+            ),
+            served,
         );
         let name = format!("collector_dropped_{unit}_total");
         t.family(&name, "counter", &format!("{unit} dropped, by reason"));
@@ -145,7 +155,7 @@ pub fn render(stats: &Stats, brokers: BrokerGauges) -> String {
         t.one(
             &format!("collector_in_flight_{unit}"),
             "gauge",
-            &format!("{unit} received and not yet delivered or dropped"),
+            &format!("{unit} received and not yet delivered, served or dropped"),
             in_flight,
         );
     }

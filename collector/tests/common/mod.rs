@@ -284,10 +284,10 @@ impl Running {
 }
 
 /// Whether the final line balances: received + replayed = delivered +
-/// dropped + spooled.
+/// served + dropped + spooled.
 pub fn balanced(last: &serde_json::Value) -> bool {
     let n = |k: &str| last[k].as_u64().unwrap();
-    n("received") + n("replayed") == n("delivered") + n("dropped") + n("spooled")
+    n("received") + n("replayed") == n("delivered") + n("served") + n("dropped") + n("spooled")
 }
 
 /// Starts a server from Debian's packages (Prometheus, the node exporter)

@@ -715,7 +715,7 @@ pub async fn run_point(
             datapoints
         );
     }
-    if final_counts.delivered != datapoints || final_counts.dropped != 0 {
+    if final_counts.delivered + final_counts.served != datapoints || final_counts.dropped != 0 {
         bail!("the collector did not deliver everything it received: {final_counts:?}");
     }
     let baseline = match kafka {
