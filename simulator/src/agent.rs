@@ -382,6 +382,11 @@ impl AgentHandle {
         self.lock().make_containers(count);
     }
 
+    /// Containers it runs.
+    pub fn container_count(&self) -> usize {
+        self.lock().containers.len()
+    }
+
     /// Data requests served so far.
     pub fn requests(&self) -> u64 {
         self.lock().requests

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use collector::config::Config;
+use collector::config::{Config, Listen};
 use collector::discovery::BrokerSource;
 use collector::mesos::poller::AgentAddress;
 use collector::sample::{SampleConfig, SampleReport};
@@ -110,6 +110,9 @@ pub struct UpReport {
     pub sample_verified: u64,
     /// End-to-end latency of the producers' records.
     pub latency_ms: Percentiles,
+    /// The containers Prometheus serves with their task's name:
+    /// `(container id, task name)`.
+    pub tasks_served: Vec<(String, String)>,
     /// Every failed check, in words; empty when conservation holds.
     pub failures: Vec<String>,
 }
@@ -163,6 +166,12 @@ pub async fn run(
         agent_url: Some(agent.url()),
         agent_poll_period: 2,
         shutdown_grace_secs: 20,
+        // Every metric of the node served where operators read it: the
+        // producers' sequence tag is for the Kafka accounting only.
+        prometheus_listen: Listen::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+        metrics_api_listen: Listen::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+        store_drop_tags: vec![crate::producer::SEQ_TAG.to_owned()],
+        node_poll_period: 10,
         // A partner that stops reading fills a small queue within seconds.
         partner_buffer_kbytes: if options.scenario == Some(Scenario::PartnerStall) {
             64
@@ -173,6 +182,10 @@ pub async fn run(
     };
     let app = collector::App::bind(config).await?;
     let (input, stats, brokers) = (app.ingest_addr(), app.stats(), app.broker_state());
+    let prometheus = app
+        .prometheus_addr()
+        .ok_or_else(|| anyhow::anyhow!("the Prometheus listener is on"))?;
+    let metrics_api = app.metrics_api_addr().unwrap_or_default();
     let partner_addr = app.partner_addr();
     let mut stalled_partner = None;
     let stop_collector = CancellationToken::new();
@@ -227,6 +240,9 @@ pub async fn run(
         scheduler.url(),
         agent.url(),
         kafka.bootstrap_servers()
+    );
+    println!(
+        "  Prometheus: curl -s http://{prometheus}/metrics | grep task_name; v0 API: curl -s http://{metrics_api}/v0/containers"
     );
 
     let mut moved: Option<MockCluster<'static, rdkafka::producer::DefaultProducerContext>> = None;
@@ -314,6 +330,10 @@ pub async fn run(
         }
     }
 
+    // Every container the agent runs is served with its task's name.
+    let tasks_served = served_task_names(prometheus).await;
+    let containers = agent.container_count();
+
     // Stop the sources, then the collector (which drains), then the verifier.
     stop_producers.store(true, Relaxed);
     let (mut producers_sent, mut producers_dropped, mut producers_generated) = (0, 0, 0);
@@ -375,6 +395,12 @@ pub async fn run(
     if producers_sent == 0 || accounting.delivered.datapoints == 0 {
         failures.push("nothing flowed".into());
     }
+    if tasks_served.len() != containers {
+        failures.push(format!(
+            "Prometheus serves {} containers with their task's name ({tasks_served:?}); the agent runs {containers}",
+            tasks_served.len()
+        ));
+    }
     Ok(UpReport {
         seconds: started.elapsed().as_secs_f64(),
         producers_generated,
@@ -389,13 +415,40 @@ pub async fn run(
         sample_producer: sample_report,
         sample_verified: seen.sample_datapoints,
         latency_ms: latency,
+        tasks_served: tasks_served.into_iter().collect(),
         failures,
     })
+}
+
+/// The containers whose metrics a scrape of the collector's Prometheus
+/// listener at `addr` holds with their task's name: `(container id, task
+/// name)`.
+async fn served_task_names(addr: SocketAddr) -> std::collections::BTreeSet<(String, String)> {
+    let Ok(response) = reqwest::get(format!("http://{addr}/metrics")).await else {
+        return Default::default();
+    };
+    let text = response.text().await.unwrap_or_default();
+    let label = |line: &str, name: &str| {
+        line.split(&format!("{name}=\""))
+            .nth(1)?
+            .split('"')
+            .next()
+            .map(str::to_owned)
+    };
+    text.lines()
+        .filter(|l| l.starts_with("dcos_metrics_container_"))
+        .filter_map(|l| Some((label(l, "container_id")?, label(l, "task_name")?)))
+        .filter(|(container, task)| !container.is_empty() && !task.is_empty())
+        .collect()
 }
 
 /// Prints the report for a person.
 pub fn print_report(report: &UpReport) {
     println!("\n=== verification report ({:.0} s) ===", report.seconds);
+    println!(
+        "Prometheus: {} containers served with their task's name",
+        report.tasks_served.len()
+    );
     println!(
         "module producers: generated {} datapoints = sent {} + dropped {} (their counted drops); {} in Kafka, {} duplicated records",
         report.producers_generated,

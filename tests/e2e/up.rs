@@ -24,6 +24,8 @@ async fn up_for_20s_conserves_every_datapoint() {
     print_report(&report);
     assert!(report.passed(), "{:?}", report.failures);
     assert_eq!(report.producers_verified, report.producers_sent);
+    // Its Prometheus listener serves every container with its task's name.
+    assert!(!report.tasks_served.is_empty(), "{report:?}");
     assert_eq!(
         report.producers_generated,
         report.producers_sent + report.producers_dropped
