@@ -12,12 +12,13 @@ Needs: pip install -r scripts/requirements-test.txt  (fastavro)
   writer_schema         each schema in schema/avro/, a zero byte, a few records
   agent_entries         fixtures/mesos/*containers*.json and the
                         /monitor/statistics example
-  agent_state           fixtures/mesos/mesos-agent-state-response.json
+  agent_state           fixtures/mesos/mesos-agent-state-response.json and
+                        mesos-agent-state-with-tasks-testdata.json
   agent_snapshot        fixtures/mesos/mesos-agent-metrics-snapshot-response.json
   scheduler_connection  fixtures/kafka/*.json
-  config_toml           small configuration files, as the README shows them
+  config_toml           small configuration files, as docs/configuration.md shows them
   config_patch          the patches the API tests send
-  partner_line          the partner lines the README documents
+  partner_line          the partner lines docs/http-api.md documents
   spool_scan            fixtures/spool/segment.seg's frames, whole and cut,
                         after the byte that says whether more follow
   spool_cursor          cursor slots (an empty one, one with bitmaps), whole
@@ -100,6 +101,7 @@ def main():
     for path in sorted(mesos.glob("*containers*.json")) + [mesos / "mesos-monitor-statistics-doc-example.json"]:
         put("agent_entries", path.stem, path.read_bytes())
     put("agent_state", "state", (mesos / "mesos-agent-state-response.json").read_bytes())
+    put("agent_state", "state-with-tasks", (mesos / "mesos-agent-state-with-tasks-testdata.json").read_bytes())
     put("agent_snapshot", "snapshot", (mesos / "mesos-agent-metrics-snapshot-response.json").read_bytes())
 
     for path in sorted((ROOT / "fixtures" / "kafka").glob("*.json")):

@@ -486,9 +486,9 @@ mod tests {
     /// it, with the tags of `kind` added.
     fn enriched(enrichment: &Enrichment, kind: Kind) -> Vec<(String, String)> {
         let containers = fixture("mesos-agent-containers-testdata.json");
-        let mapped = crate::mesos::mapping::map_entries(
+        let mapped = crate::sources::agent::mapping::map_entries(
             &containers,
-            crate::mesos::mapping::Naming {
+            crate::sources::agent::mapping::Naming {
                 topic: None,
                 prefix: "",
             },

@@ -6,30 +6,36 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: every option as flag, env var and TOML key; validation.
-//! - [`ingest`]: the TCP listener and one task per connection.
-//! - [`route`]: topic, key and tags for each record.
+//! The folders follow the data's path: [`sources`] → [`pipeline`]
+//! ([`route`], [`enrich`], [`memory`]) → [`buffer`] (and [`spool`]) →
+//! [`sinks`]; [`api`] serves what the sinks keep and takes changes.
+//!
+//! - [`sources`]: the inputs. `tcp` (the Avro OCF listener, one task per
+//!   connection), `agent` (the Mesos agent's client, the JSON-to-MetricList
+//!   mapping, the poller), `node` (the node's own metrics).
+//! - [`pipeline`]: the bounded path every source's records take into the
+//!   buffer: a memory reservation, routing, the counts, the store.
+//! - [`route`]: topic, key and tags for each record; [`enrich`]: the tags
+//!   the agent's `/state` gives (agent, framework, task metadata).
 //! - [`memory`]: the memory budget `buffer_max_bytes` bounds, and its leases.
-//! - [`buffer`]: the bounded buffer between inputs and sink, with its full policy.
-//! - [`spool`]: the disk spool behind the buffer (`buffer_type = disk`).
-//! - [`sink`]: the Kafka sink (batching, producing, delivery accounting) and the null sink.
-//! - [`backoff`]: capped exponential backoff with jitter, for every retry loop.
-//! - [`discovery`]: broker discovery through Mesos-DNS and the Kafka scheduler.
-//! - [`dcos`]: DC/OS's authenticated HTTPS (a CA file, a service account
-//!   token), for the scheduler and the agent.
-//! - [`mesos`]: the agent client, the JSON-to-MetricList mapping, and the
-//!   agent poller with its enrichment tags.
-//! - [`node`]: the node's own metrics (CPU, memory, filesystems, network…).
+//! - [`buffer`]: the bounded buffer between sources and sinks, with its full
+//!   policy; [`spool`]: the disk spool behind it (`buffer_type = disk`).
+//! - [`sinks`]: the outputs. `kafka` (batching, producing, delivery
+//!   accounting), the null sink (`kafka = false`), `partner` (the partner
+//!   output), `store` (the node store: the latest value of every series,
+//!   and its Prometheus text).
+//! - [`api`]: the HTTP API (endpoints, config, metrics, health), the
+//!   Prometheus listener and the DC/OS v0 metrics API.
+//! - [`config`]: every option as flag, env var and TOML key; validation;
+//!   [`runtime`]: configuration changes while running.
+//! - [`discovery`]: broker discovery through Mesos-DNS and the Kafka
+//!   scheduler; [`dcos`]: DC/OS's authenticated HTTPS (a CA file, a service
+//!   account token), for the scheduler and the agent.
 //! - [`stats`]: every counter, and the accounting identity.
-//! - [`api`]: the HTTP API (endpoints, config, metrics, health), and the
-//!   Prometheus listener.
-//! - [`store`]: the node store (the latest value of every series, for
-//!   Prometheus) and its Prometheus text.
-//! - [`runtime`]: configuration changes while running.
-//! - [`partner`]: the partner output.
-//! - [`telemetry`]: logging, with a runtime-changeable filter.
-//! - [`sample`]: the sample-producer (`sample-producer` binary).
-//! - [`decode`]: the `collector decode` tool.
+//! - [`backoff`], [`net`], [`shutdown`], [`telemetry`]: retry back-off,
+//!   listeners, the shutdown order, logging.
+//! - [`sample`]: the sample-producer (`sample-producer` binary); [`decode`]:
+//!   the `collector decode` tool.
 //!
 //! # Lifecycle
 //!
@@ -47,21 +53,17 @@ pub mod dcos;
 pub mod decode;
 pub mod discovery;
 pub mod enrich;
-pub mod ingest;
 pub mod memory;
-pub mod mesos;
 pub mod net;
-pub mod node;
-pub mod partner;
 pub mod pipeline;
 pub mod route;
 pub mod runtime;
 pub mod sample;
 pub mod shutdown;
-pub mod sink;
+pub mod sinks;
+pub mod sources;
 pub mod spool;
 pub mod stats;
-pub mod store;
 pub mod telemetry;
 
 use std::future::Future;
@@ -76,14 +78,14 @@ use tracing::{info, warn};
 use crate::buffer::Buffer;
 use crate::config::Config;
 use crate::enrich::Enrichment;
-use crate::ingest::RateLimits;
-use crate::mesos::poller::{Poller, PollerSettings};
-use crate::partner::{PartnerHub, PartnerLimits};
+use crate::sources::tcp::RateLimits;
+use crate::sources::agent::poller::{Poller, PollerSettings};
+use crate::sinks::partner::{PartnerHub, PartnerLimits};
 use crate::pipeline::Pipeline;
 use crate::route::Routing;
 use crate::runtime::Runtime;
 use crate::shutdown::{Shutdown, Tasks};
-use crate::sink::kafka::{BrokerState, KafkaSettings, KafkaSink, SinkRuntime};
+use crate::sinks::kafka::{BrokerState, KafkaSettings, KafkaSink, SinkRuntime};
 use crate::stats::{Accounting, Stats};
 use crate::telemetry::LogControl;
 
@@ -116,7 +118,7 @@ pub struct App {
     partner: TcpListener,
     prometheus: Option<TcpListener>,
     metrics_api: Option<V0Listener>,
-    store: Option<Arc<store::Store>>,
+    store: Option<Arc<sinks::store::Store>>,
     endpoints: api::Endpoints,
     broker_state: Arc<Mutex<BrokerState>>,
     buffer: Arc<Buffer>,
@@ -165,7 +167,7 @@ impl App {
         let stats = Arc::new(Stats::default());
         let store = config
             .store_settings()
-            .map(|settings| Arc::new(store::Store::new(settings, stats.clone())));
+            .map(|settings| Arc::new(sinks::store::Store::new(settings, stats.clone())));
         let mut buffer = Buffer::new(
             config.buffer_max_bytes,
             config.buffer_full_policy,
@@ -300,22 +302,22 @@ impl App {
             refresh: refresh.clone(),
             store: self.store.clone(),
         });
-        let mut inputs = vec![ingest::spawn(
+        let mut inputs = vec![sources::tcp::spawn(
             self.ingest,
-            Arc::new(ingest::Shared::new(
+            Arc::new(sources::tcp::Shared::new(
                 pipeline.clone(),
                 self.runtime.rate_limits.subscribe(),
-                ingest::IngestSettings {
+                sources::tcp::IngestSettings {
                     max_connections: self.descriptors.input,
-                    ..ingest::IngestSettings::from(config)
+                    ..sources::tcp::IngestSettings::from(config)
                 },
             )),
             &plan,
         )];
         if config.node_metrics {
             inputs.push(
-                node::NodeSource {
-                    settings: node::NodeSettings::from(config),
+                sources::node::NodeSource {
+                    settings: sources::node::NodeSettings::from(config),
                     pipeline: pipeline.clone(),
                 }
                 .spawn(&plan),
@@ -341,11 +343,11 @@ impl App {
             .with_runtime(self.runtime.sink.subscribe())
             .spawn(&plan)
         } else {
-            sink::spawn_null(self.buffer.clone(), self.stats.clone())
+            sinks::spawn_null(self.buffer.clone(), self.stats.clone())
         };
         let mut outputs = vec![
             api::spawn(self.api, api_state, self.descriptors.api),
-            partner::spawn(self.partner, self.partner_hub.clone(), &plan),
+            sinks::partner::spawn(self.partner, self.partner_hub.clone(), &plan),
         ];
         if let (Some(listener), Some(store)) = (self.metrics_api, &self.store) {
             let state = api::v0::V0State {
@@ -357,7 +359,7 @@ impl App {
                         .map(|id| id.trim().to_owned())
                         .filter(|id| !id.is_empty())
                 }),
-                turns: Arc::new(tokio::sync::Semaphore::new(store::limits::MAX_ANSWERS)),
+                turns: Arc::new(tokio::sync::Semaphore::new(sinks::store::limits::MAX_ANSWERS)),
             };
             let router = api::v0::router(state);
             let (stop, stats) = (plan.outputs().clone(), self.stats.clone());

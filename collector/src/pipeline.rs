@@ -17,7 +17,7 @@ use crate::enrich::{Enrichment, Kind};
 use crate::memory::Lease;
 use crate::route::{Records, Router, Routing};
 use crate::stats::{DropReason, Input, Stats};
-use crate::store::{Source, Store};
+use crate::sinks::store::{Source, Store};
 
 /// What every input shares to reach the buffer.
 pub struct Pipeline {

@@ -35,10 +35,10 @@ use crate::config::ConfigError;
 use crate::config::librdkafka::ClientOptions;
 use crate::config::security::KafkaSecurity;
 use crate::discovery::{BrokerSource, discover};
-use crate::mesos::client::AgentClient;
-use crate::mesos::mapping::Naming;
-use crate::mesos::poller::{AgentAddress, agent_url};
-use crate::sink::kafka::KafkaProducer;
+use crate::sources::agent::client::AgentClient;
+use crate::sources::agent::mapping::Naming;
+use crate::sources::agent::poller::{AgentAddress, agent_url};
+use crate::sinks::kafka::KafkaProducer;
 
 /// What the sample-producer does.
 #[derive(Debug, Clone)]
@@ -290,7 +290,7 @@ fn classify(error: &rdkafka::error::KafkaError) -> Failure {
         Some(C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidMessageSize) => {
             Failure::TooLarge
         }
-        Some(code) if crate::sink::kafka::is_permanent(code) => Failure::Permanent,
+        Some(code) if crate::sinks::kafka::is_permanent(code) => Failure::Permanent,
         Some(
             C::MessageTimedOut
             | C::AllBrokersDown
@@ -412,7 +412,7 @@ async fn send_pending(
                                 info!(%topic, "Kafka topic exists.");
                             } else {
                                 let create =
-                                    crate::sink::kafka::create_topic(&config, &topic, 1, 1);
+                                    crate::sinks::kafka::create_topic(&config, &topic, 1, 1);
                                 match tokio::time::timeout(Duration::from_secs(5), create).await {
                                     Ok(Ok(())) => info!(%topic, "Kafka topic exists."),
                                     Ok(Err(error)) => {
@@ -476,7 +476,7 @@ async fn send_pending(
                         if error.rdkafka_error_code()
                             == Some(RDKafkaErrorCode::UnknownTopicOrPartition)
                         {
-                            match crate::sink::kafka::create_topic(config, &topic, 1, 1).await {
+                            match crate::sinks::kafka::create_topic(config, &topic, 1, 1).await {
                                 Ok(()) => info!(%topic, "Created Kafka topic."),
                                 Err(error) => {
                                     error!(%topic, %error, "Could not create the Kafka topic.")

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use collector::config::security::Secret;
 use collector::dcos::{Credentials, USER_AGENT};
-use collector::mesos::client::{AgentClient, AgentError};
-use collector::mesos::mapping::{Naming, map_entries};
+use collector::sources::agent::client::{AgentClient, AgentError};
+use collector::sources::agent::mapping::{Naming, map_entries};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 

@@ -4,8 +4,8 @@
 
 #![no_main]
 
-use collector::mesos::client::parse_body;
-use collector::mesos::mapping::{Naming, map_entries, map_entries_text};
+use collector::sources::agent::client::parse_body;
+use collector::sources::agent::mapping::{Naming, map_entries, map_entries_text};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

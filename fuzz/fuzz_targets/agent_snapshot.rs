@@ -3,8 +3,8 @@
 
 #![no_main]
 
-use collector::mesos::client::parse_body;
-use collector::mesos::mapping::map_snapshot;
+use collector::sources::agent::client::parse_body;
+use collector::sources::agent::mapping::map_snapshot;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,11 +1,12 @@
 //! `/state` bodies: enrichment is read from anything that parses, and the
-//! tags it adds to a record never take more than it announces (what the
-//! buffer reserves for them).
+//! tags it adds to a record (its agent's, framework's and application's,
+//! and its container's task metadata and labels, of either kind) never take
+//! more than it announces (what the buffer reserves for them).
 
 #![no_main]
 
-use collector::enrich::Enrichment;
-use collector::mesos::client::parse_body;
+use collector::enrich::{Enrichment, Kind};
+use collector::sources::agent::client::parse_body;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -28,20 +29,31 @@ fuzz_target!(|data: &[u8]| {
         .map(String::as_str)
         .chain(["unknown"])
         .collect();
+    let containers: Vec<&str> = enrichment
+        .containers
+        .keys()
+        .map(String::as_str)
+        .chain(["unknown"])
+        .collect();
     let mut bytes = Vec::new();
     for framework in &frameworks {
         for executor in &executors {
-            let (extra, _) = enrichment.tags_for_lookup(|key| match key {
-                "framework_id" => Some(framework),
-                "executor_id" => Some(executor),
-                _ => None,
-            });
-            bytes.clear();
-            for (key, value) in extra.as_slice() {
-                schema::datum::write_bytes(&mut bytes, key.as_bytes());
-                schema::datum::write_bytes(&mut bytes, value.as_bytes());
+            for container in &containers {
+                for kind in [Kind::Container, Kind::App] {
+                    let (extra, _) = enrichment.tags_for_lookup(kind, |key| match key {
+                        "framework_id" => Some(framework),
+                        "executor_id" => Some(executor),
+                        "container_id" => Some(container),
+                        _ => None,
+                    });
+                    bytes.clear();
+                    for (key, value) in extra.iter() {
+                        schema::datum::write_bytes(&mut bytes, key.as_bytes());
+                        schema::datum::write_bytes(&mut bytes, value.as_bytes());
+                    }
+                    assert!(bytes.len() <= enrichment.max_extra_len());
+                }
             }
-            assert!(bytes.len() <= enrichment.max_extra_len());
         }
     }
 });

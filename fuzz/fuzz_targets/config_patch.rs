@@ -7,11 +7,11 @@ use std::sync::{Arc, OnceLock};
 
 use collector::buffer::Buffer;
 use collector::config::{Config, FullPolicy};
-use collector::ingest::RateLimits;
-use collector::partner::PartnerLimits;
+use collector::sources::tcp::RateLimits;
+use collector::sinks::partner::PartnerLimits;
 use collector::route::Routing;
 use collector::runtime::Runtime;
-use collector::sink::kafka::SinkRuntime;
+use collector::sinks::kafka::SinkRuntime;
 use collector::stats::Stats;
 use libfuzzer_sys::fuzz_target;
 use tokio::sync::watch;

@@ -3,7 +3,7 @@
 
 #![no_main]
 
-use collector::partner::{MAX_REQUEST_LINE, parse_request_line};
+use collector::sinks::partner::{MAX_REQUEST_LINE, parse_request_line};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

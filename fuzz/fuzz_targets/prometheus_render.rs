@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use collector::route::Routed;
 use collector::stats::Stats;
-use collector::store::prometheus::{Renderer, check_text};
-use collector::store::{Source, Store, StoreSettings};
+use collector::sinks::store::prometheus::{Renderer, check_text};
+use collector::sinks::store::{Source, Store, StoreSettings};
 use libfuzzer_sys::fuzz_target;
 use schema::{Datapoint, MetricList, Tag};
 
@@ -64,6 +64,7 @@ fuzz_target!(|data: &[u8]| {
         StoreSettings {
             max_series: 1000,
             expiry: Duration::from_secs(60),
+            drop_tags: Vec::new(),
         },
         Arc::new(Stats::default()),
     );

@@ -552,7 +552,7 @@ impl ModuleProducer {
             // The collector half-closes a connection when it shuts down: stop
             // writing to it (nothing written so far is lost) and reconnect,
             // keeping the whole blocks not yet written. (The real module
-            // never reads its socket; see the README.)
+            // never reads its socket; see docs/local-cluster.md, "Known limits".)
             if let Some(s) = &stream
                 && peer_closed(s)
             {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use collector::config::{Config, Listen};
 use collector::discovery::BrokerSource;
-use collector::mesos::poller::AgentAddress;
+use collector::sources::agent::poller::AgentAddress;
 use collector::sample::{SampleConfig, SampleReport};
 use collector::stats::Accounting;
 use rdkafka::mocking::MockCluster;

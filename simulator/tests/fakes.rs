@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use collector::mesos::client::AgentClient;
-use collector::mesos::mapping::{Naming, map_entries};
+use collector::sources::agent::client::AgentClient;
+use collector::sources::agent::mapping::{Naming, map_entries};
 use schema::{Limits, StreamDecoder};
 use serde_json::Value;
 use simulator::agent::{AgentFault, mesos_agent, reference};
@@ -243,7 +243,7 @@ async fn the_collector_reads_the_emulator_as_it_reads_a_real_agent() {
     agent.set_fault(AgentFault::Unauthorized);
     assert!(matches!(
         client.state().await,
-        Err(collector::mesos::client::AgentError::Unauthorized { .. })
+        Err(collector::sources::agent::client::AgentError::Unauthorized { .. })
     ));
     agent.set_fault(AgentFault::NoContainers);
     assert_eq!(client.statistics().await.unwrap(), Value::Array(vec![]));

@@ -15,7 +15,7 @@ mod harness;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use collector::mesos::mapping::{Naming, map_entries};
+use collector::sources::agent::mapping::{Naming, map_entries};
 use e2e::topology::{Broker, Secured, SpoolStorage, Topology};
 use harness::{Cluster, topology};
 

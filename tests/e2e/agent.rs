@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use collector::discovery::BrokerSource;
-use collector::mesos::poller::AgentAddress;
+use collector::sources::agent::poller::AgentAddress;
 use collector::sample::{SampleConfig, run};
 use e2e::{assert_balanced, assert_eventually, consume_all, spawn_collector, test_config};
 use rdkafka::mocking::MockCluster;

@@ -360,7 +360,7 @@ fn sample_config(agent: String, bootstrap: &str) -> collector::sample::SampleCon
         ])),
         topic: "sample_metrics".into(),
         period: Duration::from_millis(200),
-        agent: collector::mesos::poller::AgentAddress::Url(agent),
+        agent: collector::sources::agent::poller::AgentAddress::Url(agent),
         credentials: Default::default(),
         agent_timeout: Duration::from_secs(2),
         file_dir: None,

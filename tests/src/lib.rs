@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use collector::config::Config;
-use collector::sink::kafka::BrokerState;
+use collector::sinks::kafka::BrokerState;
 use collector::stats::{Accounting, Stats};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};

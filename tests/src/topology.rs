@@ -227,7 +227,7 @@ pub struct Topology {
     /// `enable.idempotence` for the Kafka producers, when set; librdkafka's
     /// default (on, with acks=all) otherwise. tansu 0.6 with sqlite storage
     /// panics when an idempotent producer outlives a broker restart
-    /// (README, "Known limits").
+    /// (docs/local-cluster.md, "Known limits").
     pub idempotence: Option<bool>,
     /// The collectors' API token.
     pub api_token: &'static str,
@@ -444,7 +444,7 @@ impl Topology {
                 "--agent-poll-period=5".into(),
                 format!("--static-tag=node={node}"),
                 // tansu 0.6 with sqlite storage cannot serve
-                // snappy-compressed batches (README, "Known limits").
+                // snappy-compressed batches (docs/local-cluster.md, "Known limits").
                 "--kafka-compress-snappy=false".into(),
                 "--librdkafka=compression.codec=lz4".into(),
             ]);

@@ -1,6 +1,6 @@
 //! The Prometheus listener (`prometheus_listen`): `GET /metrics` serves
 //! the collector's own `collector_*` families, then the latest value of
-//! every series in the node store (see [`crate::store::prometheus`] for the
+//! every series in the node store (see [`crate::sinks::store::prometheus`] for the
 //! names, labels and values), so that one target per node gives everything.
 //!
 //! A scrape renders a snapshot of the store a chunk at a time, as the
@@ -24,12 +24,12 @@ use axum::routing::get;
 use tokio::sync::Semaphore;
 
 use crate::shutdown::Task;
-use crate::sink::kafka::BrokerState;
+use crate::sinks::kafka::BrokerState;
 use crate::stats::Stats;
-use crate::store::Store;
-use crate::store::prometheus::{Renderer, declared_names};
+use crate::sinks::store::Store;
+use crate::sinks::store::prometheus::{Renderer, declared_names};
 
-use crate::store::limits::MAX_SCRAPES;
+use crate::sinks::store::limits::MAX_SCRAPES;
 /// Text written to the client at a time, at least (a line is never split).
 pub const CHUNK_BYTES: usize = 64 * 1024;
 

@@ -43,7 +43,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
 use crate::enrich::{Enrichment, Kind as EnrichKind};
-use crate::store::{Key, Sample, Source, Store, parse_key};
+use crate::sinks::store::{Key, Sample, Source, Store, parse_key};
 
 /// Tags that become a message's dimensions rather than datapoint tags.
 pub const DIMENSION_TAGS: &[&str] = &[
@@ -83,7 +83,7 @@ pub struct V0State {
     /// The cluster's id (`cluster_id`, or `/var/lib/dcos/cluster-id`).
     pub cluster_id: Option<String>,
     /// Turns to write a message
-    /// ([`MAX_ANSWERS`](crate::store::limits::MAX_ANSWERS) at once).
+    /// ([`MAX_ANSWERS`](crate::sinks::store::limits::MAX_ANSWERS) at once).
     pub turns: Arc<tokio::sync::Semaphore>,
 }
 
@@ -201,7 +201,7 @@ fn write_point(out: &mut Vec<u8>, key: &Key, sample: &Sample, hidden: &[(String,
         name,
         value: point_value(sample.value),
         unit: match sample.source {
-            Source::Node => crate::node::unit(name).unwrap_or(""),
+            Source::Node => crate::sources::node::unit(name).unwrap_or(""),
             _ => "",
         },
         timestamp: rfc3339(sample.time_ms, sample.source != Source::Input),

@@ -10,7 +10,7 @@ use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 use collector::config::security::{KafkaSecurity, SECURITY_OPTIONS};
 use collector::dcos::Credentials;
 use collector::discovery::BrokerSource;
-use collector::mesos::poller::AgentAddress;
+use collector::sources::agent::poller::AgentAddress;
 use collector::sample::{ProducerOptions, SampleConfig, run};
 use tokio_util::sync::CancellationToken;
 

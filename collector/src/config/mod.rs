@@ -284,9 +284,9 @@ pub const MAX_STORE_SERIES: u64 = 10_000_000;
 impl Config {
     /// Whether an output reads the node store (Prometheus, the v0 API):
     /// otherwise there is none, and nothing is decoded for it.
-    pub fn store_settings(&self) -> Option<crate::store::limits::StoreSettings> {
+    pub fn store_settings(&self) -> Option<crate::sinks::store::limits::StoreSettings> {
         (self.prometheus_listen.is_on() || self.metrics_api_listen.is_on()).then(|| {
-            crate::store::limits::StoreSettings {
+            crate::sinks::store::limits::StoreSettings {
                 max_series: self.store_max_series,
                 expiry: std::time::Duration::from_secs(self.store_expiry_secs),
                 drop_tags: self.store_drop_tags.clone(),
@@ -326,10 +326,10 @@ impl Config {
         };
         let store = self.store_settings().map_or(0, |store| {
             let readers = usize::from(self.prometheus_listen.is_on())
-                * crate::store::limits::MAX_SCRAPES
-                + usize::from(self.metrics_api_listen.is_on()) * crate::store::limits::MAX_ANSWERS;
+                * crate::sinks::store::limits::MAX_SCRAPES
+                + usize::from(self.metrics_api_listen.is_on()) * crate::sinks::store::limits::MAX_ANSWERS;
             (store.memory_bound()
-                + readers * store.max_series * crate::store::limits::SCRAPE_BYTES_PER_SERIES)
+                + readers * store.max_series * crate::sinks::store::limits::SCRAPE_BYTES_PER_SERIES)
                 as u64
         });
         MemoryBound {
@@ -808,26 +808,27 @@ pub(crate) fn unknown_field(message: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    /// The README's option table is the declaration's: regenerate it with
-    /// `UPDATE_README=1 cargo test -p collector --lib readme`.
+    /// The option table of `docs/configuration.md` is the declaration's:
+    /// regenerate it with `UPDATE_DOCS=1 cargo test -p collector --lib
+    /// options_table`.
     #[test]
-    fn the_readme_lists_every_option_as_declared() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    fn the_options_table_in_the_docs_is_the_declaration() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md");
         let readme = std::fs::read_to_string(&path).unwrap();
         let (begin, end) = ("<!-- options:begin -->\n", "<!-- options:end -->");
         let start = readme
             .find(begin)
-            .expect("the README has the options markers")
+            .expect("docs/configuration.md has the options markers")
             + begin.len();
         let stop = readme[start..].find(end).expect("the end marker") + start;
         let table = markdown_table();
         if readme[start..stop] != table {
-            if std::env::var_os("UPDATE_README").is_some() {
+            if std::env::var_os("UPDATE_DOCS").is_some() {
                 let updated = format!("{}{table}{}", &readme[..start], &readme[stop..]);
                 std::fs::write(&path, updated).unwrap();
             } else {
                 panic!(
-                    "README.md's option table differs from the declaration; run UPDATE_README=1 cargo test -p collector --lib readme"
+                    "docs/configuration.md's option table differs from the declaration; run UPDATE_DOCS=1 cargo test -p collector --lib options_table"
                 );
             }
         }

@@ -4,7 +4,8 @@
 //! collector runs, whether it is a secret, and its one-line doc. The
 //! [`Config`] struct, its `Default`, the command line ([`ConfigArgs`]),
 //! how flags and env overlay the file, the runtime keys, redaction and the
-//! README's table ([`markdown_table`]) all come from this one list.
+//! table in `docs/configuration.md` ([`markdown_table`]) all come from this
+//! one list.
 //!
 //! The keys are a compatibility contract (env names of the original, flat
 //! TOML keys, `PATCH /v1/config` keys): never rename one.
@@ -556,7 +557,7 @@ pub fn with_defaults_in_help(command: clap::Command) -> clap::Command {
     })
 }
 
-/// An option's default as the README and `--help` show it; `None` when it
+/// An option's default as the docs and `--help` show it; `None` when it
 /// has none worth showing (empty, unset).
 pub fn default_text(name: &str) -> Option<String> {
     let defaults = serde_json::to_value(Config::default()).ok()?;
@@ -570,8 +571,8 @@ pub fn default_text(name: &str) -> Option<String> {
     }
 }
 
-/// The README's table of every option, from the declaration (a test holds
-/// the README to it).
+/// The table of every option in `docs/configuration.md`, from the
+/// declaration (a test holds the page to it).
 pub fn markdown_table() -> String {
     let mut out = String::from(
         "| option (TOML key) | flag | env | default | runtime | what |\n| --- | --- | --- | --- | --- | --- |\n",

@@ -226,8 +226,8 @@ macro_rules! stats {
             /// Milliseconds each spool sync took.
             pub spool_fsync_ms: Histogram,
             /// New series the node store refused, by reason (indexed like
-            /// [`crate::store::limits::Refusal::ALL`]).
-            pub store_refused: [AtomicU64; crate::store::limits::Refusal::ALL.len()],
+            /// [`crate::sinks::store::limits::Refusal::ALL`]).
+            pub store_refused: [AtomicU64; crate::sinks::store::limits::Refusal::ALL.len()],
             /// Samples left out of Prometheus scrapes: duplicates, and
             /// families named like the collector's own.
             pub store_skipped_duplicate: AtomicU64,
@@ -525,7 +525,7 @@ impl Stats {
     }
 
     /// Counts a new series the node store refused.
-    pub fn count_store_refusal(&self, refusal: crate::store::limits::Refusal) {
+    pub fn count_store_refusal(&self, refusal: crate::sinks::store::limits::Refusal) {
         self.store_refused[refusal as usize].fetch_add(1, Relaxed);
     }
 

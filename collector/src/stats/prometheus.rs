@@ -222,7 +222,7 @@ pub fn render(stats: &Stats, brokers: BrokerGauges) -> String {
         "counter",
         "new series the node store refused, by the bound reached",
     );
-    for reason in crate::store::limits::Refusal::ALL {
+    for reason in crate::sinks::store::limits::Refusal::ALL {
         t.sample(
             "collector_store_series_refused_total",
             &format!("reason=\"{}\"", reason.as_str()),

@@ -330,7 +330,7 @@ impl Poller {
     fn forget_unknown_agent(&self) {
         if let Some(store) = &self.pipeline.store {
             let removed = store.remove_where(|key, _| {
-                crate::store::parse_key(key)
+                crate::sinks::store::parse_key(key)
                     .1
                     .any(|(k, v)| k == "agent_id" && v == UNKNOWN_AGENT)
             });
@@ -353,8 +353,8 @@ impl Poller {
         }
         if let Some(store) = &self.pipeline.store {
             let removed = store.remove_where(|key, sample| {
-                sample.source != crate::store::Source::Node
-                    && crate::store::parse_key(key)
+                sample.source != crate::sinks::store::Source::Node
+                    && crate::sinks::store::parse_key(key)
                         .1
                         .any(|(k, v)| k == "container_id" && gone.contains(v))
             });

@@ -599,7 +599,7 @@ async fn block<'s>(
         ),
         // Other schemas: decoded, converted, re-encoded.
         BlockView::Decoded(block) => pipeline.route_owned(
-            crate::store::Source::Input,
+            crate::sinks::store::Source::Input,
             &mut admission.router,
             &routing,
             &enrichment,

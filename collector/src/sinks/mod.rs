@@ -1,14 +1,20 @@
-//! Sinks: where buffered records go. The buffer is the seam: a sink only
-//! ever pops chunks from it.
+//! Sinks: where records go.
 //!
-//! - [`kafka`]: batches per topic, produces OCF files, and counts what Kafka
-//!   acknowledged as delivered.
+//! - [`kafka`]: batches per topic ([`batch`]), produces OCF files, and
+//!   counts what Kafka acknowledged as delivered. It pops chunks from the
+//!   buffer, the seam between sources and Kafka.
 //! - the null sink (`kafka = false`): the end of the pipeline when the
 //!   node's own outputs (the store, the partners) are all there is; it
 //!   counts what reaches it as served.
+//! - [`partner`]: local partner processes, each sent the blocks as they are
+//!   routed, with a queue of its own.
+//! - [`store`]: the node store, the latest value of every series as records
+//!   are routed, which the Prometheus listener and the v0 API read.
 
 pub mod batch;
 pub mod kafka;
+pub mod partner;
+pub mod store;
 
 use std::sync::Arc;
 

@@ -49,7 +49,7 @@ pub(super) struct Context {
     /// Held weakly: a producer being destroyed after shutdown (see
     /// [`KafkaProducer`](super::KafkaProducer)) keeps neither the
     /// partner hub nor the spool (and its lock).
-    pub(super) partners: Option<Weak<crate::partner::PartnerHub>>,
+    pub(super) partners: Option<Weak<crate::sinks::partner::PartnerHub>>,
     /// Where messages to produce again, and messages of a topic the
     /// brokers refuse, go. Not bounded by count: only messages librdkafka
     /// held come back, so it never holds more than librdkafka's queue did;

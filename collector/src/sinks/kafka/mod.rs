@@ -127,7 +127,7 @@ pub struct KafkaSink {
     confirmed_rx: mpsc::UnboundedReceiver<Arc<str>>,
     /// The broker source the discovery task follows.
     source: tokio::sync::watch::Sender<BrokerSource>,
-    partners: Option<Arc<crate::partner::PartnerHub>>,
+    partners: Option<Arc<crate::sinks::partner::PartnerHub>>,
     runtime: Option<tokio::sync::watch::Receiver<SinkRuntime>>,
     /// The reloads taken in so far (see [`SinkRuntime::reloads`]).
     reloads: u64,
@@ -187,7 +187,7 @@ impl KafkaSink {
     }
 
     /// Hands delivered messages to these partners too.
-    pub fn with_partners(mut self, partners: Arc<crate::partner::PartnerHub>) -> Self {
+    pub fn with_partners(mut self, partners: Arc<crate::sinks::partner::PartnerHub>) -> Self {
         self.partners = Some(partners);
         self
     }

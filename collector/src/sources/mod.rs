@@ -1,0 +1,13 @@
+//! Sources: where records come from. Each pushes into the buffer through
+//! the one bounded path, [`crate::pipeline`].
+//!
+//! - [`tcp`]: the Avro OCF listener of the mesos-agent module and other
+//!   local processes, one task per connection.
+//! - [`agent`]: the Mesos agent: its client, the mapping of its JSON to
+//!   MetricLists, and the poller (`/state` for enrichment, `/containers`
+//!   and `/metrics/snapshot` as records).
+//! - [`node`]: the node's own metrics (CPU, memory, filesystems, network…).
+
+pub mod agent;
+pub mod node;
+pub mod tcp;
