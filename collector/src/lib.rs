@@ -78,14 +78,14 @@ use tracing::{info, warn};
 use crate::buffer::Buffer;
 use crate::config::Config;
 use crate::enrich::Enrichment;
-use crate::sources::tcp::RateLimits;
-use crate::sources::agent::poller::{Poller, PollerSettings};
-use crate::sinks::partner::{PartnerHub, PartnerLimits};
 use crate::pipeline::Pipeline;
 use crate::route::Routing;
 use crate::runtime::Runtime;
 use crate::shutdown::{Shutdown, Tasks};
 use crate::sinks::kafka::{BrokerState, KafkaSettings, KafkaSink, SinkRuntime};
+use crate::sinks::partner::{PartnerHub, PartnerLimits};
+use crate::sources::agent::poller::{Poller, PollerSettings};
+use crate::sources::tcp::RateLimits;
 use crate::stats::{Accounting, Stats};
 use crate::telemetry::LogControl;
 
@@ -359,7 +359,9 @@ impl App {
                         .map(|id| id.trim().to_owned())
                         .filter(|id| !id.is_empty())
                 }),
-                turns: Arc::new(tokio::sync::Semaphore::new(sinks::store::limits::MAX_ANSWERS)),
+                turns: Arc::new(tokio::sync::Semaphore::new(
+                    sinks::store::limits::MAX_ANSWERS,
+                )),
             };
             let router = api::v0::router(state);
             let (stop, stats) = (plan.outputs().clone(), self.stats.clone());

@@ -16,8 +16,8 @@ use crate::buffer::{Buffer, Chunk};
 use crate::enrich::{Enrichment, Kind};
 use crate::memory::Lease;
 use crate::route::{Records, Router, Routing};
-use crate::stats::{DropReason, Input, Stats};
 use crate::sinks::store::{Source, Store};
+use crate::stats::{DropReason, Input, Stats};
 
 /// What every input shares to reach the buffer.
 pub struct Pipeline {

@@ -12,10 +12,10 @@ use tokio::sync::watch;
 
 use crate::buffer::Buffer;
 use crate::config::{Config, ConfigError};
-use crate::sources::tcp::RateLimits;
-use crate::sinks::partner::PartnerLimits;
 use crate::route::Routing;
 use crate::sinks::kafka::SinkRuntime;
+use crate::sinks::partner::PartnerLimits;
+use crate::sources::tcp::RateLimits;
 use crate::stats::Stats;
 use crate::telemetry::LogControl;
 

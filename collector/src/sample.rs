@@ -35,10 +35,10 @@ use crate::config::ConfigError;
 use crate::config::librdkafka::ClientOptions;
 use crate::config::security::KafkaSecurity;
 use crate::discovery::{BrokerSource, discover};
+use crate::sinks::kafka::KafkaProducer;
 use crate::sources::agent::client::AgentClient;
 use crate::sources::agent::mapping::Naming;
 use crate::sources::agent::poller::{AgentAddress, agent_url};
-use crate::sinks::kafka::KafkaProducer;
 
 /// What the sample-producer does.
 #[derive(Debug, Clone)]

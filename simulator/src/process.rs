@@ -70,9 +70,16 @@ impl CollectorProcess {
             });
         }
         let input = loop {
-            let line = lines
-                .recv_timeout(Duration::from_secs(30))
-                .context("collector start-up line")?;
+            let line = lines.recv_timeout(Duration::from_secs(30)).with_context(|| {
+                let said: Vec<String> = recent
+                    .lock()
+                    .map(|r| r.iter().cloned().collect())
+                    .unwrap_or_default();
+                format!(
+                    "no start-up line from the collector; it said:\n{}",
+                    said.join("\n")
+                )
+            })?;
             if line.contains("Collector started") {
                 let value: serde_json::Value = serde_json::from_str(&line)?;
                 let addr = |key: &str| value[key].as_str().map(str::to_owned);
@@ -171,7 +178,9 @@ impl CollectorProcess {
                 break FinalCounts {
                     received: get("received")?,
                     delivered: get("delivered")?,
-                    served: get("served")?,
+                    // Builds before `served` counted what the null sink
+                    // took as delivered.
+                    served: value["served"].as_u64().unwrap_or(0),
                     dropped: get("dropped")?,
                     buffer_high_water_bytes: get("buffer_high_water_bytes")?,
                 };

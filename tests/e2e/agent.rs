@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use collector::discovery::BrokerSource;
-use collector::sources::agent::poller::AgentAddress;
 use collector::sample::{SampleConfig, run};
+use collector::sources::agent::poller::AgentAddress;
 use e2e::{assert_balanced, assert_eventually, consume_all, spawn_collector, test_config};
 use rdkafka::mocking::MockCluster;
 use serde_json::Value;

@@ -37,10 +37,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
-use crate::sinks::partner::PartnerHub;
 use crate::runtime::{PatchError, Runtime};
 use crate::shutdown::{Shutdown, Task};
 use crate::sinks::kafka::BrokerState;
+use crate::sinks::partner::PartnerHub;
 use crate::stats::Stats;
 
 /// Largest request body accepted.

@@ -25,9 +25,9 @@ use tokio::sync::Semaphore;
 
 use crate::shutdown::Task;
 use crate::sinks::kafka::BrokerState;
-use crate::stats::Stats;
 use crate::sinks::store::Store;
 use crate::sinks::store::prometheus::{Renderer, declared_names};
+use crate::stats::Stats;
 
 use crate::sinks::store::limits::MAX_SCRAPES;
 /// Text written to the client at a time, at least (a line is never split).

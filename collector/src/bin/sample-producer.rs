@@ -10,8 +10,8 @@ use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 use collector::config::security::{KafkaSecurity, SECURITY_OPTIONS};
 use collector::dcos::Credentials;
 use collector::discovery::BrokerSource;
-use collector::sources::agent::poller::AgentAddress;
 use collector::sample::{ProducerOptions, SampleConfig, run};
+use collector::sources::agent::poller::AgentAddress;
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]

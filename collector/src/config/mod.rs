@@ -327,7 +327,8 @@ impl Config {
         let store = self.store_settings().map_or(0, |store| {
             let readers = usize::from(self.prometheus_listen.is_on())
                 * crate::sinks::store::limits::MAX_SCRAPES
-                + usize::from(self.metrics_api_listen.is_on()) * crate::sinks::store::limits::MAX_ANSWERS;
+                + usize::from(self.metrics_api_listen.is_on())
+                    * crate::sinks::store::limits::MAX_ANSWERS;
             (store.memory_bound()
                 + readers * store.max_series * crate::sinks::store::limits::SCRAPE_BYTES_PER_SERIES)
                 as u64

@@ -47,6 +47,9 @@ pub enum SinkKind {
 pub enum Profile {
     /// What a collector costs a node ([`node`]).
     Node,
+    /// The node profile's busy node alone (memory buffer, `--busy-secs`):
+    /// to set builds or settings side by side.
+    Busy,
 }
 
 /// What to run.
@@ -568,16 +571,24 @@ pub(crate) fn collector_bin(options: &BenchOptions) -> PathBuf {
         .unwrap_or_else(crate::process::sibling_collector)
 }
 
+/// The collector's environment: `--collector-env`, after `NODE_METRICS=false`
+/// (an env var rather than a flag, so that a build from before node
+/// metrics, given with `--collector-bin` to compare, runs as well).
+pub(crate) fn collector_env(options: &BenchOptions) -> Vec<(String, String)> {
+    std::iter::once(("NODE_METRICS".to_owned(), "false".to_owned()))
+        .chain(options.collector_env.iter().cloned())
+        .collect()
+}
+
 /// The collector's arguments: ephemeral ports, no agent polling, no input
 /// limits, the buffer bound asked for, and Kafka at `bootstrap` (none: the
-/// null sink).
+/// null sink). Node metrics are off through [`collector_env`].
 pub(crate) fn collector_args(options: &BenchOptions, bootstrap: Option<&str>) -> Vec<String> {
     let mut args: Vec<String> = [
         "--listen-endpoint=127.0.0.1:0",
         "--api-listen=127.0.0.1:0",
         "--partner-listen=127.0.0.1:0",
         "--agent-polling=false",
-        "--node-metrics=false",
         "--input-limit-amount-kbytes=0",
         "--global-limit-amount-kbytes=0",
         "--max-connections=100000",
@@ -605,7 +616,7 @@ pub async fn run_point(
 ) -> anyhow::Result<PointResult> {
     let args = collector_args(options, kafka.map(|c| c.bootstrap_servers()).as_deref());
     let collector =
-        CollectorProcess::start(&collector_bin(options), &args, &options.collector_env)?;
+        CollectorProcess::start(&collector_bin(options), &args, &collector_env(options))?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_idle = collector.rss_bytes();
     let sampler = Arc::new(Sampler {
@@ -754,9 +765,16 @@ pub async fn run_point(
 
 /// Runs the sweep, prints a table, and writes JSON and the chart.
 pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<PointResult>> {
-    if options.profile == Some(Profile::Node) {
-        node::run(&options).await?;
-        return Ok(Vec::new());
+    match options.profile {
+        Some(Profile::Node) => {
+            node::run(&options).await?;
+            return Ok(Vec::new());
+        }
+        Some(Profile::Busy) => {
+            node::run_busy(&options).await?;
+            return Ok(Vec::new());
+        }
+        None => {}
     }
     let mut results = Vec::new();
     for &connections in &options.connections {

@@ -29,7 +29,9 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde::Serialize;
 
 use super::threads::{self, CpuSplit, percent};
-use super::{BenchOptions, PointResult, SinkKind, collector_args, collector_bin, run_point};
+use super::{
+    BenchOptions, PointResult, SinkKind, collector_args, collector_bin, collector_env, run_point,
+};
 use crate::process::{CollectorProcess, FinalCounts};
 use crate::producer::{module_producer, producer};
 
@@ -274,6 +276,20 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<NodeProfile> {
     Ok(profile)
 }
 
+/// The busy node alone, memory buffer: prints its CPU and RSS, and writes
+/// them as JSON.
+pub async fn run_busy(options: &BenchOptions) -> anyhow::Result<Busy> {
+    let busy = busy_node(options, false).await.context("busy node")?;
+    println!(
+        "busy node, memory buffer, {:.0} s: {:.0} datapoints/s, CPU {:.3} % of one core, RSS max {:.1} MiB mean {:.1} MiB",
+        busy.seconds, busy.datapoints_per_sec, busy.cpu_percent, busy.rss_max_mib, busy.rss_mean_mib
+    );
+    if let Some(path) = &options.json {
+        std::fs::write(path, serde_json::to_string_pretty(&busy)?)?;
+    }
+    Ok(busy)
+}
+
 fn goals(
     idle: &Idle,
     busy: &[Busy],
@@ -415,7 +431,7 @@ async fn idle(options: &BenchOptions) -> anyhow::Result<Idle> {
     let collector = CollectorProcess::start(
         &collector_bin(options),
         &collector_args(options, Some(&bootstrap)),
-        &options.collector_env,
+        &collector_env(options),
     )?;
     connect(&collector).await?;
     // The bare producer, connected the same way: one message acknowledged.
@@ -469,7 +485,7 @@ async fn busy_node(options: &BenchOptions, disk: bool) -> anyhow::Result<Busy> {
     args.retain(|a| a != "--agent-polling=false");
     args.push("--agent-polling=true".into());
     args.push(format!("--agent-url={}", agent.url()));
-    let mut env = options.collector_env.clone();
+    let mut env = collector_env(options);
     let spool = disk.then(|| {
         std::env::temp_dir().join(format!(
             "collector-bench-spool-{}-{}",

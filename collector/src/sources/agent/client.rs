@@ -277,7 +277,8 @@ mod tests {
         let body =
             r#"{"a": NaN, "b": [Infinity, -Infinity], "c": "NaN in a string", "d": "x\"NaN"}"#;
         let value: Value =
-            serde_json::from_str(&crate::sources::agent::mapping::tolerate_non_finite(body)).unwrap();
+            serde_json::from_str(&crate::sources::agent::mapping::tolerate_non_finite(body))
+                .unwrap();
         assert_eq!(value["a"], "NaN");
         assert_eq!(value["b"][1], "-Infinity");
         assert_eq!(value["c"], "NaN in a string");
