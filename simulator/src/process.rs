@@ -70,16 +70,18 @@ impl CollectorProcess {
             });
         }
         let input = loop {
-            let line = lines.recv_timeout(Duration::from_secs(30)).with_context(|| {
-                let said: Vec<String> = recent
-                    .lock()
-                    .map(|r| r.iter().cloned().collect())
-                    .unwrap_or_default();
-                format!(
-                    "no start-up line from the collector; it said:\n{}",
-                    said.join("\n")
-                )
-            })?;
+            let line = lines
+                .recv_timeout(Duration::from_secs(30))
+                .with_context(|| {
+                    let said: Vec<String> = recent
+                        .lock()
+                        .map(|r| r.iter().cloned().collect())
+                        .unwrap_or_default();
+                    format!(
+                        "no start-up line from the collector; it said:\n{}",
+                        said.join("\n")
+                    )
+                })?;
             if line.contains("Collector started") {
                 let value: serde_json::Value = serde_json::from_str(&line)?;
                 let addr = |key: &str| value[key].as_str().map(str::to_owned);

@@ -282,7 +282,11 @@ pub async fn run_busy(options: &BenchOptions) -> anyhow::Result<Busy> {
     let busy = busy_node(options, false).await.context("busy node")?;
     println!(
         "busy node, memory buffer, {:.0} s: {:.0} datapoints/s, CPU {:.3} % of one core, RSS max {:.1} MiB mean {:.1} MiB",
-        busy.seconds, busy.datapoints_per_sec, busy.cpu_percent, busy.rss_max_mib, busy.rss_mean_mib
+        busy.seconds,
+        busy.datapoints_per_sec,
+        busy.cpu_percent,
+        busy.rss_max_mib,
+        busy.rss_mean_mib
     );
     if let Some(path) = &options.json {
         std::fs::write(path, serde_json::to_string_pretty(&busy)?)?;
