@@ -597,6 +597,18 @@ mod tests {
         for kind in [Kind::Container, Kind::App] {
             let labels = enrichment.labels(kind, "c");
             assert_eq!(labels.len(), MAX_LABELS, "{kind:?}");
+            // What the memory reservation counts on.
+            let (extra, _) = enrichment.tags_for_lookup(kind, |key| match key {
+                "framework_id" => Some("f"),
+                "executor_id" => Some("e"),
+                "container_id" => Some("c"),
+                _ => None,
+            });
+            assert!(
+                extra.iter().count() <= crate::route::MAX_ENRICHMENT_TAGS,
+                "{kind:?}: {}",
+                extra.iter().count()
+            );
             assert_eq!(labels[0], ("edge".to_owned(), "v".repeat(MAX_LABEL_LEN)));
             assert!(
                 labels

@@ -283,6 +283,12 @@ pub fn encode_all(prepared: Vec<Prepared>, lease: &mut Lease) -> Records {
     })
 }
 
+/// The most tags enrichment adds to one record: the agent's, the
+/// framework's and the application's, then its container's six metadata
+/// tags and at most `enrich::MAX_LABELS` labels (a test holds
+/// `enrich` to it).
+pub const MAX_ENRICHMENT_TAGS: usize = 3 + 6 + 32;
+
 /// The enrichment tags of one record, borrowed: at most three of the
 /// agent and framework, then those of its container.
 #[derive(Debug, Default, Clone, Copy)]
@@ -386,11 +392,12 @@ impl Routing {
         let allocations = written
             .saturating_add(written / 4)
             .saturating_add(records.saturating_mul(8));
-        // Each tag spliced in takes at least 10 of `enrichment_len`'s bytes.
+        // Each tag spliced in takes at least 10 of `enrichment_len`'s
+        // bytes, and there are never more than MAX_ENRICHMENT_TAGS.
+        let enrichment_tags = (enrichment_len / 10).min(MAX_ENRICHMENT_TAGS);
         let per_record = RECORD_OVERHEAD
             + ROUTING_PER_RECORD
-            + (self.static_tags.len() + 3 + enrichment_len / 10)
-                * std::mem::size_of::<(&str, &str)>();
+            + (self.static_tags.len() + enrichment_tags) * std::mem::size_of::<(&str, &str)>();
         let mut total = allocations.saturating_add(records.saturating_mul(per_record));
         if cost.decompressed {
             total = total.saturating_add(cost.data_len);

@@ -210,19 +210,24 @@ impl AgentState {
                         // id is its executor's, its labels are the app's
                         // (with one Cosmos bookkeeping label, which the
                         // collector leaves out), and its running status
-                        // names the executor's container.
-                        let labels = json!([
-                            {"key": label, "value": app},
-                            {"key": "DCOS_SERVICE_NAME", "value": app.trim_start_matches('/')},
-                            {"key": "DCOS_PACKAGE_FRAMEWORK_NAME", "value": name},
-                        ]);
+                        // names the executor's container. One label of
+                        // each is its own (`SIM_LABELLED_BY`), so that a
+                        // reader tells the executor's from the task's.
+                        let labels = |by: &str| {
+                            json!([
+                                {"key": label, "value": app},
+                                {"key": "DCOS_SERVICE_NAME", "value": app.trim_start_matches('/')},
+                                {"key": "DCOS_PACKAGE_FRAMEWORK_NAME", "value": name},
+                                {"key": "SIM_LABELLED_BY", "value": by},
+                            ])
+                        };
                         let task = json!({
                             "id": c.executor_id,
                             "name": app.trim_start_matches('/'),
                             "framework_id": id,
                             "executor_id": "",
                             "state": "TASK_RUNNING",
-                            "labels": labels,
+                            "labels": labels("task"),
                             "statuses": [{
                                 "state": "TASK_RUNNING",
                                 "timestamp": now_secs(),
@@ -230,7 +235,7 @@ impl AgentState {
                             }],
                         });
                         json!({"id": c.executor_id, "name": c.executor_name, "source": app.trim_start_matches('/'),
-                               "container": c.container_id, "labels": labels, "tasks": [task],
+                               "container": c.container_id, "labels": labels("executor"), "tasks": [task],
                                "queued_tasks": [], "completed_tasks": []})
                     })
                     .collect();

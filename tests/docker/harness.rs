@@ -438,6 +438,8 @@ pub fn topology() -> Topology {
     Topology {
         idempotence: Some(true),
         api_token: TOKEN,
+        // Only the happy path asks Prometheus; the others spare its CPU.
+        prometheus: false,
         ..Topology::default()
     }
 }

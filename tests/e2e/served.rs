@@ -35,10 +35,23 @@ async fn prometheus_and_v0_carry_each_containers_task_name_and_labels_without_ka
     let v0 = format!("http://{}", collector.metrics_api.clone().expect("v0 on"));
     let containers = agent_tasks(&agent.url()).await;
     assert_eq!(containers.len(), 3, "{containers:?}");
+    // The collector has read the agent's state (records read before it are
+    // forgotten once it answers): the first container's statistics carry
+    // their task's name.
+    let (first, task) = containers.iter().next().unwrap();
+    eventually("the agent's state read", || async {
+        let answer = reqwest::get(format!("{v0}/v0/containers/{first}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let message: Value = answer.json().await.map_err(|e| e.to_string())?;
+        (message["dimensions"]["task_name"] == task.task_name.as_str())
+            .then_some(())
+            .ok_or_else(|| format!("{message}"))
+    })
+    .await;
 
     // A task's own metric, sent as the module sends it: its container's id
     // is what ties it to the task.
-    let (first, task) = containers.iter().next().unwrap();
     let mut encoder = OcfEncoder::new(Codec::Null);
     let mut bytes = encoder.header().to_vec();
     encoder.write_block(
@@ -92,7 +105,8 @@ async fn prometheus_and_v0_carry_each_containers_task_name_and_labels_without_ka
             assert_eq!(labels[key.as_str()], value.as_str(), "{key}: {labels}");
         }
         assert!(
-            labels.get("DCOS_PACKAGE_FRAMEWORK_NAME").is_none(),
+            labels.get("DCOS_PACKAGE_FRAMEWORK_NAME").is_none()
+                && labels["SIM_LABELLED_BY"] == "executor",
             "{labels}"
         );
     }
@@ -110,6 +124,10 @@ async fn prometheus_and_v0_carry_each_containers_task_name_and_labels_without_ka
     assert_eq!(app["value"][1], "42");
     assert_eq!(app["metric"]["task_id"], task.task_id.as_str());
     assert_eq!(app["metric"]["DCOS_SERVICE_NAME"], task.task_name.as_str());
+    assert_eq!(
+        app["metric"]["SIM_LABELLED_BY"], "task",
+        "the task's labels"
+    );
 
     // A node metric: the node's memory as the kernel says it, with the
     // agent's id.

@@ -636,7 +636,7 @@ const COMPOSE_HEADER: &str = "\
 #   docker-compose up -d
 #   docker-compose logs -f verifier
 #   curl -s localhost:9200/report  # the verifier's balance, as JSON
-#   open http://localhost:9090     # Prometheus: try {task_name!=\"\"} or memory_total
+#   curl -s localhost:9090/api/v1/query --data-urlencode 'query=memory_total'  # Prometheus
 #   docker-compose down -v
 #
 # Each node is one network namespace, owned by its agent emulator (node-N):

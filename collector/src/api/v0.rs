@@ -191,10 +191,10 @@ fn write_point(out: &mut Vec<u8>, key: &Key, sample: &Sample, hidden: &[(String,
     let (name, tags) = parse_key(key);
     let app = sample.source == Source::Input;
     let tags = tags
-        .filter(|(k, _)| {
+        .filter(|(k, v)| {
             !(NODE_TAGS.contains(k)
                 || app && DIMENSION_TAGS.contains(k)
-                || hidden.iter().any(|(h, _)| h == k))
+                || hidden.iter().any(|(h, hv)| h == k && hv == v))
         })
         .collect();
     let point = Point {
@@ -250,19 +250,21 @@ impl V0State {
                 .iter()
                 .find(|(k, _)| *k == "container_id")
                 .map_or("", |(_, v)| *v);
-            let labelled = |k: &str| {
+            // A label the enrichment added (the same key and value), not a
+            // tag of the record's own that shares its key.
+            let labelled = |k: &str, v: &str| {
                 [EnrichKind::Container, EnrichKind::App]
                     .iter()
                     .any(|&kind| {
                         enrichment
                             .labels(kind, container)
                             .iter()
-                            .any(|(l, _)| l == k)
+                            .any(|(l, lv)| l == k && lv == v)
                     })
             };
             let tags: Vec<(&str, &str)> = tags
                 .into_iter()
-                .filter(|(k, _)| !ENRICHED_TAGS.contains(k) && !labelled(k))
+                .filter(|(k, v)| !ENRICHED_TAGS.contains(k) && !labelled(k, v))
                 .collect();
             (
                 name.to_owned(),

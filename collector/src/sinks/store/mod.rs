@@ -138,6 +138,10 @@ pub fn parse_key(key: &[u8]) -> (&str, impl Iterator<Item = (&str, &str)>) {
     (name, tags)
 }
 
+/// Bytes of keys built before they are applied under the lock, at most
+/// (and one key more).
+const KEYS_PER_TURN: usize = 256 * 1024;
+
 /// One datapoint of a block, its key built before the lock is taken.
 struct Pending {
     key: std::ops::Range<usize>,
@@ -186,16 +190,18 @@ impl Store {
 
     /// Takes the latest value of every datapoint of `records` (routed, with
     /// every tag they carry to Kafka).
+    ///
+    /// Each datapoint's key (its name and its record's tags) is built
+    /// before the lock is taken, into a buffer that is applied and emptied
+    /// whenever it holds [`KEYS_PER_TURN`] bytes: a record of many
+    /// datapoints and long tags never takes more than that.
     pub fn observe(&self, source: Source, records: &[Routed]) {
         let now = self.now();
         let mut tags: Vec<(&str, &str)> = Vec::new();
         let mut tag_part = Vec::new();
-        // Sized once for the block (its keys are about its bytes, each
-        // datapoint's with its record's tags): growing them by doubling
-        // took a tenth of the store's time.
         let datapoints: usize = records.iter().map(|r| r.datapoints as usize).sum();
-        let mut keys = Vec::new();
-        let mut pending = Vec::with_capacity(datapoints);
+        let mut keys = Vec::with_capacity(datapoints.saturating_mul(64).min(KEYS_PER_TURN + 4096));
+        let mut pending = Vec::with_capacity(datapoints.min(KEYS_PER_TURN / 16));
         for routed in records {
             let Ok(record) = schema::raw::scan_metric_list(&mut Cursor::new(&routed.data)) else {
                 continue;
@@ -212,8 +218,11 @@ impl Store {
                 put(&mut tag_part, k);
                 put(&mut tag_part, v);
             }
-            keys.reserve(routed.datapoints as usize * (tag_part.len() + 40));
             for (name, time_ms, value) in record.datapoint_values() {
+                if keys.len() >= KEYS_PER_TURN {
+                    self.apply(&keys, &mut pending);
+                    keys.clear();
+                }
                 let start = keys.len();
                 put(&mut keys, name);
                 keys.extend_from_slice(&tag_part);
@@ -228,8 +237,17 @@ impl Store {
                 });
             }
         }
+        self.apply(&keys, &mut pending);
+    }
+
+    /// Takes the `pending` datapoints (their keys in `keys`) under the
+    /// lock, and empties `pending`.
+    fn apply(&self, keys: &[u8], pending: &mut Vec<Pending>) {
+        if pending.is_empty() {
+            return;
+        }
         let mut inner = self.lock();
-        for point in pending {
+        for point in pending.drain(..) {
             let key = &keys[point.key];
             if let Some(held) = inner.series.get_mut(key) {
                 held.sample = point.sample;

@@ -527,3 +527,34 @@ fn dropped_tags_leave_records_that_differ_only_by_them_one_series() {
         0
     );
 }
+
+/// A record whose keys take many turns (20,000 datapoints with 512 bytes
+/// of tags: 10 MB of keys) is taken whole, a turn at a time.
+#[test]
+fn a_record_whose_keys_take_several_turns_is_taken_whole() {
+    let (store, stats) = store(100_000);
+    let names: Vec<String> = (0..20_000).map(|i| format!("m{i:05}")).collect();
+    let points: Vec<(&str, f64)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i as f64))
+        .collect();
+    let long = "v".repeat(512);
+    store.observe(Source::Input, &[routed(&points, &[("k", &long)])]);
+    let snapshot = store.snapshot();
+    assert_eq!(snapshot.len(), 20_000);
+    for (_, key, sample) in &snapshot {
+        let (name, mut tags) = parse_key(key);
+        let i: f64 = name[1..].parse().unwrap();
+        assert_eq!(sample.value, i, "{name}");
+        assert_eq!(tags.next(), Some(("k", long.as_str())));
+    }
+    assert_eq!(
+        stats
+            .store_refused
+            .iter()
+            .map(|r| r.load(Relaxed))
+            .sum::<u64>(),
+        0
+    );
+}

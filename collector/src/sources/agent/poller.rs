@@ -320,9 +320,6 @@ impl Poller {
         }
     }
 
-    /// Forgets, in the node store, the series of the containers the agent
-    /// listed last time and no longer lists: a stopped container's series
-    /// go at once, not after `store_expiry_secs`.
     /// Takes out of the node store the series recorded before the agent's
     /// id was known (tagged `agent_id` [`UNKNOWN_AGENT`]): the same
     /// datapoints now come with the agent's id and their task's metadata,
@@ -341,6 +338,9 @@ impl Poller {
         }
     }
 
+    /// Forgets, in the node store, the series of the containers the agent
+    /// listed last time and no longer lists: a stopped container's series
+    /// go at once, not after `store_expiry_secs`.
     fn forget_stopped(
         &self,
         seen: &mut std::collections::HashSet<String>,
