@@ -5,10 +5,12 @@
 #     saturation, this build beside BEFORE (a collector binary built before
 #     the store), alternating, two rounds;
 #  2. the busy node with the store on (prometheus_listen) and a real
-#     Prometheus (Debian's) scraping it every 15 s: CPU, RSS, series.
+#     Prometheus (Debian's) scraping it every 15 s: CPU, RSS, series,
+#     this build beside BEFORE, alternating, ROUNDS (2) rounds.
 # Needs: cargo build --release -p collector -p simulator; prometheus.
 # Usage: benchmarks/store-cost.sh BEFORE   (e.g. a worktree's target/release/collector)
-#        SECTIONS=2 benchmarks/store-cost.sh BEFORE   (only the second part)
+#        SECTIONS=2 benchmarks/store-cost.sh BEFORE   (only the second part; BEFORE
+#        is then any other build, e.g. the commit before a change to the store)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 before=$(realpath "$1")
@@ -40,7 +42,8 @@ done
 
 fi
 
-echo "== 2. the store on, scraped every 15 s by Prometheus"
+if [[ $sections == *2* ]]; then
+echo "== 2. the store on, scraped every 15 s by Prometheus: this build beside $before, alternating"
 cat > "$work/prometheus.yml" <<YML
 global:
   scrape_interval: 15s
@@ -49,21 +52,30 @@ scrape_configs:
     static_configs:
       - targets: ['127.0.0.1:61091']
 YML
-prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/tsdb" \
-  --web.listen-address=127.0.0.1:19090 2> "$work/prometheus.log" &
-"$sim" bench --profile busy --busy-secs 120 \
-  --collector-env PROMETHEUS_LISTEN=127.0.0.1:61091 --collector-env STORE_DROP_TAGS=sim_seq \
-  --json "$work/store.json" > /dev/null &
-bench=$!
-sleep 60
 query() {
   curl -s -G --data-urlencode "query=$1" http://127.0.0.1:19090/api/v1/query \
     | python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else "none")'
 }
-series=$(query scrape_samples_scraped)
-scrapes=$(query 'count_over_time(up[2m])')
-wait "$bench"
-printf 'busy node, store on: CPU %.3f %% of one core, RSS max %.1f MiB mean %.1f MiB; %s samples a scrape (%s scrapes so far)\n' \
-  "$(field "$work/store.json" "['cpu_percent']")" \
-  "$(field "$work/store.json" "['rss_max_mib']")" \
-  "$(field "$work/store.json" "['rss_mean_mib']")" "$series" "$scrapes"
+printf '%-6s %-7s %14s %14s %15s %10s\n' round build "busy CPU %" "RSS max MiB" "RSS mean MiB" series
+for round in $(seq "${ROUNDS:-2}"); do
+  for build in before after; do
+    bin=$before; [ "$build" = after ] && bin=$after
+    rm -rf "$work/tsdb"
+    prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/tsdb" \
+      --web.listen-address=127.0.0.1:19090 2> "$work/prometheus.log" &
+    prom=$!
+    "$sim" bench --profile busy --busy-secs 120 --collector-bin "$bin" \
+      --collector-env PROMETHEUS_LISTEN=127.0.0.1:61091 --collector-env STORE_DROP_TAGS=sim_seq \
+      --json "$work/store.json" > /dev/null &
+    bench=$!
+    sleep 60
+    series=$(query scrape_samples_scraped)
+    wait "$bench"
+    kill "$prom"; wait "$prom" 2>/dev/null || true
+    printf '%-6s %-7s %14.3f %14.1f %15.1f %10s\n' "$round" "$build" \
+      "$(field "$work/store.json" "['cpu_percent']")" \
+      "$(field "$work/store.json" "['rss_max_mib']")" \
+      "$(field "$work/store.json" "['rss_mean_mib']")" "$series"
+  done
+done
+fi

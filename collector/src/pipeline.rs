@@ -45,10 +45,7 @@ impl Pipeline {
         )
     }
 
-    fn counted(&self, source: Source, records: &Records, sanitized: u64, unknown_framework: bool) {
-        if let Some(store) = &self.store {
-            store.observe(source, &records.items);
-        }
+    fn counted(&self, records: &Records, sanitized: u64, unknown_framework: bool) {
         if unknown_framework {
             self.refresh.notify_one();
         }
@@ -69,17 +66,29 @@ impl Pipeline {
         lease: &mut Lease,
     ) -> Records {
         let mut unknown_framework = false;
-        let routed = router.route_block(routing, records, lease, |record| {
-            let (extra, unknown) = enrichment.tags_for_lookup(Kind::App, |key| record.tag(key));
-            unknown_framework |= unknown;
-            extra
-        });
-        self.counted(
-            Source::Input,
-            &routed.records,
-            routed.sanitized,
-            unknown_framework,
+        // The store takes each record's tags (with those routing adds) and
+        // datapoints as routing reads them.
+        let mut feed = self.store.as_ref().map(|store| store.feed(Source::Input));
+        let routed = router.route_block(
+            routing,
+            records,
+            lease,
+            |record| {
+                let (extra, unknown) = enrichment.tags_for_lookup(Kind::App, |key| record.tag(key));
+                unknown_framework |= unknown;
+                extra
+            },
+            |record, added| {
+                if let Some(feed) = &mut feed {
+                    feed.record(
+                        record.tags().chain(added.iter().copied()),
+                        record.datapoint_values(),
+                    );
+                }
+            },
         );
+        drop(feed);
+        self.counted(&routed.records, routed.sanitized, unknown_framework);
         routed.records
     }
 
@@ -111,9 +120,24 @@ impl Pipeline {
                 sanitized += u64::from(was_sanitized);
                 prepared
             })
-            .collect();
+            .collect::<Vec<_>>();
+        if let Some(store) = &self.store {
+            let mut feed = store.feed(source);
+            for p in &prepared {
+                feed.record(
+                    p.record()
+                        .tags
+                        .iter()
+                        .map(|t| (t.key.as_str(), t.value.as_str())),
+                    p.record()
+                        .datapoints
+                        .iter()
+                        .map(|d| (d.name.as_str(), d.time_ms, d.value)),
+                );
+            }
+        }
         let records = crate::route::encode_all(prepared, lease);
-        self.counted(source, &records, sanitized, unknown_framework);
+        self.counted(&records, sanitized, unknown_framework);
         records
     }
 

@@ -103,6 +103,13 @@ pub struct Prepared {
     encoded_len: usize,
 }
 
+impl Prepared {
+    /// The record, with every tag it carries to Kafka.
+    pub fn record(&self) -> &MetricList {
+        &self.record
+    }
+}
+
 /// The records of one input block, ready for the buffer.
 ///
 /// Their bytes are written into one exactly sized allocation per (topic,
@@ -503,13 +510,15 @@ impl Router {
     /// Routes a block of records read in place: adds the static tags and
     /// `extra(record)`'s tags each record lacks, by splicing its bytes (see
     /// `schema::raw`), picks topics and keys, and writes the records (see
-    /// [`Records`]). Nothing is decoded into owned strings.
+    /// [`Records`]). Nothing is decoded into owned strings. `observe` is
+    /// shown each record with the tags added to it, in order.
     pub fn route_block<'a>(
         &mut self,
         routing: &'a Routing,
         records: &[RawRecord<'a>],
         lease: &mut Lease,
         mut extra: impl FnMut(&RawRecord<'a>) -> ExtraTags<'a>,
+        mut observe: impl FnMut(&RawRecord<'a>, &[(&'a str, &'a str)]),
     ) -> RoutedBlock {
         self.follow(routing);
         // Pass 1: what each record gets, and its size.
@@ -529,6 +538,7 @@ impl Router {
                 }
             }
             let mine = &adds[start..];
+            observe(record, mine);
             let (topic, sanitized) = self.record_topic(routing, record.topic());
             sanitized_count += u64::from(sanitized);
             let key = routing.key_tag.as_deref().and_then(|tag| {
@@ -773,7 +783,23 @@ mod tests {
             }
             extra
         };
-        let block = Router::default().route_block(&routing, &raw, &mut Lease::detached(), extra);
+        // What the store is shown of each record: its tags and the tags
+        // added, exactly the routed record's tags.
+        let mut observed = Vec::new();
+        let block = Router::default().route_block(
+            &routing,
+            &raw,
+            &mut Lease::detached(),
+            extra,
+            |r, added| {
+                observed.push(
+                    r.tags()
+                        .chain(added.iter().copied())
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .collect::<Vec<_>>(),
+                );
+            },
+        );
         let mut router = Router::default();
         let mut sanitized = 0;
         let mut prepared = Vec::new();
@@ -791,6 +817,18 @@ mod tests {
         // The static framework_id came first for the tag-less record.
         assert_eq!(block.records.items[1].key.as_deref(), Some("static"));
         assert_eq!(block.records.items[2].key.as_deref(), Some("fw-2"));
+        let routed_tags: Vec<Vec<(String, String)>> = block
+            .records
+            .items
+            .iter()
+            .map(|r| {
+                let record =
+                    schema::datum::read_metric_list(&mut schema::datum::Cursor::new(&r.data))
+                        .unwrap();
+                record.tags.into_iter().map(|t| (t.key, t.value)).collect()
+            })
+            .collect();
+        assert_eq!(observed, routed_tags);
     }
 
     #[test]
@@ -865,11 +903,17 @@ mod tests {
             };
             let estimate = routing.block_estimate(cost, tag_len(enrichment.0, &enrichment.1));
             let mut lease = budget.try_acquire(estimate).unwrap();
-            let block = Router::default().route_block(&routing, &raw, &mut lease, |_| {
-                let mut extra = ExtraTags::default();
-                extra.push(enrichment.0, &enrichment.1);
-                extra
-            });
+            let block = Router::default().route_block(
+                &routing,
+                &raw,
+                &mut lease,
+                |_| {
+                    let mut extra = ExtraTags::default();
+                    extra.push(enrichment.0, &enrichment.1);
+                    extra
+                },
+                |_, _| {},
+            );
             assert!(
                 lease.bytes() > 0,
                 "{records}: the estimate had room to spare"

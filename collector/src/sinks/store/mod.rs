@@ -3,9 +3,10 @@
 //! serve the node's metrics where operators read them ([`prometheus`]).
 //!
 //! It is fed by the pipeline as records are routed (see
-//! [`crate::pipeline`]), from the bytes that go to the buffer, so it never
-//! waits for Kafka and Kafka never waits for it. It exists only when an
-//! output reads it: otherwise nothing is decoded for it.
+//! [`crate::pipeline`] and [`Store::feed`]), from what routing has already
+//! read of each record and the tags it adds, so it never waits for Kafka
+//! and Kafka never waits for it. It exists only when an output reads it:
+//! otherwise nothing is read for it.
 //!
 //! Bounded: at most `store_max_series` series, and at most
 //! [`StoreSettings::memory_bound`] bytes for everything it holds (each
@@ -18,9 +19,10 @@
 //! already held keep being updated. A series not updated for
 //! `store_expiry_secs` is forgotten.
 //!
-//! The lock is held only for map updates: keys are built before it is
-//! taken, expired series are removed a batch at a time, and a scrape
-//! works on a snapshot whose keys are shared, not copied.
+//! The lock is held only for map updates: datapoints are hashed before it
+//! is taken, a series held is found without its key being built, expired
+//! series are removed a batch at a time, and a scrape works on a snapshot
+//! whose keys are shared, not copied.
 
 pub mod limits;
 pub mod prometheus;
@@ -31,6 +33,9 @@ pub use limits::{
 };
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -72,10 +77,12 @@ pub struct Sample {
 /// length-prefixed (so that any byte, NUL included, may appear in them).
 pub type Key = Arc<[u8]>;
 
-/// A series held: its latest value, and its Prometheus family (shared with
-/// the family's entry).
+/// A series held: its key and that key's hash, its latest value, and its
+/// Prometheus family (shared with the family's entry).
 #[derive(Debug)]
 struct Entry {
+    key: Key,
+    hash: u64,
     sample: Sample,
     family: Arc<str>,
 }
@@ -90,12 +97,11 @@ struct Family {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Hashed with foldhash, seeded per process: SipHash took a tenth of
-    /// the busy node's CPU with the store on. The senders are local
-    /// processes that see neither the hashes nor the map's order (scrapes
-    /// and v0 answers are sorted), which is what foldhash's "minimal" DoS
-    /// resistance covers.
-    series: HashMap<Key, Entry, foldhash::fast::RandomState>,
+    /// The series, by [`Store::hash`] of their keys. That hash combines
+    /// the name's with the hash of the record's tag part, so that a
+    /// record's datapoints hash their names only, and a series held is
+    /// found without its key being built.
+    series: HashTable<Entry>,
     /// What everything held takes, by [`Store::cost`]'s reckoning.
     bytes: usize,
     families: HashMap<Arc<str>, Family>,
@@ -106,6 +112,12 @@ struct Inner {
 pub struct Store {
     settings: StoreSettings,
     inner: Mutex<Inner>,
+    /// Seeded per process; foldhash, as SipHash took a tenth of the busy
+    /// node's CPU with the store on. The senders are local processes that
+    /// see neither the hashes nor the map's order (scrapes and v0 answers
+    /// are sorted), which is what foldhash's "minimal" DoS resistance
+    /// covers.
+    hasher: foldhash::fast::RandomState,
     stats: Arc<Stats>,
     began: Instant,
 }
@@ -116,9 +128,19 @@ fn put(key: &mut Vec<u8>, s: &str) {
     key.extend_from_slice(s.as_bytes());
 }
 
+/// A key's name (with its length prefix) and its tag part.
+fn split_key(key: &[u8]) -> (&[u8], &[u8]) {
+    let len = key.get(..4).map_or(0, |b| {
+        u32::from_le_bytes(b.try_into().unwrap_or_default()) as usize
+    });
+    key.split_at((4 + len).min(key.len()))
+}
+
 /// The distinct Prometheus label names of a series' tag keys.
 fn label_names<'a>(keys: impl Iterator<Item = &'a str>) -> Vec<String> {
-    let mut labels: Vec<String> = keys.filter_map(prometheus::label_name).collect();
+    let mut labels: Vec<String> = keys
+        .filter_map(|k| prometheus::label_name(k).map(std::borrow::Cow::into_owned))
+        .collect();
     labels.sort_unstable();
     labels.dedup();
     labels
@@ -138,14 +160,138 @@ pub fn parse_key(key: &[u8]) -> (&str, impl Iterator<Item = (&str, &str)>) {
     (name, tags)
 }
 
-/// Bytes of keys built before they are applied under the lock, at most
-/// (and one key more).
-const KEYS_PER_TURN: usize = 256 * 1024;
+/// Datapoints taken under one hold of the lock, at most.
+const POINTS_PER_TURN: usize = 4096;
 
-/// One datapoint of a block, its key built before the lock is taken.
-struct Pending {
-    key: std::ops::Range<usize>,
+/// Bytes of records' tag parts held for one turn, at most (and one
+/// record's more).
+const TAG_BYTES_PER_TURN: usize = 256 * 1024;
+
+/// One datapoint fed, hashed before the lock is taken.
+struct Point<'a> {
+    name: &'a str,
+    /// Its record's tag part, in [`Feed`]'s buffer.
+    tags: std::ops::Range<usize>,
+    hash: u64,
     sample: Sample,
+}
+
+/// Feeds the store the records of one block as they are routed (see
+/// [`Store::feed`]). What it holds is applied a turn at a time, and the
+/// rest when it is dropped.
+pub struct Feed<'s, 'a> {
+    store: &'s Store,
+    source: Source,
+    now: u32,
+    tags: Vec<(&'a str, &'a str)>,
+    parts: Vec<u8>,
+    points: Vec<Point<'a>>,
+}
+
+impl<'a> Feed<'_, 'a> {
+    /// Takes one record: its tags (its own, then those routing added,
+    /// which the first of a key wins) and its datapoints.
+    pub fn record(
+        &mut self,
+        tags: impl IntoIterator<Item = (&'a str, &'a str)>,
+        datapoints: impl IntoIterator<Item = (&'a str, i64, f64)>,
+    ) {
+        let mut datapoints = datapoints.into_iter().peekable();
+        if datapoints.peek().is_none() {
+            return;
+        }
+        if self.parts.len() >= TAG_BYTES_PER_TURN {
+            self.apply();
+        }
+        let drop = &self.store.settings.drop_tags;
+        self.tags.clear();
+        self.tags.extend(
+            tags.into_iter()
+                .filter(|(k, _)| !drop.iter().any(|d| d == k)),
+        );
+        // Sorted by key (stably); of a key given twice, the first is kept.
+        self.tags.sort_by(|a, b| a.0.cmp(b.0));
+        self.tags.dedup_by(|later, earlier| later.0 == earlier.0);
+        let start = self.parts.len();
+        for (k, v) in &self.tags {
+            put(&mut self.parts, k);
+            put(&mut self.parts, v);
+        }
+        let part = start..self.parts.len();
+        let tags_hash = self.store.hasher.hash_one(&self.parts[part.clone()]);
+        for (name, time_ms, value) in datapoints {
+            if self.points.len() >= POINTS_PER_TURN {
+                // The record's part is kept for its remaining datapoints.
+                self.apply_points();
+            }
+            self.points.push(Point {
+                name,
+                tags: part.clone(),
+                hash: self.store.hash(name.as_bytes(), tags_hash),
+                sample: Sample {
+                    value,
+                    time_ms,
+                    source: self.source,
+                    seen: self.now,
+                },
+            });
+        }
+    }
+
+    /// Applies what is held and empties it.
+    fn apply(&mut self) {
+        self.apply_points();
+        self.parts.clear();
+    }
+
+    /// Applies the datapoints held under the lock.
+    fn apply_points(&mut self) {
+        if self.points.is_empty() {
+            return;
+        }
+        let store = self.store;
+        let mut inner = store.lock();
+        let mut key = Vec::new();
+        for point in self.points.drain(..) {
+            let part = &self.parts[point.tags];
+            let name = point.name.as_bytes();
+            let same = |entry: &Entry| {
+                let (held_name, held_part) = split_key(&entry.key);
+                held_part == part
+                    && held_name.get(4..) == Some(name)
+                    && held_name.len() == name.len() + 4
+            };
+            if let Some(held) = inner.series.find_mut(point.hash, same) {
+                held.sample = point.sample;
+                continue;
+            }
+            key.clear();
+            put(&mut key, point.name);
+            key.extend_from_slice(part);
+            match store.admit(&mut inner, &key) {
+                Ok(family) => {
+                    inner.series.insert_unique(
+                        point.hash,
+                        Entry {
+                            key: Key::from(key.as_slice()),
+                            hash: point.hash,
+                            sample: point.sample,
+                            family,
+                        },
+                        |entry| entry.hash,
+                    );
+                }
+                Err(refusal) => store.stats.count_store_refusal(refusal),
+            }
+        }
+        store.publish(&inner);
+    }
+}
+
+impl Drop for Feed<'_, '_> {
+    fn drop(&mut self) {
+        self.apply();
+    }
 }
 
 impl Store {
@@ -154,6 +300,7 @@ impl Store {
         Self {
             settings,
             inner: Mutex::default(),
+            hasher: foldhash::fast::RandomState::default(),
             stats,
             began: Instant::now(),
         }
@@ -173,6 +320,11 @@ impl Store {
         u32::try_from(self.began.elapsed().as_secs()).unwrap_or(u32::MAX)
     }
 
+    /// A series' hash: its name's bytes with its tag part's hash.
+    fn hash(&self, name: &[u8], tags_hash: u64) -> u64 {
+        self.hasher.hash_one((name, tags_hash))
+    }
+
     /// What a series with a key of `key_len` bytes takes.
     fn series_cost(key_len: usize) -> usize {
         allocated_size(key_len + 16) + SERIES_OVERHEAD_BYTES
@@ -188,85 +340,35 @@ impl Store {
         allocated_size(label.len()) + LABEL_OVERHEAD_BYTES
     }
 
-    /// Takes the latest value of every datapoint of `records` (routed, with
-    /// every tag they carry to Kafka).
+    /// Feeds the store records as they are routed, from `source`: the
+    /// pipeline gives each record's tags (with those routing adds) and
+    /// datapoints from what it already read, so nothing is read twice.
     ///
-    /// Each datapoint's key (its name and its record's tags) is built
-    /// before the lock is taken, into a buffer that is applied and emptied
-    /// whenever it holds [`KEYS_PER_TURN`] bytes: a record of many
-    /// datapoints and long tags never takes more than that.
-    pub fn observe(&self, source: Source, records: &[Routed]) {
-        let now = self.now();
-        let mut tags: Vec<(&str, &str)> = Vec::new();
-        let mut tag_part = Vec::new();
-        let datapoints: usize = records.iter().map(|r| r.datapoints as usize).sum();
-        let mut keys = Vec::with_capacity(datapoints.saturating_mul(64).min(KEYS_PER_TURN + 4096));
-        let mut pending = Vec::with_capacity(datapoints.min(KEYS_PER_TURN / 16));
-        for routed in records {
-            let Ok(record) = schema::raw::scan_metric_list(&mut Cursor::new(&routed.data)) else {
-                continue;
-            };
-            tags.clear();
-            let drop = &self.settings.drop_tags;
-            tags.extend(record.tags().filter(|(k, _)| !drop.iter().any(|d| d == k)));
-            // Sorted by key; of a key given twice, the first is kept (a
-            // record's own tag comes before the ones added to it).
-            tags.sort_by(|a, b| a.0.cmp(b.0));
-            tags.dedup_by(|later, earlier| later.0 == earlier.0);
-            tag_part.clear();
-            for (k, v) in &tags {
-                put(&mut tag_part, k);
-                put(&mut tag_part, v);
-            }
-            for (name, time_ms, value) in record.datapoint_values() {
-                if keys.len() >= KEYS_PER_TURN {
-                    self.apply(&keys, &mut pending);
-                    keys.clear();
-                }
-                let start = keys.len();
-                put(&mut keys, name);
-                keys.extend_from_slice(&tag_part);
-                pending.push(Pending {
-                    key: start..keys.len(),
-                    sample: Sample {
-                        value,
-                        time_ms,
-                        source,
-                        seen: now,
-                    },
-                });
-            }
+    /// A datapoint's series is looked up by its name and its record's tag
+    /// part (its tags sorted by key, built once a record) under the lock;
+    /// only a new series' key is built. At most [`POINTS_PER_TURN`]
+    /// datapoints and [`TAG_BYTES_PER_TURN`] bytes of tags are held before
+    /// they are applied.
+    pub fn feed<'a>(&self, source: Source) -> Feed<'_, 'a> {
+        Feed {
+            store: self,
+            source,
+            now: self.now(),
+            tags: Vec::new(),
+            parts: Vec::new(),
+            points: Vec::new(),
         }
-        self.apply(&keys, &mut pending);
     }
 
-    /// Takes the `pending` datapoints (their keys in `keys`) under the
-    /// lock, and empties `pending`.
-    fn apply(&self, keys: &[u8], pending: &mut Vec<Pending>) {
-        if pending.is_empty() {
-            return;
-        }
-        let mut inner = self.lock();
-        for point in pending.drain(..) {
-            let key = &keys[point.key];
-            if let Some(held) = inner.series.get_mut(key) {
-                held.sample = point.sample;
-                continue;
-            }
-            match self.admit(&mut inner, key) {
-                Ok(family) => {
-                    inner.series.insert(
-                        Key::from(key),
-                        Entry {
-                            sample: point.sample,
-                            family,
-                        },
-                    );
-                }
-                Err(refusal) => self.stats.count_store_refusal(refusal),
+    /// Takes the latest value of every datapoint of `records` (routed, with
+    /// every tag they carry to Kafka), reading them again.
+    pub fn observe(&self, source: Source, records: &[Routed]) {
+        let mut feed = self.feed(source);
+        for routed in records {
+            if let Ok(record) = schema::raw::scan_metric_list(&mut Cursor::new(&routed.data)) {
+                feed.record(record.tags(), record.datapoint_values());
             }
         }
-        self.publish(&inner);
     }
 
     /// Checks the bounds for a new series with `key`, registers its family
@@ -329,13 +431,13 @@ impl Store {
     /// Forgets every series for which `gone` is true (asked again under the
     /// lock that removes it), a batch at a time.
     pub fn remove_where(&self, mut gone: impl FnMut(&[u8], &Sample) -> bool) -> usize {
-        let doomed: Vec<Key> = {
+        let doomed: Vec<(Key, u64)> = {
             let inner = self.lock();
             inner
                 .series
                 .iter()
-                .filter(|(key, entry)| gone(key, &entry.sample))
-                .map(|(key, _)| key.clone())
+                .filter(|entry| gone(&entry.key, &entry.sample))
+                .map(|entry| (entry.key.clone(), entry.hash))
                 .collect()
         };
         let mut removed = 0;
@@ -343,20 +445,17 @@ impl Store {
             // The label names of each, worked out before the lock.
             let labels: Vec<Vec<String>> = batch
                 .iter()
-                .map(|key| label_names(parse_key(key).1.map(|(k, _)| k)))
+                .map(|(key, _)| label_names(parse_key(key).1.map(|(k, _)| k)))
                 .collect();
             let mut inner = self.lock();
-            for (key, labels) in batch.iter().zip(labels) {
-                if !inner
-                    .series
-                    .get(key)
-                    .is_some_and(|entry| gone(key, &entry.sample))
-                {
-                    continue;
-                }
-                let Some(entry) = inner.series.remove(key) else {
+            for ((key, hash), labels) in batch.iter().zip(labels) {
+                let Ok(found) = inner.series.find_entry(*hash, |entry| entry.key == *key) else {
                     continue;
                 };
+                if !gone(key, &found.get().sample) {
+                    continue;
+                }
+                let (entry, _) = found.remove();
                 removed += 1;
                 let mut freed = Self::series_cost(key.len());
                 if let Some(family) = inner.families.get_mut(&entry.family) {
@@ -401,7 +500,7 @@ impl Store {
         inner
             .series
             .iter()
-            .map(|(key, entry)| (entry.family.clone(), key.clone(), entry.sample))
+            .map(|entry| (entry.family.clone(), entry.key.clone(), entry.sample))
             .collect()
     }
 

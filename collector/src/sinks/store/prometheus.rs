@@ -28,6 +28,7 @@
 //!   `+Inf`, `-Inf`. No timestamp is given: a series is there while it is
 //!   fresh (see `store_expiry_secs`).
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::hash::BuildHasher;
@@ -59,10 +60,19 @@ pub fn sanitize(name: &str) -> String {
     sanitize_with(name, true)
 }
 
-/// A tag's key as a Prometheus label name, or `None` for a key Prometheus
-/// reserves (beginning with `__`).
-pub fn label_name(key: &str) -> Option<String> {
-    let name = sanitize_with(key, false);
+/// A tag's key as a Prometheus label name (borrowed when it is one
+/// already), or `None` for a key Prometheus reserves (beginning with `__`).
+pub fn label_name(key: &str) -> Option<Cow<'_, str>> {
+    let valid = key
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let name = if valid {
+        Cow::Borrowed(key)
+    } else {
+        Cow::Owned(sanitize_with(key, false))
+    };
     (!name.starts_with("__")).then_some(name)
 }
 
@@ -107,12 +117,23 @@ struct Current {
     seen: HashSet<u64>,
 }
 
+/// A key's strings in order (its name, then each tag's key and value), as
+/// bytes.
+fn fields(key: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = key;
+    std::iter::from_fn(move || {
+        let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let field = rest.get(4..4 + len)?;
+        rest = &rest[4 + len..];
+        Some(field)
+    })
+}
+
 /// Orders two keys by their original name, then their tags, each compared
-/// as strings (the keys' own bytes put a length before each string).
+/// as strings are (byte by byte; the keys' own bytes put a length before
+/// each string, so they are compared field by field).
 fn by_original(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
-    let (name_a, tags_a) = parse_key(a);
-    let (name_b, tags_b) = parse_key(b);
-    name_a.cmp(name_b).then_with(|| tags_a.cmp(tags_b))
+    fields(a).cmp(fields(b))
 }
 
 /// Renders a snapshot of the store chunk by chunk, so that a scrape of any
@@ -165,7 +186,11 @@ impl Renderer {
         }
         let labels: std::collections::BTreeSet<String> = self.series[start..end]
             .iter()
-            .flat_map(|(_, key, _)| parse_key(key).1.filter_map(|(k, _)| label_name(k)))
+            .flat_map(|(_, key, _)| {
+                parse_key(key)
+                    .1
+                    .filter_map(|(k, _)| label_name(k).map(Cow::into_owned))
+            })
             .collect();
         let labels: Vec<String> = labels.into_iter().collect();
         let _ = writeln!(out, "# HELP {family} {HELP}\n# TYPE {family} gauge");
@@ -217,7 +242,10 @@ fn write_sample(
     let mut values: Vec<Option<(&str, bool)>> = vec![None; current.labels.len()];
     for (k, v) in parse_key(key).1 {
         let Some(name) = label_name(k) else { continue };
-        let Ok(at) = current.labels.binary_search(&name) else {
+        let Ok(at) = current
+            .labels
+            .binary_search_by(|label| label.as_str().cmp(&name))
+        else {
             continue;
         };
         let exact = name == k;

@@ -558,3 +558,56 @@ fn a_record_whose_keys_take_several_turns_is_taken_whole() {
         0
     );
 }
+
+/// Records whose tag parts fill several turns (300 records with 4 KiB of
+/// tags each: 1.2 MB), and a series given twice in one feed, once in each
+/// of two turns: every series is held once, with its last value.
+#[test]
+fn records_whose_tags_fill_several_turns_are_all_taken_and_the_last_value_wins() {
+    let (store, _) = store(100_000);
+    let values: Vec<String> = (0..300)
+        .map(|i| format!("{i:04}{}", "v".repeat(4096)))
+        .collect();
+    let mut records: Vec<Routed> = values
+        .iter()
+        .map(|v| routed(&[("a", 1.0), ("b", 2.0)], &[("k", v), ("z", "1")]))
+        .collect();
+    // The first record's series again at the end: 1.2 MB later.
+    records.push(routed(&[("a", 10.0)], &[("z", "1"), ("k", &values[0])]));
+    store.observe(Source::Input, &records);
+    let snapshot = store.snapshot();
+    assert_eq!(snapshot.len(), 600);
+    let by_key: BTreeMap<(String, String), f64> = snapshot
+        .iter()
+        .map(|(_, key, sample)| {
+            let (name, mut tags) = parse_key(key);
+            let (k, v) = tags.next().unwrap();
+            assert_eq!(k, "k");
+            assert_eq!(tags.next(), Some(("z", "1")), "tags sorted by key");
+            ((name.to_owned(), v[..4].to_owned()), sample.value)
+        })
+        .collect();
+    assert_eq!(by_key[&("a".to_owned(), "0000".to_owned())], 10.0);
+    assert_eq!(by_key[&("b".to_owned(), "0000".to_owned())], 2.0);
+    assert_eq!(by_key[&("a".to_owned(), "0299".to_owned())], 1.0);
+}
+
+/// Series that differ only in where their name ends and their tags begin
+/// are apart: a series is matched by its name and its tags, not by their
+/// bytes run together.
+#[test]
+fn a_name_and_tags_are_matched_apart() {
+    let (store, _) = store(100);
+    store.observe(
+        Source::Input,
+        &[
+            routed(&[("ab", 1.0)], &[("c", "d")]),
+            routed(&[("a", 2.0)], &[("bc", "d")]),
+            routed(&[("abc", 3.0)], &[]),
+        ],
+    );
+    store.observe(Source::Input, &[routed(&[("ab", 4.0)], &[("c", "d")])]);
+    let mut values: Vec<f64> = store.snapshot().iter().map(|(_, _, s)| s.value).collect();
+    values.sort_by(f64::total_cmp);
+    assert_eq!(values, [2.0, 3.0, 4.0]);
+}
