@@ -156,7 +156,19 @@ impl App {
                 (Some(V0Listener::Tcp(listener)), Some(addr.to_string()))
             }
             config::Listen::Unix(path) => (
-                Some(V0Listener::Unix(net::bind_unix(path).await?)),
+                Some(V0Listener::Unix(
+                    net::bind_unix(
+                        path,
+                        config
+                            .metrics_api_socket_group
+                            .as_deref()
+                            .map(|name| net::SocketGroup {
+                                option: "metrics_api_socket_group",
+                                name,
+                            }),
+                    )
+                    .await?,
+                )),
                 Some(format!("unix:{}", path.display())),
             ),
             config::Listen::Off => (None, None),

@@ -77,12 +77,17 @@ impl Acceptor for tokio::net::UnixListener {
 }
 
 /// Binds a unix socket at `path`, readable and writable by its owner and
-/// group (0660, as DC/OS's sockets were: give the reader the group). A
-/// socket file left there by a process that is gone (a connection is
-/// refused) is replaced; anything else there is an error.
-pub async fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, UnixBindError> {
+/// group (0660, as DC/OS's sockets were), the group `group` when given (a
+/// name from `/etc/group` or a number: the reader's; errors name its
+/// option). A socket file left
+/// there by a process that is gone (a connection is refused) is replaced;
+/// anything else there is an error.
+pub async fn bind_unix(
+    path: &std::path::Path,
+    group: Option<SocketGroup<'_>>,
+) -> Result<tokio::net::UnixListener, UnixBindError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    let error = |source| UnixBindError {
+    let error = |source| UnixBindError::Bind {
         path: path.to_owned(),
         source,
     };
@@ -100,19 +105,91 @@ pub async fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListene
             std::fs::remove_file(path).map_err(error)?;
         }
     }
+    // The group is known before anything is bound.
+    let group_error = |group: &SocketGroup<'_>, reason| UnixBindError::Group {
+        option: group.option,
+        group: group.name.to_owned(),
+        reason,
+    };
+    let gid = group
+        .as_ref()
+        .map(|g| group_id(g.name, "/etc/group".as_ref()).map_err(|reason| group_error(g, reason)))
+        .transpose()?;
     let listener = tokio::net::UnixListener::bind(path).map_err(error)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(error)?;
+    if let (Some(gid), Some(group)) = (gid, &group) {
+        rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid))).map_err(|e| {
+            let _ = std::fs::remove_file(path);
+            let name = group.name;
+            group_error(
+                group,
+                if e == rustix::io::Errno::PERM {
+                    format!(
+                        "the collector is not a member of group {name}, so it cannot give it the socket (systemd: SupplementaryGroups={name})"
+                    )
+                } else {
+                    format!("cannot give the socket {} to it: {e}", path.display())
+                },
+            )
+        })?;
+    }
     Ok(listener)
+}
+
+/// The group a unix socket is given, and the option that asked for it.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketGroup<'a> {
+    /// The option, for errors.
+    pub option: &'static str,
+    /// A name from `/etc/group`, or a number.
+    pub name: &'a str,
+}
+
+/// The id of group `name` (a number, or a name in the `group` file at
+/// `groups`, as `/etc/group` lists them).
+pub fn group_id(name: &str, groups: &std::path::Path) -> Result<u32, String> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return if gid == u32::MAX {
+            Err(format!("{gid} is not a group id"))
+        } else {
+            Ok(gid)
+        };
+    }
+    let file = std::fs::read_to_string(groups)
+        .map_err(|e| format!("cannot read {}: {e}", groups.display()))?;
+    file.lines()
+        .filter_map(|line| {
+            let mut fields = line.split(':');
+            let (group, _password, gid) = (fields.next()?, fields.next()?, fields.next()?);
+            (group == name).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| format!("no group {name} in {}", groups.display()))?
+        .parse()
+        .map_err(|_| format!("group {name} has no valid id in {}", groups.display()))
 }
 
 /// A unix socket that could not be bound.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on unix:{}: {source}", path.display())]
-pub struct UnixBindError {
-    /// The path.
-    pub path: std::path::PathBuf,
-    /// The OS error.
-    pub source: std::io::Error,
+pub enum UnixBindError {
+    /// Binding it, or setting its mode, failed.
+    #[error("cannot listen on unix:{}: {source}", path.display())]
+    Bind {
+        /// The path.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The group asked for is unknown, or the socket could not be given it.
+    #[error("{option} = {group}: {reason}")]
+    Group {
+        /// The option that asked for it.
+        option: &'static str,
+        /// The group asked for.
+        group: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The longest pause after failed accepts.

@@ -436,3 +436,96 @@ fn deploy_files_for_a_secured_kafka_keep_secrets_in_files_and_validate() {
     validates(&std::env::temp_dir(), &local);
     let _ = std::fs::remove_dir_all(&scratch);
 }
+
+/// The v0 metrics API in the deploy files: a unix socket on the host, in a
+/// directory the service owns (a host volume for Marathon, the unit's
+/// runtime directory for systemd), of Admin Router's group; the systemd
+/// drop-in for DC/OS puts the collector in that group and links Admin
+/// Router's upstream path to the socket; with it, the unit validates.
+#[test]
+fn deploy_files_serve_the_v0_api_on_a_unix_socket_for_admin_router() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let environment = |text: &str| -> std::collections::BTreeMap<String, String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("Environment="))
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    };
+    let socket_of = |listen: &str| {
+        std::path::PathBuf::from(
+            listen
+                .strip_prefix("unix:")
+                .unwrap_or_else(|| panic!("{listen} is not a unix socket")),
+        )
+    };
+    for app in ["collector.json", "collector-strict.json"] {
+        let app: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(deploy.join("marathon").join(app)).unwrap(),
+        )
+        .unwrap();
+        let socket = socket_of(app["env"]["METRICS_API_LISTEN"].as_str().unwrap());
+        let dir = socket.parent().unwrap().to_str().unwrap();
+        assert!(
+            app["container"]["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| {
+                    v["containerPath"] == dir && v["hostPath"] == dir && v["mode"] == "RW"
+                }),
+            "the socket's directory is the host's"
+        );
+        assert_eq!(app["env"]["METRICS_API_SOCKET_GROUP"], "dcos_adminrouter");
+    }
+
+    let unit = std::fs::read_to_string(deploy.join("systemd/metrics-collector.service")).unwrap();
+    let mut env = environment(&unit);
+    let socket = socket_of(&env["METRICS_API_LISTEN"]);
+    let runtime = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("RuntimeDirectory="))
+        .expect("a runtime directory");
+    assert_eq!(
+        socket.parent().unwrap(),
+        std::path::Path::new("/run").join(runtime)
+    );
+    let dropin = std::fs::read_to_string(
+        deploy.join("systemd/metrics-collector.service.d/dcos-admin-router.conf"),
+    )
+    .unwrap();
+    let dropin_env = environment(&dropin);
+    let group = &dropin_env["METRICS_API_SOCKET_GROUP"];
+    assert_eq!(group, "dcos_adminrouter");
+    assert!(
+        dropin
+            .lines()
+            .any(|l| l == format!("SupplementaryGroups={group}")),
+        "the collector is in the group it gives the socket"
+    );
+    let link: Vec<&str> = dropin
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStartPre=+"))
+        .expect("a link made as root")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        link,
+        [
+            "/bin/ln",
+            "-sfn",
+            socket.to_str().unwrap(),
+            // Admin Router's upstream on DC/OS 1.12 and later.
+            "/run/dcos/telegraf-dcos-metrics.sock"
+        ]
+    );
+    env.extend(dropin_env);
+    let scratch = tempfile::tempdir().unwrap();
+    let output = collector()
+        .arg("validate")
+        .envs(&env)
+        .env("SPOOL_DIR", scratch.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+}

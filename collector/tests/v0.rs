@@ -265,3 +265,83 @@ fn the_v0_api_serves_what_dcos_metrics_served_and_its_swagger_allows() {
     assert_eq!(code, Some(0));
     assert!(balanced(&last_line), "{last_line}");
 }
+
+/// A group of `/etc/group` the test process is not in as its own, with
+/// its id.
+fn another_group() -> (String, u32) {
+    let own = rustix::process::getegid().as_raw();
+    std::fs::read_to_string("/etc/group")
+        .unwrap()
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split(':');
+            let (name, _, gid) = (f.next()?, f.next()?, f.next()?.parse::<u32>().ok()?);
+            (gid != own).then(|| (name.to_owned(), gid))
+        })
+        .next()
+        .expect("a group in /etc/group other than the test's own")
+}
+
+/// The v0 socket is given the group asked for (Admin Router's on DC/OS),
+/// by name or by number, with mode 0660; a group that does not exist, or
+/// one the collector may not give it, stops the start with an error
+/// naming the option; the option without a unix socket is refused.
+#[test]
+fn the_v0_socket_is_given_the_readers_group() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("metrics.sock");
+    let listen = format!("--metrics-api-listen=unix:{}", socket.display());
+    let (group, gid) = another_group();
+    let root = rustix::process::geteuid().is_root();
+    for given in [group.clone(), gid.to_string()] {
+        let option = format!("--metrics-api-socket-group={given}");
+        if root {
+            // Root may give it any group.
+            let collector = start(&[listen.as_str(), option.as_str()], None);
+            let meta = std::fs::metadata(&socket).unwrap();
+            assert_eq!(meta.gid(), gid, "{given}");
+            assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+            let (status, _, _) = get(socket.to_str().unwrap(), "/v0/ping");
+            assert_eq!(status, 200);
+            drop(collector);
+        } else {
+            let out = common::binary("collector")
+                .args(common::base_args())
+                .args([listen.as_str(), option.as_str()])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success());
+            assert!(
+                stderr.contains(&format!("metrics_api_socket_group = {given}: the collector is not a member of group {given}")),
+                "{stderr}"
+            );
+        }
+    }
+    let out = common::binary("collector")
+        .args(common::base_args())
+        .args([listen.as_str(), "--metrics-api-socket-group=no-such-group"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(
+            "metrics_api_socket_group = no-such-group: no group no-such-group in /etc/group"
+        ),
+        "{stderr}"
+    );
+    let out = common::binary("collector")
+        .arg("validate")
+        .args(common::base_args())
+        .arg("--metrics-api-socket-group=daemon")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("metrics_api_socket_group") && stderr.contains("unix:PATH"),
+        "{stderr}"
+    );
+}

@@ -425,6 +425,20 @@ impl Config {
                 "Prometheus scrapes over TCP: give IP:PORT (0.0.0.0:61091), or leave it empty",
             ));
         }
+        if let Some(group) = &self.metrics_api_socket_group {
+            if !matches!(self.metrics_api_listen, Listen::Unix(_)) {
+                return Err(ConfigError::new(
+                    "metrics_api_socket_group",
+                    "applies only to a unix socket: set metrics_api_listen = unix:PATH, or leave it empty",
+                ));
+            }
+            if group.is_empty() || group.contains([':', '\n']) {
+                return Err(ConfigError::new(
+                    "metrics_api_socket_group",
+                    format!("{group:?} is not a group name or number"),
+                ));
+            }
+        }
         positive("store_max_series", self.store_max_series as u64)?;
         at_most(
             "store_max_series",

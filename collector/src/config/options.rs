@@ -442,6 +442,9 @@ options! {
     /// The DC/OS v0 metrics API's address, `IP:PORT` or `unix:PATH` (empty: off), as dcos-metrics served it; DC/OS's Admin Router proxies `/system/v1/metrics/` to a unix socket.
     metrics_api_listen: Listen = Listen::Off;
         plain, env "METRICS_API_LISTEN", restart;
+    /// The group of the v0 API's unix socket (mode 0660), a name from `/etc/group` or a number (default: the collector's own): on DC/OS, Admin Router's `dcos_adminrouter`, of which the collector must then be a member (systemd: `SupplementaryGroups=`).
+    metrics_api_socket_group: Option<String> = None;
+        maybe, env "METRICS_API_SOCKET_GROUP", restart;
     /// The cluster's id in the v0 API's `cluster_id` (default: `/var/lib/dcos/cluster-id`, when there).
     cluster_id: Option<String> = None;
         maybe, env "CLUSTER_ID", restart;
