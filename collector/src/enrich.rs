@@ -17,8 +17,14 @@
 //! over [`MAX_LABEL_LEN`] bytes, and every label past [`MAX_LABELS`] (or
 //! [`MAX_LABELS_BYTES`]) of one container: both counted ([`LabelsLeftOut`]), as the agent's `/state`
 //! is read.
+//!
+//! A record naming a framework or a container the state does not know asks
+//! the poller for a fresh `/state` (a new task's metadata then follows
+//! within seconds, not at the next poll), once per id until the next
+//! regular poll.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use schema::{MetricList, Tag};
 use serde_json::Value;
@@ -135,6 +141,47 @@ pub struct Enrichment {
     /// which the v0 API gives as `hostname` (as dcos-metrics gave
     /// `detect_ip`'s).
     pub node_host: Option<String>,
+    /// Framework and container ids records named that this state did not
+    /// know.
+    asked: Asked,
+}
+
+/// Framework and container ids a state was asked about and did not know:
+/// each asks for a refresh of `/state` once, not once per record, and at
+/// most [`MAX_ASKED`] of each. A state fetched because of them keeps what
+/// was asked (an id still unknown then is not asked about again); the
+/// regular poll's state starts afresh.
+#[derive(Debug, Default, Clone)]
+struct Asked(Arc<Mutex<AskedIds>>);
+
+#[derive(Debug, Default)]
+struct AskedIds {
+    frameworks: HashSet<String, foldhash::fast::RandomState>,
+    containers: HashSet<String, foldhash::fast::RandomState>,
+}
+
+/// Unknown ids of each kind that one state remembers asking about.
+pub const MAX_ASKED: usize = 1024;
+
+impl Asked {
+    /// Whether `id` is asked about for the first time (and there is room
+    /// to remember it).
+    fn first_time(&self, framework: bool, id: &str) -> bool {
+        let mut asked = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let ids = if framework {
+            &mut asked.frameworks
+        } else {
+            &mut asked.containers
+        };
+        ids.len() < MAX_ASKED && !ids.contains(id) && ids.insert(id.to_owned())
+    }
+}
+
+impl PartialEq for Asked {
+    /// What was asked is not part of what a state says.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// The `{key, value}` labels of a `/state` object.
@@ -237,6 +284,12 @@ impl Enrichment {
             ..Self::default()
         }
         .measured()
+    }
+
+    /// Keeps what `previous` was asked about and did not know: for a
+    /// state fetched because of it.
+    pub fn keep_asked(&mut self, previous: &Self) {
+        self.asked = previous.asked.clone();
     }
 
     /// The most bytes the tags [`tags_for_lookup`](Self::tags_for_lookup)
@@ -398,7 +451,7 @@ impl Enrichment {
             match self.frameworks.get(framework_id) {
                 Some(name) => extra.push("framework_name", name),
                 None => {
-                    unknown = self.agent_id.is_some();
+                    unknown = self.agent_id.is_some() && self.asked.first_time(true, framework_id);
                     extra.push("framework_name", UNKNOWN_FRAMEWORK);
                 }
             }
@@ -406,8 +459,13 @@ impl Enrichment {
         if let Some(app) = tag("executor_id").and_then(|e| self.applications.get(e)) {
             extra.push("application_name", app);
         }
-        if let Some(container) = tag("container_id").and_then(|c| self.containers.get(c)) {
-            extra.extend(container.tags(kind));
+        if let Some(id) = tag("container_id") {
+            match self.containers.get(id) {
+                Some(container) => extra.extend(container.tags(kind)),
+                // A container started since the last `/state`: a refresh
+                // brings its task's metadata, as for a new framework.
+                None => unknown |= self.agent_id.is_some() && self.asked.first_time(false, id),
+            }
         }
         (extra, unknown)
     }
@@ -449,6 +507,58 @@ mod tests {
         let (tags, unknown) = enrichment.tags_for(Kind::App, &stranger);
         assert!(unknown);
         assert!(tags.contains(&Tag::new("framework_name", UNKNOWN_FRAMEWORK)));
+        // Once per state: the next record of that framework asks nothing.
+        assert!(!enrichment.tags_for(Kind::App, &stranger).1);
+    }
+
+    /// A record naming a container or a framework the state does not know
+    /// asks for a refresh once per id, not once per record; a state fetched
+    /// because of it asks nothing again for those ids, while the regular
+    /// poll's state does; at most MAX_ASKED ids of each kind are asked about.
+    #[test]
+    fn unknown_ids_ask_for_a_refresh_once_each() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fixtures/mesos/mesos-agent-state-with-tasks-testdata.json");
+        let mut state: Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        // dcos-metrics' test state has no agent id; a state that answered has.
+        state["id"] = Value::from("agent-1");
+        let record = |key: &str, id: &str| MetricList {
+            tags: vec![Tag::new(key, id)],
+            ..MetricList::default()
+        };
+        let enrichment = Enrichment::from_state(&state);
+        let known = enrichment.containers.keys().next().unwrap().clone();
+        assert!(
+            !enrichment
+                .tags_for(Kind::App, &record("container_id", &known))
+                .1
+        );
+        let new = record("container_id", "new-container");
+        assert!(enrichment.tags_for(Kind::App, &new).1);
+        assert!(!enrichment.tags_for(Kind::App, &new).1);
+        assert!(
+            enrichment
+                .tags_for(Kind::App, &record("framework_id", "new-container"))
+                .1
+        );
+
+        let mut refreshed = Enrichment::from_state(&state);
+        refreshed.keep_asked(&enrichment);
+        assert!(!refreshed.tags_for(Kind::App, &new).1);
+        let polled = Enrichment::from_state(&state);
+        assert!(polled.tags_for(Kind::App, &new).1);
+
+        let many = Enrichment::from_state(&state);
+        let asking = (0..MAX_ASKED + 10)
+            .filter(|i| {
+                many.tags_for(Kind::App, &record("container_id", &format!("c{i}")))
+                    .1
+            })
+            .count();
+        assert_eq!(asking, MAX_ASKED);
+        // Before any state, nothing asks.
+        assert!(!Enrichment::pending().tags_for(Kind::App, &new).1);
     }
 
     #[test]

@@ -192,3 +192,110 @@ async fn prometheus_and_v0_carry_each_containers_task_name_and_labels_without_ka
         "{accounting:?}"
     );
 }
+
+/// A task started after the agent's `/state` was read: its first app
+/// metric names a container the state does not know, which fetches
+/// `/state` again at once (the agent is polled once an hour here), and its
+/// metrics then carry its task's name; the series recorded before, without
+/// it, is forgotten then, not served beside it until it expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_tasks_metrics_get_its_name_without_waiting_for_the_next_poll() {
+    let agent = mesos_agent().containers(1).run().await.unwrap();
+    let mut config = test_config("127.0.0.1:1");
+    config.kafka = false;
+    config.agent_polling = true;
+    config.agent_url = Some(agent.url());
+    config.agent_poll_period = 3600;
+    config.metrics_api_listen = "127.0.0.1:0".parse().unwrap();
+    config.prometheus_listen = "127.0.0.1:0".parse().unwrap();
+    let collector = spawn_collector(config).await;
+    let v0 = format!("http://{}", collector.metrics_api.clone().expect("v0 on"));
+    let scrape = format!(
+        "http://{}/metrics",
+        collector.prometheus.expect("Prometheus on")
+    );
+    let first = agent_tasks(&agent.url()).await;
+    let (first_id, _) = first.iter().next().unwrap();
+    eventually("the agent's state read", || async {
+        let message: Value = reqwest::get(format!("{v0}/v0/containers/{first_id}"))
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        message["dimensions"]["task_name"]
+            .is_string()
+            .then_some(())
+            .ok_or_else(|| format!("{message}"))
+    })
+    .await;
+
+    // A second task starts; its module sends its metrics.
+    agent.set_containers(2);
+    let tasks = agent_tasks(&agent.url()).await;
+    let (id, task) = tasks
+        .iter()
+        .find(|(id, _)| !first.contains_key(*id))
+        .expect("a new container");
+    let mut value = 0.0;
+    eventually("the new task's name on its app metrics", || {
+        // One record a try, on a connection of its own, as a module sends
+        // it: the series keeps the tags of its latest record.
+        value += 1.0;
+        let mut encoder = OcfEncoder::new(Codec::Null);
+        let mut bytes = encoder.header().to_vec();
+        encoder.write_block(
+            &[MetricList {
+                topic: task.framework_id.clone(),
+                tags: vec![
+                    Tag::new("container_id", id),
+                    Tag::new("executor_id", &task.executor_id),
+                    Tag::new("framework_id", &task.framework_id),
+                ],
+                // Its own time, as a task's: of the series the store holds
+                // for it (with and without its task's tags), v0 gives the
+                // newest.
+                datapoints: vec![Datapoint::new("app.requests", 1_000 + value as i64, value)],
+            }],
+            &mut bytes,
+        );
+        let (addr, v0) = (collector.addr, &v0);
+        async move {
+            let mut input = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            input.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            input.shutdown().await.map_err(|e| e.to_string())?;
+            let answer = reqwest::get(format!("{v0}/v0/containers/{id}/app"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let message: Value = answer.json().await.map_err(|e| e.to_string())?;
+            (message["dimensions"]["task_name"] == task.task_name.as_str())
+                .then_some(())
+                .ok_or_else(|| format!("{message}"))
+        }
+    })
+    .await;
+    eventually(
+        "one series of the app metric, with its task's name",
+        || async {
+            let text = reqwest::get(&scrape)
+                .await
+                .map_err(|e| e.to_string())?
+                .text()
+                .await
+                .map_err(|e| e.to_string())?;
+            let samples: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("app_requests{"))
+                .collect();
+            let named = format!("task_name=\"{}\"", task.task_name);
+            (samples.len() == 1 && samples[0].contains(&named))
+                .then_some(())
+                .ok_or_else(|| format!("{samples:?}"))
+        },
+    )
+    .await;
+    let counts = collector.shutdown().await;
+    assert_balanced(&counts);
+}

@@ -4,8 +4,9 @@
 //! MetricList per container, topic = framework_id, datapoints named
 //! `dcos.metrics.container.<statistic>`) and `/metrics/snapshot` (topic
 //! `agent`, datapoints `dcos.metrics.agent.<key with / as .>`). A record
-//! naming a framework id the cached state doesn't know forces a refresh,
-//! at most every few seconds.
+//! naming a framework or container id the cached state doesn't know forces
+//! a refresh of `/state` (see [`crate::enrich`]), at most every
+//! [`REFRESH_SPACING`].
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -25,6 +26,25 @@ use crate::pipeline::Pipeline;
 use crate::route::Router;
 use crate::shutdown::{Shutdown, Task};
 use crate::stats::Input;
+
+/// The least time between two fetches of `/state`.
+pub const REFRESH_SPACING: Duration = Duration::from_secs(5);
+
+/// The containers whose task `now` names and `before` did not.
+fn newly_tasked(before: &Enrichment, now: &Enrichment) -> std::collections::HashSet<String> {
+    let tasked = |e: &Enrichment, id: &str| {
+        e.containers.get(id).is_some_and(|c| {
+            c.tags(crate::enrich::Kind::App)
+                .iter()
+                .any(|(k, _)| k == "task_id")
+        })
+    };
+    now.containers
+        .keys()
+        .filter(|id| tasked(now, id) && !tasked(before, id))
+        .cloned()
+        .collect()
+}
 
 /// The poller's settings.
 #[derive(Debug, Clone)]
@@ -195,12 +215,18 @@ impl Poller {
 
     /// Fetches `/state`. A cached state older than four poll periods expires:
     /// records then get the `UNKNOWN_*` values again rather than stale tags.
-    async fn poll_state(&self, client: &AgentClient, clock: &mut StateClock) {
+    /// Fetches `/state` and publishes what it says; `asked`: because a
+    /// record named an id the state in force did not know.
+    async fn poll_state(&self, client: &AgentClient, clock: &mut StateClock, asked: bool) {
         self.pipeline.stats.agent_requests.fetch_add(1, Relaxed);
         match client.state().await {
             Ok(state) => {
                 clock.last_ok = Some(Instant::now());
                 let mut enrichment = Enrichment::from_state(&state);
+                if asked {
+                    enrichment.keep_asked(&self.enrichment.borrow());
+                }
+                let tasks_named = newly_tasked(&self.enrichment.borrow(), &enrichment);
                 enrichment.node_host = reqwest::Url::parse(client.base())
                     .ok()
                     .and_then(|url| url.host_str().map(str::to_owned));
@@ -235,6 +261,7 @@ impl Poller {
                     clock.forget_unknown = 2;
                 }
                 self.enrichment.send_replace(Arc::new(enrichment));
+                self.forget_untasked(&tasks_named);
                 if clock.forget_unknown > 0 {
                     clock.forget_unknown -= 1;
                     self.forget_unknown_agent();
@@ -285,19 +312,31 @@ impl Poller {
         let mut tick = tokio::time::interval(self.settings.period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_refresh = Instant::now();
+        // A refresh asked for sooner than REFRESH_SPACING after the last
+        // fetch of `/state` waits until then, rather than being lost.
+        let mut refresh_due: Option<Instant> = None;
         let mut clock = StateClock::default();
         let mut containers_seen = std::collections::HashSet::new();
         loop {
+            let deferred = async {
+                match refresh_due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
                 _ = self.refresh.notified() => {
-                    if last_refresh.elapsed() >= Duration::from_secs(5) {
-                        last_refresh = Instant::now();
-                        tokio::select! {
-                            () = self.poll_state(&client, &mut clock) => {}
-                            () = shutdown.cancelled() => return,
-                        }
+                    refresh_due = Some(refresh_due.unwrap_or(last_refresh + REFRESH_SPACING));
+                    continue;
+                }
+                () = deferred => {
+                    refresh_due = None;
+                    last_refresh = Instant::now();
+                    tokio::select! {
+                        () = self.poll_state(&client, &mut clock, true) => {}
+                        () = shutdown.cancelled() => return,
                     }
                     continue;
                 }
@@ -317,6 +356,7 @@ impl Poller {
                 return;
             }
             last_refresh = Instant::now();
+            refresh_due = None;
         }
     }
 
@@ -334,6 +374,32 @@ impl Poller {
             tracing::debug!(
                 series = removed,
                 "Forgot the series recorded before the agent's state."
+            );
+        }
+    }
+
+    /// Takes out of the node store the series of `containers` (whose task
+    /// the agent's state has just named) recorded without their task's
+    /// metadata: the same datapoints now come with it, and would otherwise
+    /// be served twice until they expire.
+    fn forget_untasked(&self, containers: &std::collections::HashSet<String>) {
+        if containers.is_empty() {
+            return;
+        }
+        if let Some(store) = &self.pipeline.store {
+            let removed = store.remove_where(|key, _| {
+                let (_, tags) = crate::sinks::store::parse_key(key);
+                let (mut ours, mut tasked) = (false, false);
+                for (k, v) in tags {
+                    ours |= k == "container_id" && containers.contains(v);
+                    tasked |= k == "task_id";
+                }
+                ours && !tasked
+            });
+            tracing::debug!(
+                containers = containers.len(),
+                series = removed,
+                "Forgot the series recorded before their task was known."
             );
         }
     }
@@ -377,7 +443,7 @@ impl Poller {
         shutdown: &CancellationToken,
     ) -> bool {
         tokio::select! {
-            () = self.poll_state(client, clock) => {}
+            () = self.poll_state(client, clock, false) => {}
             () = shutdown.cancelled() => return false,
         }
         if !self.settings.metrics {
