@@ -7,7 +7,9 @@
 //!   MetricLists, and the poller (`/state` for enrichment, `/containers`
 //!   and `/metrics/snapshot` as records).
 //! - [`node`]: the node's own metrics (CPU, memory, filesystems, network…).
+//! - [`statsd`]: statsd lines, read and aggregated per series.
 
 pub mod agent;
 pub mod node;
+pub mod statsd;
 pub mod tcp;

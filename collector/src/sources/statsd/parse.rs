@@ -1,0 +1,479 @@
+//! statsd lines, read as Telegraf's statsd input reads them with DogStatsD
+//! tags on (the way DC/OS's `dcos_statsd` configured it, 1.12 and later;
+//! `docs/statsd.md` has the table):
+//!
+//! - a packet is split on `\n`; each line is trimmed, and an empty one
+//!   skipped;
+//! - from the first `|#` on, the line is DogStatsD's: its `#k:v,k2`
+//!   sections are tags (a key without `:` gets `""`), and its other
+//!   sections (a container id, a timestamp) are left alone;
+//! - before it, `bucket:value|type[|@rate]`, with several values on one line
+//!   (`a:1|c:2|c`); the bucket may carry Influx-style tags, `name,k=v`;
+//! - types `c`, `g`, `s`, `ms`, `h`; a `+` or `-` sign only for `c` and `g`
+//!   (for a gauge it adds);
+//! - `@rate` divides a counter's value (`int64(value / rate)`, as Telegraf)
+//!   and counts a timing or histogram value `1 / rate` times; a rate that
+//!   is not a number in (0, 1] is ignored, as Telegraf ignores one it
+//!   cannot read.
+//!
+//! A line is checked whole before any of it is used: a malformed line is
+//! refused with its reason and takes nothing, and the rest of its packet
+//! is read. Pure functions over string slices, no allocation beyond the
+//! caller's reused vectors.
+
+use std::fmt;
+
+/// A statsd metric type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// `c`: summed, cumulative.
+    Counter,
+    /// `g`: the last value, or added to with a sign.
+    Gauge,
+    /// `s`: distinct values counted.
+    Set,
+    /// `ms`: statistics of the values.
+    Timing,
+    /// `h`: as a timing.
+    Histogram,
+}
+
+impl Kind {
+    /// The `metric_type` tag's value, as Telegraf's.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Self::Counter => "counter",
+            Self::Gauge => "gauge",
+            Self::Set => "set",
+            Self::Timing => "timing",
+            Self::Histogram => "histogram",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "c" => Self::Counter,
+            "g" => Self::Gauge,
+            "s" => Self::Set,
+            "ms" => Self::Timing,
+            "h" => Self::Histogram,
+            _ => return None,
+        })
+    }
+}
+
+/// One value of a line.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value<'a> {
+    /// A counter's increment, divided by its sample rate.
+    Count(i64),
+    /// A gauge's value; `delta`: signed, so added to the last one.
+    Gauge {
+        /// The value.
+        value: f64,
+        /// Whether it adds to the last value.
+        delta: bool,
+    },
+    /// A set's member.
+    Member(&'a str),
+    /// A timing's or histogram's value, seen `times` times (`1 / rate`).
+    Sample {
+        /// The value.
+        value: f64,
+        /// How many times it counts.
+        times: u64,
+    },
+}
+
+/// Why a line was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineError {
+    /// No `:` after the bucket.
+    NoValue,
+    /// An empty metric name.
+    EmptyName,
+    /// A name with a '|'.
+    BadName,
+    /// A value without `|type`.
+    NoType,
+    /// A type other than `c`, `g`, `s`, `ms` and `h`.
+    UnknownType,
+    /// A value that is not a number (or an integer, for a counter).
+    BadValue,
+    /// A `+` or `-` on a set, timing or histogram.
+    SignNotAllowed,
+    /// Not UTF-8.
+    NotUtf8,
+}
+
+impl fmt::Display for LineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::NoValue => "no ':' and value after the name",
+            Self::EmptyName => "an empty name",
+            Self::BadName => "a '|' in the name",
+            Self::NoType => "a value without '|type'",
+            Self::UnknownType => "a type other than c, g, s, ms and h",
+            Self::BadValue => "a value that is not a number",
+            Self::SignNotAllowed => "a '+' or '-' on a set, timing or histogram",
+            Self::NotUtf8 => "not UTF-8",
+        })
+    }
+}
+
+/// One line, read: its name, its tags (the bucket's Influx-style tags,
+/// then the DogStatsD tags; of a key given twice the last wins, as in
+/// Telegraf) and its values, each with its type.
+#[derive(Debug, Default)]
+pub struct Line<'a> {
+    /// The bucket without its tags.
+    pub name: &'a str,
+    /// Tags in the order given.
+    pub tags: Vec<(&'a str, &'a str)>,
+    /// Values, with their types.
+    pub values: Vec<(Kind, Value<'a>)>,
+}
+
+impl<'a> Line<'a> {
+    /// Reads `line` (one trimmed, non-empty line) into `self`, replacing
+    /// what it held. On an error `self` is left empty of values.
+    pub fn read(&mut self, line: &'a str) -> Result<(), LineError> {
+        self.tags.clear();
+        self.values.clear();
+        let result = self.read_inner(line);
+        if result.is_err() {
+            self.tags.clear();
+            self.values.clear();
+        }
+        result
+    }
+
+    fn read_inner(&mut self, line: &'a str) -> Result<(), LineError> {
+        // From the first '|#' on: DogStatsD's sections. Those that begin
+        // with '#' are tags; the others (a container id, a timestamp) are
+        // left alone.
+        let (statsd, extensions) = match line.find("|#") {
+            Some(at) => (&line[..at], &line[at + 1..]),
+            None => (line, ""),
+        };
+        for segment in extensions.split('|') {
+            if let Some(tags) = segment.strip_prefix('#') {
+                self.dogstatsd_tags(tags);
+            }
+        }
+        let (bucket, values) = statsd.split_once(':').ok_or(LineError::NoValue)?;
+        let mut bucket_parts = bucket.split(',');
+        self.name = bucket_parts.next().unwrap_or_default();
+        if self.name.is_empty() {
+            return Err(LineError::EmptyName);
+        }
+        if self.name.contains('|') {
+            return Err(LineError::BadName);
+        }
+        // The bucket's tags come first, so that DogStatsD's win.
+        let dogstatsd = self.tags.len();
+        self.tags.extend(bucket_parts.filter_map(|tag| {
+            let (k, v) = tag.split_once('=')?;
+            (!k.is_empty()).then_some((k, v))
+        }));
+        self.tags.rotate_left(dogstatsd);
+        for bit in values.split(':') {
+            self.values.push(value(bit)?);
+        }
+        Ok(())
+    }
+
+    fn dogstatsd_tags(&mut self, tags: &'a str) {
+        for tag in tags.split(',').filter(|t| !t.is_empty()) {
+            let (k, v) = tag.split_once(':').unwrap_or((tag, ""));
+            if !k.is_empty() {
+                self.tags.push((k, v));
+            }
+        }
+    }
+
+    /// The tags with the last of each key only, in key order, and
+    /// `metric_type` where no tag gives it.
+    pub fn tags_for(&self, kind: Kind, out: &mut Vec<(&'a str, &'a str)>) {
+        out.clear();
+        // Later tags win: reversed, then a stable sort and the first kept.
+        out.extend(self.tags.iter().rev().copied());
+        out.sort_by(|a, b| a.0.cmp(b.0));
+        out.dedup_by(|later, earlier| later.0 == earlier.0);
+        if let Err(at) = out.binary_search_by(|(k, _)| (*k).cmp("metric_type")) {
+            out.insert(at, ("metric_type", kind.tag()));
+        }
+    }
+}
+
+/// One `value|type[|@rate]`.
+fn value(bit: &str) -> Result<(Kind, Value<'_>), LineError> {
+    let mut segments = bit.split('|');
+    let number = segments.next().unwrap_or_default();
+    let kind = segments.next().ok_or(LineError::NoType)?;
+    let kind = Kind::parse(kind).ok_or(LineError::UnknownType)?;
+    let rate = segments
+        .next()
+        .and_then(|s| s.strip_prefix('@'))
+        .and_then(|r| r.parse::<f64>().ok())
+        .filter(|r| *r > 0.0 && *r <= 1.0);
+    let signed = number.starts_with(['+', '-']);
+    if signed && !matches!(kind, Kind::Counter | Kind::Gauge) {
+        return Err(LineError::SignNotAllowed);
+    }
+    let float = || {
+        number
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite())
+            .ok_or(LineError::BadValue)
+    };
+    let value = match kind {
+        Kind::Counter => {
+            let count = match number.parse::<i64>() {
+                Ok(v) => v,
+                // As Telegraf: a float counter is truncated.
+                Err(_) => float()? as i64,
+            };
+            Value::Count(match rate {
+                Some(rate) => (count as f64 / rate) as i64,
+                None => count,
+            })
+        }
+        Kind::Gauge => Value::Gauge {
+            value: float()?,
+            delta: signed,
+        },
+        Kind::Set => Value::Member(number),
+        Kind::Timing | Kind::Histogram => Value::Sample {
+            value: float()?,
+            times: rate.map_or(1, |r| (1.0 / r) as u64).max(1),
+        },
+    };
+    Ok((kind, value))
+}
+
+/// The lines of a packet: split on `\n`, trimmed, empty ones left out.
+pub fn lines(packet: &[u8]) -> impl Iterator<Item = Result<&str, LineError>> {
+    packet
+        .split(|b| *b == b'\n')
+        .map(|line| line.trim_ascii())
+        .filter(|line| !line.is_empty())
+        .map(|line| std::str::from_utf8(line).map_err(|_| LineError::NotUtf8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Read<'a> = (String, Vec<(String, String)>, Vec<(Kind, Value<'a>)>);
+
+    fn read(line: &str) -> Result<Read<'_>, LineError> {
+        let mut parsed = Line::default();
+        parsed.read(line)?;
+        let tags = parsed
+            .tags
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Ok((parsed.name.to_owned(), tags, parsed.values.clone()))
+    }
+
+    fn values(line: &str) -> Vec<(Kind, Value<'_>)> {
+        read(line).unwrap().2
+    }
+
+    #[test]
+    fn every_type_with_its_value() {
+        assert_eq!(values("a:3|c"), [(Kind::Counter, Value::Count(3))]);
+        assert_eq!(
+            values("a:-2.5|g"),
+            [(
+                Kind::Gauge,
+                Value::Gauge {
+                    value: -2.5,
+                    delta: true
+                }
+            )]
+        );
+        assert_eq!(
+            values("a:7|g"),
+            [(
+                Kind::Gauge,
+                Value::Gauge {
+                    value: 7.0,
+                    delta: false
+                }
+            )]
+        );
+        assert_eq!(values("a:bob|s"), [(Kind::Set, Value::Member("bob"))]);
+        assert_eq!(
+            values("a:12.5|ms"),
+            [(
+                Kind::Timing,
+                Value::Sample {
+                    value: 12.5,
+                    times: 1
+                }
+            )]
+        );
+        assert_eq!(
+            values("a:4|h"),
+            [(
+                Kind::Histogram,
+                Value::Sample {
+                    value: 4.0,
+                    times: 1
+                }
+            )]
+        );
+        // A float counter is truncated, as Telegraf's.
+        assert_eq!(values("a:2.9|c"), [(Kind::Counter, Value::Count(2))]);
+        assert_eq!(values("a:+4|c"), [(Kind::Counter, Value::Count(4))]);
+    }
+
+    #[test]
+    fn several_values_on_one_line() {
+        assert_eq!(
+            values("a:1|c:2|c:5|g"),
+            [
+                (Kind::Counter, Value::Count(1)),
+                (Kind::Counter, Value::Count(2)),
+                (
+                    Kind::Gauge,
+                    Value::Gauge {
+                        value: 5.0,
+                        delta: false
+                    }
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn sample_rates_divide_counters_and_repeat_timings_only() {
+        assert_eq!(values("a:1|c|@0.1"), [(Kind::Counter, Value::Count(10))]);
+        assert_eq!(values("a:3|c|@0.5"), [(Kind::Counter, Value::Count(6))]);
+        assert_eq!(
+            values("a:8|ms|@0.25"),
+            [(
+                Kind::Timing,
+                Value::Sample {
+                    value: 8.0,
+                    times: 4
+                }
+            )]
+        );
+        assert_eq!(
+            values("a:8|g|@0.25"),
+            [(
+                Kind::Gauge,
+                Value::Gauge {
+                    value: 8.0,
+                    delta: false
+                }
+            )]
+        );
+        // A rate that is not in (0, 1] is ignored.
+        for rate in ["@0", "@-1", "@2", "@x", "0.5", "@NaN"] {
+            assert_eq!(
+                values(&format!("a:3|c|{rate}")),
+                [(Kind::Counter, Value::Count(3))],
+                "{rate}"
+            );
+        }
+        // A tiny rate saturates, never loops.
+        assert_eq!(
+            values("a:1|ms|@1e-300"),
+            [(
+                Kind::Timing,
+                Value::Sample {
+                    value: 1.0,
+                    times: u64::MAX
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn dogstatsd_and_bucket_tags() {
+        let (name, tags, vals) = read(
+            "page.views,region=eu,zone=a:1|c|@0.5|#env:prod,shard,url:http://x|c:abc|T1656581400",
+        )
+        .unwrap();
+        assert_eq!(name, "page.views");
+        let tags: Vec<(&str, &str)> = tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            tags,
+            [
+                ("region", "eu"),
+                ("zone", "a"),
+                ("env", "prod"),
+                ("shard", ""),
+                ("url", "http://x")
+            ]
+        );
+        assert_eq!(vals, [(Kind::Counter, Value::Count(2))]);
+        let (_, tags, _) = read("a:1|c|#k:1|#k:2").unwrap();
+        assert_eq!(tags.len(), 2);
+    }
+
+    #[test]
+    fn tags_for_a_value_sorted_with_the_last_of_a_key_and_its_type() {
+        let mut line = Line::default();
+        line.read("a,z=1,b=1:1|c|#b:2,zz:3").unwrap();
+        let mut out = Vec::new();
+        line.tags_for(Kind::Counter, &mut out);
+        assert_eq!(
+            out,
+            [
+                ("b", "2"),
+                ("metric_type", "counter"),
+                ("z", "1"),
+                ("zz", "3")
+            ]
+        );
+        line.read("a:1|ms|#metric_type:mine").unwrap();
+        line.tags_for(Kind::Timing, &mut out);
+        assert_eq!(out, [("metric_type", "mine")]);
+        line.read("a:1|g").unwrap();
+        line.tags_for(Kind::Gauge, &mut out);
+        assert_eq!(out, [("metric_type", "gauge")]);
+    }
+
+    #[test]
+    fn malformed_lines_are_refused_with_their_reason_and_take_nothing() {
+        for (line, error) in [
+            ("a", LineError::NoValue),
+            (":1|c", LineError::EmptyName),
+            ("a:1", LineError::NoType),
+            ("a:1|x", LineError::UnknownType),
+            ("a:1|c:2", LineError::NoType),
+            ("a:x|g", LineError::BadValue),
+            ("a:inf|g", LineError::BadValue),
+            ("a:1|c:x|ms", LineError::BadValue),
+            ("a:+1|ms", LineError::SignNotAllowed),
+            ("a:-1|s", LineError::SignNotAllowed),
+            ("a|b:1|c", LineError::BadName),
+        ] {
+            let mut parsed = Line::default();
+            assert_eq!(parsed.read(line), Err(error), "{line}");
+            assert!(parsed.values.is_empty() && parsed.tags.is_empty(), "{line}");
+        }
+    }
+
+    #[test]
+    fn a_packets_lines_are_split_trimmed_and_checked_for_utf8() {
+        let packet = b"a:1|c\n\n  b:2|g \r\n\xff:1|c\nc:3|ms";
+        let lines: Vec<_> = lines(packet).collect();
+        assert_eq!(
+            lines,
+            [
+                Ok("a:1|c"),
+                Ok("b:2|g"),
+                Err(LineError::NotUtf8),
+                Ok("c:3|ms")
+            ]
+        );
+    }
+}
