@@ -32,13 +32,10 @@ impl PrometheusServer {
     pub async fn start(targets: &[SocketAddr]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("prometheus.yml");
-        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        let targets: Vec<String> = targets.iter().map(ToString::to_string).collect();
         std::fs::write(
             &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: collector\n    static_configs:\n      - targets: [{}]\n",
-                targets.join(", ")
-            ),
+            simulator::prometheus::config(&targets, std::time::Duration::from_secs(1)),
         )
         .unwrap();
         let mut child = Command::new("prometheus")
