@@ -90,14 +90,18 @@ pub fn write_value(out: &mut String, value: f64) {
 }
 
 fn write_escaped(out: &mut String, value: &str) {
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
+    // Runs without a character to escape are copied whole.
+    let mut rest = value;
+    while let Some(at) = rest.find(['\\', '"', '\n']) {
+        out.push_str(&rest[..at]);
+        out.push_str(match rest.as_bytes()[at] {
+            b'\\' => "\\\\",
+            b'"' => "\\\"",
+            _ => "\\n",
+        });
+        rest = &rest[at + 1..];
     }
+    out.push_str(rest);
 }
 
 /// What a rendering left out.
@@ -114,7 +118,7 @@ pub struct Skipped {
 struct Current {
     end: usize,
     labels: Vec<String>,
-    seen: HashSet<u64>,
+    seen: HashSet<u64, foldhash::fast::RandomState>,
 }
 
 /// A key's strings in order (its name, then each tag's key and value), as
@@ -144,7 +148,7 @@ pub struct Renderer {
     next: usize,
     current: Option<Current>,
     reserved: HashSet<String>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
     skipped: Skipped,
 }
 
@@ -152,13 +156,22 @@ impl Renderer {
     /// A renderer of `snapshot`, leaving out the families named in
     /// `reserved` (the collector's own).
     pub fn new(mut series: Vec<(Arc<str>, Key, Sample)>, reserved: HashSet<String>) -> Self {
-        series.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| by_original(&a.1, &b.1)));
+        // A family's name is one Arc the store shares: the same pointer is
+        // the same family, without comparing its bytes.
+        series.sort_unstable_by(|a, b| {
+            let family = if Arc::ptr_eq(&a.0, &b.0) {
+                std::cmp::Ordering::Equal
+            } else {
+                a.0.cmp(&b.0)
+            };
+            family.then_with(|| by_original(&a.1, &b.1))
+        });
         Self {
             series,
             next: 0,
             current: None,
             reserved,
-            hasher: std::collections::hash_map::RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
             skipped: Skipped::default(),
         }
     }
@@ -197,7 +210,7 @@ impl Renderer {
         self.current = Some(Current {
             end,
             labels,
-            seen: HashSet::new(),
+            seen: HashSet::default(),
         });
         true
     }
@@ -233,7 +246,7 @@ impl Renderer {
 /// labels was written: then returns false.
 fn write_sample(
     current: &mut Current,
-    hasher: &std::collections::hash_map::RandomState,
+    hasher: &foldhash::fast::RandomState,
     family: &str,
     key: &Key,
     sample: &Sample,
