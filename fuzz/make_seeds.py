@@ -23,6 +23,9 @@ Needs: pip install -r scripts/requirements-test.txt  (fastavro)
                         after the byte that says whether more follow
   spool_cursor          cursor slots (an empty one, one with bitmaps), whole
                         (first byte 0) and without their CRC (first byte 1)
+  statsd_packet         packets of the statsd lines docs/statsd.md shows (every
+                        type, rates, several values, DogStatsD and bucket tags),
+                        and malformed ones
   prometheus_render     fixtures/wire/current.expected.jsonl's datapoints as
                         `name|key=value|...|value` lines, and lines that meet
                         the rendering's rules (collisions, reserved names)
@@ -152,6 +155,13 @@ def main():
         "a_b|2",
         'collector_x|k:1=v"\\|3',
     ]).encode())
+
+    put("statsd_packet", "types", "\n".join([
+        "hits:1|c", "hits:2|c:3|c|@0.5", "temp:20|g", "temp:+5|g", "temp:-1|g",
+        "users:alice|s", "lat:12.5|ms|@0.25", "size:4|h",
+        "page.views,region=eu:1|c|@0.5|#env:prod,shard|c:abc|T1656581400",
+    ]).encode())
+    put("statsd_packet", "malformed", b"a\n:1|c\na:1\na:1|x\na:x|g\na:+1|ms\n\xff:1|c\n  b:2|g \r\n")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,7 @@ pub struct App {
     partner: TcpListener,
     prometheus: Option<TcpListener>,
     metrics_api: Option<V0Listener>,
+    statsd: Option<tokio::net::UdpSocket>,
     store: Option<Arc<sinks::store::Store>>,
     endpoints: api::Endpoints,
     broker_state: Arc<Mutex<BrokerState>>,
@@ -173,6 +174,19 @@ impl App {
             ),
             config::Listen::Off => (None, None),
         };
+        let (statsd, statsd_addr) = match &config.statsd_listen {
+            config::Listen::Tcp(addr) => {
+                let (socket, addr) =
+                    sources::statsd::listener::bind(*addr)
+                        .await
+                        .map_err(|source| net::BindError {
+                            addr: *addr,
+                            source,
+                        })?;
+                (Some(socket), Some(addr))
+            }
+            _ => (None, None),
+        };
         if !ingest_addr.ip().is_loopback() {
             warn!(%ingest_addr, "The TCP input listens beyond loopback; the original listened on loopback only.");
         }
@@ -212,6 +226,7 @@ impl App {
                 partner: partner_addr,
                 prometheus: prometheus_addr,
                 metrics_api: metrics_api_addr,
+                statsd: statsd_addr,
             },
             stats,
             ingest,
@@ -219,6 +234,7 @@ impl App {
             partner,
             prometheus,
             metrics_api,
+            statsd,
             store,
             broker_state: Arc::default(),
             buffer,
@@ -277,6 +293,11 @@ impl App {
         self.endpoints.metrics_api.clone()
     }
 
+    /// The node-wide statsd listener's bound address, when it listens.
+    pub fn statsd_addr(&self) -> Option<SocketAddr> {
+        self.endpoints.statsd
+    }
+
     /// The counters, readable while the collector runs.
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()
@@ -330,6 +351,21 @@ impl App {
             inputs.push(
                 sources::node::NodeSource {
                     settings: sources::node::NodeSettings::from(config),
+                    pipeline: pipeline.clone(),
+                }
+                .spawn(&plan),
+            );
+        }
+        if let Some(socket) = self.statsd {
+            inputs.push(
+                sources::statsd::listener::StatsdListener {
+                    socket,
+                    topic: "statsd".into(),
+                    tags: Vec::new(),
+                    settings: sources::statsd::listener::StatsdSettings::new(
+                        config,
+                        sources::statsd::aggregate::Budget::new(config.statsd_max_bytes),
+                    ),
                     pipeline: pipeline.clone(),
                 }
                 .spawn(&plan),
@@ -396,6 +432,9 @@ impl App {
                 self.descriptors.api,
                 plan.outputs().clone(),
             ));
+        }
+        // The store forgets expired series whichever output reads it.
+        if let Some(store) = &self.store {
             outputs.push(shutdown::Task::spawn(
                 "store",
                 store.clone().run_janitor(plan.outputs().clone()),
@@ -413,6 +452,7 @@ impl App {
             partner = %self.endpoints.partner,
             prometheus = self.endpoints.prometheus.map(|a| a.to_string()).unwrap_or_default(),
             metrics_api = self.endpoints.metrics_api.clone().unwrap_or_default(),
+            statsd = self.endpoints.statsd.map(|a| a.to_string()).unwrap_or_default(),
             sink = if config.kafka { "kafka" } else { "null" },
             buffer = if self.buffer.spool().is_some() { "disk" } else { "memory" },
             "Collector started."

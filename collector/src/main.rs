@@ -93,7 +93,7 @@ fn main() -> ExitCode {
                 let bound = config.memory_bound();
                 let mib = |n: u64| n as f64 / 1048576.0;
                 println!(
-                    "memory bound: {:.1} MiB (buffer {:.1}, input buffers {:.1}, inflating {:.1}, kafka {:.1}, partners {:.1}, agent {:.1}, store {:.1}, base {:.1})",
+                    "memory bound: {:.1} MiB (buffer {:.1}, input buffers {:.1}, inflating {:.1}, kafka {:.1}, partners {:.1}, agent {:.1}, store {:.1}, statsd {:.1}, base {:.1})",
                     mib(bound.total),
                     mib(bound.buffer),
                     mib(bound.input_buffers),
@@ -102,6 +102,7 @@ fn main() -> ExitCode {
                     mib(bound.partners),
                     mib(bound.agent),
                     mib(bound.store),
+                    mib(bound.statsd),
                     mib(bound.base)
                 );
                 println!(

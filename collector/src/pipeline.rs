@@ -193,7 +193,9 @@ impl Pipeline {
             let source = match input {
                 Input::Node => Source::Node,
                 Input::Agent => Source::Agent,
-                Input::Tcp => Source::Input,
+                // statsd is what a task (or a process of the node) sent:
+                // app metrics, as the TCP input's.
+                Input::Tcp | Input::Statsd => Source::Input,
             };
             let chunk: Chunk =
                 self.route_owned(source, router, &routing, &enrichment, piece, &mut lease);

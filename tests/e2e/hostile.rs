@@ -344,10 +344,20 @@ async fn an_agent_answer_over_the_limit_is_refused_and_counted() {
     assert!(stats.agent_request_failures.load(Relaxed) >= 2);
     // /state and /metrics/snapshot are small, and still polled.
     assert_eventually!(
-        stats.received_agent.records.load(Relaxed) >= 1,
+        stats
+            .received(collector::stats::Input::Agent)
+            .records
+            .load(Relaxed)
+            >= 1,
         "the snapshot arrives"
     );
-    assert!(stats.received_agent.records.load(Relaxed) < 2000);
+    assert!(
+        stats
+            .received(collector::stats::Input::Agent)
+            .records
+            .load(Relaxed)
+            < 2000
+    );
     assert_balanced(&collector.shutdown().await);
     agent.stop();
 }

@@ -942,7 +942,11 @@ async fn the_poller_and_the_sample_producer_reach_an_https_agent_with_a_token() 
             .agent_requests
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 4
-            && stats.received_agent.get().datapoints > 0,
+            && stats
+                .received(collector::stats::Input::Agent)
+                .get()
+                .datapoints
+                > 0,
         "the poller reads the HTTPS agent"
     );
     assert_eq!(

@@ -64,6 +64,8 @@ pub struct Endpoints {
     pub prometheus: Option<SocketAddr>,
     /// The v0 metrics API, when on (`IP:PORT` or `unix:PATH`).
     pub metrics_api: Option<String>,
+    /// The node-wide statsd listener (UDP), when on.
+    pub statsd: Option<SocketAddr>,
 }
 
 /// What the handlers share.
@@ -327,15 +329,25 @@ async fn endpoints(State(state): State<ApiState>) -> Json<Value> {
             "format": "prometheus text 0.0.4",
         }));
     }
+    let mut inputs = vec![json!({
+        "name": "tcp",
+        "address": state.endpoints.ingest.to_string(),
+        "protocol": "tcp",
+        "format": "avro-ocf",
+        "schema": "dcos.metrics.MetricList",
+        "codecs": ["null", "deflate", "snappy"],
+    })];
+    if let Some(address) = state.endpoints.statsd {
+        inputs.push(json!({
+            "name": "statsd",
+            "address": address.to_string(),
+            "protocol": "udp",
+            "format": "statsd lines, DogStatsD tags",
+            "topic": "statsd",
+        }));
+    }
     Json(json!({
-        "inputs": [{
-            "name": "tcp",
-            "address": state.endpoints.ingest.to_string(),
-            "protocol": "tcp",
-            "format": "avro-ocf",
-            "schema": "dcos.metrics.MetricList",
-            "codecs": ["null", "deflate", "snappy"],
-        }],
+        "inputs": inputs,
         "outputs": outputs,
         "api": {"address": state.endpoints.api.to_string(), "protocol": "http"},
     }))

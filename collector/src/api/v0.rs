@@ -135,11 +135,7 @@ pub fn rfc3339(ms: i64, fraction: bool) -> String {
     out
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+use crate::sources::now_ms;
 
 /// A JSON answer, as Go's encoder wrote it: with a newline.
 fn json_answer(value: &Value) -> Response {

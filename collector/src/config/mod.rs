@@ -259,6 +259,8 @@ pub struct MemoryBound {
     pub agent: u64,
     /// The node store, and the scrapes reading it (with Prometheus on).
     pub store: u64,
+    /// statsd's series, a packet being read and a flush's piece being made.
+    pub statsd: u64,
     /// The program itself: code, runtime, librdkafka's threads and buffers.
     pub base: u64,
     /// All of it.
@@ -269,6 +271,10 @@ pub struct MemoryBound {
 /// objects and metadata, and the sink's lookup, cache and batch entries
 /// (see the topic flood test in `collector/tests/hostile.rs`).
 pub const TOPIC_STATE_BYTES: u64 = 16 * 1024;
+
+/// What statsd takes besides its series: a packet's buffer, a flush's piece
+/// of records, and the order of its keys.
+pub const STATSD_TRANSIENT_BYTES: u64 = 1024 * 1024;
 
 /// Heap an agent answer takes while it is parsed and mapped, per byte of
 /// it, at most (measured in the test that holds RSS to the bound).
@@ -282,6 +288,14 @@ pub const BASE_BYTES: u64 = 32 * 1024 * 1024;
 pub const MAX_STORE_SERIES: u64 = 10_000_000;
 
 impl Config {
+    /// The percentiles of statsd timings, as numbers (validated).
+    pub fn statsd_percentile_values(&self) -> Vec<f64> {
+        self.statsd_percentiles
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
     /// Whether an output reads the node store (Prometheus, the v0 API):
     /// otherwise there is none, and nothing is decoded for it.
     pub fn store_settings(&self) -> Option<crate::sinks::store::limits::StoreSettings> {
@@ -305,6 +319,7 @@ impl Config {
     ///   + 10 × agent_max_body_bytes            (with agent polling)
     ///   + store_max_series × 352 B              (with prometheus_listen or metrics_api_listen)
     ///   + store_max_series × 2 × 128 B         (each of them on: two answers' snapshots)
+    ///   + statsd_max_bytes + 1 MiB              (with statsd_listen: the series, a packet, a flush's piece)
     ///   + 32 MiB
     /// ```
     pub fn memory_bound(&self) -> MemoryBound {
@@ -333,6 +348,11 @@ impl Config {
                 + readers * store.max_series * crate::sinks::store::limits::SCRAPE_BYTES_PER_SERIES)
                 as u64
         });
+        let statsd = if self.statsd_listen.is_on() {
+            self.statsd_max_bytes as u64 + STATSD_TRANSIENT_BYTES
+        } else {
+            0
+        };
         MemoryBound {
             buffer,
             input_buffers,
@@ -341,6 +361,7 @@ impl Config {
             partners,
             agent,
             store,
+            statsd,
             base: BASE_BYTES,
             total: buffer
                 + input_buffers
@@ -349,6 +370,7 @@ impl Config {
                 + partners
                 + agent
                 + store
+                + statsd
                 + BASE_BYTES,
         }
     }
@@ -436,6 +458,49 @@ impl Config {
                 return Err(ConfigError::new(
                     "metrics_api_socket_group",
                     format!("{group:?} is not a group name or number"),
+                ));
+            }
+        }
+        if let Listen::Unix(_) = self.statsd_listen {
+            return Err(ConfigError::new(
+                "statsd_listen",
+                "statsd comes over UDP: give IP:PORT (127.0.0.1:61825), or leave it empty",
+            ));
+        }
+        positive("statsd_flush_secs", self.statsd_flush_secs)?;
+        at_most(
+            "statsd_max_bytes",
+            self.statsd_max_bytes as u64,
+            MAX_BUFFER_BYTES,
+            "bytes (1 TiB)",
+        )?;
+        if self.statsd_max_bytes < 64 * 1024 {
+            return Err(ConfigError::new(
+                "statsd_max_bytes",
+                "must be at least 65536",
+            ));
+        }
+        positive(
+            "statsd_max_series_per_container",
+            self.statsd_max_series_per_container as u64,
+        )?;
+        at_most(
+            "statsd_max_series_per_container",
+            self.statsd_max_series_per_container as u64,
+            MAX_STORE_SERIES,
+            "series",
+        )?;
+        if self.statsd_percentiles.len() > 16 {
+            return Err(ConfigError::new(
+                "statsd_percentiles",
+                "at most 16 percentiles",
+            ));
+        }
+        for p in &self.statsd_percentiles {
+            if !p.parse::<f64>().is_ok_and(|p| p > 0.0 && p <= 100.0) {
+                return Err(ConfigError::new(
+                    "statsd_percentiles",
+                    format!("{p:?} is not a number in (0, 100]"),
                 ));
             }
         }

@@ -457,6 +457,21 @@ options! {
     /// Tag keys left out of the series the node store serves (Prometheus labels, v0 tags), comma-separated: a tag unique to each record, such as a sequence number, would make every record a series of its own. Kafka records keep them.
     store_drop_tags: Vec<String> = Vec::new();
         list, env "STORE_DROP_TAGS", restart;
+    /// UDP address of a node-wide statsd listener, `IP:PORT` (empty: off), for the node's own processes (DC/OS ran one on `localhost:61825`): its series go to topic `statsd` (see docs/statsd.md).
+    statsd_listen: Listen = Listen::Off;
+        plain, env "STATSD_LISTEN", restart;
+    /// How often every statsd series' value (cumulative) is pushed, seconds.
+    statsd_flush_secs: u64 = 10;
+        plain, env "STATSD_FLUSH_SECS", restart;
+    /// Percentiles of statsd timings and histograms, each in (0, 100], comma-separated (`90` gives `NAME.90_percentile`).
+    statsd_percentiles: Vec<String> = vec!["90".into()];
+        list, env "STATSD_PERCENTILES", restart;
+    /// Most statsd series one container (or the node-wide listener) holds; values of new ones beyond it are refused and counted.
+    statsd_max_series_per_container: usize = 10_000;
+        plain, env "STATSD_MAX_SERIES_PER_CONTAINER", restart;
+    /// Bytes all statsd series may take together (names, tags, set members, timing samples); values of new series beyond it are refused and counted.
+    statsd_max_bytes: usize = 64 * 1024 * 1024;
+        plain, env "STATSD_MAX_BYTES", restart;
     /// Partner output address; loopback by default, port 0 allowed.
     partner_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8126));
         plain, env "PARTNER_LISTEN", restart;

@@ -13,3 +13,11 @@ pub mod agent;
 pub mod node;
 pub mod statsd;
 pub mod tcp;
+
+/// Now, in ms since the epoch: the time of the datapoints the collector
+/// makes itself.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

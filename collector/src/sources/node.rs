@@ -674,14 +674,14 @@ mod tests {
         let task = tokio::spawn(source.run(shutdown.clone()));
         tokio::time::sleep(Duration::from_millis(1000)).await;
         assert_eq!(
-            stats.received_node.get().records,
+            stats.received(Input::Node).get().records,
             0,
             "nothing while the poll hangs"
         );
         let writer = fifo.clone();
         std::thread::spawn(move || std::fs::write(writer, "5.0 1.0\n"));
         let start = std::time::Instant::now();
-        while stats.received_node.get().records == 0 {
+        while stats.received(Input::Node).get().records == 0 {
             assert!(
                 start.elapsed() < Duration::from_secs(30),
                 "the poll taken once it returned"

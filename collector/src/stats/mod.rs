@@ -165,6 +165,23 @@ pub enum Input {
     Agent,
     /// The node's own metrics.
     Node,
+    /// statsd.
+    Statsd,
+}
+
+impl Input {
+    /// Every input, in the order of [`Stats::received`].
+    pub const ALL: [Self; 4] = [Self::Tcp, Self::Agent, Self::Node, Self::Statsd];
+
+    /// The `input` label's value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Agent => "agent",
+            Self::Node => "node",
+            Self::Statsd => "statsd",
+        }
+    }
 }
 
 /// Per-topic counts are kept for at most this many topics; the rest are
@@ -195,12 +212,9 @@ macro_rules! stats {
         pub struct Stats {
             $( #[doc = $cdoc] pub $counter: AtomicU64, )*
             $( #[doc = $gdoc] pub $gauge: AtomicI64, )*
-            /// Received from the TCP input, before any drop.
-            pub received_tcp: Amount,
-            /// Received from the agent poller, before any drop.
-            pub received_agent: Amount,
-            /// Node metrics read, before any drop.
-            pub received_node: Amount,
+            /// Received from each input, before any drop (indexed like
+            /// [`Input::ALL`]; see [`Stats::received`]).
+            pub received: [Amount; Input::ALL.len()],
             /// Acknowledged by Kafka.
             pub delivered: Amount,
             /// Without Kafka (`kafka = false`): at the end of the
@@ -240,9 +254,7 @@ macro_rules! stats {
                 Self {
                     $( $counter: AtomicU64::new(0), )*
                     $( $gauge: AtomicI64::new(0), )*
-                    received_tcp: Amount::default(),
-                    received_agent: Amount::default(),
-                    received_node: Amount::default(),
+                    received: Default::default(),
                     delivered: Amount::default(),
                     served: Amount::default(),
                     dropped: Default::default(),
@@ -384,6 +396,16 @@ stats! {
         prometheus_scrapes_cut,
         /// Prometheus scrapes refused with 503: two others were being written for 10 s.
         prometheus_scrapes_refused,
+        /// statsd packets read.
+        statsd_packets,
+        /// statsd lines read whole.
+        statsd_lines,
+        /// statsd lines refused as malformed (the rest of their packet is read).
+        statsd_lines_malformed,
+        /// statsd values of a new series refused: past statsd_max_series_per_container or statsd_max_bytes, or a name and tags over 1 KiB.
+        statsd_series_refused,
+        /// statsd set members refused: their set held 1,024 already, the member is over 256 bytes, or past statsd_max_bytes.
+        statsd_set_members_refused,
     }
     gauges {
         /// Task and executor labels in the agent's latest /state left off the metrics: a key or value over 128 bytes.
@@ -420,6 +442,8 @@ stats! {
         store_series,
         /// Bytes the node store holds (names, tags and each series' overhead).
         store_bytes,
+        /// Bytes every statsd series holds (names, tags, set members, timing samples), as of the last flush.
+        statsd_bytes,
     }
 }
 
@@ -506,12 +530,13 @@ impl Accounting {
 
 impl Stats {
     /// Counts input (the total is the inputs' sum).
+    pub fn received(&self, input: Input) -> &Amount {
+        &self.received[input as usize]
+    }
+
+    /// Counts records received from `input`.
     pub fn count_received(&self, input: Input, records: u64, datapoints: u64) {
-        match input {
-            Input::Tcp => self.received_tcp.add(records, datapoints),
-            Input::Agent => self.received_agent.add(records, datapoints),
-            Input::Node => self.received_node.add(records, datapoints),
-        }
+        self.received(input).add(records, datapoints);
     }
 
     /// Adds to one topic's counts (capped cardinality).
@@ -536,15 +561,11 @@ impl Stats {
 
     /// Reads the accounting counters.
     pub fn accounting(&self) -> Accounting {
-        let (tcp, agent, node) = (
-            self.received_tcp.get(),
-            self.received_agent.get(),
-            self.received_node.get(),
-        );
+        let received = self.received.iter().map(Amount::get);
         Accounting {
             received: Counts {
-                records: tcp.records + agent.records + node.records,
-                datapoints: tcp.datapoints + agent.datapoints + node.datapoints,
+                records: received.clone().map(|c| c.records).sum(),
+                datapoints: received.map(|c| c.datapoints).sum(),
             },
             delivered: self.delivered.get(),
             served: self.served.get(),

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::{DropReason, Histogram, Stats};
+use super::{DropReason, Histogram, Input, Stats};
 
 fn escape(value: &str) -> String {
     value
@@ -76,20 +76,16 @@ pub struct BrokerGauges {
 pub fn render(stats: &Stats, brokers: BrokerGauges) -> String {
     let mut t = Text(String::with_capacity(8192));
     let acc = stats.accounting();
-    for (unit, received_tcp, received_agent, received_node, delivered, served) in [
+    for (unit, received, delivered, served) in [
         (
             "datapoints",
-            stats.received_tcp.datapoints.load(Relaxed),
-            stats.received_agent.datapoints.load(Relaxed),
-            stats.received_node.datapoints.load(Relaxed),
+            Input::ALL.map(|i| stats.received(i).datapoints.load(Relaxed)),
             acc.delivered.datapoints,
             acc.served.datapoints,
         ),
         (
             "records",
-            stats.received_tcp.records.load(Relaxed),
-            stats.received_agent.records.load(Relaxed),
-            stats.received_node.records.load(Relaxed),
+            Input::ALL.map(|i| stats.received(i).records.load(Relaxed)),
             acc.delivered.records,
             acc.served.records,
         ),
@@ -100,9 +96,9 @@ pub fn render(stats: &Stats, brokers: BrokerGauges) -> String {
             "counter",
             &format!("{unit} decoded from an input, by input"),
         );
-        t.sample(&name, "input=\"tcp\"", received_tcp);
-        t.sample(&name, "input=\"agent\"", received_agent);
-        t.sample(&name, "input=\"node\"", received_node);
+        for (input, value) in Input::ALL.iter().zip(received) {
+            t.sample(&name, &format!("input=\"{}\"", input.label()), value);
+        }
         t.one(
             &format!("collector_delivered_{unit}_total"),
             "counter",

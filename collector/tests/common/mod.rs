@@ -71,6 +71,8 @@ pub struct Running {
     pub prometheus: Option<SocketAddr>,
     /// The v0 metrics API (`IP:PORT` or `unix:PATH`), when on.
     pub metrics_api: Option<String>,
+    /// The node-wide statsd listener (UDP), when on.
+    pub statsd: Option<SocketAddr>,
 }
 
 /// The flags every test collector gets: ports chosen by the kernel, JSON
@@ -153,6 +155,7 @@ pub fn start(args: &[&str], nofile: Option<u32>) -> Running {
             .as_str()
             .filter(|a| !a.is_empty())
             .map(str::to_owned),
+        statsd: value["statsd"].as_str().and_then(|a| a.parse().ok()),
         child,
         log,
     }

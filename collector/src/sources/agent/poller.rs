@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use schema::MetricList;
 use tokio::sync::{Notify, watch};
@@ -25,6 +25,7 @@ use crate::enrich::{Enrichment, UNKNOWN_AGENT};
 use crate::pipeline::Pipeline;
 use crate::route::Router;
 use crate::shutdown::{Shutdown, Task};
+use crate::sources::now_ms;
 use crate::stats::Input;
 
 /// The least time between two fetches of `/state`.
@@ -140,13 +141,6 @@ pub async fn agent_url(address: &AgentAddress, shutdown: &CancellationToken) -> 
             }
         }
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// How long records already polled may still wait for room once shutdown

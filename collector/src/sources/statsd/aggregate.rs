@@ -9,10 +9,14 @@
 //! | set | `name`: distinct members seen (at most [`MAX_SET_MEMBERS`] held; past them, new members are counted as refused) |
 //! | timing, histogram | `name.count`, `.sum`, `.mean`, `.stddev` (population), `.upper`, `.lower`, and `.<p>_percentile` for each configured percentile, over the last [`PERCENTILE_SAMPLES`] values kept (a reservoir, as Telegraf's) |
 //!
-//! Bounded: at most `max_series` series; a value of a new series past it
-//! is refused and counted ([`Refused`]).
+//! Bounded: at most `max_series` series, a name and tags of at most
+//! [`MAX_KEY_BYTES`], set members of at most [`MAX_MEMBER_BYTES`], and what
+//! every aggregator holds together within one [`Budget`]; a value past a
+//! bound is refused and counted ([`Refused`]).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use schema::{Datapoint, MetricList, Tag};
 
@@ -24,12 +28,75 @@ pub const MAX_SET_MEMBERS: usize = 1024;
 /// Values a timing or histogram keeps for its percentiles, at most.
 pub const PERCENTILE_SAMPLES: usize = 256;
 
+/// Bytes of a series' name and tags, at most.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// Bytes of a set member, at most.
+pub const MAX_MEMBER_BYTES: usize = 256;
+
+/// What one series takes besides its key and its members: the map's entry,
+/// and a timing's statistics with its full reservoir.
+fn series_cost(kind: Kind, key_len: usize) -> usize {
+    key_len
+        + 64
+        + match kind {
+            Kind::Timing | Kind::Histogram => {
+                std::mem::size_of::<Stats>() + PERCENTILE_SAMPLES * std::mem::size_of::<f64>()
+            }
+            Kind::Set => 48,
+            Kind::Counter | Kind::Gauge => 0,
+        }
+}
+
+/// What one set member takes.
+fn member_cost(member: &str) -> usize {
+    member.len() + 32
+}
+
+/// The bytes every aggregator of the collector may hold together
+/// (`statsd_max_bytes`).
+#[derive(Debug)]
+pub struct Budget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl Budget {
+    /// A budget of `max` bytes.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Relaxed)
+    }
+
+    fn take(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Relaxed, Relaxed, |used| {
+                (used + bytes <= self.max).then_some(used + bytes)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Relaxed);
+    }
+}
+
 /// What was refused, by reason.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Refused {
-    /// Values of new series past `max_series`.
+    /// Values of new series past `max_series`, or past the budget.
     pub series: u64,
-    /// New members of a full set.
+    /// Values whose name and tags are over [`MAX_KEY_BYTES`].
+    pub too_long: u64,
+    /// New members of a full set, over [`MAX_MEMBER_BYTES`], or past the
+    /// budget.
     pub set_members: u64,
 }
 
@@ -113,8 +180,10 @@ enum Series {
     Stats(Box<Stats>),
 }
 
-/// A series' key: its type, its name and its tags (sorted, the last of a
-/// key), each string length-prefixed.
+/// A series' key: its tag part (the length of what follows it, then its
+/// tags sorted, the last of a key, each string length-prefixed), its type,
+/// and its name. Keys sorted as bytes keep the series of one tag set
+/// together.
 type Key = Box<[u8]>;
 
 fn put(key: &mut Vec<u8>, s: &str) {
@@ -122,54 +191,100 @@ fn put(key: &mut Vec<u8>, s: &str) {
     key.extend_from_slice(s.as_bytes());
 }
 
-/// Reads a key back: its type, name and tags.
-fn parse_key(key: &[u8]) -> (Kind, &str, Vec<(&str, &str)>) {
-    let kind = match key.first() {
+/// Writes a key into `key`.
+fn write_key(key: &mut Vec<u8>, kind: Kind, name: &str, tags: &[(&str, &str)]) {
+    key.clear();
+    key.extend_from_slice(&[0; 4]);
+    for (k, v) in tags {
+        put(key, k);
+        put(key, v);
+    }
+    let tags_len = u32::try_from(key.len() - 4).unwrap_or(u32::MAX);
+    key[..4].copy_from_slice(&tags_len.to_le_bytes());
+    key.push(match kind {
+        Kind::Counter => 0,
+        Kind::Gauge => 1,
+        Kind::Set => 2,
+        Kind::Timing => 3,
+        Kind::Histogram => 4,
+    });
+    key.extend_from_slice(name.as_bytes());
+}
+
+/// A key's tag part (to compare), its type and its name.
+fn split_key(key: &[u8]) -> (&[u8], Kind, &str) {
+    let tags_len = key.get(..4).map_or(0, |b| {
+        u32::from_le_bytes(b.try_into().unwrap_or_default()) as usize
+    });
+    let tags = key.get(4..4 + tags_len).unwrap_or_default();
+    let rest = key.get(4 + tags_len..).unwrap_or_default();
+    let kind = match rest.first() {
         Some(0) => Kind::Counter,
         Some(1) => Kind::Gauge,
         Some(2) => Kind::Set,
         Some(3) => Kind::Timing,
         _ => Kind::Histogram,
     };
-    let mut rest = key.get(1..).unwrap_or_default();
+    let name = std::str::from_utf8(rest.get(1..).unwrap_or_default()).unwrap_or_default();
+    (tags, kind, name)
+}
+
+/// A tag part's tags.
+fn tags_of(mut part: &[u8]) -> Vec<(&str, &str)> {
     let mut next = move || -> Option<&str> {
-        let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-        let s = std::str::from_utf8(rest.get(4..4 + len)?).ok()?;
-        rest = &rest[4 + len..];
+        let len = u32::from_le_bytes(part.get(..4)?.try_into().ok()?) as usize;
+        let s = std::str::from_utf8(part.get(4..4 + len)?).ok()?;
+        part = &part[4 + len..];
         Some(s)
     };
-    let name = next().unwrap_or_default();
     let mut tags = Vec::new();
     while let (Some(k), Some(v)) = (next(), next()) {
         tags.push((k, v));
     }
-    (kind, name, tags)
+    tags
 }
 
 /// Aggregates one source's statsd values (a container's, or the node's).
 #[derive(Debug)]
 pub struct Aggregator {
-    series: HashMap<Key, Series>,
+    series: HashMap<Key, Series, foldhash::fast::RandomState>,
     max_series: usize,
     percentiles: Vec<f64>,
     refused: Refused,
+    budget: Arc<Budget>,
+    /// What this aggregator took of the budget.
+    bytes: usize,
     /// Scratch for keys and tags.
     key: Vec<u8>,
     seeds: u64,
 }
 
+impl Drop for Aggregator {
+    fn drop(&mut self) {
+        self.budget.give(self.bytes);
+    }
+}
+
 impl Aggregator {
-    /// An empty aggregator holding at most `max_series` series, giving the
-    /// `percentiles` (each in (0, 100]) of its timings and histograms.
-    pub fn new(max_series: usize, percentiles: &[f64]) -> Self {
+    /// An empty aggregator holding at most `max_series` series within
+    /// `budget`, giving the `percentiles` (each in (0, 100]) of its
+    /// timings and histograms.
+    pub fn new(max_series: usize, percentiles: &[f64], budget: Arc<Budget>) -> Self {
         Self {
-            series: HashMap::new(),
+            series: HashMap::default(),
             max_series,
             percentiles: percentiles.to_vec(),
             refused: Refused::default(),
+            budget,
+            bytes: 0,
             key: Vec::new(),
             seeds: 0x9E37_79B9_7F4A_7C15,
         }
+    }
+
+    /// Bytes held, by the budget's reckoning.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Series held.
@@ -187,28 +302,28 @@ impl Aggregator {
         self.refused
     }
 
+    /// What was refused since the last call.
+    pub fn take_refused(&mut self) -> Refused {
+        std::mem::take(&mut self.refused)
+    }
+
     /// Takes every value of a line read whole.
     pub fn add<'a>(&mut self, line: &Line<'a>, tags: &mut Vec<(&'a str, &'a str)>) {
         for &(kind, value) in &line.values {
             line.tags_for(kind, tags);
             self.key.clear();
-            self.key.push(match kind {
-                Kind::Counter => 0,
-                Kind::Gauge => 1,
-                Kind::Set => 2,
-                Kind::Timing => 3,
-                Kind::Histogram => 4,
-            });
-            put(&mut self.key, line.name);
-            for (k, v) in tags.iter() {
-                put(&mut self.key, k);
-                put(&mut self.key, v);
-            }
+            write_key(&mut self.key, kind, line.name, tags);
             if !self.series.contains_key(self.key.as_slice()) {
-                if self.series.len() >= self.max_series {
+                if self.key.len() > MAX_KEY_BYTES {
+                    self.refused.too_long += 1;
+                    continue;
+                }
+                let cost = series_cost(kind, self.key.len());
+                if self.series.len() >= self.max_series || !self.budget.take(cost) {
                     self.refused.series += 1;
                     continue;
                 }
+                self.bytes += cost;
                 self.seeds = self.seeds.wrapping_add(0x9E37_79B9_7F4A_7C15);
                 let new = match kind {
                     Kind::Counter => Series::Counter(0),
@@ -229,7 +344,12 @@ impl Aggregator {
                     *last = if delta { *last + value } else { value };
                 }
                 (Series::Set(members), Value::Member(member)) if !members.contains(member) => {
-                    if members.len() < MAX_SET_MEMBERS {
+                    let cost = member_cost(member);
+                    if members.len() < MAX_SET_MEMBERS
+                        && member.len() <= MAX_MEMBER_BYTES
+                        && self.budget.take(cost)
+                    {
+                        self.bytes += cost;
                         members.insert(member.into());
                     } else {
                         self.refused.set_members += 1;
@@ -243,20 +363,67 @@ impl Aggregator {
         }
     }
 
-    /// The current value of every series, as records: one per distinct tag
-    /// set, with `tags` before the series' own (the source's tags), on
-    /// `topic`, stamped `time_ms`.
-    pub fn records(&self, topic: &str, tags: &[Tag], time_ms: i64) -> Vec<MetricList> {
-        let mut by_tags: HashMap<Vec<(&str, &str)>, Vec<Datapoint>> = HashMap::new();
-        for (key, series) in &self.series {
-            let (kind, name, series_tags) = parse_key(key);
-            let points = by_tags.entry(series_tags).or_default();
+    /// The series' keys in the order records are written: those of one
+    /// tag set together.
+    pub fn order(&self) -> Vec<&[u8]> {
+        let mut keys: Vec<&[u8]> = self.series.keys().map(|k| &**k).collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// The current value of the series of `order[*next..]`, as records of
+    /// `topic` stamped `time_ms` (one per tag set, with `tags`, the
+    /// source's, before the series' own), until about `max_bytes` of
+    /// datapoints; moves `next` past them. Empty once `next` is at the end.
+    pub fn records_from(
+        &self,
+        order: &[&[u8]],
+        next: &mut usize,
+        topic: &str,
+        tags: &[Tag],
+        time_ms: i64,
+        max_bytes: usize,
+    ) -> Vec<MetricList> {
+        let mut records: Vec<MetricList> = Vec::new();
+        let mut bytes = 0;
+        let mut last_tags: Option<&[u8]> = None;
+        while let Some(key) = order.get(*next) {
+            if bytes >= max_bytes {
+                break;
+            }
+            *next += 1;
+            let Some(series) = self.series.get(*key) else {
+                continue;
+            };
+            let (part, _, name) = split_key(key);
+            if last_tags != Some(part) {
+                let mut all = tags.to_vec();
+                for (k, v) in tags_of(part) {
+                    if !all.iter().any(|t| t.key == k) {
+                        all.push(Tag::new(k, v));
+                    }
+                }
+                bytes += all
+                    .iter()
+                    .map(|t| t.key.len() + t.value.len() + 16)
+                    .sum::<usize>();
+                records.push(MetricList {
+                    topic: topic.to_owned(),
+                    tags: all,
+                    datapoints: Vec::new(),
+                });
+                last_tags = Some(part);
+            }
+            let Some(points) = records.last_mut().map(|r| &mut r.datapoints) else {
+                continue;
+            };
             let mut point = |suffix: &str, value: f64| {
                 let name = if suffix.is_empty() {
                     name.to_owned()
                 } else {
                     format!("{name}.{suffix}")
                 };
+                bytes += name.len() + 24;
                 points.push(Datapoint::new(name, time_ms, value));
             };
             match series {
@@ -264,7 +431,6 @@ impl Aggregator {
                 Series::Gauge(last) => point("", *last),
                 Series::Set(members) => point("", members.len() as f64),
                 Series::Stats(stats) => {
-                    debug_assert!(matches!(kind, Kind::Timing | Kind::Histogram));
                     point("count", stats.count as f64);
                     point("sum", stats.sum);
                     point("mean", stats.mean);
@@ -280,33 +446,15 @@ impl Aggregator {
                 }
             }
         }
-        let mut records: Vec<MetricList> = by_tags
-            .into_iter()
-            .map(|(series_tags, mut datapoints)| {
-                datapoints.sort_by(|a, b| a.name.cmp(&b.name));
-                let mut all = tags.to_vec();
-                for (k, v) in series_tags {
-                    if !all.iter().any(|t| t.key == k) {
-                        all.push(Tag::new(k, v));
-                    }
-                }
-                MetricList {
-                    topic: topic.to_owned(),
-                    tags: all,
-                    datapoints,
-                }
-            })
-            .collect();
-        records.sort_by(|a, b| {
-            let tags = |r: &'_ MetricList| {
-                r.tags
-                    .iter()
-                    .map(|t| (t.key.clone(), t.value.clone()))
-                    .collect::<Vec<_>>()
-            };
-            tags(a).cmp(&tags(b))
-        });
         records
+    }
+
+    /// Every series' current value, as [`records_from`](Self::records_from)
+    /// writes them, at once (for tests and small sources).
+    pub fn records(&self, topic: &str, tags: &[Tag], time_ms: i64) -> Vec<MetricList> {
+        let order = self.order();
+        let mut next = 0;
+        self.records_from(&order, &mut next, topic, tags, time_ms, usize::MAX)
     }
 }
 
@@ -330,7 +478,7 @@ mod tests {
     }
 
     fn aggregate(lines: &[&str]) -> Aggregator {
-        let mut aggregator = Aggregator::new(100, &[90.0]);
+        let mut aggregator = Aggregator::new(100, &[90.0], Budget::new(usize::MAX));
         add_all(&mut aggregator, lines);
         aggregator
     }
@@ -430,7 +578,7 @@ mod tests {
         let texts: Vec<String> = (0..5).map(|i| format!("m{i}:1|c")).collect();
         let mut lines: Vec<&str> = texts.iter().map(String::as_str).collect();
         lines.push("m0:1|c");
-        let mut aggregator = Aggregator::new(2, &[]);
+        let mut aggregator = Aggregator::new(2, &[], Budget::new(usize::MAX));
         add_all(&mut aggregator, &lines);
         assert_eq!(aggregator.len(), 2);
         assert_eq!(aggregator.refused().series, 3);
@@ -438,17 +586,83 @@ mod tests {
             .map(|i| format!("s:{i}|s"))
             .collect();
         let lines: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let mut aggregator = Aggregator::new(2, &[]);
+        let mut aggregator = Aggregator::new(2, &[], Budget::new(usize::MAX));
         add_all(&mut aggregator, &lines);
         assert_eq!(aggregator.refused().set_members, 10);
         assert_eq!(values(&aggregator)[0].2, MAX_SET_MEMBERS as f64);
     }
 
     #[test]
+    fn the_budget_is_shared_and_given_back_and_long_keys_are_refused() {
+        let mut key = Vec::new();
+        write_key(
+            &mut key,
+            Kind::Counter,
+            "aaaaaaaaaaa",
+            &[("metric_type", "counter")],
+        );
+        let budget = Budget::new(2 * series_cost(Kind::Counter, key.len()) + 10);
+        let mut a = Aggregator::new(100, &[], budget.clone());
+        let mut b = Aggregator::new(100, &[], budget.clone());
+        add_all(&mut a, &["aaaaaaaaaaa:1|c"]);
+        add_all(&mut b, &["bbbbbbbbbbb:1|c", "ccccccccccc:1|c"]);
+        assert_eq!((a.len(), b.len()), (1, 1));
+        assert_eq!(b.refused().series, 1);
+        assert_eq!(budget.used(), a.bytes() + b.bytes());
+        drop(a);
+        add_all(&mut b, &["ccccccccccc:1|c"]);
+        assert_eq!(b.len(), 2, "what a dropped aggregator held is given back");
+        drop(b);
+        assert_eq!(budget.used(), 0);
+
+        let long = format!("{}:1|c", "n".repeat(MAX_KEY_BYTES));
+        let member = format!("s:{}|s", "m".repeat(MAX_MEMBER_BYTES + 1));
+        let mut c = Aggregator::new(100, &[], Budget::new(usize::MAX));
+        add_all(&mut c, &[&long, &member]);
+        assert_eq!(c.refused().too_long, 1);
+        assert_eq!(c.refused().set_members, 1);
+    }
+
+    #[test]
+    fn records_in_chunks_are_the_records_at_once() {
+        let texts: Vec<String> = (0..300)
+            .map(|i| format!("m{}:{i}|ms|#k:{}", i % 50, i % 3))
+            .collect();
+        let lines: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let mut aggregator = Aggregator::new(1000, &[90.0], Budget::new(usize::MAX));
+        add_all(&mut aggregator, &lines);
+        let flat = |records: Vec<MetricList>| -> Vec<(Vec<Tag>, String, f64)> {
+            records
+                .into_iter()
+                .flat_map(|r| {
+                    let tags = r.tags.clone();
+                    r.datapoints
+                        .into_iter()
+                        .map(move |d| (tags.clone(), d.name, d.value))
+                })
+                .collect()
+        };
+        let whole = flat(aggregator.records("t", &[], 1));
+        let order = aggregator.order();
+        let (mut next, mut pieces, mut chunks) = (0, Vec::new(), 0);
+        loop {
+            let part = aggregator.records_from(&order, &mut next, "t", &[], 1, 500);
+            if part.is_empty() {
+                break;
+            }
+            chunks += 1;
+            pieces.extend(flat(part));
+        }
+        assert!(chunks > 10, "{chunks}");
+        assert_eq!(pieces, whole);
+        assert_eq!(whole.len(), 150 * 7);
+    }
+
+    #[test]
     fn a_timing_keeps_a_bounded_reservoir() {
         let texts: Vec<String> = (0..10_000).map(|i| format!("t:{}|ms", i % 100)).collect();
         let lines: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let mut aggregator = Aggregator::new(2, &[50.0]);
+        let mut aggregator = Aggregator::new(2, &[50.0], Budget::new(usize::MAX));
         add_all(&mut aggregator, &lines);
         let Some(Series::Stats(stats)) = aggregator.series.values().next() else {
             panic!("a timing");

@@ -1,0 +1,199 @@
+//! A statsd UDP listener: reads packets, aggregates their lines (see
+//! [`super::aggregate`]) and, every `statsd_flush_secs`, pushes every
+//! series' value into the pipeline as records of one topic with the
+//! source's tags. At shutdown, what the socket still holds is read and
+//! flushed before it stops.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use schema::Tag;
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::aggregate::{Aggregator, Budget};
+use super::parse::{Line, lines};
+use crate::pipeline::Pipeline;
+use crate::route::Router;
+use crate::shutdown::{Shutdown, Task};
+use crate::stats::{Input, Stats};
+
+/// The largest UDP datagram.
+const MAX_PACKET: usize = 65_536;
+
+/// Packets read at shutdown, at most, before the last flush.
+const DRAIN_PACKETS: usize = 10_000;
+
+/// Bytes of datapoints made for one push, about: a flush of many series is
+/// pushed in pieces, never made whole.
+const FLUSH_PIECE_BYTES: usize = 256 * 1024;
+
+/// What one listener does with what it reads.
+#[derive(Debug, Clone)]
+pub struct StatsdSettings {
+    /// How often every series' value is pushed.
+    pub flush: Duration,
+    /// Percentiles of timings and histograms, each in (0, 100].
+    pub percentiles: Vec<f64>,
+    /// Series held, at most.
+    pub max_series: usize,
+    /// What every statsd series of the collector may take together.
+    pub budget: Arc<Budget>,
+}
+
+impl StatsdSettings {
+    /// The configuration's settings, within `budget`.
+    pub fn new(config: &crate::config::Config, budget: Arc<Budget>) -> Self {
+        Self {
+            flush: Duration::from_secs(config.statsd_flush_secs),
+            percentiles: config.statsd_percentile_values(),
+            max_series: config.statsd_max_series_per_container,
+            budget,
+        }
+    }
+}
+
+/// Binds a UDP socket at `addr` (port 0: the kernel's choice); returns it
+/// with its address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, SocketAddr)> {
+    let socket = UdpSocket::bind(addr).await?;
+    let local = socket.local_addr()?;
+    Ok((socket, local))
+}
+
+/// A statsd listener and where its records go.
+pub struct StatsdListener {
+    /// The socket.
+    pub socket: UdpSocket,
+    /// Its records' topic.
+    pub topic: String,
+    /// Its records' tags (before the series' own).
+    pub tags: Vec<Tag>,
+    /// Settings.
+    pub settings: StatsdSettings,
+    /// Where records go.
+    pub pipeline: Arc<Pipeline>,
+}
+
+/// Counts what a packet held into `stats` and `aggregator`.
+pub fn take_packet(packet: &[u8], aggregator: &mut Aggregator, stats: &Stats) {
+    stats.statsd_packets.fetch_add(1, Relaxed);
+    let mut line = Line::default();
+    let mut tags = Vec::new();
+    for text in lines(packet) {
+        match text.and_then(|text| line.read(text)) {
+            Ok(()) => {
+                stats.statsd_lines.fetch_add(1, Relaxed);
+                aggregator.add(&line, &mut tags);
+            }
+            Err(reason) => {
+                stats.statsd_lines_malformed.fetch_add(1, Relaxed);
+                crate::telemetry::throttled_warn("statsd line malformed", |repeats| {
+                    warn!(%reason, repeats, "A statsd line was refused; the rest of its packet is read.");
+                });
+            }
+        }
+    }
+}
+
+impl StatsdListener {
+    /// Runs until the shutdown begins, then reads what the socket holds,
+    /// flushes and stops.
+    pub fn spawn(self, shutdown: &Shutdown) -> Task {
+        Task::spawn("statsd", self.run(shutdown.begun().clone()))
+    }
+
+    async fn run(self, stop: CancellationToken) {
+        let local = self.socket.local_addr().ok();
+        info!(address = ?local, topic = %self.topic, flush = ?self.settings.flush, "Listening for statsd.");
+        let stats = self.pipeline.stats.clone();
+        let mut aggregator = Aggregator::new(
+            self.settings.max_series,
+            &self.settings.percentiles,
+            self.settings.budget.clone(),
+        );
+        let mut router = Router::default();
+        let mut buf = vec![0u8; MAX_PACKET];
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.settings.flush,
+            self.settings.flush,
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = tick.tick() => {
+                    if !self.flush(&mut aggregator, &mut router, &stop).await {
+                        return;
+                    }
+                }
+                read = self.socket.recv_from(&mut buf) => match read {
+                    Ok((n, _)) => take_packet(&buf[..n], &mut aggregator, &stats),
+                    Err(error) => crate::telemetry::throttled_warn("statsd read failed", |repeats| {
+                        warn!(%error, repeats, "A statsd read failed.");
+                    }),
+                },
+            }
+        }
+        // What arrived before the shutdown is flushed with the rest.
+        for _ in 0..DRAIN_PACKETS {
+            match self.socket.try_recv_from(&mut buf) {
+                Ok((n, _)) => take_packet(&buf[..n], &mut aggregator, &stats),
+                Err(_) => break,
+            }
+        }
+        self.flush(&mut aggregator, &mut router, &stop).await;
+    }
+
+    /// Pushes every series' value; false when the pipeline gave up (the
+    /// shutdown's drain ended first).
+    async fn flush(
+        &self,
+        aggregator: &mut Aggregator,
+        router: &mut Router,
+        stop: &CancellationToken,
+    ) -> bool {
+        let stats = &self.pipeline.stats;
+        let refused = aggregator.take_refused();
+        stats
+            .statsd_series_refused
+            .fetch_add(refused.series + refused.too_long, Relaxed);
+        stats
+            .statsd_set_members_refused
+            .fetch_add(refused.set_members, Relaxed);
+        stats
+            .statsd_bytes
+            .store(self.settings.budget.used() as i64, Relaxed);
+        let aggregator = &*aggregator;
+        let order = aggregator.order();
+        let mut next = 0;
+        let time_ms = crate::sources::now_ms();
+        loop {
+            let records = aggregator.records_from(
+                &order,
+                &mut next,
+                &self.topic,
+                &self.tags,
+                time_ms,
+                FLUSH_PIECE_BYTES,
+            );
+            if records.is_empty() {
+                return true;
+            }
+            let give_up = async {
+                stop.cancelled().await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            };
+            if !self
+                .pipeline
+                .push_owned(router, Input::Statsd, records, give_up)
+                .await
+            {
+                return false;
+            }
+        }
+    }
+}
