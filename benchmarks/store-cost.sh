@@ -6,7 +6,8 @@
 #     the store), alternating, two rounds;
 #  2. the busy node with the store on (prometheus_listen) and a real
 #     Prometheus (Debian's) scraping it every 15 s: CPU, RSS, series,
-#     this build beside BEFORE, alternating, ROUNDS (2) rounds.
+#     this build beside BEFORE, alternating, ROUNDS (2) rounds, each
+#     with a run of this build with the listeners off (build "off").
 # Needs: cargo build --release -p collector -p simulator; prometheus.
 # Usage: benchmarks/store-cost.sh BEFORE   (e.g. a worktree's target/release/collector)
 #        SECTIONS=2 benchmarks/store-cost.sh BEFORE   (only the second part; BEFORE
@@ -58,6 +59,12 @@ query() {
 }
 printf '%-6s %-7s %14s %14s %15s %10s\n' round build "busy CPU %" "RSS max MiB" "RSS mean MiB" series
 for round in $(seq "${ROUNDS:-2}"); do
+  # This build with the listeners off, for what the store adds.
+  "$sim" bench --profile busy --busy-secs 120 --collector-bin "$after" --json "$work/off.json" > /dev/null
+  printf '%-6s %-7s %14.3f %14.1f %15.1f %10s\n' "$round" "off" \
+    "$(field "$work/off.json" "['cpu_percent']")" \
+    "$(field "$work/off.json" "['rss_max_mib']")" \
+    "$(field "$work/off.json" "['rss_mean_mib']")" "-"
   for build in before after; do
     bin=$before; [ "$build" = after ] && bin=$after
     rm -rf "$work/tsdb"
