@@ -118,7 +118,15 @@ pub async fn bind_unix(
     let listener = tokio::net::UnixListener::bind(path).map_err(error)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(error)?;
     if let (Some(gid), Some(group)) = (gid, &group) {
-        rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid))).map_err(|e| {
+        // Not following a symlink put there since the bind.
+        rustix::fs::chownat(
+            rustix::fs::CWD,
+            path,
+            None,
+            Some(rustix::fs::Gid::from_raw(gid)),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| {
             let _ = std::fs::remove_file(path);
             let name = group.name;
             group_error(

@@ -168,3 +168,42 @@ fn invented_series_and_huge_lines_are_held_to_the_bounds() {
     assert!(final_line["received"].as_u64().unwrap() > 0, "{final_line}");
     assert!(refused >= sent_lines - 1000, "{refused} of {sent_lines}");
 }
+
+/// Packets the kernel drops while the listener cannot read (the process
+/// stopped, its receive buffer full) are counted: read and dropped add up
+/// to what was sent.
+#[test]
+fn kernel_drops_of_a_full_receive_buffer_are_counted() {
+    let collector = start(
+        &["--statsd-listen=127.0.0.1:0", "--statsd-flush-secs=1"],
+        None,
+    );
+    let statsd = collector.statsd.unwrap();
+    let pid = collector.pid().to_string();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let packet = format!("filler:1|c\n{}", "pad:1|g\n".repeat(120));
+    let signal = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    // About 1 MB into a receive buffer of about 200 KiB.
+    let sent = 1000u64;
+    for _ in 0..sent {
+        socket.send_to(packet.as_bytes(), statsd).unwrap();
+    }
+    signal("-CONT");
+    eventually("every packet read or counted as dropped", || {
+        let read = collector.metric("collector_statsd_packets_total") as u64;
+        let dropped = collector.metric("collector_statsd_packets_dropped_by_kernel_total") as u64;
+        read + dropped == sent && dropped > 0
+    });
+    let (code, final_line) = collector.stop();
+    assert_eq!(code, Some(0));
+    assert!(balanced(&final_line), "{final_line}");
+}

@@ -272,9 +272,10 @@ pub struct MemoryBound {
 /// (see the topic flood test in `collector/tests/hostile.rs`).
 pub const TOPIC_STATE_BYTES: u64 = 16 * 1024;
 
-/// What statsd takes besides its series: a packet's buffer, a flush's piece
-/// of records, and the order of its keys.
-pub const STATSD_TRANSIENT_BYTES: u64 = 1024 * 1024;
+/// What statsd takes besides its series: a packet's buffer (64 KiB), a
+/// flush's piece of records (about 256 KiB, counted generously), and the
+/// order of its keys (16 bytes a series, 160 KB at 10,000).
+pub const STATSD_TRANSIENT_BYTES: u64 = 2 * 1024 * 1024;
 
 /// Heap an agent answer takes while it is parsed and mapped, per byte of
 /// it, at most (measured in the test that holds RSS to the bound).
@@ -319,7 +320,7 @@ impl Config {
     ///   + 10 × agent_max_body_bytes            (with agent polling)
     ///   + store_max_series × 352 B              (with prometheus_listen or metrics_api_listen)
     ///   + store_max_series × 2 × 128 B         (each of them on: two answers' snapshots)
-    ///   + statsd_max_bytes + 1 MiB              (with statsd_listen: the series, a packet, a flush's piece)
+    ///   + statsd_max_bytes + 2 MiB              (with statsd_listen: the series, a packet, a flush's piece)
     ///   + 32 MiB
     /// ```
     pub fn memory_bound(&self) -> MemoryBound {

@@ -400,6 +400,8 @@ stats! {
         statsd_packets,
         /// statsd lines read whole.
         statsd_lines,
+        /// statsd packets the kernel dropped, the listener's receive buffer full (from /proc/net/udp, at each flush).
+        statsd_packets_dropped_by_kernel,
         /// statsd lines refused as malformed (the rest of their packet is read).
         statsd_lines_malformed,
         /// statsd values of a new series refused: past statsd_max_series_per_container or statsd_max_bytes, or a name and tags over 1 KiB.

@@ -38,7 +38,7 @@ pub const MAX_MEMBER_BYTES: usize = 256;
 /// and a timing's statistics with its full reservoir.
 fn series_cost(kind: Kind, key_len: usize) -> usize {
     key_len
-        + 64
+        + 96
         + match kind {
             Kind::Timing | Kind::Histogram => {
                 std::mem::size_of::<Stats>() + PERCENTILE_SAMPLES * std::mem::size_of::<f64>()
@@ -308,16 +308,39 @@ impl Aggregator {
     }
 
     /// Takes every value of a line read whole.
+    ///
+    /// The line's tags are sorted once, and a key is built once for each
+    /// type the line's values have (most lines have one).
     pub fn add<'a>(&mut self, line: &Line<'a>, tags: &mut Vec<(&'a str, &'a str)>) {
+        line.sorted_tags(tags);
+        let typed = tags.binary_search_by(|(k, _)| (*k).cmp("metric_type"));
+        // The key's length with the longest type's tag: over the bound, no
+        // value of the line is taken, before any key is built.
+        let longest = tags
+            .iter()
+            .map(|(k, v)| 8 + k.len() + v.len())
+            .sum::<usize>()
+            + typed.map_or(8 + "metric_type".len() + "histogram".len(), |_| 0)
+            + 5
+            + line.name.len();
+        if longest > MAX_KEY_BYTES {
+            self.refused.too_long += line.values.len() as u64;
+            return;
+        }
+        let mut keyed: Option<Kind> = None;
         for &(kind, value) in &line.values {
-            line.tags_for(kind, tags);
-            self.key.clear();
-            write_key(&mut self.key, kind, line.name, tags);
-            if !self.series.contains_key(self.key.as_slice()) {
-                if self.key.len() > MAX_KEY_BYTES {
-                    self.refused.too_long += 1;
-                    continue;
+            if keyed != Some(kind) {
+                keyed = Some(kind);
+                match typed {
+                    Ok(_) => write_key(&mut self.key, kind, line.name, tags),
+                    Err(at) => {
+                        tags.insert(at, ("metric_type", kind.tag()));
+                        write_key(&mut self.key, kind, line.name, tags);
+                        tags.remove(at);
+                    }
                 }
+            }
+            if !self.series.contains_key(self.key.as_slice()) {
                 let cost = series_cost(kind, self.key.len());
                 if self.series.len() >= self.max_series || !self.budget.take(cost) {
                     self.refused.series += 1;
@@ -423,7 +446,8 @@ impl Aggregator {
                 } else {
                     format!("{name}.{suffix}")
                 };
-                bytes += name.len() + 24;
+                // The datapoint, its name's allocation, the vector's room.
+                bytes += name.len() + 96;
                 points.push(Datapoint::new(name, time_ms, value));
             };
             match series {
@@ -621,6 +645,21 @@ mod tests {
         add_all(&mut c, &[&long, &member]);
         assert_eq!(c.refused().too_long, 1);
         assert_eq!(c.refused().set_members, 1);
+    }
+
+    /// A 64 KiB line of 8,000 values and 5,000 tags: its tags are sorted
+    /// once and it is refused whole for its length, each value counted.
+    #[test]
+    fn a_line_of_many_values_and_tags_is_refused_whole() {
+        let tags: Vec<String> = (0..5000).rev().map(|i| format!("k{i}")).collect();
+        let text = format!("a:{}1|c|#{}", "1|c:".repeat(8000), tags.join(","));
+        let mut aggregator = Aggregator::new(100, &[], Budget::new(usize::MAX));
+        add_all(&mut aggregator, &[&text]);
+        assert_eq!(aggregator.len(), 0);
+        assert_eq!(aggregator.refused().too_long, 8001);
+        // Values of several types on one line get one key per type.
+        add_all(&mut aggregator, &["m:1|c:2|g:3|c:4|ms"]);
+        assert_eq!(aggregator.len(), 3);
     }
 
     #[test]

@@ -78,6 +78,26 @@ pub struct StatsdListener {
     pub pipeline: Arc<Pipeline>,
 }
 
+/// The socket's inode, by which the kernel's tables name it.
+fn inode(socket: &UdpSocket) -> Option<u64> {
+    rustix::fs::fstat(socket).ok().map(|st| st.st_ino)
+}
+
+/// Datagrams the kernel dropped for the socket of `inode` (its receive
+/// buffer full), from the `drops` column of `/proc/net/udp` and `udp6`
+/// (in `proc_net`).
+pub fn kernel_drops(proc_net: &std::path::Path, inode: u64) -> Option<u64> {
+    let wanted = inode.to_string();
+    ["udp", "udp6"].iter().find_map(|table| {
+        let text = std::fs::read_to_string(proc_net.join(table)).ok()?;
+        text.lines().skip(1).find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops
+            (fields.get(9) == Some(&wanted.as_str())).then(|| fields.get(12)?.parse().ok())?
+        })
+    })
+}
+
 /// Counts what a packet held into `stats` and `aggregator`.
 pub fn take_packet(packet: &[u8], aggregator: &mut Aggregator, stats: &Stats) {
     stats.statsd_packets.fetch_add(1, Relaxed);
@@ -117,6 +137,8 @@ impl StatsdListener {
         );
         let mut router = Router::default();
         let mut buf = vec![0u8; MAX_PACKET];
+        let inode = inode(&self.socket);
+        let mut drops_seen = 0;
         let mut tick = tokio::time::interval_at(
             tokio::time::Instant::now() + self.settings.flush,
             self.settings.flush,
@@ -126,6 +148,16 @@ impl StatsdListener {
             tokio::select! {
                 () = stop.cancelled() => break,
                 _ = tick.tick() => {
+                    if let Some(drops) = inode.and_then(|i| kernel_drops("/proc/net".as_ref(), i)) {
+                        let new = drops.saturating_sub(drops_seen);
+                        drops_seen = drops;
+                        if new > 0 {
+                            stats.statsd_packets_dropped_by_kernel.fetch_add(new, Relaxed);
+                            crate::telemetry::throttled_warn("statsd kernel drops", |repeats| {
+                                warn!(dropped = new, repeats, "The kernel dropped statsd packets: the listener's receive buffer was full.");
+                            });
+                        }
+                    }
                     if !self.flush(&mut aggregator, &mut router, &stop).await {
                         return;
                     }
@@ -195,5 +227,29 @@ impl StatsdListener {
                 return false;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_drops_are_read_by_inode_from_either_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let header = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n";
+        std::fs::write(
+            dir.path().join("udp"),
+            format!("{header}  12: 0100007F:A3D5 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4242 2 0000000000000000 17\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("udp6"),
+            format!("{header}   3: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 777 2 0000000000000000 5\n"),
+        )
+        .unwrap();
+        assert_eq!(kernel_drops(dir.path(), 4242), Some(17));
+        assert_eq!(kernel_drops(dir.path(), 777), Some(5));
+        assert_eq!(kernel_drops(dir.path(), 1), None);
     }
 }

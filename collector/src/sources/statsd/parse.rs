@@ -6,7 +6,8 @@
 //!   skipped;
 //! - from the first `|#` on, the line is DogStatsD's: its `#k:v,k2`
 //!   sections are tags (a key without `:` gets `""`), and its other
-//!   sections (a container id, a timestamp) are left alone;
+//!   sections (a container id, a timestamp) are left alone; so are those
+//!   sections where they end a line without tags (`a:1|c|c:abc`);
 //! - before it, `bucket:value|type[|@rate]`, with several values on one line
 //!   (`a:1|c:2|c`); the bucket may carry Influx-style tags, `name,k=v`;
 //! - types `c`, `g`, `s`, `ms`, `h`; a `+` or `-` sign only for `c` and `g`
@@ -156,6 +157,7 @@ impl<'a> Line<'a> {
             Some(at) => (&line[..at], &line[at + 1..]),
             None => (line, ""),
         };
+        let statsd = strip_extensions(statsd);
         for segment in extensions.split('|') {
             if let Some(tags) = segment.strip_prefix('#') {
                 self.dogstatsd_tags(tags);
@@ -195,15 +197,40 @@ impl<'a> Line<'a> {
     /// The tags with the last of each key only, in key order, and
     /// `metric_type` where no tag gives it.
     pub fn tags_for(&self, kind: Kind, out: &mut Vec<(&'a str, &'a str)>) {
+        self.sorted_tags(out);
+        if let Err(at) = out.binary_search_by(|(k, _)| (*k).cmp("metric_type")) {
+            out.insert(at, ("metric_type", kind.tag()));
+        }
+    }
+
+    /// The tags with the last of each key only, in key order, without the
+    /// type's.
+    pub fn sorted_tags(&self, out: &mut Vec<(&'a str, &'a str)>) {
         out.clear();
         // Later tags win: reversed, then a stable sort and the first kept.
         out.extend(self.tags.iter().rev().copied());
         out.sort_by(|a, b| a.0.cmp(b.0));
         out.dedup_by(|later, earlier| later.0 == earlier.0);
-        if let Err(at) = out.binary_search_by(|(k, _)| (*k).cmp("metric_type")) {
-            out.insert(at, ("metric_type", kind.tag()));
-        }
     }
+}
+
+/// `line` without the DogStatsD sections that end it: a container id
+/// (`c:…`), external data (`e:…`), a timestamp (`T` and digits). Clients
+/// write them after the type and rate (and after the tags, which are cut
+/// before); a line's first section is its name and value, never one.
+fn strip_extensions(mut line: &str) -> &str {
+    while let Some((head, last)) = line.rsplit_once('|') {
+        let extension = last.starts_with("c:")
+            || last.starts_with("e:")
+            || (last.len() > 1
+                && last.starts_with('T')
+                && last[1..].bytes().all(|b| b.is_ascii_digit()));
+        if !extension {
+            break;
+        }
+        line = head;
+    }
+    line
 }
 
 /// One `value|type[|@rate]`.
@@ -416,6 +443,23 @@ mod tests {
         assert_eq!(vals, [(Kind::Counter, Value::Count(2))]);
         let (_, tags, _) = read("a:1|c|#k:1|#k:2").unwrap();
         assert_eq!(tags.len(), 2);
+        // DogStatsD's container id, external data and timestamp without
+        // tags; several values on a line are not taken for them.
+        assert_eq!(
+            read("a:1|c|c:abc-123|e:it-x|T1656581400").unwrap().2,
+            [(Kind::Counter, Value::Count(1))]
+        );
+        assert_eq!(
+            read("a:1|c|@0.5|c:abc").unwrap().2,
+            [(Kind::Counter, Value::Count(2))]
+        );
+        assert_eq!(
+            read("c:1|c:2|c").unwrap().2,
+            [
+                (Kind::Counter, Value::Count(1)),
+                (Kind::Counter, Value::Count(2))
+            ]
+        );
     }
 
     #[test]
