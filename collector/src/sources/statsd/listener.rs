@@ -117,6 +117,16 @@ pub fn take_packet(packet: &[u8], aggregator: &mut Aggregator, stats: &Stats) {
             }
         }
     }
+    // What the packet's values could not be taken for, counted at once.
+    let refused = aggregator.take_refused();
+    if refused != Default::default() {
+        stats
+            .statsd_series_refused
+            .fetch_add(refused.series + refused.too_long, Relaxed);
+        stats
+            .statsd_set_members_refused
+            .fetch_add(refused.set_members, Relaxed);
+    }
 }
 
 impl StatsdListener {
@@ -189,13 +199,6 @@ impl StatsdListener {
         stop: &CancellationToken,
     ) -> bool {
         let stats = &self.pipeline.stats;
-        let refused = aggregator.take_refused();
-        stats
-            .statsd_series_refused
-            .fetch_add(refused.series + refused.too_long, Relaxed);
-        stats
-            .statsd_set_members_refused
-            .fetch_add(refused.set_members, Relaxed);
         stats
             .statsd_bytes
             .store(self.settings.budget.used() as i64, Relaxed);
