@@ -136,6 +136,14 @@ fn split_key(key: &[u8]) -> (&[u8], &[u8]) {
     key.split_at((4 + len).min(key.len()))
 }
 
+/// Whether `key` is the key of the datapoint `name` with the tag part
+/// `part`: compared apart, so that a name's end and the tags' start never
+/// run together.
+fn key_is(key: &[u8], name: &[u8], part: &[u8]) -> bool {
+    let (held_name, held_part) = split_key(key);
+    held_part == part && held_name.get(4..) == Some(name) && held_name.len() == name.len() + 4
+}
+
 /// The distinct Prometheus label names of a series' tag keys.
 fn label_names<'a>(keys: impl Iterator<Item = &'a str>) -> Vec<String> {
     let mut labels: Vec<String> = keys
@@ -255,12 +263,7 @@ impl<'a> Feed<'_, 'a> {
         for point in self.points.drain(..) {
             let part = &self.parts[point.tags];
             let name = point.name.as_bytes();
-            let same = |entry: &Entry| {
-                let (held_name, held_part) = split_key(&entry.key);
-                held_part == part
-                    && held_name.get(4..) == Some(name)
-                    && held_name.len() == name.len() + 4
-            };
+            let same = |entry: &Entry| key_is(&entry.key, name, part);
             if let Some(held) = inner.series.find_mut(point.hash, same) {
                 held.sample = point.sample;
                 continue;

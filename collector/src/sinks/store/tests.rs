@@ -592,6 +592,33 @@ fn records_whose_tags_fill_several_turns_are_all_taken_and_the_last_value_wins()
     assert_eq!(by_key[&("a".to_owned(), "0299".to_owned())], 1.0);
 }
 
+/// The lookup's equality itself (the map calls it only on a hash match, so
+/// the store-level test below could pass with a wrong one): a name and a
+/// tag part are compared apart.
+#[test]
+fn a_key_is_its_name_and_its_tag_part_apart() {
+    let key_of = |name: &str, tags: &[(&str, &str)]| {
+        let mut key = Vec::new();
+        put(&mut key, name);
+        let start = key.len();
+        for (k, v) in tags {
+            put(&mut key, k);
+            put(&mut key, v);
+        }
+        let part = key[start..].to_vec();
+        (key, part)
+    };
+    let (ab, ab_part) = key_of("ab", &[("c", "d")]);
+    let (a, a_part) = key_of("a", &[("bc", "d")]);
+    let (abc, abc_part) = key_of("abc", &[]);
+    assert!(key_is(&ab, b"ab", &ab_part));
+    assert!(!key_is(&ab, b"a", &a_part));
+    assert!(!key_is(&a, b"ab", &ab_part));
+    assert!(!key_is(&abc, b"ab", &abc_part));
+    assert!(!key_is(&ab, b"abc", &abc_part));
+    assert!(!key_is(&ab, b"ab", &a_part));
+}
+
 /// Series that differ only in where their name ends and their tags begin
 /// are apart: a series is matched by its name and its tags, not by their
 /// bytes run together.
