@@ -15,6 +15,16 @@ use serde_json::Value;
 use simulator::agent::mesos_agent;
 use tokio::io::AsyncWriteExt;
 
+/// Whether the v0 message at `url` has the dimension `task_name` equal to
+/// `task_name`; otherwise what it had.
+async fn v0_task_name(url: String, task_name: &str) -> Result<(), String> {
+    let answer = reqwest::get(url).await.map_err(|e| e.to_string())?;
+    let message: Value = answer.json().await.map_err(|e| e.to_string())?;
+    (message["dimensions"]["task_name"] == task_name)
+        .then_some(())
+        .ok_or_else(|| format!("{message}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_and_v0_carry_each_containers_task_name_and_labels_without_kafka() {
     let agent = mesos_agent().containers(3).run().await.unwrap();
@@ -39,14 +49,8 @@ async fn prometheus_and_v0_carry_each_containers_task_name_and_labels_without_ka
     // forgotten once it answers): the first container's statistics carry
     // their task's name.
     let (first, task) = containers.iter().next().unwrap();
-    eventually("the agent's state read", || async {
-        let answer = reqwest::get(format!("{v0}/v0/containers/{first}"))
-            .await
-            .map_err(|e| e.to_string())?;
-        let message: Value = answer.json().await.map_err(|e| e.to_string())?;
-        (message["dimensions"]["task_name"] == task.task_name.as_str())
-            .then_some(())
-            .ok_or_else(|| format!("{message}"))
+    eventually("the agent's state read", || {
+        v0_task_name(format!("{v0}/v0/containers/{first}"), &task.task_name)
     })
     .await;
 
@@ -215,18 +219,12 @@ async fn a_new_tasks_metrics_get_its_name_without_waiting_for_the_next_poll() {
         collector.prometheus.expect("Prometheus on")
     );
     let first = agent_tasks(&agent.url()).await;
-    let (first_id, _) = first.iter().next().unwrap();
-    eventually("the agent's state read", || async {
-        let message: Value = reqwest::get(format!("{v0}/v0/containers/{first_id}"))
-            .await
-            .map_err(|e| e.to_string())?
-            .json()
-            .await
-            .map_err(|e| e.to_string())?;
-        message["dimensions"]["task_name"]
-            .is_string()
-            .then_some(())
-            .ok_or_else(|| format!("{message}"))
+    let (first_id, first_task) = first.iter().next().unwrap();
+    eventually("the agent's state read", || {
+        v0_task_name(
+            format!("{v0}/v0/containers/{first_id}"),
+            &first_task.task_name,
+        )
     })
     .await;
 
@@ -266,13 +264,7 @@ async fn a_new_tasks_metrics_get_its_name_without_waiting_for_the_next_poll() {
                 .map_err(|e| e.to_string())?;
             input.write_all(&bytes).await.map_err(|e| e.to_string())?;
             input.shutdown().await.map_err(|e| e.to_string())?;
-            let answer = reqwest::get(format!("{v0}/v0/containers/{id}/app"))
-                .await
-                .map_err(|e| e.to_string())?;
-            let message: Value = answer.json().await.map_err(|e| e.to_string())?;
-            (message["dimensions"]["task_name"] == task.task_name.as_str())
-                .then_some(())
-                .ok_or_else(|| format!("{message}"))
+            v0_task_name(format!("{v0}/v0/containers/{id}/app"), &task.task_name).await
         }
     })
     .await;

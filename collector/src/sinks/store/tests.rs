@@ -31,6 +31,11 @@ fn routed(name_values: &[(&str, f64)], tags: &[(&str, &str)]) -> Routed {
     }
 }
 
+/// New series refused, for any reason.
+fn refused_total(stats: &Stats) -> u64 {
+    stats.store_refused.iter().map(|r| r.load(Relaxed)).sum()
+}
+
 fn store(max_series: usize) -> (Store, Arc<Stats>) {
     let stats = Arc::new(Stats::default());
     let store = Store::new(
@@ -518,14 +523,7 @@ fn dropped_tags_leave_records_that_differ_only_by_them_one_series() {
     assert_eq!(name, "a");
     assert_eq!(tags.collect::<Vec<_>>(), vec![("k", "v")]);
     assert_eq!(sample.value, 49.0);
-    assert_eq!(
-        stats
-            .store_refused
-            .iter()
-            .map(|r| r.load(Relaxed))
-            .sum::<u64>(),
-        0
-    );
+    assert_eq!(refused_total(&stats), 0);
 }
 
 /// A record whose keys take many turns (20,000 datapoints with 512 bytes
@@ -549,14 +547,7 @@ fn a_record_whose_keys_take_several_turns_is_taken_whole() {
         assert_eq!(sample.value, i, "{name}");
         assert_eq!(tags.next(), Some(("k", long.as_str())));
     }
-    assert_eq!(
-        stats
-            .store_refused
-            .iter()
-            .map(|r| r.load(Relaxed))
-            .sum::<u64>(),
-        0
-    );
+    assert_eq!(refused_total(&stats), 0);
 }
 
 /// Records whose tag parts fill several turns (300 records with 4 KiB of
