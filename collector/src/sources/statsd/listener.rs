@@ -98,6 +98,28 @@ pub fn kernel_drops(proc_net: &std::path::Path, inode: u64) -> Option<u64> {
     })
 }
 
+/// Counts into `stats` what the kernel dropped for the socket of `inode`
+/// since `seen`, and logs it.
+fn count_kernel_drops(inode: Option<u64>, seen: &mut u64, stats: &Stats) {
+    let Some(drops) = inode.and_then(|i| kernel_drops("/proc/net".as_ref(), i)) else {
+        return;
+    };
+    let new = drops.saturating_sub(*seen);
+    *seen = drops;
+    if new > 0 {
+        stats
+            .statsd_packets_dropped_by_kernel
+            .fetch_add(new, Relaxed);
+        crate::telemetry::throttled_warn("statsd kernel drops", |repeats| {
+            warn!(
+                dropped = new,
+                repeats,
+                "The kernel dropped statsd packets: the listener's receive buffer was full."
+            );
+        });
+    }
+}
+
 /// Counts what a packet held into `stats` and `aggregator`.
 pub fn take_packet(packet: &[u8], aggregator: &mut Aggregator, stats: &Stats) {
     stats.statsd_packets.fetch_add(1, Relaxed);
@@ -158,17 +180,8 @@ impl StatsdListener {
             tokio::select! {
                 () = stop.cancelled() => break,
                 _ = tick.tick() => {
-                    if let Some(drops) = inode.and_then(|i| kernel_drops("/proc/net".as_ref(), i)) {
-                        let new = drops.saturating_sub(drops_seen);
-                        drops_seen = drops;
-                        if new > 0 {
-                            stats.statsd_packets_dropped_by_kernel.fetch_add(new, Relaxed);
-                            crate::telemetry::throttled_warn("statsd kernel drops", |repeats| {
-                                warn!(dropped = new, repeats, "The kernel dropped statsd packets: the listener's receive buffer was full.");
-                            });
-                        }
-                    }
-                    if !self.flush(&mut aggregator, &mut router, &stop).await {
+                    count_kernel_drops(inode, &mut drops_seen, &stats);
+                    if !self.flush(&aggregator, &mut router, &stop).await {
                         return;
                     }
                 }
@@ -187,14 +200,15 @@ impl StatsdListener {
                 Err(_) => break,
             }
         }
-        self.flush(&mut aggregator, &mut router, &stop).await;
+        count_kernel_drops(inode, &mut drops_seen, &stats);
+        self.flush(&aggregator, &mut router, &stop).await;
     }
 
     /// Pushes every series' value; false when the pipeline gave up (the
     /// shutdown's drain ended first).
     async fn flush(
         &self,
-        aggregator: &mut Aggregator,
+        aggregator: &Aggregator,
         router: &mut Router,
         stop: &CancellationToken,
     ) -> bool {
@@ -202,7 +216,6 @@ impl StatsdListener {
         stats
             .statsd_bytes
             .store(self.settings.budget.used() as i64, Relaxed);
-        let aggregator = &*aggregator;
         let order = aggregator.order();
         let mut next = 0;
         let time_ms = crate::sources::now_ms();
