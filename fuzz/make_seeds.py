@@ -26,6 +26,8 @@ Needs: pip install -r scripts/requirements-test.txt  (fastavro)
   statsd_packet         packets of the statsd lines docs/statsd.md shows (every
                         type, rates, several values, DogStatsD and bucket tags),
                         and malformed ones
+  statsd_registration   the bodies DC/OS 1.12's module sends and the state files
+                        DC/OS's Telegraf wrote, and ones the registry refuses
   prometheus_render     fixtures/wire/current.expected.jsonl's datapoints as
                         `name|key=value|...|value` lines, and lines that meet
                         the rendering's rules (collisions, reserved names)
@@ -162,6 +164,12 @@ def main():
         "page.views,region=eu:1|c|@0.5|#env:prod,shard|c:abc|T1656581400",
     ]).encode())
     put("statsd_packet", "malformed", b"a\n:1|c\na:1\na:1|x\na:x|g\na:+1|ms\n\xff:1|c\n  b:2|g \r\n")
+
+    put("statsd_registration", "module", b'{"container_id":"3f1e6b0e-1c4b-4a47-9e1e-7c0e5c4f1f1a"}')
+    put("statsd_registration", "state", b'{"container_id":"abc","statsd_host":"198.51.100.1","statsd_port":37211}')
+    put("statsd_registration", "asked", b'{"container_id":"c","statsd_host":"127.0.0.1","statsd_port":8125}')
+    put("statsd_registration", "path", b'{"container_id":"../../etc/passwd","statsd_host":"h","statsd_port":1}')
+    put("statsd_registration", "port0", b'{"container_id":"c","statsd_host":"h","statsd_port":0}')
 
 
 if __name__ == "__main__":

@@ -89,9 +89,18 @@ pub struct ContainerTags {
     container_labels: usize,
     app: Vec<(String, String)>,
     app_labels: usize,
+    /// The framework and executor ids of the task (or executor) the
+    /// container runs.
+    ids: Option<(String, String)>,
 }
 
 impl ContainerTags {
+    /// The framework and executor ids of what the container runs, when
+    /// `/state` gives both.
+    pub fn ids(&self) -> Option<(&str, &str)> {
+        self.ids.as_ref().map(|(f, e)| (f.as_str(), e.as_str()))
+    }
+
     /// The tags of `kind`.
     pub fn tags(&self, kind: Kind) -> &[(String, String)] {
         match kind {
@@ -394,7 +403,17 @@ impl Enrichment {
         for id in ids {
             let task = tasks.get(id);
             let executor = executors.get(id);
-            let mut entry = ContainerTags::default();
+            let mut entry = ContainerTags {
+                ids: task.map(|t| (t.0, t.1)).or(executor.copied()).and_then(
+                    |(framework, executor)| {
+                        Some((
+                            str_of(framework, "id")?.to_owned(),
+                            str_of(executor, "id")?.to_owned(),
+                        ))
+                    },
+                ),
+                ..ContainerTags::default()
+            };
             // Container metrics: the task, and the executor that runs in
             // this container, with its labels.
             let runs_here = executor.map(|&(_, executor)| executor);
@@ -509,6 +528,31 @@ mod tests {
         assert!(tags.contains(&Tag::new("framework_name", UNKNOWN_FRAMEWORK)));
         // Once per state: the next record of that framework asks nothing.
         assert!(!enrichment.tags_for(Kind::App, &stranger).1);
+    }
+
+    /// A container's framework and executor ids (statsd's topic and tags
+    /// come from them), here by the executor that runs in it.
+    #[test]
+    fn a_container_knows_its_framework_and_executor_ids() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fixtures/mesos/mesos-agent-state-response.json");
+        let state: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let enrichment = Enrichment::from_state(&state);
+        let mut found = 0;
+        for framework in state["frameworks"].as_array().unwrap() {
+            for executor in framework["executors"].as_array().unwrap() {
+                let container = executor["container"].as_str().unwrap();
+                assert_eq!(
+                    enrichment.containers[container].ids(),
+                    Some((
+                        framework["id"].as_str().unwrap(),
+                        executor["id"].as_str().unwrap()
+                    ))
+                );
+                found += 1;
+            }
+        }
+        assert_eq!(found, 3);
     }
 
     /// A record naming a container or a framework the state does not know

@@ -103,8 +103,9 @@ pub enum StartError {
     BindUnix(#[from] net::UnixBindError),
 }
 
-/// The v0 metrics API's listener.
-enum V0Listener {
+/// An HTTP listener on TCP or a unix socket (the v0 API, the statsd
+/// registration API).
+enum HttpListener {
     Tcp(TcpListener),
     Unix(tokio::net::UnixListener),
 }
@@ -117,8 +118,12 @@ pub struct App {
     api: TcpListener,
     partner: TcpListener,
     prometheus: Option<TcpListener>,
-    metrics_api: Option<V0Listener>,
+    metrics_api: Option<HttpListener>,
     statsd: Option<tokio::net::UdpSocket>,
+    /// Every statsd listener's settings (one budget for all).
+    statsd_settings: sources::statsd::listener::StatsdSettings,
+    /// The statsd registration API, and the containers restored at start.
+    statsd_control: Option<(HttpListener, Vec<sources::statsd::registry::Restored>)>,
     store: Option<Arc<sinks::store::Store>>,
     endpoints: api::Endpoints,
     broker_state: Arc<Mutex<BrokerState>>,
@@ -139,7 +144,13 @@ impl App {
             config.max_connections,
             config.max_partners,
             usize::from(config.prometheus_listen.is_on())
-                + usize::from(config.metrics_api_listen.is_on()),
+                + usize::from(config.metrics_api_listen.is_on())
+                + usize::from(config.statsd_control_listen.is_on()),
+            if config.statsd_control_listen.is_on() {
+                config.statsd_max_containers
+            } else {
+                0
+            },
         );
         let (ingest, ingest_addr) = net::bind(config.listen_endpoint).await?;
         let (api, api_addr) = net::bind(config.api_listen).await?;
@@ -154,10 +165,10 @@ impl App {
         let (metrics_api, metrics_api_addr) = match &config.metrics_api_listen {
             config::Listen::Tcp(addr) => {
                 let (listener, addr) = net::bind(*addr).await?;
-                (Some(V0Listener::Tcp(listener)), Some(addr.to_string()))
+                (Some(HttpListener::Tcp(listener)), Some(addr.to_string()))
             }
             config::Listen::Unix(path) => (
-                Some(V0Listener::Unix(
+                Some(HttpListener::Unix(
                     net::bind_unix(
                         path,
                         config
@@ -186,6 +197,32 @@ impl App {
                 (Some(socket), Some(addr))
             }
             _ => (None, None),
+        };
+        let statsd_settings = sources::statsd::listener::StatsdSettings::new(&config);
+        let (statsd_control, statsd_control_addr) = match &config.statsd_control_listen {
+            config::Listen::Tcp(addr) => {
+                let (listener, addr) = net::bind(*addr).await?;
+                (Some(HttpListener::Tcp(listener)), Some(addr.to_string()))
+            }
+            config::Listen::Unix(path) => (
+                Some(HttpListener::Unix(net::bind_unix(path, None).await?)),
+                Some(format!("unix:{}", path.display())),
+            ),
+            config::Listen::Off => (None, None),
+        };
+        // The registered containers bound again, before anything runs.
+        let statsd_control = match statsd_control {
+            Some(listener) => Some((
+                listener,
+                sources::statsd::registry::restore(
+                    &sources::statsd::registry::RegistrySettings::new(
+                        &config,
+                        statsd_settings.clone(),
+                    ),
+                )
+                .await?,
+            )),
+            None => None,
         };
         if !ingest_addr.ip().is_loopback() {
             warn!(%ingest_addr, "The TCP input listens beyond loopback; the original listened on loopback only.");
@@ -227,6 +264,7 @@ impl App {
                 prometheus: prometheus_addr,
                 metrics_api: metrics_api_addr,
                 statsd: statsd_addr,
+                statsd_control: statsd_control_addr,
             },
             stats,
             ingest,
@@ -235,6 +273,8 @@ impl App {
             prometheus,
             metrics_api,
             statsd,
+            statsd_settings,
+            statsd_control,
             store,
             broker_state: Arc::default(),
             buffer,
@@ -296,6 +336,12 @@ impl App {
     /// The node-wide statsd listener's bound address, when it listens.
     pub fn statsd_addr(&self) -> Option<SocketAddr> {
         self.endpoints.statsd
+    }
+
+    /// The statsd registration API's address (`IP:PORT` or `unix:PATH`),
+    /// when on.
+    pub fn statsd_control_addr(&self) -> Option<String> {
+        self.endpoints.statsd_control.clone()
     }
 
     /// The counters, readable while the collector runs.
@@ -360,16 +406,44 @@ impl App {
             inputs.push(
                 sources::statsd::listener::StatsdListener {
                     socket,
-                    topic: "statsd".into(),
-                    tags: Vec::new(),
-                    settings: sources::statsd::listener::StatsdSettings::new(
-                        config,
-                        sources::statsd::aggregate::Budget::new(config.statsd_max_bytes),
-                    ),
+                    destination: sources::statsd::listener::Destination::Fixed {
+                        topic: sources::statsd::listener::NODE_TOPIC.into(),
+                        tags: Vec::new(),
+                    },
+                    settings: self.statsd_settings.clone(),
+                    limit: None,
                     pipeline: pipeline.clone(),
                 }
                 .spawn(&plan),
             );
+        }
+        // The registration API answers until the outputs stop (204 once
+        // the inputs stopped), so that no launch meets a closed socket while
+        // the collector drains.
+        let mut statsd_control = None;
+        if let Some((listener, restored)) = self.statsd_control {
+            let registry = sources::statsd::registry::Registry::new(
+                sources::statsd::registry::RegistrySettings::new(
+                    config,
+                    self.statsd_settings.clone(),
+                ),
+                pipeline.clone(),
+                plan.begun().clone(),
+                restored,
+            );
+            inputs.push(shutdown::Task::spawn(
+                "statsd containers",
+                registry.clone().run(),
+            ));
+            let router = sources::statsd::control::router(registry);
+            let (stop, stats) = (plan.outputs().clone(), self.stats.clone());
+            let max = self.descriptors.api;
+            statsd_control = Some(shutdown::Task::spawn("statsd control", async move {
+                match listener {
+                    HttpListener::Tcp(l) => api::serve(l, router, max, stop, stats).await,
+                    HttpListener::Unix(l) => api::serve(l, router, max, stop, stats).await,
+                }
+            }));
         }
         if config.agent_polling {
             let poller = Poller {
@@ -397,6 +471,7 @@ impl App {
             api::spawn(self.api, api_state, self.descriptors.api),
             sinks::partner::spawn(self.partner, self.partner_hub.clone(), &plan),
         ];
+        outputs.extend(statsd_control);
         if let (Some(listener), Some(store)) = (self.metrics_api, &self.store) {
             let state = api::v0::V0State {
                 store: store.clone(),
@@ -416,8 +491,8 @@ impl App {
             let max = self.descriptors.api;
             outputs.push(shutdown::Task::spawn("metrics api", async move {
                 match listener {
-                    V0Listener::Tcp(l) => api::serve(l, router, max, stop, stats).await,
-                    V0Listener::Unix(l) => api::serve(l, router, max, stop, stats).await,
+                    HttpListener::Tcp(l) => api::serve(l, router, max, stop, stats).await,
+                    HttpListener::Unix(l) => api::serve(l, router, max, stop, stats).await,
                 }
             }));
         }
@@ -453,6 +528,7 @@ impl App {
             prometheus = self.endpoints.prometheus.map(|a| a.to_string()).unwrap_or_default(),
             metrics_api = self.endpoints.metrics_api.clone().unwrap_or_default(),
             statsd = self.endpoints.statsd.map(|a| a.to_string()).unwrap_or_default(),
+            statsd_control = self.endpoints.statsd_control.clone().unwrap_or_default(),
             sink = if config.kafka { "kafka" } else { "null" },
             buffer = if self.buffer.spool().is_some() { "disk" } else { "memory" },
             "Collector started."

@@ -79,7 +79,7 @@ impl Acceptor for tokio::net::UnixListener {
 /// Binds a unix socket at `path`, readable and writable by its owner and
 /// group (0660, as DC/OS's sockets were), the group `group` when given (a
 /// name from `/etc/group` or a number: the reader's; errors name its
-/// option). A socket file left
+/// option); its directory is made when missing. A socket file left
 /// there by a process that is gone (a connection is refused) is replaced;
 /// anything else there is an error.
 pub async fn bind_unix(
@@ -115,6 +115,10 @@ pub async fn bind_unix(
         .as_ref()
         .map(|g| group_id(g.name, "/etc/group".as_ref()).map_err(|reason| group_error(g, reason)))
         .transpose()?;
+    // DC/OS's socket paths are under directories another unit made.
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(error)?;
+    }
     let listener = tokio::net::UnixListener::bind(path).map_err(error)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(error)?;
     if let (Some(gid), Some(group)) = (gid, &group) {
@@ -269,7 +273,8 @@ pub struct Descriptors {
 
 /// Raises the descriptor limit to its hard limit, and fits the listeners
 /// into it: the partners take `max_partners`, the API and each other
-/// served listener (Prometheus) at most [`API_MAX_CONNECTIONS`], and the
+/// served listener (Prometheus) at most [`API_MAX_CONNECTIONS`], statsd's
+/// container listeners `statsd_sockets` (a UDP socket each), and the
 /// input what is left of the limit less
 /// [`RESERVED_DESCRIPTORS`] and what is open now, at most
 /// `max_connections`. A flood of any listener then ends at its own limit,
@@ -278,6 +283,7 @@ pub fn fit_descriptors(
     max_connections: usize,
     max_partners: usize,
     served_listeners: usize,
+    statsd_sockets: usize,
 ) -> Descriptors {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let mut limit = getrlimit(Resource::Nofile);
@@ -299,7 +305,7 @@ pub fn fit_descriptors(
     let left = nofile.saturating_sub(RESERVED_DESCRIPTORS + open) as usize;
     let api = API_MAX_CONNECTIONS.min((left / 8).max(4));
     let input = max_connections.min(
-        left.saturating_sub(api * (1 + served_listeners) + max_partners)
+        left.saturating_sub(api * (1 + served_listeners) + max_partners + statsd_sockets)
             .max(1),
     );
     if input < max_connections {

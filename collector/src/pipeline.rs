@@ -206,6 +206,30 @@ impl Pipeline {
     }
 }
 
+/// A pipeline into a 1 MiB buffer with the default routing, for tests:
+/// with the sender of its enrichment.
+#[cfg(test)]
+pub(crate) fn test_pipeline(
+    enrichment: Enrichment,
+) -> (Arc<Pipeline>, watch::Sender<Arc<Enrichment>>) {
+    let config = crate::config::Config::default();
+    let stats = Arc::new(Stats::default());
+    let (states, enrichment) = watch::channel(Arc::new(enrichment));
+    let pipeline = Pipeline {
+        stats: stats.clone(),
+        buffer: Arc::new(Buffer::new(
+            1 << 20,
+            crate::config::FullPolicy::Block,
+            stats,
+        )),
+        routing: watch::channel(Arc::new(Routing::from_config(&config))).1,
+        enrichment,
+        refresh: Arc::new(Notify::new()),
+        store: None,
+    };
+    (Arc::new(pipeline), states)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

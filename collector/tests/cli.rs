@@ -537,3 +537,74 @@ fn deploy_files_serve_the_v0_api_on_a_unix_socket_for_admin_router() {
         .unwrap();
     assert!(output.status.success(), "{output:?}");
 }
+
+#[test]
+fn deploy_files_take_the_dcos_1_12_statsd_registrations() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let environment = |text: &str| -> std::collections::BTreeMap<String, String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("Environment="))
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    };
+    let unit = std::fs::read_to_string(deploy.join("systemd/metrics-collector.service")).unwrap();
+    let runtime = std::path::Path::new("/run").join(
+        unit.lines()
+            .find_map(|l| l.strip_prefix("RuntimeDirectory="))
+            .expect("a runtime directory"),
+    );
+    let dropin = std::fs::read_to_string(
+        deploy.join("systemd/metrics-collector.service.d/dcos-statsd.conf"),
+    )
+    .unwrap();
+    let env = environment(&dropin);
+    let socket = env["STATSD_CONTROL_LISTEN"]
+        .strip_prefix("unix:")
+        .expect("a unix socket");
+    assert_eq!(std::path::Path::new(socket).parent().unwrap(), runtime);
+    assert_eq!(env["STATSD_HOST"], "198.51.100.1", "dcos-net's address");
+    // Registrations outlive a restart, not a reboot.
+    assert!(std::path::Path::new(&env["STATSD_STATE_DIR"]).starts_with(&runtime));
+    assert!(dropin.lines().any(|l| l == "RuntimeDirectoryPreserve=yes"));
+    let as_root: Vec<Vec<&str>> = dropin
+        .lines()
+        .filter_map(|l| l.strip_prefix("ExecStartPre=+"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        as_root,
+        [
+            vec!["/bin/mkdir", "-p", "/run/dcos/telegraf"],
+            // Where the module calls (DC/OS's gen/dcos-config.yaml).
+            vec![
+                "/bin/ln",
+                "-sfn",
+                socket,
+                "/run/dcos/telegraf/dcos_statsd.sock"
+            ],
+        ]
+    );
+    let mut all = environment(&unit);
+    all.extend(env);
+    let scratch = tempfile::tempdir().unwrap();
+    let output = collector()
+        .arg("validate")
+        .envs(&all)
+        .env("SPOOL_DIR", scratch.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    // The Marathon app says why it leaves the registrations to the unit.
+    let app: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy.join("marathon/collector.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(app["env"].get("STATSD_CONTROL_LISTEN").is_none());
+    assert!(
+        app["labels"]["STATSD"]
+            .as_str()
+            .unwrap()
+            .contains("dcos-statsd.conf")
+    );
+}

@@ -8,16 +8,45 @@ among good ones.
 Prints one JSON object: what each series must total, by its Prometheus
 name and labels, and how many lines were sent and how many were malformed.
 
+With --env, the address is the task's STATSD_UDP_HOST and
+STATSD_UDP_PORT, as DC/OS 1.12+'s module gives them. EXPECT_LABELS (a JSON
+object) names labels every series has besides its own (a container's id).
+
 Usage: statsd_send.py HOST PORT ROUNDS
+       statsd_send.py --env ROUNDS
 """
 import json
+import os
 import socket
 import sys
 
 import statsd
 from datadog import DogStatsd
 
-host, port, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+if sys.argv[1] == "--env":
+    host, port = os.environ["STATSD_UDP_HOST"], int(os.environ["STATSD_UDP_PORT"])
+    rounds = int(sys.argv[2])
+else:
+    host, port, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+extra = json.loads(os.environ.get("EXPECT_LABELS", "{}"))
+
+
+expected = {}
+expected_kafka = []
+
+
+def expect(name, value, only_in_prometheus=(), **labels):
+    """A series' total: by its Prometheus name and labels as the collector's
+    endpoint spells them, and as its datapoint's name and tags in Kafka.
+    `only_in_prometheus` names labels a scrape gives the series (empty, as
+    its family's other series have them) that its record has not."""
+    tags = {k: v for k, v in labels.items() if k not in only_in_prometheus}
+    expected_kafka.append({"name": name, "tags": tags, "value": value})
+    labels.update(extra)
+    series = name.replace(".", "_") + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+    expected[series] = value
+
+
 lines = 0
 malformed = 0
 
@@ -59,23 +88,20 @@ malformed += 3
 raw.close()
 
 n = rounds
-expected = {
-    # name{labels} as the collector's Prometheus endpoint spells them.
-    'app_requests{metric_type="counter"}': 3 * n,
-    'app_temperature{metric_type="gauge"}': 20 + n - 1,
-    'app_latency_count{metric_type="timing"}': n,
-    'app_latency_sum{metric_type="timing"}': sum(10 * (i + 1) for i in range(n)),
-    'app_latency_upper{metric_type="timing"}': 10 * n,
-    'app_latency_lower{metric_type="timing"}': 10,
-    'app_users{metric_type="set"}': min(n, 7),
-    'app_batched{metric_type="counter"}': 2 * n,
-    'app_level{metric_type="gauge"}': n,
-    'dd_hits{env="prod",metric_type="counter",shard=""}': 2 * n,
-    'dd_hits{env="dev",metric_type="counter",shard=""}': n,
-    'dd_size_count{env="prod",metric_type="histogram"}': n,
-    'dd_size_sum{env="prod",metric_type="histogram"}': sum(4 * (i + 1) for i in range(n)),
-    'raw_multi{metric_type="counter"}': 7,
-    'raw_rated{metric_type="counter"}': 20,
-    'raw_good{metric_type="counter"}': 2,
-}
-print(json.dumps({"expected": expected, "lines": lines, "malformed": malformed}))
+expect("app.requests", 3 * n, metric_type="counter")
+expect("app.temperature", 20 + n - 1, metric_type="gauge")
+expect("app.latency.count", n, metric_type="timing")
+expect("app.latency.sum", sum(10 * (i + 1) for i in range(n)), metric_type="timing")
+expect("app.latency.upper", 10 * n, metric_type="timing")
+expect("app.latency.lower", 10, metric_type="timing")
+expect("app.users", min(n, 7), metric_type="set")
+expect("app.batched", 2 * n, metric_type="counter")
+expect("app.level", n, metric_type="gauge")
+expect("dd.hits", 2 * n, env="prod", metric_type="counter", shard="")
+expect("dd.hits", n, only_in_prometheus=("shard",), env="dev", metric_type="counter", shard="")
+expect("dd.size.count", n, env="prod", metric_type="histogram")
+expect("dd.size.sum", sum(4 * (i + 1) for i in range(n)), env="prod", metric_type="histogram")
+expect("raw.multi", 7, metric_type="counter")
+expect("raw.rated", 20, metric_type="counter")
+expect("raw.good", 2, metric_type="counter")
+print(json.dumps({"expected": expected, "expected_kafka": expected_kafka, "lines": lines, "malformed": malformed}))

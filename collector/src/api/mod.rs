@@ -66,6 +66,8 @@ pub struct Endpoints {
     pub metrics_api: Option<String>,
     /// The node-wide statsd listener (UDP), when on.
     pub statsd: Option<SocketAddr>,
+    /// The statsd registration API (`IP:PORT` or `unix:PATH`), when on.
+    pub statsd_control: Option<String>,
 }
 
 /// What the handlers share.
@@ -344,6 +346,16 @@ async fn endpoints(State(state): State<ApiState>) -> Json<Value> {
             "protocol": "udp",
             "format": "statsd lines, DogStatsD tags",
             "topic": "statsd",
+        }));
+    }
+    if let Some(address) = &state.endpoints.statsd_control {
+        inputs.push(json!({
+            "name": "statsd_containers",
+            "address": address,
+            "protocol": "http",
+            "path": "/container",
+            "format": "the DC/OS 1.12+ mesos module's container registrations; each container's statsd on a UDP port of its own",
+            "topic": "<the container's framework id>",
         }));
     }
     Json(json!({

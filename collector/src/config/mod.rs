@@ -285,6 +285,15 @@ pub const AGENT_BODY_FACTOR: u64 = 10;
 /// threads and their buffers (idle RSS is about 14.5 MiB with Kafka connected; see BENCHMARKS.md).
 pub const BASE_BYTES: u64 = 32 * 1024 * 1024;
 
+/// The most containers `statsd_max_containers` may ask for (a UDP port
+/// and a descriptor each).
+pub const MAX_STATSD_CONTAINERS: u64 = 30_000;
+
+/// What one registered container's listener takes besides its series: its
+/// task, timer, socket and registry entry (measured in the test that
+/// registers 1,000 containers, `collector/tests/statsd_containers.rs`).
+pub const STATSD_CONTAINER_BYTES: u64 = 8 * 1024;
+
 /// The most series `store_max_series` may ask for.
 pub const MAX_STORE_SERIES: u64 = 10_000_000;
 
@@ -320,7 +329,8 @@ impl Config {
     ///   + 10 × agent_max_body_bytes            (with agent polling)
     ///   + store_max_series × 352 B              (with prometheus_listen or metrics_api_listen)
     ///   + store_max_series × 2 × 128 B         (each of them on: two answers' snapshots)
-    ///   + statsd_max_bytes + 2 MiB              (with statsd_listen: the series, a packet, a flush's piece)
+    ///   + statsd_max_bytes + 2 MiB              (with statsd_listen or statsd_control_listen: the series, packets, flushes)
+    ///   + statsd_max_containers × 8 KiB         (with statsd_control_listen: each container's listener)
     ///   + 32 MiB
     /// ```
     pub fn memory_bound(&self) -> MemoryBound {
@@ -349,8 +359,13 @@ impl Config {
                 + readers * store.max_series * crate::sinks::store::limits::SCRAPE_BYTES_PER_SERIES)
                 as u64
         });
-        let statsd = if self.statsd_listen.is_on() {
-            self.statsd_max_bytes as u64 + STATSD_TRANSIENT_BYTES
+        let statsd = if self.statsd_listen.is_on() || self.statsd_control_listen.is_on() {
+            let containers = if self.statsd_control_listen.is_on() {
+                self.statsd_max_containers as u64 * STATSD_CONTAINER_BYTES
+            } else {
+                0
+            };
+            self.statsd_max_bytes as u64 + STATSD_TRANSIENT_BYTES + containers
         } else {
             0
         };
@@ -505,6 +520,45 @@ impl Config {
                 ));
             }
         }
+        if self.statsd_control_listen.is_on() {
+            positive("statsd_max_containers", self.statsd_max_containers as u64)?;
+            at_most(
+                "statsd_max_containers",
+                self.statsd_max_containers as u64,
+                MAX_STATSD_CONTAINERS,
+                "containers (a UDP port each)",
+            )?;
+            if self.statsd_host.is_unspecified() {
+                return Err(ConfigError::new(
+                    "statsd_host",
+                    format!(
+                        "{} is given to tasks as the address to send to: give one they can reach (127.0.0.1, or DC/OS's 198.51.100.1)",
+                        self.statsd_host
+                    ),
+                ));
+            }
+        } else if self.statsd_state_dir.is_some() {
+            return Err(ConfigError::new(
+                "statsd_state_dir",
+                "keeps the registered containers of statsd_control_listen, which is off: set it, or leave statsd_state_dir empty",
+            ));
+        }
+        positive(
+            "statsd_container_limit_secs",
+            self.statsd_container_limit_secs,
+        )?;
+        at_most(
+            "statsd_container_limit_secs",
+            self.statsd_container_limit_secs,
+            MAX_PERIOD_SECS,
+            "seconds (7 days)",
+        )?;
+        at_most(
+            "statsd_container_limit_kbytes",
+            self.statsd_container_limit_kbytes,
+            MAX_BUFFER_BYTES / 1024,
+            "KB (1 TiB)",
+        )?;
         positive("store_max_series", self.store_max_series as u64)?;
         at_most(
             "store_max_series",

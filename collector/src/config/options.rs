@@ -11,7 +11,7 @@
 //! TOML keys, `PATCH /v1/config` keys): never rename one.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{ArgAction, Args};
@@ -472,6 +472,24 @@ options! {
     /// Bytes all statsd series may take together (names, tags, set members, timing samples); values of new series beyond it are refused and counted.
     statsd_max_bytes: usize = 64 * 1024 * 1024;
         plain, env "STATSD_MAX_BYTES", restart;
+    /// The statsd registration API's address, `IP:PORT` or `unix:PATH` (empty: off), where DC/OS 1.12+'s mesos module registers every container it launches (`POST /container`) and gets that container's own statsd port (DC/OS: `unix:/run/dcos/telegraf/dcos_statsd.sock`; see docs/statsd.md).
+    statsd_control_listen: Listen = Listen::Off;
+        plain, env "STATSD_CONTROL_LISTEN", restart;
+    /// The address every container's statsd listener binds and the registration API gives its task (DC/OS: `198.51.100.1`, the dcos-net interface).
+    statsd_host: IpAddr = IpAddr::from([127, 0, 0, 1]);
+        plain, env "STATSD_HOST", restart;
+    /// Where registered containers are kept, one file each, so that a restart binds them again on the same ports (empty: not kept; DC/OS's Telegraf kept them in `/run/dcos/telegraf/dcos_statsd/containers`, in the same format).
+    statsd_state_dir: Option<PathBuf> = None;
+        some(PathBuf), env "STATSD_STATE_DIR", restart;
+    /// Most containers registered at once; a registration beyond it is answered 204 (the task runs without statsd), counted and logged.
+    statsd_max_containers: usize = 1024;
+        plain, env "STATSD_MAX_CONTAINERS", restart;
+    /// Bytes of statsd one container may send per `statsd_container_limit_secs`, KB (the DC/OS 1.11 module's `container_limit_amount_kbytes`; 0: none); packets past it are dropped and counted.
+    statsd_container_limit_kbytes: u64 = 10240;
+        plain, env "STATSD_CONTAINER_LIMIT_KBYTES", restart;
+    /// Period of `statsd_container_limit_kbytes`, seconds.
+    statsd_container_limit_secs: u64 = 60;
+        plain, env "STATSD_CONTAINER_LIMIT_SECS", restart;
     /// Partner output address; loopback by default, port 0 allowed.
     partner_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8126));
         plain, env "PARTNER_LISTEN", restart;

@@ -408,6 +408,14 @@ stats! {
         statsd_series_refused,
         /// statsd set members refused: their set held 1,024 already, the member is over 256 bytes, or past statsd_max_bytes.
         statsd_set_members_refused,
+        /// statsd packets of a container dropped past its statsd_container_limit_kbytes.
+        statsd_packets_over_limit,
+        /// Containers registered through the statsd registration API (a new listener each; a repeated registration is not counted).
+        statsd_registrations,
+        /// Registrations answered 204, so that the task runs without statsd (logged with the reason): at statsd_max_containers, a port that could not be bound, a state file that could not be written, an id that cannot name a file, or the collector shutting down.
+        statsd_registrations_refused,
+        /// Containers deregistered (DELETE /container/{id}, or gone from the agent's /state after it named them): their listener flushes and closes.
+        statsd_deregistrations,
     }
     gauges {
         /// Task and executor labels in the agent's latest /state left off the metrics: a key or value over 128 bytes.
@@ -446,6 +454,8 @@ stats! {
         store_bytes,
         /// Bytes every statsd series holds (names, tags, set members, timing samples), as of the last flush.
         statsd_bytes,
+        /// Containers with a statsd listener of their own (registered, not yet deregistered).
+        statsd_containers,
     }
 }
 

@@ -1,21 +1,30 @@
 //! A statsd UDP listener: reads packets, aggregates their lines (see
 //! [`super::aggregate`]) and, every `statsd_flush_secs`, pushes every
-//! series' value into the pipeline as records of one topic with the
-//! source's tags. At shutdown, what the socket still holds is read and
-//! flushed before it stops.
+//! series' value into the pipeline, as records of its [`Destination`]. At
+//! its stop (the shutdown, or its container deregistered), what the socket
+//! still holds is read and flushed before it closes.
+//!
+//! Every listener of the collector (the node-wide one and one per
+//! registered container) shares one packet buffer per thread (a packet is
+//! read and taken without awaiting) and [`FLUSH_TURNS`] flushes at once, so
+//! what they take besides their series does not grow with their number.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use schema::Tag;
 use tokio::net::UdpSocket;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::aggregate::{Aggregator, Budget};
 use super::parse::{Line, lines};
+use crate::enrich::Kind;
 use crate::pipeline::Pipeline;
 use crate::route::Router;
 use crate::shutdown::{Shutdown, Task};
@@ -24,12 +33,33 @@ use crate::stats::{Input, Stats};
 /// The largest UDP datagram.
 const MAX_PACKET: usize = 65_536;
 
-/// Packets read at shutdown, at most, before the last flush.
+/// Packets read at a stop, at most, before the last flush.
 const DRAIN_PACKETS: usize = 10_000;
+
+/// Packets read in one turn before the listener looks at its clock again.
+const READS_PER_TURN: usize = 256;
 
 /// Bytes of datapoints made for one push, about: a flush of many series is
 /// pushed in pieces, never made whole.
 const FLUSH_PIECE_BYTES: usize = 256 * 1024;
+
+/// Flushes of every listener under way at once, at most: each holds a
+/// piece of records (about [`FLUSH_PIECE_BYTES`]) until the buffer takes it.
+pub const FLUSH_TURNS: usize = 2;
+
+/// Flushes a container's records wait for the agent's `/state` to name it
+/// (its framework is the topic), before they go to topic `statsd` with its
+/// id alone; the values are cumulative, so a flush put off loses nothing.
+pub const UNKNOWN_CONTAINER_FLUSHES: u32 = 3;
+
+/// The topic of the node-wide listener, and of a container `/state` does
+/// not name.
+pub const NODE_TOPIC: &str = "statsd";
+
+thread_local! {
+    /// This thread's packet buffer, shared by the listeners it runs.
+    static PACKET: RefCell<Box<[u8]>> = RefCell::new(vec![0; MAX_PACKET].into_boxed_slice());
+}
 
 /// What one listener does with what it reads.
 #[derive(Debug, Clone)]
@@ -42,18 +72,64 @@ pub struct StatsdSettings {
     pub max_series: usize,
     /// What every statsd series of the collector may take together.
     pub budget: Arc<Budget>,
+    /// The flushes under way, of every listener ([`FLUSH_TURNS`]).
+    pub flushing: Arc<Semaphore>,
+    /// The kernel's drop counts, read for every listener at once.
+    pub kernel_drops: Arc<KernelDrops>,
 }
 
 impl StatsdSettings {
-    /// The configuration's settings, within `budget`.
-    pub fn new(config: &crate::config::Config, budget: Arc<Budget>) -> Self {
+    /// The configuration's settings, for every listener of the collector.
+    pub fn new(config: &crate::config::Config) -> Self {
         Self {
             flush: Duration::from_secs(config.statsd_flush_secs),
             percentiles: config.statsd_percentile_values(),
             max_series: config.statsd_max_series_per_container,
-            budget,
+            budget: Budget::new(config.statsd_max_bytes),
+            flushing: Arc::new(Semaphore::new(FLUSH_TURNS)),
+            kernel_drops: Arc::default(),
         }
     }
+}
+
+/// Bytes a container may send per period (`statsd_container_limit_kbytes`
+/// per `statsd_container_limit_secs`); past them its packets are dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteLimit {
+    /// Bytes per period.
+    pub bytes: u64,
+    /// The period.
+    pub period: Duration,
+}
+
+impl ByteLimit {
+    /// The configuration's limit; none when `statsd_container_limit_kbytes`
+    /// is 0.
+    pub fn from_config(config: &crate::config::Config) -> Option<Self> {
+        (config.statsd_container_limit_kbytes > 0).then(|| Self {
+            bytes: config.statsd_container_limit_kbytes.saturating_mul(1024),
+            period: Duration::from_secs(config.statsd_container_limit_secs),
+        })
+    }
+}
+
+/// Where a listener's records go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// One topic, with these tags before the series' own (the node-wide
+    /// listener: [`NODE_TOPIC`], no tags).
+    Fixed {
+        /// The topic.
+        topic: String,
+        /// The tags.
+        tags: Vec<Tag>,
+    },
+    /// A registered container's: its framework's id is the topic, and
+    /// `container_id`, `executor_id` and `framework_id` its tags, from the
+    /// agent's `/state` (the pipeline adds the task's metadata). A
+    /// container `/state` does not name after [`UNKNOWN_CONTAINER_FLUSHES`]
+    /// (or without agent polling) goes to [`NODE_TOPIC`] with its id alone.
+    Container(String),
 }
 
 /// Binds a UDP socket at `addr` (port 0: the kernel's choice); returns it
@@ -68,12 +144,12 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, SocketAddr)> 
 pub struct StatsdListener {
     /// The socket.
     pub socket: UdpSocket,
-    /// Its records' topic.
-    pub topic: String,
-    /// Its records' tags (before the series' own).
-    pub tags: Vec<Tag>,
+    /// Where its records go.
+    pub destination: Destination,
     /// Settings.
     pub settings: StatsdSettings,
+    /// Bytes its senders may send per period (none: no limit).
+    pub limit: Option<ByteLimit>,
     /// Where records go.
     pub pipeline: Arc<Pipeline>,
 }
@@ -83,25 +159,61 @@ fn inode(socket: &UdpSocket) -> Option<u64> {
     rustix::fs::fstat(socket).ok().map(|st| st.st_ino)
 }
 
-/// Datagrams the kernel dropped for the socket of `inode` (its receive
-/// buffer full), from the `drops` column of `/proc/net/udp` and `udp6`
+/// Datagrams the kernel dropped for each UDP socket (its receive buffer
+/// full), by inode, from the `drops` column of `/proc/net/udp` and `udp6`
 /// (in `proc_net`).
-pub fn kernel_drops(proc_net: &std::path::Path, inode: u64) -> Option<u64> {
-    let wanted = inode.to_string();
-    ["udp", "udp6"].iter().find_map(|table| {
-        let text = std::fs::read_to_string(proc_net.join(table)).ok()?;
-        text.lines().skip(1).find_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
+pub fn kernel_drops(proc_net: &std::path::Path) -> HashMap<u64, u64> {
+    let mut drops = HashMap::new();
+    for table in ["udp", "udp6"] {
+        let Ok(text) = std::fs::read_to_string(proc_net.join(table)) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
             // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops
-            (fields.get(9) == Some(&wanted.as_str())).then(|| fields.get(12)?.parse().ok())?
-        })
-    })
+            let mut fields = line.split_whitespace();
+            let (Some(inode), Some(count)) = (fields.nth(9), fields.nth(2)) else {
+                continue;
+            };
+            if let (Ok(inode), Ok(count)) = (inode.parse(), count.parse()) {
+                drops.insert(inode, count);
+            }
+        }
+    }
+    drops
 }
 
+/// The kernel's drop counts of every UDP socket, read once for every
+/// listener asking about the same moment: `/proc/net/udp` lists every
+/// socket of the node, so a thousand listeners reading it each at every
+/// flush would cost the node more than their statsd.
+#[derive(Debug, Default)]
+pub struct KernelDrops(Mutex<Option<(Instant, HashMap<u64, u64>)>>);
+
+impl KernelDrops {
+    /// The drops of the socket `inode`, as of a read made at `since` or
+    /// later (made now when the last is older).
+    pub fn of(&self, inode: u64, since: Instant) -> Option<u64> {
+        let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if table.as_ref().is_none_or(|(taken, _)| *taken < since) {
+            *table = Some((Instant::now(), kernel_drops("/proc/net".as_ref())));
+        }
+        table.as_ref()?.1.get(&inode).copied()
+    }
+}
+
+/// How old a drop count a listener's flush takes.
+const DROPS_FRESH: Duration = Duration::from_secs(1);
+
 /// Counts into `stats` what the kernel dropped for the socket of `inode`
-/// since `seen`, and logs it.
-fn count_kernel_drops(inode: Option<u64>, seen: &mut u64, stats: &Stats) {
-    let Some(drops) = inode.and_then(|i| kernel_drops("/proc/net".as_ref(), i)) else {
+/// since `seen` (as of a read made at `since` or later), and logs it.
+fn count_kernel_drops(
+    inode: Option<u64>,
+    seen: &mut u64,
+    settings: &StatsdSettings,
+    since: Instant,
+    stats: &Stats,
+) {
+    let Some(drops) = inode.and_then(|i| settings.kernel_drops.of(i, since)) else {
         return;
     };
     let new = drops.saturating_sub(*seen);
@@ -151,71 +263,207 @@ pub fn take_packet(packet: &[u8], aggregator: &mut Aggregator, stats: &Stats) {
     }
 }
 
+/// The bytes a listener's senders sent in the current period.
+struct Window {
+    start: Instant,
+    used: u64,
+}
+
+impl Window {
+    /// Whether a packet of `len` bytes is within `limit` (and counts it).
+    fn admits(&mut self, limit: Option<ByteLimit>, len: usize) -> bool {
+        let Some(limit) = limit else {
+            return true;
+        };
+        if self.start.elapsed() >= limit.period {
+            self.start = Instant::now();
+            self.used = 0;
+        }
+        let len = len as u64;
+        if self.used.saturating_add(len) > limit.bytes {
+            return false;
+        }
+        self.used += len;
+        true
+    }
+}
+
 impl StatsdListener {
     /// Runs until the shutdown begins, then reads what the socket holds,
     /// flushes and stops.
     pub fn spawn(self, shutdown: &Shutdown) -> Task {
-        Task::spawn("statsd", self.run(shutdown.begun().clone()))
+        let stop = shutdown.begun().clone();
+        Task::spawn("statsd", self.run(stop.clone(), stop))
     }
 
-    async fn run(self, stop: CancellationToken) {
+    /// Runs until `stop`, then reads what the socket holds, flushes and
+    /// returns. A flush waiting for room in the buffer gives up 1 s after
+    /// `shutdown` (its values counted as a `shutdown` drop).
+    pub async fn run(self, stop: CancellationToken, shutdown: CancellationToken) {
         let local = self.socket.local_addr().ok();
-        info!(address = ?local, topic = %self.topic, flush = ?self.settings.flush, "Listening for statsd.");
-        let stats = self.pipeline.stats.clone();
-        let mut aggregator = Aggregator::new(
-            self.settings.max_series,
-            &self.settings.percentiles,
-            self.settings.budget.clone(),
-        );
+        match &self.destination {
+            Destination::Fixed { topic, .. } => {
+                info!(address = ?local, %topic, flush = ?self.settings.flush, "Listening for statsd.");
+            }
+            Destination::Container(id) => {
+                debug!(address = ?local, container_id = %id, "Listening for a container's statsd.");
+            }
+        }
+        let mut state = ReadState {
+            aggregator: Aggregator::new(
+                self.settings.max_series,
+                &self.settings.percentiles,
+                self.settings.budget.clone(),
+            ),
+            window: Window {
+                start: Instant::now(),
+                used: 0,
+            },
+            drops_seen: 0,
+            unknown_flushes: 0,
+        };
         let mut router = Router::default();
-        let mut buf = vec![0u8; MAX_PACKET];
         let inode = inode(&self.socket);
-        let mut drops_seen = 0;
         let mut tick = tokio::time::interval_at(
             tokio::time::Instant::now() + self.settings.flush,
             self.settings.flush,
         );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stats = self.pipeline.stats.clone();
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
                 _ = tick.tick() => {
-                    count_kernel_drops(inode, &mut drops_seen, &stats);
-                    if !self.flush(&aggregator, &mut router, &stop).await {
+                    let since = Instant::now().checked_sub(DROPS_FRESH).unwrap_or_else(Instant::now);
+                    count_kernel_drops(inode, &mut state.drops_seen, &self.settings, since, &stats);
+                    if !self.flush(&mut state, &mut router, &shutdown, false).await {
                         return;
                     }
                 }
-                read = self.socket.recv_from(&mut buf) => match read {
-                    Ok((n, _)) => take_packet(&buf[..n], &mut aggregator, &stats),
+                ready = self.socket.readable() => match ready {
+                    Ok(()) => self.read_ready(&mut state, READS_PER_TURN),
                     Err(error) => crate::telemetry::throttled_warn("statsd read failed", |repeats| {
                         warn!(%error, repeats, "A statsd read failed.");
                     }),
                 },
             }
         }
-        // What arrived before the shutdown is flushed with the rest.
-        for _ in 0..DRAIN_PACKETS {
-            match self.socket.try_recv_from(&mut buf) {
-                Ok((n, _)) => take_packet(&buf[..n], &mut aggregator, &stats),
-                Err(_) => break,
+        // What arrived before the stop is flushed with the rest, and the
+        // drops counted as of the stop (listeners stopping together share
+        // one read).
+        let stopped = Instant::now();
+        self.read_ready(&mut state, DRAIN_PACKETS);
+        count_kernel_drops(
+            inode,
+            &mut state.drops_seen,
+            &self.settings,
+            stopped,
+            &stats,
+        );
+        self.flush(&mut state, &mut router, &shutdown, true).await;
+    }
+
+    /// Reads at most `packets` packets the socket holds now, each into
+    /// the thread's buffer and taken at once.
+    fn read_ready(&self, state: &mut ReadState, packets: usize) {
+        let stats = &self.pipeline.stats;
+        PACKET.with_borrow_mut(|buf| {
+            for _ in 0..packets {
+                match self.socket.try_recv_from(buf) {
+                    Ok((n, _)) => {
+                        if state.window.admits(self.limit, n) {
+                            take_packet(&buf[..n], &mut state.aggregator, stats);
+                        } else {
+                            stats.statsd_packets_over_limit.fetch_add(1, Relaxed);
+                            crate::telemetry::throttled_warn("statsd over limit", |repeats| {
+                                warn!(
+                                    destination = ?self.destination,
+                                    repeats,
+                                    "statsd packets were dropped: their container sent more than statsd_container_limit_kbytes in statsd_container_limit_secs."
+                                );
+                            });
+                        }
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(error) => {
+                        crate::telemetry::throttled_warn("statsd read failed", |repeats| {
+                            warn!(%error, repeats, "A statsd read failed.");
+                        });
+                        break;
+                    }
+                }
             }
+        });
+    }
+
+    /// The topic and tags of this flush's records; none while a
+    /// container's `/state` is awaited.
+    fn resolve(&self, state: &mut ReadState, last: bool) -> Option<(String, Vec<Tag>)> {
+        let id = match &self.destination {
+            Destination::Fixed { topic, tags } => return Some((topic.clone(), tags.clone())),
+            Destination::Container(id) => id,
+        };
+        let enrichment = self.pipeline.enrichment.borrow().clone();
+        if let Some((framework, executor)) = enrichment.containers.get(id).and_then(|c| c.ids()) {
+            return Some((
+                framework.to_owned(),
+                vec![
+                    Tag::new("container_id", id),
+                    Tag::new("executor_id", executor),
+                    Tag::new("framework_id", framework),
+                ],
+            ));
         }
-        count_kernel_drops(inode, &mut drops_seen, &stats);
-        self.flush(&aggregator, &mut router, &stop).await;
+        if enrichment.enabled && !last && state.unknown_flushes < UNKNOWN_CONTAINER_FLUSHES {
+            state.unknown_flushes += 1;
+            // A container started since the last `/state`: a refresh names
+            // it within seconds.
+            let (_, unknown) = enrichment.tags_for_lookup(Kind::App, |key| {
+                (key == "container_id").then_some(id.as_str())
+            });
+            if unknown {
+                self.pipeline.refresh.notify_one();
+            }
+            return None;
+        }
+        Some((NODE_TOPIC.to_owned(), vec![Tag::new("container_id", id)]))
     }
 
     /// Pushes every series' value; false when the pipeline gave up (the
     /// shutdown's drain ended first).
     async fn flush(
         &self,
-        aggregator: &Aggregator,
+        state: &mut ReadState,
         router: &mut Router,
-        stop: &CancellationToken,
+        shutdown: &CancellationToken,
+        last: bool,
     ) -> bool {
         let stats = &self.pipeline.stats;
         stats
             .statsd_bytes
             .store(self.settings.budget.used() as i64, Relaxed);
+        if state.aggregator.is_empty() {
+            return true;
+        }
+        let Some((topic, tags)) = self.resolve(state, last) else {
+            return true;
+        };
+        let give_up = move || async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        // One of FLUSH_TURNS: a piece is made only once it may be pushed.
+        let turn = tokio::select! {
+            turn = self.settings.flushing.acquire() => turn.ok(),
+            () = give_up() => None,
+        };
+        let Some(_turn) = turn else {
+            // The values stay in the aggregator; a listener that stops here
+            // had its shutdown's drain end (what it held is not counted as
+            // received, so nothing is lost from the accounting).
+            return false;
+        };
+        let aggregator = &state.aggregator;
         let order = aggregator.order();
         let mut next = 0;
         let time_ms = crate::sources::now_ms();
@@ -223,21 +471,17 @@ impl StatsdListener {
             let records = aggregator.records_from(
                 &order,
                 &mut next,
-                &self.topic,
-                &self.tags,
+                &topic,
+                &tags,
                 time_ms,
                 FLUSH_PIECE_BYTES,
             );
             if records.is_empty() {
                 return true;
             }
-            let give_up = async {
-                stop.cancelled().await;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            };
             if !self
                 .pipeline
-                .push_owned(router, Input::Statsd, records, give_up)
+                .push_owned(router, Input::Statsd, records, give_up())
                 .await
             {
                 return false;
@@ -246,9 +490,127 @@ impl StatsdListener {
     }
 }
 
+/// What one listener holds between packets.
+struct ReadState {
+    aggregator: Aggregator,
+    window: Window,
+    /// The kernel's drop count at the last look.
+    drops_seen: u64,
+    /// Flushes put off so far, the container unknown to `/state`.
+    unknown_flushes: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn listener(
+        destination: Destination,
+        enrichment: crate::enrich::Enrichment,
+    ) -> StatsdListener {
+        StatsdListener {
+            socket: bind("127.0.0.1:0".parse().unwrap()).await.unwrap().0,
+            destination,
+            settings: StatsdSettings::new(&crate::config::Config::default()),
+            limit: None,
+            pipeline: crate::pipeline::test_pipeline(enrichment).0,
+        }
+    }
+
+    fn read_state() -> ReadState {
+        ReadState {
+            aggregator: Aggregator::new(1, &[], Budget::new(1 << 20)),
+            window: Window {
+                start: Instant::now(),
+                used: 0,
+            },
+            drops_seen: 0,
+            unknown_flushes: 0,
+        }
+    }
+
+    /// A container's records go to its framework's topic with its ids;
+    /// while `/state` does not name it, a few flushes wait (and ask for a
+    /// refresh), then they go to `statsd` with its id alone; the last
+    /// flush never waits.
+    #[tokio::test]
+    async fn a_containers_records_go_to_its_framework_once_state_names_it() {
+        let state = serde_json::json!({
+            "id": "agent",
+            "frameworks": [{"id": "fw", "name": "marathon", "executors": [
+                {"id": "ex", "container": "c", "tasks": []}
+            ]}]
+        });
+        let known = crate::enrich::Enrichment::from_state(&state);
+        let ids = |id: &str, ex: &str, fw: &str| {
+            vec![
+                Tag::new("container_id", id),
+                Tag::new("executor_id", ex),
+                Tag::new("framework_id", fw),
+            ]
+        };
+        let l = listener(Destination::Container("c".into()), known.clone()).await;
+        assert_eq!(
+            l.resolve(&mut read_state(), false),
+            Some(("fw".into(), ids("c", "ex", "fw")))
+        );
+        let l = listener(Destination::Container("new".into()), known).await;
+        let mut state = read_state();
+        for _ in 0..UNKNOWN_CONTAINER_FLUSHES {
+            assert_eq!(l.resolve(&mut state, false), None);
+        }
+        let alone = Some((NODE_TOPIC.to_owned(), vec![Tag::new("container_id", "new")]));
+        assert_eq!(l.resolve(&mut state, false), alone);
+        assert_eq!(l.resolve(&mut read_state(), true), alone, "the last flush");
+        // Asked for once.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), l.pipeline.refresh.notified())
+                .await
+                .is_ok()
+        );
+        // Without agent polling nothing will name it: no wait.
+        let l = listener(
+            Destination::Container("c".into()),
+            crate::enrich::Enrichment::default(),
+        )
+        .await;
+        assert_eq!(
+            l.resolve(&mut read_state(), false),
+            Some((NODE_TOPIC.to_owned(), vec![Tag::new("container_id", "c")]))
+        );
+        let fixed = Destination::Fixed {
+            topic: "t".into(),
+            tags: vec![Tag::new("k", "v")],
+        };
+        let l = listener(fixed, crate::enrich::Enrichment::default()).await;
+        assert_eq!(
+            l.resolve(&mut read_state(), false),
+            Some(("t".into(), vec![Tag::new("k", "v")]))
+        );
+    }
+
+    #[test]
+    fn a_byte_limit_admits_its_bytes_a_period() {
+        let limit = Some(ByteLimit {
+            bytes: 100,
+            period: Duration::from_secs(3600),
+        });
+        let mut window = Window {
+            start: Instant::now(),
+            used: 0,
+        };
+        assert!(window.admits(limit, 60));
+        assert!(window.admits(limit, 40));
+        assert!(!window.admits(limit, 1));
+        assert!(window.admits(None, 1_000_000));
+        // A period over: the window starts again.
+        let over = Some(ByteLimit {
+            bytes: 100,
+            period: Duration::ZERO,
+        });
+        assert!(window.admits(over, 100));
+        assert!(window.admits(over, 100));
+    }
 
     #[test]
     fn kernel_drops_are_read_by_inode_from_either_table() {
@@ -264,8 +626,10 @@ mod tests {
             format!("{header}   3: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 777 2 0000000000000000 5\n"),
         )
         .unwrap();
-        assert_eq!(kernel_drops(dir.path(), 4242), Some(17));
-        assert_eq!(kernel_drops(dir.path(), 777), Some(5));
-        assert_eq!(kernel_drops(dir.path(), 1), None);
+        let drops = kernel_drops(dir.path());
+        assert_eq!(drops.get(&4242), Some(&17));
+        assert_eq!(drops.get(&777), Some(&5));
+        assert_eq!(drops.get(&1), None);
+        assert_eq!(drops.len(), 2);
     }
 }

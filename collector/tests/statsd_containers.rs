@@ -1,0 +1,642 @@
+//! The statsd registration API as DC/OS 1.12+'s mesos module calls it (its
+//! requests written here byte for byte: method, headers, body, over the
+//! unix socket), and each container's own listener fed by statsd clients
+//! we did not write (PyPI's `statsd` and `datadog`, through
+//! `STATSD_UDP_HOST` and `STATSD_UDP_PORT` as a task reads them): every
+//! series' cumulative value served, the last flush of a deregistered
+//! container arriving, registrations kept across a restart on the same
+//! ports, and a launch never failed by the collector (204, counted) at the
+//! limit, on a taken port or under a storm.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Running, balanced, eventually, http_get, start};
+
+/// One call as the module makes it (`process::http::request` over the
+/// unix socket: HTTP/1.1, JSON both ways); the status and the body.
+fn module_call(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n"
+    );
+    if let Some(body) = body {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    } else {
+        request.push_str("\r\n");
+    }
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `POST /container` for `id`: the status and the answer's JSON.
+fn register(socket: &Path, id: &str) -> (u16, serde_json::Value) {
+    let (status, body) = module_call(
+        socket,
+        "POST",
+        "/container",
+        Some(&format!("{{\"container_id\":\"{id}\"}}")),
+    );
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Each sample of a Prometheus text, by its name and labels as written.
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+struct Node {
+    collector: Running,
+    socket: PathBuf,
+    state: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// A collector with the registration API on a unix socket, its state
+/// kept, statsd flushed every second and served over Prometheus.
+fn node_in(dir: tempfile::TempDir, extra: &[&str]) -> Node {
+    let socket = dir.path().join("run/dcos_statsd.sock");
+    let state = dir.path().join("containers");
+    let listen = format!("--statsd-control-listen=unix:{}", socket.display());
+    let state_dir = format!("--statsd-state-dir={}", state.display());
+    let mut args = vec![
+        listen.as_str(),
+        state_dir.as_str(),
+        "--statsd-flush-secs=1",
+        "--prometheus-listen=127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    Node {
+        collector: start(&args, None),
+        socket,
+        state,
+        _dir: dir,
+    }
+}
+
+/// What Prometheus serves now.
+fn served(collector: &Running) -> BTreeMap<String, f64> {
+    http_get(collector.prometheus.unwrap(), "/metrics")
+        .map(|(_, text)| samples(&text))
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_task_registered_as_the_module_registers_it_sends_statsd_and_its_last_flush_arrives() {
+    let node = node_in(tempfile::tempdir().unwrap(), &[]);
+    let Node {
+        collector, socket, ..
+    } = &node;
+    let (status, answer) = register(socket, "c-1");
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(answer["container_id"], "c-1");
+    assert_eq!(answer["statsd_host"], "127.0.0.1");
+    let port = answer["statsd_port"].as_u64().unwrap();
+    assert!(port > 0);
+    // The module retries after an agent restart: the same listener.
+    assert_eq!(register(socket, "c-1"), (201, answer.clone()));
+    assert_eq!(
+        module_call(socket, "GET", "/containers", None),
+        (200, format!("[{answer}]"))
+    );
+    assert_eq!(
+        module_call(socket, "GET", "/container/c-1", None),
+        (200, answer.to_string())
+    );
+    assert_eq!(module_call(socket, "GET", "/container/nope", None).0, 404);
+    let kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(node.state.join("c-1")).unwrap()).unwrap();
+    assert_eq!(kept, answer, "the state file holds the answer");
+
+    // A task's statsd, sent by real clients to what the module gave it.
+    let sent = send_as_a_task(&answer, 20);
+    let expected: BTreeMap<String, f64> = sent["expected"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
+        .collect();
+    let mut last = BTreeMap::new();
+    eventually(
+        "every series served with what was sent, tagged with its container",
+        || {
+            last = served(collector);
+            expected.iter().all(|(k, v)| last.get(k) == Some(v))
+        },
+    );
+
+    // A value sent just before the container is deleted is in its last
+    // flush (loopback has queued it before the DELETE is sent).
+    let task = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    task.send_to(b"late.counter:5|c", ("127.0.0.1", port as u16))
+        .unwrap();
+    assert_eq!(module_call(socket, "DELETE", "/container/c-1", None).0, 202);
+    let late = r#"late_counter{container_id="c-1",metric_type="counter"}"#;
+    eventually("the deleted container's last flush", || {
+        served(collector).get(late) == Some(&5.0)
+    });
+    assert_eq!(
+        module_call(socket, "DELETE", "/container/c-1", None),
+        (404, "Container \"c-1\" not found".into())
+    );
+    assert_eq!(
+        module_call(socket, "GET", "/containers", None),
+        (200, "[]".into())
+    );
+    assert!(!node.state.join("c-1").exists(), "its state file removed");
+    assert_eq!(
+        collector.metric("collector_statsd_registrations_total"),
+        1.0
+    );
+    assert_eq!(
+        collector.metric("collector_statsd_deregistrations_total"),
+        1.0
+    );
+    assert_eq!(collector.metric("collector_statsd_containers"), 0.0);
+    assert_eq!(
+        collector.metric("collector_statsd_registrations_refused_total"),
+        0.0
+    );
+    let Node { collector, .. } = node;
+    let (code, final_line) = collector.stop();
+    assert_eq!(code, Some(0));
+    assert!(balanced(&final_line), "{final_line}");
+    assert_eq!(final_line["received"], final_line["served"], "{final_line}");
+}
+
+/// What `statsd_send.py --env ROUNDS` sent to a container's listener
+/// (given by its registration's answer): its JSON report.
+fn send_as_a_task(answer: &serde_json::Value, rounds: u32) -> serde_json::Value {
+    let sender = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/statsd_send.py");
+    let id = answer["container_id"].as_str().unwrap();
+    let out = Command::new("python3")
+        .arg(&sender)
+        .args(["--env", &rounds.to_string()])
+        .env("STATSD_UDP_HOST", answer["statsd_host"].as_str().unwrap())
+        .env("STATSD_UDP_PORT", answer["statsd_port"].to_string())
+        .env("EXPECT_LABELS", format!(r#"{{"container_id":"{id}"}}"#))
+        .output()
+        .expect("python3 runs (scripts/test installs statsd and datadog)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A container's statsd in Kafka, read back by clients we did not write
+/// (confluent-kafka, fastavro): every series' latest value, with the
+/// container's id, is what its task sent. Without agent polling no
+/// framework names the container, so its topic is `statsd`.
+#[test]
+fn a_containers_statsd_in_kafka_as_an_independent_reader_reads_it() {
+    let kafka = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let bootstrap = kafka.bootstrap_servers();
+    let brokers = format!("--kafka-brokers={bootstrap}");
+    let node = node_in(
+        tempfile::tempdir().unwrap(),
+        &["--kafka=true", &brokers, "--kafka-produce-period-ms=50"],
+    );
+    let (status, answer) = register(&node.socket, "c-kafka");
+    assert_eq!(status, 201);
+    let sent = send_as_a_task(&answer, 10);
+    let expected: BTreeMap<String, f64> = sent["expected"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
+        .collect();
+    eventually("every series flushed", || {
+        let now = served(&node.collector);
+        expected.iter().all(|(k, v)| now.get(k) == Some(v))
+    });
+    let Node { collector, .. } = node;
+    let (code, final_line) = collector.stop();
+    assert_eq!(code, Some(0));
+    assert!(balanced(&final_line), "{final_line}");
+    assert_eq!(
+        final_line["received"], final_line["delivered"],
+        "{final_line}"
+    );
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/read_statsd_kafka.py");
+    let output = Command::new("python3")
+        .args([script, &bootstrap, "metrics-statsd", "60"])
+        .output()
+        .expect("python3 runs (scripts/test installs confluent-kafka)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let read: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    for want in sent["expected_kafka"].as_array().unwrap() {
+        let mut tags = want["tags"].as_object().unwrap().clone();
+        tags.insert("container_id".into(), "c-kafka".into());
+        let latest = read
+            .iter()
+            .filter(|r| r["name"] == want["name"])
+            .filter(|r| tags.iter().all(|(k, v)| r["tags"][k] == *v))
+            .max_by_key(|r| r["time_ms"].as_i64().unwrap());
+        assert_eq!(
+            latest
+                .map(|r| &r["value"])
+                .and_then(serde_json::Value::as_f64),
+            want["value"].as_f64(),
+            "{want}: {latest:?}"
+        );
+    }
+}
+
+#[test]
+fn registrations_are_bound_again_after_a_restart_on_their_ports() {
+    let node = node_in(tempfile::tempdir().unwrap(), &[]);
+    let (_, a) = register(&node.socket, "c-a");
+    let (_, b) = register(&node.socket, "c-b");
+    let port = |c: &serde_json::Value| c["statsd_port"].as_u64().unwrap() as u16;
+    let Node {
+        collector,
+        socket,
+        state,
+        _dir,
+    } = node;
+    let (code, _) = collector.stop();
+    assert_eq!(code, Some(0));
+    // Meanwhile: c-b's port taken by another process, a file that is not
+    // a registration, and a write a crash cut short.
+    let squatter = std::net::UdpSocket::bind(("127.0.0.1", port(&b))).unwrap();
+    std::fs::write(state.join("garbage"), b"{not json").unwrap();
+    std::fs::write(state.join(".c-z.tmp"), b"{").unwrap();
+    let node = node_in(_dir, &[]);
+    assert_eq!(node.socket, socket);
+    let (status, list) = module_call(&socket, "GET", "/containers", None);
+    assert_eq!(status, 200);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert_eq!(list[0], a, "c-a on its port again");
+    assert_eq!(list[1]["container_id"], "c-b");
+    let moved = port(&list[1]);
+    assert_ne!(moved, port(&b), "c-b on a new port, its own taken");
+    let kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("c-b")).unwrap()).unwrap();
+    assert_eq!(kept, list[1], "c-b's file rewritten with its new port");
+    assert_eq!(node.collector.log_lines("was taken meanwhile"), 1);
+    assert_eq!(node.collector.log_lines("could not be read"), 1);
+    assert!(!state.join(".c-z.tmp").exists());
+    // Both listen.
+    let task = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    task.send_to(b"after.restart:1|c", ("127.0.0.1", port(&a)))
+        .unwrap();
+    task.send_to(b"after.restart:2|c", ("127.0.0.1", moved))
+        .unwrap();
+    eventually("both restored listeners flush", || {
+        let now = served(&node.collector);
+        now.get(r#"after_restart{container_id="c-a",metric_type="counter"}"#) == Some(&1.0)
+            && now.get(r#"after_restart{container_id="c-b",metric_type="counter"}"#) == Some(&2.0)
+    });
+    drop(squatter);
+    let (code, final_line) = node.collector.stop();
+    assert_eq!(code, Some(0));
+    assert!(balanced(&final_line), "{final_line}");
+}
+
+/// Registrations past the limit, ids that cannot name a file, a port
+/// asked for that is taken, and a storm of 5,000 from 8 threads: every
+/// answer is 201 or 204 (a launch is never failed), exactly the limit's
+/// worth are served, every refusal is counted, and the descriptors come
+/// back once they are deleted.
+#[test]
+fn a_registration_storm_past_the_limit_never_fails_a_launch() {
+    let node = node_in(
+        tempfile::tempdir().unwrap(),
+        &["--statsd-max-containers=1000"],
+    );
+    let socket = node.socket.clone();
+    let pid = node.collector.pid();
+    let before = common::descriptors(pid);
+    let storm: Vec<_> = (0..8)
+        .map(|t| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut answers = BTreeMap::<u16, u64>::new();
+                for i in 0..625 {
+                    // Every id twice (as after an agent restart) among
+                    // the first threads' ids.
+                    let id = format!("storm-{}", (t % 4) * 625 + i);
+                    *answers.entry(register(&socket, &id).0).or_default() += 1;
+                }
+                answers
+            })
+        })
+        .collect();
+    let mut answers = BTreeMap::<u16, u64>::new();
+    for thread in storm {
+        for (status, n) in thread.join().unwrap() {
+            *answers.entry(status).or_default() += n;
+        }
+    }
+    // 2,500 ids, each asked twice: 1,000 served (201 both times), the
+    // other 1,500 refused (204 both times).
+    assert_eq!(
+        answers,
+        BTreeMap::from([(201, 2000), (204, 3000)]),
+        "{answers:?}"
+    );
+    let collector = &node.collector;
+    assert_eq!(collector.metric("collector_statsd_containers"), 1000.0);
+    assert_eq!(
+        collector.metric("collector_statsd_registrations_total"),
+        1000.0
+    );
+    assert_eq!(
+        collector.metric("collector_statsd_registrations_refused_total"),
+        3000.0
+    );
+    let (_, list) = module_call(&socket, "GET", "/containers", None);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
+    let ports: std::collections::BTreeSet<u64> = list
+        .iter()
+        .map(|c| c["statsd_port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ports.len(), 1000, "a port each");
+    assert_eq!(std::fs::read_dir(&node.state).unwrap().count(), 1000);
+    // A socket each, and nothing else left open by the storm.
+    let mut during = 0;
+    eventually("a descriptor a container", || {
+        during = common::descriptors(pid);
+        during >= before + 1000 && during <= before + 1000 + 4
+    });
+
+    // Bodies the module never sends: 400. Ids that cannot name a file, a
+    // host that is no address: 204.
+    for body in [
+        "not json",
+        "{}",
+        r#"{"container_id":""}"#,
+        r#"{"container_id":7}"#,
+    ] {
+        let (status, text) = module_call(&socket, "POST", "/container", Some(body));
+        assert_eq!(status, 400, "{body}: {text}");
+        assert!(text.starts_with("Could not decode request"), "{text}");
+    }
+    for list in list.iter().take(10) {
+        let id = list["container_id"].as_str().unwrap();
+        assert_eq!(
+            module_call(&socket, "DELETE", &format!("/container/{id}"), None).0,
+            202
+        );
+    }
+    for body in [
+        r#"{"container_id":"../../etc/passwd"}"#.to_owned(),
+        r#"{"container_id":".hidden"}"#.to_owned(),
+        format!(r#"{{"container_id":"{}"}}"#, "x".repeat(300)),
+        r#"{"container_id":"h","statsd_host":"not-an-ip"}"#.to_owned(),
+    ] {
+        assert_eq!(
+            module_call(&socket, "POST", "/container", Some(&body)).0,
+            204,
+            "{body}"
+        );
+    }
+    // A port asked for that is taken.
+    let squatter = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let taken = squatter.local_addr().unwrap().port();
+    let body = format!(r#"{{"container_id":"p","statsd_port":{taken}}}"#);
+    assert_eq!(
+        module_call(&socket, "POST", "/container", Some(&body)).0,
+        204
+    );
+    assert_eq!(
+        collector.metric("collector_statsd_registrations_refused_total"),
+        3005.0
+    );
+    assert!(!Path::new("/etc/passwd.tmp").exists());
+
+    for c in &list[10..] {
+        let id = c["container_id"].as_str().unwrap();
+        assert_eq!(
+            module_call(&socket, "DELETE", &format!("/container/{id}"), None).0,
+            202
+        );
+    }
+    assert_eq!(collector.metric("collector_statsd_containers"), 0.0);
+    eventually("every listener's socket closed", || {
+        common::descriptors(pid) <= before + 4
+    });
+    assert_eq!(std::fs::read_dir(&node.state).unwrap().count(), 0);
+    let (code, final_line) = node.collector.stop();
+    assert_eq!(code, Some(0));
+    assert!(balanced(&final_line), "{final_line}");
+}
+
+/// A container sending past `statsd_container_limit_kbytes` has the rest
+/// of its packets dropped and counted, and another container is not
+/// touched by it.
+#[test]
+fn a_container_past_its_byte_limit_has_its_packets_dropped_and_counted() {
+    let node = node_in(
+        tempfile::tempdir().unwrap(),
+        &["--statsd-container-limit-kbytes=4"],
+    );
+    let (_, loud) = register(&node.socket, "loud");
+    let (_, quiet) = register(&node.socket, "quiet");
+    let port = |c: &serde_json::Value| c["statsd_port"].as_u64().unwrap() as u16;
+    let task = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    // 20 packets of 1,001 bytes: 4 fit the 4 KB (4,096 bytes) a minute.
+    let packet = format!("loud.counter:1|c\n{}", "pad:1|g\n".repeat(123));
+    assert_eq!(packet.len(), 1001);
+    for _ in 0..20 {
+        task.send_to(packet.as_bytes(), ("127.0.0.1", port(&loud)))
+            .unwrap();
+    }
+    task.send_to(b"quiet.counter:1|c", ("127.0.0.1", port(&quiet)))
+        .unwrap();
+    let collector = &node.collector;
+    eventually(
+        "the loud container's packets past its limit counted",
+        || {
+            collector.metric("collector_statsd_packets_over_limit_total") == 16.0
+                && collector.metric("collector_statsd_packets_total") == 5.0
+        },
+    );
+    eventually("both flushed", || {
+        let now = served(collector);
+        now.get(r#"loud_counter{container_id="loud",metric_type="counter"}"#) == Some(&4.0)
+            && now.get(r#"quiet_counter{container_id="quiet",metric_type="counter"}"#) == Some(&1.0)
+    });
+    let Node { collector, .. } = node;
+    let (code, final_line) = collector.stop();
+    assert_eq!(code, Some(0));
+    assert!(balanced(&final_line), "{final_line}");
+}
+
+/// A sender inventing series on 1,000 containers at once: what statsd
+/// holds stays within `statsd_max_bytes`, the process within the memory
+/// formula (which counts every container's listener), and every refusal
+/// is counted.
+#[test]
+fn invented_series_on_a_thousand_containers_stay_within_the_memory_bound() {
+    // Everything else small, so that the formula is close to what statsd
+    // may take.
+    let args = [
+        "--statsd-max-containers=1000",
+        "--statsd-max-bytes=8388608",
+        "--buffer-max-bytes=8388608",
+        "--statsd-container-limit-kbytes=0",
+        "--max-connections=16",
+        "--max-block-bytes=65536",
+        "--input-buffer-max-bytes=327680",
+        "--max-decompressed-block-bytes=65536",
+        "--max-partners=1",
+        "--store-max-series=20000",
+    ];
+    let node = node_in(tempfile::tempdir().unwrap(), &args);
+    let ports: Vec<u16> = (0..1000)
+        .map(|i| {
+            let (status, answer) = register(&node.socket, &format!("mem-{i}"));
+            assert_eq!(status, 201);
+            answer["statsd_port"].as_u64().unwrap() as u16
+        })
+        .collect();
+    let collector = &node.collector;
+    let task = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut sent_lines = 0u64;
+    for round in 0..10 {
+        for (c, port) in ports.iter().enumerate() {
+            // 20 new names a packet, each a timing (the costliest series).
+            let packet: String = (0..20)
+                .map(|i| format!("invented.{round}.{c}.{i}.{}:1|ms\n", "y".repeat(30)))
+                .collect();
+            task.send_to(packet.as_bytes(), ("127.0.0.1", *port))
+                .unwrap();
+            sent_lines += 20;
+        }
+        // Loopback's buffers are not what is tested here: let them drain.
+        eventually("the listeners kept up", || {
+            collector.metric("collector_statsd_lines_total") as u64 == sent_lines
+        });
+    }
+    eventually("the refusals counted and a flush made", || {
+        collector.metric("collector_statsd_series_refused_total") > 0.0
+            && collector.metric("collector_statsd_bytes") > 0.0
+    });
+    let held = collector.metric("collector_statsd_bytes");
+    assert!(held <= 8_388_608.0, "{held}");
+    let peak_rss = collector.peak_rss();
+    let config = collector::config::Config {
+        agent_polling: false,
+        node_metrics: false,
+        kafka: false,
+        statsd_control_listen: "unix:/x".parse().unwrap(),
+        statsd_max_containers: 1000,
+        statsd_max_bytes: 8 << 20,
+        buffer_max_bytes: 8 << 20,
+        max_connections: 16,
+        max_block_bytes: 65_536,
+        input_buffer_max_bytes: 327_680,
+        max_decompressed_block_bytes: 65_536,
+        max_partners: 1,
+        store_max_series: 20_000,
+        prometheus_listen: "127.0.0.1:0".parse().unwrap(),
+        ..collector::config::Config::default()
+    };
+    let bound = config.memory_bound();
+    eprintln!(
+        "peak RSS {:.1} MiB, bound {:.1} MiB (statsd {:.1} MiB)",
+        peak_rss as f64 / 1048576.0,
+        bound.total as f64 / 1048576.0,
+        bound.statsd as f64 / 1048576.0
+    );
+    assert!(
+        peak_rss <= bound.total,
+        "peak RSS {peak_rss} > bound {bound:?}"
+    );
+    let Node { collector, .. } = node;
+    let (code, final_line) = collector.stop();
+    assert_eq!(code, Some(0));
+    assert!(balanced(&final_line), "{final_line}");
+}
+
+#[test]
+fn statsd_options_name_themselves_when_wrong() {
+    for (flags, field) in [
+        (
+            &[
+                "--statsd-control-listen=unix:/tmp/x.sock",
+                "--statsd-host=0.0.0.0",
+            ][..],
+            "statsd_host",
+        ),
+        (&["--statsd-state-dir=/tmp/x"][..], "statsd_state_dir"),
+        (
+            &[
+                "--statsd-control-listen=unix:/tmp/x.sock",
+                "--statsd-max-containers=0",
+            ][..],
+            "statsd_max_containers",
+        ),
+        (
+            &["--statsd-container-limit-secs=0"][..],
+            "statsd_container_limit_secs",
+        ),
+        (&["--statsd-host=nope"][..], "statsd-host"),
+    ] {
+        let out = common::binary("collector")
+            .arg("validate")
+            .args(common::base_args())
+            .args(flags)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?}");
+        assert!(stderr.contains(field), "{flags:?}: {stderr}");
+    }
+    // A state directory that cannot be made stops the start, named.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    let out = common::binary("collector")
+        .args(common::base_args())
+        .arg(format!(
+            "--statsd-control-listen=unix:{}",
+            dir.path().join("s.sock").display()
+        ))
+        .arg(format!("--statsd-state-dir={}", file.join("sub").display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("statsd_state_dir"), "{stderr}");
+}
