@@ -387,6 +387,15 @@ impl AgentHandle {
         self.lock().make_containers(count);
     }
 
+    /// The ids of the containers it runs (as `/state` names them).
+    pub fn container_ids(&self) -> Vec<String> {
+        self.lock()
+            .containers
+            .iter()
+            .map(|c| c.container_id.clone())
+            .collect()
+    }
+
     /// Containers it runs.
     pub fn container_count(&self) -> usize {
         self.lock().containers.len()

@@ -11,6 +11,9 @@
 //!   exact header, fixed sync, null codec) and "other processes" (random
 //!   sync, deflate or snappy), plus malformed modes. Every MetricList carries
 //!   a producer id and a sequence number so a verifier can account for it.
+//! - [`statsd_module`]: the DC/OS 1.12+ mesos module (container
+//!   registrations over the statsd registration API) and its tasks' statsd
+//!   with known totals, and the checks of what arrived.
 //! - [`prometheus`]: a real Prometheus server in the cluster, configured by
 //!   `simulator prometheus`, and what the verifier asks of it.
 //! - [`cluster`]: the same pieces as separate processes (docker-compose and
@@ -27,6 +30,7 @@ pub mod process;
 pub mod producer;
 pub mod prometheus;
 pub mod scheduler;
+pub mod statsd_module;
 pub mod tls;
 pub mod up;
 pub mod verify;

@@ -121,6 +121,30 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// The DC/OS 1.12+ mesos module: registers containers with a
+    /// collector's statsd registration API, runs their tasks' statsd until
+    /// Ctrl-C, deregisters the last `--deregister` of them, and prints
+    /// what every series must total (JSON).
+    Module {
+        /// The registration API: unix:PATH or IP:PORT.
+        #[arg(long, default_value = "unix:/run/dcos/telegraf/dcos_statsd.sock")]
+        control: simulator::statsd_module::Control,
+        /// Containers (made-up ids, unless --agent gives them).
+        #[arg(long, default_value_t = 3)]
+        containers: usize,
+        /// A Mesos agent's URL: register the containers its /state names.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Packets per second from each task (six lines each).
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        /// Containers deregistered at the end.
+        #[arg(long, default_value_t = 1)]
+        deregister: usize,
+        /// Prefix of made-up container ids (unique per node).
+        #[arg(long, default_value = "module")]
+        id: String,
+    },
     /// Malformed streams sent to a collector, one connection per interval,
     /// until Ctrl-C.
     Garbage {
@@ -317,6 +341,48 @@ async fn run(command: Command, security: KafkaSecurity) -> anyhow::Result<()> {
             scheduler.set_tls_lists(tls_brokers, tls_addresses);
             println!("Kafka scheduler listening on {}", scheduler.url());
             ctrl_c().await;
+        }
+        Command::Module {
+            control,
+            containers,
+            agent,
+            rate,
+            deregister,
+            id,
+        } => {
+            let ids = match agent {
+                Some(url) => {
+                    let state: serde_json::Value =
+                        reqwest::get(format!("{url}/state")).await?.json().await?;
+                    state["frameworks"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .flat_map(|f| f["executors"].as_array().into_iter().flatten())
+                        .filter_map(|e| e["container"].as_str().map(str::to_owned))
+                        .collect()
+                }
+                None => (0..containers)
+                    .map(|i| format!("{id}-container-{i}"))
+                    .collect(),
+            };
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let module = tokio::spawn(
+                simulator::statsd_module::statsd_module(control, ids)
+                    .rate(rate)
+                    .deregister(deregister)
+                    .run(stop.clone()),
+            );
+            println!("module (1.12) running; Ctrl-C deregisters and reports");
+            ctrl_c().await;
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let report = module.await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            anyhow::ensure!(
+                report.failed_calls.is_empty(),
+                "calls failed: {:?}",
+                report.failed_calls
+            );
         }
         Command::Producers {
             collector,

@@ -23,6 +23,10 @@ use crate::agent::mesos_agent;
 use crate::dns::mesos_dns;
 use crate::producer::module_producer;
 use crate::scheduler::kafka_scheduler;
+use crate::statsd_module::{
+    Control as StatsdControl, check_kafka as check_statsd_kafka,
+    check_prometheus as check_statsd_prometheus, statsd_module,
+};
 use crate::verify::{CollectorCounts, Percentiles, Verifier, check_conservation};
 
 /// A fault script to play during the run.
@@ -53,9 +57,28 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// The generation of the mesos module on the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
+pub enum ModuleGeneration {
+    /// DC/OS 1.9 to 1.11: Avro over TCP to the collector's input.
+    #[default]
+    #[value(name = "1.11")]
+    #[serde(rename = "1.11")]
+    V1_11,
+    /// DC/OS 1.12 and later: each container registered with the statsd
+    /// registration API, its task's statsd on its own port.
+    #[value(name = "1.12")]
+    #[serde(rename = "1.12")]
+    V1_12,
+}
+
 /// What to run.
 #[derive(Debug, Clone, clap::Args)]
 pub struct UpOptions {
+    /// The mesos module's generation: 1.11 (module producers over TCP) or
+    /// 1.12 (container registrations and per-container statsd).
+    #[arg(long, value_enum, default_value = "1.11")]
+    pub module: ModuleGeneration,
     /// Stop after this long and verify (e.g. 20s); without it, run until Ctrl-C.
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
@@ -113,8 +136,26 @@ pub struct UpReport {
     /// The containers Prometheus serves with their task's name:
     /// `(container id, task name)`.
     pub tasks_served: Vec<(String, String)>,
+    /// With `--module 1.12`: the containers registered, and what their
+    /// tasks sent.
+    pub statsd: Option<StatsdSummary>,
     /// Every failed check, in words; empty when conservation holds.
     pub failures: Vec<String>,
+}
+
+/// What the 1.12 module and its tasks did, and what was checked.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StatsdSummary {
+    /// Containers registered (201).
+    pub registered: usize,
+    /// Of those, deregistered at the end (202).
+    pub deregistered: usize,
+    /// Packets their tasks sent.
+    pub packets: u64,
+    /// Packets the collector read.
+    pub packets_read: u64,
+    /// Series whose total was checked in Kafka.
+    pub series_checked: usize,
 }
 
 impl UpReport {
@@ -152,6 +193,10 @@ pub async fn run(
         .frameworks(2)
         .run()
         .await?;
+    let statsd_socket = std::env::temp_dir().join(format!(
+        "simulator-up-{}/dcos_statsd.sock",
+        std::process::id()
+    ));
 
     let config = Config {
         listen_endpoint: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
@@ -172,6 +217,12 @@ pub async fn run(
         metrics_api_listen: Listen::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
         store_drop_tags: vec![crate::producer::SEQ_TAG.to_owned()],
         node_poll_period: 10,
+        // The 1.12 module registers containers on a unix socket.
+        statsd_control_listen: match options.module {
+            ModuleGeneration::V1_11 => Listen::Off,
+            ModuleGeneration::V1_12 => Listen::Unix(statsd_socket.clone()),
+        },
+        statsd_flush_secs: 2,
         // A partner that stops reading fills a small queue within seconds.
         partner_buffer_kbytes: if options.scenario == Some(Scenario::PartnerStall) {
             64
@@ -220,7 +271,24 @@ pub async fn run(
     ));
 
     let stop_producers = Arc::new(AtomicBool::new(false));
-    let producer_tasks: Vec<_> = (0..options.producers)
+    let producers = match options.module {
+        ModuleGeneration::V1_11 => options.producers,
+        ModuleGeneration::V1_12 => 0,
+    };
+    // The 1.12 module registers the agent's containers (their framework is
+    // their topic), and deregisters two at the end.
+    let statsd_module = (options.module == ModuleGeneration::V1_12).then(|| {
+        tokio::spawn(
+            statsd_module(
+                StatsdControl::Unix(statsd_socket.clone()),
+                agent.container_ids(),
+            )
+            .rate(10.0)
+            .deregister(2)
+            .run(stop_producers.clone()),
+        )
+    });
+    let producer_tasks: Vec<_> = (0..producers)
         .map(|i| {
             let module = module_producer(input, format!("module-{i}"))
                 .containers(3)
@@ -343,6 +411,30 @@ pub async fn run(
         producers_dropped += report.dropped;
         producers_generated += report.generated;
     }
+    let mut failures = Vec::new();
+    let statsd_report = match statsd_module {
+        Some(task) => Some(task.await?),
+        None => None,
+    };
+    if let Some(report) = &statsd_report {
+        failures.extend(report.failed_calls.iter().cloned());
+        // The still registered containers' last values reach Prometheus
+        // at their next flush.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut differences = Vec::new();
+        while Instant::now() < deadline {
+            let text = match reqwest::get(format!("http://{prometheus}/metrics")).await {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            differences = check_statsd_prometheus(report, &text);
+            if differences.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        failures.extend(differences);
+    }
     stop_sample.cancel();
     let sample_report = sample_task.await?;
     let partner_drops = stats.partner_blocks_dropped.load(Relaxed);
@@ -362,13 +454,43 @@ pub async fn run(
     let seen = verifier.stop();
     let latency = seen.latency();
     drop(moved);
+    if let Some(dir) = statsd_socket.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     let producers_verified = seen.producer_datapoints();
     let duplicates: u64 = seen.producers.values().map(|p| p.duplicates).sum();
     let dropped = accounting.dropped_total().datapoints;
     // The collector's identity, Kafka against the collector's count, no
     // duplicates: the checks the cluster's verifier makes too.
-    let mut failures = check_conservation(&CollectorCounts::from(&accounting), &seen);
+    failures.extend(check_conservation(
+        &CollectorCounts::from(&accounting),
+        &seen,
+    ));
+    let statsd = statsd_report.map(|report| {
+        failures.extend(check_statsd_kafka(&report, &seen.statsd, "metrics-"));
+        let packets_read = stats.statsd_packets.load(Relaxed);
+        if packets_read != report.packets() {
+            failures.push(format!(
+                "statsd: the tasks sent {} packets, the collector read {packets_read} (the kernel dropped {})",
+                report.packets(),
+                stats.statsd_packets_dropped_by_kernel.load(Relaxed)
+            ));
+        }
+        StatsdSummary {
+            registered: report.containers.iter().filter(|c| c.status == 201).count(),
+            deregistered: report.containers.iter().filter(|c| c.deregistered).count(),
+            packets: report.packets(),
+            packets_read,
+            series_checked: report.containers.iter().map(|c| c.expected.len()).sum(),
+        }
+    });
+    if statsd.as_ref().is_some_and(|s| s.registered != containers) {
+        failures.push(format!(
+            "statsd: {} of the agent's {containers} containers registered",
+            statsd.as_ref().map_or(0, |s| s.registered)
+        ));
+    }
     if !accounting.balanced() {
         failures.push(format!(
             "collector identity broken (records): {accounting:?}"
@@ -392,7 +514,8 @@ pub async fn run(
             seen.sample_datapoints, sample_report.datapoints_delivered
         ));
     }
-    if producers_sent == 0 || accounting.delivered.datapoints == 0 {
+    let sent_anything = producers_sent > 0 || statsd.as_ref().is_some_and(|s| s.packets > 0);
+    if !sent_anything || accounting.delivered.datapoints == 0 {
         failures.push("nothing flowed".into());
     }
     let served_containers: std::collections::BTreeSet<&String> = tasks_served
@@ -420,6 +543,7 @@ pub async fn run(
         sample_verified: seen.sample_datapoints,
         latency_ms: latency,
         tasks_served: tasks_served.into_iter().collect(),
+        statsd,
         failures,
     })
 }
@@ -478,6 +602,16 @@ pub fn print_report(report: &UpReport) {
         "kafka metrics topics: {} datapoints",
         report.kafka_metrics_datapoints
     );
+    if let Some(statsd) = &report.statsd {
+        println!(
+            "statsd (1.12 module): {} containers registered, {} deregistered at the end; {} packets sent, {} read; {} series' totals checked in Kafka and Prometheus",
+            statsd.registered,
+            statsd.deregistered,
+            statsd.packets,
+            statsd.packets_read,
+            statsd.series_checked
+        );
+    }
     println!(
         "sample-producer: {} polls, {} datapoints delivered, {} on the sample topic",
         report.sample_producer.polls,

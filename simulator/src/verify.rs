@@ -57,6 +57,10 @@ pub struct Seen {
     pub sample_datapoints: u64,
     /// Sample topic: datapoint names per `executor_id` tag.
     pub sample_executors: BTreeMap<String, BTreeSet<String>>,
+    /// statsd values of containers (records with `container_id` and
+    /// `metric_type` tags), the latest of each series.
+    #[serde(skip)]
+    pub statsd: crate::statsd_module::StatsdSeen,
     #[serde(skip)]
     latencies_ms: Vec<u64>,
 }
@@ -240,6 +244,33 @@ fn consume(
                     for point in &record.datapoints {
                         if !names.contains(&point.name) {
                             names.insert(point.name.clone());
+                        }
+                    }
+                }
+            }
+            if let (Some(container), Some(_), None) = (
+                record.tag("container_id"),
+                record.tag("metric_type"),
+                record.tag(PRODUCER_TAG),
+            ) {
+                let tags: BTreeMap<String, String> = record
+                    .tags
+                    .iter()
+                    .map(|t| (t.key.clone(), t.value.clone()))
+                    .collect();
+                for point in &record.datapoints {
+                    let series = seen
+                        .statsd
+                        .entry((container.to_owned(), point.name.clone()))
+                        .or_default();
+                    match series.iter_mut().find(|(t, ..)| *t == tags) {
+                        Some(held) if held.1 > point.time_ms => {}
+                        Some(held) => {
+                            (held.1, held.2) = (point.time_ms, point.value);
+                            held.3.clone_from(&topic);
+                        }
+                        None => {
+                            series.push((tags.clone(), point.time_ms, point.value, topic.clone()))
                         }
                     }
                 }

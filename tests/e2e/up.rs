@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
-use simulator::up::{Scenario, UpOptions, print_report, run};
+use simulator::up::{ModuleGeneration, Scenario, UpOptions, print_report, run};
 
 fn options(scenario: Option<Scenario>) -> UpOptions {
     UpOptions {
+        module: ModuleGeneration::V1_11,
         duration: Some(Duration::from_secs(20)),
         producers: 4,
         containers: 6,
@@ -31,6 +32,25 @@ async fn up_for_20s_conserves_every_datapoint() {
         report.producers_sent + report.producers_dropped
     );
     assert!(report.sample_producer.datapoints_delivered > 0);
+}
+
+/// `simulator up --module 1.12`: the agent's containers registered as the
+/// 1.12 module registers them, their tasks' statsd totals exact in Kafka
+/// (each in its framework's topic) and in Prometheus, two containers
+/// deregistered with their last flush arriving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_the_1_12_module_every_statsd_total_arrives() {
+    let mut options = options(None);
+    options.module = ModuleGeneration::V1_12;
+    let report = run(options, std::future::pending()).await.unwrap();
+    print_report(&report);
+    assert!(report.passed(), "{:?}", report.failures);
+    let statsd = report.statsd.expect("the 1.12 module ran");
+    assert_eq!(statsd.registered, 6);
+    assert_eq!(statsd.deregistered, 2);
+    assert!(statsd.packets > 0 && statsd.packets == statsd.packets_read);
+    assert_eq!(statsd.series_checked, 6 * 7);
+    assert_eq!(report.producers_sent, 0, "no 1.11 module");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
