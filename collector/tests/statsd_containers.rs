@@ -83,7 +83,7 @@ struct Node {
     collector: Running,
     socket: PathBuf,
     state: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 /// A collector with the registration API on a unix socket, its state
@@ -104,7 +104,7 @@ fn node_in(dir: tempfile::TempDir, extra: &[&str]) -> Node {
         collector: start(&args, None),
         socket,
         state,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -280,17 +280,35 @@ fn a_containers_statsd_in_kafka_as_an_independent_reader_reads_it() {
     }
 }
 
+/// A UDP port free now below the kernel's ephemeral range (32768 and up
+/// by default), so that no other test's socket takes it meanwhile.
+fn unclaimed_port(after: u16) -> u16 {
+    (after..32_000)
+        .find(|p| std::net::UdpSocket::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below 32000")
+}
+
+/// `POST /container` for `id` on `port`.
+fn register_on(socket: &Path, id: &str, port: u16) -> serde_json::Value {
+    let body = format!(r#"{{"container_id":"{id}","statsd_port":{port}}}"#);
+    let (status, answer) = module_call(socket, "POST", "/container", Some(&body));
+    assert_eq!(status, 201, "{answer}");
+    serde_json::from_str(&answer).unwrap()
+}
+
 #[test]
 fn registrations_are_bound_again_after_a_restart_on_their_ports() {
     let node = node_in(tempfile::tempdir().unwrap(), &[]);
-    let (_, a) = register(&node.socket, "c-a");
-    let (_, b) = register(&node.socket, "c-b");
+    // Ports the kernel gives no other socket meanwhile (tests run side by
+    // side, each binding ports of its own).
+    let a = register_on(&node.socket, "c-a", unclaimed_port(21_000));
+    let b = register_on(&node.socket, "c-b", unclaimed_port(23_000));
     let port = |c: &serde_json::Value| c["statsd_port"].as_u64().unwrap() as u16;
     let Node {
         collector,
         socket,
         state,
-        _dir,
+        dir,
     } = node;
     let (code, _) = collector.stop();
     assert_eq!(code, Some(0));
@@ -299,7 +317,7 @@ fn registrations_are_bound_again_after_a_restart_on_their_ports() {
     let squatter = std::net::UdpSocket::bind(("127.0.0.1", port(&b))).unwrap();
     std::fs::write(state.join("garbage"), b"{not json").unwrap();
     std::fs::write(state.join(".c-z.tmp"), b"{").unwrap();
-    let node = node_in(_dir, &[]);
+    let node = node_in(dir, &[]);
     assert_eq!(node.socket, socket);
     let (status, list) = module_call(&socket, "GET", "/containers", None);
     assert_eq!(status, 200);
@@ -442,7 +460,24 @@ fn a_registration_storm_past_the_limit_never_fails_a_launch() {
         collector.metric("collector_statsd_registrations_refused_total"),
         3005.0
     );
-    assert!(!Path::new("/etc/passwd.tmp").exists());
+    // Nothing was written outside the state directory.
+    let written: Vec<PathBuf> = std::fs::read_dir(node.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(written.len(), 2, "{written:?}");
+    assert!(
+        written.contains(&node.state)
+            && written.contains(&node.socket.parent().unwrap().to_owned())
+    );
+    assert!(
+        std::fs::read_dir(&node.state).unwrap().all(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("storm-")),
+        "only the storm's registrations"
+    );
 
     for c in &list[10..] {
         let id = c["container_id"].as_str().unwrap();

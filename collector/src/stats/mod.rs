@@ -410,6 +410,8 @@ stats! {
         statsd_set_members_refused,
         /// statsd packets of a container dropped past its statsd_container_limit_kbytes.
         statsd_packets_over_limit,
+        /// statsd lines (not empty) in the packets dropped past statsd_container_limit_kbytes.
+        statsd_lines_over_limit,
         /// Containers registered through the statsd registration API (a new listener each; a repeated registration is not counted).
         statsd_registrations,
         /// Registrations answered 204, so that the task runs without statsd (logged with the reason): at statsd_max_containers, a port that could not be bound, a state file that could not be written, an id that cannot name a file, or the collector shutting down.

@@ -12,8 +12,8 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use schema::Tag;
@@ -186,16 +186,22 @@ pub fn kernel_drops(proc_net: &std::path::Path) -> HashMap<u64, u64> {
 /// listener asking about the same moment: `/proc/net/udp` lists every
 /// socket of the node, so a thousand listeners reading it each at every
 /// flush would cost the node more than their statsd.
+/// The table is read on a blocking thread (it is megabytes on a node of
+/// many sockets).
 #[derive(Debug, Default)]
-pub struct KernelDrops(Mutex<Option<(Instant, HashMap<u64, u64>)>>);
+pub struct KernelDrops(tokio::sync::Mutex<Option<(Instant, HashMap<u64, u64>)>>);
 
 impl KernelDrops {
-    /// The drops of the socket `inode`, as of a read made at `since` or
-    /// later (made now when the last is older).
-    pub fn of(&self, inode: u64, since: Instant) -> Option<u64> {
-        let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
+    /// The drops of the socket `inode`, as of a read begun at `since` or
+    /// later (begun now when the last is older).
+    pub async fn of(&self, inode: u64, since: Instant) -> Option<u64> {
+        let mut table = self.0.lock().await;
         if table.as_ref().is_none_or(|(taken, _)| *taken < since) {
-            *table = Some((Instant::now(), kernel_drops("/proc/net".as_ref())));
+            let taken = Instant::now();
+            let read = tokio::task::spawn_blocking(|| kernel_drops("/proc/net".as_ref()))
+                .await
+                .unwrap_or_default();
+            *table = Some((taken, read));
         }
         table.as_ref()?.1.get(&inode).copied()
     }
@@ -206,14 +212,17 @@ const DROPS_FRESH: Duration = Duration::from_secs(1);
 
 /// Counts into `stats` what the kernel dropped for the socket of `inode`
 /// since `seen` (as of a read made at `since` or later), and logs it.
-fn count_kernel_drops(
+async fn count_kernel_drops(
     inode: Option<u64>,
     seen: &mut u64,
     settings: &StatsdSettings,
     since: Instant,
     stats: &Stats,
 ) {
-    let Some(drops) = inode.and_then(|i| settings.kernel_drops.of(i, since)) else {
+    let Some(inode) = inode else {
+        return;
+    };
+    let Some(drops) = settings.kernel_drops.of(inode, since).await else {
         return;
     };
     let new = drops.saturating_sub(*seen);
@@ -300,10 +309,23 @@ impl StatsdListener {
     /// returns. A flush waiting for room in the buffer gives up 1 s after
     /// `shutdown` (its values counted as a `shutdown` drop).
     pub async fn run(self, stop: CancellationToken, shutdown: CancellationToken) {
-        let local = self.socket.local_addr().ok();
-        match &self.destination {
+        let StatsdListener {
+            socket,
+            destination,
+            settings,
+            limit,
+            pipeline,
+        } = self;
+        let this = Parts {
+            destination,
+            settings,
+            limit,
+            pipeline,
+        };
+        let local = socket.local_addr().ok();
+        match &this.destination {
             Destination::Fixed { topic, .. } => {
-                info!(address = ?local, %topic, flush = ?self.settings.flush, "Listening for statsd.");
+                info!(address = ?local, %topic, flush = ?this.settings.flush, "Listening for statsd.");
             }
             Destination::Container(id) => {
                 debug!(address = ?local, container_id = %id, "Listening for a container's statsd.");
@@ -311,9 +333,9 @@ impl StatsdListener {
         }
         let mut state = ReadState {
             aggregator: Aggregator::new(
-                self.settings.max_series,
-                &self.settings.percentiles,
-                self.settings.budget.clone(),
+                this.settings.max_series,
+                &this.settings.percentiles,
+                this.settings.budget.clone(),
             ),
             window: Window {
                 start: Instant::now(),
@@ -323,25 +345,25 @@ impl StatsdListener {
             unknown_flushes: 0,
         };
         let mut router = Router::default();
-        let inode = inode(&self.socket);
+        let inode = inode(&socket);
         let mut tick = tokio::time::interval_at(
-            tokio::time::Instant::now() + self.settings.flush,
-            self.settings.flush,
+            tokio::time::Instant::now() + this.settings.flush,
+            this.settings.flush,
         );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let stats = self.pipeline.stats.clone();
+        let stats = this.pipeline.stats.clone();
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
                 _ = tick.tick() => {
                     let since = Instant::now().checked_sub(DROPS_FRESH).unwrap_or_else(Instant::now);
-                    count_kernel_drops(inode, &mut state.drops_seen, &self.settings, since, &stats);
-                    if !self.flush(&mut state, &mut router, &shutdown, false).await {
+                    count_kernel_drops(inode, &mut state.drops_seen, &this.settings, since, &stats).await;
+                    if !this.flush(&mut state, &mut router, &shutdown, false).await {
                         return;
                     }
                 }
-                ready = self.socket.readable() => match ready {
-                    Ok(()) => self.read_ready(&mut state, READS_PER_TURN),
+                ready = socket.readable() => match ready {
+                    Ok(()) => this.read_ready(&socket, &mut state, READS_PER_TURN),
                     Err(error) => crate::telemetry::throttled_warn("statsd read failed", |repeats| {
                         warn!(%error, repeats, "A statsd read failed.");
                     }),
@@ -352,29 +374,51 @@ impl StatsdListener {
         // drops counted as of the stop (listeners stopping together share
         // one read).
         let stopped = Instant::now();
-        self.read_ready(&mut state, DRAIN_PACKETS);
+        this.read_ready(&socket, &mut state, DRAIN_PACKETS);
         count_kernel_drops(
             inode,
             &mut state.drops_seen,
-            &self.settings,
+            &this.settings,
             stopped,
             &stats,
-        );
-        self.flush(&mut state, &mut router, &shutdown, true).await;
+        )
+        .await;
+        // The port is let go of before the last flush, which may wait for
+        // room in the buffer: a deregistered container holds no descriptor
+        // meanwhile.
+        drop(socket);
+        this.flush(&mut state, &mut router, &shutdown, true).await;
     }
+}
 
+/// What a listener does with what it reads, its socket apart.
+struct Parts {
+    destination: Destination,
+    settings: StatsdSettings,
+    limit: Option<ByteLimit>,
+    pipeline: Arc<Pipeline>,
+}
+
+impl Parts {
     /// Reads at most `packets` packets the socket holds now, each into
     /// the thread's buffer and taken at once.
-    fn read_ready(&self, state: &mut ReadState, packets: usize) {
+    fn read_ready(&self, socket: &UdpSocket, state: &mut ReadState, packets: usize) {
         let stats = &self.pipeline.stats;
         PACKET.with_borrow_mut(|buf| {
             for _ in 0..packets {
-                match self.socket.try_recv_from(buf) {
+                match socket.try_recv_from(buf) {
                     Ok((n, _)) => {
                         if state.window.admits(self.limit, n) {
                             take_packet(&buf[..n], &mut state.aggregator, stats);
                         } else {
                             stats.statsd_packets_over_limit.fetch_add(1, Relaxed);
+                            let lines = buf[..n]
+                                .split(|b| *b == b'\n')
+                                .filter(|line| !line.trim_ascii().is_empty())
+                                .count();
+                            stats
+                                .statsd_lines_over_limit
+                                .fetch_add(lines as u64, Relaxed);
                             crate::telemetry::throttled_warn("statsd over limit", |repeats| {
                                 warn!(
                                     destination = ?self.destination,
@@ -504,12 +548,8 @@ struct ReadState {
 mod tests {
     use super::*;
 
-    async fn listener(
-        destination: Destination,
-        enrichment: crate::enrich::Enrichment,
-    ) -> StatsdListener {
-        StatsdListener {
-            socket: bind("127.0.0.1:0".parse().unwrap()).await.unwrap().0,
+    fn listener(destination: Destination, enrichment: crate::enrich::Enrichment) -> Parts {
+        Parts {
             destination,
             settings: StatsdSettings::new(&crate::config::Config::default()),
             limit: None,
@@ -549,12 +589,12 @@ mod tests {
                 Tag::new("framework_id", fw),
             ]
         };
-        let l = listener(Destination::Container("c".into()), known.clone()).await;
+        let l = listener(Destination::Container("c".into()), known.clone());
         assert_eq!(
             l.resolve(&mut read_state(), false),
             Some(("fw".into(), ids("c", "ex", "fw")))
         );
-        let l = listener(Destination::Container("new".into()), known).await;
+        let l = listener(Destination::Container("new".into()), known);
         let mut state = read_state();
         for _ in 0..UNKNOWN_CONTAINER_FLUSHES {
             assert_eq!(l.resolve(&mut state, false), None);
@@ -572,8 +612,7 @@ mod tests {
         let l = listener(
             Destination::Container("c".into()),
             crate::enrich::Enrichment::default(),
-        )
-        .await;
+        );
         assert_eq!(
             l.resolve(&mut read_state(), false),
             Some((NODE_TOPIC.to_owned(), vec![Tag::new("container_id", "c")]))
@@ -582,7 +621,7 @@ mod tests {
             topic: "t".into(),
             tags: vec![Tag::new("k", "v")],
         };
-        let l = listener(fixed, crate::enrich::Enrichment::default()).await;
+        let l = listener(fixed, crate::enrich::Enrichment::default());
         assert_eq!(
             l.resolve(&mut read_state(), false),
             Some(("t".into(), vec![Tag::new("k", "v")]))

@@ -5,9 +5,12 @@
 //!
 //! A state file is named after its container and holds what the
 //! registration answered, `{"container_id", "statsd_host", "statsd_port"}`
-//! (DC/OS's Telegraf kept the same files, so its directory can be taken
-//! over as it is). It is written whole before the answer (a temporary file,
-//! synced, renamed, the directory synced), and removed at deregistration.
+//! (DC/OS's Telegraf kept the same files, so its files can be taken over
+//! as they are). It is written whole before the answer (a temporary file,
+//! renamed over it), and removed at deregistration. It is not synced:
+//! registrations matter across the collector's restarts, which the page
+//! cache survives, and not across the node's, which its containers do not
+//! survive either; so no registration waits for a disk.
 //!
 //! A metrics agent must never fail a task's launch: anything that keeps a
 //! container from its listener (the limit, a port that cannot be bound, a
@@ -37,6 +40,15 @@ pub const MAX_ID_BYTES: usize = 255;
 
 /// Bytes of a state file read at start, at most.
 pub const MAX_STATE_FILE_BYTES: u64 = 4096;
+
+/// How long a registration may take before it is answered 204 (the module
+/// gives up, and fails the launch, after 5 s).
+pub const REGISTRATION_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// How long a container the agent's `/state` named (or one restored at
+/// start) may be missing from it before it is deregistered: one answer
+/// leaving it out (an agent recovering) is not enough.
+pub const ABSENT_FOR: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// What `POST /container` sends (the module sends `container_id` alone).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -139,6 +151,9 @@ pub enum Refused {
     /// The collector is shutting down.
     #[error("the collector is shutting down")]
     ShuttingDown,
+    /// The registration took longer than [`REGISTRATION_DEADLINE`].
+    #[error("it took longer than {REGISTRATION_DEADLINE:?}")]
+    Slow,
 }
 
 /// What a registration did.
@@ -291,8 +306,8 @@ fn read_state(path: &Path) -> Result<Container, String> {
     Container::from_json(&text)
 }
 
-/// Writes `container`'s state file whole: a temporary file, synced, then
-/// renamed, and the directory synced.
+/// Writes `container`'s state file whole: a temporary file, renamed over
+/// it (not synced: see the module's doc).
 pub fn write_state(dir: &Path, container: &Container) -> Result<(), String> {
     use std::io::Write;
     let path = dir.join(&container.container_id);
@@ -300,9 +315,7 @@ pub fn write_state(dir: &Path, container: &Container) -> Result<(), String> {
     let write = || -> std::io::Result<()> {
         let mut file = std::fs::File::create(&temporary)?;
         file.write_all(&serde_json::to_vec(container).map_err(std::io::Error::other)?)?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, &path)?;
-        std::fs::File::open(dir)?.sync_all()
+        std::fs::rename(&temporary, &path)
     };
     write().map_err(|e| {
         let _ = std::fs::remove_file(&temporary);
@@ -315,9 +328,13 @@ struct Entry {
     container: Container,
     /// Stops its listener (which then flushes).
     stop: CancellationToken,
-    /// Whether the agent's `/state` has named it (so that its absence
-    /// later means it is gone).
+    /// Its listener's task.
+    task: Option<tokio::task::Id>,
+    /// Whether the agent's `/state` has named it, or it was restored at
+    /// start (so that its absence means it is gone).
     seen_by_agent: bool,
+    /// Since when the agent's `/state` has not named it, once it had.
+    absent_since: Option<std::time::Instant>,
 }
 
 struct Inner {
@@ -360,7 +377,7 @@ impl Registry {
                 .try_lock()
                 .expect("a new registry is not shared yet");
             for Restored { container, socket } in restored {
-                registry.start(&mut inner, container, socket);
+                registry.start(&mut inner, container, socket, true);
             }
         }
         Arc::new(registry)
@@ -385,7 +402,9 @@ impl Registry {
     /// Registers a container: binds its listener and keeps its state file,
     /// or gives the one it has.
     pub async fn register(&self, request: Request) -> Result<Registered, Refused> {
-        let outcome = self.try_register(request).await;
+        let outcome = tokio::time::timeout(REGISTRATION_DEADLINE, self.try_register(request))
+            .await
+            .unwrap_or(Err(Refused::Slow));
         match &outcome {
             Ok(Registered::New(container)) => {
                 self.pipeline
@@ -421,21 +440,22 @@ impl Registry {
                 .map_err(|_| Refused::Host(host.clone()))?,
             None => self.settings.host,
         };
-        // Registrations are taken one at a time: a repeated one then finds
-        // the first's listener.
+        // Registrations are taken one at a time (a repeated one then finds
+        // the first's listener), and nothing from here on awaits: a call
+        // given up (the client gone, the deadline) leaves nothing half done.
         let mut inner = self.inner.lock().await;
-        while inner.listeners.try_join_next().is_some() {}
-        if let Some(entry) = inner.containers.get(&request.container_id) {
-            return Ok(Registered::Known(entry.container.clone()));
-        }
+        self.reap(&mut inner);
         if inner.closed || self.shutdown.is_cancelled() {
             return Err(Refused::ShuttingDown);
+        }
+        if let Some(entry) = inner.containers.get(&request.container_id) {
+            return Ok(Registered::Known(entry.container.clone()));
         }
         if inner.containers.len() >= self.settings.max_containers {
             return Err(Refused::Full(inner.containers.len()));
         }
         let addr = SocketAddr::new(ip, request.statsd_port.unwrap_or(0));
-        let socket = bind_udp(addr)
+        let (socket, port) = bind_udp(addr)
             .and_then(|s| {
                 let port = s.local_addr()?.port();
                 Ok((UdpSocket::from_std(s)?, port))
@@ -443,36 +463,48 @@ impl Registry {
             .map_err(|e| Refused::Bind {
                 addr,
                 reason: e.to_string(),
-            });
-        let (socket, port) = socket?;
+            })?;
         let container = Container {
             container_id: request.container_id,
             statsd_host: request.statsd_host.unwrap_or_else(|| ip.to_string()),
             statsd_port: port,
         };
-        if let Some(dir) = self.settings.state_dir.clone() {
-            let kept = container.clone();
-            let written = tokio::task::spawn_blocking(move || write_state(&dir, &kept))
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()));
-            if let Err(reason) = written {
-                return Err(Refused::State {
-                    path: self
-                        .settings
-                        .state_dir
-                        .clone()
-                        .unwrap_or_default()
-                        .join(&container.container_id),
-                    reason,
-                });
-            }
+        // A small write into the page cache (not synced): no wait on a disk.
+        if let Some(dir) = &self.settings.state_dir {
+            write_state(dir, &container).map_err(|reason| Refused::State {
+                path: dir.join(&container.container_id),
+                reason,
+            })?;
         }
-        self.start(&mut inner, container.clone(), socket);
+        self.start(&mut inner, container.clone(), socket, false);
         Ok(Registered::New(container))
     }
 
-    /// Starts `container`'s listener on `socket`.
-    fn start(&self, inner: &mut Inner, container: Container, socket: UdpSocket) {
+    /// Counts the listeners that ended by a panic (a bug: the container's
+    /// listener is gone; it is deregistered so that a new registration
+    /// binds another).
+    fn reap(&self, inner: &mut Inner) {
+        while let Some(ended) = inner.listeners.try_join_next_with_id() {
+            if let Err(error) = ended
+                && error.is_panic()
+            {
+                self.pipeline.stats.task_panics.fetch_add(1, Relaxed);
+                let task = error.id();
+                if let Some(id) = inner
+                    .containers
+                    .iter()
+                    .find(|(_, e)| e.task == Some(task))
+                    .map(|(id, _)| id.clone())
+                {
+                    warn!(container_id = %id, "A container's statsd listener panicked; it is deregistered.");
+                    self.remove(inner, &id, "its listener panicked");
+                }
+            }
+        }
+    }
+
+    /// Starts `container`'s listener on `socket`; `restored` at start.
+    fn start(&self, inner: &mut Inner, container: Container, socket: UdpSocket, restored: bool) {
         let stop = self.shutdown.child_token();
         let listener = StatsdListener {
             socket,
@@ -481,15 +513,18 @@ impl Registry {
             limit: self.settings.limit,
             pipeline: self.pipeline.clone(),
         };
-        inner
+        let task = inner
             .listeners
-            .spawn(listener.run(stop.clone(), self.shutdown.clone()));
+            .spawn(listener.run(stop.clone(), self.shutdown.clone()))
+            .id();
         inner.containers.insert(
             container.container_id.clone(),
             Entry {
                 container,
                 stop,
-                seen_by_agent: false,
+                task: Some(task),
+                seen_by_agent: restored,
+                absent_since: None,
             },
         );
         self.pipeline
@@ -503,10 +538,13 @@ impl Registry {
     /// unknown id.
     pub async fn deregister(&self, id: &str) -> bool {
         let mut inner = self.inner.lock().await;
-        self.remove(&mut inner, id, "deregistered").await
+        self.reap(&mut inner);
+        self.remove(&mut inner, id, "deregistered")
     }
 
-    async fn remove(&self, inner: &mut Inner, id: &str, why: &str) -> bool {
+    /// Stops `id`'s listener (it flushes what it holds) and removes its
+    /// state file; false for an unknown id. Nothing awaits.
+    fn remove(&self, inner: &mut Inner, id: &str, why: &str) -> bool {
         let Some(entry) = inner.containers.remove(id) else {
             return false;
         };
@@ -516,43 +554,48 @@ impl Registry {
             .statsd_containers
             .store(inner.containers.len() as i64, Relaxed);
         stats.statsd_deregistrations.fetch_add(1, Relaxed);
-        if let Some(dir) = self.settings.state_dir.clone() {
-            let path = dir.join(id);
-            let removed = tokio::task::spawn_blocking(move || match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                _ => std::fs::File::open(&dir).and_then(|d| d.sync_all()),
-            })
-            .await;
-            if let Ok(Err(error)) = removed {
-                warn!(container_id = %id, %error, "A deregistered container's statsd state file could not be removed: a restart binds it again.");
+        if let Some(dir) = &self.settings.state_dir {
+            match std::fs::remove_file(dir.join(id)) {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                    warn!(container_id = %id, %error, "A deregistered container's statsd state file could not be removed: a restart binds it again.");
+                }
+                _ => {}
             }
         }
         info!(container_id = %id, why, "A container's statsd listener flushes and closes.");
         true
     }
 
-    /// Deregisters the containers the agent's `/state` named before and
-    /// names no more: the module's `DELETE` for them never came (the
-    /// collector was down, say), and their listeners would otherwise hold
-    /// a port and a place under `statsd_max_containers` for good. A
-    /// container `/state` has not named yet (its task still starting) is
-    /// left alone.
-    async fn forget_gone(&self, state: &crate::enrich::Enrichment) {
+    /// Deregisters the containers the agent's `/state` named (or that were
+    /// restored at start) and has not named for [`ABSENT_FOR`]: the
+    /// module's `DELETE` for them never came (the collector was down,
+    /// say), and their listeners would otherwise hold a port and a place
+    /// under `statsd_max_containers` for good. A container `/state` has
+    /// never named since it registered (its task still starting) is left
+    /// alone. `now` is the state's time.
+    fn forget_gone(
+        &self,
+        inner: &mut Inner,
+        state: &crate::enrich::Enrichment,
+        now: std::time::Instant,
+    ) {
         if !state.enabled || state.agent_id.is_none() {
             return;
         }
-        let mut inner = self.inner.lock().await;
         let mut gone = Vec::new();
         for (id, entry) in &mut inner.containers {
             if state.containers.contains_key(id) {
                 entry.seen_by_agent = true;
+                entry.absent_since = None;
             } else if entry.seen_by_agent {
-                gone.push(id.clone());
+                let since = *entry.absent_since.get_or_insert(now);
+                if now.duration_since(since) >= ABSENT_FOR {
+                    gone.push(id.clone());
+                }
             }
         }
         for id in gone {
-            self.remove(&mut inner, &id, "gone from the agent's /state")
-                .await;
+            self.remove(inner, &id, "gone from the agent's /state");
         }
     }
 
@@ -571,7 +614,8 @@ impl Registry {
                         break;
                     }
                     let state = states.borrow_and_update().clone();
-                    self.forget_gone(&state).await;
+                    let mut inner = self.inner.lock().await;
+                    self.forget_gone(&mut inner, &state, std::time::Instant::now());
                 }
             }
         }
@@ -704,9 +748,11 @@ mod tests {
     #[tokio::test]
     async fn restore_binds_the_same_ports_or_new_ones_and_skips_what_it_cannot_read() {
         let dir = tempfile::tempdir().unwrap();
-        let free = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let free_port = free.local_addr().unwrap().port();
-        drop(free);
+        // A port below the kernel's ephemeral range (32768 and up by
+        // default), so that no test running beside takes it meanwhile.
+        let free_port = (24_000..32_000)
+            .find(|p| std::net::UdpSocket::bind(("127.0.0.1", *p)).is_ok())
+            .unwrap();
         let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let taken_port = taken.local_addr().unwrap().port();
         for (id, port) in [("a", free_port), ("b", taken_port)] {
@@ -752,10 +798,13 @@ mod tests {
         assert!(error.to_string().contains("statsd_state_dir"), "{error}");
     }
 
-    /// A container the agent's `/state` named and names no more is
-    /// deregistered (its file removed); one it has not named yet stays.
+    /// A container the agent's `/state` named, or one restored at start,
+    /// is deregistered (its file removed) once `/state` has left it out
+    /// for ABSENT_FOR, not at one answer leaving it out; one it has never
+    /// named since it registered stays.
     #[tokio::test]
     async fn a_container_gone_from_the_agents_state_is_deregistered() {
+        use std::time::Instant;
         let dir = tempfile::tempdir().unwrap();
         let state = |containers: &[&str]| {
             let executors: Vec<_> = containers
@@ -767,13 +816,23 @@ mod tests {
                 "frameworks": [{"id": "fw", "name": "marathon", "executors": executors}]
             }))
         };
-        let (pipeline, states) = crate::pipeline::test_pipeline(state(&[]));
+        let restored = bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let restored = Restored {
+            container: Container {
+                container_id: "restored".into(),
+                statsd_host: "127.0.0.1".into(),
+                statsd_port: restored.local_addr().unwrap().port(),
+            },
+            socket: UdpSocket::from_std(restored).unwrap(),
+        };
+        write_state(dir.path(), &restored.container).unwrap();
+        let (pipeline, _states) = crate::pipeline::test_pipeline(state(&[]));
         let shutdown = CancellationToken::new();
         let registry = Registry::new(
             settings(dir.path(), 10),
             pipeline.clone(),
             shutdown.clone(),
-            Vec::new(),
+            vec![restored],
         );
         for id in ["running", "starting"] {
             let request =
@@ -791,25 +850,80 @@ mod tests {
                 .map(|c| c.container_id)
                 .collect::<Vec<_>>()
         };
-        // Not named yet: both stay; a pending state (no agent id) says
-        // nothing.
-        registry.forget_gone(&state(&[])).await;
-        registry
-            .forget_gone(&crate::enrich::Enrichment::pending())
-            .await;
-        assert_eq!(ids().await, ["running", "starting"]);
-        registry.forget_gone(&state(&["running"])).await;
-        registry.forget_gone(&state(&["running"])).await;
-        assert_eq!(ids().await, ["running", "starting"]);
-        // Named, then no more.
-        registry.forget_gone(&state(&[])).await;
-        assert_eq!(ids().await, ["starting"], "the one never named stays");
-        assert!(!dir.path().join("running").exists());
+        let forget = |names: &'static [&'static str], at: Instant| {
+            let registry = registry.clone();
+            let state = state(names);
+            async move {
+                let mut inner = registry.inner.lock().await;
+                registry.forget_gone(&mut inner, &state, at);
+            }
+        };
+        let t0 = Instant::now();
+        // A pending state (no agent id yet) says nothing.
+        {
+            let mut inner = registry.inner.lock().await;
+            registry.forget_gone(
+                &mut inner,
+                &crate::enrich::Enrichment::pending(),
+                t0 + ABSENT_FOR * 2,
+            );
+        }
+        forget(&["running"], t0).await;
+        // Left out once, and for less than ABSENT_FOR: all stay.
+        forget(&[], t0).await;
+        forget(&[], t0 + ABSENT_FOR / 2).await;
+        assert_eq!(ids().await, ["restored", "running", "starting"]);
+        // Named again: its absence starts afresh.
+        forget(&["running"], t0 + ABSENT_FOR / 2).await;
+        forget(&[], t0 + ABSENT_FOR).await;
+        assert_eq!(
+            ids().await,
+            ["running", "starting"],
+            "the restored one, never named, gone"
+        );
+        forget(&[], t0 + ABSENT_FOR * 2).await;
+        assert_eq!(
+            ids().await,
+            ["starting"],
+            "the one never named since it registered stays"
+        );
+        for gone in ["restored", "running"] {
+            assert!(!dir.path().join(gone).exists(), "{gone}");
+        }
         assert!(dir.path().join("starting").exists());
-        assert_eq!(pipeline.stats.statsd_deregistrations.load(Relaxed), 1);
+        assert_eq!(pipeline.stats.statsd_deregistrations.load(Relaxed), 2);
         assert_eq!(pipeline.stats.statsd_containers.load(Relaxed), 1);
-        let _ = states;
+        // At shutdown a known container is not served again either.
         shutdown.cancel();
+        let request = Request::from_json(br#"{"container_id":"starting"}"#).unwrap();
+        assert_eq!(registry.register(request).await, Err(Refused::ShuttingDown));
         registry.run().await;
+    }
+
+    /// A state file that cannot be written refuses the registration, and
+    /// leaves no listener behind.
+    #[tokio::test]
+    async fn a_state_file_that_cannot_be_written_answers_204() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("containers");
+        let (pipeline, _states) =
+            crate::pipeline::test_pipeline(crate::enrich::Enrichment::default());
+        let registry = Registry::new(
+            settings(&state_dir, 10),
+            pipeline.clone(),
+            CancellationToken::new(),
+            Vec::new(),
+        );
+        // The directory replaced by a file (a full or broken disk writes
+        // nothing either).
+        std::fs::write(&state_dir, b"").unwrap();
+        let request = Request::from_json(br#"{"container_id":"c"}"#).unwrap();
+        assert!(matches!(
+            registry.register(request).await,
+            Err(Refused::State { .. })
+        ));
+        assert!(registry.containers().await.is_empty());
+        assert_eq!(pipeline.stats.statsd_registrations_refused.load(Relaxed), 1);
+        assert_eq!(pipeline.stats.statsd_containers.load(Relaxed), 0);
     }
 }
