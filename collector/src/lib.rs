@@ -440,8 +440,12 @@ impl App {
             let max = self.descriptors.api;
             statsd_control = Some(shutdown::Task::spawn("statsd control", async move {
                 match listener {
-                    HttpListener::Tcp(l) => api::serve(l, router, max, stop, stats).await,
-                    HttpListener::Unix(l) => api::serve(l, router, max, stop, stats).await,
+                    HttpListener::Tcp(l) => {
+                        api::serve(l, router, max, api::AtLimit::Wait, stop, stats).await
+                    }
+                    HttpListener::Unix(l) => {
+                        api::serve(l, router, max, api::AtLimit::Wait, stop, stats).await
+                    }
                 }
             }));
         }
@@ -491,8 +495,12 @@ impl App {
             let max = self.descriptors.api;
             outputs.push(shutdown::Task::spawn("metrics api", async move {
                 match listener {
-                    HttpListener::Tcp(l) => api::serve(l, router, max, stop, stats).await,
-                    HttpListener::Unix(l) => api::serve(l, router, max, stop, stats).await,
+                    HttpListener::Tcp(l) => {
+                        api::serve(l, router, max, api::AtLimit::Close, stop, stats).await
+                    }
+                    HttpListener::Unix(l) => {
+                        api::serve(l, router, max, api::AtLimit::Close, stop, stats).await
+                    }
                 }
             }));
         }

@@ -6,6 +6,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::unit_environment;
+
 fn collector() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_collector"));
     // Start from a clean environment so the host's variables can't leak in.
@@ -445,13 +448,7 @@ fn deploy_files_for_a_secured_kafka_keep_secrets_in_files_and_validate() {
 #[test]
 fn deploy_files_serve_the_v0_api_on_a_unix_socket_for_admin_router() {
     let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
-    let environment = |text: &str| -> std::collections::BTreeMap<String, String> {
-        text.lines()
-            .filter_map(|l| l.strip_prefix("Environment="))
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect()
-    };
+    let environment = unit_environment;
     let socket_of = |listen: &str| {
         std::path::PathBuf::from(
             listen
@@ -541,13 +538,7 @@ fn deploy_files_serve_the_v0_api_on_a_unix_socket_for_admin_router() {
 #[test]
 fn deploy_files_take_the_dcos_1_12_statsd_registrations() {
     let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
-    let environment = |text: &str| -> std::collections::BTreeMap<String, String> {
-        text.lines()
-            .filter_map(|l| l.strip_prefix("Environment="))
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect()
-    };
+    let environment = unit_environment;
     let unit = std::fs::read_to_string(deploy.join("systemd/metrics-collector.service")).unwrap();
     let runtime = std::path::Path::new("/run").join(
         unit.lines()

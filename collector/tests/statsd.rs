@@ -11,18 +11,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use common::{balanced, eventually, http_get, start};
-
-/// Each sample of a Prometheus text, by its name and labels as written.
-fn samples(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
+use common::{balanced, eventually, http_get, prometheus_samples, start};
 
 #[test]
 fn statsd_from_real_clients_is_aggregated_and_served() {
@@ -66,7 +55,7 @@ fn statsd_from_real_clients_is_aggregated_and_served() {
         let Ok((200, text)) = http_get(target, "/metrics") else {
             return false;
         };
-        last = samples(&text);
+        last = prometheus_samples(&text);
         expected.iter().all(|(k, v)| last.get(k) == Some(v))
     });
     // Every line read: the good ones aggregated, the malformed counted.

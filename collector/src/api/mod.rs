@@ -96,13 +96,27 @@ pub fn spawn(listener: tokio::net::TcpListener, state: ApiState, max_connections
     let stop = state.shutdown.outputs().clone();
     let stats = state.stats.clone();
     let app = router(state);
-    Task::spawn("api", serve(listener, app, max_connections, stop, stats))
+    Task::spawn(
+        "api",
+        serve(listener, app, max_connections, AtLimit::Close, stop, stats),
+    )
 }
 
 /// A connection older than this is closed once its answer in progress is
 /// written (a client reconnects), and at most [`CLOSING_GRACE`] later
 /// whatever it is doing: a reader that stalls can't hold what its answer
 /// holds for ever.
+/// What a listener does with a connection past its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AtLimit {
+    /// Closes it at once, counted: a flood ends at the limit.
+    Close,
+    /// Leaves it in the kernel's backlog until a connection ends: for a
+    /// caller that must be answered (the statsd registrations, each of
+    /// which a task's launch waits on).
+    Wait,
+}
+
 pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 /// How long a connection being closed for its age may take to finish.
 pub const CLOSING_GRACE: Duration = Duration::from_secs(30);
@@ -184,17 +198,28 @@ pub(crate) async fn serve<L: crate::net::Acceptor>(
     listener: L,
     app: Router,
     max_connections: usize,
+    at_limit: AtLimit,
     stop: tokio_util::sync::CancellationToken,
     stats: Arc<Stats>,
 ) {
     let open = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut connections = tokio::task::JoinSet::new();
     let mut failures = 0;
-    while let Some((stream, peer)) =
-        crate::net::accept(&listener, "api accept", &mut failures, &stats, &stop).await
-    {
+    loop {
+        let waited = match at_limit {
+            AtLimit::Close => None,
+            AtLimit::Wait => tokio::select! {
+                permit = open.clone().acquire_owned() => permit.ok(),
+                () = stop.cancelled() => break,
+            },
+        };
+        let Some((stream, peer)) =
+            crate::net::accept(&listener, "api accept", &mut failures, &stats, &stop).await
+        else {
+            break;
+        };
         while connections.try_join_next().is_some() {}
-        let Ok(permit) = open.clone().try_acquire_owned() else {
+        let Some(permit) = waited.or_else(|| open.clone().try_acquire_owned().ok()) else {
             stats.api_connections_refused.fetch_add(1, Relaxed);
             crate::telemetry::throttled_warn("api refused", |repeats| {
                 tracing::warn!(%peer, max_connections, repeats, "Refused an API connection: at the connection limit.");

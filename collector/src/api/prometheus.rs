@@ -76,7 +76,14 @@ pub fn spawn(
     let stats = state.stats.clone();
     Task::spawn(
         "prometheus",
-        super::serve(listener, router(state), max_connections, stop, stats),
+        super::serve(
+            listener,
+            router(state),
+            max_connections,
+            super::AtLimit::Close,
+            stop,
+            stats,
+        ),
     )
 }
 

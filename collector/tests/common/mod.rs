@@ -262,6 +262,15 @@ impl Running {
             .count()
     }
 
+    /// SIGTERM; asserts it exits 0 with its final line balanced, and
+    /// returns that line.
+    pub fn stop_balanced(self) -> serde_json::Value {
+        let (code, final_line) = self.stop();
+        assert_eq!(code, Some(0), "{final_line}");
+        assert!(balanced(&final_line), "{final_line}");
+        final_line
+    }
+
     /// SIGTERM, then the exit code and the final line.
     pub fn stop(mut self) -> (Option<i32>, serde_json::Value) {
         let status = Command::new("kill")
@@ -284,6 +293,26 @@ impl Running {
         });
         (code, serde_json::from_str(&last.unwrap()).unwrap())
     }
+}
+
+/// Each sample of a Prometheus text, by its name and labels as written.
+pub fn prometheus_samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A systemd unit's (or drop-in's) `Environment=` settings.
+pub fn unit_environment(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }
 
 /// Whether the final line balances: received + replayed = delivered +
