@@ -437,7 +437,7 @@ impl App {
             ));
             let router = sources::statsd::control::router(registry);
             let (stop, stats) = (plan.outputs().clone(), self.stats.clone());
-            let max = self.descriptors.api;
+            let max = self.descriptors.statsd_control;
             statsd_control = Some(shutdown::Task::spawn("statsd control", async move {
                 match listener {
                     HttpListener::Tcp(l) => {

@@ -269,12 +269,16 @@ pub struct Descriptors {
     pub input: usize,
     /// HTTP API connections.
     pub api: usize,
+    /// The statsd registration API's connections: as many as containers
+    /// (a burst of launches is answered at once), at least `api`.
+    pub statsd_control: usize,
 }
 
 /// Raises the descriptor limit to its hard limit, and fits the listeners
 /// into it: the partners take `max_partners`, the API and each other
 /// served listener (Prometheus) at most [`API_MAX_CONNECTIONS`], statsd's
-/// container listeners `statsd_sockets` (a UDP socket each), and the
+/// container listeners `statsd_sockets` (a UDP socket each, and as many
+/// registration connections), and the
 /// input what is left of the limit less
 /// [`RESERVED_DESCRIPTORS`] and what is open now, at most
 /// `max_connections`. A flood of any listener then ends at its own limit,
@@ -304,9 +308,16 @@ pub fn fit_descriptors(
     let open = std::fs::read_dir("/proc/self/fd").map_or(16, |d| d.count() as u64);
     let left = nofile.saturating_sub(RESERVED_DESCRIPTORS + open) as usize;
     let api = API_MAX_CONNECTIONS.min((left / 8).max(4));
+    let statsd_control = if statsd_sockets > 0 {
+        statsd_sockets.max(api)
+    } else {
+        0
+    };
     let input = max_connections.min(
-        left.saturating_sub(api * (1 + served_listeners) + max_partners + statsd_sockets)
-            .max(1),
+        left.saturating_sub(
+            api * (1 + served_listeners) + max_partners + statsd_sockets + statsd_control,
+        )
+        .max(1),
     );
     if input < max_connections {
         warn!(
@@ -320,5 +331,6 @@ pub fn fit_descriptors(
         limit: nofile,
         input,
         api,
+        statsd_control,
     }
 }

@@ -102,10 +102,6 @@ pub fn spawn(listener: tokio::net::TcpListener, state: ApiState, max_connections
     )
 }
 
-/// A connection older than this is closed once its answer in progress is
-/// written (a client reconnects), and at most [`CLOSING_GRACE`] later
-/// whatever it is doing: a reader that stalls can't hold what its answer
-/// holds for ever.
 /// What a listener does with a connection past its limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AtLimit {
@@ -117,6 +113,10 @@ pub(crate) enum AtLimit {
     Wait,
 }
 
+/// A connection older than this is closed once its answer in progress is
+/// written (a client reconnects), and at most [`CLOSING_GRACE`] later
+/// whatever it is doing: a reader that stalls can't hold what its answer
+/// holds for ever.
 pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 /// How long a connection being closed for its age may take to finish.
 pub const CLOSING_GRACE: Duration = Duration::from_secs(30);
@@ -190,7 +190,8 @@ pub(crate) fn chunked_body(
 }
 
 /// Accepts connections until `stop`, at most `max_connections` open (one
-/// more is closed as soon as it is accepted, counted); each is served over
+/// more is closed as soon as it is accepted, counted, or with
+/// [`AtLimit::Wait`] left in the kernel's backlog); each is served over
 /// HTTP/1 with [`HEAD_TIMEOUT`] for a request's head, for at most
 /// [`MAX_CONNECTION_AGE`]. At `stop`, what is being answered gets half a
 /// second.

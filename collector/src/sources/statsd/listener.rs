@@ -193,19 +193,34 @@ pub struct KernelDrops(tokio::sync::Mutex<Option<(Instant, HashMap<u64, u64>)>>)
 
 impl KernelDrops {
     /// The drops of the socket `inode`, as of a read begun at `since` or
-    /// later (begun now when the last is older).
-    pub async fn of(&self, inode: u64, since: Instant) -> Option<u64> {
-        let mut table = self.0.lock().await;
+    /// later (begun now when the last is older). None when no such read
+    /// is had: the table cannot be read, it took longer than
+    /// [`DROPS_READ_DEADLINE`], or, unless `wait`, another listener is
+    /// reading it (a flush then counts at the next, nothing is lost).
+    pub async fn of(&self, inode: u64, since: Instant, wait: bool) -> Option<u64> {
+        let mut table = if wait {
+            self.0.lock().await
+        } else {
+            self.0.try_lock().ok()?
+        };
         if table.as_ref().is_none_or(|(taken, _)| *taken < since) {
             let taken = Instant::now();
-            let read = tokio::task::spawn_blocking(|| kernel_drops("/proc/net".as_ref()))
-                .await
-                .unwrap_or_default();
+            let read = tokio::time::timeout(
+                DROPS_READ_DEADLINE,
+                tokio::task::spawn_blocking(|| kernel_drops("/proc/net".as_ref())),
+            )
+            .await;
+            let Ok(Ok(read)) = read else {
+                return None;
+            };
             *table = Some((taken, read));
         }
         table.as_ref()?.1.get(&inode).copied()
     }
 }
+
+/// How long reading the kernel's drop table may take.
+const DROPS_READ_DEADLINE: Duration = Duration::from_millis(500);
 
 /// How old a drop count a listener's flush takes.
 const DROPS_FRESH: Duration = Duration::from_secs(1);
@@ -217,12 +232,13 @@ async fn count_kernel_drops(
     seen: &mut u64,
     settings: &StatsdSettings,
     since: Instant,
+    wait: bool,
     stats: &Stats,
 ) {
     let Some(inode) = inode else {
         return;
     };
-    let Some(drops) = settings.kernel_drops.of(inode, since).await else {
+    let Some(drops) = settings.kernel_drops.of(inode, since, wait).await else {
         return;
     };
     let new = drops.saturating_sub(*seen);
@@ -357,7 +373,7 @@ impl StatsdListener {
                 () = stop.cancelled() => break,
                 _ = tick.tick() => {
                     let since = Instant::now().checked_sub(DROPS_FRESH).unwrap_or_else(Instant::now);
-                    count_kernel_drops(inode, &mut state.drops_seen, &this.settings, since, &stats).await;
+                    count_kernel_drops(inode, &mut state.drops_seen, &this.settings, since, false, &stats).await;
                     if !this.flush(&mut state, &mut router, &shutdown, false).await {
                         return;
                     }
@@ -380,6 +396,7 @@ impl StatsdListener {
             &mut state.drops_seen,
             &this.settings,
             stopped,
+            true,
             &stats,
         )
         .await;

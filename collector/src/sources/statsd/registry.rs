@@ -50,6 +50,13 @@ pub const REGISTRATION_DEADLINE: std::time::Duration = std::time::Duration::from
 /// leaving it out (an agent recovering) is not enough.
 pub const ABSENT_FOR: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// How long a container registered since the start may go without the
+/// agent's `/state` ever naming it before it is deregistered: its launch
+/// failed or it was killed before it ran, and its `DELETE` never came (a
+/// container's executor is named from its launch on; a pod's task once it
+/// runs, after its image is pulled).
+pub const NEVER_NAMED_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// What `POST /container` sends (the module sends `container_id` alone).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Request {
@@ -335,6 +342,8 @@ struct Entry {
     seen_by_agent: bool,
     /// Since when the agent's `/state` has not named it, once it had.
     absent_since: Option<std::time::Instant>,
+    /// When it was registered (or restored).
+    registered_at: std::time::Instant,
 }
 
 struct Inner {
@@ -525,6 +534,7 @@ impl Registry {
                 task: Some(task),
                 seen_by_agent: restored,
                 absent_since: None,
+                registered_at: std::time::Instant::now(),
             },
         );
         self.pipeline
@@ -572,7 +582,7 @@ impl Registry {
     /// say), and their listeners would otherwise hold a port and a place
     /// under `statsd_max_containers` for good. A container `/state` has
     /// never named since it registered (its task still starting) is left
-    /// alone. `now` is the state's time.
+    /// alone for [`NEVER_NAMED_FOR`]. `now` is the state's time.
     fn forget_gone(
         &self,
         inner: &mut Inner,
@@ -592,6 +602,8 @@ impl Registry {
                 if now.duration_since(since) >= ABSENT_FOR {
                     gone.push(id.clone());
                 }
+            } else if now.duration_since(entry.registered_at) >= NEVER_NAMED_FOR {
+                gone.push(id.clone());
             }
         }
         for id in gone {
@@ -615,6 +627,7 @@ impl Registry {
                     }
                     let state = states.borrow_and_update().clone();
                     let mut inner = self.inner.lock().await;
+                    self.reap(&mut inner);
                     self.forget_gone(&mut inner, &state, std::time::Instant::now());
                 }
             }
@@ -893,9 +906,18 @@ mod tests {
         assert!(dir.path().join("starting").exists());
         assert_eq!(pipeline.stats.statsd_deregistrations.load(Relaxed), 2);
         assert_eq!(pipeline.stats.statsd_containers.load(Relaxed), 1);
+        // ...until NEVER_NAMED_FOR.
+        forget(&[], t0 + NEVER_NAMED_FOR).await;
+        assert!(ids().await.is_empty());
+        assert!(!dir.path().join("starting").exists());
         // At shutdown a known container is not served again either.
+        let request = Request::from_json(br#"{"container_id":"known"}"#).unwrap();
+        assert!(matches!(
+            registry.register(request).await,
+            Ok(Registered::New(_))
+        ));
         shutdown.cancel();
-        let request = Request::from_json(br#"{"container_id":"starting"}"#).unwrap();
+        let request = Request::from_json(br#"{"container_id":"known"}"#).unwrap();
         assert_eq!(registry.register(request).await, Err(Refused::ShuttingDown));
         registry.run().await;
     }
