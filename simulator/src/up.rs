@@ -193,10 +193,15 @@ pub async fn run(
         .frameworks(2)
         .run()
         .await?;
-    let statsd_socket = std::env::temp_dir().join(format!(
-        "simulator-up-{}/dcos_statsd.sock",
-        std::process::id()
+    // A directory of this run's own: runs side by side in one process
+    // (the tests) must not share or remove each other's socket.
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let statsd_dir = std::env::temp_dir().join(format!(
+        "simulator-up-{}-{}",
+        std::process::id(),
+        RUNS.fetch_add(1, Relaxed)
     ));
+    let statsd_socket = statsd_dir.join("dcos_statsd.sock");
 
     let config = Config {
         listen_endpoint: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
@@ -454,8 +459,8 @@ pub async fn run(
     let seen = verifier.stop();
     let latency = seen.latency();
     drop(moved);
-    if let Some(dir) = statsd_socket.parent() {
-        let _ = std::fs::remove_dir_all(dir);
+    if options.module == ModuleGeneration::V1_12 {
+        let _ = std::fs::remove_dir_all(&statsd_dir);
     }
 
     let producers_verified = seen.producer_datapoints();
