@@ -695,8 +695,16 @@ mod tests {
             .await
             .expect("the source stops at once")
             .unwrap();
-        // Let the blocked poll go, so that the runtime's blocking pool ends.
-        std::thread::spawn(move || std::fs::write(fifo, ""));
+        // Let the blocked poll go, so that the runtime's blocking pool ends
+        // (the runtime's drop waits for it). The FIFO must outlive the
+        // writer's open: the thread owns the directory, removed once the
+        // write is done (removed at the end of this test instead, a writer
+        // that came late found no FIFO, the poll stayed blocked in its
+        // open, and the test hung in the runtime's drop).
+        std::thread::spawn(move || {
+            let _ = std::fs::write(fifo, "");
+            drop(proc);
+        });
     }
 
     #[test]
