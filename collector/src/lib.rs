@@ -210,6 +210,7 @@ impl App {
             ),
             config::Listen::Off => (None, None),
         };
+        net::warn_unused_passed_sockets();
         // The registered containers bound again, before anything runs.
         let statsd_control = match statsd_control {
             Some(listener) => Some((

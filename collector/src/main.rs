@@ -154,6 +154,9 @@ fn health(url: &str) -> ExitCode {
 }
 
 fn run(args: ConfigArgs) -> ExitCode {
+    // While this is the only thread: it takes LISTEN_FDS out of the
+    // environment.
+    collector::net::take_passed_sockets();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

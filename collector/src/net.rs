@@ -76,12 +76,83 @@ impl Acceptor for tokio::net::UnixListener {
     }
 }
 
+/// The sockets systemd passed this process (socket activation), read once.
+#[derive(Default)]
+struct Passed {
+    /// The listening unix sockets, by the path each is bound to.
+    sockets: std::collections::HashMap<std::path::PathBuf, std::os::unix::net::UnixListener>,
+    /// Why the others are not used, for the log once it is set up.
+    unusable: Vec<String>,
+}
+
+/// The sockets systemd passed (`LISTEN_FDS`, and `LISTEN_PID` when set, as
+/// `sd_listen_fds` reads them), taken at the first call. That call removes
+/// both variables from the environment, so it must come while the process
+/// has one thread: [`take_passed_sockets`] at the top of `main`.
+fn passed() -> &'static std::sync::Mutex<Passed> {
+    static PASSED: std::sync::OnceLock<std::sync::Mutex<Passed>> = std::sync::OnceLock::new();
+    PASSED.get_or_init(|| {
+        let mut passed = Passed::default();
+        let mut fds = listenfd::ListenFd::from_env();
+        for index in 0..fds.len() {
+            match fds.take_unix_listener(index) {
+                Ok(Some(listener)) => {
+                    match listener
+                        .local_addr()
+                        .ok()
+                        .and_then(|a| a.as_pathname().map(std::path::Path::to_owned))
+                    {
+                        Some(path) => {
+                            passed.sockets.insert(path, listener);
+                        }
+                        None => passed
+                            .unusable
+                            .push(format!("socket {index}: a unix socket with no path")),
+                    }
+                }
+                Ok(None) => {}
+                // A TCP or datagram socket: no listener takes one.
+                Err(error) => passed.unusable.push(format!("socket {index}: {error}")),
+            }
+        }
+        std::sync::Mutex::new(passed)
+    })
+}
+
+/// Takes the sockets systemd passed, if any. Call it first thing in
+/// `main`, before any thread starts: it removes `LISTEN_FDS` and
+/// `LISTEN_PID` from the environment, as `sd_listen_fds` does.
+pub fn take_passed_sockets() {
+    let _ = passed();
+}
+
+/// Warns of every socket systemd passed that no listener took (its path
+/// not one the configuration listens on: connections to it would wait
+/// and never be answered), and of those no listener can take.
+pub fn warn_unused_passed_sockets() {
+    let passed = passed().lock().unwrap_or_else(|p| p.into_inner());
+    for path in passed.sockets.keys() {
+        warn!(
+            path = %path.display(),
+            "systemd passed a socket that no listener is configured on (set the listener to unix:<this path>); connections to it are never answered"
+        );
+    }
+    for reason in &passed.unusable {
+        warn!(%reason, "systemd passed a socket that no listener can take (only unix stream sockets are taken)");
+    }
+}
+
 /// Binds a unix socket at `path`, readable and writable by its owner and
 /// group (0660, as DC/OS's sockets were), the group `group` when given (a
 /// name from `/etc/group` or a number: the reader's; errors name its
 /// option); its directory is made when missing. A socket file left
 /// there by a process that is gone (a connection is refused) is replaced;
 /// anything else there is an error.
+///
+/// A socket systemd passed bound to `path` (socket activation) is used as
+/// it is instead, its mode and group systemd's: it outlives the process,
+/// so a connection made while the collector restarts waits in its backlog
+/// for the next process rather than being refused.
 pub async fn bind_unix(
     path: &std::path::Path,
     group: Option<SocketGroup<'_>>,
@@ -91,6 +162,27 @@ pub async fn bind_unix(
         path: path.to_owned(),
         source,
     };
+    let passed = passed()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .sockets
+        .remove(path);
+    if let Some(listener) = passed {
+        tracing::info!(
+            path = %path.display(),
+            "Listening on the socket systemd passed: connections made while the collector restarts wait for it."
+        );
+        if let Some(group) = &group {
+            warn!(
+                option = group.option,
+                group = group.name,
+                path = %path.display(),
+                "The socket is systemd's: its group is the socket unit's SocketGroup=, not this option."
+            );
+        }
+        listener.set_nonblocking(true).map_err(error)?;
+        return tokio::net::UnixListener::from_std(listener).map_err(error);
+    }
     if let Ok(meta) = std::fs::symlink_metadata(path)
         && meta.file_type().is_socket()
     {

@@ -553,29 +553,37 @@ fn deploy_files_take_the_dcos_1_12_statsd_registrations() {
     let socket = env["STATSD_CONTROL_LISTEN"]
         .strip_prefix("unix:")
         .expect("a unix socket");
-    assert_eq!(std::path::Path::new(socket).parent().unwrap(), runtime);
+    // Where the module calls (DC/OS's gen/dcos-config.yaml).
+    assert_eq!(socket, "/run/dcos/telegraf/dcos_statsd.sock");
+    // systemd holds the socket there and passes it (socket activation):
+    // the listener is on exactly its path, so the collector takes it.
+    let socket_unit =
+        std::fs::read_to_string(deploy.join("systemd/metrics-collector-statsd.socket")).unwrap();
+    let setting = |text: &str, key: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(setting(&socket_unit, "ListenStream"), [socket]);
+    assert_eq!(
+        setting(&socket_unit, "Service"),
+        ["metrics-collector.service"]
+    );
+    for key in ["Sockets", "Requires"] {
+        assert_eq!(
+            setting(&dropin, key),
+            ["metrics-collector-statsd.socket"],
+            "{key}"
+        );
+    }
+    // The collector writes nothing there (ProtectSystem=strict): no
+    // command makes or links the socket.
+    assert!(setting(&dropin, "ExecStartPre").is_empty());
     assert_eq!(env["STATSD_HOST"], "198.51.100.1", "dcos-net's address");
     // Registrations outlive a restart, not a reboot.
     assert!(std::path::Path::new(&env["STATSD_STATE_DIR"]).starts_with(&runtime));
     assert!(dropin.lines().any(|l| l == "RuntimeDirectoryPreserve=yes"));
-    let as_root: Vec<Vec<&str>> = dropin
-        .lines()
-        .filter_map(|l| l.strip_prefix("ExecStartPre=+"))
-        .map(|l| l.split_whitespace().collect())
-        .collect();
-    assert_eq!(
-        as_root,
-        [
-            vec!["/bin/mkdir", "-p", "/run/dcos/telegraf"],
-            // Where the module calls (DC/OS's gen/dcos-config.yaml).
-            vec![
-                "/bin/ln",
-                "-sfn",
-                socket,
-                "/run/dcos/telegraf/dcos_statsd.sock"
-            ],
-        ]
-    );
     let mut all = environment(&unit);
     all.extend(env);
     let scratch = tempfile::tempdir().unwrap();

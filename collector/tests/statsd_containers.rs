@@ -24,10 +24,20 @@ use common::{Running, eventually, http_get, prometheus_samples, start};
 /// One call as the module makes it (`process::http::request` over the
 /// unix socket: HTTP/1.1, JSON both ways); the status and the body.
 fn module_call(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut stream = UnixStream::connect(socket).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    try_module_call(socket, method, path, body).unwrap()
+}
+
+/// [`module_call`], or why no answer came (nothing listening: the module
+/// then fails the launch).
+fn try_module_call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = UnixStream::connect(socket)?;
+    // A call made while the collector restarts waits for the next process.
+    stream.set_read_timeout(Some(common::PATIENCE))?;
     let mut request = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n"
     );
@@ -39,19 +49,20 @@ fn module_call(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (
     } else {
         request.push_str("\r\n");
     }
-    stream.write_all(request.as_bytes()).unwrap();
+    stream.write_all(request.as_bytes())?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
+    stream.read_to_string(&mut response)?;
+    // A connection closed unanswered fails the launch as a refused one.
     let status = response
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {response:?}"));
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {response:?}")))?;
     let body = response
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
-    (status, body)
+    Ok((status, body))
 }
 
 /// `POST /container` for `id`: the status and the answer's JSON.
@@ -513,6 +524,183 @@ fn a_registration_storm_past_the_limit_never_fails_a_launch() {
     eventually("every listener's socket closed", || udp_sockets(pid) == 0);
     assert_eq!(std::fs::read_dir(&node.state).unwrap().count(), 0);
     node.collector.stop_balanced();
+}
+
+/// What [`storm_during_a_restart`] saw of the calls made.
+struct StormCalls {
+    made: usize,
+    refused: usize,
+    unanswered: usize,
+}
+
+/// Launches while the collector restarts (stopped, then started on the
+/// same socket and state directory), as systemd restarts it: every
+/// answer is 201 or 204, and every container answered 201, by either
+/// process, is registered in the new one on the port it was given, with a
+/// UDP socket each and nothing else. With `passed`, the registration API's
+/// socket is held outside the collector and passed to each process as
+/// systemd's socket activation passes it (`LISTEN_FDS`).
+/// Its containers ask for ports from `unclaimed_port(ports_below)` on.
+fn storm_during_a_restart(passed: bool, ports_below: u16) -> StormCalls {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("run/dcos_statsd.sock");
+    // The socket systemd would hold: inherited by the collector (its
+    // close-on-exec flag cleared), named by LISTEN_FDS_FIRST_FD as
+    // `listenfd` reads it (systemd passes it as descriptor 3).
+    // Clearing the flag lets any process spawned meanwhile, by a test
+    // running beside this one, inherit the socket too: harmless, as none
+    // is told of it (no LISTEN_FDS) and none accepts on it.
+    let held = passed.then(|| {
+        std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        rustix::io::fcntl_setfd(&listener, rustix::io::FdFlags::empty()).unwrap();
+        listener
+    });
+    let envs: Vec<(&str, String)> = match &held {
+        Some(listener) => {
+            use std::os::fd::AsRawFd;
+            vec![
+                ("LISTEN_FDS", "1".to_owned()),
+                ("LISTEN_FDS_FIRST_FD", listener.as_raw_fd().to_string()),
+            ]
+        }
+        None => Vec::new(),
+    };
+    let start_node = |dir: tempfile::TempDir| {
+        let listen = format!("--statsd-control-listen=unix:{}", socket.display());
+        let state = format!(
+            "--statsd-state-dir={}",
+            dir.path().join("containers").display()
+        );
+        let collector = common::start_with(&[listen.as_str(), state.as_str()], None, &envs);
+        (collector, dir)
+    };
+    let (collector, dir) = start_node(dir);
+    if passed {
+        assert_eq!(
+            collector.log_lines("Listening on the socket systemd passed"),
+            1
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    // Each container asks for a port below the kernel's ephemeral range
+    // (the module lets the kernel choose; here the tests running beside
+    // this one could be given a port freed by the restart, and the
+    // container would move, rightly, to another).
+    // Each test of it its own range, 4,000 ports wide: a container given a
+    // port already held gets 204, which the assertions allow.
+    let base = unclaimed_port(ports_below);
+    let storm: Vec<_> = (0..4u16)
+        .map(|t| {
+            let (socket, stop) = (socket.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut answers = Vec::new();
+                let mut i = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = format!("restart-{t}-{i}");
+                    let port = base + t * 1000 + (i % 1000) as u16;
+                    i += 1;
+                    let body = format!(r#"{{"container_id":"{id}","statsd_port":{port}}}"#);
+                    let answer = try_module_call(&socket, "POST", "/container", Some(&body)).map(
+                        |(status, body)| {
+                            let port = serde_json::from_str::<serde_json::Value>(&body)
+                                .ok()
+                                .and_then(|a| a["statsd_port"].as_u64());
+                            (status, port)
+                        },
+                    );
+                    answers.push((id, answer));
+                    // The module registers as tasks launch: a steady
+                    // stream, not a flood that would hold every port.
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                answers
+            })
+        })
+        .collect();
+    eventually("registrations under way", || {
+        collector.metric("collector_statsd_containers") >= 50.0
+    });
+    let (code, _) = collector.stop();
+    assert_eq!(code, Some(0));
+    let (collector, dir) = start_node(dir);
+    eventually("registrations with the new process", || {
+        collector.metric("collector_statsd_registrations_total") >= 50.0
+    });
+    stop.store(true, Ordering::Relaxed);
+    let answers: Vec<_> = storm.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let mut served = BTreeMap::new();
+    let (mut refused, mut unanswered) = (0, 0);
+    for (id, answer) in &answers {
+        match answer {
+            Ok((201, Some(port))) => {
+                served.insert(id.clone(), *port);
+            }
+            Ok((204, _)) => refused += 1,
+            Ok(other) => panic!("{id}: {other:?}: the module fails this launch"),
+            Err(_) => unanswered += 1,
+        }
+    }
+    println!(
+        "socket passed: {passed}: {} calls during the restart: {} answered 201, {refused} answered 204, {unanswered} with no process listening",
+        answers.len(),
+        served.len()
+    );
+    let (_, list) = module_call(&socket, "GET", "/containers", None);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
+    let registered: BTreeMap<String, u64> = list
+        .iter()
+        .map(|c| {
+            (
+                c["container_id"].as_str().unwrap().to_owned(),
+                c["statsd_port"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        registered, served,
+        "every container answered 201, on its port, and no other"
+    );
+    assert_eq!(
+        collector.metric("collector_statsd_containers"),
+        served.len() as f64
+    );
+    assert_eq!(udp_sockets(collector.pid()), served.len());
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("containers"))
+            .unwrap()
+            .count(),
+        served.len()
+    );
+    collector.stop_balanced();
+    StormCalls {
+        made: answers.len(),
+        refused,
+        unanswered,
+    }
+}
+
+/// A collector that binds its own socket: the calls between the two
+/// processes find nothing listening (the module fails those launches, as
+/// it did with DC/OS's Telegraf; docs/statsd.md, "The registration API");
+/// nothing registered is lost.
+#[test]
+fn a_registration_storm_during_a_restart_loses_no_registered_container() {
+    let calls = storm_during_a_restart(false, 20_000);
+    assert!(calls.made > calls.refused + calls.unanswered);
+}
+
+/// With the socket systemd holds and passes (the deploy files' socket
+/// unit), no call goes unanswered while the collector restarts: each one
+/// made between the two processes waits in the socket's backlog for the
+/// new one.
+#[test]
+fn with_the_socket_passed_by_systemd_no_launch_fails_during_a_restart() {
+    let calls = storm_during_a_restart(true, 26_000);
+    assert_eq!(calls.unanswered, 0, "calls with no answer");
+    assert!(calls.made > calls.refused);
 }
 
 /// 200 launches at once, past the API's 64 connections: every one is

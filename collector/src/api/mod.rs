@@ -109,9 +109,16 @@ pub(crate) enum AtLimit {
     Close,
     /// Leaves it in the kernel's backlog until a connection ends: for a
     /// caller that must be answered (the statsd registrations, each of
-    /// which a task's launch waits on).
+    /// which a task's launch waits on). At stop, a connection accepted
+    /// is answered too, for up to [`ANSWER_AT_STOP`], before it is closed:
+    /// its request may not have been read yet.
     Wait,
 }
+
+/// How long a connection accepted by an [`AtLimit::Wait`] listener has,
+/// at stop, for its answer before it is closed: a registration's own
+/// deadline (3 s, then 204) with room to write it.
+const ANSWER_AT_STOP: Duration = Duration::from_secs(4);
 
 /// A connection older than this is closed once its answer in progress is
 /// written (a client reconnects), and at most [`CLOSING_GRACE`] later
@@ -194,7 +201,7 @@ pub(crate) fn chunked_body(
 /// [`AtLimit::Wait`] left in the kernel's backlog); each is served over
 /// HTTP/1 with [`HEAD_TIMEOUT`] for a request's head, for at most
 /// [`MAX_CONNECTION_AGE`]. At `stop`, what is being answered gets half a
-/// second.
+/// second ([`ANSWER_AT_STOP`] with [`AtLimit::Wait`]).
 pub(crate) async fn serve<L: crate::net::Acceptor>(
     listener: L,
     app: Router,
@@ -239,6 +246,15 @@ pub(crate) async fn serve<L: crate::net::Acceptor>(
             tokio::select! {
                 _ = connection.as_mut() => {}
                 () = stop.cancelled() => {
+                    // Closing a connection whose request is not read yet
+                    // would leave its caller unanswered.
+                    if at_limit == AtLimit::Wait
+                        && tokio::time::timeout(ANSWER_AT_STOP, connection.as_mut())
+                            .await
+                            .is_ok()
+                    {
+                        return;
+                    }
                     connection.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(Duration::from_millis(500), connection).await;
                 }
@@ -252,7 +268,11 @@ pub(crate) async fn serve<L: crate::net::Acceptor>(
             }
         });
     }
-    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+    let answering = match at_limit {
+        AtLimit::Close => Duration::ZERO,
+        AtLimit::Wait => ANSWER_AT_STOP,
+    };
+    let _ = tokio::time::timeout(answering + Duration::from_millis(500), async {
         while connections.join_next().await.is_some() {}
     })
     .await;
@@ -545,4 +565,68 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     let brokers = state.brokers.lock().map(|b| b.gauges()).unwrap_or_default();
     let body = crate::stats::prometheus::render(&state.stats, brokers);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A listener of `at_limit` answering `ok` on `/`, and its stop.
+    async fn listening(
+        at_limit: AtLimit,
+    ) -> (
+        SocketAddr,
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let app = Router::new().route("/", get(|| async { "ok" }));
+        let served = tokio::spawn(serve(
+            listener,
+            app,
+            4,
+            at_limit,
+            stop.clone(),
+            Arc::new(Stats::default()),
+        ));
+        (addr, stop, served)
+    }
+
+    /// Connects, lets the listener accept, stops it, then sends a request;
+    /// what comes back.
+    async fn request_sent_after_stop(at_limit: AtLimit) -> String {
+        let (addr, stop, served) = listening(at_limit).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Accepted once an answer to an earlier request on its own
+        // connection comes back.
+        let mut probe = tokio::net::TcpStream::connect(addr).await.unwrap();
+        probe
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        probe.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.ends_with("ok"), "{answer}");
+        stop.cancel();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer).await;
+        served.await.unwrap();
+        answer
+    }
+
+    /// A registration connection accepted before the stop, its request
+    /// sent after it, is answered (closed unanswered, the module would
+    /// fail the launch).
+    #[tokio::test]
+    async fn at_stop_a_waiting_listener_answers_what_it_accepted() {
+        let answer = request_sent_after_stop(AtLimit::Wait).await;
+        assert!(answer.ends_with("ok"), "{answer:?}");
+    }
 }

@@ -96,6 +96,11 @@ pub fn base_args() -> Vec<String> {
 /// Starts the collector with `args` (after [`base_args`]), under a
 /// descriptor limit if one is given, and waits for its start-up line.
 pub fn start(args: &[&str], nofile: Option<u32>) -> Running {
+    start_with(args, nofile, &[])
+}
+
+/// [`start`], with `envs` set for the collector.
+pub fn start_with(args: &[&str], nofile: Option<u32>, envs: &[(&str, String)]) -> Running {
     let key = |a: &str| a.split('=').next().unwrap_or(a).to_owned();
     let given: Vec<String> = args.iter().map(|a| key(a)).collect();
     let mut all: Vec<String> = base_args()
@@ -124,6 +129,7 @@ pub fn start(args: &[&str], nofile: Option<u32>) -> Running {
             command
         }
     };
+    command.envs(envs.iter().map(|(k, v)| (*k, v)));
     let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
