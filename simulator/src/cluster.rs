@@ -192,6 +192,10 @@ pub struct ClusterReport {
     /// What the Prometheus server has, when the verifier was given one.
     #[serde(default)]
     pub prometheus: Option<crate::prometheus::PrometheusSeen>,
+    /// Per 1.12 module's control URL: its tasks' totals, checked once it
+    /// is stopped.
+    #[serde(default)]
+    pub statsd: BTreeMap<String, crate::statsd_module::StatsdCheck>,
 }
 
 impl ClusterReport {
@@ -279,6 +283,8 @@ pub struct ClusterVerifier {
     /// A Prometheus server scraping the collectors (`http://HOST:PORT`),
     /// asked at every report.
     pub prometheus: Option<String>,
+    /// The 1.12 modules' control URLs (`simulator module --listen`).
+    pub statsd_modules: Vec<String>,
 }
 
 impl ClusterVerifier {
@@ -292,7 +298,12 @@ impl ClusterVerifier {
         let (first, rest) = bootstraps
             .split_first()
             .ok_or_else(|| anyhow::anyhow!("no --brokers given"))?;
-        let mut verifier = Verifier::start(first, "metrics-", "sample_metrics", security)?;
+        let mut verifier = Verifier::start(
+            first,
+            &crate::verify::metrics_topic_prefix(),
+            "sample_metrics",
+            security,
+        )?;
         for bootstrap in rest {
             verifier.add_cluster(bootstrap)?;
         }
@@ -307,6 +318,7 @@ impl ClusterVerifier {
             carried_dropped: Mutex::new(0),
             producers_seen: Mutex::new(BTreeMap::new()),
             prometheus: None,
+            statsd_modules: Vec::new(),
         })
     }
 
@@ -370,6 +382,19 @@ impl ClusterVerifier {
             Some(base) => Some(crate::prometheus::seen(&self.http, base).await),
             None => None,
         };
+        let mut statsd = BTreeMap::new();
+        let prefix = crate::verify::metrics_topic_prefix();
+        for url in &self.statsd_modules {
+            let check = crate::statsd_module::check_module(
+                &self.http,
+                url,
+                &seen.statsd,
+                &prefix,
+                self.prometheus.as_deref(),
+            )
+            .await;
+            statsd.insert(url.clone(), check);
+        }
         ClusterReport {
             latency: seen.latency(),
             seen,
@@ -377,10 +402,26 @@ impl ClusterVerifier {
             collectors,
             conservation,
             prometheus,
+            statsd,
         }
     }
 
-    /// Serves `GET /report` (the [`ClusterReport`] as JSON) on `listen`.
+    /// Stops every 1.12 module (`POST /stop`: their tasks stop, the last
+    /// containers are deregistered); what each answered, per URL.
+    pub async fn stop_statsd_modules(&self) -> BTreeMap<String, String> {
+        let mut answers = BTreeMap::new();
+        for url in &self.statsd_modules {
+            let answer = match self.http.post(format!("{url}/stop")).send().await {
+                Ok(response) => response.status().to_string(),
+                Err(error) => error.to_string(),
+            };
+            answers.insert(url.clone(), answer);
+        }
+        answers
+    }
+
+    /// Serves `GET /report` (the [`ClusterReport`] as JSON) and `POST
+    /// /statsd/stop` ([`Self::stop_statsd_modules`]) on `listen`.
     pub async fn serve(self: Arc<Self>, listen: SocketAddr) -> anyhow::Result<SocketAddr> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
@@ -388,6 +429,12 @@ impl ClusterVerifier {
             .route(
                 "/report",
                 get(|State(v): State<Arc<Self>>| async move { Json(v.report().await) }),
+            )
+            .route(
+                "/statsd/stop",
+                post(
+                    |State(v): State<Arc<Self>>| async move { Json(v.stop_statsd_modules().await) },
+                ),
             )
             .with_state(self);
         tokio::spawn(async move { axum::serve(listener, app).await });

@@ -144,6 +144,10 @@ enum Command {
         /// Prefix of made-up container ids (unique per node).
         #[arg(long, default_value = "module")]
         id: String,
+        /// Control API: GET /report (final once stopped), POST /stop (stop
+        /// the tasks, deregister, answer the final report).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
     },
     /// Malformed streams sent to a collector, one connection per interval,
     /// until Ctrl-C.
@@ -179,6 +183,11 @@ enum Command {
         /// the report says what its query API has of every module producer.
         #[arg(long)]
         prometheus: Option<String>,
+        /// A 1.12 module's control URL (`simulator module --listen`;
+        /// repeatable): once it is stopped, every total its tasks sent is
+        /// checked in Kafka and in the Prometheus server.
+        #[arg(long)]
+        statsd_module: Vec<String>,
         /// Summary line interval.
         #[arg(long, default_value = "5s", value_parser = simulator::up::parse_duration)]
         interval: Duration,
@@ -349,6 +358,7 @@ async fn run(command: Command, security: KafkaSecurity) -> anyhow::Result<()> {
             rate,
             deregister,
             id,
+            listen,
         } => {
             let ids = match agent {
                 Some(url) => {
@@ -366,17 +376,18 @@ async fn run(command: Command, security: KafkaSecurity) -> anyhow::Result<()> {
                     .map(|i| format!("{id}-container-{i}"))
                     .collect(),
             };
-            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let module = tokio::spawn(
+            let module = simulator::statsd_module::ModuleRun::start(
                 simulator::statsd_module::statsd_module(control, ids)
                     .rate(rate)
-                    .deregister(deregister)
-                    .run(stop.clone()),
+                    .deregister(deregister),
             );
+            if let Some(listen) = listen {
+                let addr = module.clone().serve(listen).await?;
+                println!("module control API on http://{addr}");
+            }
             println!("module (1.12) running; Ctrl-C deregisters and reports");
             ctrl_c().await;
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            let report = module.await?;
+            let report = module.stop().await;
             println!("{}", serde_json::to_string_pretty(&report)?);
             anyhow::ensure!(
                 report.failed_calls.is_empty(),
@@ -431,6 +442,7 @@ async fn run(command: Command, security: KafkaSecurity) -> anyhow::Result<()> {
             producers,
             listen,
             prometheus,
+            statsd_module,
             interval,
         } => {
             let require_balance = !producers.is_empty();
@@ -438,6 +450,7 @@ async fn run(command: Command, security: KafkaSecurity) -> anyhow::Result<()> {
             let mut verifier =
                 simulator::cluster::ClusterVerifier::start(&brokers, producers, metrics, security)?;
             verifier.prometheus = prometheus;
+            verifier.statsd_modules = statsd_module;
             let verifier = Arc::new(verifier);
             if let Some(listen) = listen {
                 let addr = verifier.clone().serve(listen).await?;
@@ -462,6 +475,11 @@ async fn run(command: Command, security: KafkaSecurity) -> anyhow::Result<()> {
             for failure in &report.conservation.failures {
                 println!("FAILED: {failure}");
             }
+            for (url, check) in &report.statsd {
+                for failure in &check.failures {
+                    println!("FAILED: {url}: {failure}");
+                }
+            }
             if require_balance {
                 anyhow::ensure!(
                     report.conservation.holds,
@@ -476,6 +494,20 @@ async fn run(command: Command, security: KafkaSecurity) -> anyhow::Result<()> {
                 );
                 println!("conservation: OK");
             }
+            for url in report
+                .statsd
+                .iter()
+                .filter(|(_, c)| c.running)
+                .map(|(url, _)| url)
+            {
+                println!(
+                    "FAILED: {url}: the module still runs (POST /statsd/stop first): nothing checked"
+                );
+            }
+            anyhow::ensure!(
+                report.statsd.values().all(|c| c.holds()),
+                "statsd totals not checked or differ"
+            );
         }
         Command::Probe { target } => simulator::cluster::probe(&target).await?,
         Command::Prometheus {

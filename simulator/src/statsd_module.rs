@@ -395,10 +395,47 @@ pub fn check_kafka(report: &StatsdModuleReport, seen: &StatsdSeen, prefix: &str)
     failures
 }
 
+/// One series Prometheus must have: its metric name, the labels that pick
+/// it out, and its value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrometheusSeries {
+    /// The metric's name (dots made underscores, as the collector names it).
+    pub metric: String,
+    /// `container_id` and the series' non-empty tags.
+    pub labels: BTreeMap<String, String>,
+    /// What the task sent.
+    pub value: f64,
+}
+
+/// The series Prometheus must have of `report`: those of the containers
+/// still registered (a deregistered one's series leave with the agent's
+/// next word on it).
+pub fn prometheus_series(report: &StatsdModuleReport) -> Vec<PrometheusSeries> {
+    report
+        .containers
+        .iter()
+        .filter(|c| c.status == 201 && !c.deregistered)
+        .flat_map(|container| {
+            container.expected.iter().map(|expected| {
+                let mut labels: BTreeMap<String, String> = expected
+                    .tags
+                    .iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                labels.insert("container_id".into(), container.container_id.clone());
+                PrometheusSeries {
+                    metric: expected.name.replace('.', "_"),
+                    labels,
+                    value: expected.value,
+                }
+            })
+        })
+        .collect()
+}
+
 /// Every way a collector's Prometheus text (`/metrics`, read with the
-/// `prometheus-parse` crate) differs from what the tasks sent, for the
-/// containers still registered (a deregistered one's series leave with
-/// the agent's next word on it).
+/// `prometheus-parse` crate) differs from what the tasks sent.
 pub fn check_prometheus(report: &StatsdModuleReport, text: &str) -> Vec<String> {
     let scrape = match prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))) {
         Ok(scrape) => scrape,
@@ -409,37 +446,213 @@ pub fn check_prometheus(report: &StatsdModuleReport, text: &str) -> Vec<String> 
         }
     };
     let mut failures = Vec::new();
-    for container in report
-        .containers
-        .iter()
-        .filter(|c| c.status == 201 && !c.deregistered)
-    {
-        for expected in &container.expected {
-            let name = expected.name.replace('.', "_");
-            let found = scrape.samples.iter().find(|s| {
-                s.metric == name
-                    && s.labels.get("container_id") == Some(container.container_id.as_str())
-                    && expected
-                        .tags
-                        .iter()
-                        .filter(|(_, v)| !v.is_empty())
-                        .all(|(k, v)| s.labels.get(k) == Some(v.as_str()))
-            });
-            let value = found.map(|s| match s.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                _ => f64::NAN,
-            });
-            if value != Some(expected.value) {
-                failures.push(format!(
-                    "statsd: {} {name} is {value:?} in Prometheus, the task sent {}",
-                    container.container_id, expected.value
-                ));
-            }
+    for series in prometheus_series(report) {
+        let found = scrape.samples.iter().find(|s| {
+            s.metric == series.metric
+                && series
+                    .labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(k) == Some(v.as_str()))
+        });
+        let value = found.map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        });
+        if value != Some(series.value) {
+            failures.push(format!(
+                "statsd: {} {} is {value:?} in Prometheus, the task sent {}",
+                series.labels["container_id"], series.metric, series.value
+            ));
         }
     }
     failures
+}
+
+/// Every way what a Prometheus server (`base`, `http://HOST:PORT`) has
+/// scraped differs from what the tasks sent, asked through its query API:
+/// each series by its labels, exactly one, with the task's total.
+pub async fn check_prometheus_server(
+    report: &StatsdModuleReport,
+    http: &reqwest::Client,
+    base: &str,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    for series in prometheus_series(report) {
+        let selector = format!(
+            "{}{{{}}}",
+            series.metric,
+            series
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v:?}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let Some(result) = crate::prometheus::query(http, base, &selector).await else {
+            failures.push(format!("statsd: Prometheus does not answer {selector}"));
+            continue;
+        };
+        let values: Vec<Option<f64>> = result
+            .iter()
+            .map(|sample| sample["value"][1].as_str().and_then(|v| v.parse().ok()))
+            .collect();
+        if values != [Some(series.value)] {
+            failures.push(format!(
+                "statsd: Prometheus has {values:?} for {selector}, the task sent {}",
+                series.value
+            ));
+        }
+    }
+    failures
+}
+
+/// What the module's control API answers (`GET /report`, `POST /stop`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModuleControlReport {
+    /// True until stopped: the report is then final.
+    pub running: bool,
+    /// The final report, once stopped.
+    pub report: Option<StatsdModuleReport>,
+}
+
+/// A running module, stopped through its control API or [`ModuleRun::stop`].
+pub struct ModuleRun {
+    stop: Arc<AtomicBool>,
+    task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<StatsdModuleReport>>>,
+    done: std::sync::Mutex<Option<StatsdModuleReport>>,
+}
+
+impl ModuleRun {
+    /// Starts `module`.
+    pub fn start(module: StatsdModule) -> Arc<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        Arc::new(Self {
+            task: tokio::sync::Mutex::new(Some(tokio::spawn(module.run(stop.clone())))),
+            stop,
+            done: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// What it has done: nothing final until stopped.
+    pub fn report(&self) -> ModuleControlReport {
+        let report = self.done.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        ModuleControlReport {
+            running: report.is_none(),
+            report,
+        }
+    }
+
+    /// Stops the tasks, deregisters the last containers, and returns the
+    /// final report (the same one to every caller).
+    pub async fn stop(&self) -> StatsdModuleReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut task = self.task.lock().await;
+        if let Some(task) = task.take() {
+            let report = task.await.unwrap_or_else(|error| StatsdModuleReport {
+                failed_calls: vec![format!("the module's task failed: {error}")],
+                ..StatsdModuleReport::default()
+            });
+            *self.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
+        }
+        self.done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default()
+    }
+
+    /// Serves `GET /report` and `POST /stop` on `listen`; the address.
+    pub async fn serve(self: Arc<Self>, listen: SocketAddr) -> std::io::Result<SocketAddr> {
+        use axum::extract::State;
+        use axum::routing::{get, post};
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let app = axum::Router::new()
+            .route(
+                "/report",
+                get(|State(m): State<Arc<Self>>| async move { axum::Json(m.report()) }),
+            )
+            .route(
+                "/stop",
+                post(|State(m): State<Arc<Self>>| async move {
+                    let report = m.stop().await;
+                    axum::Json(ModuleControlReport {
+                        running: false,
+                        report: Some(report),
+                    })
+                }),
+            )
+            .with_state(self);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(addr)
+    }
+}
+
+/// What the verifier found of one module: its containers' totals checked
+/// against Kafka and, when the verifier has one, the Prometheus server.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatsdCheck {
+    /// The module still runs (or cannot be reached): nothing is checked.
+    pub running: bool,
+    /// Containers registered (201).
+    pub registered: usize,
+    /// Containers deregistered at the end.
+    pub deregistered: usize,
+    /// Packets their tasks sent.
+    pub packets: u64,
+    /// Every difference, and every call the module failed on.
+    pub failures: Vec<String>,
+}
+
+impl StatsdCheck {
+    /// Stopped, and everything its tasks sent arrived.
+    pub fn holds(&self) -> bool {
+        !self.running && self.registered > 0 && self.failures.is_empty()
+    }
+}
+
+/// Checks the module whose control API is at `url` against what Kafka
+/// (`seen`, topics `<prefix><framework id>`) and the Prometheus server at
+/// `prometheus` have.
+pub async fn check_module(
+    http: &reqwest::Client,
+    url: &str,
+    seen: &StatsdSeen,
+    prefix: &str,
+    prometheus: Option<&str>,
+) -> StatsdCheck {
+    let answer = async {
+        http.get(format!("{url}/report"))
+            .send()
+            .await?
+            .error_for_status()?
+            .json::<ModuleControlReport>()
+            .await
+    };
+    let Ok(ModuleControlReport {
+        running: false,
+        report: Some(report),
+    }) = answer.await
+    else {
+        return StatsdCheck {
+            running: true,
+            ..StatsdCheck::default()
+        };
+    };
+    let mut failures = report.failed_calls.clone();
+    failures.extend(check_kafka(&report, seen, prefix));
+    if let Some(base) = prometheus {
+        failures.extend(check_prometheus_server(&report, http, base).await);
+    }
+    StatsdCheck {
+        running: false,
+        registered: report.containers.iter().filter(|c| c.status == 201).count(),
+        deregistered: report.containers.iter().filter(|c| c.deregistered).count(),
+        packets: report.packets(),
+        failures,
+    }
 }
 
 #[cfg(test)]

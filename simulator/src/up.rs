@@ -303,7 +303,7 @@ pub async fn run(
         .collect();
     let mut verifier = Verifier::start(
         &kafka.bootstrap_servers(),
-        "metrics-",
+        &crate::verify::metrics_topic_prefix(),
         "sample_metrics",
         Default::default(),
     )?;
@@ -473,7 +473,11 @@ pub async fn run(
         &seen,
     ));
     let statsd = statsd_report.map(|report| {
-        failures.extend(check_statsd_kafka(&report, &seen.statsd, "metrics-"));
+        failures.extend(check_statsd_kafka(
+            &report,
+            &seen.statsd,
+            &crate::verify::metrics_topic_prefix(),
+        ));
         let packets_read = stats.statsd_packets.load(Relaxed);
         if packets_read != report.packets() {
             failures.push(format!(

@@ -107,6 +107,12 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The collector's default `kafka_topic_prefix`: the module producers' and
+/// the tasks' statsd topics start with it.
+pub fn metrics_topic_prefix() -> String {
+    collector::config::Config::default().kafka_topic_prefix
+}
+
 /// A verifier consuming in background threads, one per Kafka cluster, all
 /// into one account (so a record found in two clusters counts as a
 /// duplicate).

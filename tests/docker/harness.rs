@@ -112,6 +112,7 @@ fn docker_mount(mount: &Mount) -> bollard::models::Mount {
             }),
             ..Default::default()
         },
+        Mount::Shared { .. } => unreachable!("made a host directory by Cluster::start"),
         Mount::Bind {
             host,
             path,
@@ -353,6 +354,8 @@ pub struct Node {
     pub sample: Container,
     /// A garbage producer, when asked for.
     pub garbage: Option<Container>,
+    /// DC/OS 1.12's module, on the topology's 1.12 node.
+    pub module: Option<Container>,
     /// Owns the node's network namespace.
     pub agent: Container,
 }
@@ -438,8 +441,10 @@ pub fn topology() -> Topology {
     Topology {
         idempotence: Some(true),
         api_token: TOKEN,
-        // Only the happy path asks Prometheus; the others spare its CPU.
+        // Only the happy path asks Prometheus and runs DC/OS 1.12's module;
+        // the others spare their CPU.
         prometheus: false,
+        module_1_12_node: None,
         ..Topology::default()
     }
 }
@@ -466,6 +471,9 @@ pub struct Cluster {
     pub spare: Option<Container>,
     /// The network.
     pub network: Network,
+    /// The host directories behind the topology's shared volumes, removed
+    /// after every container.
+    _shared: tempfile::TempDir,
     http: reqwest::Client,
     started: Instant,
 }
@@ -515,6 +523,7 @@ impl Cluster {
         // service before it needs it.
         let mut dns_ip = String::from("0.0.0.0");
         let mut containers: BTreeMap<String, Container> = BTreeMap::new();
+        let shared = tempfile::tempdir().expect("a directory for the shared volumes");
         let mut next = 0;
         while let Some(service) = topology.services(&host, &dns_ip).into_iter().nth(next) {
             next += 1;
@@ -522,6 +531,24 @@ impl Cluster {
                 Place::Cluster => Join::Network(&network.name),
                 Place::Node(node) => Join::Namespace(&containers[node]),
             };
+            // A shared volume is a directory of the cluster's, bound into
+            // each of its services.
+            let mounts: Vec<Mount> = service
+                .mounts
+                .iter()
+                .map(|mount| match mount {
+                    Mount::Shared { name, path } => {
+                        let host = shared.path().join(name);
+                        std::fs::create_dir_all(&host).expect("a shared volume's directory");
+                        Mount::Bind {
+                            host: host.to_str().expect("a UTF-8 path").to_owned(),
+                            path,
+                            read_only: false,
+                        }
+                    }
+                    other => other.clone(),
+                })
+                .collect();
             let container = Container::run(
                 host(&service.name),
                 join,
@@ -529,7 +556,7 @@ impl Cluster {
                 service.entrypoint,
                 service.args,
                 service.ready,
-                &service.mounts,
+                &mounts,
             )
             .await;
             if service.kind == Kind::Dns {
@@ -555,6 +582,8 @@ impl Cluster {
                 producers: take(&format!("producers-{index}")),
                 sample: take(&format!("sample-{index}")),
                 garbage: (topology.garbage_on_node_1 && index == 1).then(|| take("garbage-1")),
+                module: (topology.module_1_12_node == Some(index))
+                    .then(|| take(&format!("module-{index}"))),
                 agent: take(&format!("node-{index}")),
             })
             .collect();
@@ -571,6 +600,7 @@ impl Cluster {
             }),
             spare: topology.spare_broker.then(|| take("tansu-b")),
             network,
+            _shared: shared,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()
@@ -688,6 +718,35 @@ impl Cluster {
         .await;
     }
 
+    /// Stops the 1.12 modules through the verifier (their tasks stop, the
+    /// last containers are deregistered) and waits until the verifier finds
+    /// every total their tasks sent in Kafka and in Prometheus. Returns
+    /// the checks.
+    pub async fn finish_statsd(&self) -> BTreeMap<String, simulator::statsd_module::StatsdCheck> {
+        let url = format!("http://{}:9200/statsd/stop", self.verifier.ip().await);
+        let response = self.http.post(&url).send().await;
+        assert!(
+            response.as_ref().is_ok_and(|r| r.status().is_success()),
+            "stopping the 1.12 modules: {response:?}"
+        );
+        let patience = docker_patience();
+        let holding = e2e::poll_until(patience, POLL, || async {
+            let report = self.try_report().await?;
+            (!report.statsd.is_empty() && report.statsd.values().all(|c| c.holds()))
+                .then_some(report.statsd)
+        })
+        .await;
+        if let Some(checks) = holding {
+            return checks;
+        }
+        let last = self.try_report().await;
+        self.dump_logs().await;
+        panic!(
+            "the 1.12 modules' totals are not all in Kafka and Prometheus after {patience:?}: {:#?}",
+            last.map(|r| r.statsd)
+        );
+    }
+
     /// Stops every node's producers, then waits until `holds` says the
     /// balance is what the scenario allows. Returns the final report.
     pub async fn finish_when(
@@ -732,6 +791,7 @@ impl Cluster {
         for node in &self.nodes {
             all.extend([&node.agent, &node.collector, &node.producers, &node.sample]);
             all.extend(node.garbage.iter());
+            all.extend(node.module.iter());
         }
         let mut logs = BTreeMap::new();
         for container in all {

@@ -1,4 +1,5 @@
 //! The Docker tier: the whole pipeline as containers (three agent nodes,
+//! one of them a DC/OS 1.12 agent with its statsd module in the happy path,
 //! Mesos-DNS, the Kafka scheduler, tansu as a real broker, the verifier),
 //! with process- and network-level faults. Every scenario runs under load
 //! and ends with the verifier's balance: every datapoint the module
@@ -51,6 +52,7 @@ async fn happy_path_every_datapoint_from_three_nodes_and_the_sample_producer() {
         "happy",
         Topology {
             prometheus: true,
+            module_1_12_node: Some(3),
             ..topology()
         },
     )
@@ -59,6 +61,20 @@ async fn happy_path_every_datapoint_from_three_nodes_and_the_sample_producer() {
     prometheus_has_every_node_container_and_producer(&cluster).await;
     let report = cluster.finish().await;
     assert_nothing_dropped(&report);
+    // node-3's agent is a DC/OS 1.12 one: every total its containers'
+    // tasks sent over statsd is in Kafka, each in its framework's topic (a
+    // deregistered container's last flush included), and, for those still
+    // registered, in the Prometheus server.
+    let checks = cluster.finish_statsd().await;
+    let check = checks.values().next().unwrap();
+    assert_eq!(checks.len(), 1, "{checks:?}");
+    assert_eq!(check.registered, 3, "the agent's containers: {check:?}");
+    assert_eq!(check.deregistered, 1, "{check:?}");
+    assert!(check.packets > 0, "{check:?}");
+    cluster.log(&format!(
+        "statsd on node-3 (1.12): {} containers, {} packets, every total in Kafka and Prometheus",
+        check.registered, check.packets
+    ));
     // Every producer's last datapoint reaches Prometheus: its values count
     // its datapoints from 0, so the newest it has is the last generated.
     let last: BTreeMap<String, f64> = report

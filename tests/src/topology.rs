@@ -67,6 +67,10 @@ pub enum Kind {
     Collector,
     /// The module producers of a node.
     Producers,
+    /// DC/OS 1.12's mesos module on a node (`simulator module`):
+    /// registers the agent's containers with the collector's registration
+    /// API and runs their tasks' statsd.
+    StatsdModule,
     /// A sample-producer.
     Sample,
     /// A garbage producer.
@@ -118,6 +122,15 @@ pub enum Mount {
         path: &'static str,
         /// Its size.
         bytes: u64,
+    },
+    /// A volume the services of one node share (the registration API's
+    /// socket directory): named in `docker-compose.yml`; a directory of the
+    /// cluster's own on the host in the Docker tier.
+    Shared {
+        /// Its name.
+        name: String,
+        /// Where it is mounted.
+        path: &'static str,
     },
     /// A directory of the host's.
     Bind {
@@ -190,6 +203,13 @@ impl Secured {
 /// Where the collectors' spool is, inside their containers.
 pub const SPOOL_DIR: &str = "/var/lib/metrics-collector/spool";
 
+/// Where DC/OS 1.12's module calls the registration API: the directory,
+/// shared by the node's collector and module.
+pub const STATSD_SOCKET_DIR: &str = "/run/dcos/telegraf";
+
+/// The 1.12 module's control API port (`simulator module --listen`).
+pub const STATSD_MODULE_PORT: u16 = 9101;
+
 /// One service of the cluster.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Service {
@@ -244,6 +264,12 @@ pub struct Topology {
     /// A Prometheus server (`prometheus`, :9090) scraping every collector
     /// on DC/OS's port 61091, which the verifier asks.
     pub prometheus: bool,
+    /// The node (1-based) whose agent is a DC/OS 1.12 one: its collector
+    /// serves the registration API on the module's unix socket, and the
+    /// module (`module-N`) registers the agent's containers and runs their
+    /// tasks' statsd; the verifier checks their totals once it is stopped.
+    /// Its module producers stay, as the node's other local processes.
+    pub module_1_12_node: Option<usize>,
 }
 
 impl Default for Topology {
@@ -262,6 +288,7 @@ impl Default for Topology {
             broker: Broker::Tansu,
             collector_options: Vec::new(),
             prometheus: true,
+            module_1_12_node: Some(3),
         }
     }
 }
@@ -459,6 +486,19 @@ impl Topology {
                 collector.extend(secured.kafka_options("-"));
                 collector.extend(secured.discovery_options("-", &host("kafka-scheduler")));
             }
+            let statsd_1_12 = self.module_1_12_node == Some(index);
+            let shared = Mount::Shared {
+                name: format!("statsd-{index}"),
+                path: STATSD_SOCKET_DIR,
+            };
+            if statsd_1_12 {
+                collector.extend([
+                    format!("--statsd-control-listen=unix:{STATSD_SOCKET_DIR}/dcos_statsd.sock"),
+                    // On the shared volume: a restarted collector binds
+                    // every registered container's port again.
+                    format!("--statsd-state-dir={STATSD_SOCKET_DIR}/containers"),
+                ]);
+            }
             collector.extend(self.collector_options.iter().cloned());
             let mut service = in_node(
                 format!("collector-{index}"),
@@ -483,7 +523,29 @@ impl Topology {
             service
                 .mounts
                 .extend(self.secured.as_ref().map(Secured::mount));
+            if statsd_1_12 {
+                service.mounts.push(shared.clone());
+            }
             services.push(service);
+            if statsd_1_12 {
+                let mut module = in_node(
+                    format!("module-{index}"),
+                    Kind::StatsdModule,
+                    Image::Simulator,
+                    None,
+                    vec![
+                        "module".into(),
+                        format!("--control=unix:{STATSD_SOCKET_DIR}/dcos_statsd.sock"),
+                        "--agent=http://127.0.0.1:5051".into(),
+                        "--rate=10".into(),
+                        "--deregister=1".into(),
+                        format!("--listen=0.0.0.0:{STATSD_MODULE_PORT}"),
+                    ],
+                    Some("module control API on"),
+                );
+                module.mounts.push(shared);
+                services.push(module);
+            }
             services.push(in_node(
                 format!("producers-{index}"),
                 Kind::Producers,
@@ -580,6 +642,12 @@ impl Topology {
                 at(&format!("node-{index}"))
             ));
         }
+        if let Some(index) = self.module_1_12_node.filter(|i| *i <= self.nodes) {
+            verify.push(format!(
+                "--statsd-module=http://{}:{STATSD_MODULE_PORT}",
+                at(&format!("node-{index}"))
+            ));
+        }
         if self.prometheus {
             let targets = (1..=self.nodes)
                 .map(|index| format!("--target={}:61091", host(&format!("node-{index}"))));
@@ -645,6 +713,13 @@ const COMPOSE_HEADER: &str = "\
 # a real agent (collector input 127.0.0.1:8124, agent 127.0.0.1:5051), and a
 # collector restart does not take its producers' network away.
 #
+# node-3's agent is a DC/OS 1.12 one: module-3 registers its containers on
+# the collector's registration API (unix:/run/dcos/telegraf/dcos_statsd.sock,
+# a volume both share) and runs their tasks' statsd. Stopping it through the
+# verifier deregisters one container and fixes what every series must total;
+# the verifier then checks those totals in Kafka and Prometheus:
+#   curl -s -X POST localhost:9200/statsd/stop   # then the report's \"statsd\"
+#
 # The images are FROM scratch (no shell): health checks run our own probes.
 version: \"2.4\"
 ";
@@ -675,23 +750,28 @@ pub fn compose(topology: &Topology) -> String {
         for arg in &service.args {
             let _ = writeln!(out, "      - {}", quoted(arg));
         }
+        let (mut volumes, mut tmpfs) = (Vec::new(), Vec::new());
         for mount in &service.mounts {
             match mount {
-                Mount::Volume { name, path } => {
-                    let _ = writeln!(out, "    volumes: [\"{name}:{path}\"]");
+                Mount::Volume { name, path } | Mount::Shared { name, path } => {
+                    volumes.push(format!("\"{name}:{path}\""));
                 }
-                Mount::Tmpfs { path, bytes } => {
-                    let _ = writeln!(out, "    tmpfs: [\"{path}:size={bytes}\"]");
-                }
+                Mount::Tmpfs { path, bytes } => tmpfs.push(format!("\"{path}:size={bytes}\"")),
                 Mount::Bind {
                     host,
                     path,
                     read_only,
                 } => {
                     let mode = if *read_only { ":ro" } else { "" };
-                    let _ = writeln!(out, "    volumes: [\"{host}:{path}{mode}\"]");
+                    volumes.push(format!("\"{host}:{path}{mode}\""));
                 }
             }
+        }
+        if !volumes.is_empty() {
+            let _ = writeln!(out, "    volumes: [{}]", volumes.join(", "));
+        }
+        if !tmpfs.is_empty() {
+            let _ = writeln!(out, "    tmpfs: [{}]", tmpfs.join(", "));
         }
         match &service.place {
             Place::Node(node) => {
@@ -743,7 +823,7 @@ pub fn compose(topology: &Topology) -> String {
                 out.push_str(&healthy(&[node, "mesos-dns", "tansu"]));
                 out.push_str("    stop_grace_period: 40s\n    restart: unless-stopped\n");
             }
-            Kind::Producers | Kind::Garbage => {
+            Kind::Producers | Kind::Garbage | Kind::StatsdModule => {
                 let collector = node.replace("node-", "collector-");
                 out.push_str(&healthy(&[&collector]));
                 out.push_str("    restart: unless-stopped\n");
@@ -760,7 +840,10 @@ pub fn compose(topology: &Topology) -> String {
             }
             Kind::Verifier => {
                 out.push_str("    ports: [\"127.0.0.1:9200:9200\"]\n    depends_on:\n");
-                for producers in services.iter().filter(|s| s.kind == Kind::Producers) {
+                for producers in services
+                    .iter()
+                    .filter(|s| matches!(s.kind, Kind::Producers | Kind::StatsdModule))
+                {
                     let _ = writeln!(
                         out,
                         "      {}: {{ condition: service_started }}",
@@ -775,9 +858,12 @@ pub fn compose(topology: &Topology) -> String {
         out,
         "networks:\n  cluster:\n    ipam:\n      config:\n        - subnet: {COMPOSE_SUBNET}\n\nvolumes:\n  tansu-data:\n"
     );
+    let mut named = std::collections::BTreeSet::new();
     for service in &services {
         for mount in &service.mounts {
-            if let Mount::Volume { name, .. } = mount {
+            if let Mount::Volume { name, .. } | Mount::Shared { name, .. } = mount
+                && named.insert(name)
+            {
                 let _ = writeln!(out, "  {name}:");
             }
         }
@@ -836,6 +922,37 @@ mod tests {
             named("verifier")
                 .args
                 .contains(&"--metrics=http://x-node-3:8123/metrics".into())
+        );
+        // node-3 is a DC/OS 1.12 agent: its collector serves the
+        // registration API where its module calls, on a volume both share,
+        // and the verifier checks the module's totals; no other node has one.
+        let socket = format!("unix:{STATSD_SOCKET_DIR}/dcos_statsd.sock");
+        assert!(
+            named("collector-3")
+                .args
+                .contains(&format!("--statsd-control-listen={socket}"))
+        );
+        assert!(
+            named("module-3")
+                .args
+                .contains(&format!("--control={socket}"))
+        );
+        let shared = Mount::Shared {
+            name: "statsd-3".into(),
+            path: STATSD_SOCKET_DIR,
+        };
+        assert!(named("collector-3").mounts.contains(&shared));
+        assert!(named("module-3").mounts.contains(&shared));
+        assert_eq!(named("module-3").place, Place::Node("node-3".into()));
+        assert!(named("verifier").args.contains(&format!(
+            "--statsd-module=http://x-node-3:{STATSD_MODULE_PORT}"
+        )));
+        assert!(services.iter().all(|s| s.name != "module-1"));
+        assert!(
+            named("collector-1")
+                .args
+                .iter()
+                .all(|a| !a.starts_with("--statsd"))
         );
         // Every node's services come after the node that owns their namespace.
         for (i, service) in services.iter().enumerate() {
