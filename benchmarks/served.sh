@@ -14,18 +14,8 @@ cd "$(dirname "$0")/.."
 bin=target/release/collector
 [ -x "$bin" ] || { echo "build first: cargo build --release -p collector" >&2; exit 1; }
 
-ticks=$(getconf CLK_TCK)
-cpu_ms() { awk -v t="$ticks" '{ print ($14 + $15) * 1000 / t }' "/proc/$1/stat"; }
-rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
-port_of() { # the address a process logged as "Listening on" / "Collector started"
-  local log=$1 key=$2
-  for _ in $(seq 100); do
-    addr=$(grep -o "$key=\"\?[0-9.:]*" "$log" | head -1 | sed 's/.*=\"\?//') || true
-    [ -n "$addr" ] && { echo "$addr"; return; }
-    sleep 0.1
-  done
-  echo "no $key in $log" >&2; exit 1
-}
+# shellcheck source=benchmarks/common.sh
+. benchmarks/common.sh
 median() { sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 
 work=$(mktemp -d)
