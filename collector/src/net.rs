@@ -103,7 +103,7 @@ fn passed() -> &'static std::sync::Mutex<Passed> {
                         .and_then(|a| a.as_pathname().map(std::path::Path::to_owned))
                     {
                         Some(path) => {
-                            passed.sockets.insert(path, listener);
+                            passed.sockets.insert(socket_key(&path), listener);
                         }
                         None => passed
                             .unusable
@@ -117,6 +117,21 @@ fn passed() -> &'static std::sync::Mutex<Passed> {
         }
         std::sync::Mutex::new(passed)
     })
+}
+
+/// A socket's path as the passed sockets are looked up by: its directory
+/// resolved (`/var/run` and `/run`, `a//b` and `a/b` are one), or the path
+/// as given where that fails.
+fn socket_key(path: &std::path::Path) -> std::path::PathBuf {
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(if dir.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            dir
+        })
+        .map_or_else(|_| path.to_owned(), |dir| dir.join(name)),
+        _ => path.to_owned(),
+    }
 }
 
 /// Takes the sockets systemd passed, if any. Call it first thing in
@@ -166,7 +181,7 @@ pub async fn bind_unix(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .sockets
-        .remove(path);
+        .remove(&socket_key(path));
     if let Some(listener) = passed {
         tracing::info!(
             path = %path.display(),
@@ -424,5 +439,29 @@ pub fn fit_descriptors(
         input,
         api,
         statsd_control,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener's path finds the socket systemd passed however the two
+    /// spell its directory: through a link, with a doubled slash.
+    #[test]
+    fn a_passed_socket_is_found_by_its_directory_resolved() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("run");
+        std::fs::create_dir(&real).unwrap();
+        let link = dir.path().join("var-run");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let passed = socket_key(&real.join("x.sock"));
+        assert_eq!(socket_key(&link.join("x.sock")), passed);
+        let doubled = format!("{}//x.sock", real.display());
+        assert_eq!(socket_key(std::path::Path::new(&doubled)), passed);
+        assert_ne!(socket_key(&real.join("y.sock")), passed);
+        // A directory that does not exist: the path as given.
+        let missing = dir.path().join("missing/x.sock");
+        assert_eq!(socket_key(&missing), missing);
     }
 }

@@ -570,6 +570,11 @@ fn deploy_files_take_the_dcos_1_12_statsd_registrations() {
         setting(&socket_unit, "Service"),
         ["metrics-collector.service"]
     );
+    // DC/OS's own unit for the socket is stopped when ours starts.
+    assert_eq!(
+        setting(&socket_unit, "Conflicts"),
+        ["dcos-telegraf-dcos_statsd.socket"]
+    );
     for key in ["Sockets", "Requires"] {
         assert_eq!(
             setting(&dropin, key),

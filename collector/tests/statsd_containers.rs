@@ -24,20 +24,25 @@ use common::{Running, eventually, http_get, prometheus_samples, start};
 /// One call as the module makes it (`process::http::request` over the
 /// unix socket: HTTP/1.1, JSON both ways); the status and the body.
 fn module_call(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    try_module_call(socket, method, path, body).unwrap()
+    try_module_call(socket, method, path, body, common::PATIENCE).unwrap()
 }
 
-/// [`module_call`], or why no answer came (nothing listening: the module
-/// then fails the launch).
+/// The module's `request_timeout`: a call not answered within it fails
+/// the launch.
+const MODULE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// [`module_call`] answered within `timeout`, or why no answer came
+/// (nothing listening, or no answer in time: the module then fails the
+/// launch).
 fn try_module_call(
     socket: &Path,
     method: &str,
     path: &str,
     body: Option<&str>,
+    timeout: Duration,
 ) -> std::io::Result<(u16, String)> {
     let mut stream = UnixStream::connect(socket)?;
-    // A call made while the collector restarts waits for the next process.
-    stream.set_read_timeout(Some(common::PATIENCE))?;
+    stream.set_read_timeout(Some(timeout))?;
     let mut request = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n"
     );
@@ -539,7 +544,9 @@ struct StormCalls {
 /// process, is registered in the new one on the port it was given, with a
 /// UDP socket each and nothing else. With `passed`, the registration API's
 /// socket is held outside the collector and passed to each process as
-/// systemd's socket activation passes it (`LISTEN_FDS`).
+/// systemd's socket activation passes it (`LISTEN_FDS`). A call counts as
+/// answered only within the module's 5 s; the next process starts 2 s
+/// after the last one ended, as the unit's `RestartSec` has it.
 /// Its containers ask for ports from `unclaimed_port(ports_below)` on.
 fn storm_during_a_restart(passed: bool, ports_below: u16) -> StormCalls {
     use std::sync::Arc;
@@ -603,14 +610,14 @@ fn storm_during_a_restart(passed: bool, ports_below: u16) -> StormCalls {
                     let port = base + t * 1000 + (i % 1000) as u16;
                     i += 1;
                     let body = format!(r#"{{"container_id":"{id}","statsd_port":{port}}}"#);
-                    let answer = try_module_call(&socket, "POST", "/container", Some(&body)).map(
-                        |(status, body)| {
-                            let port = serde_json::from_str::<serde_json::Value>(&body)
-                                .ok()
-                                .and_then(|a| a["statsd_port"].as_u64());
-                            (status, port)
-                        },
-                    );
+                    let answer =
+                        try_module_call(&socket, "POST", "/container", Some(&body), MODULE_TIMEOUT)
+                            .map(|(status, body)| {
+                                let port = serde_json::from_str::<serde_json::Value>(&body)
+                                    .ok()
+                                    .and_then(|a| a["statsd_port"].as_u64());
+                                (status, port)
+                            });
                     answers.push((id, answer));
                     // The module registers as tasks launch: a steady
                     // stream, not a flood that would hold every port.
@@ -625,6 +632,9 @@ fn storm_during_a_restart(passed: bool, ports_below: u16) -> StormCalls {
     });
     let (code, _) = collector.stop();
     assert_eq!(code, Some(0));
+    // systemd's RestartSec (the unit's 2 s) before the next process: the
+    // gap a call made meanwhile has to wait out, within the module's 5 s.
+    std::thread::sleep(Duration::from_secs(2));
     let (collector, dir) = start_node(dir);
     eventually("registrations with the new process", || {
         collector.metric("collector_statsd_registrations_total") >= 50.0
