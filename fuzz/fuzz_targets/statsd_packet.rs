@@ -1,4 +1,6 @@
-//! statsd packets, from any bytes: reading one never panics; a packet reads
+//! statsd packets, from any bytes: reading one never panics; every line
+//! reads as the general path reads it (the path for the simplest lines
+//! agrees with it); a packet reads
 //! as the concatenation of its lines read alone (one line's error never
 //! takes another's values); a line refused takes nothing; the aggregator
 //! stays within its bound of series, and every value it gives is a number
@@ -27,7 +29,12 @@ fn read(packet: &[u8], aggregator: &mut Aggregator) -> (Vec<String>, usize) {
             refused += 1;
             continue;
         };
-        match line.read(text) {
+        let read = line.read(text);
+        // The path for the simplest lines reads as the general one.
+        let mut general = Line::default();
+        assert_eq!(read, general.read_general(text), "{text:?}");
+        assert_eq!((line.name, &line.tags, &line.values), (general.name, &general.tags, &general.values), "{text:?}");
+        match read {
             Ok(()) => {
                 assert!(!line.name.is_empty());
                 assert!(!line.values.is_empty());

@@ -14,7 +14,10 @@
 //! every aggregator holds together within one [`Budget`]; a value past a
 //! bound is refused and counted ([`Refused`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
@@ -34,11 +37,14 @@ pub const MAX_KEY_BYTES: usize = 1024;
 /// Bytes of a set member, at most.
 pub const MAX_MEMBER_BYTES: usize = 256;
 
-/// What one series takes besides its key and its members: the map's entry,
-/// and a timing's statistics with its full reservoir.
+/// What one series takes besides its key and its members: its entry, with
+/// the room the vector of entries may hold for it (it doubles as it
+/// grows), its places in the two indexes, and a timing's statistics with
+/// its full reservoir.
 fn series_cost(kind: Kind, key_len: usize) -> usize {
     key_len
-        + 96
+        + 2 * std::mem::size_of::<Entry>()
+        + 24
         + match kind {
             Kind::Timing | Kind::Histogram => {
                 std::mem::size_of::<Stats>() + PERCENTILE_SAMPLES * std::mem::size_of::<f64>()
@@ -201,13 +207,7 @@ fn write_key(key: &mut Vec<u8>, kind: Kind, name: &str, tags: &[(&str, &str)]) {
     }
     let tags_len = u32::try_from(key.len() - 4).unwrap_or(u32::MAX);
     key[..4].copy_from_slice(&tags_len.to_le_bytes());
-    key.push(match kind {
-        Kind::Counter => 0,
-        Kind::Gauge => 1,
-        Kind::Set => 2,
-        Kind::Timing => 3,
-        Kind::Histogram => 4,
-    });
+    key.push(kind_byte(kind));
     key.extend_from_slice(name.as_bytes());
 }
 
@@ -244,10 +244,28 @@ fn tags_of(mut part: &[u8]) -> Vec<(&str, &str)> {
     tags
 }
 
+/// A series and its key.
+#[derive(Debug)]
+struct Entry {
+    key: Key,
+    series: Series,
+}
+
 /// Aggregates one source's statsd values (a container's, or the node's).
+///
+/// Series are never removed (their values are cumulative over the
+/// source's life), so each keeps its place in `entries`, and the indexes
+/// name it by that place: `index` by its whole key, and `plain`, for the
+/// lines without tags (most lines), by its type and name alone, so that
+/// such a line costs one short hash and no key built.
 #[derive(Debug)]
 pub struct Aggregator {
-    series: HashMap<Key, Series, foldhash::fast::RandomState>,
+    entries: Vec<Entry>,
+    index: HashTable<u32>,
+    plain: HashTable<u32>,
+    hasher: foldhash::fast::RandomState,
+    /// The key of a line without tags, its name apart, for each type.
+    plain_prefix: [Key; 5],
     max_series: usize,
     percentiles: Vec<f64>,
     refused: Refused,
@@ -265,13 +283,40 @@ impl Drop for Aggregator {
     }
 }
 
+/// The key's type byte.
+fn kind_byte(kind: Kind) -> u8 {
+    match kind {
+        Kind::Counter => 0,
+        Kind::Gauge => 1,
+        Kind::Set => 2,
+        Kind::Timing => 3,
+        Kind::Histogram => 4,
+    }
+}
+
 impl Aggregator {
     /// An empty aggregator holding at most `max_series` series within
     /// `budget`, giving the `percentiles` (each in (0, 100]) of its
     /// timings and histograms.
     pub fn new(max_series: usize, percentiles: &[f64], budget: Arc<Budget>) -> Self {
+        let plain_prefix = [
+            Kind::Counter,
+            Kind::Gauge,
+            Kind::Set,
+            Kind::Timing,
+            Kind::Histogram,
+        ]
+        .map(|kind| {
+            let mut key = Vec::new();
+            write_key(&mut key, kind, "", &[("metric_type", kind.tag())]);
+            key.into_boxed_slice()
+        });
         Self {
-            series: HashMap::default(),
+            entries: Vec::new(),
+            index: HashTable::new(),
+            plain: HashTable::new(),
+            hasher: foldhash::fast::RandomState::default(),
+            plain_prefix,
             max_series,
             percentiles: percentiles.to_vec(),
             refused: Refused::default(),
@@ -289,12 +334,12 @@ impl Aggregator {
 
     /// Series held.
     pub fn len(&self) -> usize {
-        self.series.len()
+        self.entries.len()
     }
 
     /// Whether no series is held.
     pub fn is_empty(&self) -> bool {
-        self.series.is_empty()
+        self.entries.is_empty()
     }
 
     /// What was refused so far.
@@ -310,8 +355,21 @@ impl Aggregator {
     /// Takes every value of a line read whole.
     ///
     /// The line's tags are sorted once, and a key is built once for each
-    /// type the line's values have (most lines have one).
+    /// type the line's values have (most lines have one); a line without
+    /// tags is looked up by its name and type alone.
     pub fn add<'a>(&mut self, line: &Line<'a>, tags: &mut Vec<(&'a str, &'a str)>) {
+        if line.tags.is_empty() {
+            if 8 + "metric_type".len() + "histogram".len() + 5 + line.name.len() > MAX_KEY_BYTES {
+                self.refused.too_long += line.values.len() as u64;
+                return;
+            }
+            for &(kind, value) in &line.values {
+                if let Some(at) = self.plain_series(kind, line.name) {
+                    self.take(at, value);
+                }
+            }
+            return;
+        }
         line.sorted_tags(tags);
         let typed = tags.binary_search_by(|(k, _)| (*k).cmp("metric_type"));
         // The key's length with the longest type's tag: over the bound, no
@@ -327,71 +385,141 @@ impl Aggregator {
             self.refused.too_long += line.values.len() as u64;
             return;
         }
-        let mut keyed: Option<Kind> = None;
+        let mut keyed: Option<(Kind, Option<usize>)> = None;
         for &(kind, value) in &line.values {
-            if keyed != Some(kind) {
-                keyed = Some(kind);
-                match typed {
-                    Ok(_) => write_key(&mut self.key, kind, line.name, tags),
-                    Err(at) => {
-                        tags.insert(at, ("metric_type", kind.tag()));
-                        write_key(&mut self.key, kind, line.name, tags);
-                        tags.remove(at);
+            let at = match keyed {
+                Some((k, at)) if k == kind => at,
+                _ => {
+                    match typed {
+                        Ok(_) => write_key(&mut self.key, kind, line.name, tags),
+                        Err(at) => {
+                            tags.insert(at, ("metric_type", kind.tag()));
+                            write_key(&mut self.key, kind, line.name, tags);
+                            tags.remove(at);
+                        }
                     }
+                    self.series(kind)
                 }
-            }
-            if !self.series.contains_key(self.key.as_slice()) {
-                let cost = series_cost(kind, self.key.len());
-                if self.series.len() >= self.max_series || !self.budget.take(cost) {
-                    self.refused.series += 1;
-                    continue;
-                }
-                self.bytes += cost;
-                self.seeds = self.seeds.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let new = match kind {
-                    Kind::Counter => Series::Counter(0),
-                    Kind::Gauge => Series::Gauge(0.0),
-                    Kind::Set => Series::Set(HashSet::new()),
-                    Kind::Timing | Kind::Histogram => {
-                        Series::Stats(Box::new(Stats::new(self.seeds)))
-                    }
-                };
-                self.series.insert(self.key.as_slice().into(), new);
-            }
-            let Some(series) = self.series.get_mut(self.key.as_slice()) else {
-                continue;
             };
-            match (series, value) {
-                (Series::Counter(sum), Value::Count(n)) => *sum = sum.saturating_add(n),
-                (Series::Gauge(last), Value::Gauge { value, delta }) => {
-                    *last = if delta { *last + value } else { value };
-                }
-                (Series::Set(members), Value::Member(member)) if !members.contains(member) => {
-                    let cost = member_cost(member);
-                    if members.len() < MAX_SET_MEMBERS
-                        && member.len() <= MAX_MEMBER_BYTES
-                        && self.budget.take(cost)
-                    {
-                        self.bytes += cost;
-                        members.insert(member.into());
-                    } else {
-                        self.refused.set_members += 1;
-                    }
-                }
-                (Series::Stats(stats), Value::Sample { value, times }) => stats.add(value, times),
-                // The key holds the type, so a series always gets its own
-                // type's values.
-                _ => {}
+            // A series refused is not asked for again for the line's next
+            // value of its type, but counted again.
+            keyed = Some((kind, at));
+            match at {
+                Some(at) => self.take(at, value),
+                None => self.refused.series += 1,
             }
+        }
+    }
+
+    /// The place of the series of a line without tags, of `kind` and
+    /// `name`, made if new; none when refused (not counted).
+    fn plain_series(&mut self, kind: Kind, name: &str) -> Option<usize> {
+        let hash = self.hasher.hash_one((kind_byte(kind), name));
+        let (entries, prefix) = (&self.entries, &self.plain_prefix[kind_byte(kind) as usize]);
+        // Only keys of lines without tags are in `plain`, each its type's
+        // prefix and a name: the type's byte, the length and the name tell
+        // them apart.
+        let found = self.plain.find(hash, |&at| {
+            let key = &entries[at as usize].key;
+            key.len() == prefix.len() + name.len()
+                && key.get(prefix.len() - 1) == Some(&kind_byte(kind))
+                && key[prefix.len()..] == *name.as_bytes()
+        });
+        if let Some(&at) = found {
+            return Some(at as usize);
+        }
+        self.key.clear();
+        self.key.extend_from_slice(prefix);
+        self.key.extend_from_slice(name.as_bytes());
+        let Some(at) = self.series(kind) else {
+            self.refused.series += 1;
+            return None;
+        };
+        let hasher = &self.hasher;
+        let entries = &self.entries;
+        self.plain.insert_unique(hash, at as u32, |&at| {
+            let (_, kind, name) = split_key(&entries[at as usize].key);
+            hasher.hash_one((kind_byte(kind), name))
+        });
+        Some(at)
+    }
+
+    /// The place of the series of the key in `self.key`, of `kind`, made if
+    /// new; none when refused (not counted).
+    fn series(&mut self, kind: Kind) -> Option<usize> {
+        let hash = self.hasher.hash_one(self.key.as_slice());
+        let entries = &self.entries;
+        let key = &self.key;
+        if let Some(&at) = self
+            .index
+            .find(hash, |&at| *entries[at as usize].key == **key)
+        {
+            return Some(at as usize);
+        }
+        let cost = series_cost(kind, self.key.len());
+        if self.entries.len() >= self.max_series.min(u32::MAX as usize) || !self.budget.take(cost) {
+            return None;
+        }
+        self.bytes += cost;
+        self.seeds = self.seeds.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let series = match kind {
+            Kind::Counter => Series::Counter(0),
+            Kind::Gauge => Series::Gauge(0.0),
+            Kind::Set => Series::Set(HashSet::new()),
+            Kind::Timing | Kind::Histogram => Series::Stats(Box::new(Stats::new(self.seeds))),
+        };
+        let at = self.entries.len();
+        self.entries.push(Entry {
+            key: self.key.as_slice().into(),
+            series,
+        });
+        let hasher = &self.hasher;
+        let entries = &self.entries;
+        self.index.insert_unique(hash, at as u32, |&at| {
+            hasher.hash_one(&*entries[at as usize].key)
+        });
+        Some(at)
+    }
+
+    /// Takes `value` into the series at `at`.
+    fn take(&mut self, at: usize, value: Value<'_>) {
+        let Some(entry) = self.entries.get_mut(at) else {
+            return;
+        };
+        match (&mut entry.series, value) {
+            (Series::Counter(sum), Value::Count(n)) => *sum = sum.saturating_add(n),
+            (Series::Gauge(last), Value::Gauge { value, delta }) => {
+                *last = if delta { *last + value } else { value };
+            }
+            (Series::Set(members), Value::Member(member)) if !members.contains(member) => {
+                let cost = member_cost(member);
+                if members.len() < MAX_SET_MEMBERS
+                    && member.len() <= MAX_MEMBER_BYTES
+                    && self.budget.take(cost)
+                {
+                    self.bytes += cost;
+                    members.insert(member.into());
+                } else {
+                    self.refused.set_members += 1;
+                }
+            }
+            (Series::Stats(stats), Value::Sample { value, times }) => stats.add(value, times),
+            // The key holds the type, so a series always gets its own
+            // type's values.
+            _ => {}
         }
     }
 
     /// The series' keys in the order records are written: those of one
     /// tag set together.
-    pub fn order(&self) -> Vec<&[u8]> {
-        let mut keys: Vec<&[u8]> = self.series.keys().map(|k| &**k).collect();
-        keys.sort_unstable();
-        keys
+    pub fn order(&self) -> Vec<u32> {
+        let mut order: Vec<u32> = (0..self.entries.len() as u32).collect();
+        order.sort_unstable_by(|a, b| {
+            self.entries[*a as usize]
+                .key
+                .cmp(&self.entries[*b as usize].key)
+        });
+        order
     }
 
     /// The current value of the series of `order[*next..]`, as records of
@@ -400,7 +528,7 @@ impl Aggregator {
     /// datapoints; moves `next` past them. Empty once `next` is at the end.
     pub fn records_from(
         &self,
-        order: &[&[u8]],
+        order: &[u32],
         next: &mut usize,
         topic: &str,
         tags: &[Tag],
@@ -410,12 +538,12 @@ impl Aggregator {
         let mut records: Vec<MetricList> = Vec::new();
         let mut bytes = 0;
         let mut last_tags: Option<&[u8]> = None;
-        while let Some(key) = order.get(*next) {
+        while let Some(at) = order.get(*next) {
             if bytes >= max_bytes {
                 break;
             }
             *next += 1;
-            let Some(series) = self.series.get(*key) else {
+            let Some(Entry { key, series }) = self.entries.get(*at as usize) else {
                 continue;
             };
             let (part, _, name) = split_key(key);
@@ -703,7 +831,7 @@ mod tests {
         let lines: Vec<&str> = texts.iter().map(String::as_str).collect();
         let mut aggregator = Aggregator::new(2, &[50.0], Budget::new(usize::MAX));
         add_all(&mut aggregator, &lines);
-        let Some(Series::Stats(stats)) = aggregator.series.values().next() else {
+        let Some(Series::Stats(stats)) = aggregator.entries.first().map(|e| &e.series) else {
             panic!("a timing");
         };
         assert_eq!(stats.samples.len(), PERCENTILE_SAMPLES);
