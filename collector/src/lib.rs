@@ -119,7 +119,7 @@ pub struct App {
     partner: TcpListener,
     prometheus: Option<TcpListener>,
     metrics_api: Option<HttpListener>,
-    statsd: Option<tokio::net::UdpSocket>,
+    statsd: Option<std::net::UdpSocket>,
     /// Every statsd listener's settings (one budget for all).
     statsd_settings: sources::statsd::listener::StatsdSettings,
     /// The statsd registration API, and the containers restored at start.
@@ -188,12 +188,10 @@ impl App {
         let (statsd, statsd_addr) = match &config.statsd_listen {
             config::Listen::Tcp(addr) => {
                 let (socket, addr) =
-                    sources::statsd::listener::bind(*addr)
-                        .await
-                        .map_err(|source| net::BindError {
-                            addr: *addr,
-                            source,
-                        })?;
+                    sources::statsd::listener::bind(*addr).map_err(|source| net::BindError {
+                        addr: *addr,
+                        source,
+                    })?;
                 (Some(socket), Some(addr))
             }
             _ => (None, None),

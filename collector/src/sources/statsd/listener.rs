@@ -11,18 +11,19 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use schema::Tag;
-use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::aggregate::{Aggregator, Budget};
+use super::pace::{Pacer, Source};
 use super::parse::{Line, lines};
 use crate::enrich::Kind;
 use crate::pipeline::Pipeline;
@@ -35,9 +36,6 @@ const MAX_PACKET: usize = 65_536;
 
 /// Packets read at a stop, at most, before the last flush.
 const DRAIN_PACKETS: usize = 10_000;
-
-/// Packets read in one turn before the listener looks at its clock again.
-const READS_PER_TURN: usize = 256;
 
 /// Bytes of datapoints made for one push, about: a flush of many series is
 /// pushed in pieces, never made whole.
@@ -76,6 +74,12 @@ pub struct StatsdSettings {
     pub flushing: Arc<Semaphore>,
     /// The kernel's drop counts, read for every listener at once.
     pub kernel_drops: Arc<KernelDrops>,
+    /// When the sockets are read.
+    pub pacer: Arc<Pacer>,
+    /// Every listener flushes at this instant plus a whole number of
+    /// `flush` periods: together, in one wake-up of the process, with
+    /// one read of the kernel's drop table.
+    pub flush_epoch: Instant,
 }
 
 impl StatsdSettings {
@@ -88,7 +92,22 @@ impl StatsdSettings {
             budget: Budget::new(config.statsd_max_bytes),
             flushing: Arc::new(Semaphore::new(FLUSH_TURNS)),
             kernel_drops: Arc::default(),
+            pacer: Arc::default(),
+            flush_epoch: Instant::now(),
         }
+    }
+
+    /// The first flush after `now`: the next whole number of periods
+    /// after [`flush_epoch`](Self::flush_epoch).
+    pub fn next_flush(&self, now: Instant) -> Instant {
+        let period = self.flush.max(Duration::from_millis(1));
+        let since = now.saturating_duration_since(self.flush_epoch).as_nanos();
+        u32::try_from(since / period.as_nanos() + 1)
+            .ok()
+            .and_then(|periods| period.checked_mul(periods))
+            .and_then(|after| self.flush_epoch.checked_add(after))
+            .or_else(|| now.checked_add(period))
+            .unwrap_or(now)
     }
 }
 
@@ -132,17 +151,18 @@ pub enum Destination {
     Container(String),
 }
 
-/// Binds a UDP socket at `addr` (port 0: the kernel's choice); returns it
-/// with its address.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, SocketAddr)> {
-    let socket = UdpSocket::bind(addr).await?;
+/// Binds a non-blocking UDP socket at `addr` (port 0: the kernel's
+/// choice); returns it with its address.
+pub fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, SocketAddr)> {
+    let socket = UdpSocket::bind(addr)?;
+    socket.set_nonblocking(true)?;
     let local = socket.local_addr()?;
     Ok((socket, local))
 }
 
 /// A statsd listener and where its records go.
 pub struct StatsdListener {
-    /// The socket.
+    /// The socket, non-blocking.
     pub socket: UdpSocket,
     /// Where its records go.
     pub destination: Destination,
@@ -185,24 +205,25 @@ pub fn kernel_drops(proc_net: &std::path::Path) -> HashMap<u64, u64> {
 /// The kernel's drop counts of every UDP socket, read once for every
 /// listener asking about the same moment: `/proc/net/udp` lists every
 /// socket of the node, so a thousand listeners reading it each at every
-/// flush would cost the node more than their statsd.
+/// flush would cost the node more than their statsd (the listeners flush
+/// together, so one read serves them all).
 /// The table is read on a blocking thread (it is megabytes on a node of
 /// many sockets).
 #[derive(Debug, Default)]
-pub struct KernelDrops(tokio::sync::Mutex<Option<(Instant, HashMap<u64, u64>)>>);
+pub struct KernelDrops(tokio::sync::Mutex<Option<DropTable>>);
+
+/// When a read of the drop table began, and what it read (none: it failed).
+type DropTable = (Instant, Option<HashMap<u64, u64>>);
 
 impl KernelDrops {
     /// The drops of the socket `inode`, as of a read begun at `since` or
-    /// later (begun now when the last is older). None when no such read
-    /// is had: the table cannot be read, it took longer than
-    /// [`DROPS_READ_DEADLINE`], or, unless `wait`, another listener is
-    /// reading it (a flush then counts at the next, nothing is lost).
-    pub async fn of(&self, inode: u64, since: Instant, wait: bool) -> Option<u64> {
-        let mut table = if wait {
-            self.0.lock().await
-        } else {
-            self.0.try_lock().ok()?
-        };
+    /// later (begun now when the last is older). None when that read did
+    /// not succeed: the table cannot be read, or it took longer than
+    /// [`DROPS_READ_DEADLINE`] (a flush then counts at the next, nothing
+    /// is lost; a read that failed is not tried again for the same
+    /// moment).
+    pub async fn of(&self, inode: u64, since: Instant) -> Option<u64> {
+        let mut table = self.0.lock().await;
         if table.as_ref().is_none_or(|(taken, _)| *taken < since) {
             let taken = Instant::now();
             let read = tokio::time::timeout(
@@ -210,12 +231,9 @@ impl KernelDrops {
                 tokio::task::spawn_blocking(|| kernel_drops("/proc/net".as_ref())),
             )
             .await;
-            let Ok(Ok(read)) = read else {
-                return None;
-            };
-            *table = Some((taken, read));
+            *table = Some((taken, read.ok().and_then(Result::ok)));
         }
-        table.as_ref()?.1.get(&inode).copied()
+        table.as_ref()?.1.as_ref()?.get(&inode).copied()
     }
 }
 
@@ -232,13 +250,12 @@ async fn count_kernel_drops(
     seen: &mut u64,
     settings: &StatsdSettings,
     since: Instant,
-    wait: bool,
     stats: &Stats,
 ) {
     let Some(inode) = inode else {
         return;
     };
-    let Some(drops) = settings.kernel_drops.of(inode, since, wait).await else {
+    let Some(drops) = settings.kernel_drops.of(inode, since).await else {
         return;
     };
     let new = drops.saturating_sub(*seen);
@@ -262,10 +279,12 @@ pub fn take_packet(packet: &[u8], aggregator: &mut Aggregator, stats: &Stats) {
     stats.statsd_packets.fetch_add(1, Relaxed);
     let mut line = Line::default();
     let mut tags = Vec::new();
+    // Counted once a packet: the counters are shared by every thread.
+    let mut taken = 0;
     for text in lines(packet) {
         match text.and_then(|text| line.read(text)) {
             Ok(()) => {
-                stats.statsd_lines.fetch_add(1, Relaxed);
+                taken += 1;
                 aggregator.add(&line, &mut tags);
             }
             Err(reason) => {
@@ -276,6 +295,7 @@ pub fn take_packet(packet: &[u8], aggregator: &mut Aggregator, stats: &Stats) {
             }
         }
     }
+    stats.statsd_lines.fetch_add(taken, Relaxed);
     // What the packet's values could not be taken for, counted at once.
     let refused = aggregator.take_refused();
     if refused != Default::default() {
@@ -335,7 +355,6 @@ impl StatsdListener {
         let this = Parts {
             destination,
             settings,
-            limit,
             pipeline,
         };
         let local = socket.local_addr().ok();
@@ -347,23 +366,33 @@ impl StatsdListener {
                 debug!(address = ?local, container_id = %id, "Listening for a container's statsd.");
             }
         }
-        let mut state = ReadState {
-            aggregator: Aggregator::new(
-                this.settings.max_series,
-                &this.settings.percentiles,
-                this.settings.budget.clone(),
-            ),
-            window: Window {
-                start: Instant::now(),
-                used: 0,
-            },
+        let mut state = FlushState {
             drops_seen: 0,
             unknown_flushes: 0,
         };
         let mut router = Router::default();
         let inode = inode(&socket);
+        let reader = Arc::new(Reader {
+            shared: tokio::sync::Mutex::new(Shared {
+                aggregator: Aggregator::new(
+                    this.settings.max_series,
+                    &this.settings.percentiles,
+                    this.settings.budget.clone(),
+                ),
+                window: Window {
+                    start: Instant::now(),
+                    used: 0,
+                },
+                socket: None,
+            }),
+            limit,
+            stats: this.pipeline.stats.clone(),
+            destination: this.destination.clone(),
+        });
+        let paced = this.settings.pacer.pace(socket.as_fd(), reader.clone());
+        reader.shared.lock().await.socket = Some(socket);
         let mut tick = tokio::time::interval_at(
-            tokio::time::Instant::now() + this.settings.flush,
+            this.settings.next_flush(Instant::now()).into(),
             this.settings.flush,
         );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -373,38 +402,38 @@ impl StatsdListener {
                 () = stop.cancelled() => break,
                 _ = tick.tick() => {
                     let since = Instant::now().checked_sub(DROPS_FRESH).unwrap_or_else(Instant::now);
-                    count_kernel_drops(inode, &mut state.drops_seen, &this.settings, since, false, &stats).await;
-                    if !this.flush(&mut state, &mut router, &shutdown, false).await {
+                    count_kernel_drops(inode, &mut state.drops_seen, &this.settings, since, &stats).await;
+                    let shared = reader.shared.lock().await;
+                    if !this.flush(&shared.aggregator, &mut state, &mut router, &shutdown, false).await {
                         return;
                     }
+                    drop(shared);
                 }
-                ready = socket.readable() => match ready {
-                    Ok(()) => this.read_ready(&socket, &mut state, READS_PER_TURN),
-                    Err(error) => crate::telemetry::throttled_warn("statsd read failed", |repeats| {
-                        warn!(%error, repeats, "A statsd read failed.");
-                    }),
-                },
             }
         }
         // What arrived before the stop is flushed with the rest, and the
         // drops counted as of the stop (listeners stopping together share
         // one read).
+        let mut shared = reader.shared.lock().await;
+        if let Some(socket) = &shared.socket {
+            paced.leave(socket.as_fd());
+        }
         let stopped = Instant::now();
-        this.read_ready(&socket, &mut state, DRAIN_PACKETS);
+        reader.read(&mut shared, DRAIN_PACKETS);
         count_kernel_drops(
             inode,
             &mut state.drops_seen,
             &this.settings,
             stopped,
-            true,
             &stats,
         )
         .await;
         // The port is let go of before the last flush, which may wait for
         // room in the buffer: a deregistered container holds no descriptor
         // meanwhile.
-        drop(socket);
-        this.flush(&mut state, &mut router, &shutdown, true).await;
+        shared.socket = None;
+        this.flush(&shared.aggregator, &mut state, &mut router, &shutdown, true)
+            .await;
     }
 }
 
@@ -412,21 +441,49 @@ impl StatsdListener {
 struct Parts {
     destination: Destination,
     settings: StatsdSettings,
-    limit: Option<ByteLimit>,
     pipeline: Arc<Pipeline>,
 }
 
-impl Parts {
+/// What a listener's socket is read into: by the pacer's task between
+/// flushes, by the listener's own at a flush (while it makes the records)
+/// and at its stop.
+struct Shared {
+    /// Until the listener's stop.
+    socket: Option<UdpSocket>,
+    aggregator: Aggregator,
+    window: Window,
+}
+
+/// A listener's socket and aggregator, as the pacer reads them.
+struct Reader {
+    shared: tokio::sync::Mutex<Shared>,
+    /// Bytes its senders may send per period (none: no limit).
+    limit: Option<ByteLimit>,
+    stats: Arc<Stats>,
+    destination: Destination,
+}
+
+impl Reader {
     /// Reads at most `packets` packets the socket holds now, each into
-    /// the thread's buffer and taken at once.
-    fn read_ready(&self, socket: &UdpSocket, state: &mut ReadState, packets: usize) {
-        let stats = &self.pipeline.stats;
+    /// the thread's buffer and taken at once; returns how many it read.
+    fn read(&self, shared: &mut Shared, packets: usize) -> usize {
+        let Shared {
+            socket,
+            aggregator,
+            window,
+        } = shared;
+        let Some(socket) = socket else {
+            return 0;
+        };
+        let stats = &self.stats;
         PACKET.with_borrow_mut(|buf| {
-            for _ in 0..packets {
-                match socket.try_recv_from(buf) {
-                    Ok((n, _)) => {
-                        if state.window.admits(self.limit, n) {
-                            take_packet(&buf[..n], &mut state.aggregator, stats);
+            let mut read = 0;
+            while read < packets {
+                match socket.recv(buf) {
+                    Ok(n) => {
+                        read += 1;
+                        if window.admits(self.limit, n) {
+                            take_packet(&buf[..n], aggregator, stats);
                         } else {
                             stats.statsd_packets_over_limit.fetch_add(1, Relaxed);
                             let lines = buf[..n]
@@ -446,6 +503,7 @@ impl Parts {
                         }
                     }
                     Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(error) => {
                         crate::telemetry::throttled_warn("statsd read failed", |repeats| {
                             warn!(%error, repeats, "A statsd read failed.");
@@ -454,12 +512,22 @@ impl Parts {
                     }
                 }
             }
-        });
+            read
+        })
     }
+}
 
+impl Source for Reader {
+    fn read_turn(&self, packets: usize) -> Option<usize> {
+        let mut shared = self.shared.try_lock().ok()?;
+        Some(self.read(&mut shared, packets))
+    }
+}
+
+impl Parts {
     /// The topic and tags of this flush's records; none while a
     /// container's `/state` is awaited.
-    fn resolve(&self, state: &mut ReadState, last: bool) -> Option<(String, Vec<Tag>)> {
+    fn resolve(&self, state: &mut FlushState, last: bool) -> Option<(String, Vec<Tag>)> {
         let id = match &self.destination {
             Destination::Fixed { topic, tags } => return Some((topic.clone(), tags.clone())),
             Destination::Container(id) => id,
@@ -494,7 +562,8 @@ impl Parts {
     /// shutdown's drain ended first).
     async fn flush(
         &self,
-        state: &mut ReadState,
+        aggregator: &Aggregator,
+        state: &mut FlushState,
         router: &mut Router,
         shutdown: &CancellationToken,
         last: bool,
@@ -503,7 +572,7 @@ impl Parts {
         stats
             .statsd_bytes
             .store(self.settings.budget.used() as i64, Relaxed);
-        if state.aggregator.is_empty() {
+        if aggregator.is_empty() {
             return true;
         }
         let Some((topic, tags)) = self.resolve(state, last) else {
@@ -524,7 +593,6 @@ impl Parts {
             // received, so nothing is lost from the accounting).
             return false;
         };
-        let aggregator = &state.aggregator;
         let order = aggregator.order();
         let mut next = 0;
         let time_ms = crate::sources::now_ms();
@@ -551,10 +619,8 @@ impl Parts {
     }
 }
 
-/// What one listener holds between packets.
-struct ReadState {
-    aggregator: Aggregator,
-    window: Window,
+/// What one listener keeps from one flush to the next.
+struct FlushState {
     /// The kernel's drop count at the last look.
     drops_seen: u64,
     /// Flushes put off so far, the container unknown to `/state`.
@@ -569,18 +635,12 @@ mod tests {
         Parts {
             destination,
             settings: StatsdSettings::new(&crate::config::Config::default()),
-            limit: None,
             pipeline: crate::pipeline::test_pipeline(enrichment).0,
         }
     }
 
-    fn read_state() -> ReadState {
-        ReadState {
-            aggregator: Aggregator::new(1, &[], Budget::new(1 << 20)),
-            window: Window {
-                start: Instant::now(),
-                used: 0,
-            },
+    fn read_state() -> FlushState {
+        FlushState {
             drops_seen: 0,
             unknown_flushes: 0,
         }

@@ -9,5 +9,6 @@
 pub mod aggregate;
 pub mod control;
 pub mod listener;
+pub mod pace;
 pub mod parse;
 pub mod registry;

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use serde::{Deserialize, Serialize};
-use tokio::net::UdpSocket;
+use std::net::UdpSocket;
 use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -283,7 +283,6 @@ pub async fn restore(settings: &RegistrySettings) -> Result<Vec<Restored>, Confi
                 }
             },
         };
-        let socket = UdpSocket::from_std(socket).map_err(|e| option_error(e.to_string()))?;
         restored.push(Restored { container, socket });
     }
     if !restored.is_empty() {
@@ -293,10 +292,8 @@ pub async fn restore(settings: &RegistrySettings) -> Result<Vec<Restored>, Confi
 }
 
 /// Binds a non-blocking UDP socket.
-fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    let socket = std::net::UdpSocket::bind(addr)?;
-    socket.set_nonblocking(true)?;
-    Ok(socket)
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    super::listener::bind(addr).map(|(socket, _)| socket)
 }
 
 /// Reads a state file.
@@ -467,7 +464,7 @@ impl Registry {
         let (socket, port) = bind_udp(addr)
             .and_then(|s| {
                 let port = s.local_addr()?.port();
-                Ok((UdpSocket::from_std(s)?, port))
+                Ok((s, port))
             })
             .map_err(|e| Refused::Bind {
                 addr,
@@ -836,7 +833,7 @@ mod tests {
                 statsd_host: "127.0.0.1".into(),
                 statsd_port: restored.local_addr().unwrap().port(),
             },
-            socket: UdpSocket::from_std(restored).unwrap(),
+            socket: restored,
         };
         write_state(dir.path(), &restored.container).unwrap();
         let (pipeline, _states) = crate::pipeline::test_pipeline(state(&[]));

@@ -1,0 +1,377 @@
+//! When the statsd sockets are read: at a pace, not at each packet.
+//!
+//! statsd is aggregated and flushed every `statsd_flush_secs`, so a packet
+//! read 50 ms after it arrived loses nothing; but a process woken for each
+//! packet pays a wake-up for each (most of the CPU at a few thousand
+//! packets a second, and on a node of many containers each sends a few).
+//! So the statsd sockets are not in the runtime's reactor: they are in an
+//! epoll set of their own, never waited on, which one thread looks at every
+//! [`PACE`] (level-triggered, without blocking), reading each socket that
+//! holds packets into its listener's aggregator. After a look that found a
+//! socket busy the next comes sooner, and at once after one that read as
+//! many as a turn may, so a busy socket is read continuously; a quiet node
+//! is looked at 20 times a second, whatever its number of sockets.
+//!
+//! What waits meanwhile is in the socket's receive buffer; each statsd
+//! socket asks for [`RECEIVE_BUFFER`] (the kernel caps it at
+//! `net.core.rmem_max`), and what the kernel drops when one is full is
+//! counted (`collector_statsd_packets_dropped_by_kernel_total`).
+
+use std::collections::HashMap;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use rustix::event::epoll;
+use tracing::warn;
+
+/// How often the statsd sockets are looked at.
+pub const PACE: Duration = Duration::from_millis(50);
+
+/// Packets one socket's turn reads, at most; a look at which one read as
+/// many is followed by another at once.
+pub const READS_PER_TURN: usize = 256;
+
+/// Packets of one socket's turn past which the next look comes after
+/// [`SOON`] rather than [`PACE`]: a busy socket is read before its buffer
+/// fills.
+const BUSY_PACKETS: usize = 32;
+
+/// How soon the next look comes after a busy one.
+const SOON: Duration = Duration::from_millis(2);
+
+/// The receive buffer each statsd socket asks for, in bytes (the kernel
+/// doubles it, within `net.core.rmem_max`).
+pub const RECEIVE_BUFFER: usize = 1 << 20;
+
+/// A socket the pacer reads.
+pub trait Source: Send + Sync {
+    /// Reads at most `packets` packets of what the socket holds now; how
+    /// many it read, or none when it cannot be read now (its listener is
+    /// flushing or stopping; the next look tries again).
+    fn read_turn(&self, packets: usize) -> Option<usize>;
+}
+
+/// The statsd sockets' epoll set, and what each is read into.
+pub struct Pacer {
+    epoll: Option<OwnedFd>,
+    sources: Mutex<HashMap<u64, Paces>>,
+    next: AtomicU64,
+    /// Looks so far.
+    looks: AtomicU64,
+    /// Whether the thread that looks is running.
+    looking: Mutex<bool>,
+}
+
+impl std::fmt::Debug for Pacer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pacer")
+            .field("epoll", &self.epoll)
+            .field("sources", &lock(&self.sources).len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Pacer {
+    fn default() -> Self {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)
+            .inspect_err(|error| {
+                warn!(%error, "No epoll set for the statsd sockets: every one is read at each look.");
+            })
+            .ok();
+        Self {
+            epoll,
+            sources: Mutex::default(),
+            next: AtomicU64::new(0),
+            looks: AtomicU64::new(0),
+            looking: Mutex::new(false),
+        }
+    }
+}
+
+impl Pacer {
+    /// Reads `source` whenever its `socket` holds packets, from the next
+    /// look on, until the returned [`Paced`] leaves. Starts the thread
+    /// that looks when it is not running.
+    pub fn pace(self: &Arc<Self>, socket: BorrowedFd<'_>, source: Arc<dyn Source>) -> Paced {
+        let _ = rustix::net::sockopt::set_socket_recv_buffer_size(socket, RECEIVE_BUFFER);
+        let id = self.next.fetch_add(1, Relaxed);
+        let in_set = self.epoll.as_ref().is_some_and(|epoll| {
+            epoll::add(
+                epoll,
+                socket,
+                epoll::EventData::new_u64(id),
+                epoll::EventFlags::IN,
+            )
+            .inspect_err(|error| {
+                crate::telemetry::throttled_warn("statsd epoll add", |repeats| {
+                    warn!(%error, repeats, "A statsd socket could not join the epoll set: it is read at every look.");
+                });
+            })
+            .is_ok()
+        });
+        lock(&self.sources).insert(
+            id,
+            Paces {
+                source,
+                last_ready: 0,
+            },
+        );
+        let mut looking = lock(&self.looking);
+        if !*looking {
+            let pacer = Arc::downgrade(self);
+            match std::thread::Builder::new()
+                .name("statsd".into())
+                .spawn(move || look(&pacer))
+            {
+                Ok(_) => *looking = true,
+                Err(error) => {
+                    crate::telemetry::throttled_warn("statsd thread", |repeats| {
+                        warn!(%error, repeats, "The thread that reads the statsd sockets could not start; the next registration tries again. Until it does, what they receive is dropped by the kernel, counted.");
+                    });
+                }
+            }
+        }
+        Paced {
+            id,
+            in_set,
+            pacer: self.clone(),
+        }
+    }
+
+    /// The sources whose socket holds packets now (every source where the
+    /// set is missing or did not answer), each with the packets its turn
+    /// reads: one for a socket that held none at the last look (most
+    /// sockets of a quiet node hold one: the read that would find it empty
+    /// is spared, and what else it holds is read at the next look, where it
+    /// is ready again), else up to [`READS_PER_TURN`].
+    fn ready(&self) -> Vec<(Arc<dyn Source>, usize)> {
+        let mut sources = lock(&self.sources);
+        let every = |sources: &HashMap<u64, Paces>| {
+            sources
+                .values()
+                .map(|paces| (paces.source.clone(), READS_PER_TURN))
+                .collect()
+        };
+        let Some(epoll) = &self.epoll else {
+            return every(&sources);
+        };
+        // Room for every socket: one call sees them all.
+        let mut events = Vec::with_capacity(sources.len().max(1));
+        let timeout = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        if epoll::wait(
+            epoll,
+            rustix::buffer::spare_capacity(&mut events),
+            Some(&timeout),
+        )
+        .is_err()
+        {
+            return every(&sources);
+        }
+        let look = self.looks.fetch_add(1, Relaxed) + 1;
+        events
+            .iter()
+            .filter_map(|event| {
+                let paces = sources.get_mut(&event.data.u64())?;
+                let packets = if paces.last_ready + 1 == look {
+                    READS_PER_TURN
+                } else {
+                    1
+                };
+                paces.last_ready = look;
+                Some((paces.source.clone(), packets))
+            })
+            .collect()
+    }
+}
+
+/// A paced source, and the last look that found its socket holding
+/// packets.
+struct Paces {
+    source: Arc<dyn Source>,
+    last_ready: u64,
+}
+
+/// Looks at the set every [`PACE`] (sooner after a busy look) while the
+/// pacer lives, and reads the sockets that hold packets: a thread of its
+/// own, woken once a look, whatever the runtime's threads are doing.
+fn look(pacer: &Weak<Pacer>) {
+    let mut wait = PACE;
+    loop {
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        let Some(ready) = pacer.upgrade().map(|pacer| pacer.ready()) else {
+            return;
+        };
+        let most = ready
+            .iter()
+            .map(|(source, packets)| source.read_turn(*packets).unwrap_or(0))
+            .max()
+            .unwrap_or(0);
+        wait = if most >= READS_PER_TURN {
+            Duration::ZERO
+        } else if most >= BUSY_PACKETS {
+            SOON
+        } else {
+            PACE
+        };
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A paced socket's place in the pacer; it leaves when dropped (or, to let
+/// the socket go of the set before it closes, by [`Paced::leave`]).
+#[derive(Debug)]
+pub struct Paced {
+    id: u64,
+    in_set: bool,
+    pacer: Arc<Pacer>,
+}
+
+impl Paced {
+    /// Leaves the pacer: `socket` (the one paced) is read no more.
+    pub fn leave(mut self, socket: BorrowedFd<'_>) {
+        if self.in_set
+            && let Some(epoll) = &self.pacer.epoll
+        {
+            let _ = epoll::delete(epoll, socket);
+        }
+        self.in_set = false;
+    }
+}
+
+impl Drop for Paced {
+    fn drop(&mut self) {
+        // A socket still in the set leaves it when it closes.
+        lock(&self.pacer.sources).remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket;
+    use std::os::fd::AsFd;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Instant;
+
+    use super::*;
+
+    /// Counts what it reads.
+    struct Counting {
+        socket: UdpSocket,
+        read: AtomicUsize,
+        turns: AtomicUsize,
+    }
+
+    impl Source for Counting {
+        fn read_turn(&self, packets: usize) -> Option<usize> {
+            let mut buf = [0; 64];
+            let mut read = 0;
+            while read < packets && self.socket.recv(&mut buf).is_ok() {
+                read += 1;
+            }
+            self.read.fetch_add(read, Relaxed);
+            self.turns.fetch_add(1, Relaxed);
+            Some(read)
+        }
+    }
+
+    fn counting() -> Arc<Counting> {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        Arc::new(Counting {
+            socket,
+            read: AtomicUsize::new(0),
+            turns: AtomicUsize::new(0),
+        })
+    }
+
+    /// Waits (at most 10 s) until `source` read `packets`.
+    fn wait_for(source: &Counting, packets: usize) {
+        let start = Instant::now();
+        while source.read.load(Relaxed) < packets {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "read {} of {packets}",
+                source.read.load(Relaxed)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Sends `packets` to `source`, never more than 100 ahead of what it
+    /// read (its buffer never fills); returns once it read them all.
+    fn send(source: &Counting, packets: usize) {
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = source.socket.local_addr().unwrap();
+        let before = source.read.load(Relaxed);
+        for sent in 0..packets {
+            if sent % 100 == 0 {
+                wait_for(source, before + sent.saturating_sub(100));
+            }
+            sender.send_to(b"a:1|c", to).unwrap();
+        }
+        wait_for(source, before + packets);
+    }
+
+    fn paced(pacer: &Arc<Pacer>, sources: &[Arc<Counting>]) -> Vec<Paced> {
+        sources
+            .iter()
+            .map(|s| pacer.pace(s.socket.as_fd(), s.clone() as Arc<dyn Source>))
+            .collect()
+    }
+
+    /// Every socket is read, the quiet ones and a busy one (more than
+    /// a turn reads, so read at once again); a socket let go is read no
+    /// more and its place is gone.
+    #[test]
+    fn every_socket_that_holds_packets_is_read_until_it_leaves() {
+        let pacer = Arc::new(Pacer::default());
+        assert!(pacer.epoll.is_some());
+        let sources: Vec<Arc<Counting>> = (0..3).map(|_| counting()).collect();
+        let mut places = paced(&pacer, &sources);
+        send(&sources[0], 1);
+        send(&sources[1], 10);
+        send(&sources[2], 3 * READS_PER_TURN);
+        assert_eq!(sources[0].read.load(Relaxed), 1);
+        assert_eq!(sources[1].read.load(Relaxed), 10);
+        // Only the sockets that held packets were read.
+        let turns = sources[0].turns.load(Relaxed);
+        assert!(turns <= 2, "{turns}");
+        // Let go: out of the set and of the pacer.
+        let last = places.pop().unwrap();
+        last.leave(sources[2].socket.as_fd());
+        assert_eq!(lock(&pacer.sources).len(), 2);
+        drop(places);
+        assert!(lock(&pacer.sources).is_empty());
+    }
+
+    /// Without an epoll set, every socket is read at every look.
+    #[test]
+    fn without_an_epoll_set_every_socket_is_read_at_every_look() {
+        let pacer = Arc::new(Pacer {
+            epoll: None,
+            ..Pacer::default()
+        });
+        let sources: Vec<Arc<Counting>> = (0..2).map(|_| counting()).collect();
+        let _places = paced(&pacer, &sources);
+        send(&sources[0], 5);
+        send(&sources[1], 2 * READS_PER_TURN);
+        // The quiet one was looked at too.
+        let start = Instant::now();
+        while sources[0].turns.load(Relaxed) < 3 {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
