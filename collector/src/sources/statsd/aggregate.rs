@@ -416,14 +416,11 @@ impl Aggregator {
     fn plain_series(&mut self, kind: Kind, name: &str) -> Option<usize> {
         let hash = self.hasher.hash_one((kind_byte(kind), name));
         let (entries, prefix) = (&self.entries, &self.plain_prefix[kind_byte(kind) as usize]);
-        // Only keys of lines without tags are in `plain`, each its type's
-        // prefix and a name: the type's byte, the length and the name tell
-        // them apart.
         let found = self.plain.find(hash, |&at| {
             let key = &entries[at as usize].key;
             key.len() == prefix.len() + name.len()
-                && key.get(prefix.len() - 1) == Some(&kind_byte(kind))
-                && key[prefix.len()..] == *name.as_bytes()
+                && key.starts_with(prefix)
+                && key.ends_with(name.as_bytes())
         });
         if let Some(&at) = found {
             return Some(at as usize);

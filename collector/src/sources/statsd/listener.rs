@@ -1,8 +1,10 @@
-//! A statsd UDP listener: reads packets, aggregates their lines (see
-//! [`super::aggregate`]) and, every `statsd_flush_secs`, pushes every
-//! series' value into the pipeline, as records of its [`Destination`]. At
-//! its stop (the shutdown, or its container deregistered), what the socket
-//! still holds is read and flushed before it closes.
+//! A statsd UDP listener: its packets are read and their lines aggregated
+//! (see [`super::aggregate`]) by the pacer's thread (see [`super::pace`])
+//! and, every `statsd_flush_secs`, its task pushes every series' value into
+//! the pipeline, as records of its [`Destination`] (every listener flushes
+//! at the same moments). At its stop (the shutdown, or its container
+//! deregistered), what the socket still holds is read and flushed before it
+//! closes.
 //!
 //! Every listener of the collector (the node-wide one and one per
 //! registered container) shares one packet buffer per thread (a packet is
@@ -221,7 +223,9 @@ impl KernelDrops {
     /// not succeed: the table cannot be read, or it took longer than
     /// [`DROPS_READ_DEADLINE`] (a flush then counts at the next, nothing
     /// is lost; a read that failed is not tried again for the same
-    /// moment).
+    /// moment). A flush waits for a read under way (the listeners flush
+    /// together, so all but one take the table it reads); only a flush
+    /// waits here, never a read of a socket.
     pub async fn of(&self, inode: u64, since: Instant) -> Option<u64> {
         let mut table = self.0.lock().await;
         if table.as_ref().is_none_or(|(taken, _)| *taken < since) {
@@ -391,8 +395,16 @@ impl StatsdListener {
         });
         let paced = this.settings.pacer.pace(socket.as_fd(), reader.clone());
         reader.shared.lock().await.socket = Some(socket);
+        // A whole period at least before the first flush (a container
+        // `/state` does not name yet has its flushes to wait for it).
         let mut tick = tokio::time::interval_at(
-            this.settings.next_flush(Instant::now()).into(),
+            this.settings
+                .next_flush(
+                    Instant::now()
+                        .checked_add(this.settings.flush)
+                        .unwrap_or_else(Instant::now),
+                )
+                .into(),
             this.settings.flush,
         );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -403,23 +415,22 @@ impl StatsdListener {
                 _ = tick.tick() => {
                     let since = Instant::now().checked_sub(DROPS_FRESH).unwrap_or_else(Instant::now);
                     count_kernel_drops(inode, &mut state.drops_seen, &this.settings, since, &stats).await;
-                    let shared = reader.shared.lock().await;
-                    if !this.flush(&shared.aggregator, &mut state, &mut router, &shutdown, false).await {
+                    if !this.flush(&reader.shared, &mut state, &mut router, &shutdown, false).await {
                         return;
                     }
-                    drop(shared);
                 }
             }
         }
         // What arrived before the stop is flushed with the rest, and the
         // drops counted as of the stop (listeners stopping together share
-        // one read).
+        // one read of the table).
         let mut shared = reader.shared.lock().await;
         if let Some(socket) = &shared.socket {
             paced.leave(socket.as_fd());
         }
         let stopped = Instant::now();
         reader.read(&mut shared, DRAIN_PACKETS);
+        drop(shared);
         count_kernel_drops(
             inode,
             &mut state.drops_seen,
@@ -428,11 +439,14 @@ impl StatsdListener {
             &stats,
         )
         .await;
-        // The port is let go of before the last flush, which may wait for
-        // room in the buffer: a deregistered container holds no descriptor
-        // meanwhile.
+        // What arrived while the drops were counted, then the port is let
+        // go of before the last flush, which may wait for room in the
+        // buffer: a deregistered container holds no descriptor meanwhile.
+        let mut shared = reader.shared.lock().await;
+        reader.read(&mut shared, DRAIN_PACKETS);
         shared.socket = None;
-        this.flush(&shared.aggregator, &mut state, &mut router, &shutdown, true)
+        drop(shared);
+        this.flush(&reader.shared, &mut state, &mut router, &shutdown, true)
             .await;
     }
 }
@@ -444,9 +458,9 @@ struct Parts {
     pipeline: Arc<Pipeline>,
 }
 
-/// What a listener's socket is read into: by the pacer's task between
-/// flushes, by the listener's own at a flush (while it makes the records)
-/// and at its stop.
+/// What a listener's socket is read into: by the pacer's thread, and by
+/// the listener's task at its stop; its flushes hold it only while they
+/// make each piece of records.
 struct Shared {
     /// Until the listener's stop.
     socket: Option<UdpSocket>,
@@ -522,6 +536,11 @@ impl Source for Reader {
         let mut shared = self.shared.try_lock().ok()?;
         Some(self.read(&mut shared, packets))
     }
+
+    fn panicked(&self) {
+        self.stats.task_panics.fetch_add(1, Relaxed);
+        tracing::error!(destination = ?self.destination, "Reading a statsd socket panicked (a bug); its packet is lost, the socket is read on.");
+    }
 }
 
 impl Parts {
@@ -562,7 +581,7 @@ impl Parts {
     /// shutdown's drain ended first).
     async fn flush(
         &self,
-        aggregator: &Aggregator,
+        shared: &tokio::sync::Mutex<Shared>,
         state: &mut FlushState,
         router: &mut Router,
         shutdown: &CancellationToken,
@@ -572,7 +591,7 @@ impl Parts {
         stats
             .statsd_bytes
             .store(self.settings.budget.used() as i64, Relaxed);
-        if aggregator.is_empty() {
+        if shared.lock().await.aggregator.is_empty() {
             return true;
         }
         let Some((topic, tags)) = self.resolve(state, last) else {
@@ -593,11 +612,15 @@ impl Parts {
             // received, so nothing is lost from the accounting).
             return false;
         };
-        let order = aggregator.order();
+        // The aggregator is held while each piece is made, never while a
+        // piece waits for room: the pacer reads the socket meanwhile (a
+        // series made since is in the next flush; the values are
+        // cumulative, so a piece made later only has newer ones).
+        let order = shared.lock().await.aggregator.order();
         let mut next = 0;
         let time_ms = crate::sources::now_ms();
         loop {
-            let records = aggregator.records_from(
+            let records = shared.lock().await.aggregator.records_from(
                 &order,
                 &mut next,
                 &topic,

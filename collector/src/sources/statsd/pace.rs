@@ -51,6 +51,9 @@ pub trait Source: Send + Sync {
     /// many it read, or none when it cannot be read now (its listener is
     /// flushing or stopping; the next look tries again).
     fn read_turn(&self, packets: usize) -> Option<usize>;
+
+    /// A read panicked (a bug): counted and logged; the socket is read on.
+    fn panicked(&self);
 }
 
 /// The statsd sockets' epoll set, and what each is read into.
@@ -116,6 +119,7 @@ impl Pacer {
             Paces {
                 source,
                 last_ready: 0,
+                in_set,
             },
         );
         let mut looking = lock(&self.looking);
@@ -123,8 +127,12 @@ impl Pacer {
             let pacer = Arc::downgrade(self);
             match std::thread::Builder::new()
                 .name("statsd".into())
-                .spawn(move || look(&pacer))
-            {
+                .spawn(move || {
+                    // Whatever ends the thread, the next socket paced
+                    // starts another.
+                    let _ended = Ended(pacer.clone());
+                    look(&pacer);
+                }) {
                 Ok(_) => *looking = true,
                 Err(error) => {
                     crate::telemetry::throttled_warn("statsd thread", |repeats| {
@@ -140,8 +148,9 @@ impl Pacer {
         }
     }
 
-    /// The sources whose socket holds packets now (every source where the
-    /// set is missing or did not answer), each with the packets its turn
+    /// The sources whose socket holds packets now (and those not in the
+    /// set; every source where the set is missing or did not answer), each
+    /// with the packets its turn
     /// reads: one for a socket that held none at the last look (most
     /// sockets of a quiet node hold one: the read that would find it empty
     /// is spared, and what else it holds is read at the next look, where it
@@ -173,7 +182,7 @@ impl Pacer {
             return every(&sources);
         }
         let look = self.looks.fetch_add(1, Relaxed) + 1;
-        events
+        let mut ready: Vec<(Arc<dyn Source>, usize)> = events
             .iter()
             .filter_map(|event| {
                 let paces = sources.get_mut(&event.data.u64())?;
@@ -185,7 +194,14 @@ impl Pacer {
                 paces.last_ready = look;
                 Some((paces.source.clone(), packets))
             })
-            .collect()
+            .collect();
+        ready.extend(
+            sources
+                .values()
+                .filter(|paces| !paces.in_set)
+                .map(|paces| (paces.source.clone(), READS_PER_TURN)),
+        );
+        ready
     }
 }
 
@@ -194,6 +210,9 @@ impl Pacer {
 struct Paces {
     source: Arc<dyn Source>,
     last_ready: u64,
+    /// Whether its socket is in the set (one that could not join is read
+    /// at every look).
+    in_set: bool,
 }
 
 /// Looks at the set every [`PACE`] (sooner after a busy look) while the
@@ -210,7 +229,16 @@ fn look(pacer: &Weak<Pacer>) {
         };
         let most = ready
             .iter()
-            .map(|(source, packets)| source.read_turn(*packets).unwrap_or(0))
+            .map(|(source, packets)| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    source.read_turn(*packets)
+                }))
+                .unwrap_or_else(|_| {
+                    source.panicked();
+                    None
+                })
+                .unwrap_or(0)
+            })
             .max()
             .unwrap_or(0);
         wait = if most >= READS_PER_TURN {
@@ -229,6 +257,17 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Marks the thread that looks as ended when dropped.
+struct Ended(Weak<Pacer>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        if let Some(pacer) = self.0.upgrade() {
+            *lock(&pacer.looking) = false;
+        }
+    }
+}
+
 /// A paced socket's place in the pacer; it leaves when dropped (or, to let
 /// the socket go of the set before it closes, by [`Paced::leave`]).
 #[derive(Debug)]
@@ -241,6 +280,7 @@ pub struct Paced {
 impl Paced {
     /// Leaves the pacer: `socket` (the one paced) is read no more.
     pub fn leave(mut self, socket: BorrowedFd<'_>) {
+        lock(&self.pacer.sources).remove(&self.id);
         if self.in_set
             && let Some(epoll) = &self.pacer.epoll
         {
@@ -271,6 +311,8 @@ mod tests {
         socket: UdpSocket,
         read: AtomicUsize,
         turns: AtomicUsize,
+        panics: std::sync::atomic::AtomicBool,
+        panicked: AtomicUsize,
     }
 
     impl Source for Counting {
@@ -282,7 +324,12 @@ mod tests {
             }
             self.read.fetch_add(read, Relaxed);
             self.turns.fetch_add(1, Relaxed);
+            assert!(!self.panics.load(Relaxed), "a bug");
             Some(read)
+        }
+
+        fn panicked(&self) {
+            self.panicked.fetch_add(1, Relaxed);
         }
     }
 
@@ -293,6 +340,8 @@ mod tests {
             socket,
             read: AtomicUsize::new(0),
             turns: AtomicUsize::new(0),
+            panics: std::sync::atomic::AtomicBool::new(false),
+            panicked: AtomicUsize::new(0),
         })
     }
 
@@ -354,6 +403,33 @@ mod tests {
         assert_eq!(lock(&pacer.sources).len(), 2);
         drop(places);
         assert!(lock(&pacer.sources).is_empty());
+    }
+
+    /// A socket that could not join the set (here: its descriptor is in
+    /// it already) is read at every look; a read that panics is counted
+    /// and the thread reads on.
+    #[test]
+    fn a_socket_outside_the_set_is_read_and_a_panic_is_counted() {
+        let pacer = Arc::new(Pacer::default());
+        let a = counting();
+        let b = counting();
+        let _a = pacer.pace(a.socket.as_fd(), a.clone() as Arc<dyn Source>);
+        let _b = pacer.pace(a.socket.as_fd(), b.clone() as Arc<dyn Source>);
+        assert!(!_b.in_set);
+        send(&b, 2 * READS_PER_TURN);
+        b.panics.store(true, Relaxed);
+        UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .send_to(b"a:1|c", b.socket.local_addr().unwrap())
+            .unwrap();
+        let start = Instant::now();
+        while b.panicked.load(Relaxed) == 0 {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        b.panics.store(false, Relaxed);
+        send(&a, 3);
+        assert!(*lock(&pacer.looking), "the thread reads on");
     }
 
     /// Without an epoll set, every socket is read at every look.
