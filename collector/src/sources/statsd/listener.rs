@@ -57,7 +57,9 @@ pub const UNKNOWN_CONTAINER_FLUSHES: u32 = 3;
 pub const NODE_TOPIC: &str = "statsd";
 
 thread_local! {
-    /// This thread's packet buffer, shared by the listeners it runs.
+    /// This thread's packet buffer: the `statsd` thread's, for every
+    /// socket it reads; a runtime thread's, for a listener's last read at
+    /// its stop.
     static PACKET: RefCell<Box<[u8]>> = RefCell::new(vec![0; MAX_PACKET].into_boxed_slice());
 }
 
@@ -726,6 +728,27 @@ mod tests {
             l.resolve(&mut read_state(), false),
             Some(("t".into(), vec![Tag::new("k", "v")]))
         );
+    }
+
+    /// Every listener flushes on one grid: the next point after `now`,
+    /// whole periods after the epoch, within one period.
+    #[test]
+    fn flushes_fall_on_one_grid() {
+        let settings = StatsdSettings::new(&crate::config::Config::default());
+        let epoch = settings.flush_epoch;
+        for after in [0, 1, 9_999, 10_000, 10_001, 123_456] {
+            let now = epoch + Duration::from_millis(after);
+            let next = settings.next_flush(now);
+            assert!(next > now && next <= now + settings.flush, "{after}");
+            assert_eq!(
+                (next - epoch).as_nanos() % settings.flush.as_nanos(),
+                0,
+                "{after}"
+            );
+        }
+        // At the epoch itself (a listener started as the settings were
+        // made): one period after it.
+        assert_eq!(settings.next_flush(epoch), epoch + settings.flush);
     }
 
     #[test]
