@@ -4,7 +4,9 @@
 //! as the concatenation of its lines read alone (one line's error never
 //! takes another's values); a line refused takes nothing; the aggregator
 //! stays within its bound of series, and every value it gives is a number
-//! or a count that reads back as one.
+//! or a count that reads back as one; the listener's packet reader (whose
+//! path for the simplest lines builds no `Line`) takes what the lines
+//! read one by one give, and counts the same lines taken and refused.
 //!
 //! Input: any bytes, read as one packet and, split on `\n`, as packets of
 //! one line each.
@@ -12,8 +14,11 @@
 #![no_main]
 
 use collector::sources::statsd::aggregate::{Aggregator, Budget};
+use collector::sources::statsd::listener::take_packet;
 use collector::sources::statsd::parse::{Line, lines};
+use collector::stats::Stats;
 use libfuzzer_sys::fuzz_target;
+use std::sync::atomic::Ordering::Relaxed;
 
 const MAX_SERIES: usize = 64;
 
@@ -67,10 +72,20 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(all, each, "a packet reads as its lines read alone");
     assert_eq!(refused, each_refused);
     assert!(whole.len() <= MAX_SERIES);
+    let mut taken = Aggregator::new(MAX_SERIES, &[50.0, 99.9], Budget::new(1 << 20));
+    let stats = Stats::default();
+    take_packet(data, &mut taken, &stats);
+    assert_eq!(stats.statsd_lines.load(Relaxed), all.len() as u64);
+    assert_eq!(stats.statsd_lines_malformed.load(Relaxed), refused as u64);
     let records = whole.records("t", &[], 0);
-    let again = apart.records("t", &[], 0);
+    same(&records, &apart.records("t", &[], 0));
+    same(&records, &taken.records("t", &[], 0));
+});
+
+/// The same records: tags, names and values, in the same order.
+fn same(records: &[schema::MetricList], again: &[schema::MetricList]) {
     assert_eq!(records.len(), again.len());
-    for (a, b) in records.iter().zip(&again) {
+    for (a, b) in records.iter().zip(again) {
         assert_eq!(a.tags, b.tags);
         assert_eq!(a.datapoints.len(), b.datapoints.len());
         for (x, y) in a.datapoints.iter().zip(&b.datapoints) {
@@ -80,4 +95,4 @@ fuzz_target!(|data: &[u8]| {
             assert!(x.value == y.value || (x.value.is_nan() && y.value.is_nan()), "{} {} {}", x.name, x.value, y.value);
         }
     }
-});
+}

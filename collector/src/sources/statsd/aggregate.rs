@@ -256,13 +256,14 @@ struct Entry {
 /// Series are never removed (their values are cumulative over the
 /// source's life), so each keeps its place in `entries`, and the indexes
 /// name it by that place: `index` by its whole key, and `plain`, for the
-/// lines without tags (most lines), by its type and name alone, so that
-/// such a line costs one short hash and no key built.
+/// lines without tags (most lines), one table a type, by its name alone, so
+/// that such a line costs one short hash, no key built, and one comparison
+/// of its name.
 #[derive(Debug)]
 pub struct Aggregator {
     entries: Vec<Entry>,
     index: HashTable<u32>,
-    plain: HashTable<u32>,
+    plain: [HashTable<u32>; 5],
     hasher: foldhash::fast::RandomState,
     /// The key of a line without tags, its name apart, for each type.
     plain_prefix: [Key; 5],
@@ -281,6 +282,22 @@ impl Drop for Aggregator {
     fn drop(&mut self) {
         self.budget.give(self.bytes);
     }
+}
+
+/// Whether `a` and `b` are the same bytes: compared eight at a time, in
+/// line (names are short: a call to `memcmp` costs more than comparing).
+#[inline]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (a_words, a_rest) = a.as_chunks::<8>();
+    let (b_words, b_rest) = b.as_chunks::<8>();
+    a_words
+        .iter()
+        .zip(b_words)
+        .all(|(x, y)| u64::from_ne_bytes(*x) == u64::from_ne_bytes(*y))
+        && a_rest.iter().zip(b_rest).all(|(x, y)| x == y)
 }
 
 /// The key's type byte.
@@ -314,7 +331,7 @@ impl Aggregator {
         Self {
             entries: Vec::new(),
             index: HashTable::new(),
-            plain: HashTable::new(),
+            plain: Default::default(),
             hasher: foldhash::fast::RandomState::default(),
             plain_prefix,
             max_series,
@@ -359,14 +376,8 @@ impl Aggregator {
     /// tags is looked up by its name and type alone.
     pub fn add<'a>(&mut self, line: &Line<'a>, tags: &mut Vec<(&'a str, &'a str)>) {
         if line.tags.is_empty() {
-            if 8 + "metric_type".len() + "histogram".len() + 5 + line.name.len() > MAX_KEY_BYTES {
-                self.refused.too_long += line.values.len() as u64;
-                return;
-            }
             for &(kind, value) in &line.values {
-                if let Some(at) = self.plain_series(kind, line.name) {
-                    self.take(at, value);
-                }
+                self.add_plain(kind, line.name.as_bytes(), value);
             }
             return;
         }
@@ -411,32 +422,49 @@ impl Aggregator {
         }
     }
 
+    /// Takes a value of a line without tags, of `kind` and `name` (as
+    /// [`Aggregator::add`] takes a [`Line`] without tags and that one
+    /// value; `name` is UTF-8).
+    #[inline]
+    pub fn add_plain(&mut self, kind: Kind, name: &[u8], value: Value<'_>) {
+        if 8 + "metric_type".len() + "histogram".len() + 5 + name.len() > MAX_KEY_BYTES {
+            self.refused.too_long += 1;
+            return;
+        }
+        if let Some(at) = self.plain_series(kind, name) {
+            self.take(at, value);
+        }
+    }
+
     /// The place of the series of a line without tags, of `kind` and
-    /// `name`, made if new; none when refused (not counted).
-    fn plain_series(&mut self, kind: Kind, name: &str) -> Option<usize> {
-        let hash = self.hasher.hash_one((kind_byte(kind), name));
-        let (entries, prefix) = (&self.entries, &self.plain_prefix[kind_byte(kind) as usize]);
-        let found = self.plain.find(hash, |&at| {
-            let key = &entries[at as usize].key;
-            key.len() == prefix.len() + name.len()
-                && key.starts_with(prefix)
-                && key.ends_with(name.as_bytes())
+    /// `name`, made if new; none when refused (not counted). Every series
+    /// in the type's table has the type's prefix: only names are compared.
+    #[inline]
+    fn plain_series(&mut self, kind: Kind, name: &[u8]) -> Option<usize> {
+        let hash = self.hasher.hash_one(name);
+        let kind_at = kind_byte(kind) as usize;
+        let skip = self.plain_prefix[kind_at].len();
+        let entries = &self.entries;
+        let found = self.plain[kind_at].find(hash, |&at| {
+            same_bytes(
+                entries[at as usize].key.get(skip..).unwrap_or_default(),
+                name,
+            )
         });
         if let Some(&at) = found {
             return Some(at as usize);
         }
         self.key.clear();
-        self.key.extend_from_slice(prefix);
-        self.key.extend_from_slice(name.as_bytes());
+        self.key.extend_from_slice(&self.plain_prefix[kind_at]);
+        self.key.extend_from_slice(name);
         let Some(at) = self.series(kind) else {
             self.refused.series += 1;
             return None;
         };
         let hasher = &self.hasher;
         let entries = &self.entries;
-        self.plain.insert_unique(hash, at as u32, |&at| {
-            let (_, kind, name) = split_key(&entries[at as usize].key);
-            hasher.hash_one((kind_byte(kind), name))
+        self.plain[kind_at].insert_unique(hash, at as u32, |&at| {
+            hasher.hash_one(entries[at as usize].key.get(skip..).unwrap_or_default())
         });
         Some(at)
     }

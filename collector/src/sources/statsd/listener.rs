@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use super::aggregate::{Aggregator, Budget};
 use super::pace::{Pacer, Source};
-use super::parse::{Line, lines};
+use super::parse::{Line, LineError, plain_line, raw_lines};
 use crate::enrich::Kind;
 use crate::pipeline::Pipeline;
 use crate::route::Router;
@@ -287,8 +287,32 @@ pub fn take_packet(packet: &[u8], aggregator: &mut Aggregator, stats: &Stats) {
     let mut tags = Vec::new();
     // Counted once a packet: the counters are shared by every thread.
     let mut taken = 0;
-    for text in lines(packet) {
-        match text.and_then(|text| line.read(text)) {
+    let mut rest = packet;
+    while !rest.is_empty() {
+        // Most lines are of the simplest form: read to their end in one
+        // pass, without a `Line`.
+        if let Some((name, kind, value, length)) = plain_line(rest) {
+            taken += 1;
+            aggregator.add_plain(kind, name, value);
+            rest = rest.get(length + 1..).unwrap_or_default();
+            continue;
+        }
+        let text = match memchr::memchr(b'\n', rest) {
+            Some(end) => {
+                let text = &rest[..end];
+                rest = &rest[end + 1..];
+                text
+            }
+            None => std::mem::take(&mut rest),
+        };
+        let text = text.trim_ascii();
+        if text.is_empty() {
+            continue;
+        }
+        let read = std::str::from_utf8(text)
+            .map_err(|_| LineError::NotUtf8)
+            .and_then(|text| line.read_general(text));
+        match read {
             Ok(()) => {
                 taken += 1;
                 aggregator.add(&line, &mut tags);
@@ -431,7 +455,7 @@ impl StatsdListener {
             paced.leave(socket.as_fd());
         }
         let stopped = Instant::now();
-        reader.read(&mut shared, DRAIN_PACKETS);
+        let _ = reader.read(&mut shared, DRAIN_PACKETS);
         drop(shared);
         count_kernel_drops(
             inode,
@@ -445,7 +469,7 @@ impl StatsdListener {
         // go of before the last flush, which may wait for room in the
         // buffer: a deregistered container holds no descriptor meanwhile.
         let mut shared = reader.shared.lock().await;
-        reader.read(&mut shared, DRAIN_PACKETS);
+        let _ = reader.read(&mut shared, DRAIN_PACKETS);
         shared.socket = None;
         drop(shared);
         this.flush(&reader.shared, &mut state, &mut router, &shutdown, true)
@@ -481,62 +505,65 @@ struct Reader {
 
 impl Reader {
     /// Reads at most `packets` packets the socket holds now, each into
-    /// the thread's buffer and taken at once; returns how many it read.
-    fn read(&self, shared: &mut Shared, packets: usize) -> usize {
+    /// the thread's buffer and taken at once; returns how many it read,
+    /// as an error when a read failed before the socket was emptied.
+    fn read(&self, shared: &mut Shared, packets: usize) -> Result<usize, usize> {
         let Shared {
             socket,
             aggregator,
             window,
         } = shared;
         let Some(socket) = socket else {
-            return 0;
+            return Ok(0);
         };
-        let stats = &self.stats;
-        PACKET.with_borrow_mut(|buf| {
+        PACKET.with_borrow_mut(|buffer| {
             let mut read = 0;
             while read < packets {
-                match socket.recv(buf) {
-                    Ok(n) => {
+                match socket.recv(buffer) {
+                    Ok(length) => {
                         read += 1;
-                        if window.admits(self.limit, n) {
-                            take_packet(&buf[..n], aggregator, stats);
-                        } else {
-                            stats.statsd_packets_over_limit.fetch_add(1, Relaxed);
-                            let lines = buf[..n]
-                                .split(|b| *b == b'\n')
-                                .filter(|line| !line.trim_ascii().is_empty())
-                                .count();
-                            stats
-                                .statsd_lines_over_limit
-                                .fetch_add(lines as u64, Relaxed);
-                            crate::telemetry::throttled_warn("statsd over limit", |repeats| {
-                                warn!(
-                                    destination = ?self.destination,
-                                    repeats,
-                                    "statsd packets were dropped: their container sent more than statsd_container_limit_kbytes in statsd_container_limit_secs."
-                                );
-                            });
-                        }
+                        self.take(&buffer[..length], aggregator, window);
                     }
                     Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(error) => {
                         crate::telemetry::throttled_warn("statsd read failed", |repeats| {
-                            warn!(%error, repeats, "A statsd read failed.");
+                            warn!(%error, repeats, "A statsd read failed; the socket is read again at the next look.");
                         });
-                        break;
+                        return Err(read);
                     }
                 }
             }
-            read
+            Ok(read)
         })
+    }
+
+    /// Takes one packet read, within the container's byte limit.
+    fn take(&self, packet: &[u8], aggregator: &mut Aggregator, window: &mut Window) {
+        let stats = &self.stats;
+        if window.admits(self.limit, packet.len()) {
+            take_packet(packet, aggregator, stats);
+            return;
+        }
+        stats.statsd_packets_over_limit.fetch_add(1, Relaxed);
+        let lines = raw_lines(packet).count();
+        stats
+            .statsd_lines_over_limit
+            .fetch_add(lines as u64, Relaxed);
+        crate::telemetry::throttled_warn("statsd over limit", |repeats| {
+            warn!(
+                destination = ?self.destination,
+                repeats,
+                "statsd packets were dropped: their container sent more than statsd_container_limit_kbytes in statsd_container_limit_secs."
+            );
+        });
     }
 }
 
 impl Source for Reader {
     fn read_turn(&self, packets: usize) -> Option<usize> {
         let mut shared = self.shared.try_lock().ok()?;
-        Some(self.read(&mut shared, packets))
+        self.read(&mut shared, packets).ok()
     }
 
     fn panicked(&self) {
@@ -655,6 +682,44 @@ struct FlushState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// A packet is taken as its lines, read one by one by the general
+        /// reader, are (the path for the simplest lines, which builds no
+        /// `Line` and finds each line's end as it reads, agrees with it):
+        /// lines of every delimiter and white space, digits long and
+        /// short, rates, types known and not.
+        #[test]
+        fn a_packet_is_taken_as_the_general_reader_reads_its_lines(
+            lines in proptest::collection::vec(
+                "[a-c:|@#,.+\\-0-9 smghe\t\r\u{e9}]{0,16}|[a-z.]{1,8}:[0-9]{1,20}\\|(c|g|s|ms|h|m|x)(\\|@[0-9.]{1,4}|\\|c:[a-z]{1,3})?[ \r\t]?",
+                0..8,
+            )
+        ) {
+            let packet = lines.join("\n");
+            let stats = Stats::default();
+            let mut taken = Aggregator::new(100, &[90.0], Budget::new(1 << 20));
+            take_packet(packet.as_bytes(), &mut taken, &stats);
+            let mut general = Aggregator::new(100, &[90.0], Budget::new(1 << 20));
+            let (mut line, mut tags) = (Line::default(), Vec::new());
+            let (mut read, mut refused) = (0, 0);
+            for text in super::super::parse::lines(packet.as_bytes()) {
+                match text.and_then(|text| line.read_general(text)) {
+                    Ok(()) => {
+                        read += 1;
+                        general.add(&line, &mut tags);
+                    }
+                    Err(_) => refused += 1,
+                }
+            }
+            proptest::prop_assert_eq!(stats.statsd_lines.load(Relaxed), read);
+            proptest::prop_assert_eq!(stats.statsd_lines_malformed.load(Relaxed), refused);
+            proptest::prop_assert_eq!(
+                format!("{:?}", taken.records("t", &[], 0)),
+                format!("{:?}", general.records("t", &[], 0))
+            );
+        }
+    }
 
     fn listener(destination: Destination, enrichment: crate::enrich::Enrichment) -> Parts {
         Parts {

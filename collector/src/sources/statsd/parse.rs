@@ -19,7 +19,8 @@
 //!
 //! A line is checked whole before any of it is used: a malformed line is
 //! refused with its reason and takes nothing, and the rest of its packet
-//! is read. Pure functions over string slices, no allocation beyond the
+//! is read. Pure functions over string slices (and, for the lines of the
+//! simplest form, [`plain_line`], over bytes), no allocation beyond the
 //! caller's reused vectors.
 
 use std::fmt;
@@ -144,9 +145,12 @@ impl<'a> Line<'a> {
         // Most lines are one value without tags: read in one pass, with
         // the result [`Line::read_general`] gives (the fuzz target
         // `statsd_packet` and a property test hold the two equal).
-        if let Some((name, value)) = simple(line) {
-            self.name = name;
-            self.values.push(value);
+        if let Some((name, kind, value, length)) = plain_line(line.as_bytes())
+            && length == line.len()
+        {
+            // ASCII.
+            self.name = line.get(..name.len()).unwrap_or_default();
+            self.values.push((kind, value));
             return Ok(());
         }
         self.read_general(line)
@@ -250,57 +254,113 @@ fn strip_extensions(mut line: &str) -> &str {
     line
 }
 
-/// A line of the simplest form, `name:number|type` or
-/// `name:number|type|@rate`, with no `,`, `#` or `|` in the name and no
-/// `:` or `#` after it, read; none for any other line, or one in error
-/// (which [`Line::read_general`] reads, or refuses with its reason).
+/// A line of the simplest form, read from the start of `bytes` to its
+/// end (a `\n`, or the end of `bytes`): `name:number|type` or
+/// `name:number|type|@rate`, in ASCII, with no `,`, `#` or `|` in the name,
+/// no `:` or `#` after it, and no white space at either end. Gives its
+/// name, type and value, as [`Line::read_general`] reads them from the
+/// line, and the line's length (without its `\n`); none for any other
+/// line, or one in error (which [`Line::read_general`] reads, or refuses
+/// with its reason).
+///
+/// One pass over the bytes, which finds the line's end as it goes (lines
+/// are short: a loop is faster here than a search per delimiter) and reads
+/// an unsigned integer of up to 18 digits (such a number is exact as an
+/// `i64`, and rounds to the same `f64` as its text does); any other number
+/// is read by [`value_of`]. A line of this form is ASCII, so its name is
+/// UTF-8 without a check, and a line that is not takes the general path.
 #[inline(always)]
-fn simple(line: &str) -> Option<(&str, (Kind, Value<'_>))> {
-    // One pass over the bytes (lines are short: a loop is faster here
-    // than a search per delimiter).
-    let bytes = line.as_bytes();
-    let mut at = 0;
-    let colon = loop {
-        match *bytes.get(at)? {
-            b':' => break at,
-            b'|' | b',' | b'#' => return None,
-            _ => at += 1,
-        }
-    };
-    at += 1;
-    let bar = loop {
-        match *bytes.get(at)? {
-            b'|' => break at,
-            b':' | b'#' => return None,
-            _ => at += 1,
-        }
-    };
-    at += 1;
-    let mut second = None;
-    while let Some(&b) = bytes.get(at) {
-        match b {
-            b'|' if second.is_none() => second = Some(at),
-            b'|' | b':' | b'#' => return None,
-            _ => {}
-        }
-        at += 1;
+pub fn plain_line(bytes: &[u8]) -> Option<(&[u8], Kind, Value<'_>, usize)> {
+    if bytes.first()?.is_ascii_whitespace() {
+        return None;
     }
+    let mut at = 0;
+    loop {
+        match *bytes.get(at)? {
+            b':' => break,
+            b'|' | b',' | b'#' | b'\n' | 0x80.. => return None,
+            _ => at += 1,
+        }
+    }
+    let colon = at;
     if colon == 0 {
         return None;
     }
-    let (kind, rate) = match second {
-        None => (&line[bar + 1..], None),
-        // One more section, a rate, and nothing after it.
-        Some(second) => {
-            let rate = &line[second + 1..];
-            if !rate.starts_with('@') {
-                return None;
+    at += 1;
+    let mut integer: u64 = 0;
+    let mut digits = 0;
+    let mut other = false;
+    let bar = loop {
+        match *bytes.get(at)? {
+            b'|' => break at,
+            b':' | b'#' | b'\n' | 0x80.. => return None,
+            digit @ b'0'..=b'9' => {
+                integer = integer
+                    .wrapping_mul(10)
+                    .wrapping_add(u64::from(digit - b'0'));
+                digits += 1;
             }
-            (&line[bar + 1..second], Some(rate))
+            _ => other = true,
         }
+        at += 1;
     };
-    let value = value_of(&line[colon + 1..bar], Kind::parse(kind)?, rate).ok()?;
-    Some((&line[..colon], value))
+    at += 1;
+    let kind = match (bytes.get(at), bytes.get(at + 1)) {
+        (Some(b'c'), _) => Kind::Counter,
+        (Some(b'g'), _) => Kind::Gauge,
+        (Some(b's'), _) => Kind::Set,
+        (Some(b'h'), _) => Kind::Histogram,
+        (Some(b'm'), Some(b's')) => {
+            at += 1;
+            Kind::Timing
+        }
+        _ => return None,
+    };
+    at += 1;
+    // The line's end, or one more section, a rate, then the end.
+    let mut rate = None;
+    match bytes.get(at) {
+        None | Some(b'\n') => {}
+        Some(b'|') if bytes.get(at + 1) == Some(&b'@') => {
+            let start = at + 1;
+            while let Some(&b) = bytes.get(at + 1) {
+                match b {
+                    b'\n' => break,
+                    b'|' | b':' | b'#' | 0x80.. => return None,
+                    b if b.is_ascii_whitespace() => return None,
+                    _ => at += 1,
+                }
+            }
+            at += 1;
+            rate = Some(&bytes[start..at]);
+        }
+        Some(_) => return None,
+    }
+    let name = &bytes[..colon];
+    let number = &bytes[colon + 1..bar];
+    // ASCII: the number and rate are str.
+    let text = |bytes| std::str::from_utf8(bytes).ok();
+    if rate.is_none() && !other && (1..=18).contains(&digits) {
+        let value = match kind {
+            Kind::Counter => Value::Count(integer as i64),
+            Kind::Gauge => Value::Gauge {
+                value: integer as f64,
+                delta: false,
+            },
+            Kind::Set => Value::Member(text(number)?),
+            Kind::Timing | Kind::Histogram => Value::Sample {
+                value: integer as f64,
+                times: 1,
+            },
+        };
+        return Some((name, kind, value, at));
+    }
+    let rate = match rate {
+        Some(rate) => Some(text(rate)?),
+        None => None,
+    };
+    let (kind, value) = value_of(text(number)?, kind, rate).ok()?;
+    Some((name, kind, value, at))
 }
 
 /// One `value|type[|@rate]`.
@@ -371,6 +431,12 @@ fn divided(count: i64, rate: f64) -> i64 {
 
 /// The lines of a packet: split on `\n`, trimmed, empty ones left out.
 pub fn lines(packet: &[u8]) -> impl Iterator<Item = Result<&str, LineError>> {
+    raw_lines(packet).map(|line| std::str::from_utf8(line).map_err(|_| LineError::NotUtf8))
+}
+
+/// The lines of a packet as [`lines`] gives them, not yet checked as
+/// UTF-8.
+pub fn raw_lines(packet: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = Some(packet);
     std::iter::from_fn(move || {
         loop {
@@ -387,7 +453,7 @@ pub fn lines(packet: &[u8]) -> impl Iterator<Item = Result<&str, LineError>> {
             };
             let line = line.trim_ascii();
             if !line.is_empty() {
-                return Some(std::str::from_utf8(line).map_err(|_| LineError::NotUtf8));
+                return Some(line);
             }
         }
     })
