@@ -6,11 +6,16 @@
 //! packets a second, and on a node of many containers each sends a few).
 //! So the statsd sockets are not in the runtime's reactor: they are in an
 //! epoll set of their own, never waited on, which one thread looks at every
-//! [`PACE`] (level-triggered, without blocking), reading each socket that
-//! holds packets into its listener's aggregator. After a look that found a
-//! socket busy the next comes sooner, and at once after one that read as
-//! many as a turn may, so a busy socket is read continuously; a quiet node
-//! is looked at 20 times a second, whatever its number of sockets.
+//! [`PACE`] (without blocking), reading each socket that received packets
+//! since the last look into its listener's aggregator. The set is
+//! edge-triggered: a look is told only of the sockets that received since
+//! the last one (a level-triggered set would check again, at each look,
+//! every socket it reported at the one before), and a socket whose turn
+//! may have left packets is read again at the next look. After a look
+//! that found a socket busy the next comes sooner, and at once after one
+//! that read as many as a turn may, so a busy socket is read continuously;
+//! a quiet node is looked at 20 times a second, whatever its number of
+//! sockets.
 //!
 //! What waits meanwhile is in the socket's receive buffer; each statsd
 //! socket asks for [`RECEIVE_BUFFER`] (the kernel caps it at
@@ -47,9 +52,11 @@ pub const RECEIVE_BUFFER: usize = 1 << 20;
 
 /// A socket the pacer reads.
 pub trait Source: Send + Sync {
-    /// Reads at most `packets` packets of what the socket holds now; how
-    /// many it read, or none when it cannot be read now (its listener is
-    /// flushing or stopping; the next look tries again).
+    /// Reads at most `packets` packets of what the socket holds now, until
+    /// it holds none; how many it read, or none when it could not read
+    /// until then (its listener is flushing or stopping, or a read failed;
+    /// the next look tries again). The set reports a socket only when
+    /// packets arrive, so fewer than `packets` must mean it was emptied.
     fn read_turn(&self, packets: usize) -> Option<usize>;
 
     /// A read panicked (a bug): counted and logged; the socket is read on.
@@ -59,7 +66,7 @@ pub trait Source: Send + Sync {
 /// The statsd sockets' epoll set, and what each is read into.
 pub struct Pacer {
     epoll: Option<OwnedFd>,
-    sources: Mutex<HashMap<u64, Paces>>,
+    sources: Mutex<Sources>,
     next: AtomicU64,
     /// Looks so far.
     looks: AtomicU64,
@@ -71,7 +78,7 @@ impl std::fmt::Debug for Pacer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pacer")
             .field("epoll", &self.epoll)
-            .field("sources", &lock(&self.sources).len())
+            .field("sources", &lock(&self.sources).paces.len())
             .finish_non_exhaustive()
     }
 }
@@ -105,7 +112,7 @@ impl Pacer {
                 epoll,
                 socket,
                 epoll::EventData::new_u64(id),
-                epoll::EventFlags::IN,
+                epoll::EventFlags::IN | epoll::EventFlags::ET,
             )
             .inspect_err(|error| {
                 crate::telemetry::throttled_warn("statsd epoll add", |repeats| {
@@ -114,16 +121,27 @@ impl Pacer {
             })
             .is_ok()
         });
-        lock(&self.sources).insert(
+        let mut sources = lock(&self.sources);
+        sources.paces.insert(
             id,
             Paces {
                 source,
-                last_ready: 0,
                 in_set,
+                look: 0,
             },
         );
+        // It may hold packets already.
+        sources.again.push(id);
+        sources.outside += usize::from(!in_set);
+        drop(sources);
         let mut looking = lock(&self.looking);
         if !*looking {
+            // A thread that ended may have taken reports it did not read:
+            // the next one reads every socket once.
+            let mut sources = lock(&self.sources);
+            let Sources { paces, again, .. } = &mut *sources;
+            again.extend(paces.keys().copied());
+            drop(sources);
             let pacer = Arc::downgrade(self);
             match std::thread::Builder::new()
                 .name("statsd".into())
@@ -148,99 +166,139 @@ impl Pacer {
         }
     }
 
-    /// The sources whose socket holds packets now (and those not in the
-    /// set; every source where the set is missing or did not answer), each
-    /// with the packets its turn
-    /// reads: one for a socket that held none at the last look (most
-    /// sockets of a quiet node hold one: the read that would find it empty
-    /// is spared, and what else it holds is read at the next look, where it
-    /// is ready again), else up to [`READS_PER_TURN`].
-    fn ready(&self) -> Vec<(Arc<dyn Source>, usize)> {
+    /// Puts in `ready` the sources to read at this look: those whose
+    /// socket received packets since the last look, those whose last turn
+    /// may have left some, and those not in the set (every source, where
+    /// the set is missing or did not answer). `events` is the look's
+    /// scratch.
+    fn ready(&self, events: &mut Vec<epoll::Event>, ready: &mut Vec<(u64, Arc<dyn Source>)>) {
+        ready.clear();
+        events.clear();
         let mut sources = lock(&self.sources);
-        let every = |sources: &HashMap<u64, Paces>| {
-            sources
-                .values()
-                .map(|paces| (paces.source.clone(), READS_PER_TURN))
-                .collect()
+        let Sources {
+            paces,
+            again,
+            outside,
+        } = &mut *sources;
+        let every = |ready: &mut Vec<_>| {
+            ready.extend(paces.iter().map(|(id, p)| (*id, p.source.clone())));
         };
         let Some(epoll) = &self.epoll else {
-            return every(&sources);
+            again.clear();
+            return every(ready);
         };
         // Room for every socket: one call sees them all.
-        let mut events = Vec::with_capacity(sources.len().max(1));
+        events.reserve(paces.len().max(1));
         let timeout = rustix::event::Timespec {
             tv_sec: 0,
             tv_nsec: 0,
         };
         if epoll::wait(
             epoll,
-            rustix::buffer::spare_capacity(&mut events),
+            rustix::buffer::spare_capacity(events),
             Some(&timeout),
         )
         .is_err()
         {
-            return every(&sources);
+            again.clear();
+            return every(ready);
         }
         let look = self.looks.fetch_add(1, Relaxed) + 1;
-        let mut ready: Vec<(Arc<dyn Source>, usize)> = events
-            .iter()
-            .filter_map(|event| {
-                let paces = sources.get_mut(&event.data.u64())?;
-                let packets = if paces.last_ready + 1 == look {
-                    READS_PER_TURN
-                } else {
-                    1
-                };
-                paces.last_ready = look;
-                Some((paces.source.clone(), packets))
-            })
-            .collect();
-        ready.extend(
-            sources
-                .values()
-                .filter(|paces| !paces.in_set)
-                .map(|paces| (paces.source.clone(), READS_PER_TURN)),
-        );
-        ready
+        let reported = events.iter().map(|event| event.data.u64());
+        for id in reported.chain(again.drain(..)) {
+            // A source both reported and to read again is read once.
+            if let Some(p) = paces.get_mut(&id)
+                && p.look != look
+            {
+                p.look = look;
+                ready.push((id, p.source.clone()));
+            }
+        }
+        if *outside > 0 {
+            for (id, p) in paces.iter_mut() {
+                if !p.in_set && p.look != look {
+                    p.look = look;
+                    ready.push((*id, p.source.clone()));
+                }
+            }
+        }
+    }
+
+    /// Forgets source `id`.
+    fn remove(&self, id: u64) {
+        let mut sources = lock(&self.sources);
+        if let Some(paces) = sources.paces.remove(&id) {
+            sources.outside -= usize::from(!paces.in_set);
+        }
+        sources.again.retain(|again| *again != id);
+    }
+
+    /// Marks sources to read at the next look (their turn read all it
+    /// could, or could not read).
+    fn again(&self, ids: &[u64]) {
+        lock(&self.sources).again.extend_from_slice(ids);
     }
 }
 
-/// A paced source, and the last look that found its socket holding
-/// packets.
+/// The paced sources.
+#[derive(Default)]
+struct Sources {
+    paces: HashMap<u64, Paces>,
+    /// Sources to read at the next look whatever the set reports: their
+    /// socket may hold packets it will not report (a turn read all it
+    /// could, or none; or it just joined).
+    again: Vec<u64>,
+    /// Sources whose socket is not in the set.
+    outside: usize,
+}
+
+/// A paced source.
 struct Paces {
     source: Arc<dyn Source>,
-    last_ready: u64,
     /// Whether its socket is in the set (one that could not join is read
     /// at every look).
     in_set: bool,
+    /// The last look that read it.
+    look: u64,
 }
 
 /// Looks at the set every [`PACE`] (sooner after a busy look) while the
-/// pacer lives, and reads the sockets that hold packets: a thread of its
-/// own, woken once a look, whatever the runtime's threads are doing.
+/// pacer lives, and reads the sockets that received packets: a thread of
+/// its own, woken once a look, whatever the runtime's threads are doing.
 fn look(pacer: &Weak<Pacer>) {
     let mut wait = PACE;
+    let mut events = Vec::new();
+    let mut ready = Vec::new();
+    let mut again = Vec::new();
     loop {
         if !wait.is_zero() {
             std::thread::sleep(wait);
         }
-        let Some(ready) = pacer.upgrade().map(|pacer| pacer.ready()) else {
+        let Some(pacer) = pacer.upgrade() else {
             return;
         };
-        let most = ready
-            .iter()
-            .map(|(source, packets)| {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    source.read_turn(*packets)
-                }))
-                .unwrap_or_else(|_| {
-                    source.panicked();
-                    None
-                })
-                .unwrap_or(0)
-            })
-            .max()
-            .unwrap_or(0);
+        pacer.ready(&mut events, &mut ready);
+        let mut most = 0;
+        again.clear();
+        for (id, source) in ready.drain(..) {
+            let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                source.read_turn(READS_PER_TURN)
+            }))
+            .unwrap_or_else(|_| {
+                source.panicked();
+                None
+            });
+            // A turn that read all it could may have left packets, and
+            // one that could not read left them all.
+            if read.is_none_or(|read| read >= READS_PER_TURN) {
+                again.push(id);
+            }
+            most = most.max(read.unwrap_or(0));
+        }
+        if !again.is_empty() {
+            pacer.again(&again);
+        }
+        drop(pacer);
         wait = if most >= READS_PER_TURN {
             Duration::ZERO
         } else if most >= BUSY_PACKETS {
@@ -280,7 +338,7 @@ pub struct Paced {
 impl Paced {
     /// Leaves the pacer: `socket` (the one paced) is read no more.
     pub fn leave(mut self, socket: BorrowedFd<'_>) {
-        lock(&self.pacer.sources).remove(&self.id);
+        self.pacer.remove(self.id);
         if self.in_set
             && let Some(epoll) = &self.pacer.epoll
         {
@@ -293,7 +351,7 @@ impl Paced {
 impl Drop for Paced {
     fn drop(&mut self) {
         // A socket still in the set leaves it when it closes.
-        lock(&self.pacer.sources).remove(&self.id);
+        self.pacer.remove(self.id);
     }
 }
 
@@ -400,9 +458,28 @@ mod tests {
         // Let go: out of the set and of the pacer.
         let last = places.pop().unwrap();
         last.leave(sources[2].socket.as_fd());
-        assert_eq!(lock(&pacer.sources).len(), 2);
+        assert_eq!(lock(&pacer.sources).paces.len(), 2);
         drop(places);
-        assert!(lock(&pacer.sources).is_empty());
+        assert!(lock(&pacer.sources).paces.is_empty());
+    }
+
+    /// The set reports a socket only when packets arrive: one that held
+    /// packets when it joined, more than a turn reads, is read to its last
+    /// packet though none arrives after.
+    #[test]
+    fn a_socket_left_holding_packets_is_read_again_though_none_arrives() {
+        let pacer = Arc::new(Pacer::default());
+        let source = counting();
+        rustix::net::sockopt::set_socket_recv_buffer_size(&source.socket, RECEIVE_BUFFER).unwrap();
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = source.socket.local_addr().unwrap();
+        let packets = READS_PER_TURN + 20;
+        for _ in 0..packets {
+            sender.send_to(b"a:1|c", to).unwrap();
+        }
+        let _place = pacer.pace(source.socket.as_fd(), source.clone() as Arc<dyn Source>);
+        wait_for(&source, packets);
+        assert!(source.turns.load(Relaxed) >= 2);
     }
 
     /// A socket that could not join the set (here: its descriptor is in
