@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use super::aggregate::{Aggregator, Budget};
 use super::pace::{Pacer, Source};
-use super::parse::{Line, LineError, plain_line, raw_lines};
+use super::parse::{Line, LineError, next_line, plain_line, raw_lines};
 use crate::enrich::Kind;
 use crate::pipeline::Pipeline;
 use crate::route::Router;
@@ -297,15 +297,7 @@ pub fn take_packet(packet: &[u8], aggregator: &mut Aggregator, stats: &Stats) {
             rest = rest.get(length + 1..).unwrap_or_default();
             continue;
         }
-        let text = match memchr::memchr(b'\n', rest) {
-            Some(end) => {
-                let text = &rest[..end];
-                rest = &rest[end + 1..];
-                text
-            }
-            None => std::mem::take(&mut rest),
-        };
-        let text = text.trim_ascii();
+        let text = next_line(&mut rest);
         if text.is_empty() {
             continue;
         }

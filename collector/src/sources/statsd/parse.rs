@@ -437,26 +437,30 @@ pub fn lines(packet: &[u8]) -> impl Iterator<Item = Result<&str, LineError>> {
 /// The lines of a packet as [`lines`] gives them, not yet checked as
 /// UTF-8.
 pub fn raw_lines(packet: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut rest = Some(packet);
+    let mut rest = packet;
     std::iter::from_fn(move || {
-        loop {
-            let text = rest?;
-            let line = match memchr::memchr(b'\n', text) {
-                Some(end) => {
-                    rest = Some(&text[end + 1..]);
-                    &text[..end]
-                }
-                None => {
-                    rest = None;
-                    text
-                }
-            };
-            let line = line.trim_ascii();
+        while !rest.is_empty() {
+            let line = next_line(&mut rest);
             if !line.is_empty() {
                 return Some(line);
             }
         }
+        None
     })
+}
+
+/// The first line of `rest`, trimmed (empty, for an empty line), and
+/// `rest` moved past it and its `\n`.
+pub fn next_line<'a>(rest: &mut &'a [u8]) -> &'a [u8] {
+    let text = match memchr::memchr(b'\n', rest) {
+        Some(end) => {
+            let text = &rest[..end];
+            *rest = &rest[end + 1..];
+            text
+        }
+        None => std::mem::take(rest),
+    };
+    text.trim_ascii()
 }
 
 #[cfg(test)]
