@@ -14,25 +14,38 @@
 //! may have left packets is read again at the next look. After a look
 //! that found a socket busy the next comes sooner, and at once after one
 //! that read as many as a turn may, so a busy socket is read continuously;
-//! a quiet node is looked at 20 times a second, whatever its number of
-//! sockets.
+//! a quiet node is looked at 5 to 20 times a second (see [`quiet_pace`]),
+//! whatever its number of sockets.
 //!
 //! What waits meanwhile is in the socket's receive buffer; each statsd
 //! socket asks for [`RECEIVE_BUFFER`] (the kernel caps it at
 //! `net.core.rmem_max`), and what the kernel drops when one is full is
 //! counted (`collector_statsd_packets_dropped_by_kernel_total`).
+//! The pace between quiet looks follows the buffer the kernel grants:
+//! [`PACE`] with Linux's default cap, longer (to [`LONGEST_PACE`]) where
+//! the cap is higher, so that a quiet socket's buffer always holds as
+//! long a burst until the next look as the default buffer holds in
+//! [`PACE`]; each look costs a wake-up, whatever it finds.
 
 use std::collections::HashMap;
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use rustix::event::epoll;
-use tracing::warn;
+use tracing::{info, warn};
 
-/// How often the statsd sockets are looked at.
+/// How often the statsd sockets are looked at, at most, when all are
+/// quiet and their buffers are of Linux's default size.
 pub const PACE: Duration = Duration::from_millis(50);
+
+/// The longest wait between two looks, whatever the buffers hold.
+pub const LONGEST_PACE: Duration = Duration::from_millis(200);
+
+/// The receive buffer Linux grants by default at most, in bytes: twice
+/// the default `net.core.rmem_max` (212,992), about 500 small packets.
+pub const DEFAULT_GRANTED: usize = 2 * 212_992;
 
 /// Packets one socket's turn reads, at most; a look at which one read as
 /// many is followed by another at once.
@@ -72,6 +85,9 @@ pub struct Pacer {
     looks: AtomicU64,
     /// Whether the thread that looks is running.
     looking: Mutex<bool>,
+    /// The smallest receive buffer granted to a socket paced so far, in
+    /// bytes.
+    granted: AtomicUsize,
 }
 
 impl std::fmt::Debug for Pacer {
@@ -96,6 +112,7 @@ impl Default for Pacer {
             next: AtomicU64::new(0),
             looks: AtomicU64::new(0),
             looking: Mutex::new(false),
+            granted: AtomicUsize::new(usize::MAX),
         }
     }
 }
@@ -106,6 +123,9 @@ impl Pacer {
     /// that looks when it is not running.
     pub fn pace(self: &Arc<Self>, socket: BorrowedFd<'_>, source: Arc<dyn Source>) -> Paced {
         let _ = rustix::net::sockopt::set_socket_recv_buffer_size(socket, RECEIVE_BUFFER);
+        let granted =
+            rustix::net::sockopt::socket_recv_buffer_size(socket).unwrap_or(DEFAULT_GRANTED);
+        self.granted.fetch_min(granted, Relaxed);
         let id = self.next.fetch_add(1, Relaxed);
         let in_set = self.epoll.as_ref().is_some_and(|epoll| {
             epoll::add(
@@ -151,7 +171,15 @@ impl Pacer {
                     let _ended = Ended(pacer.clone());
                     look(&pacer);
                 }) {
-                Ok(_) => *looking = true,
+                Ok(_) => {
+                    *looking = true;
+                    let granted = self.granted.load(Relaxed);
+                    info!(
+                        receive_buffer_bytes = granted,
+                        quiet_pace_ms = self.quiet_pace().as_millis() as u64,
+                        "The statsd sockets are read by their own thread, at each look: every quiet_pace_ms while they are quiet (longer where net.core.rmem_max grants larger buffers, to 200 ms from 1 MiB), sooner while one is busy."
+                    );
+                }
                 Err(error) => {
                     crate::telemetry::throttled_warn("statsd thread", |repeats| {
                         warn!(%error, repeats, "The thread that reads the statsd sockets could not start; the next registration tries again. Until it does, what they receive is dropped by the kernel, counted.");
@@ -222,6 +250,11 @@ impl Pacer {
                 }
             }
         }
+    }
+
+    /// The wait after a quiet look: see [`quiet_pace`].
+    fn quiet_pace(&self) -> Duration {
+        quiet_pace(self.granted.load(Relaxed))
     }
 
     /// Forgets source `id`.
@@ -298,15 +331,26 @@ fn look(pacer: &Weak<Pacer>) {
         if !again.is_empty() {
             pacer.again(&again);
         }
-        drop(pacer);
         wait = if most >= READS_PER_TURN {
             Duration::ZERO
         } else if most >= BUSY_PACKETS {
             SOON
         } else {
-            PACE
+            pacer.quiet_pace()
         };
+        drop(pacer);
     }
+}
+
+/// The wait after a quiet look, when the smallest receive buffer granted
+/// is `granted` bytes: [`PACE`] scaled by `granted` against
+/// [`DEFAULT_GRANTED`], within [`PACE`] and [`LONGEST_PACE`]. A burst into
+/// a quiet socket fills its buffer no sooner, at any rate, than it fills a
+/// default buffer in [`PACE`] (with Linux's defaults, the pace is
+/// [`PACE`]); a node whose kernel grants more is woken less often.
+pub fn quiet_pace(granted: usize) -> Duration {
+    PACE.mul_f64(granted as f64 / DEFAULT_GRANTED as f64)
+        .clamp(PACE, LONGEST_PACE)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -359,7 +403,6 @@ impl Drop for Paced {
 mod tests {
     use std::net::UdpSocket;
     use std::os::fd::AsFd;
-    use std::sync::atomic::AtomicUsize;
     use std::time::Instant;
 
     use super::*;
@@ -507,6 +550,26 @@ mod tests {
         b.panics.store(false, Relaxed);
         send(&a, 3);
         assert!(*lock(&pacer.looking), "the thread reads on");
+    }
+
+    /// The wait between quiet looks follows the smallest buffer granted:
+    /// no longer, against a default buffer's, than the default pace.
+    #[test]
+    fn quiet_looks_are_paced_by_the_smallest_buffer_granted() {
+        assert_eq!(quiet_pace(DEFAULT_GRANTED), PACE);
+        assert_eq!(quiet_pace(2 * DEFAULT_GRANTED), 2 * PACE);
+        assert_eq!(quiet_pace(DEFAULT_GRANTED / 2), PACE);
+        assert_eq!(quiet_pace(100 * DEFAULT_GRANTED), LONGEST_PACE);
+        assert_eq!(quiet_pace(usize::MAX), LONGEST_PACE);
+        assert_eq!(quiet_pace(0), PACE);
+        // Each socket paced is asked for its buffer, and the smallest
+        // kept.
+        let pacer = Arc::new(Pacer::default());
+        let small = counting();
+        let _small = pacer.pace(small.socket.as_fd(), small.clone() as Arc<dyn Source>);
+        let granted = rustix::net::sockopt::socket_recv_buffer_size(&small.socket).unwrap();
+        assert_eq!(pacer.granted.load(Relaxed), granted);
+        assert_eq!(pacer.quiet_pace(), quiet_pace(granted));
     }
 
     /// Without an epoll set, every socket is read at every look.
