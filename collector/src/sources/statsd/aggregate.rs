@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use schema::{Datapoint, MetricList, Tag};
 
 use super::parse::{Kind, Line, Value};
+use crate::memory::allocated_size;
 
 /// Members one set holds, at most.
 pub const MAX_SET_MEMBERS: usize = 1024;
@@ -37,27 +38,36 @@ pub const MAX_KEY_BYTES: usize = 1024;
 /// Bytes of a set member, at most.
 pub const MAX_MEMBER_BYTES: usize = 256;
 
-/// What one series takes besides its key and its members: its entry, with
+/// What one series takes besides its members: its key, its entry, with
 /// the room the vector of entries may hold for it (it doubles as it
-/// grows), its places in the two indexes, and a timing's statistics with
-/// its full reservoir.
+/// grows), its places in the two indexes, a timing's statistics with its
+/// full reservoir, and a set's table as first made.
 fn series_cost(kind: Kind, key_len: usize) -> usize {
-    key_len
+    allocated_size(key_len)
         + 2 * std::mem::size_of::<Entry>()
         + 24
         + match kind {
             Kind::Timing | Kind::Histogram => {
                 std::mem::size_of::<Stats>() + PERCENTILE_SAMPLES * std::mem::size_of::<f64>()
             }
-            // The set's box and its allocation's header.
-            Kind::Set => std::mem::size_of::<HashSet<Box<str>>>() + 16,
+            Kind::Set => allocated_size(std::mem::size_of::<HashSet<Box<str>>>()) + SET_TABLE,
             Kind::Counter | Kind::Gauge => 0,
         }
 }
 
-/// What one set member takes.
+/// A slot of a set's table: a member's box and its control byte.
+const SET_SLOT: usize = std::mem::size_of::<Box<str>>() + 1;
+
+/// A set's table as first made: 4 slots and a group of control bytes, as
+/// allocated.
+const SET_TABLE: usize = 96;
+
+/// What one set member takes: its string as allocated, and its share of
+/// the set's table past [`SET_TABLE`]. The table holds at most 16/7 slots
+/// a member (it doubles when 7/8 full), and its allocation rounds up by a
+/// quarter at most: 17 × 16/7 × 5/4 ≈ 48.6 bytes, so 49.
 fn member_cost(member: &str) -> usize {
-    member.len() + 32
+    allocated_size(member.len()) + (SET_SLOT * 16 * 5).div_ceil(7 * 4)
 }
 
 /// The bytes every aggregator of the collector may hold together
@@ -852,6 +862,26 @@ mod tests {
         assert!(chunks > 10, "{chunks}");
         assert_eq!(pieces, whole);
         assert_eq!(whole.len(), 150 * 7);
+    }
+
+    #[test]
+    fn a_sets_table_is_within_what_its_members_are_charged() {
+        // What the table takes as it grows, member by member, from its
+        // capacity (buckets less an eighth, or less one below 8), against
+        // what the set and its members are charged past their strings.
+        let mut set: HashSet<Box<str>> = HashSet::new();
+        for n in 1..=MAX_SET_MEMBERS {
+            set.insert(n.to_string().into());
+            let capacity = set.capacity();
+            let buckets = if capacity < 8 {
+                capacity + 1
+            } else {
+                capacity * 8 / 7
+            };
+            let table = allocated_size(buckets * SET_SLOT + 16);
+            let charged = SET_TABLE + n * (member_cost("") - allocated_size(0));
+            assert!(table <= charged, "{n} members: table {table} > {charged}");
+        }
     }
 
     #[test]
