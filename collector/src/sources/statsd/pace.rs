@@ -1,31 +1,36 @@
 //! When the statsd sockets are read: at a pace, not at each packet.
 //!
 //! statsd is aggregated and flushed every `statsd_flush_secs`, so a packet
-//! read 50 ms after it arrived loses nothing; but a process woken for each
+//! read 200 ms after it arrived loses nothing; but a process woken for each
 //! packet pays a wake-up for each (most of the CPU at a few thousand
 //! packets a second, and on a node of many containers each sends a few).
 //! So the statsd sockets are not in the runtime's reactor: they are in an
-//! epoll set of their own, never waited on, which one thread looks at every
-//! [`PACE`] (without blocking), reading each socket that received packets
+//! epoll set of their own, never waited on, which one thread looks at
+//! without blocking, at a pace, reading each socket that received packets
 //! since the last look into its listener's aggregator. The set is
 //! edge-triggered: a look is told only of the sockets that received since
 //! the last one (a level-triggered set would check again, at each look,
 //! every socket it reported at the one before), and a socket whose turn
 //! may have left packets is read again at the next look. After a look
-//! that found a socket busy the next comes sooner, and at once after one
-//! that read as many as a turn may, so a busy socket is read continuously;
-//! a quiet node is looked at 5 to 20 times a second (see [`quiet_pace`]),
-//! whatever its number of sockets.
+//! that read [`BUSY_PACKETS`] from one socket the next comes [`SOON`], and
+//! at once after one that read as many as a turn may, so a socket that
+//! receives faster than a turn reads is read continuously; after a look
+//! that could not read a socket, the next comes within [`PACE`]; after a
+//! quiet one, within [`quiet_pace`] (50 to 200 ms), so a quiet node is
+//! looked at 5 to 20 times a second, whatever its number of sockets.
 //!
 //! What waits meanwhile is in the socket's receive buffer; each statsd
 //! socket asks for [`RECEIVE_BUFFER`] (the kernel caps it at
 //! `net.core.rmem_max`), and what the kernel drops when one is full is
 //! counted (`collector_statsd_packets_dropped_by_kernel_total`).
-//! The pace between quiet looks follows the buffer the kernel grants:
-//! [`PACE`] with Linux's default cap, longer (to [`LONGEST_PACE`]) where
-//! the cap is higher, so that a quiet socket's buffer always holds as
-//! long a burst until the next look as the default buffer holds in
-//! [`PACE`]; each look costs a wake-up, whatever it finds.
+//! The pace between quiet looks follows the smallest buffer the kernel
+//! grants: [`PACE`] with Linux's default cap, longer (to [`LONGEST_PACE`])
+//! where the cap is higher. A quiet socket so takes, until the next look,
+//! a burst at the rate that fills a default buffer in [`PACE`] (about
+//! 8.5 MB/s of the kernel's memory, some 10,000 small packets a second),
+//! on any node: where the cap is raised, the larger buffer is spent on
+//! fewer wake-ups (each costs CPU, whatever the look finds) rather than
+//! on a faster burst.
 
 use std::collections::HashMap;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -52,8 +57,8 @@ pub const DEFAULT_GRANTED: usize = 2 * 212_992;
 pub const READS_PER_TURN: usize = 256;
 
 /// Packets of one socket's turn past which the next look comes after
-/// [`SOON`] rather than [`PACE`]: a busy socket is read before its buffer
-/// fills.
+/// [`SOON`] rather than the quiet pace: a busy socket is read before its
+/// buffer fills.
 const BUSY_PACKETS: usize = 32;
 
 /// How soon the next look comes after a busy one.
@@ -85,8 +90,9 @@ pub struct Pacer {
     looks: AtomicU64,
     /// Whether the thread that looks is running.
     looking: Mutex<bool>,
-    /// The smallest receive buffer granted to a socket paced so far, in
-    /// bytes.
+    /// The smallest receive buffer granted to a socket paced now, in bytes
+    /// (`usize::MAX` when none is), kept by [`Pacer::insert`] and
+    /// [`Pacer::remove`] under the sources' lock.
     granted: AtomicUsize,
 }
 
@@ -123,9 +129,8 @@ impl Pacer {
     /// that looks when it is not running.
     pub fn pace(self: &Arc<Self>, socket: BorrowedFd<'_>, source: Arc<dyn Source>) -> Paced {
         let _ = rustix::net::sockopt::set_socket_recv_buffer_size(socket, RECEIVE_BUFFER);
-        let granted =
-            rustix::net::sockopt::socket_recv_buffer_size(socket).unwrap_or(DEFAULT_GRANTED);
-        self.granted.fetch_min(granted, Relaxed);
+        // Unknown: taken as the smallest (the shortest pace).
+        let granted = rustix::net::sockopt::socket_recv_buffer_size(socket).unwrap_or(0);
         let id = self.next.fetch_add(1, Relaxed);
         let in_set = self.epoll.as_ref().is_some_and(|epoll| {
             epoll::add(
@@ -141,19 +146,15 @@ impl Pacer {
             })
             .is_ok()
         });
-        let mut sources = lock(&self.sources);
-        sources.paces.insert(
+        self.insert(
             id,
             Paces {
                 source,
                 in_set,
                 look: 0,
+                granted,
             },
         );
-        // It may hold packets already.
-        sources.again.push(id);
-        sources.outside += usize::from(!in_set);
-        drop(sources);
         let mut looking = lock(&self.looking);
         if !*looking {
             // A thread that ended may have taken reports it did not read:
@@ -177,7 +178,7 @@ impl Pacer {
                     info!(
                         receive_buffer_bytes = granted,
                         quiet_pace_ms = self.quiet_pace().as_millis() as u64,
-                        "The statsd sockets are read by their own thread, at each look: every quiet_pace_ms while they are quiet (longer where net.core.rmem_max grants larger buffers, to 200 ms from 1 MiB), sooner while one is busy."
+                        "The statsd sockets are read by their own thread, at each look: every quiet_pace_ms while they are quiet (50 ms with Linux's default net.core.rmem_max, to 200 ms from 1 MiB), sooner while one is busy."
                     );
                 }
                 Err(error) => {
@@ -257,11 +258,26 @@ impl Pacer {
         quiet_pace(self.granted.load(Relaxed))
     }
 
+    /// Adds source `id`, to read at the next look (its socket may hold
+    /// packets already).
+    fn insert(&self, id: u64, paces: Paces) {
+        let mut sources = lock(&self.sources);
+        sources.outside += usize::from(!paces.in_set);
+        self.granted.fetch_min(paces.granted, Relaxed);
+        sources.paces.insert(id, paces);
+        sources.again.push(id);
+    }
+
     /// Forgets source `id`.
     fn remove(&self, id: u64) {
         let mut sources = lock(&self.sources);
         if let Some(paces) = sources.paces.remove(&id) {
             sources.outside -= usize::from(!paces.in_set);
+            if paces.granted <= self.granted.load(Relaxed) {
+                // It may have been the smallest: the pace may lengthen.
+                let smallest = sources.paces.values().map(|p| p.granted).min();
+                self.granted.store(smallest.unwrap_or(usize::MAX), Relaxed);
+            }
         }
         sources.again.retain(|again| *again != id);
     }
@@ -293,10 +309,11 @@ struct Paces {
     in_set: bool,
     /// The last look that read it.
     look: u64,
+    /// The receive buffer the kernel granted its socket, in bytes.
+    granted: usize,
 }
 
-/// Looks at the set every [`PACE`] (sooner after a busy look) while the
-/// pacer lives, and reads the sockets that received packets: a thread of
+/// Looks at the set at its pace (see the module) while the pacer lives, and reads the sockets that received packets: a thread of
 /// its own, woken once a look, whatever the runtime's threads are doing.
 fn look(pacer: &Weak<Pacer>) {
     let mut wait = PACE;
@@ -335,6 +352,10 @@ fn look(pacer: &Weak<Pacer>) {
             Duration::ZERO
         } else if most >= BUSY_PACKETS {
             SOON
+        } else if !again.is_empty() {
+            // A socket could not be read (its listener was flushing, or a
+            // read failed): no later than at the default pace.
+            PACE
         } else {
             pacer.quiet_pace()
         };
@@ -344,10 +365,11 @@ fn look(pacer: &Weak<Pacer>) {
 
 /// The wait after a quiet look, when the smallest receive buffer granted
 /// is `granted` bytes: [`PACE`] scaled by `granted` against
-/// [`DEFAULT_GRANTED`], within [`PACE`] and [`LONGEST_PACE`]. A burst into
-/// a quiet socket fills its buffer no sooner, at any rate, than it fills a
-/// default buffer in [`PACE`] (with Linux's defaults, the pace is
-/// [`PACE`]); a node whose kernel grants more is woken less often.
+/// [`DEFAULT_GRANTED`], within [`PACE`] and [`LONGEST_PACE`]. With a
+/// buffer of the default size or larger, a burst at the rate that fills a
+/// default buffer in [`PACE`] fills it no sooner than the next look (with
+/// Linux's defaults, the pace is [`PACE`]); a node whose kernel grants
+/// more is woken less often, not read sooner.
 pub fn quiet_pace(granted: usize) -> Duration {
     PACE.mul_f64(granted as f64 / DEFAULT_GRANTED as f64)
         .clamp(PACE, LONGEST_PACE)
@@ -570,6 +592,24 @@ mod tests {
         let granted = rustix::net::sockopt::socket_recv_buffer_size(&small.socket).unwrap();
         assert_eq!(pacer.granted.load(Relaxed), granted);
         assert_eq!(pacer.quiet_pace(), quiet_pace(granted));
+        // A smaller buffer shortens the pace for all while it is paced,
+        // and no longer.
+        let other = counting();
+        pacer.insert(
+            u64::MAX,
+            Paces {
+                source: other,
+                in_set: false,
+                look: 0,
+                granted: 4096,
+            },
+        );
+        assert_eq!(pacer.granted.load(Relaxed), 4096);
+        assert_eq!(pacer.quiet_pace(), PACE);
+        pacer.remove(u64::MAX);
+        assert_eq!(pacer.granted.load(Relaxed), granted);
+        drop(_small);
+        assert_eq!(pacer.granted.load(Relaxed), usize::MAX);
     }
 
     /// Without an epoll set, every socket is read at every look.
