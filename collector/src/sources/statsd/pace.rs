@@ -28,7 +28,8 @@
 //! where the cap is higher. A quiet socket so takes, until the next look,
 //! a burst at the rate that fills a default buffer in [`PACE`] (about
 //! 8.5 MB/s of the kernel's memory, some 10,000 small packets a second),
-//! on any node: where the cap is raised, the larger buffer is spent on
+//! wherever every buffer granted is at least the default: where the cap
+//! is raised, the larger buffer is spent on
 //! fewer wake-ups (each costs CPU, whatever the look finds) rather than
 //! on a faster burst.
 
@@ -94,6 +95,9 @@ pub struct Pacer {
     /// (`usize::MAX` when none is), kept by [`Pacer::insert`] and
     /// [`Pacer::remove`] under the sources' lock.
     granted: AtomicUsize,
+    /// The thread that looks, woken when a socket joins whose buffer
+    /// shortens the pace.
+    thread: Mutex<Option<std::thread::Thread>>,
 }
 
 impl std::fmt::Debug for Pacer {
@@ -119,6 +123,7 @@ impl Default for Pacer {
             looks: AtomicU64::new(0),
             looking: Mutex::new(false),
             granted: AtomicUsize::new(usize::MAX),
+            thread: Mutex::new(None),
         }
     }
 }
@@ -172,13 +177,14 @@ impl Pacer {
                     let _ended = Ended(pacer.clone());
                     look(&pacer);
                 }) {
-                Ok(_) => {
+                Ok(handle) => {
                     *looking = true;
+                    *lock(&self.thread) = Some(handle.thread().clone());
                     let granted = self.granted.load(Relaxed);
                     info!(
                         receive_buffer_bytes = granted,
                         quiet_pace_ms = self.quiet_pace().as_millis() as u64,
-                        "The statsd sockets are read by their own thread, at each look: every quiet_pace_ms while they are quiet (50 ms with Linux's default net.core.rmem_max, to 200 ms from 1 MiB), sooner while one is busy."
+                        "The statsd sockets are read by their own thread, at each look: every quiet_pace_ms while they are quiet (50 ms with Linux's default net.core.rmem_max, to 200 ms from 832 KiB), sooner while one is busy."
                     );
                 }
                 Err(error) => {
@@ -261,11 +267,20 @@ impl Pacer {
     /// Adds source `id`, to read at the next look (its socket may hold
     /// packets already).
     fn insert(&self, id: u64, paces: Paces) {
+        let granted = paces.granted;
         let mut sources = lock(&self.sources);
         sources.outside += usize::from(!paces.in_set);
-        self.granted.fetch_min(paces.granted, Relaxed);
+        let before = self.granted.fetch_min(granted, Relaxed);
         sources.paces.insert(id, paces);
         sources.again.push(id);
+        drop(sources);
+        if quiet_pace(granted) < quiet_pace(before) {
+            // The thread may be waiting a longer pace than this socket's
+            // buffer allows: it looks now, and at the shorter pace after.
+            if let Some(thread) = &*lock(&self.thread) {
+                thread.unpark();
+            }
+        }
     }
 
     /// Forgets source `id`.
@@ -322,7 +337,9 @@ fn look(pacer: &Weak<Pacer>) {
     let mut again = Vec::new();
     loop {
         if !wait.is_zero() {
-            std::thread::sleep(wait);
+            // Woken sooner when a socket joins whose buffer shortens the
+            // pace (or, rarely, for nothing: one more look).
+            std::thread::park_timeout(wait);
         }
         let Some(pacer) = pacer.upgrade() else {
             return;
