@@ -45,7 +45,7 @@ pub const MAX_MEMBER_BYTES: usize = 256;
 fn series_cost(kind: Kind, key_len: usize) -> usize {
     allocated_size(key_len)
         + 2 * std::mem::size_of::<Entry>()
-        + 24
+        + INDEX_SLOTS
         + match kind {
             Kind::Timing | Kind::Histogram => {
                 std::mem::size_of::<Stats>() + PERCENTILE_SAMPLES * std::mem::size_of::<f64>()
@@ -54,6 +54,12 @@ fn series_cost(kind: Kind, key_len: usize) -> usize {
             Kind::Counter | Kind::Gauge => 0,
         }
 }
+
+/// A series' share of the two indexes (by key, and by name for a series
+/// without tags): a slot in each, a `u32` and a control byte, at most 16/7
+/// slots a series in each (a table doubles when 7/8 full), rounded up a
+/// quarter by the allocator: 2 × 5 × 16/7 × 5/4 ≈ 28.6 bytes, so 29.
+const INDEX_SLOTS: usize = (2 * (std::mem::size_of::<u32>() + 1) * 16 * 5).div_ceil(7 * 4);
 
 /// A slot of a set's table: a member's box and its control byte.
 const SET_SLOT: usize = std::mem::size_of::<Box<str>>() + 1;
