@@ -13,7 +13,7 @@
 # Packets lost in the kernel: /proc/net/udp's drops of the receiver's ports.
 # The collector's pace between quiet looks follows the receive buffer the
 # kernel grants (net.core.rmem_max, printed): 50 ms with Linux's default,
-# 200 ms from 1 MiB.
+# 200 ms from 832 KiB.
 # Needs: cargo build --release -p collector; Debian's collectd-core and bc
 # (installed here when missing); python3, curl.
 # Usage: [SECS=60] [SAT_SECS=10] benchmarks/statsd.sh
