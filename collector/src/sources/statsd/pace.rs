@@ -29,9 +29,8 @@
 //! a burst at the rate that fills a default buffer in [`PACE`] (about
 //! 8.5 MB/s of the kernel's memory, some 10,000 small packets a second),
 //! wherever every buffer granted is at least the default: where the cap
-//! is raised, the larger buffer is spent on
-//! fewer wake-ups (each costs CPU, whatever the look finds) rather than
-//! on a faster burst.
+//! is raised, the larger buffer is spent on fewer wake-ups (each costs
+//! CPU, whatever the look finds) rather than on a faster burst.
 
 use std::collections::HashMap;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -328,8 +327,9 @@ struct Paces {
     granted: usize,
 }
 
-/// Looks at the set at its pace (see the module) while the pacer lives, and reads the sockets that received packets: a thread of
-/// its own, woken once a look, whatever the runtime's threads are doing.
+/// Looks at the set at its pace (see the module) while the pacer lives,
+/// and reads the sockets that received packets: a thread of its own,
+/// woken once a look, whatever the runtime's threads are doing.
 fn look(pacer: &Weak<Pacer>) {
     let mut wait = PACE;
     let mut events = Vec::new();
