@@ -55,11 +55,17 @@ fn series_cost(kind: Kind, key_len: usize) -> usize {
         }
 }
 
+/// What one item takes of a hash table whose slots are `slot` bytes (the
+/// item and its control byte): the table holds at most 16/7 slots an item
+/// (it doubles when 7/8 full), and its allocation rounds up by a quarter
+/// at most.
+const fn table_share(slot: usize) -> usize {
+    (slot * 16 * 5).div_ceil(7 * 4)
+}
+
 /// A series' share of the two indexes (by key, and by name for a series
-/// without tags): a slot in each, a `u32` and a control byte, at most 16/7
-/// slots a series in each (a table doubles when 7/8 full), rounded up a
-/// quarter by the allocator: 2 × 5 × 16/7 × 5/4 ≈ 28.6 bytes, so 29.
-const INDEX_SLOTS: usize = (2 * (std::mem::size_of::<u32>() + 1) * 16 * 5).div_ceil(7 * 4);
+/// without tags): a `u32` and a control byte in each, 15 bytes.
+const INDEX_SLOTS: usize = 2 * table_share(std::mem::size_of::<u32>() + 1);
 
 /// A slot of a set's table: a member's box and its control byte.
 const SET_SLOT: usize = std::mem::size_of::<Box<str>>() + 1;
@@ -69,11 +75,9 @@ const SET_SLOT: usize = std::mem::size_of::<Box<str>>() + 1;
 const SET_TABLE: usize = 96;
 
 /// What one set member takes: its string as allocated, and its share of
-/// the set's table past [`SET_TABLE`]. The table holds at most 16/7 slots
-/// a member (it doubles when 7/8 full), and its allocation rounds up by a
-/// quarter at most: 17 × 16/7 × 5/4 ≈ 48.6 bytes, so 49.
+/// the set's table past [`SET_TABLE`] (49 bytes).
 fn member_cost(member: &str) -> usize {
-    allocated_size(member.len()) + (SET_SLOT * 16 * 5).div_ceil(7 * 4)
+    allocated_size(member.len()) + table_share(SET_SLOT)
 }
 
 /// The bytes every aggregator of the collector may hold together
