@@ -56,6 +56,7 @@ pub mod enrich;
 pub mod memory;
 pub mod net;
 pub mod pipeline;
+pub mod resident;
 pub mod route;
 pub mod runtime;
 pub mod sample;

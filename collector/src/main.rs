@@ -197,6 +197,8 @@ fn run(args: ConfigArgs) -> ExitCode {
             }
         });
         let stats = app.stats();
+        // The code that ran only to start need not stay resident.
+        tokio::spawn(collector::resident::page_out_after_settle());
         app.run(signals.recv()).await;
         Ok::<_, collector::StartError>(stats)
     });
