@@ -1,4 +1,5 @@
 //! The `collector` binary: argument parsing only; the work is in the library.
+#![forbid(unsafe_code)] // the one audited exception is collector::resident
 
 use std::fs::File;
 use std::io::{self, BufWriter};

@@ -17,6 +17,7 @@
 //!
 //! apache-avro is used for parsing schemas, canonical forms, resolution, and
 //! as the oracle in tests; never per record on the hot path.
+#![forbid(unsafe_code)] // the one audited exception is collector::resident
 
 pub mod codec;
 pub mod datum;

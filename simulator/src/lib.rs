@@ -19,6 +19,7 @@
 //! - [`cluster`]: the same pieces as separate processes (docker-compose and
 //!   the Docker tests): the producers' control API, the verifier's report
 //!   and the balance across nodes, a health probe.
+#![forbid(unsafe_code)] // the one audited exception is collector::resident
 
 pub mod agent;
 pub mod bench;

@@ -1,5 +1,6 @@
 //! The `simulator` binary: subcommands over the simulator library. Each
 //! fake prints its address and runs until Ctrl-C.
+#![forbid(unsafe_code)] // the one audited exception is collector::resident
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;

@@ -2,7 +2,7 @@
 //! simulator's fakes and librdkafka's mock cluster. No Docker. Also the
 //! cluster's topology ([`topology`]), which the Docker tier starts and
 //! `docker-compose.yml` is rendered from.
-
+#![forbid(unsafe_code)] // the one audited exception is collector::resident
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test harness: failing loudly is the point
 
 pub mod prometheus;

@@ -1,6 +1,7 @@
 //! `sample-producer`: sends the agent's per-container statistics to Kafka in
 //! Metrics Avro format. Accepts the original's `-flag` forms as well as
 //! `--flag`, so `sample-producer -framework kafka` works as written.
+#![forbid(unsafe_code)] // the one audited exception is collector::resident
 
 use std::path::PathBuf;
 use std::process::ExitCode;
