@@ -282,7 +282,9 @@ pub const STATSD_TRANSIENT_BYTES: u64 = 2 * 1024 * 1024;
 pub const AGENT_BODY_FACTOR: u64 = 10;
 
 /// What the program takes before any input: code, runtime, librdkafka's
-/// threads and their buffers (idle RSS is about 14.5 MiB with Kafka connected; see BENCHMARKS.md).
+/// threads and their buffers (idle RSS with Kafka connected is about 16 MiB,
+/// and 10.5 to 12.7 MiB where the code that ran to start is paged out; see
+/// BENCHMARKS.md section 1).
 pub const BASE_BYTES: u64 = 32 * 1024 * 1024;
 
 /// The most containers `statsd_max_containers` may ask for (a UDP port
