@@ -9,12 +9,21 @@
 //! kernel (`MADV_PAGEOUT`, Linux 5.4) to reclaim the read-only mappings of
 //! the collector's own executable. The advice changes no content: a page
 //! reclaimed leaves the page cache, and is read again from the file (a
-//! major fault, with read-ahead) when its code next runs, so the code the
-//! collector runs while idle is resident again within its first turns.
+//! major fault) when its code next runs, so the code the collector runs
+//! while idle is resident again within its first turns.
+//!
+//! Before that it advises `MADV_RANDOM` on the same mappings: a fault then
+//! reads its one page, not the 128 KiB of read-ahead around it, and the
+//! 64 KiB mapped around a fault can only be pages the page cache still
+//! holds. So what comes back is the code that runs, page by page: 0.6 MiB
+//! less idle RSS than with read-ahead, for some 40 more major faults of a
+//! page each on the first busy seconds (BENCHMARKS.md section 1).
 //!
 //! The kernel reclaims a file's pages only for a process that owns the
 //! file, may write it, or holds `CAP_FOWNER`, and leaves pages that
-//! another process maps too. So it works as root (the Docker images) and
+//! another process maps too (two collectors run from one file keep it
+//! resident), and pages not yet written back (so the file is synced
+//! first). So it works as root (the Docker images) and
 //! where the binary belongs to the collector's user (a Marathon app's
 //! sandbox), and does nothing under the systemd unit's `DynamicUser=` with
 //! a binary owned by root: the advice is taken and nothing is reclaimed.
@@ -23,7 +32,10 @@
 
 use std::io;
 use std::ops::Range;
+use std::path::Path;
 use std::time::Duration;
+
+use procfs::process::{MMPermissions, MMapPath, MemoryMap, MemoryMaps, Process};
 
 /// How long after the start the collector's code is paged out: by then its
 /// start, and the first connection to the brokers, have run.
@@ -39,49 +51,33 @@ pub struct PagedOut {
     pub resident_after_kib: u64,
 }
 
-/// The read-only mappings of the executable `exe` in `maps` (the text of
-/// `/proc/self/maps`): its code and read-only data. Writable ones (its data,
-/// and what relocation made private) are left out.
-pub fn own_code(maps: &str, exe: &str) -> Vec<Range<usize>> {
-    maps.lines()
-        .filter_map(|line| {
-            let mut fields = line.splitn(6, ' ');
-            let range = fields.next()?;
-            let perms = fields.next()?;
-            let path = fields.nth(3)?.trim_start();
-            if path != exe || perms.as_bytes().get(1) != Some(&b'-') {
-                return None;
-            }
-            let (start, end) = range.split_once('-')?;
-            let start = usize::from_str_radix(start, 16).ok()?;
-            let end = usize::from_str_radix(end, 16).ok()?;
-            (start < end).then_some(start..end)
+/// The mappings of the executable `exe` in `maps`.
+fn of<'a>(maps: &'a MemoryMaps, exe: &'a Path) -> impl Iterator<Item = &'a MemoryMap> {
+    maps.iter()
+        .filter(move |map| matches!(&map.pathname, MMapPath::Path(path) if path == exe))
+}
+
+/// The read-only mappings of the executable `exe` in `maps` (as
+/// `/proc/self/maps` or `smaps` lists them): its code and read-only data.
+/// Writable ones (its data, and what relocation made private) are left out.
+pub fn own_code(maps: &MemoryMaps, exe: &Path) -> Vec<Range<usize>> {
+    of(maps, exe)
+        .filter(|map| !map.perms.contains(MMPermissions::WRITE))
+        .filter_map(|map| {
+            let (start, end) = map.address;
+            let range = usize::try_from(start).ok()?..usize::try_from(end).ok()?;
+            (range.start < range.end).then_some(range)
         })
         .collect()
 }
 
-/// The pages of `exe`'s mappings resident, in KiB, as `smaps` (the text of
-/// `/proc/self/smaps`) gives them: the sum of their `Rss` lines.
-pub fn resident_kib(smaps: &str, exe: &str) -> u64 {
-    let mut ours = false;
-    let mut total = 0;
-    for line in smaps.lines() {
-        if let Some(rss) = line.strip_prefix("Rss:") {
-            if ours {
-                total += rss
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap_or(0);
-            }
-        } else if line.split_once(' ').is_some_and(|(range, _)| {
-            range.contains('-') && range.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit())
-        }) {
-            ours = line.splitn(6, ' ').nth(5).map(str::trim_start) == Some(exe);
-        }
-    }
-    total
+/// The pages of `exe`'s mappings resident, in KiB, as `smaps` gives them:
+/// the sum of their `Rss` lines.
+pub fn resident_kib(smaps: &MemoryMaps, exe: &Path) -> u64 {
+    of(smaps, exe)
+        .filter_map(|map| map.extension.map.get("Rss"))
+        .sum::<u64>()
+        / 1024
 }
 
 /// Advises the kernel to reclaim the pages of the running executable's
@@ -90,22 +86,23 @@ pub fn resident_kib(smaps: &str, exe: &str) -> u64 {
 /// nothing is changed then.
 pub fn page_out_own_code() -> io::Result<PagedOut> {
     let exe = std::fs::read_link("/proc/self/exe")?;
-    let exe = exe.to_string_lossy();
-    let resident = || -> io::Result<u64> {
-        Ok(resident_kib(
-            &std::fs::read_to_string("/proc/self/smaps")?,
-            &exe,
-        ))
-    };
+    // A binary written moments before its start (fetched into a Marathon
+    // sandbox, copied into place) is still dirty in the page cache, and
+    // the kernel reclaims no dirty page on advice: write it back first (a
+    // read-only descriptor may). Should that fail, its pages stay, as the
+    // figures logged show.
+    let _ = std::fs::File::open("/proc/self/exe").and_then(|file| file.sync_data());
+    let me = Process::myself().map_err(io::Error::other)?;
+    let before = me.smaps().map_err(io::Error::other)?;
     let mut paged = PagedOut {
-        resident_before_kib: resident()?,
+        resident_before_kib: resident_kib(&before, &exe),
         ..PagedOut::default()
     };
-    for range in own_code(&std::fs::read_to_string("/proc/self/maps")?, &exe) {
+    for range in own_code(&before, &exe) {
         advise_page_out(range)?;
         paged.mappings += 1;
     }
-    paged.resident_after_kib = resident()?;
+    paged.resident_after_kib = resident_kib(&me.smaps().map_err(io::Error::other)?, &exe);
     Ok(paged)
 }
 
@@ -124,97 +121,137 @@ pub async fn page_out_after_settle() {
     }
 }
 
+/// Advises the kernel first that the range is read at random
+/// (`MADV_RANDOM`), then to reclaim it (`MADV_PAGEOUT`).
 #[allow(unsafe_code)]
 fn advise_page_out(range: Range<usize>) -> io::Result<()> {
-    // SAFETY: `MADV_PAGEOUT` only asks the kernel to reclaim the pages of
-    // a range of this process's mappings; unlike `MADV_DONTNEED` it never
-    // changes what the memory holds (a clean file page is read again from
-    // its file; a private page that relocation wrote is swapped out, or
-    // kept where there is no swap), so no reference into the range is
-    // invalidated. The range is a whole
-    // mapping as `/proc/self/maps` lists it, so page-aligned.
+    let (start, len) = (range.start as *mut std::ffi::c_void, range.len());
+    // SAFETY: neither advice changes what the memory holds, so no
+    // reference into the range is invalidated. `MADV_RANDOM` only turns
+    // off the kernel's read-ahead for the range's faults. `MADV_PAGEOUT`
+    // only asks it to reclaim the range's pages; unlike `MADV_DONTNEED` a
+    // clean file page is read again from its file, and a private page that
+    // relocation wrote is swapped out, or kept where there is no swap. The
+    // range is a whole mapping as `/proc/self/smaps` lists it, so
+    // page-aligned.
     unsafe {
-        rustix::mm::madvise(
-            range.start as *mut std::ffi::c_void,
-            range.len(),
-            rustix::mm::Advice::LinuxPageOut,
-        )
+        rustix::mm::madvise(start, len, rustix::mm::Advice::Random)?;
+        rustix::mm::madvise(start, len, rustix::mm::Advice::LinuxPageOut)
     }
     .map_err(io::Error::from)
 }
 
 #[cfg(test)]
 mod tests {
+    use procfs::FromBufRead;
+
     use super::*;
 
-    // As the kernel writes them: the path padded to a column.
-    const MAPS: &str = "\
+    /// As the kernel writes it: the path padded to a column, a trailing
+    /// space where a mapping has no name.
+    const SMAPS: &str = "\
 55d0a0000000-55d0a0400000 r--p 00000000 00:2f 1234                       /usr/bin/collector
+Size:               4096 kB
+Rss:                 512 kB
 55d0a0400000-55d0a0c00000 r-xp 00400000 00:2f 1234                       /usr/bin/collector
+Size:               8192 kB
+Rss:                6764 kB
+Pss:                6764 kB
 55d0a0c00000-55d0a0cb0000 r--p 00c00000 00:2f 1234                       /usr/bin/collector
+Rss:                 100 kB
 55d0a0cb0000-55d0a0cb8000 rw-p 00cb0000 00:2f 1234                       /usr/bin/collector
-55d0a0cb8000-55d0a0cc0000 rw-p 00000000 00:00 0
+Rss:                  28 kB
+55d0a0cb8000-55d0a0cc0000 rw-p 00000000 00:00 0 
+Rss:                  32 kB
 55d0a2000000-55d0a2100000 rw-p 00000000 00:00 0                          [heap]
+Rss:                 140 kB
 7f0000000000-7f0000100000 r-xp 00028000 00:2f 99                         /usr/lib/x86_64-linux-gnu/libc.so.6
+Rss:                1136 kB
 7f0000200000-7f0000300000 r-xp 00000000 00:2f 77                         /usr/bin/collector-old
+Rss:                   4 kB
 7f0000400000-7f0000500000 r-xp 00000000 00:2f 78                         /opt/my apps/collector
+Rss:                  64 kB
 7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
+Rss:                  16 kB
+VmFlags: rd wr mr mw me gd ac
 ";
+
+    fn parse(text: &str) -> MemoryMaps {
+        MemoryMaps::from_buf_read(text.as_bytes()).expect("smaps as the kernel writes it")
+    }
 
     #[test]
     fn only_the_executables_read_only_mappings_are_paged_out() {
+        let maps = parse(SMAPS);
         assert_eq!(
-            own_code(MAPS, "/usr/bin/collector"),
+            own_code(&maps, Path::new("/usr/bin/collector")),
             [
                 0x55d0a0000000..0x55d0a0400000,
                 0x55d0a0400000..0x55d0a0c00000,
                 0x55d0a0c00000..0x55d0a0cb0000,
             ]
         );
-        assert!(own_code(MAPS, "/usr/lib/other").is_empty());
+        assert!(own_code(&maps, Path::new("/usr/lib/other")).is_empty());
         assert_eq!(
-            own_code(MAPS, "/opt/my apps/collector"),
+            own_code(&maps, Path::new("/opt/my apps/collector")),
             vec![0x7f0000400000..0x7f0000500000]
         );
-        assert!(own_code("garbage\n\n1-0 r-xp 0 0 0 x\n", "x").is_empty());
     }
 
     #[test]
     fn a_replaced_executable_is_found_by_the_name_the_kernel_gives_it() {
-        let maps =
-            "55d0a0400000-55d0a0c00000 r-xp 00400000 00:2f 1234 /usr/bin/collector (deleted)\n";
-        let found = own_code(maps, "/usr/bin/collector (deleted)");
+        let maps = parse(
+            "55d0a0400000-55d0a0c00000 r-xp 00400000 00:2f 1234 /usr/bin/collector (deleted)\n",
+        );
+        let found = own_code(&maps, Path::new("/usr/bin/collector (deleted)"));
         assert_eq!(found, vec![0x55d0a0400000..0x55d0a0c00000]);
     }
 
     #[test]
     fn the_executables_resident_pages_are_summed_from_smaps() {
-        let smaps = "\
-55d0a0400000-55d0a0c00000 r-xp 00400000 00:2f 1234                       /usr/bin/collector
-Size:               8192 kB
-Rss:                6764 kB
-Pss:                6764 kB
-55d0a0cb0000-55d0a0cb8000 rw-p 00cb0000 00:2f 1234                       /usr/bin/collector
-Rss:                  28 kB
-55d0a2000000-55d0a2100000 rw-p 00000000 00:00 0                          [heap]
-Rss:                 140 kB
-7f0000000000-7f0000100000 r-xp 00028000 00:2f 99                         /usr/lib/x86_64-linux-gnu/libc.so.6
-Rss:                1136 kB
-VmFlags: rd ex mr mw me sd
-";
-        assert_eq!(resident_kib(smaps, "/usr/bin/collector"), 6792);
-        assert_eq!(resident_kib(smaps, "[heap]"), 140);
-        assert_eq!(resident_kib(smaps, "/nothing"), 0);
+        let maps = parse(SMAPS);
+        // Every mapping of the executable, its writable one too.
+        assert_eq!(
+            resident_kib(&maps, Path::new("/usr/bin/collector")),
+            512 + 6764 + 100 + 28
+        );
+        assert_eq!(resident_kib(&maps, Path::new("/opt/my apps/collector")), 64);
+        assert_eq!(resident_kib(&maps, Path::new("/nothing")), 0);
     }
 
-    /// The advice, on this very test binary: where the kernel reclaims
-    /// (this process owns the binary or may write it, or is root, as in
-    /// CI), the binary's resident pages fall, and the code runs on after
-    /// it (it is read again from the file).
+    #[test]
+    fn malformed_smaps_is_an_error_not_a_guess() {
+        for text in ["garbage\n", "1-0 r-xp 0 0 0 x\n", "Rss: 4 kB\n"] {
+            assert!(
+                MemoryMaps::from_buf_read(text.as_bytes()).is_err(),
+                "{text:?}"
+            );
+        }
+    }
+
+    /// The advice, on this very test binary: its read-only mappings are
+    /// marked as read at random (`rr` in smaps' `VmFlags`); where the
+    /// kernel reclaims (this process owns the binary or may write it, or is
+    /// root, as in CI), the binary's resident pages fall, and the code runs
+    /// on after it (it is read again from the file).
     #[test]
     fn this_process_pages_out_its_own_code_and_runs_on() {
         let paged = page_out_own_code().expect("MADV_PAGEOUT on this kernel");
         assert!(paged.mappings >= 2, "{paged:?}");
+        let path = std::fs::read_link("/proc/self/exe").expect("the test binary");
+        let maps = Process::myself().and_then(|me| me.smaps()).expect("smaps");
+        let read_only: Vec<_> = of(&maps, &path)
+            .filter(|map| !map.perms.contains(MMPermissions::WRITE))
+            .collect();
+        assert_eq!(read_only.len(), paged.mappings);
+        for map in read_only {
+            assert!(
+                map.extension
+                    .vm_flags
+                    .contains(procfs::process::VmFlags::RR),
+                "{map:?}"
+            );
+        }
         let exe = std::fs::metadata("/proc/self/exe").expect("the test binary");
         let writable = rustix::fs::access("/proc/self/exe", rustix::fs::Access::WRITE_OK).is_ok();
         let owner =
