@@ -44,9 +44,9 @@ pub const SETTLE: Duration = Duration::from_secs(10);
 /// What [`page_out_own_code`] did: the mappings advised, and the pages
 /// of the executable resident before and after (`Rss` in
 /// `/proc/self/smaps`).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PagedOut {
-    pub mappings: usize,
+    pub advised: Vec<Range<usize>>,
     pub resident_before_kib: u64,
     pub resident_after_kib: u64,
 }
@@ -82,8 +82,10 @@ pub fn resident_kib(smaps: &MemoryMaps, exe: &Path) -> u64 {
 
 /// Advises the kernel to reclaim the pages of the running executable's
 /// read-only mappings. An error where the kernel lacks the advice (before
-/// Linux 5.4), `/proc` is not mounted, or a seccomp filter refuses it;
-/// nothing is changed then.
+/// Linux 5.4), `/proc` is not mounted, or a seccomp filter refuses it; the
+/// mapping refused keeps its read-ahead then, and the ones after it are
+/// left alone. It blocks (a write-back, a reclaim): run it off the
+/// runtime's workers.
 pub fn page_out_own_code() -> io::Result<PagedOut> {
     let exe = std::fs::read_link("/proc/self/exe")?;
     // A binary written moments before its start (fetched into a Marathon
@@ -98,9 +100,11 @@ pub fn page_out_own_code() -> io::Result<PagedOut> {
         resident_before_kib: resident_kib(&before, &exe),
         ..PagedOut::default()
     };
-    for range in own_code(&before, &exe) {
-        advise_page_out(range)?;
-        paged.mappings += 1;
+    let ranges = own_code(&before, &exe);
+    drop(before);
+    for range in ranges {
+        advise_page_out(range.clone())?;
+        paged.advised.push(range);
     }
     paged.resident_after_kib = resident_kib(&me.smaps().map_err(io::Error::other)?, &exe);
     Ok(paged)
@@ -110,9 +114,12 @@ pub fn page_out_own_code() -> io::Result<PagedOut> {
 /// did is logged (at debug: nothing here needs an operator).
 pub async fn page_out_after_settle() {
     tokio::time::sleep(SETTLE).await;
-    match page_out_own_code() {
+    let paged = tokio::task::spawn_blocking(page_out_own_code)
+        .await
+        .unwrap_or_else(|error| Err(io::Error::other(error)));
+    match paged {
         Ok(paged) => tracing::debug!(
-            mappings = paged.mappings,
+            mappings = paged.advised.len(),
             resident_before_kib = paged.resident_before_kib,
             resident_after_kib = paged.resident_after_kib,
             "The collector's own code was advised out after its start (the kernel reclaims it only where the collector owns its executable, may write it, or has CAP_FOWNER)."
@@ -122,21 +129,25 @@ pub async fn page_out_after_settle() {
 }
 
 /// Advises the kernel first that the range is read at random
-/// (`MADV_RANDOM`), then to reclaim it (`MADV_PAGEOUT`).
+/// (`MADV_RANDOM`), then to reclaim it (`MADV_PAGEOUT`); if the second is
+/// refused, the range's read-ahead is given back (`MADV_NORMAL`).
 #[allow(unsafe_code)]
 fn advise_page_out(range: Range<usize>) -> io::Result<()> {
     let (start, len) = (range.start as *mut std::ffi::c_void, range.len());
-    // SAFETY: neither advice changes what the memory holds, so no
-    // reference into the range is invalidated. `MADV_RANDOM` only turns
-    // off the kernel's read-ahead for the range's faults. `MADV_PAGEOUT`
-    // only asks it to reclaim the range's pages; unlike `MADV_DONTNEED` a
-    // clean file page is read again from its file, and a private page that
-    // relocation wrote is swapped out, or kept where there is no swap. The
-    // range is a whole mapping as `/proc/self/smaps` lists it, so
-    // page-aligned.
+    // SAFETY: no advice here changes what the memory holds, so no
+    // reference into the range is invalidated. `MADV_RANDOM` and
+    // `MADV_NORMAL` only set the kernel's read-ahead for the range's
+    // faults. `MADV_PAGEOUT` only asks it to reclaim the range's pages
+    // now, as it may under memory pressure at any time: unlike
+    // `MADV_DONTNEED`, a clean file page is read again from its file, and
+    // a private page that relocation wrote is swapped out, or kept where
+    // there is no swap. The range is a whole mapping as
+    // `/proc/self/smaps` lists it.
     unsafe {
         rustix::mm::madvise(start, len, rustix::mm::Advice::Random)?;
-        rustix::mm::madvise(start, len, rustix::mm::Advice::LinuxPageOut)
+        rustix::mm::madvise(start, len, rustix::mm::Advice::LinuxPageOut).inspect_err(|_| {
+            let _ = rustix::mm::madvise(start, len, rustix::mm::Advice::Normal);
+        })
     }
     .map_err(io::Error::from)
 }
@@ -161,7 +172,7 @@ Pss:                6764 kB
 Rss:                 100 kB
 55d0a0cb0000-55d0a0cb8000 rw-p 00cb0000 00:2f 1234                       /usr/bin/collector
 Rss:                  28 kB
-55d0a0cb8000-55d0a0cc0000 rw-p 00000000 00:00 0 
+55d0a0cb8000-55d0a0cc0000 rw-p 00000000 00:00 0\x20
 Rss:                  32 kB
 55d0a2000000-55d0a2100000 rw-p 00000000 00:00 0                          [heap]
 Rss:                 140 kB
@@ -221,12 +232,16 @@ VmFlags: rd wr mr mw me gd ac
 
     #[test]
     fn malformed_smaps_is_an_error_not_a_guess() {
-        for text in ["garbage\n", "1-0 r-xp 0 0 0 x\n", "Rss: 4 kB\n"] {
+        for text in ["garbage\n", "1-2 r-xp 0 0 0 x\n", "Rss: 4 kB\n"] {
             assert!(
                 MemoryMaps::from_buf_read(text.as_bytes()).is_err(),
                 "{text:?}"
             );
         }
+        // Well formed, but an empty range: nothing to advise.
+        let empty = parse("2000-1000 r-xp 00000000 00:00 0 /x\n");
+        assert_eq!(empty.len(), 1);
+        assert!(own_code(&empty, Path::new("/x")).is_empty());
     }
 
     /// The advice, on this very test binary: its read-only mappings are
@@ -237,14 +252,15 @@ VmFlags: rd wr mr mw me gd ac
     #[test]
     fn this_process_pages_out_its_own_code_and_runs_on() {
         let paged = page_out_own_code().expect("MADV_PAGEOUT on this kernel");
-        assert!(paged.mappings >= 2, "{paged:?}");
-        let path = std::fs::read_link("/proc/self/exe").expect("the test binary");
+        assert!(paged.advised.len() >= 2, "{paged:?}");
+        // Each range advised is marked, found by its address (another
+        // test's backtrace may map the binary meanwhile).
         let maps = Process::myself().and_then(|me| me.smaps()).expect("smaps");
-        let read_only: Vec<_> = of(&maps, &path)
-            .filter(|map| !map.perms.contains(MMPermissions::WRITE))
-            .collect();
-        assert_eq!(read_only.len(), paged.mappings);
-        for map in read_only {
+        for range in &paged.advised {
+            let map = maps
+                .iter()
+                .find(|map| map.address == (range.start as u64, range.end as u64))
+                .unwrap_or_else(|| panic!("{range:x?} is no longer a mapping"));
             assert!(
                 map.extension
                     .vm_flags
