@@ -64,9 +64,13 @@ const MAX_PRODUCERS: usize = 3;
 /// A new producer is made at most this often; what asks for one meanwhile
 /// is taken in at the next (the latest brokers, the latest settings).
 const REMAKE_INTERVAL: Duration = Duration::from_millis(500);
-/// How often the sink tidies up: idle topics, emptied parked spools,
-/// producers done flushing, the refused topics `/health` shows.
+/// How often the sink tidies up while there is something to tidy: emptied
+/// parked spools, producers done flushing, the refused topics `/health`
+/// shows.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// How often otherwise (topics idle for [`topics::IDLE`] are forgotten):
+/// an idle collector's runtime does not wake each second.
+const HOUSEKEEPING_CALM: Duration = Duration::from_secs(60);
 
 /// The Kafka sink task's state.
 pub struct KafkaSink {
@@ -639,8 +643,23 @@ impl KafkaSink {
         self.set_state(|s| s.refused_topics = refused);
     }
 
-    /// Tidies up once a second: forgets idle topics, emptied parked spools
-    /// and producers done flushing; refreshes what `/health` shows.
+    /// Whether anything needs the housekeeping each second: a disk spool
+    /// (its parked topics), producers flushing, records parked or being
+    /// released, a refused topic (or one `/health` still shows, so that it
+    /// is told it cleared).
+    fn housekeeping_due_often(&self) -> bool {
+        self.buffer.spool().is_some()
+            || !self.retiring.is_empty()
+            || !self.releasing.is_empty()
+            || !self.disk_parked.is_empty()
+            || self.parked.bytes().0 > 0
+            || self.stats.kafka_topics_refused_now.load(Relaxed) > 0
+            || self.topics.refused().next().is_some()
+    }
+
+    /// Tidies up ([`HOUSEKEEPING`], or [`HOUSEKEEPING_CALM`]): forgets idle
+    /// topics, emptied parked spools and producers done flushing;
+    /// refreshes what `/health` shows.
     fn housekeeping(&mut self) {
         let now = Instant::now();
         let parked = &self.parked;
@@ -723,8 +742,7 @@ impl KafkaSink {
         // state says it cleared (the lock is taken only then).
         let mut probe_armed = false;
         let mut next_probe = Instant::now();
-        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
-        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut housekept = Instant::now();
         // What an earlier run parked on disk is looked up first.
         if let Some(spool) = self.buffer.spool() {
             self.disk_parked = spool
@@ -774,6 +792,12 @@ impl KafkaSink {
             let topic_retry = self.next_topic_retry();
             let remake_at = self.remake_at();
             let wait_for_room = !self.outbox.is_empty() || self.parked.waiting_full();
+            let housekeeping_at = housekept
+                + if self.housekeeping_due_often() {
+                    HOUSEKEEPING
+                } else {
+                    HOUSEKEEPING_CALM
+                };
             tokio::select! {
                 chunk = self.buffer.pop(), if !wait_for_room && !input_done => match chunk {
                     Some(chunk) => self.batch(chunk),
@@ -799,7 +823,10 @@ impl KafkaSink {
                     self.retry_topics();
                 }
                 _ = tokio::time::sleep_until(remake_at.unwrap_or_else(Instant::now)), if remake_at.is_some() => {}
-                _ = housekeeping.tick() => self.housekeeping(),
+                _ = tokio::time::sleep_until(housekeeping_at) => {
+                    self.housekeeping();
+                    housekept = Instant::now();
+                }
                 _ = self.room.notified(), if wait_for_room || !self.releasing.is_empty() => {}
                 _ = self.failure_reported.notified() => probe_armed = true,
                 _ = tokio::time::sleep_until(next_probe), if probe_armed && self.producer.is_some() => {
