@@ -19,7 +19,7 @@
 #     through, and the receiver's CPU.
 # Fluent Bit runs only when FLUENT_BIT names its binary. The minimal build
 # measured in BENCHMARKS.md: `cmake -DFLB_MINIMAL=On -DFLB_IN_TCP=On
-# -DFLB_OUT_KAFKA=On -DFLB_OUT_NULL=On -DFLB_RELEASE=On
+# -DFLB_OUT_KAFKA=On -DFLB_OUT_NULL=On -DFLB_RELEASE=On -DFLB_DEBUG=Off
 # -DFLB_PREFER_SYSTEM_LIB_SQLITE=On` (Debian's libsqlite3-dev, cmake, flex,
 # bison), then `make fluent-bit-bin`.
 # Needs: cargo build --release -p collector -p simulator; python3 with
@@ -59,7 +59,8 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 # as the receiver takes them. FORMAT avro: an Avro object container stream
 # (fastavro, schema/avro/metrics.avsc, null codec); json: one JSON object
 # a line per datapoint, its record's topic and tags beside its name, time
-# and value. Prints the datapoints written and the seconds it wrote for.
+# and value. Prints the datapoints written, the seconds it wrote for, and
+# the bytes.
 cat > "$work/send.py" <<'EOF'
 import io, json, random, socket, sys, threading, time
 import fastavro
@@ -105,6 +106,7 @@ class Encoder:
         return out
 
 sent = [0] * connections
+sent_bytes = [0] * connections
 if mode == "busy":
     per_second, secs = int(sys.argv[5]), float(sys.argv[6])
     socks = [socket.create_connection((host, int(port))) for _ in range(connections)]
@@ -119,37 +121,50 @@ if mode == "busy":
             if delay > 0:
                 time.sleep(delay)
             now = int(time.time() * 1000)
-            socks[c].sendall(encoders[c].encode([record(c, 0, per_second, now)]))
+            data = encoders[c].encode([record(c, 0, per_second, now)])
+            socks[c].sendall(data)
             sent[c] += per_second
+            sent_bytes[c] += len(data)
     for s in socks:
         s.close()
 else:
     secs = float(sys.argv[5])
-    ready = threading.Barrier(connections + 1)
+    window = {}
+    def go():
+        # Once every connection is open and its buffer built.
+        window["began"] = time.monotonic()
+        window["end"] = window["began"] + secs
+    ready = threading.Barrier(connections, action=go)
+    failed = []
     def flood(c):
-        encoder = Encoder()
-        s = socket.create_connection((host, int(port)))
-        now = int(time.time() * 1000)
-        first = encoder.encode([])  # the header alone (avro), nothing (json)
-        chunk, points = b"", 0
-        while len(chunk) < 1 << 20:
-            chunk += encoder.encode([record(c, i, 30, now) for i in range(10)])
-            points += 300
-        s.sendall(first)
-        ready.wait()
-        while time.monotonic() < end:
-            s.sendall(chunk)
-            sent[c] += points
-        s.close()
+        try:
+            encoder = Encoder()
+            s = socket.create_connection((host, int(port)))
+            now = int(time.time() * 1000)
+            first = encoder.encode([])  # the header alone (avro), nothing (json)
+            chunk, points = b"", 0
+            while len(chunk) < 1 << 20:
+                chunk += encoder.encode([record(c, i, 30, now) for i in range(10)])
+                points += 300
+            s.sendall(first)
+            ready.wait(timeout=120)
+            while time.monotonic() < window["end"]:
+                s.sendall(chunk)
+                sent[c] += points
+                sent_bytes[c] += len(chunk)
+            s.close()
+        except Exception as e:
+            failed.append(repr(e))
+            ready.abort()
     threads = [threading.Thread(target=flood, args=(c,)) for c in range(connections)]
     for t in threads:
         t.start()
-    end = time.monotonic() + secs
-    began = time.monotonic()
-    ready.wait()
     for t in threads:
         t.join()
-print(sum(sent), time.monotonic() - began)
+    if failed:
+        sys.exit(f"the sender failed: {failed[0]}")
+    began = window["began"]
+print(sum(sent), time.monotonic() - began, sum(sent_bytes))
 EOF
 
 "$sim" kafka --brokers 3 > "$work/kafka.log" 2>&1 &
@@ -243,63 +258,75 @@ for n in "${names[@]}"; do
     "$(echo "($(cpu_ms "${pids[$n]}") - ${before[$n]}) / 10 / $idle_secs" | bc -l)" \
     "$(mib "$(rss_kib "${pids[$n]}")")"
 done
-for n in "${names[@]}"; do kill "${pids[$n]}"; done
+for n in "${names[@]}"; do kill "${pids[$n]}" 2>/dev/null || true; done
 for n in "${names[@]}"; do wait "${pids[$n]}" 2>/dev/null || true; done
 
-# Runs the sender against a receiver, sampling its RSS each second.
-# Prints: datapoints sent, the receiver's CPU in percent of a core over the
-# seconds the sender wrote (its CPU counted until 2 s after, for what the
-# sockets and batches still held), highest RSS KiB, those seconds.
+# Runs the sender against a receiver, sampling its RSS each second (so the
+# highest is a lower bound). Writes to $work/load: datapoints sent, the
+# receiver's CPU in percent of a core over the seconds the sender wrote
+# (its CPU counted until 2 s after, for what the sockets and batches still
+# held), highest RSS KiB, those seconds, MiB/s written.
 load() { # pid sender-args...
-  local pid=$1 cpu0 cpu1 sender highest=0 rss sent secs
+  local pid=$1 cpu0 cpu1 sender highest=0 rss sent secs bytes
   shift
   cpu0=$(cpu_ms "$pid")
   python3 "$work/send.py" "$@" > "$work/sent" &
   sender=$!
   while kill -0 "$sender" 2>/dev/null; do
-    rss=$(rss_kib "$pid"); [ "$rss" -gt "$highest" ] && highest=$rss
+    rss=$(rss_kib "$pid") || { echo "the receiver died under load" >&2; exit 1; }
+    [ "$rss" -gt "$highest" ] && highest=$rss
     sleep 1
   done
-  wait "$sender"
+  wait "$sender" || { echo "the sender failed" >&2; exit 1; }
   sleep 2
-  cpu1=$(cpu_ms "$pid")
-  read -r sent secs < "$work/sent"
-  echo "$sent $(echo "($cpu1 - $cpu0) / 10 / $secs" | bc -l) $highest $secs"
+  cpu1=$(cpu_ms "$pid") || { echo "the receiver died under load" >&2; exit 1; }
+  read -r sent secs bytes < "$work/sent"
+  echo "$sent $(echo "($cpu1 - $cpu0) / 10 / $secs" | bc -l) $highest $secs $(echo "$bytes / $secs / 1048576" | bc -l)" > "$work/load"
 }
 received() { # api: the collector's datapoints received
   curl -s "http://$1/metrics" | awk '/^collector_received_datapoints_total/ { n += $2 } END { print n }'
 }
 
+stop() { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; }
+
 echo "== 2. busy: 200 connections at 50 datapoints/s each, to Kafka, $busy_secs s each"
-printf '%-12s %14s %10s %10s\n' "" "datapoints" "CPU" "highest RSS"
+printf '%-12s %12s %10s %12s %10s\n' "" "datapoints" "CPU" "highest RSS" "input"
 start_collector busy "--kafka-brokers=$boot"
 api=$(port_of "$work/busy.log" api)
 sleep 12
-read -r sent cpu hwm _ < <(load "$pid" busy avro "$(port_of "$work/busy.log" input)" 200 50 "$busy_secs")
-printf '%-12s %14s %8.3f %% %6s MiB (received %s)\n' collector "$sent" "$cpu" "$(mib "$hwm")" "$(received "$api")"
-kill "$pid"; wait "$pid" 2>/dev/null || true
+load "$pid" busy avro "$(port_of "$work/busy.log" input)" 200 50 "$busy_secs"
+read -r sent cpu hwm _ mibs < "$work/load"
+printf '%-12s %12s %8.3f %% %8s MiB %6.2f MiB/s (received %s)\n' collector "$sent" "$cpu" "$(mib "$hwm")" "$mibs" "$(received "$api")"
+stop
 if [ -n "$fluent_bit" ]; then
   port=$(free_port)
   start_fluent_bit busy-fb "$port" "${fb_kafka[@]}"
   sleep 12
-  read -r sent cpu hwm _ < <(load "$pid" busy json "127.0.0.1:$port" 200 50 "$busy_secs")
-  printf '%-12s %14s %8.3f %% %6s MiB\n' fluent-bit "$sent" "$cpu" "$(mib "$hwm")"
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+  load "$pid" busy json "127.0.0.1:$port" 200 50 "$busy_secs"
+  read -r sent cpu hwm _ mibs < "$work/load"
+  printf '%-12s %12s %8.3f %% %8s MiB %6.2f MiB/s\n' fluent-bit "$sent" "$cpu" "$(mib "$hwm")" "$mibs"
+  stop
 fi
 
+# Each receiver settles first: the collector pages its code out 10 s after
+# its start.
 echo "== 3. saturation, null output: 4 connections for $sat_secs s"
-printf '%-12s %16s %10s %10s\n' "" "datapoints/s" "CPU" "highest RSS"
+printf '%-12s %14s %10s %12s %10s\n' "" "datapoints/s" "CPU" "highest RSS" "input"
 start_collector sat --kafka=false --input-limit-amount-kbytes=0 --global-limit-amount-kbytes=0
 api=$(port_of "$work/sat.log" api)
-read -r sent cpu hwm secs < <(load "$pid" flood avro "$(port_of "$work/sat.log" input)" 4 "$sat_secs")
-printf '%-12s %14.2f M %8.1f %% %6s MiB (received %s of %s)\n' collector \
-  "$(echo "$sent / $secs / 1000000" | bc -l)" "$cpu" "$(mib "$hwm")" "$(received "$api")" "$sent"
-kill "$pid"; wait "$pid" 2>/dev/null || true
+sleep 12
+load "$pid" flood avro "$(port_of "$work/sat.log" input)" 4 "$sat_secs"
+read -r sent cpu hwm secs mibs < "$work/load"
+printf '%-12s %12.2f M %8.1f %% %8s MiB %6.0f MiB/s (received %s of %s)\n' collector \
+  "$(echo "$sent / $secs / 1000000" | bc -l)" "$cpu" "$(mib "$hwm")" "$mibs" "$(received "$api")" "$sent"
+stop
 if [ -n "$fluent_bit" ]; then
   port=$(free_port)
   start_fluent_bit sat-fb "$port" -o null -p match=bench
-  read -r sent cpu hwm secs < <(load "$pid" flood json "127.0.0.1:$port" 4 "$sat_secs")
-  printf '%-12s %14.2f M %8.1f %% %6s MiB\n' fluent-bit \
-    "$(echo "$sent / $secs / 1000000" | bc -l)" "$cpu" "$(mib "$hwm")"
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+  sleep 12
+  load "$pid" flood json "127.0.0.1:$port" 4 "$sat_secs"
+  read -r sent cpu hwm secs mibs < "$work/load"
+  printf '%-12s %12.2f M %8.1f %% %8s MiB %6.0f MiB/s (what its sockets took; not counted by it)\n' fluent-bit \
+    "$(echo "$sent / $secs / 1000000" | bc -l)" "$cpu" "$(mib "$hwm")" "$mibs"
+  stop
 fi
