@@ -14,3 +14,17 @@ port_of() { # the address a process logged as KEY=ADDR ("Listening on", "Collect
   done
   echo "no $key in $log" >&2; exit 1
 }
+# The head of a collectd configuration: its files under DIR, no name
+# lookups, a 10 s interval, only the plugins loaded by name after it.
+collectd_head() { # DIR
+  cat <<HEAD
+Hostname "bench"
+FQDNLookup false
+BaseDir "$1"
+PIDFile "$1/collectd.pid"
+PluginDir "/usr/lib/collectd"
+TypesDB "/usr/share/collectd/types.db"
+Interval 10
+AutoLoadPlugin false
+HEAD
+}

@@ -217,15 +217,7 @@ if [ -n "$fluent_bit" ]; then
   names+=(fluent-bit)
 fi
 mkdir -p "$work/csv"
-cat > "$work/collectd.conf" <<EOF
-Hostname "bench"
-FQDNLookup false
-BaseDir "$work"
-PIDFile "$work/collectd.pid"
-PluginDir "/usr/lib/collectd"
-TypesDB "/usr/share/collectd/types.db"
-Interval 10
-AutoLoadPlugin false
+{ collectd_head "$work"; cat <<EOF
 LoadPlugin cpu
 LoadPlugin memory
 LoadPlugin load
@@ -241,6 +233,7 @@ LoadPlugin csv
   DataDir "$work/csv"
 </Plugin>
 EOF
+} > "$work/collectd.conf"
 collectd -f -C "$work/collectd.conf" > "$work/collectd.log" 2>&1 &
 pids[collectd]=$!
 prometheus-node-exporter --web.listen-address=127.0.0.1:0 > "$work/ne.log" 2>&1 &

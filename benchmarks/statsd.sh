@@ -169,15 +169,7 @@ kill "$pid"; wait "$pid" 2>/dev/null || true
 echo "== collectd $(collectd -h | awk '/^collectd /{sub(/,$/, "", $2); print $2; exit}'): statsd input, csv output, one port"
 mkdir -p "$work/csv"
 cport=$(python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-cat > "$work/collectd.conf" <<EOF
-Hostname "bench"
-FQDNLookup false
-BaseDir "$work"
-PIDFile "$work/collectd.pid"
-PluginDir "/usr/lib/collectd"
-TypesDB "/usr/share/collectd/types.db"
-Interval 10
-AutoLoadPlugin false
+{ collectd_head "$work"; cat <<EOF
 LoadPlugin statsd
 LoadPlugin csv
 <Plugin statsd>
@@ -189,6 +181,7 @@ LoadPlugin csv
   StoreRates false
 </Plugin>
 EOF
+} > "$work/collectd.conf"
 collectd -f -C "$work/collectd.conf" > "$work/collectd.log" 2>&1 &
 pid=$!
 ports=$cport
