@@ -646,15 +646,17 @@ impl KafkaSink {
     /// Whether anything needs the housekeeping each second: a disk spool
     /// (its parked topics), producers flushing, records parked or being
     /// released, a refused topic (or one `/health` still shows, so that it
-    /// is told it cleared).
+    /// is told it cleared). Asked at every turn of the sink's loop, so it
+    /// looks at counts only, never at every topic: a refusal is published
+    /// at once while fewer than 100 are (`topic_refused`), so the count
+    /// `/health` shows is never 0 while a topic is refused.
     fn housekeeping_due_often(&self) -> bool {
         self.buffer.spool().is_some()
             || !self.retiring.is_empty()
             || !self.releasing.is_empty()
             || !self.disk_parked.is_empty()
-            || self.parked.bytes().0 > 0
+            || self.parked.bytes() != (0, 0)
             || self.stats.kafka_topics_refused_now.load(Relaxed) > 0
-            || self.topics.refused().next().is_some()
     }
 
     /// Tidies up ([`HOUSEKEEPING`], or [`HOUSEKEEPING_CALM`]): forgets idle

@@ -152,6 +152,11 @@ impl Parked {
         self.topics.keys()
     }
 
+    /// Whether records of `topic` are parked.
+    pub(super) fn contains(&self, topic: &str) -> bool {
+        self.topics.contains_key(topic)
+    }
+
     /// Records and datapoints parked for `topic`.
     pub(super) fn counts(&self, topic: &str) -> Counts {
         self.topics

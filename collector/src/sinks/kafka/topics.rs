@@ -4,8 +4,9 @@
 //! - Lookups run a few at a time ([`LOOKUP_CONCURRENCY`], each on a
 //!   blocking thread for at most a few seconds), from a queue of at most
 //!   [`LOOKUP_QUEUE`] topics: a sender inventing topics gets its lookups in
-//!   turn, a topic that finds the queue full is deferred and counted, and
-//!   a topic known before flows on meanwhile. Topics are created through
+//!   turn, a topic that finds the queue full is deferred and counted (its
+//!   waiting records, not the cache, remember it), and a topic known
+//!   before flows on meanwhile. Topics are created through
 //!   one admin client per producer, made when first needed.
 //! - A topic the brokers refuse (`TOPIC_AUTHORIZATION_FAILED`: an ACL) is
 //!   looked up again every 5 s, backing off to 30 s; its records wait
@@ -287,8 +288,13 @@ impl TopicCache {
         entry.lookup = lookup;
         entry.used = now;
         if let Lookup::RetryAt(at) = lookup {
-            self.next_retry = Some(self.next_retry.map_or(at, |next| next.min(at)));
+            self.retry_at(at);
         }
+    }
+
+    /// Notes that waiting topics are to be looked up again at `at`.
+    pub(super) fn retry_at(&mut self, at: Instant) {
+        self.next_retry = Some(self.next_retry.map_or(at, |next| next.min(at)));
     }
 
     /// Marks `topic` refused (or no longer, with `None`).
@@ -399,28 +405,43 @@ impl KafkaSink {
     /// Queues a lookup of `topic` (deferred, counted, when the queue is
     /// full), and starts what the concurrency allows.
     fn queue_lookup(&mut self, topic: &Arc<str>) {
-        let now = Instant::now();
         if self.producer.is_none() {
             // Looked up once a producer is made (see `switch_producer`).
-            self.topics
-                .set(topic, Lookup::RetryAt(now + Duration::from_secs(1)));
+            self.defer_lookup(topic);
             return;
         }
         if self.lookups.len() >= LOOKUP_QUEUE {
-            if self.topics.get(topic).is_none() {
+            // Its first lookup: no records of it wait yet.
+            if self.topics.get(topic).is_none()
+                && !self.parked.contains(topic)
+                && !self.disk_parked.contains(topic)
+            {
                 self.stats.topic_lookups_deferred.fetch_add(1, Relaxed);
             }
             crate::telemetry::throttled_warn("topic_lookups_deferred", |repeats| {
                 warn!(%topic, repeats, queued = LOOKUP_QUEUE,
                     "Too many Kafka topics waiting for a lookup; this one is looked up later.");
             });
-            self.topics
-                .set(topic, Lookup::RetryAt(now + Duration::from_secs(1)));
+            self.defer_lookup(topic);
             return;
         }
         self.topics.set(topic, Lookup::Queued);
         self.lookups.push_back(topic.clone());
         self.start_lookups();
+    }
+
+    /// Puts `topic`'s lookup off by a second. A topic the cache knows keeps
+    /// its entry; one it does not know gets none, since the records waiting
+    /// for it name it and `retry_topics` asks for it again: a flood of
+    /// invented topics can't fill the cache and push out a topic known
+    /// before it, whose records would then wait behind the flood's lookups.
+    fn defer_lookup(&mut self, topic: &Arc<str>) {
+        let at = Instant::now() + Duration::from_secs(1);
+        if self.topics.get(topic).is_some() {
+            self.topics.set(topic, Lookup::RetryAt(at));
+        } else {
+            self.topics.retry_at(at);
+        }
     }
 
     /// Starts queued lookups while fewer than [`LOOKUP_CONCURRENCY`] run.
@@ -498,10 +519,7 @@ impl KafkaSink {
         let waiting: Vec<Arc<str>> = self.waiting_topics().cloned().collect();
         for topic in waiting {
             match self.topics.get(&topic).map(|e| e.lookup) {
-                Some(Lookup::RetryAt(at)) if at > now => {
-                    self.topics.next_retry =
-                        Some(self.topics.next_retry.map_or(at, |next| next.min(at)));
-                }
+                Some(Lookup::RetryAt(at)) if at > now => self.topics.retry_at(at),
                 _ => {
                     if self.gate(&topic) == Gate::Open {
                         self.topic_ready(&topic);
