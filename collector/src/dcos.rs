@@ -34,9 +34,10 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 impl Credentials {
-    /// An HTTP client that trusts the CA file too (beside the system's
-    /// CAs), with `timeout` per request.
-    pub fn http_client(&self, timeout: Duration) -> Result<reqwest::Client, ConfigError> {
+    /// An HTTPS client that trusts the CA file too (beside the system's
+    /// CAs), with `timeout` per request; `crate::http` makes it only where
+    /// TLS is wanted (making it reads the system's CA bundle).
+    pub(crate) fn http_client(&self, timeout: Duration) -> Result<reqwest::Client, ConfigError> {
         let mut builder = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .timeout(timeout);
@@ -65,14 +66,15 @@ impl Credentials {
         Ok(Some(format!("token={token}")))
     }
 
-    /// Adds the `Authorization` header to `request`, when there is a token.
-    pub fn authorize(
+    /// The `Authorization` header to send, reading the token file now:
+    /// none without a token.
+    pub fn authorization_header(
         &self,
-        request: reqwest::RequestBuilder,
-    ) -> Result<reqwest::RequestBuilder, ConfigError> {
-        Ok(match self.authorization()? {
-            Some(value) => request.header(reqwest::header::AUTHORIZATION, value),
-            None => request,
-        })
+    ) -> Result<Vec<(hyper::header::HeaderName, String)>, ConfigError> {
+        Ok(self
+            .authorization()?
+            .map(|value| (hyper::header::AUTHORIZATION, value))
+            .into_iter()
+            .collect())
     }
 }

@@ -27,6 +27,10 @@ use serde::Serialize;
 
 use crate::backoff::Backoff;
 use crate::dcos::Credentials;
+use crate::http::HttpClient;
+
+/// The most a scheduler's answer may hold (its broker list).
+const MAX_ANSWER: usize = 1 << 20;
 
 /// Where brokers come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,16 +77,23 @@ impl BrokerSource {
         }
     }
 
-    /// The HTTP client [`discover`] asks the scheduler with: trusting the
-    /// DC/OS CA file, if any. Static brokers need none: making one loads
-    /// the system's CA certificates (2 MiB resident).
-    pub fn http_client(&self) -> Result<reqwest::Client, DiscoveryError> {
-        let credentials = match self {
-            BrokerSource::Framework { credentials, .. } => credentials.clone(),
-            BrokerSource::Static(_) => Credentials::default(),
+    /// The HTTP client [`discover`] asks the scheduler with: over TLS when
+    /// its URL is `https://` or a DC/OS CA file is given (see
+    /// `crate::http`). Static brokers need none.
+    pub fn http_client(&self) -> Result<HttpClient, DiscoveryError> {
+        let (base, credentials) = match self {
+            BrokerSource::Framework {
+                scheduler_url,
+                credentials,
+                ..
+            } => (
+                // Found through Mesos-DNS: plain HTTP.
+                scheduler_url.as_deref().unwrap_or("http://"),
+                credentials.clone(),
+            ),
+            BrokerSource::Static(_) => ("http://", Credentials::default()),
         };
-        credentials
-            .http_client(Duration::from_secs(10))
+        HttpClient::new(base, &credentials, Duration::from_secs(5))
             .map_err(|e| DiscoveryError::Credentials(e.to_string()))
     }
 }
@@ -202,7 +213,7 @@ fn configured(brokers: &[String]) -> Discovered {
 /// Finds the brokers. `http` is reused across calls.
 pub async fn discover(
     source: &BrokerSource,
-    http: &reqwest::Client,
+    http: &HttpClient,
 ) -> Result<Discovered, DiscoveryError> {
     let (name, scheduler_url, dns_server, credentials, tls) = match source {
         BrokerSource::Static(brokers) => return Ok(configured(brokers)),
@@ -255,23 +266,22 @@ pub async fn discover(
         "/v1/connection".to_owned(),
     ];
     let mut answer = None;
+    let mut headers = credentials
+        .authorization_header()
+        .map_err(|e| DiscoveryError::Credentials(e.to_string()))?;
+    if let Some(host) = &host_header {
+        headers.push((hyper::header::HOST, host.clone()));
+    }
     for path in &paths {
         let url = format!("{base}{path}");
-        let mut request = http.get(&url).timeout(Duration::from_secs(5));
-        if let Some(host) = &host_header {
-            request = request.header(reqwest::header::HOST, host);
-        }
-        let request = credentials
-            .authorize(request)
-            .map_err(|e| DiscoveryError::Credentials(e.to_string()))?;
-        let response = request
-            .send()
+        let response = http
+            .get(&url, &headers)
             .await
             .map_err(|e| DiscoveryError::Unreachable {
                 url: url.clone(),
-                reason: crate::dcos::error_chain(&e),
+                reason: e.to_string(),
             })?;
-        match response.status().as_u16() {
+        match response.status() {
             404 => continue,
             status @ (401 | 403) => return Err(DiscoveryError::Unauthorized { url, status }),
             status if !(200..300).contains(&status) => {
@@ -283,15 +293,24 @@ pub async fn discover(
             }
         }
     }
-    let Some((url, response)) = answer else {
+    let Some((url, mut response)) = answer else {
         return Err(DiscoveryError::NotFound {
             tried: paths.iter().map(|path| format!("{base}{path}")).collect(),
         });
     };
-    let body: serde_json::Value = response
-        .json()
+    let body = response
+        .bytes_within(MAX_ANSWER)
         .await
-        .map_err(|e| DiscoveryError::NoBrokers {
+        .map_err(|e| DiscoveryError::Unreachable {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?
+        .ok_or_else(|| DiscoveryError::NoBrokers {
+            url: url.clone(),
+            reason: format!("the answer is larger than {MAX_ANSWER} bytes"),
+        })?;
+    let body: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| DiscoveryError::NoBrokers {
             url: url.clone(),
             reason: format!("not JSON: {e}"),
         })?;
@@ -377,7 +396,7 @@ pub async fn watch(
     let mut last_kick: Option<tokio::time::Instant> = None;
     // Made again only when the source (and so its CA file) changes, or
     // when making it failed.
-    let mut http: Option<(BrokerSource, reqwest::Client)> = None;
+    let mut http: Option<(BrokerSource, HttpClient)> = None;
     loop {
         let current = source.borrow_and_update().clone();
         // Static brokers need no HTTP client.

@@ -53,6 +53,7 @@ pub mod dcos;
 pub mod decode;
 pub mod discovery;
 pub mod enrich;
+pub mod http;
 pub mod memory;
 pub mod net;
 pub mod pipeline;

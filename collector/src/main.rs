@@ -126,21 +126,31 @@ fn main() -> ExitCode {
 }
 
 fn health(url: &str) -> ExitCode {
+    // Plain HTTP makes no TLS context: a health check run every few
+    // seconds does not read the system's CA bundle each time.
     let check = async {
-        let response = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(3))
-            .build()?
-            .get(url)
-            .send()
-            .await?;
-        let healthy = response.status().is_success();
-        Ok::<_, reqwest::Error>((healthy, response.text().await.unwrap_or_default()))
+        let client = collector::http::HttpClient::new(
+            url,
+            &collector::dcos::Credentials::default(),
+            std::time::Duration::from_secs(3),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut response = client.get(url, &[]).await.map_err(|e| e.to_string())?;
+        let healthy = (200..300).contains(&response.status());
+        let body = response
+            .bytes_within(64 * 1024)
+            .await
+            .ok()
+            .flatten()
+            .map(|body| String::from_utf8_lossy(&body).into_owned())
+            .unwrap_or_default();
+        Ok::<_, String>((healthy, body))
     };
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())
-        .and_then(|runtime| runtime.block_on(check).map_err(|e| e.to_string()));
+        .and_then(|runtime| runtime.block_on(check));
     match result {
         Ok((true, _)) => ExitCode::SUCCESS,
         Ok((false, body)) => {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::dcos::Credentials;
+use crate::http::{HttpClient, HttpError};
 
 /// Why an agent request failed.
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +85,7 @@ impl AgentError {
 /// A client for one agent.
 #[derive(Debug, Clone)]
 pub struct AgentClient {
-    http: reqwest::Client,
+    http: HttpClient,
     base: String,
     credentials: Credentials,
     timeout: Duration,
@@ -117,9 +118,8 @@ impl AgentClient {
         if reqwest::Url::parse(&base).is_err() {
             return Err(AgentError::BadUrl(base_url.to_owned()));
         }
-        let http = credentials
-            .http_client(timeout)
-            .map_err(|e| AgentError::Unreachable {
+        let http =
+            HttpClient::new(&base, &credentials, timeout).map_err(|e| AgentError::Unreachable {
                 url: base.clone(),
                 reason: e.to_string(),
             })?;
@@ -139,45 +139,31 @@ impl AgentClient {
 
     async fn get(&self, path: &str) -> Result<(u16, String), AgentError> {
         let url = format!("{}{path}", self.base);
-        let request = self
-            .credentials
-            .authorize(self.http.get(&url))
-            .map_err(|e| AgentError::Unreachable {
+        let headers =
+            self.credentials
+                .authorization_header()
+                .map_err(|e| AgentError::Unreachable {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                })?;
+        let failed = |e: HttpError| match e {
+            HttpError::Timeout(_) => AgentError::Timeout {
+                url: url.clone(),
+                timeout: self.timeout,
+            },
+            e => AgentError::Unreachable {
                 url: url.clone(),
                 reason: e.to_string(),
-            })?;
-        let failed = |e: reqwest::Error| {
-            if e.is_timeout() {
-                AgentError::Timeout {
-                    url: url.clone(),
-                    timeout: self.timeout,
-                }
-            } else {
-                AgentError::Unreachable {
-                    url: url.clone(),
-                    reason: crate::dcos::error_chain(&e),
-                }
-            }
+            },
         };
-        let mut response = request.send().await.map_err(failed)?;
-        let status = response.status().as_u16();
-        let too_large = || AgentError::TooLarge {
-            url: url.clone(),
-            limit: self.max_body,
+        let mut response = self.http.get(&url, &headers).await.map_err(failed)?;
+        let status = response.status();
+        let Some(body) = response.bytes_within(self.max_body).await.map_err(failed)? else {
+            return Err(AgentError::TooLarge {
+                url: url.clone(),
+                limit: self.max_body,
+            });
         };
-        if response
-            .content_length()
-            .is_some_and(|len| len > self.max_body as u64)
-        {
-            return Err(too_large());
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(failed)? {
-            if body.len() + chunk.len() > self.max_body {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
         let body = String::from_utf8(body).map_err(|e| AgentError::Malformed {
             url: url.clone(),
             reason: format!("not UTF-8: {e}"),
