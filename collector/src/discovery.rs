@@ -88,10 +88,10 @@ impl BrokerSource {
                 ..
             } => (
                 // Found through Mesos-DNS: plain HTTP.
-                scheduler_url.as_deref().unwrap_or("http://"),
+                scheduler_url.as_deref().unwrap_or("http://marathon.mesos"),
                 credentials.clone(),
             ),
-            BrokerSource::Static(_) => ("http://", Credentials::default()),
+            BrokerSource::Static(_) => ("http://localhost", Credentials::default()),
         };
         HttpClient::new(base, &credentials, Duration::from_secs(5))
             .map_err(|e| DiscoveryError::Credentials(e.to_string()))
@@ -477,6 +477,30 @@ async fn sleep_or_never(delay: Option<Duration>) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_scheduler_found_through_mesos_dns_is_asked_without_tls() {
+        let framework = |scheduler_url: Option<&str>| BrokerSource::Framework {
+            name: "kafka".into(),
+            scheduler_url: scheduler_url.map(str::to_owned),
+            dns_server: None,
+            credentials: Credentials::default(),
+            tls: false,
+        };
+        assert!(!framework(None).http_client().unwrap().is_tls());
+        assert!(
+            !framework(Some("http://10.0.0.9:1234"))
+                .http_client()
+                .unwrap()
+                .is_tls()
+        );
+        assert!(
+            framework(Some("https://master.mesos/service/kafka"))
+                .http_client()
+                .unwrap()
+                .is_tls()
+        );
+    }
 
     #[test]
     fn dns_then_address_then_vip() {

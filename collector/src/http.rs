@@ -2,9 +2,11 @@
 //! bounded body.
 //!
 //! Plain `http://` goes through hyper alone: no TLS context is made, so
-//! OpenSSL never reads the system's CA bundle (2.3 MiB resident, measured
-//! in `BENCHMARKS.md`) on a node whose agent and scheduler speak plain
-//! HTTP, as they do outside DC/OS's strict mode. `https://`, or a DC/OS CA
+//! OpenSSL never reads the system's CA bundle (5 MiB more resident in an
+//! idle collector polling its agent, `BENCHMARKS.md` section 1) on a node
+//! whose agent and scheduler speak plain HTTP, as they do outside DC/OS's
+//! strict mode. A URL with a user and password goes through reqwest too,
+//! which sends them as Basic authentication. `https://`, or a DC/OS CA
 //! file configured, goes through reqwest and the system's OpenSSL,
 //! trusting that CA beside the system's. Plain HTTP follows no redirect
 //! and goes through no proxy (`HTTP_PROXY`): the agent and the scheduler
@@ -29,6 +31,16 @@ pub enum HttpError {
     /// No whole answer within the deadline.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// A redirect, which is not followed.
+    #[error(
+        "answered HTTP {status}, a redirect to {location:?}, which is not followed: configure the URL it names"
+    )]
+    Redirected {
+        /// The status.
+        status: u16,
+        /// Where it points (its `Location`).
+        location: String,
+    },
     /// The URL can't be asked with this client.
     #[error("{0}")]
     BadUrl(String),
@@ -95,12 +107,14 @@ impl HttpClient {
         let timeout = self.timeout;
         let body = match &self.inner {
             Inner::Plain(client) => {
-                if !is_plain(url) {
+                // Parsed as reqwest would (normalised): hyper takes the
+                // URL as it is written.
+                let Some(url) = plain_url(url) else {
                     return Err(HttpError::BadUrl(format!(
-                        "{url}: only http:// URLs are asked without TLS"
+                        "{url}: only http:// URLs without a user or password are asked without TLS"
                     )));
-                }
-                let mut request = hyper::Request::get(url)
+                };
+                let mut request = hyper::Request::get(url.as_str())
                     .header(USER_AGENT, crate::dcos::USER_AGENT)
                     .body(Empty::new())
                     .map_err(|e| HttpError::BadUrl(format!("{url}: {e}")))?;
@@ -127,18 +141,32 @@ impl HttpClient {
                 Body::Tls(response)
             }
         };
-        Ok(Response {
+        let response = Response {
             body,
             deadline,
             timeout,
-        })
+        };
+        let status = response.status();
+        if (300..400).contains(&status) {
+            return Err(HttpError::Redirected {
+                status,
+                location: response.location().unwrap_or_default(),
+            });
+        }
+        Ok(response)
     }
 }
 
-/// Whether `url` is plain HTTP.
+/// `url`, normalised, when it is plain HTTP with no user or password.
+fn plain_url(url: &str) -> Option<reqwest::Url> {
+    reqwest::Url::parse(url).ok().filter(|url| {
+        url.scheme() == "http" && url.username().is_empty() && url.password().is_none()
+    })
+}
+
+/// Whether `url` can be asked without TLS.
 fn is_plain(url: &str) -> bool {
-    url.get(..7)
-        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("http://"))
+    plain_url(url).is_some()
 }
 
 fn reqwest_error(error: &reqwest::Error, timeout: Duration) -> HttpError {
@@ -170,6 +198,18 @@ impl Response {
             Body::Plain(response) => response.status().as_u16(),
             Body::Tls(response) => response.status().as_u16(),
         }
+    }
+
+    /// Its `Location` header, if any.
+    pub fn location(&self) -> Option<String> {
+        let headers = match &self.body {
+            Body::Plain(response) => response.headers(),
+            Body::Tls(response) => response.headers(),
+        };
+        headers
+            .get(hyper::header::LOCATION)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
     }
 
     /// The length the answer declares, if any.
@@ -237,6 +277,9 @@ mod tests {
             ("HTTP://agent:5051", false),
             ("https://10.0.0.5:5051", true),
             ("httpx://weird", true),
+            // reqwest sends these as Basic authentication.
+            ("http://user:secret@agent:5051", true),
+            ("not a url", true),
         ] {
             assert_eq!(
                 HttpClient::new(base, &none, timeout).unwrap().is_tls(),
@@ -307,6 +350,29 @@ mod tests {
         assert_eq!(
             response.bytes_within(16).await.unwrap().as_deref(),
             Some(&b"0123456789abcdef"[..])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_an_error_naming_where_it_points() {
+        let addr = server(
+            "HTTP/1.1 301 Moved Permanently\r\nlocation: https://agent:5051/state\r\ncontent-length: 0\r\n\r\n",
+        )
+        .await;
+        let url = format!("http://{addr}/state");
+        let client =
+            HttpClient::new(&url, &Credentials::default(), Duration::from_secs(5)).unwrap();
+        let error = client.get(&url, &[]).await.unwrap_err();
+        assert_eq!(
+            error,
+            HttpError::Redirected {
+                status: 301,
+                location: "https://agent:5051/state".into()
+            }
+        );
+        assert!(
+            error.to_string().contains("https://agent:5051/state"),
+            "{error}"
         );
     }
 

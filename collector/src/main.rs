@@ -137,13 +137,16 @@ fn health(url: &str) -> ExitCode {
         .map_err(|e| e.to_string())?;
         let mut response = client.get(url, &[]).await.map_err(|e| e.to_string())?;
         let healthy = (200..300).contains(&response.status());
-        let body = response
-            .bytes_within(64 * 1024)
-            .await
-            .ok()
-            .flatten()
-            .map(|body| String::from_utf8_lossy(&body).into_owned())
-            .unwrap_or_default();
+        // Its first 64 KiB, to say why.
+        let mut body = Vec::new();
+        while body.len() < 64 * 1024 {
+            match response.chunk().await {
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
+        body.truncate(64 * 1024);
+        let body = String::from_utf8_lossy(&body).into_owned();
         Ok::<_, String>((healthy, body))
     };
     let result = tokio::runtime::Builder::new_current_thread()

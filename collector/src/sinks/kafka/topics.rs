@@ -13,7 +13,11 @@
 //!   apart meanwhile (see `parked`), and go once it can be written.
 //! - The cache is bounded ([`TopicCache::CAPACITY`]): topics unused for
 //!   [`IDLE`] are forgotten, and when it is full the least recently used
-//!   tenth goes, never one being looked up or refused.
+//!   tenth goes, never one being looked up. A refused topic can go then
+//!   too (brokers that deny every topic must not grow the cache with an
+//!   inventing sender); its records stay parked, `/health` stops naming it
+//!   until its next lookup finds it refused again, and that refusal is
+//!   counted anew.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
