@@ -171,6 +171,8 @@ fn run(args: ConfigArgs) -> ExitCode {
     // While this is the only thread: it takes LISTEN_FDS out of the
     // environment.
     collector::net::take_passed_sockets();
+    // Before librdkafka's threads allocate.
+    let malloc = collector::resident::keep_message_memory();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -202,6 +204,7 @@ fn run(args: ConfigArgs) -> ExitCode {
         }
     };
     let log = collector::telemetry::init(&config.log_level, config.log_format);
+    tracing::debug!(?malloc, "glibc malloc's mmap and trim thresholds (collector::resident).");
     let result = runtime.block_on(async {
         let app = collector::App::bind(config).await?.with_log_control(log);
         let runtime = app.runtime();

@@ -29,6 +29,18 @@
 //! a binary owned by root: the advice is taken and nothing is reclaimed.
 //! What the executable's pages took before and after is logged, so each
 //! node says which case it is.
+//!
+//! The other side of residency is memory given back too eagerly. librdkafka
+//! allocates each message's copy with glibc's `malloc`. A batch (up to
+//! `kafka_produce_kbytes`, 512 KiB) is above glibc's first `mmap` threshold
+//! (128 KiB), and freed memory at the top of an arena is handed back to
+//! the kernel once it passes the trim threshold, so at saturation every
+//! message's copy faulted in and zeroed fresh pages: a sixth of the
+//! collector's own CPU per datapoint (BENCHMARKS.md section 1).
+//! [`keep_message_memory`] sets both thresholds (`mallopt`) so that a
+//! freed message's memory is reused: up to [`TRIM_THRESHOLD`] free at an
+//! arena's top is kept. An operator's own thresholds, in the environment,
+//! win.
 
 use std::io;
 use std::ops::Range;
@@ -126,6 +138,78 @@ pub async fn page_out_after_settle() {
         ),
         Err(error) => tracing::debug!(%error, "The collector's own code could not be paged out."),
     }
+}
+
+/// glibc's `mmap` threshold set: messages up to 1 MiB (a batch is at most
+/// `kafka_produce_kbytes`, 512 KiB by default) come from an arena, whose
+/// memory is reused, not from a mapping of their own, unmapped when freed.
+pub const MMAP_THRESHOLD: usize = 1 << 20;
+
+/// glibc's trim threshold set: up to 8 MiB free at an arena's top is kept
+/// for the next messages, not handed back and faulted in again.
+pub const TRIM_THRESHOLD: usize = 8 << 20;
+
+/// Whether the environment sets glibc malloc's `mmap` or trim threshold
+/// (`GLIBC_TUNABLES`, or the older `MALLOC_*_THRESHOLD_`): the operator's
+/// choice is left as it is.
+pub fn thresholds_set_in(env: impl IntoIterator<Item = (String, String)>) -> bool {
+    env.into_iter().any(|(key, value)| match key.as_str() {
+        "GLIBC_TUNABLES" => value.split([':', ',']).any(|tunable| {
+            tunable.starts_with("glibc.malloc.mmap_threshold=")
+                || tunable.starts_with("glibc.malloc.trim_threshold=")
+        }),
+        "MALLOC_MMAP_THRESHOLD_" | "MALLOC_TRIM_THRESHOLD_" => true,
+        _ => false,
+    })
+}
+
+/// What [`keep_message_memory`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MallocThresholds {
+    /// Set to [`MMAP_THRESHOLD`] and [`TRIM_THRESHOLD`].
+    Set,
+    /// Left as the environment sets them.
+    Operators,
+    /// glibc refused them, or this is not glibc.
+    Unchanged,
+}
+
+/// Sets glibc malloc's `mmap` and trim thresholds (module doc), unless the
+/// environment sets either. Call it at the start, before librdkafka's
+/// threads allocate.
+pub fn keep_message_memory() -> MallocThresholds {
+    if thresholds_set_in(std::env::vars()) {
+        return MallocThresholds::Operators;
+    }
+    if set_thresholds() {
+        MallocThresholds::Set
+    } else {
+        MallocThresholds::Unchanged
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn set_thresholds() -> bool {
+    let (Ok(mmap), Ok(trim)) = (
+        libc::c_int::try_from(MMAP_THRESHOLD),
+        libc::c_int::try_from(TRIM_THRESHOLD),
+    ) else {
+        return false;
+    };
+    // SAFETY: `mallopt` only changes two of glibc malloc's parameters,
+    // under its own lock; it touches no memory of ours. Each threshold is
+    // within what glibc accepts (the `mmap` one at most 32 MiB on 64-bit),
+    // and it answers 0 for a value it refuses, changing nothing.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, mmap) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, trim) == 1
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn set_thresholds() -> bool {
+    false
 }
 
 /// Advises the kernel first that the range is read at random
@@ -228,6 +312,43 @@ VmFlags: rd wr mr mw me gd ac
         );
         assert_eq!(resident_kib(&maps, Path::new("/opt/my apps/collector")), 64);
         assert_eq!(resident_kib(&maps, Path::new("/nothing")), 0);
+    }
+
+    #[test]
+    fn the_operators_malloc_thresholds_win() {
+        let env = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        };
+        for set in [
+            env(&[("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")]),
+            env(&[(
+                "GLIBC_TUNABLES",
+                "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=131072",
+            )]),
+            env(&[("MALLOC_MMAP_THRESHOLD_", "131072")]),
+            env(&[("PATH", "/bin"), ("MALLOC_TRIM_THRESHOLD_", "0")]),
+        ] {
+            assert!(thresholds_set_in(set.clone()), "{set:?}");
+        }
+        for unset in [
+            env(&[]),
+            // The systemd unit's own setting leaves the thresholds to us.
+            env(&[("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")]),
+            env(&[("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")]),
+            env(&[("MALLOC_ARENA_MAX", "2")]),
+        ] {
+            assert!(!thresholds_set_in(unset.clone()), "{unset:?}");
+        }
+    }
+
+    /// glibc takes both values (it answers 0 for one it refuses).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn glibc_takes_the_thresholds() {
+        assert!(set_thresholds());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use schema::ocf::BlockView;
 use schema::{Codec, Datapoint, Limits, MetricList, OcfEncoder, StreamDecoder, Tag};
 
 // The same allocator the collector and simulator binaries use.
@@ -29,6 +30,27 @@ fn decode_blocks(bytes: &[u8]) -> usize {
             Some(block) => datapoints += black_box(block).datapoints(),
             None => return datapoints,
         }
+    }
+}
+
+/// Validates block by block in place, as the collector's connections do
+/// (`StreamDecoder::decode_view`). Returns the datapoint count.
+fn scan_blocks(bytes: &[u8]) -> usize {
+    let mut decoder = StreamDecoder::new(Limits::default());
+    let mut rest = bytes;
+    let mut datapoints = 0;
+    loop {
+        let (used, block) = decoder
+            .decode_view(rest)
+            .expect("the bench stream is valid");
+        let Some(block) = block else {
+            return datapoints;
+        };
+        datapoints += match black_box(block) {
+            BlockView::Raw(raw) => raw.records.iter().map(|r| r.datapoints() as usize).sum(),
+            BlockView::Decoded(block) => block.datapoints(),
+        };
+        rest = &rest[used..];
     }
 }
 
@@ -94,6 +116,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("decode_null", |b| {
         b.iter(|| decode_blocks(black_box(&null)))
     });
+    group.bench_function("scan_null", |b| b.iter(|| scan_blocks(black_box(&null))));
     for codec in [Codec::Snappy, Codec::Deflate] {
         let packed = stream(codec);
         // Throughput is counted in *uncompressed* bytes, like the null case.
