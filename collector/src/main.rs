@@ -204,7 +204,10 @@ fn run(args: ConfigArgs) -> ExitCode {
         }
     };
     let log = collector::telemetry::init(&config.log_level, config.log_format);
-    tracing::debug!(?malloc, "glibc malloc's mmap and trim thresholds (collector::resident).");
+    tracing::debug!(
+        ?malloc,
+        "glibc malloc's mmap and trim thresholds (collector::resident)."
+    );
     let result = runtime.block_on(async {
         let app = collector::App::bind(config).await?.with_log_control(log);
         let runtime = app.runtime();

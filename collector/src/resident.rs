@@ -178,7 +178,14 @@ pub enum MallocThresholds {
 /// environment sets either. Call it at the start, before librdkafka's
 /// threads allocate.
 pub fn keep_message_memory() -> MallocThresholds {
-    if thresholds_set_in(std::env::vars()) {
+    // `vars_os`: a variable that is not UTF-8 is no reason to panic.
+    let env = std::env::vars_os().map(|(key, value)| {
+        (
+            key.to_string_lossy().into_owned(),
+            value.to_string_lossy().into_owned(),
+        )
+    });
+    if thresholds_set_in(env) {
         return MallocThresholds::Operators;
     }
     if set_thresholds() {
