@@ -4,6 +4,7 @@
 //! can't fit alone is refused, to be dropped and counted by the caller.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,6 +101,20 @@ struct Pending {
 /// ([`unbatch`]).
 type BatchKey = (Arc<str>, Option<Arc<str>>, bool);
 
+impl Pending {
+    fn new(since: Instant) -> Self {
+        Self {
+            parts: Vec::new(),
+            bytes: 0,
+            leased: 0,
+            records: 0,
+            datapoints: 0,
+            since,
+            spooled: Spooled::default(),
+        }
+    }
+}
+
 /// Batches routed records per (topic, key).
 #[derive(Debug)]
 pub struct Batcher {
@@ -151,7 +166,8 @@ impl Batcher {
         out: &mut Vec<Message>,
     ) -> Result<(), TooLarge> {
         let limit = self.thresholds.max_message_bytes;
-        if item.data.len() + self.overhead() > limit {
+        let overhead = self.overhead();
+        if item.data.len() + overhead > limit {
             // Its share goes back: it is dropped.
             drop(self.held.split(item.share as usize));
             return Err(TooLarge {
@@ -163,22 +179,19 @@ impl Batcher {
             });
         }
         let (seq, datapoints) = (item.seq, item.datapoints);
-        let key = (item.topic, item.key, seq != 0);
-        if let Some(pending) = self.pending.get(&key)
-            && pending.bytes + item.data.len() + self.overhead() > limit
-        {
-            let pending = self.pending.remove(&key).expect("just looked it up");
-            out.push(self.message(key.clone(), pending));
-        }
-        let pending = self.pending.entry(key.clone()).or_insert_with(|| Pending {
-            parts: Vec::new(),
-            bytes: 0,
-            leased: 0,
-            records: 0,
-            datapoints: 0,
-            since: now,
-            spooled: Spooled::default(),
-        });
+        let fits = |pending: &Pending| pending.bytes + item.data.len() + overhead <= limit;
+        // One lookup a record: its batch, a new one, or (when the record
+        // would take it past the message limit) its message out first.
+        let mut entry = match self.pending.entry((item.topic, item.key, seq != 0)) {
+            Entry::Occupied(entry) if !fits(entry.get()) => {
+                let (key, full) = entry.remove_entry();
+                out.push(message(&self.encoder, &mut self.held, key.clone(), full));
+                self.pending.entry(key).insert_entry(Pending::new(now))
+            }
+            Entry::Occupied(entry) => entry,
+            Entry::Vacant(entry) => entry.insert_entry(Pending::new(now)),
+        };
+        let pending = entry.get_mut();
         pending.bytes += item.data.len();
         pending.leased += item.share as usize;
         pending.spooled.add(seq, datapoints);
@@ -188,8 +201,8 @@ impl Batcher {
         if pending.records as usize >= self.thresholds.max_records
             || pending.bytes >= self.thresholds.max_bytes
         {
-            let pending = self.pending.remove(&key).expect("just inserted");
-            out.push(self.message(key, pending));
+            let (key, pending) = entry.remove_entry();
+            out.push(message(&self.encoder, &mut self.held, key, pending));
         }
         Ok(())
     }
@@ -205,7 +218,7 @@ impl Batcher {
             .collect();
         for key in due {
             if let Some(pending) = self.pending.remove(&key) {
-                out.push(self.message(key, pending));
+                out.push(message(&self.encoder, &mut self.held, key, pending));
             }
         }
     }
@@ -213,7 +226,7 @@ impl Batcher {
     /// Flushes everything.
     pub fn flush_all(&mut self, out: &mut Vec<Message>) {
         for (key, pending) in std::mem::take(&mut self.pending) {
-            out.push(self.message(key, pending));
+            out.push(message(&self.encoder, &mut self.held, key, pending));
         }
     }
 
@@ -242,24 +255,29 @@ impl Batcher {
     pub fn release(&mut self, share: u32) -> Lease {
         self.held.split(share as usize)
     }
+}
 
-    fn message(&mut self, (topic, key, _): BatchKey, pending: Pending) -> Message {
-        let payload = self
-            .encoder
-            .file_from_parts(pending.records as usize, &pending.parts);
-        let lease = self.held.split(pending.leased);
-        Message {
-            topic,
-            key,
-            payload,
-            lease,
-            records: pending.records,
-            datapoints: pending.datapoints,
-            created: pending.since,
-            attempts: 0,
-            not_before: None,
-            spooled: pending.spooled,
-        }
+/// The message of a batch: its OCF file, written by `encoder`, and its
+/// records' shares, taken from `held`.
+fn message(
+    encoder: &OcfEncoder,
+    held: &mut Lease,
+    (topic, key, _): BatchKey,
+    pending: Pending,
+) -> Message {
+    let payload = encoder.file_from_parts(pending.records as usize, &pending.parts);
+    let lease = held.split(pending.leased);
+    Message {
+        topic,
+        key,
+        payload,
+        lease,
+        records: pending.records,
+        datapoints: pending.datapoints,
+        created: pending.since,
+        attempts: 0,
+        not_before: None,
+        spooled: pending.spooled,
     }
 }
 

@@ -333,14 +333,22 @@ impl KafkaSink {
     /// can't be written. `lease` is its share of the buffer's bound.
     fn add_record(&mut self, item: Routed, lease: Lease, out: &mut Vec<Message>) {
         let gate = self.gate(&item.topic);
-        self.add_gated(gate, item, lease, out);
+        self.add_gated(gate, item, lease, Instant::now(), out);
     }
 
-    fn add_gated(&mut self, gate: Gate, item: Routed, lease: Lease, out: &mut Vec<Message>) {
+    /// `now`: when the record's chunk was taken (one clock read a chunk).
+    fn add_gated(
+        &mut self,
+        gate: Gate,
+        item: Routed,
+        lease: Lease,
+        now: Instant,
+        out: &mut Vec<Message>,
+    ) {
         match gate {
             Gate::Open => {
                 self.batcher.hold(lease);
-                if let Err(too_large) = self.batcher.add(item, Instant::now(), out) {
+                if let Err(too_large) = self.batcher.add(item, now, out) {
                     self.stats
                         .count_drop(DropReason::TooLarge, 1, u64::from(too_large.datapoints));
                     if too_large.seq != 0 {
@@ -358,6 +366,7 @@ impl KafkaSink {
     fn batch(&mut self, chunk: crate::buffer::Chunk) {
         let mut out = Vec::new();
         let mut lease = chunk.lease;
+        let now = Instant::now();
         // A block's records mostly share one topic: it is looked at once.
         let mut open: Option<Arc<str>> = None;
         for item in chunk.items {
@@ -369,7 +378,7 @@ impl KafkaSink {
                 _ => self.gate(&item.topic),
             };
             open = (gate == Gate::Open).then(|| item.topic.clone());
-            self.add_gated(gate, item, share, &mut out);
+            self.add_gated(gate, item, share, now, &mut out);
         }
         // What no record took (rounding) goes with the batches.
         self.batcher.hold(lease);
