@@ -15,43 +15,50 @@ use schema::{Codec, Datapoint, Limits, MetricList, OcfEncoder, StreamDecoder, Ta
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Decodes block by block, dropping each block after counting it, the way a
-/// collector connection does. Returns the datapoint count.
-fn decode_blocks(bytes: &[u8]) -> usize {
+/// Reads block by block with `step` (which answers the bytes it used and
+/// the block's datapoints, `None` at the end), dropping each block after
+/// counting it, the way a collector connection does. Returns the
+/// datapoint count.
+fn count_blocks(
+    bytes: &[u8],
+    mut step: impl FnMut(&mut StreamDecoder, &[u8]) -> (usize, Option<usize>),
+) -> usize {
     let mut decoder = StreamDecoder::new(Limits::default());
     let mut rest = bytes;
     let mut datapoints = 0;
     loop {
-        let (used, block) = decoder
-            .decode_slice(rest)
-            .expect("the bench stream is valid");
+        let (used, block) = step(&mut decoder, rest);
         rest = &rest[used..];
         match block {
-            Some(block) => datapoints += black_box(block).datapoints(),
+            Some(n) => datapoints += n,
             None => return datapoints,
         }
     }
 }
 
-/// Validates block by block in place, as the collector's connections do
-/// (`StreamDecoder::decode_view`). Returns the datapoint count.
+/// Decodes every record into owned values.
+fn decode_blocks(bytes: &[u8]) -> usize {
+    count_blocks(bytes, |decoder, rest| {
+        let (used, block) = decoder
+            .decode_slice(rest)
+            .expect("the bench stream is valid");
+        (used, block.map(|block| black_box(block).datapoints()))
+    })
+}
+
+/// Validates the records in place, as the collector's connections do
+/// (`StreamDecoder::decode_view`).
 fn scan_blocks(bytes: &[u8]) -> usize {
-    let mut decoder = StreamDecoder::new(Limits::default());
-    let mut rest = bytes;
-    let mut datapoints = 0;
-    loop {
+    count_blocks(bytes, |decoder, rest| {
         let (used, block) = decoder
             .decode_view(rest)
             .expect("the bench stream is valid");
-        let Some(block) = block else {
-            return datapoints;
-        };
-        datapoints += match black_box(block) {
+        let datapoints = block.map(|block| match black_box(block) {
             BlockView::Raw(raw) => raw.records.iter().map(|r| r.datapoints() as usize).sum(),
             BlockView::Decoded(block) => block.datapoints(),
-        };
-        rest = &rest[used..];
-    }
+        });
+        (used, datapoints)
+    })
 }
 
 const STATS: [&str; 10] = [
