@@ -171,7 +171,7 @@ fn run(args: ConfigArgs) -> ExitCode {
     // While this is the only thread: it takes LISTEN_FDS out of the
     // environment.
     collector::net::take_passed_sockets();
-    // Before librdkafka's threads allocate.
+    // While this is the only thread (mallopt is not thread-safe).
     let malloc = collector::resident::keep_message_memory();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

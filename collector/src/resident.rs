@@ -31,16 +31,17 @@
 //! node says which case it is.
 //!
 //! The other side of residency is memory given back too eagerly. librdkafka
-//! allocates each message's copy with glibc's `malloc`. A batch (up to
-//! `kafka_produce_kbytes`, 512 KiB) is above glibc's first `mmap` threshold
-//! (128 KiB), and freed memory at the top of an arena is handed back to
-//! the kernel once it passes the trim threshold, so at saturation every
-//! message's copy faulted in and zeroed fresh pages: a sixth of the
-//! collector's own CPU per datapoint (BENCHMARKS.md section 1).
-//! [`keep_message_memory`] sets both thresholds (`mallopt`) so that a
-//! freed message's memory is reused: up to [`TRIM_THRESHOLD`] free at an
-//! arena's top is kept. An operator's own thresholds, in the environment,
-//! win.
+//! allocates each message's copy with glibc's `malloc`. A batch (flushed
+//! at `kafka_produce_kbytes`, 512 KiB, and never over
+//! `kafka_max_message_bytes`, 1,000,000 bytes) is above glibc's first
+//! `mmap` threshold (128 KiB), and freed memory at the top of an arena is
+//! handed back to the kernel once it passes the trim threshold, so at
+//! saturation every message's copy faulted in and zeroed fresh pages: a
+//! sixth of the collector's own CPU per datapoint (BENCHMARKS.md section
+//! 1). [`keep_message_memory`] sets both thresholds (`mallopt`) so that a
+//! freed message's memory is reused: up to [`TRIM_THRESHOLD`] free at the
+//! top of each glibc arena is kept. An operator's own thresholds, in the
+//! environment, win.
 
 use std::io;
 use std::ops::Range;
@@ -141,12 +142,13 @@ pub async fn page_out_after_settle() {
 }
 
 /// glibc's `mmap` threshold set: messages up to 1 MiB (a batch is at most
-/// `kafka_produce_kbytes`, 512 KiB by default) come from an arena, whose
-/// memory is reused, not from a mapping of their own, unmapped when freed.
+/// `kafka_max_message_bytes`, 1,000,000 bytes by default) come from an
+/// arena, whose memory is reused, not from a mapping of their own,
+/// unmapped when freed. Larger messages are mapped each time, as before.
 pub const MMAP_THRESHOLD: usize = 1 << 20;
 
-/// glibc's trim threshold set: up to 8 MiB free at an arena's top is kept
-/// for the next messages, not handed back and faulted in again.
+/// glibc's trim threshold set: up to 8 MiB free at the top of each arena
+/// is kept for the next messages, not handed back and faulted in again.
 pub const TRIM_THRESHOLD: usize = 8 << 20;
 
 /// Whether the environment sets glibc malloc's `mmap` or trim threshold
@@ -170,13 +172,16 @@ pub enum MallocThresholds {
     Set,
     /// Left as the environment sets them.
     Operators,
+    /// Left: another thread was running (`mallopt` is not thread-safe).
+    NotAlone,
     /// glibc refused them, or this is not glibc.
     Unchanged,
 }
 
 /// Sets glibc malloc's `mmap` and trim thresholds (module doc), unless the
-/// environment sets either. Call it at the start, before librdkafka's
-/// threads allocate.
+/// environment sets either. Only while the process has one thread: glibc
+/// marks `mallopt` MT-Unsafe (it writes parameters every thread's
+/// `malloc` reads without a lock), so call it first thing in `main`.
 pub fn keep_message_memory() -> MallocThresholds {
     // `vars_os`: a variable that is not UTF-8 is no reason to panic.
     let env = std::env::vars_os().map(|(key, value)| {
@@ -188,6 +193,9 @@ pub fn keep_message_memory() -> MallocThresholds {
     if thresholds_set_in(env) {
         return MallocThresholds::Operators;
     }
+    if threads() != Some(1) {
+        return MallocThresholds::NotAlone;
+    }
     if set_thresholds() {
         MallocThresholds::Set
     } else {
@@ -195,6 +203,13 @@ pub fn keep_message_memory() -> MallocThresholds {
     }
 }
 
+/// The process's threads, as `/proc/self/task` lists them.
+fn threads() -> Option<usize> {
+    Some(std::fs::read_dir("/proc/self/task").ok()?.count())
+}
+
+/// Sets the thresholds; only while the process has one thread (see
+/// [`keep_message_memory`]).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn set_thresholds() -> bool {
@@ -204,10 +219,14 @@ fn set_thresholds() -> bool {
     ) else {
         return false;
     };
-    // SAFETY: `mallopt` only changes two of glibc malloc's parameters,
-    // under its own lock; it touches no memory of ours. Each threshold is
-    // within what glibc accepts (the `mmap` one at most 32 MiB on 64-bit),
-    // and it answers 0 for a value it refuses, changing nothing.
+    // SAFETY: `mallopt` changes two of glibc malloc's parameters and
+    // touches no memory of ours. glibc marks it MT-Unsafe: it writes
+    // parameters that `malloc` and `free` read without a lock. Its one
+    // caller, `keep_message_memory`, calls it only when `/proc/self/task`
+    // lists one thread, this one, and nothing made here starts another.
+    // Each threshold is within what glibc accepts (the `mmap` one at most
+    // 32 MiB on 64-bit), and it answers 0 for a value it refuses, changing
+    // nothing.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, mmap) == 1
             && libc::mallopt(libc::M_TRIM_THRESHOLD, trim) == 1
@@ -349,13 +368,6 @@ VmFlags: rd wr mr mw me gd ac
         ] {
             assert!(!thresholds_set_in(unset.clone()), "{unset:?}");
         }
-    }
-
-    /// glibc takes both values (it answers 0 for one it refuses).
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    #[test]
-    fn glibc_takes_the_thresholds() {
-        assert!(set_thresholds());
     }
 
     #[test]
